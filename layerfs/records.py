@@ -1,0 +1,159 @@
+"""Records shared by every part of the store: one filesystem entry, and a tree of them.
+
+A *tree record* is the list of entries of one layer (in tar order, whiteouts
+included) or of one backup snapshot. It is stored in the content-addressed
+store as one zstd-compressed JSON document, so layers and snapshots are
+deduplicated like file content. Paths are relative, '/'-separated, without a
+leading './' or '/'; the root directory is ''. Non-UTF-8 names survive as
+surrogate escapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from layerfs.store.chunks import ChunkRef, ChunkStore
+
+TREE_FORMAT = 1
+
+
+class Kind(StrEnum):
+    FILE = "f"
+    DIR = "d"
+    SYMLINK = "l"
+    HARDLINK = "h"  # target names another entry path (in this or a lower layer)
+    CHAR = "c"
+    BLOCK = "b"
+    FIFO = "p"
+    SOCKET = "s"
+    WHITEOUT = "w"  # hides `path` in lower layers
+    OPAQUE = "o"  # hides every lower child of directory `path`
+
+
+_S_IFMT = {
+    Kind.FILE: stat.S_IFREG,
+    Kind.HARDLINK: stat.S_IFREG,
+    Kind.DIR: stat.S_IFDIR,
+    Kind.SYMLINK: stat.S_IFLNK,
+    Kind.CHAR: stat.S_IFCHR,
+    Kind.BLOCK: stat.S_IFBLK,
+    Kind.FIFO: stat.S_IFIFO,
+    Kind.SOCKET: stat.S_IFSOCK,
+}
+
+
+def kind_from_mode(mode: int) -> Kind:
+    """The Kind of an st_mode (regular files are FILE)."""
+    for kind, fmt in _S_IFMT.items():
+        if kind is not Kind.HARDLINK and stat.S_IFMT(mode) == fmt:
+            return kind
+    raise ValueError(f"unknown file type in mode {mode:o}")
+
+
+@dataclass(slots=True)
+class Entry:
+    """One filesystem entry: metadata plus content (chunks, or inline if tiny)."""
+
+    path: str
+    kind: Kind
+    mode: int = 0o644  # permission bits only, including setuid/setgid/sticky
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    target: str = ""  # symlink target, or hardlink target path
+    rdev: tuple[int, int] = (0, 0)  # device major, minor
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    chunks: list[ChunkRef] = field(default_factory=list)
+    inline: bytes | None = None
+
+    @property
+    def st_mode(self) -> int:
+        return _S_IFMT.get(self.kind, 0) | (self.mode & 0o7777)
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> str:
+        return self.path.rsplit("/", 1)[0] if "/" in self.path else ""
+
+    def to_json(self) -> dict:
+        d: dict = {"p": self.path, "k": self.kind.value}
+        if self.kind in (Kind.WHITEOUT, Kind.OPAQUE):
+            return d
+        d.update(m=self.mode, u=self.uid, g=self.gid, t=self.mtime_ns)
+        if self.size:
+            d["s"] = self.size
+        if self.target:
+            d["l"] = self.target
+        if self.rdev != (0, 0):
+            d["d"] = list(self.rdev)
+        if self.xattrs:
+            d["x"] = {k: _b64(v) for k, v in self.xattrs.items()}
+        if self.chunks:
+            d["c"] = [[c.digest, c.size] for c in self.chunks]
+        if self.inline is not None:
+            d["i"] = _b64(self.inline)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Entry:
+        return cls(
+            path=d["p"],
+            kind=Kind(d["k"]),
+            mode=d.get("m", 0),
+            uid=d.get("u", 0),
+            gid=d.get("g", 0),
+            mtime_ns=d.get("t", 0),
+            size=d.get("s", 0),
+            target=d.get("l", ""),
+            rdev=tuple(d["d"]) if "d" in d else (0, 0),  # type: ignore[arg-type]
+            xattrs={k: _unb64(v) for k, v in d.get("x", {}).items()},
+            chunks=[ChunkRef(c[0], c[1]) for c in d.get("c", [])],
+            inline=_unb64(d["i"]) if "i" in d else None,
+        )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def encode_tree(entries: list[Entry], meta: dict | None = None) -> bytes:
+    """Serialise a tree record (entries in order, plus optional metadata)."""
+    doc = {"format": TREE_FORMAT, "meta": meta or {}, "entries": [e.to_json() for e in entries]}
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+
+def decode_tree(data: bytes) -> tuple[list[Entry], dict]:
+    """Parse a tree record into (entries, metadata)."""
+    doc = json.loads(data)
+    if doc.get("format") != TREE_FORMAT:
+        raise ValueError(f"unsupported tree record format {doc.get('format')!r}")
+    return [Entry.from_json(e) for e in doc["entries"]], doc.get("meta", {})
+
+
+def put_tree(store: ChunkStore, entries: list[Entry], meta: dict | None = None) -> str:
+    """Store a tree record; return its digest."""
+    return store.put_record(encode_tree(entries, meta))
+
+
+def get_tree(store: ChunkStore, digest: str) -> tuple[list[Entry], dict]:
+    """Load a tree record stored with put_tree."""
+    return decode_tree(store.get_record(digest))
+
+
+def read_content(store: ChunkStore, entry: Entry) -> bytes:
+    """The whole content of a file entry (inline or chunked)."""
+    if entry.inline is not None:
+        return entry.inline
+    return b"".join(store.iter_content(entry.chunks))

@@ -1,0 +1,101 @@
+"""The one small interface every store backend implements.
+
+A backend holds two kinds of things:
+
+* blobs: immutable byte strings named by the hex digest of their content
+  (chunks of file data and metadata records). Writers may batch them; a blob
+  is only visible under its final name once its bytes are durable (``flush``).
+* docs: small named documents that change (image records, backup snapshots,
+  leases). A doc write is atomic and durable when ``put_doc`` returns.
+
+Callers never touch paths or buckets directly, so a local directory, an S3
+bucket and a cache in front of one are interchangeable.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from layerfs.errors import StoreError
+
+_DIGEST_RE = re.compile(r"^[0-9a-f]{16,128}$")
+_DOC_RE = re.compile(r"^[A-Za-z0-9._@:+-]+(/[A-Za-z0-9._@:+-]+)*$")
+
+
+def check_digest(digest: str) -> str:
+    """Return ``digest`` if it is a lowercase hex digest, else raise StoreError."""
+    if not _DIGEST_RE.match(digest):
+        raise StoreError(f"invalid object digest {digest!r}")
+    return digest
+
+
+def check_doc_name(name: str) -> str:
+    """Return ``name`` if it is a safe doc name (no '..', no absolute path)."""
+    if not _DOC_RE.match(name) or any(part in (".", "..") for part in name.split("/")):
+        raise StoreError(f"invalid document name {name!r}")
+    return name
+
+
+class Backend(ABC):
+    """Raw storage of blobs and docs; see the module docstring."""
+
+    url: str
+
+    # -- blobs -------------------------------------------------------------
+    @abstractmethod
+    def put_blob(self, digest: str, data: bytes) -> bool:
+        """Store ``data`` under ``digest``; return False if it was already there."""
+
+    @abstractmethod
+    def get_blob(self, digest: str) -> bytes:
+        """Return the stored bytes of a blob; raise ObjectMissing if absent."""
+
+    @abstractmethod
+    def has_blob(self, digest: str) -> bool:
+        """Whether a blob is stored (or pending in this process)."""
+
+    @abstractmethod
+    def delete_blobs(self, digests: list[str]) -> int:
+        """Remove blobs; return the number of stored bytes freed."""
+
+    @abstractmethod
+    def iter_blobs(self) -> Iterator[tuple[str, int]]:
+        """Yield (digest, stored size) of every durable blob."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every blob put so far durable and visible under its name."""
+
+    # -- docs --------------------------------------------------------------
+    @abstractmethod
+    def put_doc(self, name: str, data: bytes) -> None:
+        """Atomically and durably write a named document."""
+
+    @abstractmethod
+    def get_doc(self, name: str) -> bytes:
+        """Return a document; raise ObjectMissing if absent."""
+
+    @abstractmethod
+    def delete_doc(self, name: str) -> None:
+        """Remove a document if present."""
+
+    @abstractmethod
+    def list_docs(self, prefix: str) -> list[str]:
+        """Names of the documents under ``prefix`` (a folder such as 'images/')."""
+
+    # -- coordination and local state ---------------------------------------
+    @abstractmethod
+    def lock(self, exclusive: bool) -> AbstractContextManager[None]:
+        """Hold the store's lock: shared for writers, exclusive for gc/prune."""
+
+    @abstractmethod
+    def cache_dir(self) -> Path:
+        """A local directory for derived state (indexes, caches) of this store."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; flushes pending blobs."""
+        self.flush()

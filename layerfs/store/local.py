@@ -1,0 +1,253 @@
+"""A store backend in a local directory.
+
+Layout::
+
+    objects/ab/abcdef...   blobs, named by digest
+    docs/images/NAME.json  named documents
+    tmp/                   files being written (never read as objects)
+    cache/                 derived state: image indexes
+    lock                   flock(2) target: shared for writers, exclusive for gc
+
+Blob writes are batched: each goes to tmp/ first, and ``flush`` makes the batch
+durable with one syncfs(2) before renaming it into objects/, so a crash never
+leaves a partial object under its final name and imports do not pay one fsync
+per chunk. Doc writes use write, fsync, rename, fsync(dir).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from layerfs.errors import ObjectMissing, StoreError
+from layerfs.store.backend import Backend, check_digest, check_doc_name
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_FLUSH_COUNT = 2000
+_FLUSH_BYTES = 256 << 20
+
+
+def syncfs(path: Path) -> None:
+    """Flush every dirty page of the filesystem holding ``path`` (one syscall)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write ``data`` to ``path`` durably: temp file, fsync, rename, fsync(dir)."""
+    fd, tmp = _mkstemp(tmp_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _mkstemp(tmp_dir: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(dir=tmp_dir, prefix="w-")
+
+
+def _unlink_quiet(path: str | Path) -> None:
+    with suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _store_error(exc: OSError, what: str) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"no space left on the store's disk while writing {what}")
+    return StoreError(f"cannot write {what}: {exc.strerror}")
+
+
+class LocalBackend(Backend):
+    """Blobs and docs in a directory; see the module docstring."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.url = str(self.root)
+        try:
+            for sub in ("objects", "docs", "tmp", "cache"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store at {self.root}: {exc.strerror}") from exc
+        self._tmp = self.root / "tmp"
+        self._pending: dict[str, str] = {}  # digest -> temp path
+        self._pending_bytes = 0
+        self._mutex = threading.Lock()
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.root / "objects" / digest[:2] / digest
+
+    # -- blobs -------------------------------------------------------------
+    def put_blob(self, digest: str, data: bytes) -> bool:
+        check_digest(digest)
+        with self._mutex:
+            if digest in self._pending or self._blob_path(digest).exists():
+                return False
+        fd, tmp = _mkstemp(self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            _unlink_quiet(tmp)
+            raise _store_error(exc, f"object {digest}") from exc
+        with self._mutex:
+            if digest in self._pending:
+                _unlink_quiet(tmp)
+                return False
+            self._pending[digest] = tmp
+            self._pending_bytes += len(data)
+            full = len(self._pending) >= _FLUSH_COUNT or self._pending_bytes >= _FLUSH_BYTES
+        if full:
+            self.flush()
+        return True
+
+    def get_blob(self, digest: str) -> bytes:
+        check_digest(digest)
+        with self._mutex:
+            tmp = self._pending.get(digest)
+        path = Path(tmp) if tmp else self._blob_path(digest)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            if tmp:  # flushed meanwhile
+                return self._blob_path(digest).read_bytes()
+            raise ObjectMissing(f"object {digest} is missing from the store {self.url}") from None
+
+    def has_blob(self, digest: str) -> bool:
+        with self._mutex:
+            if digest in self._pending:
+                return True
+        return self._blob_path(digest).exists()
+
+    def delete_blobs(self, digests: list[str]) -> int:
+        freed = 0
+        for digest in digests:
+            path = self._blob_path(check_digest(digest))
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        return freed
+
+    def iter_blobs(self) -> Iterator[tuple[str, int]]:
+        objects = self.root / "objects"
+        for sub in sorted(os.listdir(objects)):
+            subdir = objects / sub
+            try:
+                with os.scandir(subdir) as it:
+                    for e in it:
+                        yield e.name, e.stat().st_size
+            except NotADirectoryError:
+                continue
+
+    def blob_path(self, digest: str) -> Path:
+        """Path of a durable blob (for tools that read or damage it directly)."""
+        return self._blob_path(check_digest(digest))
+
+    def flush(self) -> None:
+        with self._mutex:
+            pending, self._pending = self._pending, {}
+            self._pending_bytes = 0
+            if not pending:
+                return
+            try:
+                syncfs(self._tmp)
+                dirs: set[Path] = set()
+                for digest, tmp in pending.items():
+                    final = self._blob_path(digest)
+                    if final.parent not in dirs:
+                        final.parent.mkdir(exist_ok=True)
+                        dirs.add(final.parent)
+                    os.rename(tmp, final)
+                syncfs(self._tmp)
+            except OSError as exc:
+                for tmp in pending.values():
+                    _unlink_quiet(tmp)
+                raise _store_error(exc, "objects") from exc
+
+    # -- docs --------------------------------------------------------------
+    def _doc_path(self, name: str) -> Path:
+        return self.root / "docs" / check_doc_name(name)
+
+    def put_doc(self, name: str, data: bytes) -> None:
+        try:
+            write_atomic(self._doc_path(name), data, self._tmp)
+        except OSError as exc:
+            raise _store_error(exc, f"document {name}") from exc
+
+    def get_doc(self, name: str) -> bytes:
+        try:
+            return self._doc_path(name).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(f"document {name} is missing from the store {self.url}") from None
+
+    def delete_doc(self, name: str) -> None:
+        path = self._doc_path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)
+
+    def list_docs(self, prefix: str) -> list[str]:
+        base = self.root / "docs"
+        folder = base / prefix.rstrip("/") if prefix else base
+        if not folder.is_dir():
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(folder):
+            rel = Path(dirpath).relative_to(base)
+            out.extend(str(rel / f) if str(rel) != "." else f for f in files)
+        return sorted(out)
+
+    # -- coordination ------------------------------------------------------
+    @contextmanager
+    def lock(self, exclusive: bool) -> Iterator[None]:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def clean_tmp(self) -> int:
+        """Remove temp files left by killed writers; return how many were removed.
+
+        Only safe under the exclusive lock (no writer is running).
+        """
+        n = 0
+        for name in os.listdir(self._tmp):
+            _unlink_quiet(self._tmp / name)
+            n += 1
+        return n

@@ -1,0 +1,45 @@
+"""Where the store lives: the default location and opening a store from a URL.
+
+A plain path (or ``file://`` URL) is a local directory store; ``s3://BUCKET/PREFIX``
+is an S3 store. The default is ``$LAYERFS_STORE``, else ``/var/lib/layerfs`` for
+root and ``~/.local/share/layerfs`` for everyone else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from layerfs.errors import StoreError
+from layerfs.store.backend import Backend
+from layerfs.store.chunks import ChunkStore
+
+
+def default_store_url() -> str:
+    env = os.environ.get("LAYERFS_STORE")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/layerfs"
+    return str(Path.home() / ".local" / "share" / "layerfs")
+
+
+def open_backend(url: str | None = None) -> Backend:
+    """Open the backend a URL names (the default store when None)."""
+    url = url or default_store_url()
+    if url.startswith("s3://"):
+        try:
+            from layerfs.store.s3 import S3Backend
+        except ImportError as exc:  # pragma: no cover
+            raise StoreError(f"S3 stores are not available: {exc}") from exc
+        return S3Backend.from_url(url)
+    if "://" in url and not url.startswith("file://"):
+        raise StoreError(f"unsupported store URL {url!r}: use a path or s3://BUCKET/PREFIX")
+    from layerfs.store.local import LocalBackend
+
+    return LocalBackend(Path(url.removeprefix("file://")))
+
+
+def open_store(url: str | None = None) -> ChunkStore:
+    """Open a ChunkStore over the backend a URL names."""
+    return ChunkStore(open_backend(url))

@@ -1,0 +1,24 @@
+"""Fixtures for the real components: the Docker daemon and a busybox base image."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests.support import dockerenv
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    if os.geteuid() != 0:
+        pytest.skip("the Docker tests run as root")
+    if shutil.which("dockerd") is None:
+        pytest.fail("dockerd is not installed: run scripts/setup.sh first")
+    return dockerenv.ensure_dockerd()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(docker_client) -> str:
+    return dockerenv.ensure_busybox_image(docker_client)
