@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Install everything layerfs and volplugin need on Debian 12 (as root), create the
+# virtualenv in .venv, and start dockerd if none runs. Safe to run again.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+APT_PACKAGES=(
+  python3 python3-venv python3-dev gcc make
+  libfuse2 fuse3 fuse-overlayfs attr
+  docker.io docker-compose skopeo busybox-static debootstrap
+  ceph-mon ceph-osd radosgw ceph-common
+  restic fio hyperfine zstd pigz
+  autoconf automake perl
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh: run as root (it installs Debian packages and starts dockerd)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'
+
+modprobe fuse 2>/dev/null || true
+modprobe overlay 2>/dev/null || true
+
+if ! docker info >/dev/null 2>&1; then
+  echo "setup: starting dockerd (log: /var/log/dockerd.log)"
+  setsid dockerd >/var/log/dockerd.log 2>&1 < /dev/null &
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/dockerd.log" >&2; exit 1; }
+fi
+echo "setup: ready (virtualenv: $here/.venv)"
