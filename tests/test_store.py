@@ -1,0 +1,139 @@
+"""The local content-addressed store: chunking, dedup, verification, atomicity, full disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from layerfs.errors import CorruptObject, ObjectMissing, StoreError
+from layerfs.store import open_store
+from layerfs.store.chunks import MAX_CHUNK, chunk_offsets, digest_of
+from layerfs.store.local import LocalBackend
+
+
+def test_roundtrip_and_ranges(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "s"))
+    data = os.urandom(3 << 20)
+    refs = store.write_bytes(data)
+    store.flush()
+    assert len(refs) > 3 and all(r.size <= MAX_CHUNK for r in refs)
+    assert sum(r.size for r in refs) == len(data)
+    offsets = chunk_offsets(refs)
+    for off, size in [(0, 1), (1, 70000), (len(data) - 5, 100), (123456, 1 << 20), (len(data), 9)]:
+        assert store.read(refs, offsets, off, size) == data[off : off + size]
+
+
+def test_identical_chunks_stored_once(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "s"))
+    block = os.urandom(1 << 20)
+    first = store.write_bytes(block)
+    store.flush()
+    before = sorted(store.backend.iter_blobs())
+    again = store.write_bytes(block + block)
+    store.flush()
+    assert len({r.digest for r in again} & {r.digest for r in first}) >= len(first) - 2
+    after = sorted(store.backend.iter_blobs())
+    # the repeated megabyte adds at most the chunks around the seam
+    assert len(after) - len(before) <= 2
+
+
+def test_compressible_chunks_are_compressed(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "s"))
+    refs = store.write_bytes(b"layerfs " * 100_000)
+    store.flush()
+    stored = sum(size for _, size in store.backend.iter_blobs())
+    assert stored < sum(r.size for r in refs) // 10
+
+
+def test_corrupt_object_is_detected_and_named(tmp_path: Path, caplog) -> None:
+    backend = LocalBackend(tmp_path / "s")
+    store = open_store(str(tmp_path / "s"))
+    data = os.urandom(10_000)
+    (ref,) = store.write_bytes(data)
+    store.flush()
+    path = backend.blob_path(ref.digest)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    fresh = open_store(str(tmp_path / "s"))
+    with caplog.at_level(logging.ERROR), pytest.raises(CorruptObject, match=ref.digest):
+        fresh.get_chunk(ref.digest)
+    assert ref.digest in caplog.text
+
+
+def test_missing_object(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "s"))
+    with pytest.raises(ObjectMissing, match="0" * 32):
+        store.get_chunk("0" * 32)
+
+
+def test_unflushed_blobs_are_not_visible_after_a_kill(tmp_path: Path) -> None:
+    """A writer killed before flush leaves only temp files, never a partial object."""
+    root = tmp_path / "s"
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from layerfs.store import open_store
+        s = open_store({str(root)!r})
+        s.write_bytes(os.urandom(4 << 20))
+        print("written", flush=True)
+        sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    backend = LocalBackend(root)
+    assert list(backend.iter_blobs()) == []
+    assert os.listdir(root / "tmp")
+    with backend.lock(exclusive=True):
+        assert backend.clean_tmp() > 0
+    store = open_store(str(root))
+    data = os.urandom(1 << 20)
+    refs = store.write_bytes(data)
+    store.flush()
+    assert store.read(refs, chunk_offsets(refs), 0, len(data)) == data
+
+
+def test_every_durable_blob_matches_its_name(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "s"))
+    store.write_bytes(os.urandom(2 << 20))
+    store.flush()
+    for digest, _ in store.backend.iter_blobs():
+        assert digest_of(store.get_chunk(digest)) == digest
+
+
+def test_docs_are_atomic_and_listed(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "s")
+    backend.put_doc("images/a:latest.json", b"{}")
+    backend.put_doc("images/b/c:1.json", b"{}")
+    assert backend.list_docs("images/") == ["images/a:latest.json", "images/b/c:1.json"]
+    with pytest.raises(StoreError, match="invalid document name"):
+        backend.put_doc("../escape", b"x")
+    backend.delete_doc("images/a:latest.json")
+    with pytest.raises(ObjectMissing):
+        backend.get_doc("images/a:latest.json")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_gives_a_clear_error(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        store = open_store(str(mnt / "s"))
+        with pytest.raises(StoreError, match="no space left"):
+            store.write_bytes(os.urandom(8 << 20))
+            store.flush()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
