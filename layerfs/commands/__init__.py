@@ -5,3 +5,7 @@ from __future__ import annotations
 import click
 
 COMMANDS: list[click.Command] = []
+
+from layerfs.commands import maintenance as _maintenance  # noqa: E402
+
+COMMANDS.extend(_maintenance.COMMANDS)

@@ -66,6 +66,14 @@ class Backend(ABC):
     def iter_blobs(self) -> Iterator[tuple[str, int]]:
         """Yield (digest, stored size) of every durable blob."""
 
+    def iter_blob_times(self) -> Iterator[tuple[str, int, float | None]]:
+        """Yield (digest, stored size, modification time or None if unknown).
+
+        gc uses the time to spare fresh blobs; backends that know it override this.
+        """
+        for digest, size in self.iter_blobs():
+            yield digest, size, None
+
     @abstractmethod
     def flush(self) -> None:
         """Make every blob put so far durable and visible under its name."""

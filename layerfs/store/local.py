@@ -168,6 +168,17 @@ class LocalBackend(Backend):
             except NotADirectoryError:
                 continue
 
+    def iter_blob_times(self) -> Iterator[tuple[str, int, float | None]]:
+        objects = self.root / "objects"
+        for sub in sorted(os.listdir(objects)):
+            try:
+                with os.scandir(objects / sub) as it:
+                    for e in it:
+                        st = e.stat()
+                        yield e.name, st.st_size, st.st_mtime
+            except NotADirectoryError:
+                continue
+
     def blob_path(self, digest: str) -> Path:
         """Path of a durable blob (for tools that read or damage it directly)."""
         return self._blob_path(check_digest(digest))

@@ -1,0 +1,42 @@
+"""Marking: walk every root's tree records and put each referenced digest in the live set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from layerfs.errors import StoreError
+from layerfs.maintenance.liveset import DigestSets
+from layerfs.maintenance.roots import Root
+from layerfs.records import get_tree
+from layerfs.store.chunks import ChunkStore
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A tree record that could not be loaded while marking."""
+
+    digest: str
+    owner: str
+    reason: str
+
+
+def mark_roots(store: ChunkStore, roots: Iterable[Root], sets: DigestSets) -> list[Unreadable]:
+    """Mark every tree, chunk and direct object the roots reference.
+
+    Returns the tree records that could not be read; their chunks stay unmarked,
+    so callers that delete garbage must stop when this list is not empty.
+    """
+    unreadable: list[Unreadable] = []
+    for root in roots:
+        sets.mark_many(root.blobs)
+        for tree in root.trees:
+            if not sets.mark(tree):
+                continue
+            try:
+                entries, _meta = get_tree(store, tree)
+            except (StoreError, ValueError, KeyError) as exc:
+                unreadable.append(Unreadable(tree, root.owner, str(exc)))
+                continue
+            sets.mark_many(ref.digest for e in entries for ref in e.chunks)
+    return unreadable
