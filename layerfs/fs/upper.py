@@ -1,0 +1,248 @@
+"""The upper directory of a writable mount: its on-disk format and the helpers that keep it.
+
+Format (version 1). Tools such as ``layerfs commit``/``diff`` read exactly this.
+
+Two layouts hold the same *upper tree*:
+
+* image mode (``layerfs mount IMAGE MNT --upper DIR``): ``DIR/upper/`` is the
+  upper tree, ``DIR/work/`` the workdir, and ``DIR/layerfs.json`` names the
+  image the changes belong to: ``{"format": 1, "image": NAME, "image_id":
+  "sha256:..."}``. Mounting DIR over another image is refused.
+* overlay mode (``--upperdir U --workdir W``): ``U`` itself is the upper tree
+  and ``W`` the workdir, as with kernel overlayfs; there is no layerfs.json.
+
+In the upper tree:
+
+* Files, directories, symlinks, devices, fifos and sockets are stored as
+  themselves with their own mode, owner, times and xattrs. An entry present in
+  the upper tree hides the lower entry at the same path; a directory present in
+  both is merged (upper attributes win).
+* A *whiteout* (deleted lower entry) is a character device 0/0 named like the
+  entry it hides.
+* An *opaque directory* has the xattr ``trusted.overlay.opaque`` = ``y``: no lower
+  child of that path shows through it (a directory deleted and recreated, or a
+  lower directory that was renamed, see below).
+* A *metacopy* regular file (metadata-only copy-up) carries the xattr
+  ``trusted.layerfs.metacopy`` whose value is JSON ``{"origin": PATH, "ranges":
+  [[START, END], ...]}``: its size, mode, owner, times and xattrs are its own,
+  but its bytes come from the lower file at ``origin`` (path relative to the
+  lower root) except in the half-open byte ranges listed, which are
+  materialized in the upper file. ``ranges`` is sorted and non-overlapping; the
+  upper file is sparse outside them. Bytes past the end of the lower file read
+  as zeros. When the ranges cover the whole file the xattr is removed and the
+  file is an ordinary upper file. Image mode materializes whole store chunks
+  on write; overlay mode copies the whole file on the first write, so its
+  metacopy files always have ``ranges == []`` and additionally carry kernel
+  overlayfs' ``trusted.overlay.metacopy`` (empty) and, when ``origin`` differs
+  from the file's own path, ``trusted.overlay.redirect`` = ``/ORIGIN``: kernel
+  overlayfs mounts such an upper with ``-o metacopy=on``.
+* ``trusted.layerfs.ino`` (decimal text) on an entry copied up from a lower
+  layer keeps the inode number it had there, so st_ino is stable across
+  copy-up, rename and remount.
+* Hardlinked lower files are copied up together: every lower name of the
+  inode becomes a hard link of one upper inode.
+* A renamed lower directory is copied up as a tree: every directory is
+  recreated (opaque), every file becomes a metacopy file whose ``origin`` is
+  its old path, and the old path gets a whiteout. No redirect xattrs are used
+  for directories.
+* ``trusted.layerfs.*`` and ``trusted.overlay.*`` xattrs are never shown
+  through the mount. Temporary files of copy-up live in ``WORKDIR/work/`` and
+  are moved into place with rename(2), so a crash or full disk never leaves a
+  half-copied entry in the tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layerfs.errors import LayerfsError
+
+FORMAT = 1
+META_FILE = "layerfs.json"
+X_OPAQUE = "trusted.overlay.opaque"
+X_METACOPY = "trusted.layerfs.metacopy"
+X_INO = "trusted.layerfs.ino"
+X_OVL_METACOPY = "trusted.overlay.metacopy"
+X_OVL_REDIRECT = "trusted.overlay.redirect"
+PRIVATE_PREFIXES = ("trusted.layerfs.", "trusted.overlay.")
+
+
+class UpperError(LayerfsError):
+    """The upper directory cannot be used."""
+
+
+@dataclass(frozen=True)
+class UpperDirs:
+    """Where a writable mount keeps its changes."""
+
+    tree: Path  # the upper tree
+    work: Path  # the workdir; temporary files go to work/work
+    image: str | None = None
+    image_id: str | None = None
+
+    @property
+    def tmp(self) -> Path:
+        return self.work / "work"
+
+
+def image_upper(base: Path, image: str, image_id: str) -> UpperDirs:
+    """Create or reopen the image-mode upper DIR for an image; refuse another image's DIR."""
+    base = Path(base).absolute()
+    meta = base / META_FILE
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if meta.exists():
+            doc = json.loads(meta.read_text())
+            if doc.get("image_id") != image_id:
+                raise UpperError(
+                    f"upper directory {base} holds changes to image {doc.get('image')} "
+                    f"({doc.get('image_id')}), not {image}: use another --upper directory"
+                )
+        else:
+            doc = {"format": FORMAT, "image": image, "image_id": image_id}
+            tmp = base / (META_FILE + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=1) + "\n")
+            os.replace(tmp, meta)
+        (base / "upper").mkdir(exist_ok=True)
+        (base / "work").mkdir(exist_ok=True)
+    except (OSError, ValueError) as exc:
+        raise UpperError(f"cannot use {base} as upper directory: {exc}") from exc
+    dirs = UpperDirs(base / "upper", base / "work", image, image_id)
+    reset_tmp(dirs)
+    return dirs
+
+
+def overlay_upper(upperdir: Path, workdir: Path) -> UpperDirs:
+    """The overlay-mode upper: the upper tree and workdir as given (both must exist)."""
+    upperdir, workdir = Path(upperdir).absolute(), Path(workdir).absolute()
+    for what, path in (("upperdir", upperdir), ("workdir", workdir)):
+        if not path.is_dir():
+            raise UpperError(f"{what} {path} is not a directory: create it first")
+    if os.stat(upperdir).st_dev != os.stat(workdir).st_dev:
+        raise UpperError(
+            f"upperdir {upperdir} and workdir {workdir} must be on the same filesystem"
+        )
+    dirs = UpperDirs(upperdir, workdir)
+    reset_tmp(dirs)
+    return dirs
+
+
+def reset_tmp(dirs: UpperDirs) -> None:
+    """Empty WORKDIR/work (leftovers of a killed mount) and make sure it exists."""
+    if dirs.tmp.exists():
+        shutil.rmtree(dirs.tmp, ignore_errors=True)
+    try:
+        dirs.tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UpperError(f"cannot create the workdir {dirs.tmp}: {exc.strerror}") from exc
+
+
+# -- whiteouts and opaque directories ------------------------------------------------
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def make_whiteout(path: str) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o000, 0)
+
+
+def is_opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, X_OPAQUE, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def set_opaque(path: str) -> None:
+    os.setxattr(path, X_OPAQUE, b"y", follow_symlinks=False)
+
+
+# -- metacopy files ---------------------------------------------------------------
+
+
+@dataclass
+class MetaCopy:
+    """Where a metacopy file's bytes come from and which ranges the upper holds."""
+
+    origin: str
+    ranges: list[list[int]] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"origin": self.origin, "ranges": self.ranges}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MetaCopy:
+        doc = json.loads(data)
+        return cls(doc["origin"], [list(r) for r in doc.get("ranges", [])])
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether [start, end) lies inside one materialized range."""
+        return any(a <= start and end <= b for a, b in self.ranges)
+
+    def add(self, start: int, end: int) -> None:
+        """Mark [start, end) materialized, merging neighbours."""
+        out: list[list[int]] = []
+        for a, b in sorted([*self.ranges, [start, end]]):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        self.ranges = out
+
+    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Sub-ranges of [start, end) not materialized, in order."""
+        out = []
+        pos = start
+        for a, b in self.ranges:
+            if b <= pos:
+                continue
+            if a >= end:
+                break
+            if a > pos:
+                out.append((pos, a))
+            pos = max(pos, b)
+            if pos >= end:
+                break
+        if pos < end:
+            out.append((pos, end))
+        return out
+
+
+def read_metacopy(path_or_fd: str | int) -> MetaCopy | None:
+    try:
+        if isinstance(path_or_fd, int):
+            data = os.getxattr(path_or_fd, X_METACOPY)
+        else:
+            data = os.getxattr(path_or_fd, X_METACOPY, follow_symlinks=False)
+    except OSError:
+        return None
+    return MetaCopy.from_bytes(data)
+
+
+def write_metacopy(fd: int, meta: MetaCopy) -> None:
+    os.setxattr(fd, X_METACOPY, meta.to_bytes())
+
+
+def clear_metacopy(path_or_fd: str | int) -> None:
+    for name in (X_METACOPY, X_OVL_METACOPY, X_OVL_REDIRECT):
+        with contextlib.suppress(OSError):
+            os.removexattr(path_or_fd, name)
+
+
+def read_ino(path: str) -> int | None:
+    try:
+        return int(os.getxattr(path, X_INO, follow_symlinks=False))
+    except (OSError, ValueError):
+        return None
+
+
+def is_private_xattr(name: str) -> bool:
+    return name.startswith(PRIVATE_PREFIXES)
