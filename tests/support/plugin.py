@@ -1,0 +1,135 @@
+"""Start and stop a real `volplugin serve` subprocess for tests, and talk to its socket.
+
+    with running_plugin(tmp_path / "root") as plugin:
+        plugin.call("VolumeDriver.Create", {"Name": "v1"})
+        # docker volume create -d plugin.name ...
+
+Each plugin gets a unique name (vp-test-XXXXXX), so its driver name never collides with
+other tests; the socket is removed whatever way the process ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+PLUGIN_DIR = Path("/run/docker/plugins")
+VOLPLUGIN = str(Path(sys.executable).parent / "volplugin")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+def post(sock_path: str, endpoint: str, body: bytes | dict | None = None) -> tuple[int, dict]:
+    """POST to the plugin like the daemon does; return (HTTP status, JSON answer)."""
+    data = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn = UnixHTTPConnection(sock_path)
+    try:
+        conn.request(
+            "POST",
+            "/" + endpoint.lstrip("/"),
+            body=data,
+            headers={"Content-Type": "application/vnd.docker.plugins.v1.2+json"},
+        )
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else {}
+    finally:
+        conn.close()
+
+
+class PluginProcess:
+    """A `volplugin serve` subprocess."""
+
+    def __init__(self, root: Path, name: str | None = None, plugin_dir: Path = PLUGIN_DIR):
+        self.root = Path(root)
+        self.name = name or f"vp-test-{uuid.uuid4().hex[:6]}"
+        self.plugin_dir = Path(plugin_dir)
+        self.socket = self.plugin_dir / f"{self.name}.sock"
+        self.log_path = self.root.parent / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> PluginProcess:
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [VOLPLUGIN, "serve", "--name", self.name, "--root", str(self.root)]
+            + ["--plugin-dir", str(self.plugin_dir)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"volplugin serve exited {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                status, _ = post(str(self.socket), "Plugin.Activate")
+                if status == 200:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"volplugin serve did not answer within {timeout} s:\n{self.log()}")
+
+    def call(self, endpoint: str, body: bytes | dict | None = None) -> tuple[int, dict]:
+        return post(str(self.socket), endpoint, body)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        """Send `sig` (SIGKILL to simulate a crash), wait, and make sure no socket is left."""
+        rc = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                rc = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait()
+        elif self.proc is not None:
+            rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL: the socket file stays behind, like after a real crash."""
+        self.stop(signal.SIGKILL)
+
+    def cleanup(self) -> None:
+        self.stop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+
+
+@contextlib.contextmanager
+def running_plugin(root: Path, name: str | None = None) -> Iterator[PluginProcess]:
+    plugin = PluginProcess(root, name).start()
+    try:
+        yield plugin
+    finally:
+        plugin.cleanup()

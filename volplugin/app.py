@@ -1,0 +1,171 @@
+"""The Docker volume plugin protocol (v1) as a Flask app.
+
+Every endpoint takes a JSON POST and answers JSON; any failure is HTTP 500 with
+{"Err": "..."}, which the daemon shows to the user. Each request is logged as one JSON
+line (endpoint, volume, duration, outcome). The backup feature's blueprint is registered
+here too; its views find the VolumeService at `current_app.config["VOLPLUGIN"]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from volplugin.errors import BadRequest, VolpluginError
+from volplugin.volumes import VolumeService
+
+MAX_BODY = 64 * 1024
+MAX_ID = 1024
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+
+access_log = logging.getLogger("volplugin.access")
+log = logging.getLogger("volplugin.app")
+
+
+def reply(doc: dict, status: int = 200) -> Response:
+    return Response(json.dumps(doc), status=status, content_type=CONTENT_TYPE)
+
+
+def body() -> dict:
+    """The request's JSON object; an empty body or `null` is an empty object."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON ({exc}): send a JSON object") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise BadRequest(f"request body must be a JSON object, not {type(doc).__name__}")
+    if isinstance(doc.get("Name"), str):
+        g.volume = doc["Name"]
+    return doc
+
+
+def field(doc: dict, key: str, limit: int | None = None) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"request is missing the string field {key!r}")
+    if limit is not None and len(value) > limit:
+        raise BadRequest(f"field {key!r} is longer than {limit} characters")
+    return value
+
+
+def create_app(service: VolumeService) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["VOLPLUGIN"] = service
+    _install_logging(app)
+    _install_errors(app)
+    _install_routes(app, service)
+    from volplugin.backup.api import blueprint
+
+    app.register_blueprint(blueprint)
+    return app
+
+
+def _install_routes(app: Flask, svc: VolumeService) -> None:
+    def route(path: str) -> Callable[[Callable[[dict], dict]], None]:
+        def register(fn: Callable[[dict], dict]) -> None:
+            def view() -> Response:
+                return reply(fn(body()))
+
+            app.add_url_rule(path, endpoint=path, view_func=view, methods=["POST"])
+
+        return register
+
+    @route("/Plugin.Activate")
+    def activate(doc: dict) -> dict:
+        return {"Implements": ["VolumeDriver"]}
+
+    @route("/VolumeDriver.Capabilities")
+    def capabilities(doc: dict) -> dict:
+        return {"Capabilities": {"Scope": "local"}}
+
+    @route("/VolumeDriver.Create")
+    def create(doc: dict) -> dict:
+        svc.create(field(doc, "Name"), doc.get("Opts"))
+        return {"Err": ""}
+
+    @route("/VolumeDriver.Remove")
+    def remove(doc: dict) -> dict:
+        svc.remove(field(doc, "Name"))
+        return {"Err": ""}
+
+    @route("/VolumeDriver.Mount")
+    def mount(doc: dict) -> dict:
+        path = svc.mount(field(doc, "Name"), field(doc, "ID", MAX_ID))
+        return {"Mountpoint": str(path), "Err": ""}
+
+    @route("/VolumeDriver.Unmount")
+    def unmount(doc: dict) -> dict:
+        svc.unmount(field(doc, "Name"), field(doc, "ID", MAX_ID))
+        return {"Err": ""}
+
+    @route("/VolumeDriver.Path")
+    def path(doc: dict) -> dict:
+        record = svc.get(field(doc, "Name"))
+        return {"Mountpoint": str(svc.path_of(record.name)), "Err": ""}
+
+    @route("/VolumeDriver.Get")
+    def get(doc: dict) -> dict:
+        record = svc.get(field(doc, "Name"))
+        return {"Volume": svc.describe(record), "Err": ""}
+
+    @route("/VolumeDriver.List")
+    def list_(doc: dict) -> dict:
+        return {"Volumes": [svc.describe(r, with_status=False) for r in svc.list()], "Err": ""}
+
+
+def _install_errors(app: Flask) -> None:
+    @app.errorhandler(VolpluginError)
+    def volplugin_error(exc: VolpluginError) -> Response:
+        g.error = str(exc)
+        return reply({"Err": str(exc)}, 500)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc: RequestEntityTooLarge) -> Response:
+        g.error = f"request body is larger than {MAX_BODY} bytes: send a smaller request"
+        return reply({"Err": g.error}, 500)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        g.error = (
+            f"{request.method} {request.path}: {exc.name}; "
+            "the plugin serves POST /Plugin.* and /VolumeDriver.*"
+        )
+        return reply({"Err": g.error}, 500)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error in %s", request.path)
+        g.error = f"internal error in volplugin ({type(exc).__name__}: {exc}); see its log"
+        return reply({"Err": g.error}, 500)
+
+
+def _install_logging(app: Flask) -> None:
+    @app.before_request
+    def start() -> None:
+        g.start = time.perf_counter()
+
+    @app.after_request
+    def finish(response: Response) -> Response:
+        elapsed = (time.perf_counter() - g.get("start", time.perf_counter())) * 1000
+        line = {
+            "endpoint": request.path,
+            "volume": g.get("volume"),
+            "duration_ms": round(elapsed, 2),
+            "status": response.status_code,
+            "outcome": "error" if g.get("error") else "ok",
+        }
+        if g.get("error"):
+            line["error"] = g.error
+        access_log.info(json.dumps(line))
+        return response

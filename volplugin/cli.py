@@ -1,0 +1,158 @@
+"""The `volplugin` command line: serve the plugin, and read volume state (ls, inspect).
+
+`ls` and `inspect` read the state database directly, so they work while `serve` is down.
+The backup feature adds its commands from volplugin.backup.commands.COMMANDS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from volplugin.errors import VolpluginError
+from volplugin.server import DEFAULT_NAME, DEFAULT_ROOT, PLUGIN_DIR, serve
+from volplugin.state import State
+from volplugin.volumes import VolumeService
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except VolpluginError as exc:
+            click.echo(f"volplugin: error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.option(
+    "--root",
+    envvar="VOLPLUGIN_ROOT",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_ROOT,
+    show_default=True,
+    help="Directory holding the volumes and their state.",
+)
+@click.option(
+    "--name",
+    envvar="VOLPLUGIN_NAME",
+    default=DEFAULT_NAME,
+    show_default=True,
+    help="Plugin name: the driver name for docker and the socket's name.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.pass_context
+def cli(ctx: click.Context, root: Path, name: str, verbose: bool) -> None:
+    """A Docker volume plugin: volumes are directories under ROOT, state in SQLite."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="volplugin: %(levelname)s: %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    ctx.obj = {"root": root, "name": name}
+
+
+def where(fn):
+    """Add --name and --root to a command; they override the group's values."""
+    fn = click.option(
+        "--root",
+        "cmd_root",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=f"Root directory (default {DEFAULT_ROOT}).",
+    )(fn)
+    return click.option(
+        "--name", "cmd_name", default=None, help=f"Plugin name (default {DEFAULT_NAME})."
+    )(fn)
+
+
+def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
+    return name or obj["name"], Path(root or obj["root"])
+
+
+@cli.command("serve")
+@where
+@click.option("--threads", default=8, show_default=True, help="Request worker threads.")
+@click.option(
+    "--plugin-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=PLUGIN_DIR,
+    show_default=True,
+    help="Where the daemon looks for plugin sockets.",
+)
+@click.pass_obj
+def serve_cmd(
+    obj: dict, cmd_name: str | None, cmd_root: Path | None, threads: int, plugin_dir: Path
+) -> None:
+    """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM."""
+    name, root = _pick(obj, cmd_name, cmd_root)
+    serve(name, root, plugin_dir=plugin_dir, threads=threads)
+
+
+def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:
+    name, root = _pick(obj, cmd_name, cmd_root)
+    return VolumeService(root, name, State.under(root, create=False), size_budget=None)
+
+
+@cli.command("ls")
+@where
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def ls_cmd(obj: dict, cmd_name: str | None, cmd_root: Path | None, as_json: bool) -> None:
+    """List volumes with their size, users and creation time."""
+    svc = _service(obj, cmd_name, cmd_root)
+    docs = [svc.describe(r) for r in svc.list()]
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+        return
+    click.echo(f"{'NAME':<32} {'SIZE':>12} {'CONTAINERS':>10}  CREATED")
+    for doc in docs:
+        st = doc["Status"]
+        click.echo(f"{doc['Name']:<32} {st['Size']:>12} {st['Containers']:>10}  {st['Created']}")
+
+
+@cli.command("inspect")
+@where
+@click.argument("volume")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def inspect_cmd(
+    obj: dict, cmd_name: str | None, cmd_root: Path | None, volume: str, as_json: bool
+) -> None:
+    """Show one volume: mountpoint, size, users, options, last backup."""
+    svc = _service(obj, cmd_name, cmd_root)
+    doc = svc.describe(svc.get(volume))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    st = doc["Status"]
+    click.echo(f"Name:        {doc['Name']}")
+    click.echo(f"Mountpoint:  {doc['Mountpoint']}")
+    click.echo(f"Created:     {st['Created']}")
+    click.echo(f"Size:        {st['Size']}")
+    click.echo(f"Containers:  {st['Containers']}")
+    opts = ", ".join(f"{k}={v}" for k, v in st["Options"].items()) or "(none)"
+    click.echo(f"Options:     {opts}")
+    backup = st["Backup"]
+    if backup["LastID"]:
+        click.echo(f"Last backup: {backup['LastID']} at {backup['LastTime']} ({backup['Outcome']})")
+    else:
+        click.echo("Last backup: never")
+
+
+def _register() -> None:
+    from volplugin.backup.commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,79 @@
+"""The one table of volume options (`docker volume create -o KEY=VALUE`) and their validation.
+
+Each option has a parser that turns the user's string into its normal form, so that
+Create can compare options of an existing volume. Add new options to OPTIONS only once
+the feature behind them works.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from volplugin.errors import BadOption
+
+MAX_ID = 2**32 - 2
+
+
+@dataclass(frozen=True)
+class Option:
+    """A documented option: its name, what it does, and how to normalise a value."""
+
+    name: str
+    help: str
+    parse: Callable[[str], str]
+
+
+def _parse_id(kind: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if not re.fullmatch(r"[0-9]+", value) or int(value) > MAX_ID:
+            raise ValueError(f"a numeric {kind} between 0 and {MAX_ID}")
+        return str(int(value))
+
+    return parse
+
+
+def _parse_mode(value: str) -> str:
+    if not re.fullmatch(r"0?[0-7]{3,4}", value) or int(value, 8) > 0o7777:
+        raise ValueError("an octal permission mode such as 0755 or 1777")
+    return f"{int(value, 8):04o}"
+
+
+OPTIONS: dict[str, Option] = {
+    opt.name: opt
+    for opt in (
+        Option("uid", "numeric owner of the volume's root directory (default 0)", _parse_id("uid")),
+        Option("gid", "numeric group of the volume's root directory (default 0)", _parse_id("gid")),
+        Option(
+            "mode", "octal permissions of the volume's root directory (default 0755)", _parse_mode
+        ),
+    )
+}
+
+
+def accepted() -> str:
+    """The accepted option names, for error messages."""
+    return ", ".join(sorted(OPTIONS))
+
+
+def normalize(opts: Mapping[str, object] | None) -> dict[str, str]:
+    """Validate options and return them in normal form; raise BadOption naming the bad one."""
+    if opts is None:
+        return {}
+    if not isinstance(opts, Mapping):
+        raise BadOption(
+            f"Opts must be an object of KEY: VALUE strings; accepted keys: {accepted()}"
+        )
+    result: dict[str, str] = {}
+    for key, value in opts.items():
+        option = OPTIONS.get(key)
+        if option is None:
+            raise BadOption(f"unknown option {key!r}: accepted options are {accepted()}")
+        if not isinstance(value, str):
+            raise BadOption(f"option {key!r} must be a string, got {type(value).__name__}")
+        try:
+            result[key] = option.parse(value.strip())
+        except ValueError as exc:
+            raise BadOption(f"bad value {value!r} for option {key!r}: expected {exc}") from None
+    return dict(sorted(result.items()))

@@ -1,0 +1,129 @@
+"""`volplugin serve`: the plugin app on a unix socket, served by waitress threads.
+
+The socket is /run/docker/plugins/NAME.sock with mode 0600 (root only). One server runs
+per root (an flock on ROOT/serve.lock); a stale socket of a killed server is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import waitress
+
+from volplugin.app import create_app
+from volplugin.errors import StateError
+from volplugin.names import check_name
+from volplugin.reconcile import reconcile_in_background, try_reconcile
+from volplugin.volumes import VolumeService
+
+PLUGIN_DIR = Path("/run/docker/plugins")
+DEFAULT_NAME = "volplugin"
+DEFAULT_ROOT = Path("/var/lib/volplugin")
+
+log = logging.getLogger("volplugin.server")
+
+
+def socket_path(name: str, plugin_dir: Path = PLUGIN_DIR) -> Path:
+    return Path(plugin_dir) / f"{check_name(name)}.sock"
+
+
+@contextlib.contextmanager
+def root_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the root for the life of the server."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateError(
+                f"another `volplugin serve` already uses the root {root}: stop it first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """Bind a listening unix socket at `path`, mode 0600, replacing a stale one."""
+    if len(os.fsencode(path)) >= 108:
+        raise StateError(f"socket path {path} is too long for a unix socket: use a shorter name")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise StateError(f"a server already listens on {path}: stop it or pick another --name")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def serve(
+    name: str = DEFAULT_NAME,
+    root: Path = DEFAULT_ROOT,
+    *,
+    plugin_dir: Path = PLUGIN_DIR,
+    threads: int = 8,
+) -> None:
+    """Serve until SIGTERM or SIGINT; remove the socket on the way out."""
+    root = Path(root).absolute()
+    path = socket_path(name, plugin_dir)
+    with root_lock(root):
+        service = VolumeService.open(root, name)
+        service.empty_trash()
+        stop = threading.Event()
+        if not try_reconcile(service):
+            reconcile_in_background(service, stop)
+        sock = bind_socket(path)
+        try:
+            server = waitress.create_server(
+                create_app(service),
+                sockets=[sock],
+                threads=threads,
+                ident="volplugin",
+                max_request_body_size=1024 * 1024,
+                backlog=1024,
+            )
+            _exit_on_signals()
+            log.info("serving driver %s on %s, root %s", name, path, root)
+            try:
+                server.run()
+            except SystemExit:
+                pass
+            finally:
+                stop.set()
+                server.close()
+        finally:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            service.state.close()
+            log.info("stopped")
+
+
+def _exit_on_signals() -> None:
+    def handler(signum: int, frame: object) -> None:
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,247 @@
+"""Volume state that survives restarts: a small SQLite database (WAL mode) under the root.
+
+It holds each volume's options, creation time, backup information and the set of mount
+IDs the daemon gave us. One State object is shared by the server's threads; writes run
+in `BEGIN IMMEDIATE` transactions so that other processes (the CLI, backups) can use the
+same file safely.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from volplugin.errors import StateError
+
+DB_NAME = "state.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes (
+    name TEXT PRIMARY KEY,
+    options TEXT NOT NULL,
+    created TEXT NOT NULL,
+    backup TEXT
+);
+CREATE TABLE IF NOT EXISTS mounts (
+    volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    mounted_at REAL NOT NULL,
+    adopted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (volume, id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    """The outcome of a volume's last backup, shown in its Status."""
+
+    last_id: str | None = None
+    last_time: str | None = None
+    outcome: str | None = None
+    detail: str | None = None
+
+    @classmethod
+    def from_json(cls, text: str | None) -> BackupInfo | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(**{k: data.get(k) for k in ("last_id", "last_time", "outcome", "detail")})
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """One volume as stored: name, normalised options, creation time (ISO 8601, UTC)."""
+
+    name: str
+    options: dict[str, str]
+    created: str
+    mount_ids: tuple[str, ...] = ()
+    backup: BackupInfo | None = None
+
+    @property
+    def mount_count(self) -> int:
+        return len(self.mount_ids)
+
+
+class State:
+    """Access to the state database; safe to share between threads."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise StateError(
+                f"no volplugin state at {self.path}: check --root, or start `volplugin serve` once"
+            )
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open state database {self.path}: {exc}") from exc
+        self._lock = threading.RLock()
+
+    @classmethod
+    def under(cls, root: Path, *, create: bool = True) -> State:
+        return cls(Path(root) / DB_NAME, create=create)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- volumes -------------------------------------------------------------------------
+
+    def get(self, name: str) -> VolumeRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT name, options, created, backup FROM volumes WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                return None
+            return self._record(row, self._mount_ids(name))
+
+    def list(self) -> list[VolumeRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, options, created, backup FROM volumes ORDER BY name"
+            ).fetchall()
+            ids: dict[str, list[str]] = {}
+            for volume, mid in self._db.execute(
+                "SELECT volume, id FROM mounts ORDER BY mounted_at"
+            ):
+                ids.setdefault(volume, []).append(mid)
+            return [self._record(row, ids.get(row[0], [])) for row in rows]
+
+    def add(self, name: str, options: dict[str, str], created: str) -> VolumeRecord:
+        """Insert a volume; return the existing record instead if the name is taken."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO volumes (name, options, created) VALUES (?, ?, ?)",
+                (name, json.dumps(options, sort_keys=True), created),
+            )
+        record = self.get(name)
+        assert record is not None
+        return record
+
+    def delete(self, name: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+
+    def set_backup(self, name: str, info: BackupInfo | None) -> None:
+        """Record the last backup of a volume (None clears it)."""
+        text = json.dumps(asdict(info)) if info is not None else None
+        with self._write() as db:
+            db.execute("UPDATE volumes SET backup = ? WHERE name = ?", (text, name))
+
+    # -- mounts --------------------------------------------------------------------------
+
+    def add_mount(self, name: str, mount_id: str) -> int:
+        """Record a mount ID (a repeated ID counts once); return the number of IDs."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO mounts (volume, id, mounted_at) VALUES (?, ?, ?)",
+                (name, mount_id, time.time()),
+            )
+            return self._count(name)
+
+    def release_mount(self, name: str, mount_id: str) -> int:
+        """Forget a mount ID; return the number of IDs left.
+
+        An unknown ID releases one adopted ID (see `adopt`), since adopted IDs only stand
+        for a count of running containers; otherwise it changes nothing.
+        """
+        with self._write() as db:
+            cur = db.execute("DELETE FROM mounts WHERE volume = ? AND id = ?", (name, mount_id))
+            if cur.rowcount == 0:
+                db.execute(
+                    "DELETE FROM mounts WHERE rowid = (SELECT rowid FROM mounts WHERE volume = ?"
+                    " AND adopted = 1 ORDER BY mounted_at LIMIT 1)",
+                    (name,),
+                )
+            return self._count(name)
+
+    def mount_snapshot(self) -> dict[str, list[str]]:
+        """The mount IDs of every volume, oldest first."""
+        with self._lock:
+            snap: dict[str, list[str]] = {}
+            for volume, mid in self._db.execute(
+                "SELECT volume, id FROM mounts ORDER BY mounted_at"
+            ):
+                snap.setdefault(volume, []).append(mid)
+            return snap
+
+    def adopt(self, name: str, candidates: list[str], keep: int) -> int:
+        """Reconcile: of `candidates` (IDs seen in an earlier snapshot) keep only `keep`.
+
+        IDs recorded after the snapshot are left alone. When IDs are dropped, the kept
+        ones become adopted: the daemon's later Unmount of any ID releases one of them.
+        Return the number of IDs dropped.
+        """
+        with self._write() as db:
+            present = [
+                mid
+                for (mid,) in db.execute(
+                    "SELECT id FROM mounts WHERE volume = ? ORDER BY mounted_at", (name,)
+                )
+                if mid in set(candidates)
+            ]
+            keep = max(keep, 0)
+            if len(present) <= keep:
+                return 0
+            drop = present[: len(present) - keep]
+            db.executemany(
+                "DELETE FROM mounts WHERE volume = ? AND id = ?", [(name, mid) for mid in drop]
+            )
+            db.execute("UPDATE mounts SET adopted = 1 WHERE volume = ?", (name,))
+            return len(drop)
+
+    def clear_mounts(self, name: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM mounts WHERE volume = ?", (name,))
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _count(self, name: str) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM mounts WHERE volume = ?", (name,)).fetchone()[
+            0
+        ]
+
+    def _mount_ids(self, name: str) -> list[str]:
+        return [
+            mid
+            for (mid,) in self._db.execute(
+                "SELECT id FROM mounts WHERE volume = ? ORDER BY mounted_at", (name,)
+            )
+        ]
+
+    @staticmethod
+    def _record(row: tuple, mount_ids: list[str]) -> VolumeRecord:
+        name, options, created, backup = row
+        return VolumeRecord(
+            name=name,
+            options=json.loads(options),
+            created=created,
+            mount_ids=tuple(mount_ids),
+            backup=BackupInfo.from_json(backup),
+        )

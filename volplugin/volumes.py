@@ -1,0 +1,230 @@
+"""The volume operations behind the protocol: directories under the root plus their state.
+
+Layout of the root:
+    state.db, state.db-wal   the state database (see volplugin.state)
+    volumes/NAME/            a volume's data, the mountpoint handed to containers
+    trash/                   volumes being removed (emptied again at start)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import docker
+
+from volplugin import containers, options
+from volplugin.diskusage import disk_usage
+from volplugin.errors import VolpluginError, VolumeExists, VolumeInUse, VolumeNotFound
+from volplugin.names import check_name
+from volplugin.state import State, VolumeRecord
+
+log = logging.getLogger("volplugin.volumes")
+
+Hook = Callable[[VolumeRecord, Path], None]
+
+
+@dataclass
+class Hooks:
+    """Callbacks for features that act on volume life events (e.g. restore on first mount).
+
+    A hook that raises a VolpluginError makes the request fail with its message.
+    """
+
+    on_create: list[Hook] = field(default_factory=list)
+    on_first_mount: list[Hook] = field(default_factory=list)
+    on_last_unmount: list[Hook] = field(default_factory=list)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class VolumeService:
+    """Create, remove, mount and describe volumes of one driver under one root."""
+
+    def __init__(
+        self,
+        root: Path,
+        driver: str,
+        state: State,
+        *,
+        docker_factory: Callable[[], docker.DockerClient] = containers.docker_client,
+        hooks: Hooks | None = None,
+        size_budget: float | None = 0.5,
+    ) -> None:
+        self.root = Path(root)
+        self.driver = driver
+        self.state = state
+        self.docker_factory = docker_factory
+        self.hooks = hooks or Hooks()
+        self.size_budget = size_budget
+        self.volumes_dir = self.root / "volumes"
+        self.trash_dir = self.root / "trash"
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, root: Path, driver: str, **kw) -> VolumeService:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        (root / "volumes").mkdir(exist_ok=True)
+        (root / "trash").mkdir(exist_ok=True)
+        return cls(root, driver, State.under(root), **kw)
+
+    def empty_trash(self) -> None:
+        """Finish removals interrupted by a crash."""
+        for entry in self.trash_dir.iterdir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def path_of(self, name: str) -> Path:
+        """The mountpoint of a volume; the name is validated so it stays under the root."""
+        path = self.volumes_dir / check_name(name)
+        if path.parent != self.volumes_dir:
+            raise VolumeNotFound(f"volume name {name!r} does not map into the root")
+        return path
+
+    def _record(self, name: str) -> VolumeRecord:
+        record = self.state.get(check_name(name))
+        if record is None:
+            raise VolumeNotFound(
+                f"no such volume {name!r} in driver {self.driver}: create it first"
+            )
+        return record
+
+    # -- operations ----------------------------------------------------------------------
+
+    def create(self, name: str, opts: dict | None) -> VolumeRecord:
+        path = self.path_of(name)
+        normal = options.normalize(opts)
+        with self._lock:
+            existing = self.state.get(name)
+            if existing is not None:
+                if existing.options != normal:
+                    raise VolumeExists(
+                        f"volume {name!r} already exists with options {_fmt(existing.options)}, "
+                        f"not {_fmt(normal)}: use the same options or remove it first"
+                    )
+                return existing
+            fresh = not path.exists()
+            path.mkdir(mode=0o755, exist_ok=True)
+            if not fresh:
+                log.warning("volume %s: adopting the existing directory %s", name, path)
+            _apply_root_options(path, normal, fresh)
+            record = self.state.add(name, normal, now_iso())
+            for hook in self.hooks.on_create:
+                hook(record, path)
+            return record
+
+    def remove(self, name: str) -> None:
+        path = self.path_of(name)
+        with self._lock:
+            record = self._record(name)
+            if record.mount_ids:
+                self._refuse_if_used(record)
+                self.state.clear_mounts(name)
+            self.trash_dir.mkdir(exist_ok=True)
+            doomed = self.trash_dir / f"{name}.{uuid.uuid4().hex}"
+            if path.exists():
+                os.rename(path, doomed)
+            self.state.delete(name)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _refuse_if_used(self, record: VolumeRecord) -> None:
+        """Refuse removal while containers hold the volume; forget IDs nobody holds."""
+        try:
+            users = containers.containers_using(self.docker_factory(), record.name, self.driver)
+        except docker.errors.DockerException as exc:
+            raise VolumeInUse(
+                f"volume {record.name!r} is mounted ({record.mount_count} mount(s)) and the "
+                f"Docker daemon cannot be asked who uses it ({exc}): stop those containers first"
+            ) from None
+        if users:
+            names = ", ".join(sorted(u.name for u in users))
+            raise VolumeInUse(
+                f"volume {record.name!r} is in use by container(s) {names}: "
+                "stop or remove them first"
+            )
+        log.warning(
+            "volume %s: forgetting %d stale mount ID(s); no running container uses it",
+            record.name,
+            record.mount_count,
+        )
+
+    def mount(self, name: str, mount_id: str) -> Path:
+        path = self.path_of(name)
+        with self._lock:
+            record = self._record(name)
+            if not path.is_dir():
+                raise VolpluginError(
+                    f"volume {name!r}: its directory {path} is missing; "
+                    "restore it from a backup or remove the volume"
+                )
+            if not record.mount_ids:
+                for hook in self.hooks.on_first_mount:
+                    hook(record, path)
+            self.state.add_mount(name, mount_id)
+        return path
+
+    def unmount(self, name: str, mount_id: str) -> None:
+        path = self.path_of(name)
+        with self._lock:
+            record = self._record(name)
+            left = self.state.release_mount(name, mount_id)
+            if record.mount_ids and left == 0:
+                for hook in self.hooks.on_last_unmount:
+                    hook(record, path)
+
+    def get(self, name: str) -> VolumeRecord:
+        return self._record(name)
+
+    def list(self) -> list[VolumeRecord]:
+        return self.state.list()
+
+    def describe(self, record: VolumeRecord, *, with_status: bool = True) -> dict:
+        """A volume as the protocol shows it (Name, Mountpoint, CreatedAt, Status)."""
+        doc: dict = {
+            "Name": record.name,
+            "Mountpoint": str(self.path_of(record.name)),
+            "CreatedAt": record.created,
+        }
+        if with_status:
+            doc["Status"] = self.status(record)
+        return doc
+
+    def status(self, record: VolumeRecord) -> dict:
+        usage = disk_usage(str(self.path_of(record.name)), self.size_budget)
+        backup = record.backup
+        return {
+            "Created": record.created,
+            "Size": usage.human(),
+            "SizeBytes": usage.bytes,
+            "Containers": record.mount_count,
+            "Options": dict(record.options),
+            "Backup": {
+                "LastID": backup.last_id if backup else None,
+                "LastTime": backup.last_time if backup else None,
+                "Outcome": backup.outcome if backup else None,
+                "Detail": backup.detail if backup else None,
+            },
+        }
+
+
+def _apply_root_options(path: Path, opts: dict[str, str], fresh: bool) -> None:
+    if fresh or "mode" in opts:
+        os.chmod(path, int(opts.get("mode", "0755"), 8))
+    if "uid" in opts or "gid" in opts:
+        os.chown(path, int(opts.get("uid", "-1")), int(opts.get("gid", "-1")))
+
+
+def _fmt(opts: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) + "}" if opts else "{}"
