@@ -1,0 +1,594 @@
+"""Read-only benchmark: layerfs vs fuse-overlayfs vs kernel overlayfs on one image.
+
+Builds (once, then cached) a Debian minbase image plus layers that delete, replace
+and add files, including one large random file; then, side by side on the same
+image: mount time, cold `find`, cold and warm `tar cf - . | wc -c`, cold and warm
+sequential read of the large file, peak RSS of the mount process, and
+`layerfs import` vs `docker load` into an empty second daemon, with the bytes
+each stores. The overlay mounts use the daemon's own overlay2 layer directories
+read-only (lowerdir=UPPER:LOWER..., no upperdir).
+
+"Cold" means a fresh mount and dropped kernel caches before each sample, so FUSE
+daemons start without their userspace caches too. Every timing is the median of a
+few samples. Results go to the ``<!-- readonly -->`` section of benchmarks/RESULTS.md.
+
+Run from the repository root as root:
+    .venv/bin/python -m benchmarks.bench_readonly          # full run
+    .venv/bin/python -m benchmarks.bench_readonly --quick  # small smoke run
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from benchmarks.common import (
+    WORK_DIR,
+    BenchError,
+    Samples,
+    ScratchDockerd,
+    command_line,
+    drop_caches,
+    environment_summary,
+    force_unmount_under,
+    human_bytes,
+    markdown_table,
+    mount_daemon_peak_rss,
+    pids_with_arg,
+    require_root,
+    require_tools,
+    run,
+    run_shell,
+    time_call,
+    tree_size,
+    wait_mounted,
+    write_section,
+)
+
+PREFIX = "bench"
+SECTION = "readonly"
+BASE_TAG = f"{PREFIX}/readonly-base:bookworm"
+LAYERFS = [str(Path(sys.executable).with_name("layerfs"))]  # the venv's entry point
+
+
+# -- the image ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What to build: the tag, the base image and the size of the large file."""
+
+    tag: str
+    big_mb: int
+    quick: bool
+
+    @property
+    def big_path(self) -> str:
+        return "opt/bench/big.bin"
+
+
+FULL = ImageSpec(tag=f"{PREFIX}/readonly:full", big_mb=100, quick=False)
+QUICK = ImageSpec(tag=f"{PREFIX}/readonly:quick", big_mb=16, quick=True)
+
+# Layers on top of the base: deletions (whiteouts, an opaque directory),
+# replacements of content and of metadata only, then the large file and a tree
+# of small files (half of them copies of existing content).
+DOCKERFILE = """\
+FROM {base}
+RUN rm -rf /var/cache/apt/archives/*.deb /var/lib/apt/lists/* /usr/share/doc/* \\
+ && rm -rf /usr/share/locale && mkdir -p /usr/share/locale/C \\
+ && rm -f /etc/motd /usr/bin/xargs
+RUN echo 'PRETTY_NAME="layerfs read-only benchmark"' > /etc/os-release \\
+ && cp /bin/ls /usr/bin/xargs && chmod 640 /etc/group && chmod 4755 /usr/bin/xargs \\
+ && echo 'bench:x:1000:1000::/home/bench:/bin/sh' >> /etc/passwd && mkdir -p /home/bench
+RUN set -e; mkdir -p /opt/bench/small; \\
+    head -c $(({big_mb} * 1048576)) /dev/urandom > /{big_path}; \\
+    i=0; while [ $i -lt {small} ]; do \\
+      head -c $((i * 7 % 9000 + 1)) /dev/urandom > /opt/bench/small/f$i; i=$((i + 1)); done; \\
+    cp -a {copy_dir} /opt/bench/copy; \\
+    ln /opt/bench/small/f1 /opt/bench/hardlink
+"""
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt uses here (deb822 or one-line sources)."""
+    sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+    for path in sources:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if line.startswith("URIs:") and len(words) > 1 and "security" not in words[1]:
+                return words[1]
+            if words[:1] == ["deb"] and "security" not in line:
+                return next(w for w in words[1:] if "://" in w)
+    return "http://deb.debian.org/debian"
+
+
+def image_id(tag: str) -> str | None:
+    proc = subprocess.run(
+        ["docker", "image", "inspect", "-f", "{{.Id}}", tag], capture_output=True, text=True
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def ensure_debian_base(work: Path) -> str:
+    """`debootstrap --variant=minbase bookworm` imported as BASE_TAG (once)."""
+    if image_id(BASE_TAG):
+        return BASE_TAG
+    require_tools("debootstrap")
+    rootfs = work / "rootfs"
+    shutil.rmtree(rootfs, ignore_errors=True)
+    mirror = debian_mirror()
+    say(f"debootstrap minbase bookworm from {mirror} (about a minute)")
+    try:
+        run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror])
+        run_shell(f"tar --numeric-owner --xattrs -C {rootfs} -cf - . | docker import - {BASE_TAG}")
+    finally:
+        force_unmount_under(rootfs)
+        shutil.rmtree(rootfs, ignore_errors=True)
+    return BASE_TAG
+
+
+def ensure_image(spec: ImageSpec, work: Path) -> str:
+    """Build the benchmark image unless it exists; return its tag."""
+    if image_id(spec.tag):
+        return spec.tag
+    if spec.quick:
+        from tests.support.dockerenv import ensure_busybox_image, ensure_dockerd
+
+        base = ensure_busybox_image(ensure_dockerd())
+        small, copy_dir = 300, "/bin"
+    else:
+        base = ensure_debian_base(work)
+        small, copy_dir = 1000, "/usr/share/zoneinfo"
+    ctx = work / "context"
+    shutil.rmtree(ctx, ignore_errors=True)
+    ctx.mkdir(parents=True)
+    (ctx / "Dockerfile").write_text(
+        DOCKERFILE.format(
+            base=base,
+            big_mb=spec.big_mb,
+            big_path=spec.big_path,
+            small=small,
+            copy_dir=copy_dir,
+        )
+    )
+    say(f"building {spec.tag}")
+    env = dict(os.environ, DOCKER_BUILDKIT="0")
+    proc = subprocess.run(
+        ["docker", "build", "-q", "-t", spec.tag, str(ctx)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"docker build of {spec.tag} failed: {proc.stderr.strip()[-2000:]}")
+    shutil.rmtree(ctx, ignore_errors=True)
+    return spec.tag
+
+
+def ensure_archive(tag: str, work: Path) -> Path:
+    """`docker save` of the image, cached next to a file naming the image id it came from."""
+    archive = work / (tag.replace("/", "_").replace(":", "_") + ".tar")
+    stamp = archive.with_suffix(".id")
+    current = image_id(tag)
+    if archive.exists() and stamp.exists() and stamp.read_text() == current:
+        return archive
+    say(f"docker save {tag}")
+    run(["docker", "save", "-o", str(archive), tag])
+    stamp.write_text(current or "")
+    return archive
+
+
+def overlay_lowerdirs(tag: str) -> str:
+    """The image's overlay2 layer dirs as a read-only lowerdir= value (top first)."""
+    out = run(["docker", "image", "inspect", "-f", "{{json .GraphDriver}}", tag]).stdout
+    driver = json.loads(out)
+    if driver.get("Name") != "overlay2":
+        raise BenchError(f"the Docker storage driver is {driver.get('Name')}, not overlay2")
+    data = driver["Data"]
+    dirs = [data["UpperDir"]] + [d for d in data.get("LowerDir", "").split(":") if d]
+    return ":".join(dirs)
+
+
+def count_entries(root: Path) -> int:
+    """Entries below a mounted tree (a sanity check: every system should agree)."""
+    return sum(len(dirs) + len(files) for _, dirs, files in os.walk(root))
+
+
+# -- the systems under test -------------------------------------------------------------
+
+
+@dataclass
+class System:
+    """One way of mounting the image read-only."""
+
+    name: str
+    mount_cmd: Callable[[Path], list[str]]
+    umount_cmd: Callable[[Path], list[str]]
+    fuse: bool = True
+
+    def mount(self, mnt: Path) -> float:
+        """Mount; return seconds until the mountpoint answers."""
+        start = time.perf_counter()
+        run(self.mount_cmd(mnt))
+        wait_mounted(mnt)
+        os.stat(mnt)
+        return time.perf_counter() - start
+
+    def umount(self, mnt: Path) -> None:
+        run(self.umount_cmd(mnt))
+        deadline = time.monotonic() + 30
+        while self.fuse and pids_with_arg(str(mnt)) and time.monotonic() < deadline:
+            time.sleep(0.01)  # let the daemon exit before the next sample
+
+
+def kernel_overlay(lowerdirs: str) -> System:
+    return System(
+        "kernel overlayfs",
+        lambda m: ["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowerdirs}", str(m)],
+        lambda m: ["umount", str(m)],
+        fuse=False,
+    )
+
+
+def fuse_overlayfs(lowerdirs: str) -> System:
+    return System(
+        "fuse-overlayfs",
+        lambda m: ["fuse-overlayfs", "-o", f"lowerdir={lowerdirs}", str(m)],
+        lambda m: ["fusermount3", "-u", str(m)],
+    )
+
+
+def layerfs(store: Path, tag: str) -> System:
+    return System(
+        "layerfs",
+        lambda m: [*LAYERFS, "--store", str(store), "mount", tag, str(m)],
+        lambda m: [*LAYERFS, "--store", str(store), "umount", str(m)],
+    )
+
+
+def layerfs_available() -> bool:
+    proc = subprocess.run([*LAYERFS, "--help"], capture_output=True, text=True)
+    commands = proc.stdout.split("Commands:")[-1].split()
+    return all(c in commands for c in ("import", "mount", "umount"))
+
+
+# -- measurements ----------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    """Everything measured for one system (seconds, bytes)."""
+
+    first_mount: float = float("nan")
+    mount: Samples = field(default_factory=Samples)
+    cold_find: Samples = field(default_factory=Samples)
+    cold_tar: Samples = field(default_factory=Samples)
+    warm_tar: Samples = field(default_factory=Samples)
+    cold_read: Samples = field(default_factory=Samples)
+    warm_read: Samples = field(default_factory=Samples)
+    peak_rss: int | None = None
+    tar_bytes: int = 0
+    entries: int = 0
+
+
+def tar_bytes(root: Path) -> int:
+    """Run `tar cf - . | wc -c` in ``root``; return the byte count."""
+    proc = subprocess.run(
+        ["/bin/sh", "-c", "tar cf - . | wc -c"], cwd=root, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"tar in {root} failed: {proc.stderr.strip()}")
+    return int(proc.stdout.split()[0])
+
+
+def read_file(path: Path) -> None:
+    run(["dd", f"if={path}", "of=/dev/null", "bs=1M"])
+
+
+def find_tree(root: Path) -> None:
+    run(["find", str(root)])
+
+
+def measure(system: System, mnt: Path, big: str, reps: int) -> Figures:
+    """All figures of one system; leaves nothing mounted."""
+    fig = Figures()
+    mnt.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.first_mount = system.mount(mnt)
+        fig.entries = count_entries(mnt)
+        system.umount(mnt)
+        for _ in range(reps):
+            fig.mount.add(system.mount(mnt))
+            system.umount(mnt)
+
+        def cold(samples: Samples, action: Callable[[], object]) -> None:
+            for _ in range(reps):
+                system.mount(mnt)
+                drop_caches()
+                samples.add(time_call(action))
+                system.umount(mnt)
+
+        cold(fig.cold_find, lambda: find_tree(mnt))
+        cold(fig.cold_tar, lambda: tar_bytes(mnt))
+        cold(fig.cold_read, lambda: read_file(mnt / big))
+
+        # One mount for the warm figures; its daemon's peak RSS covers all of them.
+        system.mount(mnt)
+        find_tree(mnt)
+        fig.tar_bytes = tar_bytes(mnt)
+        for _ in range(reps):
+            fig.warm_tar.add(time_call(lambda: tar_bytes(mnt)))
+        for _ in range(reps):
+            fig.warm_read.add(time_call(lambda: read_file(mnt / big)))
+        if system.fuse:
+            fig.peak_rss, _ = mount_daemon_peak_rss(mnt)
+        system.umount(mnt)
+    finally:
+        force_unmount_under(mnt)
+    return fig
+
+
+@dataclass
+class ImportFigures:
+    layerfs: Samples = field(default_factory=Samples)
+    docker_load: Samples = field(default_factory=Samples)
+    layerfs_bytes: int = 0
+    layerfs_allocated: int = 0
+    docker_bytes: int = 0
+    docker_allocated: int = 0
+
+
+def import_into_layerfs(archive: Path, store: Path, tag: str) -> float:
+    shutil.rmtree(store, ignore_errors=True)
+    drop_caches()
+    return time_call(
+        lambda: run([*LAYERFS, "--store", str(store), "import", str(archive), "--tag", tag])
+    )
+
+
+def measure_imports(
+    archive: Path, tag: str, work: Path, reps: int, with_layerfs: bool
+) -> tuple[ImportFigures, Path]:
+    """layerfs import vs docker load into an empty daemon; the last store stays for mounts."""
+    figs = ImportFigures()
+    store = work / "store"
+    if with_layerfs:
+        for _ in range(reps):
+            figs.layerfs.add(import_into_layerfs(archive, store, tag))
+        size = tree_size(store)
+        figs.layerfs_bytes, figs.layerfs_allocated = size.apparent, size.allocated
+    with ScratchDockerd(work / "dockerd", f"{PREFIX}-readonly") as daemon:
+        for i in range(reps):
+            if i:
+                daemon.reset()
+            drop_caches()
+            figs.docker_load.add(
+                time_call(lambda: run(daemon.docker("load", "-q", "-i", str(archive))))
+            )
+        size = tree_size(daemon.data_root)
+        figs.docker_bytes, figs.docker_allocated = size.apparent, size.allocated
+    return figs, store
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or a != a or b != b or not b:
+        return "n/a"
+    return f"{a / b:.2f}×"
+
+
+def secs(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.3f} s"
+
+
+def mib_s(size: int, seconds: float) -> str:
+    return "n/a" if seconds != seconds or not seconds else f"{size / seconds / 2**20:.0f} MiB/s"
+
+
+def report(
+    spec: ImageSpec,
+    archive: Path,
+    figs: dict[str, Figures],
+    imports: ImportFigures,
+    reps: int,
+) -> str:
+    lfs = figs.get("layerfs")
+    fov = figs["fuse-overlayfs"]
+    kov = figs["kernel overlayfs"]
+    big = spec.big_mb << 20
+
+    def row(label: str, get: Callable[[Figures], float | None], fmt=secs) -> list[str]:
+        vals = [get(f) if f else None for f in (lfs, fov, kov)]
+        return [
+            label,
+            *(fmt(v) if v is not None else "n/a" for v in vals),
+            ratio(vals[0], vals[1]),
+            ratio(vals[2], vals[1]),
+        ]
+
+    def rss(v: float | None) -> str:
+        return "n/a" if not v else human_bytes(v)
+
+    rows = [
+        row("first mount (layerfs: builds its index)", lambda f: f.first_mount),
+        row("mount", lambda f: f.mount.median),
+        row("cold find", lambda f: f.cold_find.median),
+        row("cold tar \\| wc -c", lambda f: f.cold_tar.median),
+        row("warm tar \\| wc -c", lambda f: f.warm_tar.median),
+        row(f"cold read {spec.big_mb} MiB file", lambda f: f.cold_read.median),
+        row(f"warm read {spec.big_mb} MiB file", lambda f: f.warm_read.median),
+        row("peak RSS of the mount process", lambda f: f.peak_rss, rss),
+    ]
+    speeds = [
+        [
+            "cold read throughput",
+            *(mib_s(big, f.cold_read.median) if f else "n/a" for f in (lfs, fov, kov)),
+            "",
+            "",
+        ],
+    ]
+    table = markdown_table(
+        [
+            "figure",
+            "layerfs",
+            "fuse-overlayfs",
+            "kernel overlayfs",
+            "layerfs ÷ fuse-ovl",
+            "kernel ÷ fuse-ovl",
+        ],
+        rows + speeds,
+    )
+    size = archive.stat().st_size
+    imp = markdown_table(
+        ["figure", "layerfs import", "docker load (empty data root)", "layerfs ÷ docker"],
+        [
+            [
+                "time",
+                secs(imports.layerfs.median),
+                secs(imports.docker_load.median),
+                ratio(imports.layerfs.median, imports.docker_load.median),
+            ],
+            [
+                "bytes stored (apparent)",
+                human_bytes(imports.layerfs_bytes),
+                human_bytes(imports.docker_bytes),
+                ratio(imports.layerfs_bytes, imports.docker_bytes),
+            ],
+            [
+                "bytes stored (allocated)",
+                human_bytes(imports.layerfs_allocated),
+                human_bytes(imports.docker_allocated),
+                ratio(imports.layerfs_allocated, imports.docker_allocated),
+            ],
+            [
+                "stored ÷ archive size",
+                ratio(imports.layerfs_bytes, size),
+                ratio(imports.docker_bytes, size),
+                "",
+            ],
+        ],
+    )
+
+    def target(label: str, value: float | None, limit: float, shown: str) -> list[str]:
+        if value is None or value != value:
+            return [label, f"≤ {limit:g}", "n/a", "not measured"]
+        return [label, f"≤ {limit:g}", shown, "met" if value <= limit else "**missed**"]
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b and a == a else None
+
+    targets = markdown_table(
+        ["target", "limit", "layerfs", "verdict"],
+        [
+            target(
+                "warm tar ÷ fuse-overlayfs",
+                div(lfs and lfs.warm_tar.median, fov.warm_tar.median),
+                1.0,
+                ratio(lfs and lfs.warm_tar.median, fov.warm_tar.median),
+            ),
+            target(
+                "cold find ÷ fuse-overlayfs",
+                div(lfs and lfs.cold_find.median, fov.cold_find.median),
+                2.0,
+                ratio(lfs and lfs.cold_find.median, fov.cold_find.median),
+            ),
+            target("mount time (s)", lfs and lfs.mount.median, 0.3, secs(lfs and lfs.mount.median)),
+            target(
+                "mount RSS (MiB)", div(lfs and lfs.peak_rss, 2**20), 100, rss(lfs and lfs.peak_rss)
+            ),
+            target(
+                "import ÷ docker load",
+                div(imports.layerfs.median, imports.docker_load.median),
+                1.0,
+                ratio(imports.layerfs.median, imports.docker_load.median),
+            ),
+        ],
+    )
+    spread = "; ".join(
+        f"{name}: cold find {f.cold_find.spread()}, warm tar {f.warm_tar.spread()}"
+        for name, f in figs.items()
+    )
+    tar_check = ", ".join(f"{name} {f.tar_bytes}" for name, f in figs.items())
+    entries = ", ".join(f"{name} {f.entries}" for name, f in figs.items())
+    return textwrap.dedent(
+        f"""\
+        ## Read-only mounts: layerfs vs fuse-overlayfs vs kernel overlayfs
+
+        Produced by `{command_line()}` on {environment_summary()}.
+
+        Image `{spec.tag}`: {"busybox base" if spec.quick else "debootstrap minbase bookworm"}
+        plus 3 layers (deletions with an opaque dir, replacements, a {spec.big_mb} MiB random
+        file and small files); `docker save` archive {human_bytes(size)}; entries seen through
+        each mount: {entries}. Medians of {reps} samples; "cold" = fresh mount and
+        `echo 3 > /proc/sys/vm/drop_caches` before each sample; peak RSS = VmHWM of the
+        mount daemon's process tree after find, tar and reads on one mount.
+
+        """
+    ) + "\n\n".join(
+        [
+            table,
+            imp,
+            "Targets (layerfs):\n\n" + targets,
+            f"Spread (min–max): {spread}.\n\nBytes from `tar cf - . | wc -c` "
+            f"(equal when the trees match): {tar_check}.",
+        ]
+    )
+
+
+def say(msg: str) -> None:
+    click.echo(f"[bench-readonly] {msg}", err=True)
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Small busybox-based image, one sample each.")
+@click.option("--reps", type=int, default=None, help="Samples per timing (default 3, quick 1).")
+@click.option("--skip-layerfs", is_flag=True, help="Measure only the overlay mounts.")
+@click.option("--no-write", is_flag=True, help="Print the results, leave RESULTS.md alone.")
+def main(quick: bool, reps: int | None, skip_layerfs: bool, no_write: bool) -> None:
+    """Benchmark read-only mounts of one image with layerfs, fuse-overlayfs and overlayfs."""
+    try:
+        require_root()
+        require_tools("docker", "fuse-overlayfs", "fusermount3", "tar", "find", "dd")
+        spec = QUICK if quick else FULL
+        reps = reps or (1 if quick else 3)
+        work = WORK_DIR / "readonly"
+        work.mkdir(parents=True, exist_ok=True)
+        tag = ensure_image(spec, work)
+        archive = ensure_archive(tag, work)
+        with_layerfs = not skip_layerfs and layerfs_available()
+        if not with_layerfs:
+            say("layerfs import/mount/umount are not available: measuring the overlays only")
+
+        say("import: layerfs vs docker load")
+        imports, store = measure_imports(archive, tag, work, reps, with_layerfs)
+        lowerdirs = overlay_lowerdirs(tag)
+        systems = [fuse_overlayfs(lowerdirs), kernel_overlay(lowerdirs)]
+        if with_layerfs:
+            systems.insert(0, layerfs(store, tag))
+        figs: dict[str, Figures] = {}
+        for system in systems:
+            say(f"measuring {system.name}")
+            figs[system.name] = measure(system, work / "mnt", spec.big_path, reps)
+        text = report(spec, archive, figs, imports, reps)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(text)
+    if not no_write:
+        write_section(SECTION, text)
+        say("results written to benchmarks/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""Measurement helpers shared by the benchmark scripts.
+
+Everything here is generic: timing with medians, dropping the kernel caches,
+peak RSS of a process tree read from /proc, a throw-away second Docker daemon
+(for `docker load` timings against an empty data root), sizes of directory
+trees, and writing result sections into benchmarks/RESULTS.md.
+
+A results section is the text between ``<!-- NAME -->`` and ``<!-- /NAME -->``;
+``write_section`` replaces it in place (or appends it), so each benchmark
+script owns its section and never touches the others'.
+
+The helpers need root for drop_caches and for the second daemon; benchmarks
+only report figures and never assert on them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+WORK_DIR = BENCH_DIR / "work"  # git-ignored scratch space and caches
+
+
+class BenchError(Exception):
+    """A benchmark cannot run (missing tool, failed step); the message says what to do."""
+
+
+# -- running commands ---------------------------------------------------------------
+
+
+def run(
+    cmd: Sequence[str], *, input: bytes | None = None, env: dict | None = None, quiet: bool = True
+) -> subprocess.CompletedProcess:
+    """Run a command; raise BenchError with its stderr if it fails."""
+    proc = subprocess.run(
+        list(cmd),
+        input=input,
+        env=env,
+        stdout=subprocess.PIPE if quiet else None,
+        stderr=subprocess.PIPE,
+    )
+    if proc.returncode != 0:
+        err = (proc.stderr or b"").decode(errors="replace").strip()
+        raise BenchError(f"{shlex.join(cmd)} failed (exit {proc.returncode}): {err[-2000:]}")
+    return proc
+
+
+def run_shell(script: str, *, cwd: str | Path | None = None) -> None:
+    """Run a /bin/sh pipeline with its output discarded; raise BenchError if it fails."""
+    proc = subprocess.run(
+        ["/bin/sh", "-c", "set -e; " + script],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"`{script}` failed: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def require_tools(*names: str) -> None:
+    """Raise BenchError naming every missing executable."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        raise BenchError(f"missing tools: {', '.join(missing)} (install them with apt-get)")
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise BenchError("this benchmark needs root (drop_caches, mounts, a second dockerd)")
+
+
+# -- timing ------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """Repeated measurements of one figure; report the median."""
+
+    values: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    def spread(self) -> str:
+        """'min–max over n' for the notes column."""
+        if not self.values:
+            return "no samples"
+        return f"{min(self.values):.3g}–{max(self.values):.3g} over {len(self.values)}"
+
+
+@contextmanager
+def stopwatch() -> Iterator[list[float]]:
+    """``with stopwatch() as t: ...`` then ``t[0]`` is the elapsed seconds."""
+    box: list[float] = []
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box.append(time.perf_counter() - start)
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    """Seconds ``fn()`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def repeat(fn: Callable[[], float], times: int) -> Samples:
+    """Call a function that returns one measurement ``times`` times."""
+    samples = Samples()
+    for _ in range(times):
+        samples.add(fn())
+    return samples
+
+
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the page cache, dentries and inodes (needs root).
+
+    FUSE daemons keep their own userspace caches: to measure them cold, remount too.
+    """
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+# -- processes and memory ----------------------------------------------------------
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its live descendants."""
+    children = _children_map()
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_bytes(pids: Sequence[int]) -> int:
+    """Sum of the kernel's peak RSS (VmHWM) of each process in ``pids``.
+
+    VmHWM is exact per process (no sampling). For a tree it is an upper bound of
+    the tree's joint peak, since the members may peak at different moments.
+    """
+    return sum(_status_kib(p, "VmHWM") for p in pids) * 1024
+
+
+def pids_with_arg(arg: str) -> list[int]:
+    """Processes (not us) with ``arg`` as one of their command-line arguments.
+
+    Finds a FUSE daemon that detached from its launcher by its mountpoint argument.
+    """
+    found = []
+    want = os.fsencode(arg)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if want in args:
+            found.append(int(entry.name))
+    return found
+
+
+def mount_daemon_peak_rss(mountpoint: str | Path) -> tuple[int, list[int]]:
+    """Peak RSS (bytes) of the processes serving a FUSE mount, and their pids.
+
+    The daemon is found by its mountpoint argument; its whole process tree counts.
+    Returns (0, []) when no process serves the mount (a kernel filesystem).
+    """
+    roots = pids_with_arg(str(mountpoint))
+    pids = sorted({p for root in roots for p in process_tree(root)})
+    return peak_rss_bytes(pids), pids
+
+
+# -- mounts ------------------------------------------------------------------------
+
+
+def is_mounted(path: str | Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def wait_mounted(path: str | Path, timeout: float = 30.0) -> None:
+    """Poll until ``path`` is a mountpoint; raise BenchError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not is_mounted(path):
+        if time.monotonic() > deadline:
+            raise BenchError(f"{path} was not mounted within {timeout:.0f} s")
+        time.sleep(0.001)
+
+
+def mounts_under(path: str | Path) -> list[str]:
+    """Mountpoints at or below ``path``, deepest first."""
+    base = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    inside = [p for p in points if p == base or p.startswith(base + "/")]
+    return sorted(set(inside), key=len, reverse=True)
+
+
+def force_unmount_under(path: str | Path) -> None:
+    """Lazily unmount everything at or below ``path`` (cleanup after a failure)."""
+    for point in mounts_under(path):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+# -- sizes -------------------------------------------------------------------------
+
+
+@dataclass
+class TreeSize:
+    """Totals of a directory tree."""
+
+    files: int = 0
+    apparent: int = 0  # sum of st_size of regular files
+    allocated: int = 0  # st_blocks * 512 of everything, hard links counted once
+
+
+def tree_size(root: str | Path) -> TreeSize:
+    size = TreeSize()
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            size.allocated += st.st_blocks * 512
+            if name in filenames and not os.path.islink(os.path.join(dirpath, name)):
+                size.files += 1
+                size.apparent += st.st_size
+    return size
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# -- a second Docker daemon ----------------------------------------------------------
+
+
+class ScratchDockerd:
+    """A private dockerd with its own empty data root, for timing `docker load`.
+
+    It shares nothing with the system daemon: own --data-root, --exec-root,
+    --pidfile, socket, containerd namespace, no bridge and no iptables rules.
+    Use as a context manager; on exit the daemon is stopped and its dirs removed.
+    """
+
+    def __init__(self, base_dir: str | Path, name: str, timeout: float = 60.0) -> None:
+        self.base = Path(base_dir)
+        self.name = name
+        self.socket = Path(f"/tmp/{name}-dockerd.sock")
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def data_root(self) -> Path:
+        return self.base / "data"
+
+    def docker(self, *args: str) -> list[str]:
+        """A `docker` command line talking to this daemon."""
+        return ["docker", "-H", self.host, *args]
+
+    def start(self) -> ScratchDockerd:
+        require_tools("dockerd", "docker")
+        if self.base.exists():
+            self._remove_dirs()
+        for sub in ("data", "exec"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)
+        log = open(self.base / "dockerd.log", "wb")  # noqa: SIM115 - handed to the daemon
+        self.proc = subprocess.Popen(
+            [
+                "dockerd",
+                f"--data-root={self.data_root}",
+                f"--exec-root={self.base / 'exec'}",
+                f"--pidfile={self.base / 'dockerd.pid'}",
+                f"-H={self.host}",
+                f"--containerd-namespace={self.name}",
+                f"--containerd-plugins-namespace={self.name}-plugins",
+                "--bridge=none",
+                "--iptables=false",
+                "--storage-driver=overlay2",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the scratch dockerd exited; see {self.base / 'dockerd.log'}")
+            ok = subprocess.run(self.docker("version"), capture_output=True).returncode == 0
+            if ok:
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"the scratch dockerd did not answer; see {self.base}/dockerd.log")
+            time.sleep(0.2)
+
+    def reset(self) -> None:
+        """Restart with an empty data root (so every load starts from nothing)."""
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        self.socket.unlink(missing_ok=True)
+        self._remove_dirs()
+
+    def _remove_dirs(self) -> None:
+        force_unmount_under(self.base)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> ScratchDockerd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- results -------------------------------------------------------------------------
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table; cells are str()-ed."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment_summary() -> str:
+    """One line about the machine and the code the figures came from."""
+    cpu = ""
+    with suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(
+        ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, commit {commit or '?'}, "
+        f"{os.cpu_count()} × {cpu or platform.machine()}, {mem_gib:.0f} GiB RAM, "
+        f"Linux {platform.release()}, Python {sys.version.split()[0]}"
+    )
+
+
+def write_section(name: str, body: str, path: Path = RESULTS_MD) -> None:
+    """Replace the ``<!-- name -->`` … ``<!-- /name -->`` section of ``path`` with ``body``.
+
+    The section is appended when missing. A lock file serializes concurrent writers.
+    """
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    with open(WORK_DIR / (path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = path.read_text() if path.exists() else "# Benchmark results\n"
+        start = text.find(begin)
+        stop = text.find(end, start + len(begin)) if start >= 0 else -1
+        if start >= 0 and stop >= 0:
+            text = text[:start] + block + text[stop + len(end) :]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def command_line() -> str:
+    """How this process was started, as a copy-pasteable command run from the repo root."""
+    argv = list(sys.argv)
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        argv = ["-m", spec.name, *argv[1:]]
+    python = os.path.relpath(sys.executable, REPO_DIR)
+    if python.startswith(".."):
+        python = sys.executable
+    return shlex.join([python, *argv])
