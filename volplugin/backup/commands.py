@@ -2,6 +2,268 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import click
 
-COMMANDS: list[click.Command] = []
+from layerfs.commands.maintenance import print_check_report
+from layerfs.errors import LayerfsError
+from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS
+from layerfs.store.chunks import ChunkStore
+from layerfs.store.location import open_store
+from volplugin.backup import service, volumes
+from volplugin.backup.errors import BackupError, DamageFound
+from volplugin.backup.retention import Policy
+from volplugin.errors import VolpluginError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # pragma: no cover
+
+
+def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --store, and turn store errors into the plugin's one-line errors."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, store: str | None, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, store=open_store(store), **kwargs)
+        except VolpluginError:
+            raise
+        except LayerfsError as exc:
+            raise BackupError(str(exc)) from exc
+
+    return click.option(
+        "--store",
+        envvar="LAYERFS_STORE",
+        default=None,
+        metavar="PATH|s3://BUCKET/PREFIX",
+        help="Store location (default as for layerfs).",
+    )(run)
+
+
+def _service_of(obj: dict | None) -> volumes.VolumeService:
+    if not obj:
+        raise BackupError("no plugin root known: run through `volplugin` or pass --path DIR")
+    return volumes.open_service(Path(obj["root"]), obj["name"])
+
+
+@click.command("backup")
+@click.argument("volume")
+@click.option("--tag", "tags", multiple=True, help="Tag the backup (repeatable).")
+@click.option(
+    "--path",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Back up this directory (as VOLUME) instead of the plugin volume's directory.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_command
+@click.pass_obj
+def backup_cmd(
+    obj: dict | None,
+    volume: str,
+    tags: tuple[str, ...],
+    path: Path | None,
+    as_json: bool,
+    store: ChunkStore,
+) -> None:
+    """Snapshot VOLUME into the store (only changed files are read)."""
+    svc = None if path is not None else _service_of(obj)
+    directory = path if svc is None else volumes.volume_dir(svc, volume)
+    try:
+        record = service.create_backup(store, volume, directory, list(tags))
+    except LayerfsError as exc:
+        if svc is not None:
+            volumes.record_outcome(svc, volume, None, str(exc))
+        raise
+    if svc is not None:
+        volumes.record_outcome(svc, volume, record.id)
+    if as_json:
+        click.echo(json.dumps(record.to_json()))
+        return
+    click.echo(
+        f"backed up {record.volume}: {record.files} files ({_human(record.size)}), "
+        f"read {_human(record.bytes_read)}, new {_human(record.bytes_new)} "
+        f"(stored {_human(record.bytes_stored)}) in {record.duration:.1f} s"
+    )
+    click.echo(f"backup {record.id}")
+
+
+@click.command("backups")
+@click.argument("volume", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@_command
+def backups_cmd(volume: str | None, as_json: bool, store: ChunkStore) -> None:
+    """List backups (of VOLUME), oldest first."""
+    records = service.list_backups(store.backend, volume)
+    if as_json:
+        click.echo(json.dumps([r.summary() for r in records]))
+        return
+    click.echo(
+        f"{'ID':<12} {'TIME':<25} {'VOLUME':<20} {'FILES':>7} {'SIZE':>10} {'NEW':>10}  TAGS"
+    )
+    for r in records:
+        click.echo(
+            f"{r.id[:12]:<12} {r.time_iso:<25} {r.volume:<20} {r.files:>7} "
+            f"{_human(r.size):>10} {_human(r.bytes_new):>10}  {','.join(r.tags)}"
+        )
+
+
+@click.command("restore")
+@click.argument("backup")
+@click.option("--to", "to_volume", help="Plugin volume to restore into (created if missing).")
+@click.option(
+    "--to-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to restore into instead of a volume.",
+)
+@click.option("--path", "subpath", help="Restore only this path of the backup.")
+@click.option("--force", is_flag=True, help="Restore into a non-empty target.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_command
+@click.pass_obj
+def restore_cmd(
+    obj: dict | None,
+    backup: str,
+    to_volume: str | None,
+    to_dir: Path | None,
+    subpath: str | None,
+    force: bool,
+    as_json: bool,
+    store: ChunkStore,
+) -> None:
+    """Restore BACKUP (or its --path) into a volume or directory."""
+    if (to_volume is None) == (to_dir is None):
+        raise BackupError("give exactly one of --to VOLUME or --to-dir DIR")
+    target = to_dir if to_dir is not None else volumes.restore_dir(_service_of(obj), to_volume)
+    record, result = service.restore_backup(store, backup, target, subpath=subpath, force=force)
+    doc = {
+        "id": record.id,
+        "target": str(target),
+        "entries": result.entries,
+        "files": result.files,
+        "bytes": result.bytes,
+    }
+    if as_json:
+        click.echo(json.dumps(doc))
+    else:
+        click.echo(
+            f"restored backup {record.id} into {target}: {result.entries} entries, "
+            f"{result.files} files, {_human(result.bytes)}"
+        )
+
+
+@click.command("diff")
+@click.argument("backup_a")
+@click.argument("backup_b")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@_command
+def diff_cmd(backup_a: str, backup_b: str, as_json: bool, store: ChunkStore) -> None:
+    """Show what changed from BACKUP_A to BACKUP_B (+ added, - removed, M modified)."""
+    changes = service.diff_backups(store, backup_a, backup_b)
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in changes]))
+        return
+    for change in changes:
+        click.echo(str(change))
+
+
+@click.command("prune")
+@click.option("--keep-last", type=int, default=0, help="Keep the N newest backups.")
+@click.option("--keep-hourly", type=int, default=0, help="Keep the newest of N hours.")
+@click.option("--keep-daily", type=int, default=0, help="Keep the newest of N days.")
+@click.option("--keep-weekly", type=int, default=0, help="Keep the newest of N weeks.")
+@click.option("--keep-monthly", type=int, default=0, help="Keep the newest of N months.")
+@click.option("--keep-yearly", type=int, default=0, help="Keep the newest of N years.")
+@click.option("--volume", help="Apply the policy to this volume's backups only.")
+@click.option("--dry-run", is_flag=True, help="Only show what would go.")
+@click.option(
+    "--grace",
+    type=float,
+    default=DEFAULT_GRACE_SECONDS,
+    show_default=True,
+    help="Never delete objects younger than this many seconds.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_command
+def prune_cmd(
+    keep_last: int,
+    keep_hourly: int,
+    keep_daily: int,
+    keep_weekly: int,
+    keep_monthly: int,
+    keep_yearly: int,
+    volume: str | None,
+    dry_run: bool,
+    grace: float,
+    as_json: bool,
+    store: ChunkStore,
+) -> None:
+    """Forget backups outside the retention policy, then remove unreferenced data."""
+    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
+    report = service.prune_backups(
+        store, policy, volume=volume, dry_run=dry_run, grace_seconds=grace
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for d in report.decisions:
+        why = ", ".join(d.reasons) if d.keep else "remove"
+        click.echo(
+            f"{'keep  ' if d.keep else 'forget'} {d.backup.id[:12]} {d.backup.time_iso} "
+            f"{d.backup.volume} ({why})"
+        )
+    gc = report.gc
+    assert gc is not None
+    click.echo(
+        f"{verb} {len(report.removed)} backups, {gc.removed} objects ({_human(gc.freed_bytes)})"
+    )
+
+
+@click.command("verify")
+@click.option("--read-data", is_flag=True, help="Re-read and re-hash the data too.")
+@click.option(
+    "--subset",
+    type=click.FloatRange(0, 100, min_open=True),
+    default=100.0,
+    help="With --read-data: re-hash only this percentage of the chunks.",
+)
+@click.option("--volume", help="Verify only this volume's backups.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_command
+def verify_cmd(
+    read_data: bool, subset: float, volume: str | None, as_json: bool, store: ChunkStore
+) -> None:
+    """Check that every backup's data exists (and with --read-data is intact)."""
+    report = service.verify_backups(
+        store, read_data=read_data, subset_percent=subset, volume=volume
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        print_check_report(report, "verify")
+    if not report.ok:
+        if as_json:
+            sys.exit(1)
+        owners = ", ".join(report.damaged_owners()) or "no backup (only unreferenced objects)"
+        raise DamageFound(f"damage found in {owners}: see above")
+
+
+COMMANDS: list[click.Command] = [
+    backup_cmd,
+    backups_cmd,
+    restore_cmd,
+    diff_cmd,
+    prune_cmd,
+    verify_cmd,
+]

@@ -1,0 +1,185 @@
+"""Scanning a volume's directory into tree entries, reading only files that changed.
+
+A regular file whose size, mtime, inode and ctime equal those recorded for the
+same path in the parent snapshot keeps the parent's chunks without being read.
+Inode and ctime live in the tree record's meta (``meta["stat"]``: one
+``[ino, ctime_ns]`` pair per entry, in entry order), so Entry's JSON stays as
+everyone else reads it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layerfs.records import Entry, Kind, kind_from_mode
+from layerfs.store.chunks import ChunkStore, WriteStats
+from volplugin.backup.errors import BackupError
+
+INLINE_MAX = 2048
+META_STAT = "stat"
+
+
+@dataclass
+class ParentIndex:
+    """The regular files of the parent snapshot, by path: (entry, ino, ctime_ns)."""
+
+    files: dict[str, tuple[Entry, int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_tree(cls, entries: list[Entry], meta: dict) -> ParentIndex:
+        stats = meta.get(META_STAT) or []
+        index = cls()
+        if len(stats) != len(entries):
+            return index
+        for entry, (ino, ctime_ns) in zip(entries, stats, strict=True):
+            if entry.kind is Kind.FILE:
+                index.files[entry.path] = (entry, ino, ctime_ns)
+        return index
+
+    def unchanged(self, path: str, st: os.stat_result) -> Entry | None:
+        found = self.files.get(path)
+        if found is None:
+            return None
+        entry, ino, ctime_ns = found
+        if (entry.size, entry.mtime_ns, ino, ctime_ns) == (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ino,
+            st.st_ctime_ns,
+        ):
+            return entry
+        return None
+
+
+@dataclass
+class ScanResult:
+    """The entries of a snapshot, their [ino, ctime_ns] pairs, and what reading cost."""
+
+    entries: list[Entry] = field(default_factory=list)
+    stat: list[list[int]] = field(default_factory=list)
+    files: int = 0
+    size: int = 0
+    bytes_read: int = 0
+    files_read: int = 0
+    writes: WriteStats = field(default_factory=WriteStats)
+
+
+def _xattrs(path: str) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}
+        raise
+    out = {}
+    for name in sorted(names):
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # removed meanwhile
+                raise
+    return out
+
+
+class Scanner:
+    """Walks one directory tree into entries; see the module docstring."""
+
+    def __init__(self, store: ChunkStore, root: Path, parent: ParentIndex) -> None:
+        self.store = store
+        self.root = Path(root)
+        self.parent = parent
+        self.result = ScanResult()
+        self._links: dict[tuple[int, int], str] = {}  # (dev, ino) -> first path
+
+    def scan(self) -> ScanResult:
+        try:
+            st = os.lstat(self.root)
+        except OSError as exc:
+            raise BackupError(
+                f"cannot read the volume directory {self.root}: {exc.strerror}"
+            ) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise BackupError(f"{self.root} is not a directory: give the volume's directory")
+        self._add(str(self.root), "", st)
+        self._walk(str(self.root), "")
+        return self.result
+
+    def _walk(self, dirpath: str, rel: str) -> None:
+        try:
+            names = sorted(os.listdir(dirpath))
+        except OSError as exc:
+            raise BackupError(f"cannot list {dirpath}: {exc.strerror}") from exc
+        for name in names:
+            full = os.path.join(dirpath, name)
+            child = f"{rel}/{name}" if rel else name
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                continue  # removed while we scan
+            self._add(full, child, st)
+            if stat.S_ISDIR(st.st_mode):
+                self._walk(full, child)
+
+    def _add(self, full: str, rel: str, st: os.stat_result) -> None:
+        kind = kind_from_mode(st.st_mode)
+        entry = Entry(
+            path=rel,
+            kind=kind,
+            mode=stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            mtime_ns=st.st_mtime_ns,
+            xattrs=_xattrs(full),
+        )
+        if kind is Kind.SYMLINK:
+            entry.target = os.readlink(full)
+        elif kind in (Kind.CHAR, Kind.BLOCK):
+            entry.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        elif kind is Kind.FILE:
+            if st.st_nlink > 1:
+                first = self._links.get((st.st_dev, st.st_ino))
+                if first is not None:
+                    entry.kind = Kind.HARDLINK
+                    entry.target = first
+                    self._append(entry, st)
+                    return
+                self._links[(st.st_dev, st.st_ino)] = rel
+            self._content(full, entry, st)
+            self.result.files += 1
+            self.result.size += entry.size
+        self._append(entry, st)
+
+    def _append(self, entry: Entry, st: os.stat_result) -> None:
+        self.result.entries.append(entry)
+        self.result.stat.append([st.st_ino, st.st_ctime_ns])
+
+    def _content(self, full: str, entry: Entry, st: os.stat_result) -> None:
+        same = self.parent.unchanged(entry.path, st)
+        if same is not None:
+            entry.size, entry.chunks, entry.inline = same.size, same.chunks, same.inline
+            return
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME)
+        except PermissionError:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise BackupError(f"cannot read {full}: {exc.strerror}") from exc
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            if st.st_size <= INLINE_MAX:
+                data = f.read(INLINE_MAX + 1)
+                if len(data) <= INLINE_MAX:
+                    entry.inline, entry.size = data, len(data)
+                    self._count_read(len(data))
+                    return
+                f.seek(0)
+            entry.chunks = self.store.write_stream(f, self.result.writes)
+        entry.size = sum(ref.size for ref in entry.chunks)
+        self._count_read(entry.size)
+
+    def _count_read(self, n: int) -> None:
+        self.result.bytes_read += n
+        self.result.files_read += 1
