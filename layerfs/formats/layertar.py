@@ -1,0 +1,190 @@
+"""One layer tar (plain, gzip or zstd) to a list of Entry records, in one streaming pass.
+
+Regular files go into the store as chunks (files up to INLINE_MAX bytes are kept
+inline); whiteouts become WHITEOUT/OPAQUE entries. While parsing, the sha256 of
+the uncompressed tar (the DiffID) and of the bytes as given (the blob digest)
+are computed, so the caller can verify both without reading the layer twice.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import zstandard
+
+from layerfs.errors import ImportRejected, LayerfsError
+from layerfs.formats.paths import BadPath, normalize
+from layerfs.formats.streams import HashingReader, decompressed, sniff
+from layerfs.records import Entry, Kind
+from layerfs.store.chunks import ChunkStore, WriteStats
+
+INLINE_MAX = 1024
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+_XATTR_PREFIX = "SCHILY.xattr."
+_STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError)
+
+
+@dataclass
+class ParsedLayer:
+    """The entries of one layer and the digests of its bytes."""
+
+    entries: list[Entry]
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar
+    blob_digest: str  # "sha256:<hex>" of the bytes as read (== diff_id when plain)
+    compression: str  # "none", "gzip" or "zstd"
+    apparent_size: int = 0
+    stats: WriteStats = field(default_factory=WriteStats)
+
+
+def parse_layer(
+    store: ChunkStore,
+    raw: BinaryIO,
+    label: str,
+    on_read: Callable[[int], None] | None = None,
+) -> ParsedLayer:
+    """Parse a layer tar from ``raw``; raise ImportRejected naming ``label`` and the entry."""
+    given = HashingReader(raw, on_read)
+    compression, sniffed = sniff(given)
+    plain = HashingReader(decompressed(compression, sniffed)) if compression != "none" else None
+    tar_stream = plain if plain is not None else sniffed
+    entries: list[Entry] = []
+    stats = WriteStats()
+    current = "(start of the layer)"
+    try:
+        with tarfile.open(
+            fileobj=tar_stream, mode="r|", encoding="utf-8", errors="surrogateescape"
+        ) as tar:
+            for member in tar:
+                current = member.name
+                entry = _entry(store, tar, member, stats, label)
+                if entry is not None:
+                    entries.append(entry)
+            current = "(end of the layer)"
+            if plain is not None:
+                plain.drain()
+            given.drain()
+    except LayerfsError:
+        raise
+    except _STREAM_ERRORS as exc:
+        raise ImportRejected(
+            f"{label}: the layer is truncated or not a valid {_what(compression)} "
+            f"(at entry {current!r}: {exc}); re-export the image"
+        ) from exc
+    diff_id = plain.digest() if plain is not None else given.digest()
+    size = sum(e.size for e in entries if e.kind is Kind.FILE)
+    return ParsedLayer(entries, diff_id, given.digest(), compression, size, stats)
+
+
+def _what(compression: str) -> str:
+    return "tar" if compression == "none" else f"{compression}-compressed tar"
+
+
+def _reject(label: str, name: str, problem: str) -> ImportRejected:
+    return ImportRejected(f"{label}: entry {name!r}: {problem}")
+
+
+def _entry(
+    store: ChunkStore, tar: tarfile.TarFile, m: tarfile.TarInfo, stats: WriteStats, label: str
+) -> Entry | None:
+    try:
+        path = normalize(m.name)
+    except BadPath as exc:
+        raise _reject(label, m.name, f"{exc}; refusing an unsafe archive") from None
+    parent, _, base = path.rpartition("/")
+    if base.startswith(WHITEOUT_PREFIX):
+        if base == OPAQUE_MARKER:
+            return Entry(parent, Kind.OPAQUE)
+        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            return None  # other whiteout metadata: never visible
+        hidden = base[len(WHITEOUT_PREFIX) :]
+        return Entry(f"{parent}/{hidden}" if parent else hidden, Kind.WHITEOUT)
+    entry = Entry(
+        path,
+        Kind.FILE,
+        mode=m.mode & 0o7777,
+        uid=m.uid,
+        gid=m.gid,
+        mtime_ns=_mtime_ns(m),
+        xattrs=_xattrs(m),
+    )
+    if m.isreg():
+        _read_content(store, tar, m, entry, stats, label)
+    elif m.isdir():
+        entry.kind = Kind.DIR
+    elif m.issym():
+        entry.kind, entry.target = Kind.SYMLINK, m.linkname
+    elif m.islnk():
+        try:
+            entry.kind, entry.target = Kind.HARDLINK, normalize(m.linkname)
+        except BadPath as exc:
+            raise _reject(label, m.name, f"hardlink target: {exc}") from None
+        if not entry.target:
+            raise _reject(label, m.name, "a hardlink to the root directory")
+    elif m.ischr() or m.isblk():
+        entry.kind = Kind.CHAR if m.ischr() else Kind.BLOCK
+        entry.rdev = (m.devmajor, m.devminor)
+    elif m.isfifo():
+        entry.kind = Kind.FIFO
+    else:
+        raise _reject(label, m.name, f"unsupported tar entry type {m.type!r}")
+    return entry
+
+
+def _read_content(
+    store: ChunkStore,
+    tar: tarfile.TarFile,
+    m: tarfile.TarInfo,
+    entry: Entry,
+    stats: WriteStats,
+    label: str,
+) -> None:
+    f = tar.extractfile(m)
+    if f is None:  # pragma: no cover - regular members always have a file object
+        raise _reject(label, m.name, "its content cannot be read")
+    entry.size = m.size
+    if m.size <= INLINE_MAX:
+        entry.inline = f.read()
+        got = len(entry.inline)
+    else:
+        entry.chunks = store.write_stream(f, stats)
+        got = sum(c.size for c in entry.chunks)
+    if got != m.size:
+        raise _reject(label, m.name, f"the content ends after {got} of {m.size} bytes")
+
+
+def _mtime_ns(m: tarfile.TarInfo) -> int:
+    """Modification time in ns, exact even for a fractional PAX mtime."""
+    text = m.pax_headers.get("mtime")
+    if text:
+        try:
+            return _decimal_ns(text)
+        except ValueError:
+            pass
+    return int(m.mtime) * 1_000_000_000
+
+
+def _decimal_ns(text: str) -> int:
+    sign = -1 if text.startswith("-") else 1
+    whole, _, frac = text.lstrip("+-").partition(".")
+    if not whole.isdigit() or (frac and not frac.isdigit()):
+        raise ValueError(text)
+    return sign * (int(whole) * 1_000_000_000 + int((frac + "000000000")[:9]))
+
+
+def _xattrs(m: tarfile.TarInfo) -> dict[str, bytes]:
+    """Extended attributes from SCHILY.xattr.* PAX records, as their exact bytes.
+
+    tarfile decodes PAX values as UTF-8 and, for bytes that are not UTF-8, with
+    the archive's error handler (surrogateescape here), so encoding back the
+    same way recovers the bytes that were in the archive.
+    """
+    return {
+        key[len(_XATTR_PREFIX) :]: value.encode("utf-8", "surrogateescape")
+        for key, value in m.pax_headers.items()
+        if key.startswith(_XATTR_PREFIX)
+    }
