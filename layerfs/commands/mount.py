@@ -1,0 +1,92 @@
+"""`layerfs mount` and `layerfs umount`: serve an image's merged tree read-only through FUSE."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from layerfs.catalog import Catalog
+from layerfs.fs.mountinfo import MountInfo, remove_mountinfo, save_mountinfo
+from layerfs.fs.mounting import mount_operations, unmount
+from layerfs.fs.readonly import ReadOnlyOperations
+from layerfs.index import ImageView, ensure_index
+from layerfs.store import open_store
+
+SUBTYPE = "layerfs"
+# Lower layers never change, so the kernel may keep attributes, names (also
+# missing ones) and pages for as long as it likes.
+CACHE_SECONDS = 86400.0
+READ_ONLY_OPTIONS = {
+    "ro": True,
+    "allow_other": True,
+    "default_permissions": True,
+    "use_ino": True,
+    "kernel_cache": True,
+    "attr_timeout": CACHE_SECONDS,
+    "entry_timeout": CACHE_SECONDS,
+    "negative_timeout": CACHE_SECONDS,
+}
+
+
+def mount_log_file(cache_dir: Path) -> Path:
+    """Where mount daemons of a store write their log."""
+    return cache_dir / "logs" / "mount.log"
+
+
+@click.command("mount")
+@click.argument("image")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option(
+    "-f", "--foreground", is_flag=True, help="Stay attached and log to stderr until unmounted."
+)
+@click.pass_obj
+def mount_command(store_url: str, image: str, mountpoint: str, foreground: bool) -> None:
+    """Mount IMAGE read-only at MOUNTPOINT (listed by `mount` as fuse.layerfs).
+
+    The first mount of an image builds its index under the store's cache
+    directory. Without --foreground the command returns once the mount
+    answers, and the mount process logs to STORE/cache/logs/mount.log (for
+    a local store; in general <backend cache dir>/logs/mount.log), e.g.
+    /var/lib/layerfs/cache/logs/mount.log for root's default store.
+    Unmount with `layerfs umount MOUNTPOINT`.
+    """
+    store = open_store(store_url)
+    record = Catalog(store.backend).get_image(image)
+    index = ensure_index(store, record)
+    log_file = mount_log_file(store.backend.cache_dir())
+
+    def make_ops() -> ReadOnlyOperations:
+        return ReadOnlyOperations(ImageView(open_store(store_url), index))
+
+    pid = mount_operations(
+        make_ops,
+        mountpoint,
+        subtype=SUBTYPE,
+        fsname=record.name,
+        options=READ_ONLY_OPTIONS,
+        foreground=foreground,
+        log_file=log_file,
+    )
+    if not foreground:
+        info = MountInfo(
+            mountpoint=os.path.realpath(mountpoint),
+            image=record.name,
+            image_id=record.id,
+            upper_dir=None,
+            pid=pid,
+        )
+        save_mountinfo(store.backend, info)
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.pass_obj
+def umount_command(store_url: str, mountpoint: str) -> None:
+    """Unmount a layerfs image mount at MOUNTPOINT."""
+    unmount(mountpoint, f"fuse.{SUBTYPE}")
+    remove_mountinfo(open_store(store_url).backend, os.path.realpath(mountpoint))
+
+
+COMMANDS = [mount_command, umount_command]

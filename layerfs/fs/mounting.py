@@ -1,0 +1,192 @@
+"""Mount any fusepy Operations object, in the foreground or as a daemon, and unmount.
+
+``mount_operations`` takes a factory rather than an Operations object so that
+everything the filesystem opens (database connections, threads) is created in
+the process that serves the mount, after any fork. In the background the
+caller returns once the kernel lists the mount; the daemon writes its log
+(and libfuse's messages) to the log file it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fuse import FUSE, Operations
+
+from layerfs.errors import LayerfsError
+from layerfs.fs.names import register_fs_encoding
+
+LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
+
+
+class MountError(LayerfsError):
+    """A mount could not be made or removed."""
+
+
+@dataclass(frozen=True)
+class KernelMount:
+    """The fields of one /proc/self/mountinfo line that matter here."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    out = field
+    for code in ("\\040", "\\011", "\\012", "\\134"):
+        out = out.replace(code, chr(int(code[1:], 8)))
+    return out
+
+
+def find_mount(mountpoint: str | Path) -> KernelMount | None:
+    """The topmost mount at ``mountpoint`` (a real path), or None."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if _unescape(fields[4]) == target:
+                fstype, source = right.split()[:2]
+                found = KernelMount(target, fstype, _unescape(source))
+    return found
+
+
+def _safe_option(value: str) -> str:
+    return "".join(c if c.isprintable() and c not in ", \\" else "_" for c in value)
+
+
+def _serve(make_ops: Callable[[], Operations], mountpoint: str, options: dict) -> None:
+    ops = make_ops()
+    FUSE(ops, mountpoint, foreground=True, encoding=register_fs_encoding(), **options)
+
+
+def _setup_daemon_logging(log_file: Path) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(null)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def mount_operations(
+    make_ops: Callable[[], Operations],
+    mountpoint: str | Path,
+    *,
+    subtype: str,
+    fsname: str,
+    options: dict,
+    foreground: bool,
+    log_file: Path,
+    timeout: float = 60.0,
+) -> int:
+    """Mount the filesystem ``make_ops`` builds at ``mountpoint``.
+
+    ``options`` are fusepy keyword options (e.g. ``ro=True``, ``attr_timeout=60``).
+    In the foreground this serves until unmounted. Otherwise it forks a daemon
+    and returns its pid once the mount is listed as ``fuse.<subtype>``; if the
+    daemon dies first, MountError points at ``log_file``.
+    """
+    mountpoint = os.path.realpath(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory: create it first")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point: unmount it first")
+    options = dict(options, subtype=subtype, fsname=_safe_option(fsname))
+    if foreground:
+        logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+        _serve(make_ops, mountpoint, options)
+        return os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # intermediate child: new session, then the daemon
+        os.close(read_end)
+        os.setsid()
+        daemon = os.fork()
+        if daemon != 0:
+            os.write(write_end, f"{daemon}\n".encode())
+            os._exit(0)
+        status = 1
+        try:
+            os.chdir("/")
+            _setup_daemon_logging(log_file)
+            logging.getLogger(__name__).info("mounting %s at %s", fsname, mountpoint)
+            _serve(make_ops, mountpoint, options)
+            logging.getLogger(__name__).info("unmounted %s", mountpoint)
+            status = 0
+        except BaseException as exc:  # report to the waiting parent, then exit
+            logging.getLogger(__name__).exception("mount of %s failed", mountpoint)
+            os.write(write_end, str(exc).encode(errors="replace")[:4000])
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    try:
+        return _wait_mounted(read_end, mountpoint, f"fuse.{subtype}", log_file, timeout)
+    finally:
+        os.close(read_end)
+
+
+def _wait_mounted(fd: int, mountpoint: str, fstype: str, log_file: Path, timeout: float) -> int:
+    """Wait for the daemon's pid, then for the mount; return the pid."""
+    deadline = time.monotonic() + timeout
+    received = b""
+    closed = False
+    while True:
+        pid_line, newline, message = received.partition(b"\n")
+        if newline:
+            info = find_mount(mountpoint)
+            if info is not None and info.fstype == fstype:
+                os.stat(mountpoint)  # the first request: returns once the daemon answers
+                return int(pid_line)
+        if closed:  # the daemon exited, after writing what went wrong
+            text = message.decode(errors="replace").strip()
+            raise MountError(
+                f"the mount process for {mountpoint} failed"
+                + (f": {text}" if text else "")
+                + f" (see {log_file})"
+            )
+        if time.monotonic() > deadline:
+            raise MountError(
+                f"{mountpoint} was not mounted within {timeout:.0f} s (see {log_file})"
+            )
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        if ready:
+            data = os.read(fd, 4096)
+            closed = not data
+            received += data
+
+
+def unmount(mountpoint: str | Path, fstype: str) -> None:
+    """Unmount a FUSE mount of type ``fstype``; refuse anything else."""
+    path = os.path.realpath(mountpoint)
+    info = find_mount(path)
+    if info is None or info.fstype != fstype:
+        raise MountError(f"{path} is not a {fstype} mount")
+    if os.geteuid() == 0 and shutil.which("umount"):
+        cmd = ["umount", path]
+    elif shutil.which("fusermount3"):
+        cmd = ["fusermount3", "-u", path]
+    else:
+        cmd = ["fusermount", "-u", path]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MountError(f"cannot unmount {path}: {proc.stderr.strip() or proc.stdout.strip()}")

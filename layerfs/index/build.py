@@ -1,0 +1,179 @@
+"""Build the on-disk index of an image's merged tree (SQLite), once per distinct layer stack.
+
+The index lives under ``backend.cache_dir()/index/`` and is named by a hash of
+the index format and the layers' tree records, so images sharing all their
+layers share one index. It is written to a temp file and renamed into place,
+so a reader never sees a partial index and concurrent builders are harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import struct
+import tempfile
+from pathlib import Path
+
+from layerfs.catalog import ImageRecord
+from layerfs.index.merge import Dir, Inode, MergedTree, merge_layers
+from layerfs.records import Entry, Kind, get_tree
+from layerfs.store.chunks import ChunkRef, ChunkStore
+
+INDEX_FORMAT = 1
+BLOCK_SIZE = 4096
+
+SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE inodes(
+    ino INTEGER PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, nlink INTEGER NOT NULL,
+    rdev_major INTEGER NOT NULL, rdev_minor INTEGER NOT NULL,
+    target BLOB, inline BLOB, chunks BLOB);
+CREATE TABLE dirents(
+    parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
+    PRIMARY KEY(parent, name)) WITHOUT ROWID;
+CREATE TABLE xattrs(
+    ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY(ino, name)) WITHOUT ROWID;
+"""
+
+
+def fs_bytes(text: str) -> bytes:
+    """A name or path as the bytes the kernel sees (surrogate escapes restored)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def fs_text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def pack_chunks(chunks: list[ChunkRef]) -> bytes:
+    """Chunk list as bytes: per chunk, digest length, raw digest, plain size."""
+    out = bytearray()
+    for ref in chunks:
+        raw = bytes.fromhex(ref.digest)
+        out += struct.pack("<B", len(raw)) + raw + struct.pack("<Q", ref.size)
+    return bytes(out)
+
+
+def unpack_chunks(data: bytes) -> list[ChunkRef]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        n = data[pos]
+        digest = data[pos + 1 : pos + 1 + n].hex()
+        (size,) = struct.unpack_from("<Q", data, pos + 1 + n)
+        out.append(ChunkRef(digest, size))
+        pos += 1 + n + 8
+    return out
+
+
+def index_key(image: ImageRecord) -> str:
+    """Name of an image's index: the format and its layers' tree records."""
+    text = "\n".join([f"layerfs-index-{INDEX_FORMAT}", *(layer.tree for layer in image.layers)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def index_path(store: ChunkStore, image: ImageRecord) -> Path:
+    return store.backend.cache_dir() / "index" / f"{index_key(image)}.sqlite"
+
+
+def ensure_index(store: ChunkStore, image: ImageRecord) -> Path:
+    """Path of the image's index, building it first if it is not there yet."""
+    path = index_path(store, image)
+    if not path.exists():
+        build_index(store, image, path)
+    return path
+
+
+def _inode_row(ino: int, e: Entry, nlink: int) -> tuple:
+    content_kind = e.kind is Kind.FILE
+    if content_kind:
+        size = e.size
+    elif e.kind is Kind.SYMLINK:
+        size = len(fs_bytes(e.target))
+    else:
+        size = 0
+    return (
+        ino,
+        e.kind.value,
+        e.mode & 0o7777,
+        e.uid,
+        e.gid,
+        size,
+        e.mtime_ns,
+        nlink,
+        e.rdev[0],
+        e.rdev[1],
+        fs_bytes(e.target) if e.kind is Kind.SYMLINK else None,
+        e.inline if content_kind else None,
+        pack_chunks(e.chunks) if content_kind and e.inline is None else None,
+    )
+
+
+def build_index(store: ChunkStore, image: ImageRecord, path: Path) -> None:
+    """Merge the image's layers and write the index to ``path`` atomically."""
+    tree = merge_layers(get_tree(store, layer.tree)[0] for layer in image.layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build-", suffix=".sqlite")
+    os.close(fd)
+    try:
+        db = sqlite3.connect(tmp)
+        try:
+            db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
+            _write_tree(db, tree, image)
+            db.commit()
+        finally:
+            db.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_tree(db: sqlite3.Connection, tree: MergedTree, image: ImageRecord) -> None:
+    seen: set[int] = set()
+    inodes: list[tuple] = []
+    dirents: list[tuple] = []
+    xattrs: list[tuple] = []
+    blocks = 0
+    parents: dict[str, int] = {}
+    for path, node in tree.walk():
+        if isinstance(node, Dir):
+            parents[path] = node.ino
+        if path:
+            parent = parents[path.rsplit("/", 1)[0] if "/" in path else ""]
+            dirents.append((parent, fs_bytes(path.rsplit("/", 1)[-1]), node.ino))
+        if node.ino in seen:
+            continue
+        seen.add(node.ino)
+        e = node.entry
+        inodes.append(_inode_row(node.ino, e, node.nlink))
+        xattrs.extend((node.ino, fs_bytes(k), v) for k, v in e.xattrs.items())
+        if isinstance(node, Inode) and e.kind is Kind.FILE:
+            blocks += -(-e.size // BLOCK_SIZE)
+        if len(inodes) >= 10000:
+            _flush(db, inodes, dirents, xattrs)
+    _flush(db, inodes, dirents, xattrs)
+    meta = {
+        "format": str(INDEX_FORMAT),
+        "image": image.id,
+        "blocks": str(blocks),
+        "files": str(len(seen)),
+        "bsize": str(BLOCK_SIZE),
+    }
+    db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+
+
+def _flush(db: sqlite3.Connection, inodes: list, dirents: list, xattrs: list) -> None:
+    db.executemany("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", inodes)
+    db.executemany("INSERT INTO dirents VALUES (?,?,?)", dirents)
+    db.executemany("INSERT INTO xattrs VALUES (?,?,?)", xattrs)
+    inodes.clear()
+    dirents.clear()
+    xattrs.clear()

@@ -1,0 +1,192 @@
+"""ImageView: the merged tree of an image, answered from its SQLite index.
+
+Nothing of the tree is loaded up front: each lookup is one primary-key query
+(parent inode, name), and recent answers are kept in small bounded caches
+(path to node, inode to chunk list), so a mount of a large image starts at once
+and stays small. Each thread gets its own read-only connection; the index file
+never changes once built, so it is opened ``immutable`` (no locking).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from layerfs.errors import StoreError
+from layerfs.index.build import INDEX_FORMAT, fs_bytes, fs_text, unpack_chunks
+from layerfs.index.merge import ROOT_INO
+from layerfs.records import Kind
+from layerfs.store.chunks import ChunkRef, ChunkStore, chunk_offsets
+from layerfs.view import FsStats, Node
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+_NODE_COLUMNS = "i.ino, i.kind, i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.nlink, " + (
+    "i.rdev_major, i.rdev_minor, i.target"
+)
+_MISSING = object()
+
+
+class _LRU(Generic[K, V]):
+    """A thread-safe mapping bounded in entries, dropping the least recently used."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: OrderedDict[K, V] = OrderedDict()
+        self.mutex = threading.Lock()
+
+    def get(self, key: K, default: object = _MISSING) -> V | object:
+        with self.mutex:
+            value = self.items.get(key, default)
+            if value is not default:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        with self.mutex:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.limit:
+                self.items.popitem(last=False)
+
+
+def _node(row: tuple) -> Node:
+    ino, kind, mode, uid, gid, size, mtime_ns, nlink, major, minor, target = row
+    return Node(
+        ino=ino,
+        kind=Kind(kind),
+        mode=mode,
+        uid=uid,
+        gid=gid,
+        size=size,
+        mtime_ns=mtime_ns,
+        nlink=nlink,
+        rdev=(major, minor),
+        target=fs_text(target) if target is not None else "",
+        key=ino,
+    )
+
+
+class ImageView:
+    """A layerfs.view.View over an image index built by layerfs.index.build."""
+
+    def __init__(self, store: ChunkStore, index: Path, cache_entries: int = 100_000) -> None:
+        self.store = store
+        self.index = Path(index)
+        self._local = threading.local()
+        self._nodes: _LRU[str, Node | None] = _LRU(cache_entries)
+        self._content: _LRU[int, tuple[bytes | None, list[ChunkRef], list[int]]] = _LRU(4096)
+        meta = dict(self._db().execute("SELECT key, value FROM meta"))
+        if meta.get("format") != str(INDEX_FORMAT):
+            raise StoreError(f"the image index {self.index} has an unknown format: remove it")
+        self._stats = FsStats(
+            blocks=int(meta["blocks"]), files=int(meta["files"]), bsize=int(meta["bsize"])
+        )
+        self.root = self._by_ino(ROOT_INO)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            try:
+                db = sqlite3.connect(
+                    f"file:{self.index}?mode=ro&immutable=1", uri=True, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the image index {self.index}: {exc}") from exc
+            self._local.db = db
+        return db
+
+    def _by_ino(self, ino: int) -> Node:
+        row = (
+            self._db()
+            .execute(f"SELECT {_NODE_COLUMNS} FROM inodes i WHERE i.ino = ?", (ino,))
+            .fetchone()
+        )
+        if row is None:
+            raise StoreError(f"the image index {self.index} has no inode {ino}: remove it")
+        return _node(row)
+
+    # -- View ------------------------------------------------------------------
+    def lookup(self, path: str) -> Node | None:
+        if not path:
+            return self.root
+        node = self._nodes.get(path)
+        if node is not _MISSING:
+            return node  # type: ignore[return-value]
+        parent_path, _, name = path.rpartition("/")
+        parent = self.lookup(parent_path)
+        found = None
+        if parent is not None and parent.kind is Kind.DIR:
+            row = (
+                self._db()
+                .execute(
+                    f"SELECT {_NODE_COLUMNS} FROM dirents d JOIN inodes i ON i.ino = d.ino "
+                    "WHERE d.parent = ? AND d.name = ?",
+                    (parent.ino, fs_bytes(name)),
+                )
+                .fetchone()
+            )
+            found = _node(row) if row is not None else None
+        self._nodes.put(path, found)
+        return found
+
+    def listdir(self, path: str) -> list[str]:
+        return [name for name, _ in self.scandir(path)]
+
+    def scandir(self, path: str) -> list[tuple[str, Node]]:
+        """Children of a directory with their nodes (one query; fills the lookup cache)."""
+        parent = self.lookup(path)
+        if parent is None or parent.kind is not Kind.DIR:
+            return []
+        rows = self._db().execute(
+            f"SELECT d.name, {_NODE_COLUMNS} FROM dirents d JOIN inodes i ON i.ino = d.ino "
+            "WHERE d.parent = ? ORDER BY d.name",
+            (parent.ino,),
+        )
+        out = []
+        prefix = f"{path}/" if path else ""
+        for row in rows:
+            name = fs_text(row[0])
+            node = _node(row[1:])
+            self._nodes.put(prefix + name, node)
+            out.append((name, node))
+        return out
+
+    def _content_of(self, ino: int) -> tuple[bytes | None, list[ChunkRef], list[int]]:
+        cached = self._content.get(ino)
+        if cached is not _MISSING:
+            return cached  # type: ignore[return-value]
+        query = "SELECT inline, chunks FROM inodes WHERE ino = ?"
+        row = self._db().execute(query, (ino,)).fetchone()
+        inline, packed = row if row is not None else (None, None)
+        chunks = unpack_chunks(packed) if packed else []
+        value = (inline, chunks, chunk_offsets(chunks))
+        self._content.put(ino, value)
+        return value
+
+    def read(self, node: Node, offset: int, size: int) -> bytes:
+        if node.kind is not Kind.FILE or offset >= node.size:
+            return b""
+        size = min(size, node.size - offset)
+        inline, chunks, offsets = self._content_of(node.ino)
+        if inline is not None:
+            return inline[offset : offset + size]
+        return self.store.read(chunks, offsets, offset, size)
+
+    def xattrs(self, node: Node) -> dict[str, bytes]:
+        rows = self._db().execute("SELECT name, value FROM xattrs WHERE ino = ?", (node.ino,))
+        return {fs_text(name): value for name, value in rows}
+
+    def statfs(self) -> FsStats:
+        return self._stats
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads end)."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
