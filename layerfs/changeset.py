@@ -1,0 +1,267 @@
+"""What a writable mount changed: its upper directory turned into OCI changeset entries.
+
+The upper directory (overlayfs conventions, see layerfs.fs.upper) only says
+*which* paths changed: a character device 0/0 is a whiteout, a directory with
+``trusted.overlay.opaque=y`` replaced its lower namesake, anything else was
+added or modified (files whose content still lives in the lower carry a hidden
+``*.layerfs.*`` xattr and may be empty stubs). Content and metadata are read
+through the mountpoint, which shows the merged tree, so stubs need no special
+handling. A directory carrying ``trusted.overlay.redirect`` (a rename kept as
+a pointer) is treated as opaque and its children are listed through the mount.
+
+Order of the changeset: depth first, a directory before its children, its
+opaque marker right after it, whiteouts before their siblings, names sorted
+bytewise; no path appears twice.
+
+Hardlinks: regular files are grouped by the mount's (st_dev, st_ino). The first
+member in changeset order carries the content and the others are tar links to
+it. If the mount says a group has more names than the upper holds (a new link
+to an unchanged lower file), those lower names are found among the lower files
+of the same size and re-emitted in the layer (with any missing parent
+directories), so every link target is inside the layer itself: appliers such as
+Docker's overlay2 driver cannot link to a file of a lower layer. This is also
+what overlayfs copy-up makes Docker write for the same change.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerfs.catalog import LayerRecord
+from layerfs.records import Entry, Kind, get_tree, kind_from_mode
+from layerfs.store.chunks import ChunkStore, WriteStats
+
+OPAQUE_XATTR = "trusted.overlay.opaque"
+REDIRECT_XATTR = "trusted.overlay.redirect"
+_HIDDEN_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.layerfs.", "trusted.layerfs.")
+
+
+@dataclass(frozen=True, slots=True)
+class UpperItem:
+    """One changed path of the upper directory."""
+
+    path: str
+    whiteout: bool = False
+    opaque: bool = False  # a directory that hides its lower children
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _getxattr(path: Path, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def scan_upper(upper: Path, mountpoint: Path) -> list[UpperItem]:
+    """Every changed path of ``upper`` (unordered walk, whiteouts flagged)."""
+    items: list[UpperItem] = []
+
+    def walk(rel: str, listed_from_mount: bool) -> None:
+        base = mountpoint if listed_from_mount else upper
+        for name in os.listdir(base / rel if rel else base):
+            child = _join(rel, name)
+            if listed_from_mount:
+                items.append(UpperItem(child))
+                if os.path.isdir(mountpoint / child) and not os.path.islink(mountpoint / child):
+                    walk(child, True)
+                continue
+            st = os.lstat(upper / child)
+            if _is_whiteout(st):
+                items.append(UpperItem(child, whiteout=True))
+            elif stat.S_ISDIR(st.st_mode):
+                redirect = _getxattr(upper / child, REDIRECT_XATTR) is not None
+                opaque = redirect or _getxattr(upper / child, OPAQUE_XATTR) == b"y"
+                items.append(UpperItem(child, opaque=opaque))
+                walk(child, redirect)
+            else:
+                items.append(UpperItem(child))
+
+    walk("", False)
+    return items
+
+
+def read_entry(mountpoint: Path, path: str) -> tuple[Entry, os.stat_result]:
+    """Metadata of ``path`` as the mount shows it (no content yet)."""
+    full = mountpoint / path if path else mountpoint
+    st = os.lstat(full)
+    entry = Entry(
+        path=path,
+        kind=kind_from_mode(st.st_mode),
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+    )
+    if entry.kind is Kind.SYMLINK:
+        entry.target = os.readlink(full)
+    if entry.kind in (Kind.CHAR, Kind.BLOCK):
+        entry.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    try:
+        names = os.listxattr(full, follow_symlinks=False)
+    except OSError:
+        names = []
+    for name in sorted(names):
+        if name.startswith(_HIDDEN_XATTR_PREFIXES):
+            continue
+        value = _getxattr(full, name)
+        if value is not None:
+            entry.xattrs[name] = value
+    return entry, st
+
+
+def _ancestors(path: str) -> Iterable[str]:
+    while "/" in path:
+        path = path.rsplit("/", 1)[0]
+        yield path
+
+
+def _sort_key(path: str, whiteout: bool) -> tuple:
+    parts = path.split("/")
+    key = [(1, p.encode("utf-8", "surrogateescape")) for p in parts]
+    if whiteout:
+        key[-1] = (0, key[-1][1])
+    return tuple(key)
+
+
+def _lower_partners(
+    mountpoint: Path, lower: dict[str, Entry], st: os.stat_result, taken: set[str]
+) -> list[str]:
+    """Lower names of the file ``st`` that the layer does not hold yet."""
+    found = []
+    for path, entry in lower.items():
+        if path in taken or entry.kind is not Kind.FILE or entry.size != st.st_size:
+            continue
+        try:
+            other = os.lstat(mountpoint / path)
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            found.append(path)
+    return found
+
+
+def build_changeset(
+    store: ChunkStore,
+    upper: Path,
+    mountpoint: Path,
+    lower: dict[str, Entry],
+    write_stats: WriteStats | None = None,
+) -> list[Entry]:
+    """The ordered changeset entries of a mount, file content stored in ``store``."""
+    items = {item.path: item for item in scan_upper(upper, mountpoint)}
+    stat_of: dict[str, os.stat_result] = {}
+    nodes: dict[str, Entry] = {}
+    for path, item in items.items():
+        if not item.whiteout:
+            nodes[path], stat_of[path] = read_entry(mountpoint, path)
+
+    groups: dict[tuple[int, int], list[str]] = {}
+    for path, st in stat_of.items():
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            groups.setdefault((st.st_dev, st.st_ino), []).append(path)
+    for members in list(groups.values()):
+        st = stat_of[members[0]]
+        if st.st_nlink > len(members):
+            for extra in _lower_partners(mountpoint, lower, st, set(nodes)):
+                nodes[extra], stat_of[extra] = read_entry(mountpoint, extra)
+                items[extra] = UpperItem(extra)
+                members.append(extra)
+                for parent in _ancestors(extra):
+                    if parent not in nodes:
+                        nodes[parent], stat_of[parent] = read_entry(mountpoint, parent)
+                        items[parent] = UpperItem(parent)
+
+    order = sorted(items.values(), key=lambda i: _sort_key(i.path, i.whiteout))
+    first_of: dict[tuple[int, int], str] = {}
+    out: list[Entry] = []
+    for item in order:
+        if item.whiteout:
+            out.append(Entry(item.path, Kind.WHITEOUT))
+            continue
+        entry, st = nodes[item.path], stat_of[item.path]
+        out.append(entry)
+        if item.opaque:
+            out.append(Entry(item.path, Kind.OPAQUE))
+        if entry.kind is not Kind.FILE:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in first_of:
+            entry.kind, entry.target = Kind.HARDLINK, first_of[key]
+            continue
+        first_of.setdefault(key, item.path)
+        with open(mountpoint / item.path, "rb") as f:
+            entry.chunks = store.write_stream(f, write_stats)
+        entry.size = sum(c.size for c in entry.chunks)
+    return out
+
+
+def lower_entries(store: ChunkStore, layers: Iterable[LayerRecord]) -> dict[str, Entry]:
+    """Path -> entry of the merged tree of ``layers`` (hardlinks show their target's entry)."""
+    from layerfs.index.merge import merge_layers
+
+    tree = merge_layers(get_tree(store, layer.tree)[0] for layer in layers)
+    return {path: node.entry for path, node in tree.walk()}
+
+
+def _same_time(a: int, b: int) -> bool:
+    """Equal mtimes, tolerating a side that only knows whole seconds (tar headers)."""
+    if a == b:
+        return True
+    whole = a % 1_000_000_000 == 0 or b % 1_000_000_000 == 0
+    return whole and a // 1_000_000_000 == b // 1_000_000_000
+
+
+def _modified(old: Entry, new: Entry, st: os.stat_result) -> bool:
+    if old.kind is not new.kind or (old.mode, old.uid, old.gid) != (new.mode, new.uid, new.gid):
+        return True
+    if old.rdev != new.rdev or old.target != new.target:
+        return True
+    if new.kind is Kind.DIR:
+        return False
+    return old.size != st.st_size or not _same_time(old.mtime_ns, new.mtime_ns)
+
+
+def docker_diff(upper: Path, mountpoint: Path, lower: dict[str, Entry]) -> list[tuple[str, str]]:
+    """(kind, path) changes the way ``docker diff`` reports them, sorted by path.
+
+    A: not in the image; C: in both but type, mode, owner, device, link target,
+    or (not for directories) size or mtime differ; D: in the image, gone from the
+    mount - only the topmost deleted path. Every parent of a change is shown as C.
+    """
+    changes: dict[str, str] = {}
+    for item in scan_upper(upper, mountpoint):
+        old = lower.get(item.path)
+        if item.whiteout:
+            if old is not None:
+                changes[item.path] = "D"
+            continue
+        if old is None:
+            changes[item.path] = "A"
+            continue
+        if item.opaque:
+            prefix = item.path + "/"
+            for path in lower:
+                if not path.startswith(prefix) or os.path.lexists(mountpoint / path):
+                    continue
+                parent = mountpoint / path.rsplit("/", 1)[0]
+                if os.path.isdir(parent) and not os.path.islink(parent):
+                    changes[path] = "D"
+        new, st = read_entry(mountpoint, item.path)
+        if _modified(old, new, st):
+            changes[item.path] = "C"
+    for path in list(changes):
+        for parent in _ancestors(path):
+            changes.setdefault(parent, "C")
+    return sorted(((kind, path) for path, kind in changes.items()), key=lambda c: c[1])
