@@ -17,3 +17,7 @@ COMMANDS.extend(_mount.COMMANDS)
 from layerfs.commands import changes as _changes  # noqa: E402
 
 COMMANDS.extend(_changes.COMMANDS)
+
+from layerfs.commands import images as _images  # noqa: E402
+
+COMMANDS.extend(_images.COMMANDS)
