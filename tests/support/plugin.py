@@ -62,8 +62,15 @@ def post(sock_path: str, endpoint: str, body: bytes | dict | None = None) -> tup
 class PluginProcess:
     """A `volplugin serve` subprocess."""
 
-    def __init__(self, root: Path, name: str | None = None, plugin_dir: Path = PLUGIN_DIR):
+    def __init__(
+        self,
+        root: Path,
+        name: str | None = None,
+        plugin_dir: Path = PLUGIN_DIR,
+        env: dict[str, str] | None = None,
+    ):
         self.root = Path(root)
+        self.env = env
         self.name = name or f"vp-test-{uuid.uuid4().hex[:6]}"
         self.plugin_dir = Path(plugin_dir)
         self.socket = self.plugin_dir / f"{self.name}.sock"
@@ -79,6 +86,7 @@ class PluginProcess:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
+            env=self.env,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -127,8 +135,10 @@ class PluginProcess:
 
 
 @contextlib.contextmanager
-def running_plugin(root: Path, name: str | None = None) -> Iterator[PluginProcess]:
-    plugin = PluginProcess(root, name).start()
+def running_plugin(
+    root: Path, name: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[PluginProcess]:
+    plugin = PluginProcess(root, name, env=env).start()
     try:
         yield plugin
     finally:

@@ -1,0 +1,147 @@
+"""A private Docker daemon for volume plugin tests and benchmarks.
+
+The shared daemon caches every legacy volume driver it ever talked to and keeps calling
+it (with ~15 s of retries per `docker volume ls`) after the plugin is gone. Tests that
+start short-lived plugins therefore use their own dockerd, with its own data root, exec
+root, pidfile and API socket, no bridge and no iptables; it can also be restarted, which
+the shared daemon must never be. The plugin socket directory (/run/docker/plugins) is
+shared with the main daemon, so plugin names still need a unique `vp-` prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+
+from tests.support.dockerenv import BASE_IMAGE, busybox_rootfs_tar
+
+
+class PrivateDockerd:
+    """A dockerd subprocess; `env` points the docker CLI and SDK at it."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.work = Path(tempfile.mkdtemp(prefix=f"vp-dockerd-{tag}-", dir="/var/tmp"))
+        self.exec_root = Path(f"/run/vpd-{tag}")
+        self.host = f"unix://{self.exec_root}/docker.sock"
+        self.env = dict(os.environ, DOCKER_HOST=self.host)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> PrivateDockerd:
+        config = self.work / "daemon.json"
+        config.write_text(json.dumps({}))
+        self.exec_root.mkdir(mode=0o700, exist_ok=True)
+        log = open(self.work / "dockerd.log", "ab")  # noqa: SIM115 - handed to the daemon
+        self.proc = subprocess.Popen(
+            [
+                "dockerd",
+                f"--config-file={config}",
+                f"--data-root={self.work / 'data'}",
+                f"--exec-root={self.exec_root}",
+                f"--pidfile={self.exec_root / 'docker.pid'}",
+                f"--host={self.host}",
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--log-level=warn",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"private dockerd exited:\n{self.log()}")
+            with contextlib.suppress(Exception):
+                self.client().ping()
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"private dockerd did not answer within {timeout} s:\n{self.log()}")
+
+    def client(self) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.host, timeout=300)
+
+    def log(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.work / "dockerd.log").read_text(errors="replace")[-5000:]
+        return ""
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 300):
+        """Run the docker CLI against this daemon; return the CompletedProcess."""
+        proc = subprocess.run(
+            ["docker", *args], capture_output=True, text=True, env=self.env, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def ensure_busybox(self) -> str:
+        if self.docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
+            subprocess.run(
+                ["docker", "import", "-c", 'CMD ["/bin/sh"]', "-", BASE_IMAGE],
+                input=busybox_rootfs_tar(),
+                check=True,
+                capture_output=True,
+                env=self.env,
+            )
+        return BASE_IMAGE
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM the daemon and wait for it (its containers stop with it)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def destroy(self) -> None:
+        """Stop the daemon and delete everything it stored."""
+        self.stop()
+        for path in (self.work / "data", self.exec_root):
+            _unmount_below(path)
+        shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(self.exec_root, ignore_errors=True)
+
+
+def _unmount_below(path: Path) -> None:
+    """Lazily unmount anything the daemon left mounted under `path`."""
+    prefix = str(path) + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+@contextlib.contextmanager
+def private_dockerd() -> Iterator[PrivateDockerd]:
+    daemon = PrivateDockerd()
+    try:
+        daemon.start()
+        daemon.ensure_busybox()
+        yield daemon
+    finally:
+        daemon.destroy()
