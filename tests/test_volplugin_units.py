@@ -1,0 +1,222 @@
+"""Unit tests of the plugin's modules: names, options, state, volume service, reconcile.
+
+Docker is replaced by a fake listing here; the real daemon is used in the other
+test_volplugin_* modules.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import docker
+import pytest
+
+from volplugin import options
+from volplugin.diskusage import disk_usage
+from volplugin.errors import BadName, BadOption, VolumeExists, VolumeInUse, VolumeNotFound
+from volplugin.names import check_name
+from volplugin.reconcile import reconcile
+from volplugin.state import BackupInfo, State
+from volplugin.volumes import VolumeService
+
+DRIVER = "vp-unit"
+
+
+class FakeAPI:
+    """Answers `containers()` like the Docker API's container listing."""
+
+    def __init__(self, items: list[dict] | None = None, fail: bool = False) -> None:
+        self.items = items or []
+        self.fail = fail
+
+    def containers(self, all: bool = False, filters: dict | None = None) -> list[dict]:
+        if self.fail:
+            raise docker.errors.DockerException("daemon unreachable")
+        wanted = (filters or {}).get("volume")
+        return [
+            i for i in self.items if wanted is None or any(m["Name"] == wanted for m in i["Mounts"])
+        ]
+
+
+class FakeClient:
+    def __init__(self, api: FakeAPI) -> None:
+        self.api = api
+
+
+def container(name: str, volume: str, state: str = "running", driver: str = DRIVER) -> dict:
+    return {
+        "Id": name * 4,
+        "Names": [f"/{name}"],
+        "State": state,
+        "Mounts": [{"Type": "volume", "Name": volume, "Driver": driver}],
+    }
+
+
+@pytest.fixture
+def api() -> FakeAPI:
+    return FakeAPI()
+
+
+@pytest.fixture
+def svc(tmp_path, api) -> VolumeService:
+    service = VolumeService.open(tmp_path / "root", DRIVER, docker_factory=lambda: FakeClient(api))
+    yield service
+    service.state.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "..", ".", "a/b", "../x", "a\\b", "a\0b", "x" * 256, "-lead", ".hidden", "sp ace", None],
+)
+def test_bad_names_are_refused(bad):
+    with pytest.raises(BadName):
+        check_name(bad)
+
+
+def test_good_names_pass():
+    for name in ("a", "vp-1", "A.b_c-d", "x" * 255, "0" * 64):
+        assert check_name(name) == name
+
+
+def test_options_normalise_and_name_the_bad_one():
+    assert options.normalize({"mode": "755", "uid": "0010"}) == {"mode": "0755", "uid": "10"}
+    assert options.normalize(None) == {}
+    with pytest.raises(BadOption, match=r"unknown option 'size'.*gid, mode, uid"):
+        options.normalize({"size": "1G"})
+    with pytest.raises(BadOption, match=r"'mode'.*octal"):
+        options.normalize({"mode": "rwx"})
+    with pytest.raises(BadOption, match=r"'uid'"):
+        options.normalize({"uid": "-1"})
+    with pytest.raises(BadOption, match="string"):
+        options.normalize({"gid": 5})
+
+
+def test_mount_ids_count_once_and_release_at_last(svc):
+    svc.create("v", None)
+    svc.mount("v", "a")
+    svc.mount("v", "a")
+    svc.mount("v", "b")
+    assert svc.get("v").mount_count == 2
+    svc.unmount("v", "a")
+    svc.unmount("v", "a")
+    assert svc.get("v").mount_ids == ("b",)
+    svc.unmount("v", "unknown")
+    assert svc.get("v").mount_count == 1
+    svc.unmount("v", "b")
+    assert svc.get("v").mount_count == 0
+
+
+def test_state_survives_reopen(tmp_path):
+    state = State.under(tmp_path)
+    state.add("v", {"mode": "0700"}, "2026-01-01T00:00:00Z")
+    state.add_mount("v", "id1")
+    state.set_backup("v", BackupInfo(last_id="b1", last_time="t", outcome="ok"))
+    state.close()
+    again = State.under(tmp_path, create=False)
+    record = again.get("v")
+    assert record.options == {"mode": "0700"}
+    assert record.mount_ids == ("id1",)
+    assert record.backup == BackupInfo(last_id="b1", last_time="t", outcome="ok")
+    again.close()
+
+
+def test_state_without_database_is_an_error(tmp_path):
+    with pytest.raises(Exception, match="no volplugin state"):
+        State.under(tmp_path / "missing", create=False)
+
+
+def test_create_is_idempotent_for_same_options_only(svc):
+    first = svc.create("v", {"mode": "0700"})
+    assert svc.create("v", {"mode": "700"}) == first
+    with pytest.raises(VolumeExists, match="mode=0700"):
+        svc.create("v", {"mode": "0755"})
+    mode = stat.S_IMODE(os.stat(svc.path_of("v")).st_mode)
+    assert mode == 0o700
+
+
+def test_create_applies_owner(svc):
+    svc.create("owned", {"uid": "1234", "gid": "4321"})
+    st = os.stat(svc.path_of("owned"))
+    assert (st.st_uid, st.st_gid) == (1234, 4321)
+
+
+def test_create_adopts_existing_directory_without_losing_data(svc):
+    path = svc.path_of("old")
+    path.mkdir()
+    (path / "keep").write_text("data")
+    svc.create("old", None)
+    assert (path / "keep").read_text() == "data"
+
+
+def test_remove_refuses_while_a_container_runs_and_names_it(svc, api):
+    svc.create("v", None)
+    svc.mount("v", "id1")
+    api.items = [container("web", "v"), container("old", "v", state="exited")]
+    with pytest.raises(VolumeInUse, match=r"container\(s\) web:"):
+        svc.remove("v")
+    assert svc.path_of("v").is_dir()
+
+
+def test_remove_refuses_when_daemon_unreachable(svc, api):
+    svc.create("v", None)
+    svc.mount("v", "id1")
+    api.fail = True
+    with pytest.raises(VolumeInUse, match="cannot be asked"):
+        svc.remove("v")
+
+
+def test_remove_forgets_stale_ids_and_deletes_data(svc):
+    svc.create("v", None)
+    (svc.path_of("v") / "f").write_text("x")
+    svc.mount("v", "id1")
+    svc.remove("v")
+    assert not svc.path_of("v").exists()
+    assert list(svc.trash_dir.iterdir()) == []
+    with pytest.raises(VolumeNotFound):
+        svc.get("v")
+
+
+def test_missing_volume_errors(svc):
+    for call in (
+        lambda: svc.mount("nope", "i"),
+        lambda: svc.remove("nope"),
+        lambda: svc.get("nope"),
+    ):
+        with pytest.raises(VolumeNotFound, match="nope"):
+            call()
+
+
+def test_reconcile_drops_ids_of_dead_containers(svc, api):
+    for name in ("gone", "half", "kept"):
+        svc.create(name, None)
+    svc.mount("gone", "g1")
+    for mid in ("h1", "h2", "h3"):
+        svc.mount("half", mid)
+    svc.mount("kept", "k1")
+    api.items = [
+        container("a", "half"),
+        container("b", "kept"),
+        container("c", "gone", state="exited"),
+        container("d", "half", driver="local"),
+    ]
+    report = reconcile(svc, FakeClient(api))
+    assert report.dropped == {"gone": 1, "half": 2}
+    assert svc.get("gone").mount_count == 0
+    assert svc.get("half").mount_count == 1
+    assert svc.get("kept").mount_ids == ("k1",)
+    # The kept ID of "half" stands for the running container: its Unmount, whatever
+    # its ID, releases the volume.
+    svc.unmount("half", "h1")
+    assert svc.get("half").mount_count == 0
+
+
+def test_disk_usage_counts_files_and_hardlinks_once(tmp_path):
+    (tmp_path / "d").mkdir()
+    big = tmp_path / "d" / "big"
+    big.write_bytes(b"x" * 100_000)
+    os.link(big, tmp_path / "link")
+    usage = disk_usage(str(tmp_path))
+    assert usage.complete
+    assert 100_000 <= usage.bytes < 200_000
+    assert disk_usage(str(tmp_path), budget=0).complete is False
