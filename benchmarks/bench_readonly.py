@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,18 +99,25 @@ RUN set -e; mkdir -p /opt/bench/small; \\
 """
 
 
-def debian_mirror() -> str:
-    """The Debian mirror apt uses here (deb822 or one-line sources)."""
-    sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+def debian_mirror(suite: str = "bookworm") -> str:
+    """The mirror apt uses here for ``suite`` (deb822 .sources or one-line .list files)."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for path in sources:
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            words = line.split()
-            if line.startswith("URIs:") and len(words) > 1 and "security" not in words[1]:
-                return words[1]
-            if words[:1] == ["deb"] and "security" not in line:
-                return next(w for w in words[1:] if "://" in w)
+        if not path.is_file() or path.suffix not in (".list", ".sources"):
+            continue  # apt itself ignores other names (e.g. *.disabled)
+        text = path.read_text()
+        if path.suffix == ".sources":
+            for stanza in text.split("\n\n"):
+                fields = dict(
+                    line.split(":", 1) for line in stanza.splitlines() if ":" in line[:20]
+                )
+                if suite in fields.get("Suites", "").split() and "deb" in fields.get("Types", ""):
+                    return fields["URIs"].split()[0]
+        else:
+            for line in text.splitlines():
+                words = [w for w in line.split() if not w.startswith("[")]
+                if words[:1] == ["deb"] and len(words) > 2 and words[2] == suite:
+                    return words[1]
     return "http://deb.debian.org/debian"
 
 
@@ -342,10 +348,10 @@ def measure(system: System, mnt: Path, big: str, reps: int) -> Figures:
 class ImportFigures:
     layerfs: Samples = field(default_factory=Samples)
     docker_load: Samples = field(default_factory=Samples)
-    layerfs_bytes: int = 0
-    layerfs_allocated: int = 0
-    docker_bytes: int = 0
-    docker_allocated: int = 0
+    layerfs_bytes: int | None = None
+    layerfs_allocated: int | None = None
+    docker_bytes: int | None = None
+    docker_allocated: int | None = None
 
 
 def import_into_layerfs(archive: Path, store: Path, tag: str) -> float:
@@ -382,167 +388,153 @@ def measure_imports(
 
 # -- report ------------------------------------------------------------------------------
 
-
-def ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or a != a or b != b or not b:
-        return "n/a"
-    return f"{a / b:.2f}×"
+NA = "n/a"
 
 
-def secs(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{x:.3f} s"
+def known(x: float | None) -> bool:
+    return x is not None and x == x  # NaN marks a figure that was not measured
 
 
-def mib_s(size: int, seconds: float) -> str:
-    return "n/a" if seconds != seconds or not seconds else f"{size / seconds / 2**20:.0f} MiB/s"
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if known(a) and known(b) and b else None
+
+
+def fmt_ratio(x: float | None) -> str:
+    return f"{x:.2f}×" if known(x) else NA
+
+
+def fmt_secs(x: float | None) -> str:
+    return f"{x:.3f} s" if known(x) else NA
+
+
+def fmt_bytes(x: float | None) -> str:
+    return human_bytes(x) if known(x) and x else NA
+
+
+def overlay_table(figs: dict[str, Figures], spec: ImageSpec) -> str:
+    """Raw figures of each system and their ratios to fuse-overlayfs."""
+    names = ["layerfs", "fuse-overlayfs", "kernel overlayfs"]
+    cols = [figs.get(n) for n in names]
+    big = spec.big_mb << 20
+    getters: list[tuple[str, Callable[[Figures], float | None], Callable]] = [
+        ("first mount (layerfs: may build its index)", lambda f: f.first_mount, fmt_secs),
+        ("mount", lambda f: f.mount.median, fmt_secs),
+        ("cold find", lambda f: f.cold_find.median, fmt_secs),
+        ("cold tar \\| wc -c", lambda f: f.cold_tar.median, fmt_secs),
+        ("warm tar \\| wc -c", lambda f: f.warm_tar.median, fmt_secs),
+        (f"cold read of the {spec.big_mb} MiB file", lambda f: f.cold_read.median, fmt_secs),
+        (f"warm read of the {spec.big_mb} MiB file", lambda f: f.warm_read.median, fmt_secs),
+        ("peak RSS of the mount process", lambda f: f.peak_rss, fmt_bytes),
+    ]
+    rows = []
+    for label, get, fmt in getters:
+        vals = [get(f) if f else None for f in cols]
+        rows.append(
+            [label, *(fmt(v) for v in vals)]
+            + [fmt_ratio(ratio(vals[0], vals[1])), fmt_ratio(ratio(vals[2], vals[1]))]
+        )
+    speeds = [f"{big / f.cold_read.median / 2**20:.0f} MiB/s" if f else NA for f in cols]
+    rows.append(["cold read throughput", *speeds, "", ""])
+    headers = ["figure", *names, "layerfs ÷ fuse-overlayfs", "kernel ÷ fuse-overlayfs"]
+    return markdown_table(headers, rows)
+
+
+def import_table(imports: ImportFigures, archive_size: int) -> str:
+    """layerfs import vs docker load: time and bytes stored."""
+    lfs_t, dock_t = imports.layerfs.median, imports.docker_load.median
+    rows = [
+        ["time", fmt_secs(lfs_t), fmt_secs(dock_t), fmt_ratio(ratio(lfs_t, dock_t))],
+        [
+            "bytes stored (apparent)",
+            fmt_bytes(imports.layerfs_bytes),
+            fmt_bytes(imports.docker_bytes),
+            fmt_ratio(ratio(imports.layerfs_bytes, imports.docker_bytes)),
+        ],
+        [
+            "bytes stored (allocated)",
+            fmt_bytes(imports.layerfs_allocated),
+            fmt_bytes(imports.docker_allocated),
+            fmt_ratio(ratio(imports.layerfs_allocated, imports.docker_allocated)),
+        ],
+        [
+            f"stored ÷ archive ({human_bytes(archive_size)})",
+            fmt_ratio(ratio(imports.layerfs_bytes, archive_size)),
+            fmt_ratio(ratio(imports.docker_bytes, archive_size)),
+            "",
+        ],
+    ]
+    return markdown_table(
+        ["figure", "layerfs import", "docker load (empty data root)", "layerfs ÷ docker"], rows
+    )
+
+
+def targets_table(figs: dict[str, Figures], imports: ImportFigures) -> str:
+    """The issue's targets for layerfs, met or missed."""
+    lfs, fov = figs.get("layerfs"), figs["fuse-overlayfs"]
+    rss_mib = lfs.peak_rss / 2**20 if lfs and lfs.peak_rss else None
+    checks = [
+        (
+            "warm tar ÷ fuse-overlayfs",
+            1.0,
+            lfs and ratio(lfs.warm_tar.median, fov.warm_tar.median),
+            fmt_ratio,
+        ),
+        (
+            "cold find ÷ fuse-overlayfs",
+            2.0,
+            lfs and ratio(lfs.cold_find.median, fov.cold_find.median),
+            fmt_ratio,
+        ),
+        ("mount time", 0.3, lfs and lfs.mount.median, fmt_secs),
+        ("mount peak RSS (MiB)", 100.0, rss_mib, lambda x: f"{x:.0f} MiB" if known(x) else NA),
+        (
+            "import ÷ docker load",
+            1.0,
+            ratio(imports.layerfs.median, imports.docker_load.median),
+            fmt_ratio,
+        ),
+    ]
+    rows = []
+    for label, limit, value, fmt in checks:
+        verdict = "not measured" if not known(value) else "met" if value <= limit else "**missed**"
+        rows.append([label, f"≤ {limit:g}", fmt(value), verdict])
+    return markdown_table(["target", "limit", "layerfs", "verdict"], rows)
 
 
 def report(
-    spec: ImageSpec,
-    archive: Path,
-    figs: dict[str, Figures],
-    imports: ImportFigures,
-    reps: int,
+    spec: ImageSpec, archive: Path, figs: dict[str, Figures], imports: ImportFigures, reps: int
 ) -> str:
-    lfs = figs.get("layerfs")
-    fov = figs["fuse-overlayfs"]
-    kov = figs["kernel overlayfs"]
-    big = spec.big_mb << 20
-
-    def row(label: str, get: Callable[[Figures], float | None], fmt=secs) -> list[str]:
-        vals = [get(f) if f else None for f in (lfs, fov, kov)]
-        return [
-            label,
-            *(fmt(v) if v is not None else "n/a" for v in vals),
-            ratio(vals[0], vals[1]),
-            ratio(vals[2], vals[1]),
-        ]
-
-    def rss(v: float | None) -> str:
-        return "n/a" if not v else human_bytes(v)
-
-    rows = [
-        row("first mount (layerfs: builds its index)", lambda f: f.first_mount),
-        row("mount", lambda f: f.mount.median),
-        row("cold find", lambda f: f.cold_find.median),
-        row("cold tar \\| wc -c", lambda f: f.cold_tar.median),
-        row("warm tar \\| wc -c", lambda f: f.warm_tar.median),
-        row(f"cold read {spec.big_mb} MiB file", lambda f: f.cold_read.median),
-        row(f"warm read {spec.big_mb} MiB file", lambda f: f.warm_read.median),
-        row("peak RSS of the mount process", lambda f: f.peak_rss, rss),
-    ]
-    speeds = [
-        [
-            "cold read throughput",
-            *(mib_s(big, f.cold_read.median) if f else "n/a" for f in (lfs, fov, kov)),
-            "",
-            "",
-        ],
-    ]
-    table = markdown_table(
-        [
-            "figure",
-            "layerfs",
-            "fuse-overlayfs",
-            "kernel overlayfs",
-            "layerfs ÷ fuse-ovl",
-            "kernel ÷ fuse-ovl",
-        ],
-        rows + speeds,
-    )
-    size = archive.stat().st_size
-    imp = markdown_table(
-        ["figure", "layerfs import", "docker load (empty data root)", "layerfs ÷ docker"],
-        [
-            [
-                "time",
-                secs(imports.layerfs.median),
-                secs(imports.docker_load.median),
-                ratio(imports.layerfs.median, imports.docker_load.median),
-            ],
-            [
-                "bytes stored (apparent)",
-                human_bytes(imports.layerfs_bytes),
-                human_bytes(imports.docker_bytes),
-                ratio(imports.layerfs_bytes, imports.docker_bytes),
-            ],
-            [
-                "bytes stored (allocated)",
-                human_bytes(imports.layerfs_allocated),
-                human_bytes(imports.docker_allocated),
-                ratio(imports.layerfs_allocated, imports.docker_allocated),
-            ],
-            [
-                "stored ÷ archive size",
-                ratio(imports.layerfs_bytes, size),
-                ratio(imports.docker_bytes, size),
-                "",
-            ],
-        ],
-    )
-
-    def target(label: str, value: float | None, limit: float, shown: str) -> list[str]:
-        if value is None or value != value:
-            return [label, f"≤ {limit:g}", "n/a", "not measured"]
-        return [label, f"≤ {limit:g}", shown, "met" if value <= limit else "**missed**"]
-
-    def div(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b and a == a else None
-
-    targets = markdown_table(
-        ["target", "limit", "layerfs", "verdict"],
-        [
-            target(
-                "warm tar ÷ fuse-overlayfs",
-                div(lfs and lfs.warm_tar.median, fov.warm_tar.median),
-                1.0,
-                ratio(lfs and lfs.warm_tar.median, fov.warm_tar.median),
-            ),
-            target(
-                "cold find ÷ fuse-overlayfs",
-                div(lfs and lfs.cold_find.median, fov.cold_find.median),
-                2.0,
-                ratio(lfs and lfs.cold_find.median, fov.cold_find.median),
-            ),
-            target("mount time (s)", lfs and lfs.mount.median, 0.3, secs(lfs and lfs.mount.median)),
-            target(
-                "mount RSS (MiB)", div(lfs and lfs.peak_rss, 2**20), 100, rss(lfs and lfs.peak_rss)
-            ),
-            target(
-                "import ÷ docker load",
-                div(imports.layerfs.median, imports.docker_load.median),
-                1.0,
-                ratio(imports.layerfs.median, imports.docker_load.median),
-            ),
-        ],
-    )
+    """The markdown section: how it was produced, the tables, spreads and sanity checks."""
+    base = "busybox" if spec.quick else "debootstrap minbase bookworm"
+    entries = ", ".join(f"{name} {f.entries}" for name, f in figs.items())
+    tar_check = ", ".join(f"{name} {f.tar_bytes}" for name, f in figs.items())
     spread = "; ".join(
         f"{name}: cold find {f.cold_find.spread()}, warm tar {f.warm_tar.spread()}"
         for name, f in figs.items()
     )
-    tar_check = ", ".join(f"{name} {f.tar_bytes}" for name, f in figs.items())
-    entries = ", ".join(f"{name} {f.entries}" for name, f in figs.items())
-    return textwrap.dedent(
-        f"""\
-        ## Read-only mounts: layerfs vs fuse-overlayfs vs kernel overlayfs
-
-        Produced by `{command_line()}` on {environment_summary()}.
-
-        Image `{spec.tag}`: {"busybox base" if spec.quick else "debootstrap minbase bookworm"}
-        plus 3 layers (deletions with an opaque dir, replacements, a {spec.big_mb} MiB random
-        file and small files); `docker save` archive {human_bytes(size)}; entries seen through
-        each mount: {entries}. Medians of {reps} samples; "cold" = fresh mount and
-        `echo 3 > /proc/sys/vm/drop_caches` before each sample; peak RSS = VmHWM of the
-        mount daemon's process tree after find, tar and reads on one mount.
-
-        """
-    ) + "\n\n".join(
+    intro = [
+        "## Read-only mounts: layerfs vs fuse-overlayfs vs kernel overlayfs",
+        "",
+        f"Command: `{command_line()}` (as root, from the repository root).",
+        f"Machine: {environment_summary()}.",
+        "",
+        f"- Image `{spec.tag}`: {base} plus 3 layers (deletions and an opaque dir; replaced"
+        f" content and modes; a {spec.big_mb} MiB random file and small files).",
+        f"- Entries seen through each mount: {entries}.",
+        f"- Median of {reps} sample(s) per timing. Cold = fresh mount and"
+        " `echo 3 > /proc/sys/vm/drop_caches` before each sample. Peak RSS = VmHWM of the"
+        " mount daemon's process tree after find, tar and reads on one mount.",
+        "- Overlay mounts use the daemon's overlay2 layer dirs read-only"
+        " (`lowerdir=UPPER:LOWER...`).",
+    ]
+    return "\n\n".join(
         [
-            table,
-            imp,
-            "Targets (layerfs):\n\n" + targets,
-            f"Spread (min–max): {spread}.\n\nBytes from `tar cf - . | wc -c` "
-            f"(equal when the trees match): {tar_check}.",
+            "\n".join(intro),
+            overlay_table(figs, spec),
+            import_table(imports, archive.stat().st_size),
+            "Targets (layerfs):\n\n" + targets_table(figs, imports),
+            f"Spread (min–max): {spread}.",
+            f"Bytes of `tar cf - .` (equal when the trees match): {tar_check}.",
         ]
     )
 

@@ -299,14 +299,25 @@ class ScratchDockerd:
     """A private dockerd with its own empty data root, for timing `docker load`.
 
     It shares nothing with the system daemon: own --data-root, --exec-root,
-    --pidfile, socket, containerd namespace, no bridge and no iptables rules.
-    Use as a context manager; on exit the daemon is stopped and its dirs removed.
+    --pidfile, socket, containerd namespace, no iptables rules, and its own bridge
+    interface. Not ``--bridge=none``: dockerd 20.10 then deletes the host's
+    ``docker0`` at startup, which breaks the system daemon's containers.
+    Use as a context manager; on exit the daemon is stopped, its bridge and its
+    directories removed.
     """
 
-    def __init__(self, base_dir: str | Path, name: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_dir: str | Path,
+        name: str,
+        bridge_cidr: str = "10.254.213.1/24",
+        timeout: float = 60.0,
+    ) -> None:
         self.base = Path(base_dir)
         self.name = name
         self.socket = Path(f"/tmp/{name}-dockerd.sock")
+        self.bridge = (name.replace("-", "")[:12] + "br0")[:15]  # IFNAMSIZ - 1
+        self.bridge_cidr = bridge_cidr
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
 
@@ -323,12 +334,13 @@ class ScratchDockerd:
         return ["docker", "-H", self.host, *args]
 
     def start(self) -> ScratchDockerd:
-        require_tools("dockerd", "docker")
+        require_tools("dockerd", "docker", "ip")
         if self.base.exists():
             self._remove_dirs()
         for sub in ("data", "exec"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         self.socket.unlink(missing_ok=True)
+        self._add_bridge()
         log = open(self.base / "dockerd.log", "wb")  # noqa: SIM115 - handed to the daemon
         self.proc = subprocess.Popen(
             [
@@ -339,8 +351,9 @@ class ScratchDockerd:
                 f"-H={self.host}",
                 f"--containerd-namespace={self.name}",
                 f"--containerd-plugins-namespace={self.name}-plugins",
-                "--bridge=none",
+                f"--bridge={self.bridge}",
                 "--iptables=false",
+                "--ip-masq=false",
                 "--storage-driver=overlay2",
             ],
             stdout=log,
@@ -376,7 +389,13 @@ class ScratchDockerd:
                 self.proc.wait()
         self.proc = None
         self.socket.unlink(missing_ok=True)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
         self._remove_dirs()
+
+    def _add_bridge(self) -> None:
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
+        run(["ip", "link", "add", "name", self.bridge, "type", "bridge"])
+        run(["ip", "addr", "add", self.bridge_cidr, "dev", self.bridge])
 
     def _remove_dirs(self) -> None:
         force_unmount_under(self.base)
