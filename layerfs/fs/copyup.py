@@ -1,0 +1,206 @@
+"""Copy-up: bringing lower entries into the upper tree, metadata first, data only when needed.
+
+Every copy is built in the workdir and renamed into place, so the upper tree
+never holds a half-made entry. Regular files are copied up as metacopy
+placeholders (sparse, same size, xattr naming their origin, see
+layerfs.fs.upper); their bytes move only when written. A lower file with
+several names is copied up once and linked under every name still visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import threading
+from collections.abc import Callable
+
+from layerfs.fs.upper import (
+    X_INO,
+    X_OVL_METACOPY,
+    X_OVL_REDIRECT,
+    MetaCopy,
+    UpperDirs,
+    is_opaque,
+    set_opaque,
+    write_metacopy,
+)
+from layerfs.records import Kind
+from layerfs.view import Node, View
+
+LowerAt = Callable[[str], "Node | None"]
+
+
+def _enoent(rel: str) -> FileNotFoundError:
+    return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), rel)
+
+
+class CopyUp:
+    """Copies lower entries of ``view`` into the upper tree of ``dirs``."""
+
+    def __init__(self, view: View, dirs: UpperDirs, lower_at: LowerAt, overlay: bool) -> None:
+        self.view = view
+        self.root = str(dirs.tree)
+        self.tmp = str(dirs.tmp)
+        self.lower_at = lower_at  # the lower node visible at a path, or None
+        self.overlay = overlay  # also write kernel overlayfs metacopy xattrs
+        self._seq = itertools.count()
+        self._groups: dict[int, list[str]] | None = None
+        self._groups_lock = threading.Lock()
+
+    def upath(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _tmp_name(self) -> str:
+        return f"{self.tmp}/#{os.getpid()}.{next(self._seq)}"
+
+    # -- metadata --------------------------------------------------------------------
+    def _apply_meta(self, path: str, node: Node) -> None:
+        os.lchown(path, node.uid, node.gid)
+        if node.kind is not Kind.SYMLINK:
+            os.chmod(path, node.mode & 0o7777)
+        for name, value in self.view.xattrs(node).items():
+            os.setxattr(path, name, value, follow_symlinks=False)
+        with contextlib.suppress(OSError):
+            os.setxattr(path, X_INO, str(node.ino).encode(), follow_symlinks=False)
+        os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
+
+    def _make(self, node: Node, origin: str) -> str:
+        """Build a copy of ``node`` in the workdir; return its temporary path."""
+        tmp = self._tmp_name()
+        try:
+            if node.kind is Kind.DIR:
+                os.mkdir(tmp, 0o700)
+            elif node.kind is Kind.FILE:
+                fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                try:
+                    if node.size:
+                        os.ftruncate(fd, node.size)
+                        write_metacopy(fd, MetaCopy(origin))
+                        if self.overlay:
+                            os.setxattr(fd, X_OVL_METACOPY, b"")
+                            os.setxattr(fd, X_OVL_REDIRECT, ("/" + origin).encode())
+                finally:
+                    os.close(fd)
+            elif node.kind is Kind.SYMLINK:
+                os.symlink(node.target, tmp)
+            else:
+                os.mknod(tmp, node.st_mode, os.makedev(*node.rdev))
+            self._apply_meta(tmp, node)
+        except BaseException:
+            _remove(tmp)
+            raise
+        return tmp
+
+    # -- entries -----------------------------------------------------------------------
+    def ensure_parents(self, rel: str) -> None:
+        """Make sure every ancestor directory of ``rel`` exists in the upper tree."""
+        cur = ""
+        for name in rel.split("/")[:-1]:
+            cur = f"{cur}/{name}" if cur else name
+            if not os.path.lexists(self.upath(cur)):
+                node = self.lower_at(cur)
+                if node is None or node.kind is not Kind.DIR:
+                    raise _enoent(cur)
+                self._place(self._make(node, cur), cur)
+
+    def _place(self, tmp: str, rel: str) -> None:
+        try:
+            os.rename(tmp, self.upath(rel))
+        except BaseException:
+            _remove(tmp)
+            raise
+
+    def copy_up(self, rel: str, node: Node) -> str:
+        """Copy the lower ``node`` visible at ``rel`` into the upper tree; return its path."""
+        self.ensure_parents(rel)
+        if node.kind is Kind.FILE and node.nlink > 1:
+            self._copy_group(rel, node)
+        else:
+            self._place(self._make(node, rel), rel)
+        return self.upath(rel)
+
+    def _copy_group(self, rel: str, node: Node) -> None:
+        tmp = self._make(node, rel)
+        try:
+            for path in self._group_paths(node, rel):
+                if path != rel:
+                    other = self.lower_at(path)
+                    if other is None or other.ino != node.ino:
+                        continue
+                    if os.path.lexists(self.upath(path)):
+                        continue
+                self.ensure_parents(path)
+                os.link(tmp, self.upath(path))
+        finally:
+            _remove(tmp)
+
+    def _group_paths(self, node: Node, rel: str) -> list[str]:
+        finder = getattr(self.view, "hardlink_paths", None)
+        if finder is not None:
+            paths = list(finder(node))
+        else:
+            with self._groups_lock:
+                if self._groups is None:
+                    self._groups = self._scan_groups()
+            paths = list(self._groups.get(node.ino, []))
+        return [rel] + [p for p in paths if p != rel]
+
+    def _scan_groups(self) -> dict[int, list[str]]:
+        """Every lower path of every regular file with several names, by inode."""
+        groups: dict[int, list[str]] = {}
+        stack = [""]
+        while stack:
+            parent = stack.pop()
+            for name in self.view.listdir(parent):
+                path = f"{parent}/{name}" if parent else name
+                node = self.view.lookup(path)
+                if node is None:
+                    continue
+                if node.kind is Kind.DIR:
+                    stack.append(path)
+                elif node.kind is Kind.FILE and node.nlink > 1:
+                    groups.setdefault(node.ino, []).append(path)
+        return groups
+
+    def copy_up_tree(self, rel: str) -> None:
+        """Copy a directory and everything below it up, so it no longer needs the lower.
+
+        Directories become opaque; files become metacopy files pointing at their
+        old lower paths. Used before a directory with lower content is renamed.
+        """
+        up = self.upath(rel)
+        if not os.path.lexists(up):
+            node = self.lower_at(rel)
+            if node is None:
+                raise _enoent(rel)
+            self.copy_up(rel, node)
+        if is_opaque(up):
+            return
+        lower = self.lower_at(rel)
+        if lower is not None and lower.kind is Kind.DIR:
+            for name in self.view.listdir(rel):
+                child = f"{rel}/{name}" if rel else name
+                cup = self.upath(child)
+                try:
+                    os.lstat(cup)
+                except FileNotFoundError:
+                    node = self.view.lookup(child)
+                    if node is None:
+                        continue
+                    self.copy_up(child, node)
+                    if node.kind is Kind.DIR:
+                        self.copy_up_tree(child)
+                    continue
+                if os.path.isdir(cup) and not os.path.islink(cup):
+                    self.copy_up_tree(child)
+        set_opaque(up)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
