@@ -11,6 +11,7 @@ from layerfs.catalog import Catalog
 from layerfs.fs.mountinfo import MountInfo, remove_mountinfo, save_mountinfo
 from layerfs.fs.mounting import mount_operations, unmount
 from layerfs.fs.readonly import ReadOnlyOperations
+from layerfs.fs.writemount import mount_overlay_recorded, recover_stale, serve_image
 from layerfs.index import ImageView, ensure_index
 from layerfs.store import open_store
 
@@ -37,13 +38,31 @@ def mount_log_file(cache_dir: Path) -> Path:
 
 @click.command("mount")
 @click.argument("image")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option(
     "-f", "--foreground", is_flag=True, help="Stay attached and log to stderr until unmounted."
 )
+@click.option("--upper", metavar="DIR", help="Mount writable; changes go to DIR (kept).")
+@click.option("--lowerdir", metavar="A:B", help="Overlay mode: lower dirs, top first (no IMAGE).")
+@click.option("--upperdir", metavar="U", help="Overlay mode: the upper dir (needs --workdir).")
+@click.option("--workdir", metavar="W", help="Overlay mode: the work dir, same fs as U.")
 @click.pass_obj
-def mount_command(store_url: str, image: str, mountpoint: str, foreground: bool) -> None:
-    """Mount IMAGE read-only at MOUNTPOINT (listed by `mount` as fuse.layerfs).
+def mount_command(
+    store_url: str,
+    image: str,
+    mountpoint: str | None,
+    foreground: bool,
+    upper: str | None,
+    lowerdir: str | None,
+    upperdir: str | None,
+    workdir: str | None,
+) -> None:
+    """Mount IMAGE at MOUNTPOINT (listed by `mount` as fuse.layerfs), read-only or --upper DIR.
+
+    With --upper DIR the mount is writable and keeps its changes in DIR
+    (created if missing; mount the same image with the same DIR to go on).
+    `layerfs mount --lowerdir A:B [--upperdir U --workdir W] MOUNTPOINT`
+    mounts plain directories the way overlayfs does instead of an image.
 
     The first mount of an image builds its index under the store's cache
     directory. Without --foreground the command returns once the mount
@@ -52,6 +71,20 @@ def mount_command(store_url: str, image: str, mountpoint: str, foreground: bool)
     /var/lib/layerfs/cache/logs/mount.log for root's default store.
     Unmount with `layerfs umount MOUNTPOINT`.
     """
+    if lowerdir is not None:
+        if mountpoint is not None or upper is not None:
+            raise click.UsageError("with --lowerdir give only MOUNTPOINT (no IMAGE, no --upper)")
+        if (upperdir is None) != (workdir is None):
+            raise click.UsageError("--upperdir and --workdir go together")
+        mount_overlay_recorded(
+            store_url, lowerdir.split(":"), upperdir, workdir, image, foreground=foreground
+        )
+        return
+    if mountpoint is None:
+        raise click.UsageError("missing MOUNTPOINT")
+    if upperdir is not None or workdir is not None:
+        raise click.UsageError("--upperdir/--workdir need --lowerdir; for an image use --upper")
+    recover_stale(mountpoint)
     store = open_store(store_url)
     record = Catalog(store.backend).get_image(image)
     index = ensure_index(store, record)
@@ -60,21 +93,26 @@ def mount_command(store_url: str, image: str, mountpoint: str, foreground: bool)
     def make_ops() -> ReadOnlyOperations:
         return ReadOnlyOperations(ImageView(open_store(store_url), index))
 
-    pid = mount_operations(
-        make_ops,
-        mountpoint,
-        subtype=SUBTYPE,
-        fsname=record.name,
-        options=READ_ONLY_OPTIONS,
-        foreground=foreground,
-        log_file=log_file,
-    )
+    if upper is not None:
+        pid = serve_image(
+            store_url, record, index, mountpoint, upper, foreground=foreground, log_file=log_file
+        )
+    else:
+        pid = mount_operations(
+            make_ops,
+            mountpoint,
+            subtype=SUBTYPE,
+            fsname=record.name,
+            options=READ_ONLY_OPTIONS,
+            foreground=foreground,
+            log_file=log_file,
+        )
     if not foreground:
         info = MountInfo(
             mountpoint=os.path.realpath(mountpoint),
             image=record.name,
             image_id=record.id,
-            upper_dir=None,
+            upper_dir=os.path.abspath(upper) if upper is not None else None,
             pid=pid,
         )
         save_mountinfo(store.backend, info)

@@ -17,10 +17,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from layerfs.catalog import ImageRecord
 from layerfs.dirstack import DirStack
 from layerfs.fs.mounting import MountError, find_mount, mount_operations
 from layerfs.fs.readonly import ReadOnlyOperations
-from layerfs.fs.upper import UpperDirs, overlay_upper
+from layerfs.fs.upper import UpperDirs, image_upper, overlay_upper
 from layerfs.fs.writable import WritableOperations
 from layerfs.view import View
 
@@ -146,3 +147,68 @@ def serve_overlay(
         foreground=foreground,
         log_file=log_file,
     )
+
+
+def serve_image(
+    store_url: str,
+    record: ImageRecord,
+    index: Path,
+    mountpoint: str | Path,
+    upper: str | Path,
+    *,
+    foreground: bool,
+    log_file: Path,
+) -> int:
+    """Mount an image writable, keeping its changes in the upper DIR; return the pid."""
+    from layerfs.index import ImageView
+    from layerfs.store import open_store
+
+    dirs = image_upper(Path(upper), record.name, record.id)
+    return serve_writable(
+        lambda: ImageView(open_store(store_url), index),
+        dirs,
+        mountpoint,
+        overlay=False,
+        fsname=record.name,
+        foreground=foreground,
+        log_file=log_file,
+    )
+
+
+def mount_overlay_recorded(
+    store_url: str | None,
+    lowerdirs: list[str],
+    upperdir: str | None,
+    workdir: str | None,
+    mountpoint: str | Path,
+    *,
+    foreground: bool,
+    readonly: bool = False,
+) -> int:
+    """serve_overlay, logging to the store's mount log and recording the mount (MountInfo)."""
+    from layerfs.fs.mountinfo import MountInfo, save_mountinfo
+    from layerfs.store import open_backend
+
+    backend = open_backend(store_url)
+    log_file = backend.cache_dir() / "logs" / "mount.log"
+    lowers = [os.path.abspath(p) for p in lowerdirs]
+    pid = serve_overlay(
+        lowers,
+        upperdir,
+        workdir,
+        mountpoint,
+        foreground=foreground,
+        log_file=log_file,
+        readonly=readonly,
+    )
+    if not foreground:
+        info = MountInfo(
+            mountpoint=os.path.realpath(mountpoint),
+            image=None,
+            image_id=None,
+            upper_dir=os.path.abspath(upperdir) if upperdir and not readonly else None,
+            lowerdirs=lowers,
+            pid=pid,
+        )
+        save_mountinfo(backend, info)
+    return pid

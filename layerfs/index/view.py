@@ -177,6 +177,16 @@ class ImageView:
             return inline[offset : offset + size]
         return self.store.read(chunks, offsets, offset, size)
 
+    def chunk_offsets(self, node: Node) -> list[int]:
+        """Start offset of each stored chunk of a regular file (empty when stored inline).
+
+        Writable mounts copy a lower file up chunk by chunk along these offsets.
+        """
+        if node.kind is not Kind.FILE:
+            return []
+        inline, _chunks, offsets = self._content_of(node.ino)
+        return [] if inline is not None else list(offsets)
+
     def xattrs(self, node: Node) -> dict[str, bytes]:
         rows = self._db().execute("SELECT name, value FROM xattrs WHERE ino = ?", (node.ino,))
         return {fs_text(name): value for name, value in rows}
