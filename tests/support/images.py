@@ -20,7 +20,11 @@ Helpers also write ``docker save`` archives and skopeo OCI layouts of an image.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import hashlib
 import io
+import json
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -154,3 +158,81 @@ def skopeo_copy(src: str, dest: str, zstd: bool = False) -> None:
     if zstd:
         cmd += ["--dest-compress", "--dest-compress-format", "zstd"]
     subprocess.run([*cmd, src, dest], check=True, capture_output=True)
+
+
+# -- archive editing -----------------------------------------------------------------------
+
+
+def oci_blob(layout: Path, digest: str) -> bytes:
+    """The bytes of a blob of an OCI layout directory."""
+    return (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
+
+
+def oci_put_blob(layout: Path, data: bytes) -> str:
+    """Add a blob to an OCI layout directory; return its digest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+    return digest
+
+
+def oci_manifest(layout: Path) -> tuple[dict, dict]:
+    """(index.json, the one image manifest it names) of an OCI layout directory."""
+    index = json.loads((layout / "index.json").read_text())
+    return index, json.loads(oci_blob(layout, index["manifests"][0]["digest"]))
+
+
+def oci_set_manifest(layout: Path, index: dict, manifest: dict) -> None:
+    """Store an edited manifest and point index.json (first entry) at it."""
+    data = json.dumps(manifest).encode()
+    desc = index["manifests"][0]
+    desc["digest"] = oci_put_blob(layout, data)
+    desc["size"] = len(data)
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def tar_dir(src: Path, dest: Path) -> Path:
+    """A plain tar of a directory's content (names relative to it)."""
+    with tarfile.open(dest, "w") as tar:
+        for path in sorted(src.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(src)), recursive=False)
+    return dest
+
+
+def make_docker25_archive(oci_layout: Path, dest: Path, name: str) -> Path:
+    """A Docker 25+ style `docker save` archive made from a (gzip) OCI layout.
+
+    Like Docker 25: uncompressed layer blobs, index.json with the containerd name
+    annotation, and a manifest.json whose Config and Layers point into blobs/sha256/.
+    """
+    work = dest.with_suffix(".layout")
+    shutil.copytree(oci_layout, work)
+    index, manifest = oci_manifest(work)
+    layers = []
+    for desc in manifest["layers"]:
+        plain = gzip.decompress(oci_blob(work, desc["digest"]))
+        digest = oci_put_blob(work, plain)
+        (work / "blobs" / "sha256" / desc["digest"][7:]).unlink()
+        layers.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": digest,
+                "size": len(plain),
+            }
+        )
+    manifest["layers"] = layers
+    index["manifests"][0]["annotations"] = {
+        "io.containerd.image.name": "docker.io/" + name,
+        "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1],
+    }
+    oci_set_manifest(work, index, manifest)
+    docker_manifest = [
+        {
+            "Config": "blobs/sha256/" + manifest["config"]["digest"][7:],
+            "RepoTags": [name],
+            "Layers": ["blobs/sha256/" + d["digest"][7:] for d in layers],
+        }
+    ]
+    (work / "manifest.json").write_text(json.dumps(docker_manifest))
+    tar_dir(work, dest)
+    shutil.rmtree(work)
+    return dest

@@ -1,0 +1,226 @@
+"""Importing real Docker images through every archive layout, by the CLI and the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from layerfs.catalog import Catalog, ImageRecord
+from layerfs.importer import import_archive
+from layerfs.records import Entry, Kind, get_tree, read_content
+from layerfs.store import open_store
+from layerfs.store.chunks import ChunkStore
+from tests.support import images
+
+pytestmark = pytest.mark.docker
+
+LAYERFS = str(Path(sys.executable).parent / "layerfs")
+
+
+def layerfs(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, LAYERFS_STORE=str(store))
+    return subprocess.run([LAYERFS, *args], capture_output=True, text=True, env=env)
+
+
+def listed(store: Path) -> dict[str, dict]:
+    proc = layerfs(store, "images", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return {row["name"]: row for row in json.loads(proc.stdout)}
+
+
+@pytest.fixture(scope="session")
+def archives(docker_client, tmp_path_factory) -> dict[str, Path]:
+    """The feature image in every layout the importer understands."""
+    tag = images.build_feature_image(docker_client)
+    d = tmp_path_factory.mktemp("lfsimp-archives")
+    legacy = images.docker_save(tag, d / "feature.tar")
+    src = f"docker-archive:{legacy}"
+    images.skopeo_copy(src, f"oci-archive:{d / 'oci.tar'}:lfsimp/feature:oci")
+    images.skopeo_copy(src, f"oci:{d / 'oci-dir'}:lfsimp/feature:ocidir")
+    images.skopeo_copy(src, f"oci:{d / 'oci-zstd'}:lfsimp/feature:zstd", zstd=True)
+    d25 = images.make_docker25_archive(d / "oci-dir", d / "d25.tar", "lfsimp/feature:d25")
+    return {
+        "legacy": legacy,
+        "oci-archive": d / "oci.tar",
+        "oci-dir": d / "oci-dir",
+        "oci-zstd": d / "oci-zstd",
+        "docker25": d25,
+    }
+
+
+def layer_entries(store: ChunkStore, image: ImageRecord, index: int) -> dict[str, Entry]:
+    entries, meta = get_tree(store, image.layers[index].tree)
+    assert meta["diff_id"] == image.layers[index].diff_id
+    return {e.path: e for e in entries}
+
+
+def check_feature_layers(store: ChunkStore, image: ImageRecord) -> None:
+    """What the feature image's layers must hold (see tests/support/images.py)."""
+    assert len(image.layers) == 4
+    base = layer_entries(store, image, 0)
+    assert base["bin/busybox"].kind is Kind.FILE and base["bin/busybox"].chunks
+    one = layer_entries(store, image, 1)
+    assert one["feat/modes/setuid"].mode == 0o4755
+    assert one["feat/modes/setgid"].mode == 0o2711
+    assert one["feat/modes/sticky"].kind is Kind.DIR and one["feat/modes/sticky"].mode == 0o1777
+    assert one["feat/dev/char"].kind is Kind.CHAR and one["feat/dev/char"].rdev == (1, 3)
+    assert one["feat/dev/block"].kind is Kind.BLOCK and one["feat/dev/block"].rdev == (7, 0)
+    assert one["feat/dev/fifo"].kind is Kind.FIFO
+    assert one["feat/names/rel-sym"].target == "../hl/orig"
+    assert one["feat/names/dangling"].kind is Kind.SYMLINK
+    assert read_content(store, one["feat/names/with space"]) == b"sp\n"
+    assert read_content(store, one[f"feat/names/{images.UTF8_NAME}"]) == b"u\n"
+    assert read_content(store, one[f"feat/names/{images.LONG_NAME}"]) == b"long\n"
+    assert (one["feat/owned"].uid, one["feat/owned"].gid) == (1234, 5678)
+    assert one["feat/empty"].inline == b"" and one["feat/empty"].size == 0
+    big = one["feat/data/big"]
+    assert big.size == 1536 * 1024 and big.inline is None and len(big.chunks) > 1
+    links = [e for e in one.values() if e.path.startswith("feat/hl/")]
+    assert sorted(e.kind.value for e in links) == ["f", "h", "h"]  # one file, two links to it
+    two = layer_entries(store, image, 2)
+    assert two["feat/del/a"].kind is Kind.WHITEOUT
+    assert two["feat/hl/gone"].kind is Kind.WHITEOUT
+    layer2 = get_tree(store, image.layers[2].tree)[0]
+    assert [e.kind for e in layer2 if e.path == "feat/opq"] == [Kind.DIR, Kind.OPAQUE]
+    assert two["feat/opq/z"].kind is Kind.FILE
+    assert two["feat/hl/upper"].kind is Kind.HARDLINK
+    assert two["feat/hl/upper"].target == "feat/hl/orig"
+    assert two["feat/data/big-copy"].chunks == big.chunks
+    assert image.layers[2].stored_bytes < 100_000 or image.added_bytes == 0  # the copy is free
+    three = layer_entries(store, image, 3)
+    assert three[images.FEATURE_XATTR_FILE].xattrs == {
+        "security.capability": images.FEATURE_CAPABILITY
+    }
+    odd = "feat/xa/" + images.FEATURE_NON_UTF8_NAME.decode("utf-8", "surrogateescape")
+    assert read_content(store, three[odd]) == b"non-utf8 name\n"
+
+
+def test_docker_save_legacy(archives, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    proc = layerfs(store, "import", str(archives["legacy"]))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no progress display when stderr is not a terminal
+    row = listed(store)["lfsimp/feature:latest"]
+    assert row["layers"] == 4 and row["apparent_size"] > 1536 * 1024 * 2
+    cs = open_store(str(store))
+    image = Catalog(cs.backend).get_image("lfsimp/feature:latest")
+    check_feature_layers(cs, image)
+    assert image.id == row["id"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "name"),
+    [
+        ("oci-archive", "lfsimp/feature:oci"),
+        ("oci-dir", "lfsimp/feature:ocidir"),
+        ("oci-zstd", "lfsimp/feature:zstd"),
+        ("docker25", "lfsimp/feature:d25"),
+    ],
+)
+def test_oci_layouts_give_the_same_layers(archives, tmp_path: Path, layout: str, name: str):
+    legacy = import_archive(open_store(str(tmp_path / "legacy")), archives["legacy"])
+    store = open_store(str(tmp_path / layout))
+    image = import_archive(store, archives[layout])
+    assert image.name == name
+    check_feature_layers(store, image)
+    assert [layer.diff_id for layer in image.layers] == [la.diff_id for la in legacy.layers]
+    assert [layer.tree for layer in image.layers] == [la.tree for la in legacy.layers]
+    if layout == "oci-zstd":
+        _index, manifest = images.oci_manifest(archives[layout])
+        assert {d["mediaType"] for d in manifest["layers"]} == {
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        }
+
+
+def test_second_import_adds_nothing(archives, tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "store"))
+    first = import_archive(store, archives["legacy"])
+    assert first.added_bytes > 1536 * 1024
+    blobs = sorted(store.backend.iter_blobs())
+    again = import_archive(store, archives["legacy"], tag="lfsimp/again")
+    oci = import_archive(store, archives["oci-zstd"])
+    assert again.added_bytes == 0 and oci.added_bytes == 0
+    assert sorted(store.backend.iter_blobs()) == blobs
+    assert again.name == "lfsimp/again:latest"
+    rows = listed(tmp_path / "store")
+    # the three names share every blob except the configs' (which are docs, not blobs)
+    assert all(row["unique_bytes"] == 0 for row in rows.values())
+    assert layerfs(tmp_path / "store", "rmi", "lfsimp/again").returncode == 0
+    assert layerfs(tmp_path / "store", "rmi", "lfsimp/feature:zstd").returncode == 0
+    rows = listed(tmp_path / "store")
+    assert list(rows) == ["lfsimp/feature:latest"]
+    on_disk = sum(size for _d, size in store.backend.iter_blobs())
+    assert rows["lfsimp/feature:latest"]["unique_bytes"] == on_disk
+
+
+def test_from_docker_and_listing(docker_client, archives, tmp_path: Path) -> None:
+    tag = images.build_small_image(docker_client)
+    store = tmp_path / "store"
+    proc = layerfs(store, "import", "--from-docker", tag)
+    assert proc.returncode == 0, proc.stderr
+    assert "imported lfsimp/small:latest" in proc.stdout
+    assert layerfs(store, "import", str(archives["oci-archive"])).returncode == 0
+    rows = listed(store)
+    assert set(rows) == {"lfsimp/small:latest", "lfsimp/feature:oci"}
+    small, feature = rows["lfsimp/small:latest"], rows["lfsimp/feature:oci"]
+    assert small["layers"] == 2 and feature["layers"] == 4
+    # the busybox base layer is shared: neither image alone adds it
+    assert 0 < small["unique_bytes"] < 10_000
+    assert feature["unique_bytes"] > 1536 * 1024
+    cs = open_store(str(store))
+    image = Catalog(cs.backend).get_image("lfsimp/small")
+    top = layer_entries(cs, image, 1)
+    assert read_content(cs, top["small.txt"]) == b"small\n"
+    assert image.id == docker_client.images.get(tag).id
+    text = layerfs(store, "images")
+    assert text.returncode == 0 and "lfsimp/small:latest" in text.stdout
+    proc = layerfs(store, "rmi", "lfsimp/small")
+    assert proc.returncode == 0 and "removed lfsimp/small:latest" in proc.stdout
+    assert set(listed(store)) == {"lfsimp/feature:oci"}
+    proc = layerfs(store, "rmi", "lfsimp/small")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "no image named" in proc.stderr
+
+
+def test_unnamed_image_needs_a_tag(archives, tmp_path: Path) -> None:
+    layout = tmp_path / "unnamed"
+    shutil.copytree(archives["oci-dir"], layout)
+    index = json.loads((layout / "index.json").read_text())
+    del index["manifests"][0]["annotations"]
+    (layout / "index.json").write_text(json.dumps(index))
+    store = tmp_path / "store"
+    proc = layerfs(store, "import", str(layout))
+    assert proc.returncode == 1 and "--tag" in proc.stderr
+    assert listed(store) == {}
+    proc = layerfs(store, "import", str(layout), "--tag", "lfsimp/named:v1")
+    assert proc.returncode == 0, proc.stderr
+    assert set(listed(store)) == {"lfsimp/named:v1"}
+
+
+def test_progress_is_shown_on_a_terminal(archives, tmp_path: Path) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, LAYERFS_STORE=str(tmp_path / "store"), COLUMNS="120")
+    proc = subprocess.Popen(
+        [LAYERFS, "import", str(archives["legacy"])], stderr=slave, stdout=subprocess.PIPE, env=env
+    )
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    os.close(master)
+    assert proc.wait() == 0
+    assert b"layer " in shown and b"/4" in shown
