@@ -33,8 +33,13 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+log=$(mktemp)
+if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test]'; } >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "setup: installing the Python packages failed (above)" >&2
+  exit 1
+fi
+rm -f "$log"
 
 modprobe fuse 2>/dev/null || true
 modprobe overlay 2>/dev/null || true
