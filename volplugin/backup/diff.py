@@ -27,20 +27,32 @@ class Change:
         return f"{self.change} {self.path or '/'}{suffix}"
 
 
-def _content(entry: Entry) -> object:
+def _content(entry: Entry, tree: dict[str, Entry]) -> object:
+    """What a file holds; a hardlink holds what its target holds."""
+    if entry.kind is Kind.HARDLINK:
+        target = tree.get(entry.target)
+        if target is None or target.kind is not Kind.FILE:
+            return ("missing", entry.target)
+        entry = target
     if entry.inline is not None:
         return ("i", entry.inline)
     return ("c", tuple(ref.digest for ref in entry.chunks))
 
 
-def compare(a: Entry, b: Entry) -> tuple[str, ...]:
+def compare(
+    a: Entry, b: Entry, tree_a: dict[str, Entry], tree_b: dict[str, Entry]
+) -> tuple[str, ...]:
     """The aspects in which two entries of the same path differ."""
     what = []
-    if a.kind != b.kind:
+    if a.kind is Kind.HARDLINK or b.kind is Kind.HARDLINK:
+        regular = {Kind.FILE, Kind.HARDLINK}
+        if not (a.kind in regular and b.kind in regular):
+            return ("type",)
+    elif a.kind != b.kind:
         return ("type",)
-    if a.kind in (Kind.FILE,) and (a.size != b.size or _content(a) != _content(b)):
+    if a.kind in (Kind.FILE, Kind.HARDLINK) and _content(a, tree_a) != _content(b, tree_b):
         what.append("content")
-    if a.target != b.target:
+    if a.target != b.target and Kind.HARDLINK not in (a.kind, b.kind):
         what.append("target")
     if a.mode != b.mode:
         what.append("mode")
@@ -68,7 +80,7 @@ def diff_entries(old: list[Entry], new: list[Entry]) -> list[Change]:
         elif b is None:
             changes.append(Change(REMOVED, path))
         else:
-            what = compare(a, b)
+            what = compare(a, b, before, after)
             if what:
                 changes.append(Change(MODIFIED, path, what))
     return changes

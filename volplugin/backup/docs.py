@@ -26,6 +26,7 @@ class BackupRecord:
     tags: list[str] = field(default_factory=list)
     files: int = 0
     size: int = 0  # apparent bytes of regular files
+    files_read: int = 0
     bytes_read: int = 0
     bytes_new: int = 0  # plain bytes of chunks the store did not have
     bytes_stored: int = 0  # stored (compressed) bytes of those chunks

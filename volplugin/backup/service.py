@@ -74,6 +74,7 @@ def create_backup(
             tags=sorted(set(tags or [])),
             files=scan.files,
             size=scan.size,
+            files_read=scan.files_read,
             bytes_read=scan.bytes_read,
             bytes_new=scan.writes.bytes_new,
             bytes_stored=scan.writes.bytes_stored,
