@@ -157,7 +157,7 @@ def ensure_image(spec: ImageSpec, work: Path) -> str:
         small, copy_dir = 300, "/bin"
     else:
         base = ensure_debian_base(work)
-        small, copy_dir = 1000, "/usr/share/zoneinfo"
+        small, copy_dir = 800, "/usr/share/zoneinfo/America"
     ctx = work / "context"
     shutil.rmtree(ctx, ignore_errors=True)
     ctx.mkdir(parents=True)
