@@ -117,3 +117,26 @@ def layerfs(*args: str, store: Path, check: bool = True) -> subprocess.Completed
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def make_image(store, name: str, directory: Path):  # noqa: ANN001, ANN201 - test helper
+    """Record a one-layer image made from a directory (without the importer)."""
+    from layerfs.catalog import Catalog, ImageRecord, LayerRecord
+    from layerfs.records import put_tree
+    from volplugin.backup.snapshot import ParentIndex, Scanner
+
+    scan = Scanner(store, directory, ParentIndex()).scan()
+    tree = put_tree(store, scan.entries)
+    store.flush()
+    layer = LayerRecord(diff_id="sha256:" + hashlib.sha256(tree.encode()).hexdigest(), tree=tree)
+    catalog = Catalog(store.backend)
+    catalog.put_layer(layer)
+    image = ImageRecord(name=name, id="sha256:" + "0" * 64, config={}, layers=[layer])
+    catalog.put_image(image)
+    return image
+
+
+def age(path: Path, seconds: float) -> None:
+    """Make a file look ``seconds`` old."""
+    st = os.stat(path)
+    os.utime(path, (st.st_atime - seconds, st.st_mtime - seconds))
