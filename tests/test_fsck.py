@@ -1,0 +1,83 @@
+"""`layerfs fsck` re-hashes every object and names the images, backups and paths damage hits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from layerfs.catalog import Catalog
+from layerfs.records import get_tree
+from layerfs.store.location import open_store
+from tests.support.backuptree import layerfs
+from volplugin.backup import service
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def imported(tmp_path: Path, busybox_image: str):
+    importer = pytest.importorskip("layerfs.importer")
+    store_dir = tmp_path / "store"
+    store = open_store(str(store_dir))
+    image = importer.import_from_docker(store, busybox_image)
+    return store_dir, image
+
+
+def _busybox_chunk(store_dir: Path, image_name: str) -> str:
+    store = open_store(str(store_dir))
+    image = Catalog(store.backend).get_image(image_name)
+    for layer in image.layers:
+        entries, _ = get_tree(store, layer.tree)
+        for e in entries:
+            if e.path == "bin/busybox" and e.chunks:
+                return e.chunks[len(e.chunks) // 2].digest
+    raise AssertionError("no bin/busybox with chunks in the image")
+
+
+def test_clean_store_passes(imported) -> None:
+    store_dir, image = imported
+    out = layerfs("fsck", store=store_dir).stdout
+    assert "no damage found" in out
+
+
+def test_corrupt_object_names_image_backup_and_paths(imported, tmp_path: Path) -> None:
+    store_dir, image = imported
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    shutil.copy("/bin/busybox", vol / "tool")
+    backup = service.create_backup(open_store(str(store_dir)), "bk-fsck", vol)
+    digest = _busybox_chunk(store_dir, image.name)
+    _corrupt(open_store(str(store_dir)).backend.blob_path(digest))
+    proc = layerfs("fsck", store=store_dir, check=False)
+    assert proc.returncode == 1
+    assert f"damaged object {digest}: corrupt" in proc.stdout
+    assert f"image {image.name}" in proc.stdout and "bin/busybox" in proc.stdout
+    report = json.loads(layerfs("fsck", "--json", store=store_dir, check=False).stdout)
+    assert not report["ok"]
+    affected = {a["owner"]: a["paths"] for a in report["affected"]}
+    assert affected[f"image {image.name}"] == ["bin/busybox"]
+    assert affected[f"backup {backup.id} (volume bk-fsck)"] == ["tool"]
+    assert [d["digest"] for d in report["damage"]] == [digest]
+
+
+def test_missing_tree_and_corrupt_orphan(imported) -> None:
+    store_dir, image = imported
+    store = open_store(str(store_dir))
+    orphan = store.write_bytes(os.urandom(50_000))[0].digest
+    store.flush()
+    _corrupt(store.backend.blob_path(orphan))
+    tree = image.layers[-1].tree
+    store.backend.blob_path(tree).unlink()
+    report = json.loads(layerfs("fsck", "--json", store=store_dir, check=False).stdout)
+    damage = {d["digest"]: d["problem"] for d in report["damage"]}
+    assert damage == {orphan: "corrupt", tree: "missing"}
+    affected = {a["owner"]: a["paths"] for a in report["affected"]}
+    assert affected[f"image {image.name}"] == ["(tree record)"]
