@@ -102,8 +102,9 @@ class TarSource:
                 if m.isfile() or m.issym() or m.islnk():
                     self.members[name] = m
         except (tarfile.TarError, EOFError, OSError) as exc:
+            reason = "not a tar file" if isinstance(exc, tarfile.ReadError) else str(exc)
             raise ImportRejected(
-                f"{path}: not a readable image archive ({exc}); expected `docker save` "
+                f"{path}: not a readable image archive ({reason}); expected `docker save` "
                 "output, an OCI archive or an OCI layout directory"
             ) from exc
 
