@@ -143,3 +143,34 @@ def running_plugin(
         yield plugin
     finally:
         plugin.cleanup()
+
+
+def volume_users(docker_env: dict[str, str], driver: str) -> list[str]:
+    """Names of all containers (any state) that mount a volume of `driver`."""
+    import docker
+
+    client = docker.DockerClient(base_url=docker_env["DOCKER_HOST"])
+    try:
+        return [
+            c.name
+            for c in client.containers.list(all=True)
+            if any(m.get("Driver") == driver for m in c.attrs.get("Mounts", []))
+        ]
+    finally:
+        client.close()
+
+
+def remove_driver_objects(docker_env: dict[str, str], driver: str) -> None:
+    """Remove the containers using volumes of `driver`, then those volumes."""
+    names = volume_users(docker_env, driver)
+    if names:
+        subprocess.run(["docker", "rm", "-f", *names], env=docker_env, capture_output=True)
+    listing = subprocess.run(
+        ["docker", "volume", "ls", "-q", "--filter", f"driver={driver}"],
+        env=docker_env,
+        capture_output=True,
+        text=True,
+    )
+    vols = listing.stdout.split()
+    if vols:
+        subprocess.run(["docker", "volume", "rm", "-f", *vols], env=docker_env, capture_output=True)
