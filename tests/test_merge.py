@@ -193,6 +193,7 @@ def test_special_files_modes_owners_times_xattrs(store):
                 Entry("fifo", Kind.FIFO, mode=0o644, mtime_ns=MTIME),
                 Entry("sock", Kind.SOCKET, mode=0o755, mtime_ns=MTIME),
                 sym("link", "dev/null"),
+                Entry("odd-mode-link", Kind.SYMLINK, mode=0o644, target="x", mtime_ns=MTIME),
                 f(store, "suid", b"s", mode=0o4755),
                 f(store, "sgid", b"s", mode=0o2711, uid=1000, gid=1001),
                 d("tmp", mode=0o1777),
@@ -210,6 +211,7 @@ def test_special_files_modes_owners_times_xattrs(store):
     assert v.lookup("sock").kind is Kind.SOCKET
     lnk = v.lookup("link")
     assert (lnk.kind, lnk.target, lnk.size) == (Kind.SYMLINK, "dev/null", 8)
+    assert v.lookup("odd-mode-link").mode == 0o777  # as Linux shows every symlink
     assert v.lookup("suid").st_mode & 0o7777 == 0o4755
     sgid = v.lookup("sgid")
     assert (sgid.mode, sgid.uid, sgid.gid) == (0o2711, 1000, 1001)

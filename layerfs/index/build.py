@@ -20,7 +20,7 @@ from layerfs.index.merge import Dir, Inode, MergedTree, merge_layers
 from layerfs.records import Entry, Kind, get_tree
 from layerfs.store.chunks import ChunkRef, ChunkStore
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 BLOCK_SIZE = 4096
 
 SCHEMA = """
@@ -96,10 +96,12 @@ def _inode_row(ino: int, e: Entry, nlink: int) -> tuple:
         size = len(fs_bytes(e.target))
     else:
         size = 0
+    # Linux has no symlink permissions: every symlink shows 0777, whatever its tar header says.
+    mode = 0o777 if e.kind is Kind.SYMLINK else e.mode & 0o7777
     return (
         ino,
         e.kind.value,
-        e.mode & 0o7777,
+        mode,
         e.uid,
         e.gid,
         size,
