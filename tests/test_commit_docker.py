@@ -2,12 +2,15 @@
 mount (chroot, then `layerfs commit` + `layerfs export` + `docker load`) gives the same tree,
 and `layerfs diff` lists what `docker diff` lists.
 
-The writable mount here is kernel overlayfs over the image's root tree, recorded as a
-layerfs mount: its upper directory has exactly the format layerfs.fs.upper documents.
+Two writable mounts are tried: `layerfs mount IMAGE MNT --upper DIR`, and kernel overlayfs
+over the image's root tree recorded as a layerfs mount (its upper dir has the format
+layerfs.fs.upper documents). The script leaves hardlinked lower files alone: kernel
+overlayfs (and so Docker) breaks such links on copy-up, while layerfs keeps them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -74,52 +77,88 @@ def _layerfs(store: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def scenario(busybox_image, tmp_path_factory):
-    """Run the script both ways once; yield what the tests compare, clean up after."""
-    tmp = tmp_path_factory.mktemp("lfscommit")
+def docker_side(busybox_image, tmp_path_factory):
+    """The lower image, and the script run by Docker itself (run, diff, commit, export)."""
+    tmp = tmp_path_factory.mktemp("lfscommit-docker")
     prefix = unique("lfscommit")
-    lower_tag, docker_tag = f"{prefix}-lower:1", f"{prefix}-docker:1"
-    ours_tag, oci_tag = f"{prefix}-ours:1", f"{prefix}-oci:1"
-    container = f"{prefix}-run"
+    lower_tag, docker_tag, container = f"{prefix}-lower:1", f"{prefix}-docker:1", f"{prefix}-run"
     (tmp / "ctx").mkdir()
     (tmp / "ctx/Dockerfile").write_text(DOCKERFILE.format(base=busybox_image))
-    store_dir = tmp / "store"
-    state: dict = {"tmp": tmp, "store": store_dir, "tags": {}}
     try:
         docker_build(tmp / "ctx", lower_tag)
-        # Docker's side
         _run("docker", "run", "--name", container, lower_tag, "sh", "-c", SCRIPT, check=True)
         diff = _run("docker", "diff", container, check=True).stdout.split("\n")
-        state["docker_diff"] = {tuple(line.split(" ", 1)) for line in diff if line}
         _run("docker", "commit", container, docker_tag, check=True)
-        state["docker_tree"] = tar_tree(docker_export(docker_tag))
+        yield {
+            "prefix": prefix,
+            "lower_tag": lower_tag,
+            "docker_diff": {tuple(line.split(" ", 1)) for line in diff if line},
+            "docker_tree": tar_tree(docker_export(docker_tag)),
+        }
+    finally:
+        _run("docker", "rm", "-f", container)
+        for tag in (lower_tag, docker_tag):
+            _run("docker", "rmi", "-f", tag)
 
-        # layerfs' side
-        store = open_store(str(store_dir))
-        image = import_from_docker(store, lower_tag)
-        extract_rootfs(docker_export(lower_tag), tmp / "rootfs")
-        changes = tmp / "changes"
-        changes.mkdir()
-        (changes / "layerfs.json").write_text(
-            json.dumps({"format": 1, "image": image.name, "image_id": image.id})
-        )
-        with overlay_mount(tmp / "rootfs", changes) as (mnt, upper):
-            info = MountInfo(str(mnt), image.name, image.id, str(changes), pid=os.getpid())
-            save_mountinfo(store.backend, info)
-            try:
-                state["empty_commit"] = _layerfs(store_dir, "commit", str(mnt), "-t", "x:y")
-                _run("chroot", str(mnt), "/bin/sh", "-c", SCRIPT, check=True)
-                state["diff"] = _layerfs(store_dir, "diff", str(mnt))
-                state["commit"] = _layerfs(store_dir, "commit", str(mnt), "--tag", ours_tag)
-                state["after_commit"] = os.listdir(mnt / "data/big")  # the mount goes on
-            finally:
-                remove_mountinfo(store.backend, mnt)
+
+@contextlib.contextmanager
+def _kernel_overlay(store_dir: Path, lower_tag: str, tmp: Path):
+    """Kernel overlayfs over the image's root tree, recorded as a layerfs image mount."""
+    store = open_store(str(store_dir))
+    image = import_from_docker(store, lower_tag)
+    extract_rootfs(docker_export(lower_tag), tmp / "rootfs")
+    changes = tmp / "changes"
+    changes.mkdir()
+    meta = {"format": 1, "image": image.name, "image_id": image.id}
+    (changes / "layerfs.json").write_text(json.dumps(meta))
+    with overlay_mount(tmp / "rootfs", changes) as (mnt, _upper):
+        info = MountInfo(str(mnt), image.name, image.id, str(changes), pid=os.getpid())
+        save_mountinfo(store.backend, info)
+        try:
+            yield mnt
+        finally:
+            remove_mountinfo(store.backend, mnt)
+
+
+@contextlib.contextmanager
+def _layerfs_mount(store_dir: Path, lower_tag: str, tmp: Path):
+    """The real thing: `layerfs mount IMAGE MNT --upper DIR`."""
+    proc = _layerfs(store_dir, "import", "--from-docker", lower_tag)
+    assert proc.returncode == 0, proc.stderr
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    proc = _layerfs(store_dir, "mount", lower_tag, str(mnt), "--upper", str(tmp / "changes"))
+    assert proc.returncode == 0, proc.stderr
+    try:
+        yield mnt
+    finally:
+        if _layerfs(store_dir, "umount", str(mnt)).returncode != 0:
+            _run("umount", "-l", str(mnt))
+
+
+MOUNTS = {"kernel-overlay": _kernel_overlay, "layerfs-mount": _layerfs_mount}
+
+
+@pytest.fixture(scope="module", params=sorted(MOUNTS))
+def scenario(request, docker_side, tmp_path_factory):
+    """The script run in a writable mount, then commit, export, load; cleaned up after."""
+    tmp = tmp_path_factory.mktemp("lfscommit-mount")
+    prefix = unique(docker_side["prefix"])
+    ours_tag, oci_tag = f"{prefix}-ours:1", f"{prefix}-oci:1"
+    store_dir = tmp / "store"
+    state: dict = dict(docker_side)
+    try:
+        with MOUNTS[request.param](store_dir, docker_side["lower_tag"], tmp) as mnt:
+            state["empty_commit"] = _layerfs(store_dir, "commit", str(mnt), "-t", "x:y")
+            _run("chroot", str(mnt), "/bin/sh", "-c", SCRIPT, check=True)
+            state["diff"] = _layerfs(store_dir, "diff", str(mnt))
+            state["commit"] = _layerfs(store_dir, "commit", str(mnt), "--tag", ours_tag)
+            state["after_commit"] = os.listdir(mnt / "data/big")  # the mount goes on
         assert state["commit"].returncode == 0, state["commit"].stderr
         archive = tmp / "ours.tar"
         state["export"] = _layerfs(store_dir, "export", ours_tag, "-o", str(archive))
         assert state["export"].returncode == 0, state["export"].stderr
         state["load"] = _run("docker", "load", "-i", str(archive))
-        state["tags"]["ours"] = ours_tag
         state["ours_tree"] = tar_tree(docker_export(ours_tag))
         state["inspect"] = json.loads(_run("docker", "image", "inspect", ours_tag).stdout)[0]
 
@@ -137,8 +176,7 @@ def scenario(busybox_image, tmp_path_factory):
             state["oci_tree"] = tar_tree(docker_export(oci_tag))
         yield state
     finally:
-        _run("docker", "rm", "-f", container)
-        for tag in (lower_tag, docker_tag, ours_tag, oci_tag):
+        for tag in (ours_tag, oci_tag):
             _run("docker", "rmi", "-f", tag)
 
 
