@@ -36,7 +36,9 @@ WRITABLE_OPTIONS = {
     "big_writes": True,
     "max_write": 131072,
     "max_read": 131072,
-    "attr_timeout": 1.0,
+    # Hard links get one kernel inode per name in libfuse's path-based API, so
+    # cached attributes of one name would go stale when another name is written.
+    "attr_timeout": 0.0,
     "entry_timeout": 1.0,
 }
 
