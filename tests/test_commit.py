@@ -91,7 +91,8 @@ _KILLER = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-        from layerfs.store.location import open_store
+    from layerfs.store.local import LocalBackend
+    from layerfs.store.location import open_store
     from layerfs.catalog import Catalog
     from layerfs.commit import MountChanges, commit
 
