@@ -75,7 +75,7 @@ def endpoint(path: str) -> Callable[[Callable[[dict], dict]], Callable[[], Respo
             err = doc.pop("Err", "")
             return reply({**doc, "Err": err}, 500 if err else 200)
 
-        blueprint.add_url_rule(path, endpoint=path, view_func=view, methods=["POST"])
+        blueprint.add_url_rule(path, endpoint=fn.__name__, view_func=view, methods=["POST"])
         return view
 
     return register
@@ -105,10 +105,12 @@ def list_(doc: dict) -> dict:
 
 @endpoint("/Backup.Restore")
 def restore(doc: dict) -> dict:
+    store = _store()
+    ref = service.get_backup(store.backend, field(doc, "Backup")).id
     target = volumes.restore_dir(_volumes(), field(doc, "Volume"))
     record, result = service.restore_backup(
-        _store(),
-        field(doc, "Backup"),
+        store,
+        ref,
         target,
         subpath=_optional_str(doc, "Path"),
         force=bool(doc.get("Force", False)),

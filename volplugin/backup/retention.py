@@ -94,6 +94,7 @@ def apply_policy(backups: list[BackupRecord], policy: Policy) -> list[Decision]:
 
 def apply_per_volume(backups: list[BackupRecord], policy: Policy) -> list[Decision]:
     """apply_policy for each volume's backups separately."""
+    apply_policy([], policy)  # refuses an empty or negative policy even with no backups
     by_volume: dict[str, list[BackupRecord]] = {}
     for backup in backups:
         by_volume.setdefault(backup.volume, []).append(backup)
