@@ -281,3 +281,20 @@ def test_errors_are_one_line_and_leave_nothing_mounted(image_store):
         assert proc.returncode == 1 and "not a fuse.layerfs mount" in proc.stderr
         proc = layerfs(image_store, "mount", "lfsmnt/feature:1", str(base / "nodir"), check=False)
         assert proc.returncode == 1 and "not a directory" in proc.stderr
+
+
+def test_parallel_readers_get_the_same_bytes(mnt):
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = ["big", "victim", "etc/hello", "etc/hard", LONG] * 4
+
+    def read_all(name: str) -> tuple[str, bytes, list[str]]:
+        return name, (mnt / name).read_bytes(), sorted(os.listdir(mnt / "etc"))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(read_all, names))
+    expected = {name: (mnt / name).read_bytes() for name in set(names)}
+    assert expected["big"] == BIG
+    for name, data, listing in results:
+        assert data == expected[name]
+        assert listing == ["hard", "hello", "link", "shadow"]

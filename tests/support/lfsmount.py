@@ -34,14 +34,16 @@ def public_dir(prefix: str = "lfsmnt-") -> Iterator[Path]:
     try:
         yield path
     finally:
-        force_unmount(path)
+        for child in path.iterdir():
+            force_unmount(child)
         shutil.rmtree(path, ignore_errors=True)
 
 
 def force_unmount(mountpoint: Path) -> None:
     """Unmount whatever a failed test left mounted at ``mountpoint``."""
     while find_mount(mountpoint) is not None:
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+        if subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True).returncode:
+            raise RuntimeError(f"cannot unmount {mountpoint}")
 
 
 @contextmanager
