@@ -23,6 +23,7 @@ from layerfs.fs.upper import (
     MetaCopy,
     UpperDirs,
     is_opaque,
+    is_whiteout,
     set_opaque,
     write_metacopy,
 )
@@ -195,6 +196,12 @@ class CopyUp:
                     continue
                 if os.path.isdir(cup) and not os.path.islink(cup):
                     self.copy_up_tree(child)
+        with os.scandir(up) as it:  # whiteouts hide nothing in an opaque directory
+            for e in it:
+                if not e.is_dir(follow_symlinks=False) and is_whiteout(
+                    e.stat(follow_symlinks=False)
+                ):
+                    os.unlink(e.path)
         set_opaque(up)
 
 
