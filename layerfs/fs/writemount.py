@@ -56,7 +56,7 @@ def is_stale(mountpoint: str | Path) -> bool:
     try:
         os.stat(mountpoint)
     except OSError as exc:
-        return exc.errno == errno.ENOTCONN
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 
