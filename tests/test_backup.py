@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -220,7 +221,7 @@ def test_kill_during_backup_then_verify_and_next_backup(store_dir: Path, tmp_pat
     )
     tmp_dir = store_dir / "tmp"
     while proc.poll() is None and len(os.listdir(tmp_dir)) < 50:
-        pass
+        time.sleep(0.002)
     proc.kill()
     assert proc.wait() == -9, "the backup finished before it could be killed"
     assert os.listdir(tmp_dir)  # a killed writer's leftovers

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from layerfs.errors import StoreError
+from layerfs.errors import ObjectMissing, StoreError
 from layerfs.maintenance.liveset import DigestSets
 from layerfs.maintenance.roots import Root
 from layerfs.records import get_tree
@@ -19,6 +19,7 @@ class Unreadable:
     digest: str
     owner: str
     reason: str
+    missing: bool = False
 
 
 def mark_roots(store: ChunkStore, roots: Iterable[Root], sets: DigestSets) -> list[Unreadable]:
@@ -36,7 +37,8 @@ def mark_roots(store: ChunkStore, roots: Iterable[Root], sets: DigestSets) -> li
             try:
                 entries, _meta = get_tree(store, tree)
             except (StoreError, ValueError, KeyError) as exc:
-                unreadable.append(Unreadable(tree, root.owner, str(exc)))
+                missing = isinstance(exc, ObjectMissing)
+                unreadable.append(Unreadable(tree, root.owner, str(exc), missing))
                 continue
             sets.mark_many(ref.digest for e in entries for ref in e.chunks)
     return unreadable

@@ -120,7 +120,10 @@ class Scanner:
                 st = os.lstat(full)
             except FileNotFoundError:
                 continue  # removed while we scan
-            self._add(full, child, st)
+            try:
+                self._add(full, child, st)
+            except FileNotFoundError:
+                continue  # removed while we read it
             if stat.S_ISDIR(st.st_mode):
                 self._walk(full, child)
 
@@ -147,8 +150,9 @@ class Scanner:
                     entry.target = first
                     self._append(entry, st)
                     return
-                self._links[(st.st_dev, st.st_ino)] = rel
             self._content(full, entry, st)
+            if st.st_nlink > 1:
+                self._links[(st.st_dev, st.st_ino)] = rel
             self.result.files += 1
             self.result.size += entry.size
         self._append(entry, st)
@@ -166,6 +170,8 @@ class Scanner:
             fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME)
         except PermissionError:
             fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise
         except OSError as exc:
             raise BackupError(f"cannot read {full}: {exc.strerror}") from exc
         with os.fdopen(fd, "rb", buffering=0) as f:
