@@ -47,6 +47,8 @@ def populated(tmp_path: Path):
     for digest in referenced:
         age(store.backend.blob_path(digest), 7200)
     (store_dir / "tmp" / "w-killed").write_bytes(b"half a chunk")
+    (store_dir / "cache" / "maintenance").mkdir(parents=True, exist_ok=True)
+    (store_dir / "cache" / "maintenance" / "liveset-killed.sqlite").write_bytes(b"x")
     return store_dir, image, backup, referenced, {r.digest for r in old}, {r.digest for r in fresh}
 
 
@@ -63,6 +65,7 @@ def test_gc_frees_orphans_only(populated, tmp_path: Path) -> None:
     after = set(_blobs(store_dir))
     assert after == referenced | fresh
     assert os.listdir(store_dir / "tmp") == []
+    assert os.listdir(store_dir / "cache" / "maintenance") == []
     layerfs("fsck", store=store_dir)
     store = open_store(str(store_dir))
     entries, _ = get_tree(store, Catalog(store.backend).get_image("bk-image:1").layers[0].tree)

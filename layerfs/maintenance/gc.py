@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from layerfs.errors import StoreError
-from layerfs.maintenance.liveset import DigestSets
+from layerfs.maintenance.liveset import DigestSets, remove_stale
 from layerfs.maintenance.mark import mark_roots
 from layerfs.maintenance.roots import Root
 from layerfs.store.chunks import ChunkStore
@@ -51,7 +51,10 @@ def sweep_locked(
     backend.flush()
     report = GcReport(dry_run=dry_run)
     cutoff = (time.time() if now is None else now) - grace_seconds
-    with DigestSets(backend.cache_dir() / "maintenance") as sets:
+    work_dir = backend.cache_dir() / "maintenance"
+    if not dry_run:
+        remove_stale(work_dir)
+    with DigestSets(work_dir) as sets:
         unreadable = mark_roots(store, roots, sets)
         if unreadable:
             first = unreadable[0]

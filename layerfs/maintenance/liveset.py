@@ -18,6 +18,16 @@ from types import TracebackType
 _BATCH = 5000
 
 
+def remove_stale(directory: Path) -> int:
+    """Remove live-set files of killed runs; only safe under the exclusive lock."""
+    n = 0
+    for path in directory.glob("liveset-*.sqlite"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            n += 1
+    return n
+
+
 class DigestSets:
     """The live and present digests of one maintenance run, in a temporary SQLite file."""
 
