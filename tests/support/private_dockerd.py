@@ -3,8 +3,9 @@
 The shared daemon caches every legacy volume driver it ever talked to and keeps calling
 it (with ~15 s of retries per `docker volume ls`) after the plugin is gone. Tests that
 start short-lived plugins therefore use their own dockerd, with its own data root, exec
-root, pidfile and API socket, no bridge and no iptables; it can also be restarted, which
-the shared daemon must never be. The plugin socket directory (/run/docker/plugins) is
+root, pidfile and API socket, its own bridge and no iptables; it can also be restarted, which
+the shared daemon must never be. (Not `--bridge=none`: dockerd 20.10 then deletes the
+host's docker0 at start, which breaks the shared daemon's containers.) The plugin socket directory (/run/docker/plugins) is
 shared with the main daemon, so plugin names still need a unique `vp-` prefix.
 """
 
@@ -36,12 +37,15 @@ class PrivateDockerd:
         self.exec_root = Path(f"/run/vpd-{tag}")
         self.host = f"unix://{self.exec_root}/docker.sock"
         self.env = dict(os.environ, DOCKER_HOST=self.host)
+        self.bridge = f"vpd{tag}br"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> PrivateDockerd:
         config = self.work / "daemon.json"
         config.write_text(json.dumps({}))
         self.exec_root.mkdir(mode=0o700, exist_ok=True)
+        if subprocess.run(["ip", "link", "show", self.bridge], capture_output=True).returncode:
+            subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
         log = open(self.work / "dockerd.log", "ab")  # noqa: SIM115 - handed to the daemon
         self.proc = subprocess.Popen(
             [
@@ -51,7 +55,7 @@ class PrivateDockerd:
                 f"--exec-root={self.exec_root}",
                 f"--pidfile={self.exec_root / 'docker.pid'}",
                 f"--host={self.host}",
-                "--bridge=none",
+                f"--bridge={self.bridge}",
                 "--iptables=false",
                 "--ip-masq=false",
                 "--log-level=warn",
@@ -125,6 +129,7 @@ class PrivateDockerd:
             _unmount_below(path)
         shutil.rmtree(self.work, ignore_errors=True)
         shutil.rmtree(self.exec_root, ignore_errors=True)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
 
 
 def _unmount_below(path: Path) -> None:
