@@ -5,8 +5,9 @@ it (with ~15 s of retries per `docker volume ls`) after the plugin is gone. Test
 start short-lived plugins therefore use their own dockerd, with its own data root, exec
 root, pidfile and API socket, its own bridge and no iptables; it can also be restarted, which
 the shared daemon must never be. (Not `--bridge=none`: dockerd 20.10 then deletes the
-host's docker0 at start, which breaks the shared daemon's containers.) The plugin socket directory (/run/docker/plugins) is
-shared with the main daemon, so plugin names still need a unique `vp-` prefix.
+host's docker0 at start, which breaks the shared daemon's containers.) The plugin socket
+directory (/run/docker/plugins) is shared with the main daemon, so plugin names still
+need a unique `vp-` prefix.
 """
 
 from __future__ import annotations
