@@ -191,6 +191,7 @@ def test_plugin_sigkill_while_containers_run(d, daemon, plugin):
 
     # Reconciled at start: only the running container holds the volume.
     assert status(plugin, vol)["Containers"] == 1
+    assert f"volume {vol}: dropped 1 stale mount ID(s); 1 running container(s)" in plugin.log()
     assert d("exec", keep, "cat", "/d/data").stdout == "before\n"
     d("exec", keep, "sh", "-c", "echo after >> /d/data")
     assert vol in d("volume", "ls", "-q").stdout.split()

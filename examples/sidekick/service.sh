@@ -19,4 +19,7 @@ ctlsock serve "$RUN/ctl.sock" | while read -r cmd; do
         restart) kill "$(cat "$RUN/worker.pid")"; start_worker ;;
         *) echo "unknown command: $cmd" >&2 ;;
     esac
-done
+done &
+# As PID 1 the shell gets no default signal handling: stop promptly on docker stop.
+trap 'exit 0' TERM INT
+wait
