@@ -22,3 +22,15 @@ def docker_client():
 @pytest.fixture(scope="session")
 def busybox_image(docker_client) -> str:
     return dockerenv.ensure_busybox_image(docker_client)
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """The real Ceph RGW (started once if needed) with AWS_* exported; see tests/support/ceph."""
+    from tests.support import ceph
+
+    if shutil.which("radosgw") is None:
+        pytest.fail("radosgw is not installed: apt-get install ceph-mon ceph-osd radosgw")
+    env = ceph.ensure_rgw()
+    env.export()
+    return env

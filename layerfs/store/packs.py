@@ -1,0 +1,110 @@
+"""Pack files and pack indexes: the object formats of the S3 store.
+
+Many blobs travel in one pack object so a backup makes few, large requests::
+
+    pack  = b"LFSPACK1" | blob bytes ... | trailer | u64le(len(trailer)) | b"LFSPEND1"
+    trailer = zstd(json {"version": 1, "blobs": [[digest, offset, length], ...]})
+
+The trailer lets an index be rebuilt from the packs alone. An index object maps
+the blobs of one or more packs to their places::
+
+    index = zstd(json {"version": 1, "packs": {pack_id: [[digest, offset, length], ...]}})
+
+Both are immutable once written; their names are random ids, so writers on
+different hosts never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+from dataclasses import dataclass, field
+
+import zstandard
+
+from layerfs.errors import StoreError
+
+PACK_MAGIC = b"LFSPACK1"
+PACK_END = b"LFSPEND1"
+FOOTER_SIZE = 16
+_VERSION = 1
+
+
+def new_id() -> str:
+    """A random 128-bit id for a pack or an index."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobPlace:
+    """Where a blob's bytes are: pack id, byte offset in the pack, length."""
+
+    pack: str
+    offset: int
+    length: int
+
+
+@dataclass
+class PackWriter:
+    """A pack being filled in memory; ``seal`` returns the finished bytes."""
+
+    pack_id: str = field(default_factory=new_id)
+    buf: bytearray = field(default_factory=lambda: bytearray(PACK_MAGIC))
+    blobs: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def add(self, digest: str, data: bytes) -> BlobPlace:
+        offset = len(self.buf)
+        self.buf += data
+        self.blobs.append((digest, offset, len(data)))
+        return BlobPlace(self.pack_id, offset, len(data))
+
+    def read(self, place: BlobPlace) -> bytes:
+        return bytes(self.buf[place.offset : place.offset + place.length])
+
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
+    def seal(self) -> bytes:
+        trailer = _pack_json({"version": _VERSION, "blobs": self.blobs})
+        return bytes(self.buf) + trailer + struct.pack("<Q", len(trailer)) + PACK_END
+
+
+def parse_footer(name: str, footer: bytes) -> int:
+    """Length of the trailer a pack's last FOOTER_SIZE bytes announce."""
+    if len(footer) != FOOTER_SIZE or footer[8:] != PACK_END:
+        raise StoreError(f"pack {name} is damaged: its footer is wrong; run a check of the store")
+    return struct.unpack("<Q", footer[:8])[0]
+
+
+def parse_trailer(name: str, trailer: bytes) -> list[tuple[str, int, int]]:
+    """The (digest, offset, length) list a pack trailer holds."""
+    doc = _unpack_json(name, trailer)
+    return [(str(d), int(o), int(n)) for d, o, n in doc["blobs"]]
+
+
+def encode_index(packs: dict[str, list[tuple[str, int, int]]]) -> bytes:
+    return _pack_json({"version": _VERSION, "packs": packs})
+
+
+def decode_index(name: str, data: bytes) -> dict[str, list[tuple[str, int, int]]]:
+    doc = _unpack_json(name, data)
+    return {
+        pack: [(str(d), int(o), int(n)) for d, o, n in blobs]
+        for pack, blobs in doc["packs"].items()
+    }
+
+
+def _pack_json(doc: dict) -> bytes:
+    return zstandard.ZstdCompressor(level=3).compress(json.dumps(doc).encode())
+
+
+def _unpack_json(name: str, data: bytes) -> dict:
+    try:
+        doc = json.loads(zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31))
+    except (ValueError, zstandard.ZstdError) as exc:
+        raise StoreError(f"{name} is damaged: cannot decode it ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("version") != _VERSION:
+        raise StoreError(f"{name} has an unknown format version; upgrade layerfs")
+    return doc

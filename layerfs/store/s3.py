@@ -1,0 +1,616 @@
+"""A store backend in an S3 bucket (``s3://BUCKET/PREFIX``), for AWS or S3-compatible servers.
+
+Layout under PREFIX::
+
+    packs/ab/<id>    pack files of many blobs (see layerfs.store.packs), ~32 MB each
+    index/<id>       index objects: digest -> (pack, offset, length) for some packs
+    docs/<name>      named documents, one plain object each
+    locks/...        leases (see layerfs.store.leases)
+
+Blobs are appended to an in-memory pack; a full pack is uploaded by a pool of
+threads (one PUT each, multipart above 64 MB), and ``flush`` uploads the open
+pack, waits for every upload and only then writes the index object naming them:
+a blob is visible only when its pack and an index are both durable. Pack and
+index names are random, so writers on several hosts never overwrite each other.
+
+Reads use Range GETs of exactly one blob and keep the bytes in a bounded local
+cache (``cache_dir()/blobs``); index objects are cached there too, as they never
+change. ``delete_blobs`` repacks: a pack holding only dead blobs is deleted, a
+pack holding live and dead blobs has its live blobs copied into a new pack; the
+new packs and a new index (also carrying the entries of untouched packs that
+shared an index with a rewritten one) are written before the old indexes, then
+the old packs are deleted, so a crash at any point loses nothing live.
+
+Endpoint and credentials come from the usual AWS environment and config files
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); addressing is path-style.
+``stats`` counts requests by operation (boto3 event hooks) and bytes moved.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from layerfs.errors import ObjectMissing, StoreError
+from layerfs.store import packs
+from layerfs.store.backend import Backend, check_digest, check_doc_name
+from layerfs.store.cache import BlobCache
+from layerfs.store.leases import LeaseManager
+from layerfs.store.packs import BlobPlace, PackWriter
+
+log = logging.getLogger(__name__)
+
+PACK_SIZE = 32 << 20
+MULTIPART_THRESHOLD = 64 << 20
+CACHE_BYTES = 2 << 30
+_INDEX_EVERY = 8  # write an index after this many uploaded packs even without flush
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass
+class S3Stats:
+    """Requests (by S3 operation, counted by boto3 event hooks) and bytes moved."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    attempts: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    packs_written: int = 0
+    indexes_written: int = 0
+    _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self._mutex:
+            setattr(self, what, getattr(self, what) + n)
+
+    def on_call(self, event_name: str, **_: object) -> None:
+        with self._mutex:
+            self.requests[event_name.rsplit(".", 1)[-1]] += 1
+
+    def on_send(self, **_: object) -> None:
+        self.count("attempts")
+
+    @property
+    def total_requests(self) -> int:
+        with self._mutex:
+            return sum(self.requests.values())
+
+    def snapshot(self) -> dict[str, object]:
+        with self._mutex:
+            return {
+                "requests": dict(self.requests),
+                "total_requests": sum(self.requests.values()),
+                "attempts": self.attempts,
+                "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down,
+                "packs_written": self.packs_written,
+                "indexes_written": self.indexes_written,
+            }
+
+
+def default_cache_root() -> Path:
+    """$LAYERFS_CACHE_DIR, else /var/cache/layerfs for root, else ~/.cache/layerfs."""
+    env = os.environ.get("LAYERFS_CACHE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/cache/layerfs")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "layerfs" if xdg else Path.home() / ".cache" / "layerfs"
+
+
+def make_client(max_connections: int = 16):
+    """An S3 client from the standard AWS environment, path-style, with modest retries."""
+    session = boto3.session.Session()
+    config = Config(
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "max_attempts": 4},
+        connect_timeout=5,
+        read_timeout=60,
+        max_pool_connections=max_connections,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
+
+
+class S3Backend(Backend):
+    """Blobs in pack files and docs as plain objects in an S3 bucket; see the module doc."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client=None,
+        pack_size: int = PACK_SIZE,
+        upload_threads: int = 4,
+        cache_root: Path | None = None,
+        cache_bytes: int = CACHE_BYTES,
+        lease_ttl: float = 60.0,
+        lock_timeout: float = 900.0,
+        lock_poll: float = 1.0,
+    ) -> None:
+        if not _BUCKET_RE.match(bucket):
+            raise StoreError(f"invalid S3 bucket name {bucket!r}")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.pack_size = pack_size
+        self.stats = S3Stats()
+        self.client = client or make_client(upload_threads * 2 + 8)
+        self.client.meta.events.register("before-call.s3", self.stats.on_call)
+        self.client.meta.events.register("before-send.s3", self.stats.on_send)
+        self.endpoint = self.client.meta.endpoint_url
+        self._cache_root = cache_root
+        self.cache = BlobCache(self.cache_dir() / "blobs", cache_bytes)
+        self.leases = LeaseManager(
+            self.client,
+            bucket,
+            self.prefix,
+            ttl=lease_ttl,
+            poll=lock_poll,
+            timeout=lock_timeout,
+            wrap=self._error,
+        )
+        self._transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 << 20, max_concurrency=4
+        )
+        self._pool = ThreadPoolExecutor(upload_threads, thread_name_prefix="layerfs-s3-upload")
+        self._slots = threading.BoundedSemaphore(upload_threads + 1)
+        self._mutex = threading.RLock()
+        self._flush_mutex = threading.Lock()
+        self._bucket_checked = False
+        self._exclusive_depth = 0
+        # durable state, from the index objects
+        self._loaded = False
+        self._index_packs: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
+        self._places: dict[str, BlobPlace] = {}
+        # this process's blobs that are not yet covered by an index
+        self._open: PackWriter | None = None
+        self._pending: dict[str, tuple[PackWriter, BlobPlace]] = {}
+        self._uploads: list[tuple[PackWriter, Future]] = []
+        self._retry: list[PackWriter] = []
+        self._unindexed: dict[str, PackWriter] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs) -> S3Backend:
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise StoreError(f"invalid S3 store URL {url!r}: use s3://BUCKET/PREFIX")
+        return cls(parsed.netloc, parsed.path.strip("/"), **kwargs)
+
+    # -- helpers -------------------------------------------------------------------
+    def _key(self, rel: str) -> str:
+        return self.prefix + rel
+
+    @staticmethod
+    def _pack_rel(pack_id: str) -> str:
+        return f"packs/{pack_id[:2]}/{pack_id}"
+
+    def _error(self, what: str, exc: Exception) -> StoreError:
+        """A one-line StoreError for a failed S3 call, saying what to check."""
+        if isinstance(exc, StoreError):
+            return exc
+        if isinstance(exc, NoCredentialsError):
+            return StoreError(
+                f"{what}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "or configure ~/.aws/credentials"
+            )
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = err.get("Code", "")
+            if code == "NoSuchBucket":
+                return StoreError(
+                    f"{what}: the bucket {self.bucket} does not exist at {self.endpoint}; "
+                    "check the store URL or create the bucket"
+                )
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StoreError(f"{what}: S3 refused the credentials ({code}); check AWS_* keys")
+            return StoreError(f"{what} in {self.url} failed: {code} {err.get('Message', '')}")
+        if isinstance(exc, BotoCoreError):
+            return StoreError(
+                f"{what}: cannot reach the S3 endpoint {self.endpoint} ({exc}); "
+                "check AWS_ENDPOINT_URL and that the server runs"
+            )
+        return StoreError(f"{what} in {self.url} failed: {exc}")
+
+    def _ensure_bucket(self) -> None:
+        if self._bucket_checked:
+            return
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                raise self._error("checking the bucket", exc) from exc
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except ClientError as exc2:
+                code = exc2.response.get("Error", {}).get("Code")
+                if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise self._error(f"creating the bucket {self.bucket}", exc2) from exc2
+        except BotoCoreError as exc:
+            raise self._error("checking the bucket", exc) from exc
+        self._bucket_checked = True
+
+    def _get(self, rel: str, what: str, **kwargs) -> bytes:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(rel), **kwargs)
+            data = resp["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
+                "NoSuchKey",
+                "404",
+            ):
+                raise ObjectMissing(f"{what} is missing from the store {self.url}") from None
+            raise self._error(f"reading {what}", exc) from exc
+        self.stats.count("bytes_down", len(data))
+        return data
+
+    def _put(self, rel: str, data: bytes, what: str) -> None:
+        try:
+            if len(data) >= MULTIPART_THRESHOLD:
+                self.client.upload_fileobj(
+                    io.BytesIO(data), self.bucket, self._key(rel), Config=self._transfer
+                )
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(f"writing {what}", exc) from exc
+        self.stats.count("bytes_up", len(data))
+
+    def _delete(self, rels: list[str], what: str) -> None:
+        for i in range(0, len(rels), 1000):
+            batch = [{"Key": self._key(r)} for r in rels[i : i + 1000]]
+            try:
+                self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error(f"deleting {what}", exc) from exc
+
+    def _list(self, rel_prefix: str) -> list[str]:
+        out = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(rel_prefix)
+            )
+            for page in pages:
+                out.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(f"listing {rel_prefix}", exc) from exc
+        return out
+
+    # -- indexes ---------------------------------------------------------------------
+    def _load_index(self, index_id: str) -> dict[str, list[tuple[str, int, int]]]:
+        local = self.cache_dir() / "index" / index_id
+        try:
+            return packs.decode_index(f"index {index_id}", local.read_bytes())
+        except (OSError, StoreError):
+            pass
+        data = self._get(f"index/{index_id}", f"index {index_id}")
+        doc = packs.decode_index(f"index {index_id}", data)
+        try:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{index_id}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_bytes(data)
+            os.rename(tmp, local)
+        except OSError:
+            pass
+        return doc
+
+    def refresh(self) -> None:
+        """Read the index objects written since the last look (and forget deleted ones)."""
+        ids = {rel.split("/", 1)[1] for rel in self._list("index/")}
+        with self._mutex:
+            known = set(self._index_packs)
+        new = {}
+        for index_id in sorted(ids - known):
+            try:
+                new[index_id] = self._load_index(index_id)
+            except ObjectMissing:
+                continue  # deleted by a prune meanwhile
+        with self._mutex:
+            gone = known - ids
+            for index_id in gone:
+                del self._index_packs[index_id]
+            self._index_packs.update(new)
+            if gone:
+                self._places = {}
+                for doc in self._index_packs.values():
+                    self._add_places(doc)
+            else:
+                for doc in new.values():
+                    self._add_places(doc)
+            self._loaded = True
+        for index_id in gone:
+            (self.cache_dir() / "index" / index_id).unlink(missing_ok=True)
+
+    def _add_places(self, doc: dict[str, list[tuple[str, int, int]]]) -> None:
+        for pack_id, blobs in doc.items():
+            for digest, offset, length in blobs:
+                self._places.setdefault(digest, BlobPlace(pack_id, offset, length))
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.refresh()
+
+    # -- writing blobs -------------------------------------------------------------------
+    def put_blob(self, digest: str, data: bytes) -> bool:
+        check_digest(digest)
+        self._ensure_loaded()
+        sealed = None
+        with self._mutex:
+            if digest in self._places or digest in self._pending:
+                return False
+            if self._open is None:
+                self._open = PackWriter()
+            place = self._open.add(digest, bytes(data))
+            self._pending[digest] = (self._open, place)
+            if self._open.size >= self.pack_size:
+                sealed, self._open = self._open, None
+        if sealed is not None:
+            self._submit(sealed)
+            with self._mutex:
+                many = len(self._unindexed) >= _INDEX_EVERY
+            if many:
+                self._commit_index()
+        return True
+
+    def _submit(self, writer: PackWriter) -> None:
+        self._ensure_bucket()
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(self._upload, writer)
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._mutex:
+            self._uploads.append((writer, future))
+
+    def _upload(self, writer: PackWriter) -> None:
+        try:
+            self._put(self._pack_rel(writer.pack_id), writer.seal(), f"pack {writer.pack_id}")
+            self.stats.count("packs_written")
+            with self._mutex:
+                self._unindexed[writer.pack_id] = writer
+        finally:
+            self._slots.release()
+
+    def _wait_uploads(self) -> None:
+        with self._mutex:
+            uploads, self._uploads = self._uploads, []
+        errors = []
+        for writer, future in uploads:
+            try:
+                future.result()
+            except Exception as exc:
+                errors.append(exc)
+                with self._mutex:
+                    self._retry.append(writer)
+        if errors:
+            raise self._error("uploading packs", errors[0])
+
+    def _commit_index(self) -> None:
+        """Write one index object for every uploaded pack not yet named by an index."""
+        with self._mutex:
+            batch, self._unindexed = self._unindexed, {}
+        if not batch:
+            return
+        doc = {pack_id: w.blobs for pack_id, w in batch.items()}
+        index_id = packs.new_id()
+        try:
+            self._put(f"index/{index_id}", packs.encode_index(doc), f"index {index_id}")
+        except StoreError:
+            with self._mutex:
+                self._unindexed.update(batch)
+            raise
+        self.stats.count("indexes_written")
+        with self._mutex:
+            self._index_packs[index_id] = doc
+            self._add_places(doc)
+            for writer in batch.values():
+                for digest, _, _ in writer.blobs:
+                    if self._pending.get(digest, (None,))[0] is writer:
+                        del self._pending[digest]
+
+    def flush(self) -> None:
+        with self._flush_mutex:
+            self.leases.check()
+            with self._mutex:
+                sealed, self._open = self._open, None
+                retry, self._retry = self._retry, []
+            for writer in retry + ([sealed] if sealed is not None and sealed.blobs else []):
+                self._submit(writer)
+            self._wait_uploads()
+            self._commit_index()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    # -- reading blobs ----------------------------------------------------------------------
+    def _place(self, digest: str, stale: BlobPlace | None = None) -> BlobPlace | None:
+        self._ensure_loaded()
+        with self._mutex:
+            place = self._places.get(digest)
+        if place is None or place == stale:
+            self.refresh()
+            with self._mutex:
+                place = self._places.get(digest)
+        return place
+
+    def get_blob(self, digest: str) -> bytes:
+        check_digest(digest)
+        with self._mutex:
+            pending = self._pending.get(digest)
+        if pending is not None:
+            return pending[0].read(pending[1])
+        data = self.cache.get(digest)
+        if data is not None:
+            return data
+        place = self._place(digest)
+        if place is None:
+            raise ObjectMissing(f"object {digest} is missing from the store {self.url}")
+        try:
+            data = self._read_place(digest, place)
+        except ObjectMissing:
+            newer = self._place(digest, stale=place)  # repacked meanwhile?
+            if newer is None or newer == place:
+                raise
+            data = self._read_place(digest, newer)
+        self.cache.put(digest, data)
+        return data
+
+    def _read_place(self, digest: str, place: BlobPlace) -> bytes:
+        rel = self._pack_rel(place.pack)
+        end = place.offset + place.length - 1
+        try:
+            data = self._get(rel, f"pack {rel}", Range=f"bytes={place.offset}-{end}")
+        except ObjectMissing:
+            raise ObjectMissing(
+                f"object {digest} is in the pack {rel}, which is missing from the store {self.url}"
+            ) from None
+        except StoreError as exc:
+            raise StoreError(f"object {digest} in the pack {rel} cannot be read: {exc}") from exc
+        if len(data) != place.length:
+            raise StoreError(
+                f"the pack {rel} in {self.url} is damaged: object {digest} should be "
+                f"{place.length} bytes at offset {place.offset}, got {len(data)}"
+            )
+        return data
+
+    def has_blob(self, digest: str) -> bool:
+        self._ensure_loaded()
+        with self._mutex:
+            return digest in self._pending or digest in self._places
+
+    def iter_blobs(self) -> Iterator[tuple[str, int]]:
+        self.refresh()
+        with self._mutex:
+            items = [(d, p.length) for d, p in self._places.items()]
+        yield from items
+
+    def pack_names(self) -> list[str]:
+        """Names (relative to the prefix) of the pack objects in the bucket."""
+        return self._list("packs/")
+
+    # -- deleting blobs (repack) ---------------------------------------------------------------
+    def delete_blobs(self, digests: list[str]) -> int:
+        """Delete blobs by deleting dead packs and repacking mixed ones; see the module doc.
+
+        Call it under the exclusive lock: then packs no index names (left by
+        writers that crashed) are removed as well.
+        """
+        self.flush()
+        self.refresh()
+        dead = {check_digest(d) for d in digests}
+        with self._mutex:
+            index_packs = {i: dict(doc) for i, doc in self._index_packs.items()}
+        pack_blobs: dict[str, list[tuple[str, int, int]]] = {}
+        for doc in index_packs.values():
+            pack_blobs.update(doc)
+        affected = {p for p, blobs in pack_blobs.items() if any(d in dead for d, _, _ in blobs)}
+        if not affected:
+            return 0
+        old_indexes = [i for i, doc in index_packs.items() if affected & doc.keys()]
+        carried = {
+            p: pack_blobs[p] for i in old_indexes for p in index_packs[i] if p not in affected
+        }
+        elsewhere = {d for p in pack_blobs if p not in affected for d, _, _ in pack_blobs[p]}
+        freed = 0
+        writer = PackWriter()
+        copied: set[str] = set()
+        new_doc: dict[str, list[tuple[str, int, int]]] = dict(carried)
+        for pack_id in sorted(affected):
+            blobs = pack_blobs[pack_id]
+            freed += sum(n for d, _, n in blobs if d in dead)
+            live = [(d, o, n) for d, o, n in blobs if d not in dead and d not in elsewhere]
+            if not live:
+                continue
+            rel = self._pack_rel(pack_id)
+            data = self._get(rel, f"pack {rel}")
+            for d, o, n in live:
+                if d not in copied:
+                    writer.add(d, data[o : o + n])
+                    copied.add(d)
+            if writer.size >= self.pack_size:
+                self._put(self._pack_rel(writer.pack_id), writer.seal(), "a repacked pack")
+                new_doc[writer.pack_id] = writer.blobs
+                writer = PackWriter()
+        if writer.blobs:
+            self._put(self._pack_rel(writer.pack_id), writer.seal(), "a repacked pack")
+            new_doc[writer.pack_id] = writer.blobs
+        if new_doc:
+            index_id = packs.new_id()
+            self._put(f"index/{index_id}", packs.encode_index(new_doc), f"index {index_id}")
+        self._delete([f"index/{i}" for i in old_indexes], "old indexes")
+        self._delete([self._pack_rel(p) for p in affected], "old packs")
+        if self._holds_exclusive():
+            self._delete_orphan_packs(set(pack_blobs) | set(new_doc))
+        self.refresh()
+        return freed
+
+    def _holds_exclusive(self) -> bool:
+        with self._mutex:
+            return self._exclusive_depth > 0
+
+    def _delete_orphan_packs(self, indexed: set[str]) -> None:
+        orphans = [rel for rel in self.pack_names() if rel.rsplit("/", 1)[-1] not in indexed]
+        if orphans:
+            log.info("removing %d pack(s) that no index names", len(orphans))
+            self._delete(orphans, "unindexed packs")
+
+    # -- docs --------------------------------------------------------------------------------
+    def put_doc(self, name: str, data: bytes) -> None:
+        self._ensure_bucket()
+        self._put(f"docs/{check_doc_name(name)}", data, f"document {name}")
+
+    def get_doc(self, name: str) -> bytes:
+        return self._get(f"docs/{check_doc_name(name)}", f"document {name}")
+
+    def delete_doc(self, name: str) -> None:
+        self._delete([f"docs/{check_doc_name(name)}"], f"document {name}")
+
+    def list_docs(self, prefix: str) -> list[str]:
+        return sorted(rel[len("docs/") :] for rel in self._list(f"docs/{prefix}"))
+
+    # -- coordination and local state ---------------------------------------------------------
+    @contextmanager
+    def lock(self, exclusive: bool) -> Iterator[None]:
+        self._ensure_bucket()
+        stack = ExitStack()
+        try:
+            stack.enter_context(self.leases.exclusive() if exclusive else self.leases.shared())
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("taking the store lease", exc) from exc
+        with stack:
+            with self._mutex:
+                self._exclusive_depth += int(exclusive)
+            try:
+                yield
+            finally:
+                with self._mutex:
+                    self._exclusive_depth -= int(exclusive)
+
+    def cache_dir(self) -> Path:
+        host = urlparse(self.endpoint).netloc or "s3"
+        name = f"{host}-{self.bucket}-{self.prefix.strip('/')}".replace("/", "_").replace(":", "_")
+        return (self._cache_root or default_cache_root()) / "s3" / name.rstrip("-")

@@ -1,0 +1,164 @@
+"""A real S3 server for tests and benchmarks: Ceph's RADOS Gateway on 127.0.0.1.
+
+``ensure_rgw()`` runs scripts/ceph-rgw-up.sh (idempotent: it only reads the
+environment when the gateway already answers) and returns an S3Env; ``export()``
+puts its AWS_* variables into os.environ so subprocesses (the CLI, plugins) see
+them. ``stop_rgw()``/``start_rgw()`` stop and start only radosgw, for outage tests.
+Each test creates its own bucket with ``new_bucket()`` and removes it with
+``remove_bucket()``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+UP = ROOT / "scripts" / "ceph-rgw-up.sh"
+DOWN = ROOT / "scripts" / "ceph-rgw-down.sh"
+
+
+def ceph_dir() -> Path:
+    return Path(os.environ.get("LAYERFS_CEPH_DIR", "/tmp/layerfs-ceph"))
+
+
+@dataclass(frozen=True)
+class S3Env:
+    """Where the S3 server answers and the keys of its test user."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+        }
+
+    def export(self) -> None:
+        """Put the AWS_* variables into os.environ (inherited by subprocesses)."""
+        os.environ.update(self.env())
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+
+def _parse_env(text: str) -> S3Env:
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("export ") and "=" in line:
+            key, _, value = line[len("export ") :].partition("=")
+            values[key] = shlex.split(value)[0] if value else ""
+    return S3Env(
+        values["AWS_ENDPOINT_URL"],
+        values["AWS_ACCESS_KEY_ID"],
+        values["AWS_SECRET_ACCESS_KEY"],
+        values.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
+
+
+def ensure_rgw() -> S3Env:
+    """Bring the gateway up unless it answers already; return its S3Env."""
+    proc = subprocess.run(["bash", str(UP)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/ceph-rgw-up.sh failed:\n{proc.stderr[-3000:]}")
+    return _parse_env(proc.stdout)
+
+
+def rgw_down() -> None:
+    """Stop the whole cluster and delete its directory."""
+    subprocess.run(["bash", str(DOWN)], capture_output=True, check=True)
+
+
+def _rgw_pid() -> int | None:
+    try:
+        pid = int((ceph_dir() / "run" / "client.rgw.s3.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if str(ceph_dir() / "ceph.conf").encode() in cmdline else None
+
+
+def rgw_answers(endpoint: str) -> bool:
+    try:
+        urllib.request.urlopen(endpoint + "/", timeout=2)
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def stop_rgw(kill: bool = True) -> None:
+    """Stop radosgw only (SIGKILL by default, as an outage would); the cluster stays up."""
+    pid = _rgw_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    for _ in range(300):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.split(") ", 1)[1].startswith("Z"):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"radosgw (pid {pid}) did not stop")
+
+
+def start_rgw() -> S3Env:
+    """Start radosgw again after stop_rgw (the up script restarts only what is missing)."""
+    return ensure_rgw()
+
+
+def new_bucket(env: S3Env, tag: str = "t") -> str:
+    """Create a fresh bucket named s3-<tag>-<random> and return its name."""
+    name = f"s3-{tag}-{uuid.uuid4().hex[:12]}".lower()
+    env.client().create_bucket(Bucket=name)
+    return name
+
+
+def remove_bucket(env: S3Env, bucket: str) -> None:
+    """Delete every object of a bucket and the bucket itself."""
+    client = env.client()
+    paginator = client.get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=bucket)
+    except client.exceptions.NoSuchBucket:
+        pass
