@@ -502,7 +502,12 @@ def targets_table(figs: dict[str, Figures], imports: ImportFigures) -> str:
 
 
 def report(
-    spec: ImageSpec, archive: Path, figs: dict[str, Figures], imports: ImportFigures, reps: int
+    spec: ImageSpec,
+    archive: Path,
+    figs: dict[str, Figures],
+    imports: ImportFigures,
+    reps: int,
+    load_at_start: float,
 ) -> str:
     """The markdown section: how it was produced, the tables, spreads and sanity checks."""
     base = "busybox" if spec.quick else "debootstrap minbase bookworm"
@@ -516,7 +521,7 @@ def report(
         "## Read-only mounts: layerfs vs fuse-overlayfs vs kernel overlayfs",
         "",
         f"Command: `{command_line()}` (as root, from the repository root).",
-        f"Machine: {environment_summary()}.",
+        f"Machine: {environment_summary(load_at_start)}.",
         "",
         f"- Image `{spec.tag}`: {base} plus 3 layers (deletions and an opaque dir; replaced"
         f" content and modes; a {spec.big_mb} MiB random file and small files).",
@@ -551,6 +556,7 @@ def say(msg: str) -> None:
 def main(quick: bool, reps: int | None, skip_layerfs: bool, no_write: bool) -> None:
     """Benchmark read-only mounts of one image with layerfs, fuse-overlayfs and overlayfs."""
     try:
+        load_at_start = os.getloadavg()[0]
         require_root()
         require_tools("docker", "fuse-overlayfs", "fusermount3", "tar", "find", "dd")
         spec = QUICK if quick else FULL
@@ -573,7 +579,7 @@ def main(quick: bool, reps: int | None, skip_layerfs: bool, no_write: bool) -> N
         for system in systems:
             say(f"measuring {system.name}")
             figs[system.name] = measure(system, work / "mnt", spec.big_path, reps)
-        text = report(spec, archive, figs, imports, reps)
+        text = report(spec, archive, figs, imports, reps, load_at_start)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(text)

@@ -418,8 +418,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-def environment_summary() -> str:
-    """One line about the machine and the code the figures came from."""
+def environment_summary(load_at_start: float | None = None) -> str:
+    """One line about the machine, its load and the code the figures came from.
+
+    Pass ``os.getloadavg()[0]`` taken when the benchmark started: a busy machine
+    (other jobs competing for the cores) makes every timing slower and noisier.
+    """
     cpu = ""
     with suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -430,10 +434,15 @@ def environment_summary() -> str:
         ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load_now = f"{os.getloadavg()[0]:.1f}"
+    if load_at_start is None:
+        load = f"1-min load average {load_now} at the end"
+    else:
+        load = f"1-min load average {load_at_start:.1f} at the start, {load_now} at the end"
     return (
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}, commit {commit or '?'}, "
         f"{os.cpu_count()} × {cpu or platform.machine()}, {mem_gib:.0f} GiB RAM, "
-        f"Linux {platform.release()}, Python {sys.version.split()[0]}"
+        f"Linux {platform.release()}, Python {sys.version.split()[0]}, {load}"
     )
 
 
