@@ -576,9 +576,12 @@ def main(quick: bool, reps: int | None, skip_layerfs: bool, no_write: bool) -> N
         if with_layerfs:
             systems.insert(0, layerfs(store, tag))
         figs: dict[str, Figures] = {}
-        for system in systems:
-            say(f"measuring {system.name}")
-            figs[system.name] = measure(system, work / "mnt", spec.big_path, reps)
+        try:
+            for system in systems:
+                say(f"measuring {system.name}")
+                figs[system.name] = measure(system, work / "mnt", spec.big_path, reps)
+        finally:
+            shutil.rmtree(store, ignore_errors=True)  # the archive and images stay cached
         text = report(spec, archive, figs, imports, reps, load_at_start)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from exc
