@@ -34,3 +34,17 @@ def s3_env():
     env = ceph.ensure_rgw()
     env.export()
     return env
+
+
+@pytest.fixture
+def s3_store_url(s3_env, tmp_path, monkeypatch) -> str:
+    """A fresh bucket on the real Ceph RGW as an s3:// store URL (removed afterwards).
+
+    The S3 cache goes under the test's temp dir (LAYERFS_CACHE_DIR, inherited by the CLI).
+    """
+    from tests.support import ceph
+
+    monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "s3-cache"))
+    bucket = ceph.new_bucket(s3_env, "store")
+    yield f"s3://{bucket}/store"
+    ceph.remove_bucket(s3_env, bucket)
