@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import docker
 import pytest
 
 from volplugin import options
-from volplugin.diskusage import disk_usage
+from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import BadName, BadOption, VolumeExists, VolumeInUse, VolumeNotFound
 from volplugin.names import check_name
 from volplugin.reconcile import reconcile
@@ -220,3 +221,17 @@ def test_disk_usage_counts_files_and_hardlinks_once(tmp_path):
     assert usage.complete
     assert 100_000 <= usage.bytes < 200_000
     assert disk_usage(str(tmp_path), budget=0).complete is False
+
+
+def test_size_cache_answers_quickly_and_finishes_in_background(tmp_path):
+    for i in range(200):
+        (tmp_path / f"f{i}").write_bytes(b"x" * 5000)
+    cache = SizeCache(budget=0)
+    first = cache.usage(str(tmp_path))
+    assert not first.complete
+    deadline = time.monotonic() + 60
+    while not cache.usage(str(tmp_path)).complete:
+        assert time.monotonic() < deadline, "background walk never finished"
+        time.sleep(0.01)
+    assert cache.usage(str(tmp_path)).bytes >= 200 * 5000
+    assert SizeCache(budget=5).usage(str(tmp_path)).complete

@@ -95,7 +95,7 @@ def serve_cmd(
 
 def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:
     name, root = _pick(obj, cmd_name, cmd_root)
-    return VolumeService(root, name, State.under(root, create=False), size_budget=None)
+    return VolumeService(root, name, State.under(root, create=False))
 
 
 @cli.command("ls")

@@ -21,7 +21,7 @@ from pathlib import Path
 import docker
 
 from volplugin import containers, options
-from volplugin.diskusage import disk_usage
+from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import VolpluginError, VolumeExists, VolumeInUse, VolumeNotFound
 from volplugin.names import check_name
 from volplugin.state import State, VolumeRecord
@@ -58,14 +58,18 @@ class VolumeService:
         *,
         docker_factory: Callable[[], docker.DockerClient] = containers.docker_client,
         hooks: Hooks | None = None,
-        size_budget: float | None = 0.5,
+        sizes: SizeCache | None = None,
+        size_budget: float | None = None,
     ) -> None:
         self.root = Path(root)
         self.driver = driver
         self.state = state
         self.docker_factory = docker_factory
         self.hooks = hooks or Hooks()
-        self.size_budget = size_budget
+        # No cache and no budget: walk every volume fully (the CLI); else answer quickly.
+        if sizes is None and size_budget is not None:
+            sizes = SizeCache(budget=size_budget)
+        self.sizes = sizes
         self.volumes_dir = self.root / "volumes"
         self.trash_dir = self.root / "trash"
         self._lock = threading.Lock()
@@ -77,6 +81,7 @@ class VolumeService:
         os.chmod(root, 0o700)
         (root / "volumes").mkdir(exist_ok=True)
         (root / "trash").mkdir(exist_ok=True)
+        kw.setdefault("sizes", SizeCache())
         return cls(root, driver, State.under(root), **kw)
 
     def empty_trash(self) -> None:
@@ -137,6 +142,8 @@ class VolumeService:
             if path.exists():
                 os.rename(path, doomed)
             self.state.delete(name)
+            if self.sizes:
+                self.sizes.forget(str(path))
         shutil.rmtree(doomed, ignore_errors=True)
 
     def _refuse_if_used(self, record: VolumeRecord) -> None:
@@ -202,7 +209,8 @@ class VolumeService:
         return doc
 
     def status(self, record: VolumeRecord) -> dict:
-        usage = disk_usage(str(self.path_of(record.name)), self.size_budget)
+        path = str(self.path_of(record.name))
+        usage = self.sizes.usage(path) if self.sizes else disk_usage(path, None)
         backup = record.backup
         return {
             "Created": record.created,
