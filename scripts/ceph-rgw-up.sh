@@ -105,6 +105,10 @@ bluestore block create = true
 osd memory target = 1073741824
 osd op num shards = 2
 osd op num threads per shard = 2
+# a radosgw killed by a test leaves its watches behind; with the defaults every bucket
+# create/delete then waits 30 s for the dead watcher
+osd client watch timeout = 3
+osd default notify timeout = 3
 
 [mon]
 mon data = $DIR/mon.\$id
@@ -154,15 +158,16 @@ start_osd() {
 
 # radosgw creates its pools one at a time when it starts and on first use; creating them
 # beforehand, in parallel, is much faster.
+# One ceph process reads all the commands from stdin: starting the ceph tool costs more
+# than the commands themselves.
 make_pools() {
-  local pool pids=()
+  local pool
   for pool in .rgw.root default.rgw.control default.rgw.meta default.rgw.log \
     default.rgw.buckets.index default.rgw.buckets.data default.rgw.buckets.non-ec; do
-    (ceph_cli osd pool create "$pool" 8 8 >/dev/null 2>&1 &&
-      ceph_cli osd pool application enable "$pool" rgw >/dev/null 2>&1) &
-    pids+=($!)
-  done
-  for pid in "${pids[@]}"; do wait "$pid" || die "creating an RGW pool failed"; done
+    echo "osd pool create $pool 8 8"
+    echo "osd pool application enable $pool rgw"
+  done | ceph_cli >"$DIR/log/pools.log" 2>&1 || die "creating the RGW pools failed: see $DIR/log/pools.log"
+  [ "$(ceph_cli osd pool ls | wc -l)" -ge 7 ] || die "the RGW pools are missing: see $DIR/log/pools.log"
 }
 
 start_rgw() {

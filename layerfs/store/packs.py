@@ -59,8 +59,15 @@ class PackWriter:
         self.blobs.append((digest, offset, len(data)))
         return BlobPlace(self.pack_id, offset, len(data))
 
-    def read(self, place: BlobPlace) -> bytes:
-        return bytes(self.buf[place.offset : place.offset + place.length])
+    def read(self, place: BlobPlace) -> bytes | None:
+        """A blob's bytes while the pack is in memory; None once ``release``d."""
+        buf = self.buf
+        end = place.offset + place.length
+        return bytes(buf[place.offset : end]) if len(buf) >= end else None
+
+    def release(self) -> None:
+        """Drop the bytes (the pack is uploaded); the blob list stays for the index."""
+        self.buf = bytearray()
 
     @property
     def size(self) -> int:

@@ -18,8 +18,11 @@ cache (``cache_dir()/blobs``); index objects are cached there too, as they never
 change. ``delete_blobs`` repacks: a pack holding only dead blobs is deleted, a
 pack holding live and dead blobs has its live blobs copied into a new pack; the
 new packs and a new index (also carrying the entries of untouched packs that
-shared an index with a rewritten one) are written before the old indexes, then
-the old packs are deleted, so a crash at any point loses nothing live.
+shared an index with a rewritten one) are written before the old indexes are
+deleted, then the old packs, so a crash at any point loses nothing live. Under
+the exclusive lock it also removes packs no index names (from crashed writers)
+and merges many small indexes into one. ``rebuild_index`` re-creates index
+entries from the pack trailers.
 
 Endpoint and credentials come from the usual AWS environment and config files
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); addressing is path-style.
@@ -59,6 +62,7 @@ PACK_SIZE = 32 << 20
 MULTIPART_THRESHOLD = 64 << 20
 CACHE_BYTES = 2 << 30
 _INDEX_EVERY = 8  # write an index after this many uploaded packs even without flush
+_COMPACT_AT = 32  # delete_blobs under the exclusive lock merges this many indexes into one
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -389,6 +393,7 @@ class S3Backend(Backend):
             self.stats.count("packs_written")
             with self._mutex:
                 self._unindexed[writer.pack_id] = writer
+            writer.release()  # pending reads now use range GETs of the uploaded pack
         finally:
             self._slots.release()
 
@@ -462,7 +467,8 @@ class S3Backend(Backend):
         with self._mutex:
             pending = self._pending.get(digest)
         if pending is not None:
-            return pending[0].read(pending[1])
+            data = pending[0].read(pending[1])
+            return data if data is not None else self._read_place(digest, pending[1])
         data = self.cache.get(digest)
         if data is not None:
             return data
@@ -566,6 +572,10 @@ class S3Backend(Backend):
         if self._holds_exclusive():
             self._delete_orphan_packs(set(pack_blobs) | set(new_doc))
         self.refresh()
+        with self._mutex:
+            many = len(self._index_packs) >= _COMPACT_AT
+        if many and self._holds_exclusive():
+            self.compact_indexes()
         return freed
 
     def _holds_exclusive(self) -> bool:
@@ -577,6 +587,59 @@ class S3Backend(Backend):
         if orphans:
             log.info("removing %d pack(s) that no index names", len(orphans))
             self._delete(orphans, "unindexed packs")
+
+    # -- index maintenance -----------------------------------------------------------------------
+    def rebuild_index(self) -> int:
+        """Index the packs no index names, from their trailers; return how many were indexed.
+
+        Recovers the blobs of a writer that crashed between uploading packs and
+        writing their index, or of indexes that were lost.
+        """
+        self.flush()
+        self.refresh()
+        with self._mutex:
+            indexed = {p for doc in self._index_packs.values() for p in doc}
+        doc: dict[str, list[tuple[str, int, int]]] = {}
+        for rel in self.pack_names():
+            pack_id = rel.rsplit("/", 1)[-1]
+            if pack_id not in indexed:
+                doc[pack_id] = self.read_trailer(pack_id)
+        if doc:
+            index_id = packs.new_id()
+            self._put(f"index/{index_id}", packs.encode_index(doc), f"index {index_id}")
+            self.refresh()
+        return len(doc)
+
+    def read_trailer(self, pack_id: str) -> list[tuple[str, int, int]]:
+        """The blob list a pack carries at its end (two small range GETs)."""
+        rel = self._pack_rel(pack_id)
+        footer = self._get(rel, f"pack {rel}", Range=f"bytes=-{packs.FOOTER_SIZE}")
+        size = packs.parse_footer(rel, footer)
+        tail = self._get(rel, f"pack {rel}", Range=f"bytes=-{size + packs.FOOTER_SIZE}")
+        if len(tail) != size + packs.FOOTER_SIZE:
+            raise StoreError(f"pack {rel} is damaged: its trailer is cut short")
+        return packs.parse_trailer(f"pack {rel}", tail[:size])
+
+    def compact_indexes(self) -> int:
+        """Merge every index object into one; return how many were merged.
+
+        The merged index is written before the old ones are deleted, so readers
+        always find every blob. Run it under the exclusive lock.
+        """
+        self.flush()
+        self.refresh()
+        with self._mutex:
+            old = dict(self._index_packs)
+        if len(old) < 2:
+            return 0
+        merged: dict[str, list[tuple[str, int, int]]] = {}
+        for doc in old.values():
+            merged.update(doc)
+        index_id = packs.new_id()
+        self._put(f"index/{index_id}", packs.encode_index(merged), f"index {index_id}")
+        self._delete([f"index/{i}" for i in old], "merged indexes")
+        self.refresh()
+        return len(old)
 
     # -- docs --------------------------------------------------------------------------------
     def put_doc(self, name: str, data: bytes) -> None:

@@ -3,7 +3,10 @@
 ``ensure_rgw()`` runs scripts/ceph-rgw-up.sh (idempotent: it only reads the
 environment when the gateway already answers) and returns an S3Env; ``export()``
 puts its AWS_* variables into os.environ so subprocesses (the CLI, plugins) see
-them. ``stop_rgw()``/``start_rgw()`` stop and start only radosgw, for outage tests.
+them. ``stop_rgw()``/``start_rgw()`` stop and start the shared radosgw, for outage
+tests; a ``PrivateGateway`` (one more radosgw on its own port over the same
+cluster) lets a test cause an outage without disturbing other tests that use
+the shared gateway at the same time.
 Each test creates its own bucket with ``new_bucket()`` and removes it with
 ``remove_bucket()``.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -162,3 +166,70 @@ def remove_bucket(env: S3Env, bucket: str) -> None:
         client.delete_bucket(Bucket=bucket)
     except client.exceptions.NoSuchBucket:
         pass
+
+
+class PrivateGateway:
+    """One more radosgw over the running cluster, on a free port, for outage tests."""
+
+    def __init__(self, base: S3Env) -> None:
+        self.base = base
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.env = S3Env(f"http://127.0.0.1:{self.port}", base.access_key, base.secret_key)
+        self.proc: subprocess.Popen | None = None
+        self.dir = ceph_dir() / "private" / str(self.port)
+
+    def start(self, timeout: float = 60.0) -> S3Env:
+        if self.proc is not None and self.proc.poll() is None:
+            return self.env
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.dir / "stdout", "ab")  # noqa: SIM115 - handed to the daemon
+        self.proc = subprocess.Popen(
+            [
+                "radosgw",
+                "-f",
+                "-c",
+                str(ceph_dir() / "ceph.conf"),
+                "-n",
+                "client.rgw.s3",
+                f"--rgw_frontends=beast endpoint=127.0.0.1:{self.port} tcp_nodelay=1",
+                f"--pid_file={self.dir / 'pid'}",
+                f"--admin_socket={self.dir / 'asok'}",
+                f"--log_file={self.dir / 'log'}",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not rgw_answers(self.env.endpoint):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the private radosgw did not start; see {self.dir}")
+            time.sleep(0.1)
+        return self.env
+
+    def stop(self, kill: bool = True) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if not kill:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc.kill()
+        self.proc.wait(60)
+
+    def __enter__(self) -> PrivateGateway:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
