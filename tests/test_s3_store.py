@@ -289,3 +289,35 @@ def test_cli_on_an_s3_store(s3_env, bucket, busybox_image, tmp_path) -> None:
     assert listing.returncode == 0, listing.stderr
     assert [row["name"] for row in json.loads(listing.stdout)] == ["s3-bb:latest"]
     assert keys(s3_env, bucket, "cli/packs/")
+
+
+def test_index_rebuilt_from_pack_trailers(s3_env, bucket, tmp_path) -> None:
+    be = backend(bucket, tmp_path, pack_size=20000)
+    blobs = [blob(i, 6000) for i in range(10)]
+    for d, data in blobs:
+        be.put_blob(d, data)
+    be.flush()
+    client = s3_env.client()
+    for key in keys(s3_env, bucket, "store/index/"):
+        client.delete_object(Bucket=bucket, Key=key)
+    lost = backend(bucket, tmp_path, "b")
+    assert not lost.has_blob(blobs[0][0])
+    assert lost.rebuild_index() == 3
+    fresh = backend(bucket, tmp_path, "c")
+    for d, data in blobs:
+        assert fresh.get_blob(d) == data
+
+
+def test_indexes_are_merged(s3_env, bucket, tmp_path) -> None:
+    be = backend(bucket, tmp_path)
+    blobs = [blob(i) for i in range(6)]
+    for d, data in blobs:
+        be.put_blob(d, data)
+        be.flush()  # one index per flush
+    assert len(keys(s3_env, bucket, "store/index/")) == 6
+    with be.lock(True):
+        assert be.compact_indexes() == 6
+    assert len(keys(s3_env, bucket, "store/index/")) == 1
+    fresh = backend(bucket, tmp_path, "b")
+    for d, data in blobs:
+        assert fresh.get_blob(d) == data
