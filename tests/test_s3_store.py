@@ -94,7 +94,7 @@ def test_chunk_store_ranges_and_cache(bucket, tmp_path) -> None:
         assert reader.read(refs, offsets, offset, size) == data[offset : offset + size]
     assert b"".join(reader.iter_content(refs)) == data
     gets = reader_backend.stats.requests["GetObject"]
-    assert gets >= len(set(r.digest for r in refs))
+    assert 0 < gets < len(refs) // 4  # one range GET brings the chunks that follow too
     # the local cache serves a second pass: no more GETs
     assert b"".join(reader.iter_content(refs)) == data
     assert reader_backend.stats.requests["GetObject"] == gets

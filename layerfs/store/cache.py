@@ -34,6 +34,9 @@ class BlobCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / key
 
+    def contains(self, key: str) -> bool:
+        return self._path(key).exists()
+
     def get(self, key: str) -> bytes | None:
         path = self._path(key)
         try:

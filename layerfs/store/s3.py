@@ -13,9 +13,11 @@ pack, waits for every upload and only then writes the index object naming them:
 a blob is visible only when its pack and an index are both durable. Pack and
 index names are random, so writers on several hosts never overwrite each other.
 
-Reads use Range GETs of exactly one blob and keep the bytes in a bounded local
-cache (``cache_dir()/blobs``); index objects are cached there too, as they never
-change. ``delete_blobs`` repacks: a pack holding only dead blobs is deleted, a
+Reads use Range GETs and keep the bytes in a bounded local cache
+(``cache_dir()/blobs``), so each range is fetched once; one GET also brings the
+uncached blobs that follow in the pack, up to ``readahead`` (2 MiB), which makes
+sequential restores need few requests. Index objects are cached there too, as
+they never change. ``delete_blobs`` repacks: a pack holding only dead blobs is deleted, a
 pack holding live and dead blobs has its live blobs copied into a new pack; the
 new packs and a new index (also carrying the entries of untouched packs that
 shared an index with a rewritten one) are written before the old indexes are
@@ -31,6 +33,7 @@ Endpoint and credentials come from the usual AWS environment and config files
 
 from __future__ import annotations
 
+import bisect
 import io
 import logging
 import os
@@ -61,6 +64,7 @@ log = logging.getLogger(__name__)
 PACK_SIZE = 32 << 20
 MULTIPART_THRESHOLD = 64 << 20
 CACHE_BYTES = 2 << 30
+READAHEAD = 2 << 20
 _INDEX_EVERY = 8  # write an index after this many uploaded packs even without flush
 _COMPACT_AT = 32  # delete_blobs under the exclusive lock merges this many indexes into one
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -149,6 +153,7 @@ class S3Backend(Backend):
         lease_ttl: float = 60.0,
         lock_timeout: float = 900.0,
         lock_poll: float = 1.0,
+        readahead: int = READAHEAD,
     ) -> None:
         if not _BUCKET_RE.match(bucket):
             raise StoreError(f"invalid S3 bucket name {bucket!r}")
@@ -156,6 +161,7 @@ class S3Backend(Backend):
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.pack_size = pack_size
+        self.readahead = readahead
         self.stats = S3Stats()
         self.client = client or make_client(upload_threads * 2 + 8)
         self.client.meta.events.register("before-call.s3", self.stats.on_call)
@@ -185,6 +191,7 @@ class S3Backend(Backend):
         self._loaded = False
         self._index_packs: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
         self._places: dict[str, BlobPlace] = {}
+        self._pack_entries: dict[str, list[tuple[str, int, int]]] = {}
         # this process's blobs that are not yet covered by an index
         self._open: PackWriter | None = None
         self._pending: dict[str, tuple[PackWriter, BlobPlace]] = {}
@@ -336,6 +343,7 @@ class S3Backend(Backend):
             self._index_packs.update(new)
             if gone:
                 self._places = {}
+                self._pack_entries = {}
                 for doc in self._index_packs.values():
                     self._add_places(doc)
             else:
@@ -347,6 +355,7 @@ class S3Backend(Backend):
 
     def _add_places(self, doc: dict[str, list[tuple[str, int, int]]]) -> None:
         for pack_id, blobs in doc.items():
+            self._pack_entries[pack_id] = sorted(blobs, key=lambda e: e[1])
             for digest, offset, length in blobs:
                 self._places.setdefault(digest, BlobPlace(pack_id, offset, length))
 
@@ -485,23 +494,47 @@ class S3Backend(Backend):
         self.cache.put(digest, data)
         return data
 
+    def _extent(self, place: BlobPlace) -> list[tuple[str, int, int]]:
+        """The blob at ``place`` and the uncached blobs right after it, up to readahead."""
+        with self._mutex:
+            entries = self._pack_entries.get(place.pack, [])
+        i = bisect.bisect_left(entries, place.offset, key=lambda e: e[1])
+        if i >= len(entries) or entries[i][1] != place.offset:
+            return [("", place.offset, place.length)]
+        out = [entries[i]]
+        end = place.offset + place.length
+        for digest, offset, length in entries[i + 1 :]:
+            if offset != end or offset + length - place.offset > self.readahead:
+                break
+            if self.cache.contains(digest):
+                break
+            out.append((digest, offset, length))
+            end = offset + length
+        return out
+
     def _read_place(self, digest: str, place: BlobPlace) -> bytes:
+        """Read a blob with one range GET, which also fetches (and caches) the uncached
+        blobs that follow it in the pack, up to ``readahead`` bytes in all."""
         rel = self._pack_rel(place.pack)
-        end = place.offset + place.length - 1
+        extent = self._extent(place)
+        end = extent[-1][1] + extent[-1][2]
         try:
-            data = self._get(rel, f"pack {rel}", Range=f"bytes={place.offset}-{end}")
+            data = self._get(rel, f"pack {rel}", Range=f"bytes={place.offset}-{end - 1}")
         except ObjectMissing:
             raise ObjectMissing(
                 f"object {digest} is in the pack {rel}, which is missing from the store {self.url}"
             ) from None
         except StoreError as exc:
             raise StoreError(f"object {digest} in the pack {rel} cannot be read: {exc}") from exc
-        if len(data) != place.length:
+        if len(data) != end - place.offset:
             raise StoreError(
                 f"the pack {rel} in {self.url} is damaged: object {digest} should be "
-                f"{place.length} bytes at offset {place.offset}, got {len(data)}"
+                f"{place.length} bytes at offset {place.offset}, the pack ends before"
             )
-        return data
+        for other, offset, length in extent[1:]:
+            start = offset - place.offset
+            self.cache.put(other, data[start : start + length])
+        return data[: place.length]
 
     def has_blob(self, digest: str) -> bool:
         self._ensure_loaded()
