@@ -1,0 +1,112 @@
+"""Helpers for the backup fault tests on the real Ceph RGW: buckets, volumes, the CLI.
+
+``S3Store`` is a fresh bucket with its s3:// URL and a boto3 client for poking at
+objects directly; ``collect_garbage()`` asks radosgw to free deleted objects now
+(RGW keeps their tails for two hours, and the memstore OSD holds them in RAM).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support import ceph
+
+VOLPLUGIN = str(Path(sys.executable).parent / "volplugin")
+
+
+@dataclass
+class S3Store:
+    """A bucket on the RGW used as a backup store under the prefix ``store``."""
+
+    env: ceph.S3Env
+    bucket: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/store"
+
+    def keys(self, rel_prefix: str = "") -> list[str]:
+        """Keys (relative to the store prefix) of the objects under ``rel_prefix``."""
+        pages = (
+            self.env.client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=self.bucket, Prefix=f"store/{rel_prefix}")
+        )
+        return [o["Key"][len("store/") :] for page in pages for o in page.get("Contents", [])]
+
+
+@contextmanager
+def fresh_store(env: ceph.S3Env, tag: str) -> Iterator[S3Store]:
+    """A new bucket for one test; removed (and its space collected) afterwards."""
+    bucket = ceph.new_bucket(env, tag)
+    try:
+        yield S3Store(env, bucket)
+    finally:
+        ceph.remove_bucket(env, bucket)
+        collect_garbage()
+
+
+def collect_garbage() -> None:
+    """Run radosgw's garbage collection now, so deleted objects leave the OSD's memory."""
+    subprocess.run(
+        ["radosgw-admin", "-c", str(ceph.ceph_dir() / "ceph.conf"), "-n", "client.rgw.s3"]
+        + ["gc", "process", "--include-all"],
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def fill_random(root: Path, count: int, size: int, seed: int, name: str = "blob") -> int:
+    """Write ``count`` files of ``size`` incompressible bytes; return the bytes written."""
+    rnd = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (root / f"{name}{i:03}").write_bytes(rnd.randbytes(size))
+    return count * size
+
+
+def cli(
+    *args: str, store: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run `volplugin ARGS --store URL` and return the finished process."""
+    proc = subprocess.run(
+        [VOLPLUGIN, *args, "--store", store],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"volplugin {args} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def start_cli(*args: str, store: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `volplugin ARGS --store URL` in the background (stderr captured as text)."""
+    return subprocess.Popen(
+        [VOLPLUGIN, *args, "--store", store],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+def wait_until(
+    what: str, pred: Callable[[], bool], guard: Callable[[], bool] | None = None
+) -> None:
+    """Poll ``pred`` until true; fail if ``guard`` turns false first (e.g. the process ended)."""
+    deadline = time.monotonic() + 300
+    while not pred():
+        if guard is not None and not guard():
+            raise AssertionError(f"gave up waiting for {what}: the process ended first")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,146 @@
+"""SIGKILL in the middle of a backup into the real Ceph RGW: the CLI and the plugin server.
+
+After the kill the bucket stays consistent (`volplugin verify --read-data`
+passes, only the earlier backup is listed) and the next backup completes while
+uploading less than the volume holds, reusing the packs the killed run indexed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from layerfs.store.chunks import ChunkStore
+from layerfs.store.s3 import PACK_SIZE, S3Backend
+from tests.support.plugin import PluginProcess, UnixHTTPConnection
+from tests.support.s3backup import cli, fill_random, fresh_store, start_cli, wait_until
+from volplugin.backup import service
+
+pytestmark = pytest.mark.s3
+
+FILES, FILE_SIZE = 12, 32 << 20  # 384 MiB of incompressible data: 12 packs, an index after 8
+
+
+@pytest.fixture
+def store(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
+    with fresh_store(s3_env, "bks3-kill") as s:
+        yield s
+
+
+def _listed(store) -> list[str]:
+    return [b["id"] for b in json.loads(cli("backups", "--json", store=store.url).stdout)]
+
+
+def _backup_in_process(store, volume: str, path: Path, cache: Path):
+    """A backup with this process's own S3Backend, so its requests and bytes can be counted."""
+    backend = S3Backend.from_url(store.url, cache_root=cache)
+    try:
+        record = service.create_backup(ChunkStore(backend), volume, path)
+    finally:
+        backend.close()
+    return record, backend.stats.snapshot()
+
+
+def _check_reuse(stats: dict, total: int) -> None:
+    full_packs = total // PACK_SIZE
+    assert stats["bytes_up"] < total // 2, stats
+    assert stats["packs_written"] < full_packs // 2, stats
+    assert stats["requests"].get("PutObject", 0) < full_packs, stats
+
+
+def test_sigkill_of_the_cli_backup(store, tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "first.txt").write_text("first\n")
+    first = json.loads(
+        cli("backup", "bks3-kill", "--path", str(vol), "--json", store=store.url).stdout
+    )
+    total = fill_random(vol, FILES, FILE_SIZE, seed=1)
+    indexes = set(store.keys("index/"))
+    proc = start_cli("backup", "bks3-kill", "--path", str(vol), store=store.url)
+    wait_until(
+        "the killed backup's first index",
+        lambda: bool(set(store.keys("index/")) - indexes),
+        guard=lambda: proc.poll() is None,
+    )
+    proc.kill()
+    assert proc.wait() == -9, "the backup finished before it could be killed"
+
+    assert _listed(store) == [first["id"]]
+    cli("verify", "--read-data", store=store.url)
+
+    second, stats = _backup_in_process(store, "bks3-kill", vol, tmp_path / "cache2")
+    assert second.parent == first["id"]
+    assert second.bytes_new < total // 2  # most chunks were already in the bucket
+    _check_reuse(stats, total)
+    cli("verify", "--read-data", store=store.url)
+    out = tmp_path / "out"
+    cli("restore", second.id, "--to-dir", str(out), "--path", "blob011", store=store.url)
+    assert (out / "blob011").read_bytes() == (vol / "blob011").read_bytes()
+
+
+def test_sigkill_of_the_plugin_serving_backup_create(store, tmp_path: Path) -> None:
+    name = f"bks3-{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, LAYERFS_STORE=store.url)
+    plugin = PluginProcess(tmp_path / "root", name, plugin_dir=tmp_path / "plugins", env=env)
+    (tmp_path / "plugins").mkdir()
+    plugin.start()
+    try:
+        assert plugin.call("/VolumeDriver.Create", {"Name": "bks3-pvol"})[1]["Err"] == ""
+        src = Path(plugin.call("/VolumeDriver.Path", {"Name": "bks3-pvol"})[1]["Mountpoint"])
+        (src / "first.txt").write_text("first\n")
+        status, answer = _call(plugin, "/Backup.Create")
+        assert status == 200 and answer["Err"] == "", answer
+        first = answer["Backup"]["id"]
+        total = fill_random(src, FILES, FILE_SIZE, seed=2)
+        indexes = set(store.keys("index/"))
+        answers: list[object] = []
+        caller = threading.Thread(
+            target=lambda: answers.append(_call_quietly(plugin, "/Backup.Create")), daemon=True
+        )
+        caller.start()
+        wait_until(
+            "the killed request's first index",
+            lambda: bool(set(store.keys("index/")) - indexes),
+            guard=caller.is_alive,
+        )
+        plugin.kill()
+        caller.join(60)
+        assert answers and isinstance(answers[0], OSError), answers  # no answer: it was killed
+
+        assert _listed(store) == [first]
+        cli("verify", "--read-data", store=store.url)
+
+        plugin.start()
+        status, answer = _call(plugin, "/Backup.Create")
+        assert status == 200 and answer["Err"] == "", answer
+        second = answer["Backup"]
+        assert second["parent"] == first
+        assert second["bytes_new"] < total // 2
+        cli("verify", "--read-data", store=store.url)
+    finally:
+        plugin.cleanup()
+
+
+def _call(plugin: PluginProcess, endpoint: str) -> tuple[int, dict]:
+    """POST {"Volume": "bks3-pvol"}, waiting as long as a large backup takes."""
+    conn = UnixHTTPConnection(str(plugin.socket), timeout=600)
+    try:
+        conn.request("POST", endpoint, body=json.dumps({"Volume": "bks3-pvol"}))
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _call_quietly(plugin: PluginProcess, endpoint: str) -> object:
+    try:
+        return _call(plugin, endpoint)
+    except OSError as exc:  # the server died with the request open
+        return exc
