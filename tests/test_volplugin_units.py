@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 
 import docker
@@ -17,7 +18,7 @@ from volplugin import options
 from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import BadName, BadOption, VolumeExists, VolumeInUse, VolumeNotFound
 from volplugin.names import check_name
-from volplugin.reconcile import reconcile
+from volplugin.reconcile import reconcile, reconcile_in_background, try_reconcile
 from volplugin.state import BackupInfo, State
 from volplugin.volumes import VolumeService
 
@@ -235,3 +236,27 @@ def test_size_cache_answers_quickly_and_finishes_in_background(tmp_path):
         time.sleep(0.01)
     assert cache.usage(str(tmp_path)).bytes >= 200 * 5000
     assert SizeCache(budget=5).usage(str(tmp_path)).complete
+
+
+def test_reconcile_retries_in_background_until_the_daemon_answers(tmp_path, api):
+    calls = []
+
+    def factory():
+        calls.append(1)
+        if len(calls) < 3:
+            raise docker.errors.DockerException("not yet")
+        return FakeClient(api)
+
+    service = VolumeService.open(tmp_path / "root", DRIVER, docker_factory=factory)
+    service.create("v", None)
+    service.mount("v", "stale")
+    assert try_reconcile(service) is False
+    assert service.get("v").mount_count == 1  # nothing released on a guess
+    stop = threading.Event()
+    thread = reconcile_in_background(service, stop, interval=0.01)
+    thread.join(60)
+    stop.set()
+    assert not thread.is_alive()
+    assert len(calls) == 3
+    assert service.get("v").mount_count == 0
+    service.state.close()
