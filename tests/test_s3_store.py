@@ -290,6 +290,23 @@ def test_cli_on_an_s3_store(s3_env, bucket, busybox_image, tmp_path) -> None:
     assert [row["name"] for row in json.loads(listing.stdout)] == ["s3-bb:latest"]
     assert keys(s3_env, bucket, "cli/packs/")
 
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [*layerfs, "--store", url, *args], capture_output=True, text=True, env=env, cwd=ROOT
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    run("rmi", "s3-bb:latest")
+    assert json.loads(run("gc", "--grace", "0", "--json").stdout)["removed"] == 0  # layers stay
+    store = S3Backend.from_url(url, cache_root=tmp_path / "c")
+    for name in store.list_docs("layers/"):
+        store.delete_doc(name)
+    proc = run("gc", "--grace", "0", "--json")
+    assert json.loads(proc.stdout)["removed"] > 0
+    assert keys(s3_env, bucket, "cli/packs/") == []  # every pack was dead: deleted whole
+    assert keys(s3_env, bucket, "cli/locks/") == []
+
 
 def test_index_rebuilt_from_pack_trailers(s3_env, bucket, tmp_path) -> None:
     be = backend(bucket, tmp_path, pack_size=20000)

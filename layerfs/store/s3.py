@@ -547,6 +547,34 @@ class S3Backend(Backend):
             items = [(d, p.length) for d, p in self._places.items()]
         yield from items
 
+    def iter_blob_times(self) -> Iterator[tuple[str, int, float | None]]:
+        """(digest, size, upload time of its pack): gc spares blobs of fresh packs."""
+        times: dict[str, float] = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key("packs/")
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    times[obj["Key"].rsplit("/", 1)[-1]] = obj["LastModified"].timestamp()
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("listing packs", exc) from exc
+        self.refresh()
+        with self._mutex:
+            items = [(d, p.length, times.get(p.pack)) for d, p in self._places.items()]
+        yield from items
+
+    def clean_tmp(self) -> int:
+        """Delete packs that no index names (left by writers that crashed); return how many.
+
+        Only safe under the exclusive lock (no writer is between upload and index).
+        """
+        self.flush()
+        self.refresh()
+        with self._mutex:
+            indexed = {p for doc in self._index_packs.values() for p in doc}
+        return self._delete_orphan_packs(indexed)
+
     def pack_names(self) -> list[str]:
         """Names (relative to the prefix) of the pack objects in the bucket."""
         return self._list("packs/")
@@ -615,11 +643,12 @@ class S3Backend(Backend):
         with self._mutex:
             return self._exclusive_depth > 0
 
-    def _delete_orphan_packs(self, indexed: set[str]) -> None:
+    def _delete_orphan_packs(self, indexed: set[str]) -> int:
         orphans = [rel for rel in self.pack_names() if rel.rsplit("/", 1)[-1] not in indexed]
         if orphans:
             log.info("removing %d pack(s) that no index names", len(orphans))
             self._delete(orphans, "unindexed packs")
+        return len(orphans)
 
     # -- index maintenance -----------------------------------------------------------------------
     def rebuild_index(self) -> int:
