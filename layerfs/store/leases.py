@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from layerfs.errors import StoreError
 
@@ -142,8 +142,8 @@ class LeaseManager:
     def _delete(self, rel: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + rel)
-        except ClientError as exc:
-            log.warning("could not remove the lease %s: %s", rel, exc)
+        except (ClientError, BotoCoreError) as exc:  # it expires ttl seconds after its refresh
+            log.warning("could not remove the lease %s (it expires by itself): %s", rel, exc)
 
     def _wait(self, deadline: float, what: str) -> None:
         if time.monotonic() >= deadline:

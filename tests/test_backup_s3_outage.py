@@ -1,0 +1,86 @@
+"""S3 goes away in the middle of a large backup (a private radosgw is killed), then returns.
+
+The backup fails with one clear line naming S3 and the endpoint, after bounded
+retries; earlier backups and the volume are untouched; once the gateway is
+back the next backup succeeds and restores the volume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import ceph
+from tests.support.backuptree import describe
+from tests.support.s3backup import S3Store, cli, fill_random, start_cli, wait_until
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture
+def outage(s3_env, tmp_path, monkeypatch):
+    """A private gateway over the shared cluster and a bucket; the shared one lists objects."""
+    monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
+    with ceph.PrivateGateway(s3_env) as gw:
+        bucket = ceph.new_bucket(s3_env, "bks3-outage")
+        try:
+            yield gw, S3Store(s3_env, bucket)
+        finally:
+            gw.start()
+            ceph.remove_bucket(s3_env, bucket)
+            from tests.support.s3backup import collect_garbage
+
+            collect_garbage()
+
+
+def test_gateway_dies_during_a_backup(outage, tmp_path: Path) -> None:
+    gw, store = outage
+    private = {"AWS_ENDPOINT_URL": gw.env.endpoint}
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "notes.txt").write_text("before the outage\n")
+    first = json.loads(
+        cli("backup", "bks3-out", "--path", str(vol), "--json", store=store.url, env=private).stdout
+    )
+    fill_random(vol, 10, 32 << 20, seed=3)
+    volume_before = describe(vol)
+    packs = set(store.keys("packs/"))
+    proc = start_cli("backup", "bks3-out", "--path", str(vol), store=store.url, env=private)
+    wait_until(
+        "the first pack of the large backup",
+        lambda: bool(set(store.keys("packs/")) - packs),
+        guard=lambda: proc.poll() is None,
+    )
+    gw.stop()
+    stopped = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the backup kept retrying for 5 minutes with S3 gone") from None
+    print(f"the backup failed {time.monotonic() - stopped:.1f} s after the gateway died")
+    assert proc.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("volplugin: error:")]
+    assert len(lines) == 1, err  # one line; log lines (a lease left to expire) may precede it
+    assert "S3" in lines[0] and f"127.0.0.1:{gw.port}" in lines[0], lines[0]
+    assert "Traceback" not in err
+
+    assert describe(vol) == volume_before
+    gw.start()
+    listed = json.loads(cli("backups", "--json", store=store.url, env=private).stdout)
+    assert [b["id"] for b in listed] == [first["id"]]
+    cli("verify", "--read-data", store=store.url, env=private)
+
+    second = json.loads(
+        cli("backup", "bks3-out", "--path", str(vol), "--json", store=store.url, env=private).stdout
+    )
+    assert second["parent"] == first["id"]
+    out = tmp_path / "out"
+    cli("restore", second["id"], "--to-dir", str(out), store=store.url, env=private)
+    assert describe(out) == describe(vol)
+    cli("verify", "--read-data", store=store.url, env=private)
