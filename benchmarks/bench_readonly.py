@@ -49,6 +49,7 @@ from benchmarks.common import (
     run,
     run_shell,
     time_call,
+    time_warm,
     tree_size,
     wait_mounted,
     write_section,
@@ -285,6 +286,7 @@ class Figures:
     peak_rss: int | None = None
     tar_bytes: int = 0
     entries: int = 0
+    warm_lost: int = 0  # warm samples retaken because someone dropped the page cache
 
 
 def tar_bytes(root: Path) -> int:
@@ -332,10 +334,15 @@ def measure(system: System, mnt: Path, big: str, reps: int) -> Figures:
         system.mount(mnt)
         find_tree(mnt)
         fig.tar_bytes = tar_bytes(mnt)
-        for _ in range(reps):
-            fig.warm_tar.add(time_call(lambda: tar_bytes(mnt)))
-        for _ in range(reps):
-            fig.warm_read.add(time_call(lambda: read_file(mnt / big)))
+        for samples, action in (
+            (fig.warm_tar, lambda: tar_bytes(mnt)),
+            (fig.warm_read, lambda: read_file(mnt / big)),
+        ):
+            action()
+            for _ in range(reps):
+                seconds, lost = time_warm(action)
+                samples.add(seconds)
+                fig.warm_lost += lost
         if system.fuse:
             fig.peak_rss, _ = mount_daemon_peak_rss(mnt)
         system.umount(mnt)
@@ -513,6 +520,7 @@ def report(
     base = "busybox" if spec.quick else "debootstrap minbase bookworm"
     entries = ", ".join(f"{name} {f.entries}" for name, f in figs.items())
     tar_check = ", ".join(f"{name} {f.tar_bytes}" for name, f in figs.items())
+    lost = ", ".join(f"{name} {f.warm_lost}" for name, f in figs.items())
     spread = "; ".join(
         f"{name}: cold find {f.cold_find.spread()}, warm tar {f.warm_tar.spread()}"
         for name, f in figs.items()
@@ -539,6 +547,8 @@ def report(
             import_table(imports, archive.stat().st_size),
             "Targets (layerfs):\n\n" + targets_table(figs, imports),
             f"Spread (min–max): {spread}.",
+            "Warm samples retaken because another process dropped the page cache meanwhile"
+            f" (/proc/vmstat drop_pagecache): {lost}.",
             f"Bytes of `tar cf - .` (equal when the trees match): {tar_check}.",
         ]
     )

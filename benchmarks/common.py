@@ -143,6 +143,33 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
+def cache_drops() -> int:
+    """How often anyone dropped the page cache since boot (``drop_pagecache`` in /proc/vmstat)."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("drop_pagecache "):
+                return int(line.split()[1])
+    return 0
+
+
+def time_warm(fn: Callable[[], object], attempts: int = 5) -> tuple[float, int]:
+    """Seconds ``fn()`` takes while nobody drops the page cache; and how many tries were lost.
+
+    drop_caches is global, so another job on the machine can turn a warm sample
+    cold. A sample during which the cache was dropped is discarded: ``fn`` runs
+    once more to warm the cache and is timed again, up to ``attempts`` times
+    (then the last, disturbed, time is returned).
+    """
+    lost = 0
+    while True:
+        before = cache_drops()
+        seconds = time_call(fn)
+        if cache_drops() == before or lost + 1 >= attempts:
+            return seconds, lost
+        lost += 1
+        fn()
+
+
 # -- processes and memory ----------------------------------------------------------
 
 
