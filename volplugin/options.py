@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from volplugin.backup import schedule
 from volplugin.errors import BadOption
 
 MAX_ID = 2**32 - 2
@@ -48,6 +49,9 @@ OPTIONS: dict[str, Option] = {
         Option(
             "mode", "octal permissions of the volume's root directory (default 0755)", _parse_mode
         ),
+        Option("from", "restore the new volume from this backup", schedule.parse_backup_ref),
+        Option("backup-schedule", "back the volume up at these times (cron)", schedule.parse_cron),
+        Option("backup-keep", "retention after each scheduled backup", schedule.normal_keep),
     )
 }
 
@@ -76,4 +80,9 @@ def normalize(opts: Mapping[str, object] | None) -> dict[str, str]:
             result[key] = option.parse(value.strip())
         except ValueError as exc:
             raise BadOption(f"bad value {value!r} for option {key!r}: expected {exc}") from None
+    if "backup-keep" in result and "backup-schedule" not in result:
+        raise BadOption(
+            "option 'backup-keep' applies after scheduled backups: "
+            "give 'backup-schedule' too, or prune with `volplugin prune`"
+        )
     return dict(sorted(result.items()))
