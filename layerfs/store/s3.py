@@ -548,7 +548,13 @@ class S3Backend(Backend):
         yield from items
 
     def iter_blob_times(self) -> Iterator[tuple[str, int, float | None]]:
-        """(digest, size, upload time of its pack): gc spares blobs of fresh packs."""
+        """(digest, size, upload time of its pack): gc spares blobs of fresh packs.
+
+        Blobs whose pack is gone from the bucket are left out, so fsck and verify
+        report them missing. The indexes are read before the packs are listed: a
+        pack an index names was uploaded before that index was written.
+        """
+        self.refresh()
         times: dict[str, float] = {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -559,9 +565,10 @@ class S3Backend(Backend):
                     times[obj["Key"].rsplit("/", 1)[-1]] = obj["LastModified"].timestamp()
         except (ClientError, BotoCoreError) as exc:
             raise self._error("listing packs", exc) from exc
-        self.refresh()
         with self._mutex:
-            items = [(d, p.length, times.get(p.pack)) for d, p in self._places.items()]
+            items = [
+                (d, p.length, times[p.pack]) for d, p in self._places.items() if p.pack in times
+            ]
         yield from items
 
     def clean_tmp(self) -> int:
