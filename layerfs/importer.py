@@ -2,7 +2,8 @@
 
 Each layer is streamed once: parsed into entries, its file content chunked into
 the store, its DiffID (and blob digest, where the layout states one) checked.
-Hardlink targets are checked across layers. Only when every layer passed are
+Hardlink targets are checked across layers. New chunks are compressed and
+written on worker threads while the layer is parsed. Only when every layer passed are
 the blobs flushed and the docs written, layers first and the image doc last, so
 a refused or killed import lists nothing. Layers already in the catalog (by
 DiffID) are not read again. The import holds the store's shared lock.
@@ -107,7 +108,11 @@ def _import(
     layers: list[LayerRecord] = []
     new: dict[str, LayerRecord] = {}
     seen: dict[str, list[Entry]] = {}
-    with store.backend.lock(exclusive=False), _Progress(progress, plan, source) as bar:
+    with (
+        store.backend.lock(exclusive=False),
+        _Progress(progress, plan, source) as bar,
+        store.background_writes(),
+    ):
         for ref in plan.layers:
             bar.start(ref)
             record = new.get(ref.diff_id) or catalog.get_layer(ref.diff_id)
@@ -168,6 +173,7 @@ def _import_layer(
             f"says {ref.diff_id}; the archive is damaged or was altered"
         )
     tree = put_tree(store, parsed.entries, {"diff_id": ref.diff_id})
+    store.wait_writes()  # the layer's stats are complete once its chunks are written
     record = LayerRecord(
         diff_id=ref.diff_id,
         tree=tree,

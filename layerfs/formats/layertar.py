@@ -18,7 +18,7 @@ import zstandard
 
 from layerfs.errors import ImportRejected, LayerfsError
 from layerfs.formats.paths import BadPath, normalize
-from layerfs.formats.streams import HashingReader, decompressed, sniff
+from layerfs.formats.streams import ForwardReader, HashingReader, decompressed, sniff
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore, WriteStats
 
@@ -26,6 +26,8 @@ INLINE_MAX = 1024
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _XATTR_PREFIX = "SCHILY.xattr."
+_COMPRESSED_PIECE = 64 << 10
+_PLAIN_PIECE = 1 << 20
 _STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError)
 
 
@@ -50,14 +52,18 @@ def parse_layer(
     """Parse a layer tar from ``raw``; raise ImportRejected naming ``label`` and the entry."""
     given = HashingReader(raw, on_read)
     compression, sniffed = sniff(given)
-    plain = HashingReader(decompressed(compression, sniffed)) if compression != "none" else None
-    tar_stream = plain if plain is not None else sniffed
+    compressed = compression != "none"
+    # small pieces of a compressed stream, so damage is reported at the entry it hits
+    piece = _COMPRESSED_PIECE if compressed else _PLAIN_PIECE
+    tar_stream = ForwardReader(decompressed(compression, sniffed), compressed, piece=piece)
     entries: list[Entry] = []
     stats = WriteStats()
     current = "(start of the layer)"
     try:
+        # the seeking mode reads member data straight from ForwardReader, without
+        # the stream mode's small copied blocks; ForwardReader keeps it one pass
         with tarfile.open(
-            fileobj=tar_stream, mode="r|", encoding="utf-8", errors="surrogateescape"
+            fileobj=tar_stream, mode="r:", encoding="utf-8", errors="surrogateescape"
         ) as tar:
             for member in tar:
                 current = member.name
@@ -65,8 +71,7 @@ def parse_layer(
                 if entry is not None:
                     entries.append(entry)
             current = "(end of the layer)"
-            if plain is not None:
-                plain.drain()
+            tar_stream.drain()
             given.drain()
     except LayerfsError:
         raise
@@ -75,7 +80,7 @@ def parse_layer(
             f"{label}: the layer is truncated or not a valid {_what(compression)} "
             f"(at entry {current!r}: {exc}); re-export the image"
         ) from exc
-    diff_id = plain.digest() if plain is not None else given.digest()
+    diff_id = tar_stream.digest() if compressed else given.digest()
     size = sum(e.size for e in entries if e.kind is Kind.FILE)
     return ParsedLayer(entries, diff_id, given.digest(), compression, size, stats)
 

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -22,6 +23,7 @@ from pyfastcdc import FastCDC
 
 from layerfs.errors import CorruptObject, StoreError
 from layerfs.store.backend import Backend
+from layerfs.store.background import BackgroundJobs
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class ChunkStore:
         self.backend = backend
         self._cache = _LRU(cache_bytes)
         self._local = threading.local()
+        self._jobs: BackgroundJobs | None = None  # set inside background_writes()
+        self._stats_mutex = threading.Lock()
 
     # -- helpers -------------------------------------------------------------
     def _cdc(self) -> FastCDC:
@@ -148,23 +152,55 @@ class ChunkStore:
         return data
 
     # -- writing -------------------------------------------------------------
+    @contextmanager
+    def background_writes(self, workers: int = 2, depth: int = 64) -> Iterator[None]:
+        """While active, new chunks are compressed and written on worker threads.
+
+        ``put_chunk`` still hashes in the caller's thread and returns at once;
+        ``wait_writes`` and ``flush`` wait for the workers and raise the first
+        error any of them met. Leaving the block waits for them too.
+        """
+        if self._jobs is not None:
+            yield
+            return
+        jobs = BackgroundJobs(workers, depth)
+        self._jobs = jobs
+        try:
+            yield
+            jobs.wait()
+        finally:
+            self._jobs = None
+            jobs.close()
+
+    def wait_writes(self) -> None:
+        """Wait for background chunk writes (see background_writes); raise their first error."""
+        if self._jobs is not None:
+            self._jobs.wait()
+
     def put_chunk(self, data: bytes | memoryview, stats: WriteStats | None = None) -> ChunkRef:
         """Store one chunk (if new) and return its reference."""
         digest = digest_of(data)
-        new = False
-        stored = 0
-        if not self.backend.has_blob(digest):
-            blob = self.encode(data)
-            new = self.backend.put_blob(digest, blob)
-            stored = len(blob)
         if stats is not None:
             stats.chunks += 1
             stats.bytes_in += len(data)
-            if new:
+        jobs = self._jobs
+        if jobs is None:
+            self._store_new(digest, data, stats)
+        elif digest not in jobs.seen:
+            jobs.seen.add(digest)
+            jobs.submit(self._store_new, digest, bytes(data), stats)
+        return ChunkRef(digest, len(data))
+
+    def _store_new(self, digest: str, data: bytes | memoryview, stats: WriteStats | None) -> None:
+        """Encode and write a chunk unless the backend has it; count it in ``stats``."""
+        if self.backend.has_blob(digest):
+            return
+        blob = self.encode(data)
+        if self.backend.put_blob(digest, blob) and stats is not None:
+            with self._stats_mutex:
                 stats.new_chunks += 1
                 stats.bytes_new += len(data)
-                stats.bytes_stored += stored
-        return ChunkRef(digest, len(data))
+                stats.bytes_stored += len(blob)
 
     def write_bytes(
         self, data: bytes | memoryview, stats: WriteStats | None = None
@@ -228,6 +264,7 @@ class ChunkStore:
             yield data
 
     def flush(self) -> None:
+        self.wait_writes()
         try:
             self.backend.flush()
         except OSError as exc:  # pragma: no cover - backends wrap their own errors
