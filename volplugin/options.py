@@ -41,6 +41,15 @@ def _parse_mode(value: str) -> str:
     return f"{int(value, 8):04o}"
 
 
+def _parse_bool(value: str) -> str:
+    lowered = value.lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return "true"
+    if lowered in ("false", "no", "off", "0"):
+        return "false"
+    raise ValueError("true or false")
+
+
 OPTIONS: dict[str, Option] = {
     opt.name: opt
     for opt in (
@@ -52,6 +61,7 @@ OPTIONS: dict[str, Option] = {
         Option("from", "restore the new volume from this backup", schedule.parse_backup_ref),
         Option("backup-schedule", "back the volume up at these times (cron)", schedule.parse_cron),
         Option("backup-keep", "retention after each scheduled backup", schedule.normal_keep),
+        Option("lazy", "with from: usable at once, filled in the background", _parse_bool),
     )
 }
 
@@ -85,4 +95,6 @@ def normalize(opts: Mapping[str, object] | None) -> dict[str, str]:
             "option 'backup-keep' applies after scheduled backups: "
             "give 'backup-schedule' too, or prune with `volplugin prune`"
         )
+    if result.get("lazy") == "true" and "from" not in result:
+        raise BadOption("option 'lazy' restores lazily from a backup: give 'from' too")
     return dict(sorted(result.items()))
