@@ -41,6 +41,8 @@ class Hooks:
     on_create: list[Hook] = field(default_factory=list)
     on_first_mount: list[Hook] = field(default_factory=list)
     on_last_unmount: list[Hook] = field(default_factory=list)
+    on_remove: list[Hook] = field(default_factory=list)  # before the directory goes
+    status: list[Callable[[VolumeRecord], dict]] = field(default_factory=list)  # extra keys
 
 
 def now_iso() -> str:
@@ -137,6 +139,8 @@ class VolumeService:
             if record.mount_ids:
                 self._refuse_if_used(record)
                 self.state.clear_mounts(name)
+            for hook in self.hooks.on_remove:
+                hook(record, path)
             self.trash_dir.mkdir(exist_ok=True)
             doomed = self.trash_dir / f"{name}.{uuid.uuid4().hex}"
             if path.exists():
@@ -212,6 +216,9 @@ class VolumeService:
         path = str(self.path_of(record.name))
         usage = self.sizes.usage(path) if self.sizes else disk_usage(path, None)
         backup = record.backup
+        extra: dict = {}
+        for hook in self.hooks.status:
+            extra.update(hook(record))
         return {
             "Created": record.created,
             "Size": usage.human(),
@@ -224,6 +231,7 @@ class VolumeService:
                 "Outcome": backup.outcome if backup else None,
                 "Detail": backup.detail if backup else None,
             },
+            **extra,
         }
 
 
