@@ -20,14 +20,18 @@ from pathlib import Path
 import waitress
 
 from volplugin.app import create_app
+from volplugin.backup.seed import restore_from_option
 from volplugin.errors import StateError
+from volplugin.lazy import LazyVolumes
 from volplugin.names import check_name
 from volplugin.reconcile import reconcile_in_background, try_reconcile
+from volplugin.scheduler import DEFAULT_TICK, Scheduler
 from volplugin.volumes import VolumeService
 
 PLUGIN_DIR = Path("/run/docker/plugins")
 DEFAULT_NAME = "volplugin"
 DEFAULT_ROOT = Path("/var/lib/volplugin")
+SCHEDULER_GRACE = 120.0  # seconds a stopping server waits for a scheduled backup
 
 log = logging.getLogger("volplugin.server")
 
@@ -84,20 +88,31 @@ def serve(
     *,
     plugin_dir: Path = PLUGIN_DIR,
     threads: int = 8,
+    store: str | None = None,
+    schedule_tick: float = DEFAULT_TICK,
 ) -> None:
-    """Serve until SIGTERM or SIGINT; remove the socket on the way out."""
+    """Serve until SIGTERM or SIGINT; remove the socket on the way out.
+
+    `store` is the backup store URL (None: the layerfs default); scheduled backups are
+    looked for every `schedule_tick` seconds.
+    """
     root = Path(root).absolute()
     path = socket_path(name, plugin_dir)
     with root_lock(root):
         service = VolumeService.open(root, name)
         service.empty_trash()
+        service.hooks.on_create.append(restore_from_option(store))
         stop = threading.Event()
         if not try_reconcile(service):
             reconcile_in_background(service, stop)
+        lazy = LazyVolumes.attach(service)
         sock = bind_socket(path)
+        app = create_app(service)
+        app.config["LAYERFS_STORE"] = store
+        scheduler = Scheduler(service, store, tick=schedule_tick).start(stop)
         try:
             server = waitress.create_server(
-                create_app(service),
+                app,
                 sockets=[sock],
                 threads=threads,
                 ident="volplugin",
@@ -113,7 +128,9 @@ def serve(
             finally:
                 stop.set()
                 server.close()
+                scheduler.join(SCHEDULER_GRACE)  # a running backup restarts its containers
         finally:
+            lazy.close()
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

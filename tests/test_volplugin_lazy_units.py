@@ -1,0 +1,119 @@
+"""Lazy restore parts on a local store with a real FUSE mount: fill, resume, merge, options."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from layerfs.index import ImageView
+from layerfs.records import get_tree
+from layerfs.store.location import open_store
+from tests.support.backuptree import describe, make_tree
+from volplugin import options
+from volplugin.backup import service
+from volplugin.errors import BadOption
+from volplugin.lazy_fill import Filler, parse_rate
+from volplugin.lazy_merge import merge_upper
+from volplugin.lazy_mount import LazyDirs, is_mounted, mount, prepare, release
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, devices, FUSE)")
+
+
+@pytest.fixture
+def backup(tmp_path: Path):
+    """A backup of a tree with every kind of entry, in a local store: (store URL, record)."""
+    url = str(tmp_path / "store")
+    volume = tmp_path / "vol"
+    make_tree(volume)
+    store = open_store(url)
+    record = service.create_backup(store, "lazy-unit", volume)
+    return url, record, volume
+
+
+def _entries(url: str, record):
+    return get_tree(open_store(url), record.tree)[0]
+
+
+def test_fill_stops_and_resumes_without_fetching_again(backup, tmp_path: Path) -> None:
+    url, record, volume = backup
+    target = tmp_path / "fill"
+    stop = threading.Event()
+
+    def stop_after_three(progress) -> None:
+        if progress.files_done >= 3:
+            stop.set()
+
+    first = Filler(open_store(url), _entries(url, record), target, stop=stop)
+    first.on_progress, first.report_every = stop_after_three, 0
+    assert first.run() is False
+    done_before = {p: os.lstat(p).st_ino for p in target.rglob("*") if p.is_file()}
+    assert done_before, "the first run wrote nothing"
+
+    second = Filler(open_store(url), _entries(url, record), target)
+    assert second.run() is True
+    assert second.progress.files_done == second.progress.files_total
+    assert second.progress.bytes_done == second.progress.bytes_total == record.size
+    assert describe(target) == describe(volume)
+    # files of the first run were kept, not written again
+    assert {p: os.lstat(p).st_ino for p in done_before} == done_before
+    assert os.stat(target / "hard-to-big").st_ino == os.stat(target / "data/big.bin").st_ino
+
+
+def test_merge_gives_the_tree_the_mount_showed(backup, tmp_path: Path) -> None:
+    url, record, volume = backup
+    entries = _entries(url, record)
+    dirs = LazyDirs(tmp_path / "lazy")
+    prepare(open_store(url), dirs, record.tree, entries)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount(url, dirs, mnt, "lazy-unit")
+    try:
+        assert describe(mnt) == describe(volume)
+        (mnt / "new.txt").write_text("written while lazy\n")
+        with open(mnt / "data/big.bin", "r+b") as f:  # a metacopy file with one range
+            f.seek(1 << 20)
+            f.write(b"X" * 1000)
+        with open(mnt / "data/text.log", "ab") as f:
+            f.write(b"appended\n")
+        os.unlink(mnt / "data/small.txt")
+        os.rename(mnt / "shared", mnt / "shared2")
+        os.chmod(mnt / "tmp", 0o700)
+        os.truncate(mnt / "sparse.img", 1 << 20)
+        os.mkdir(mnt / "data/sub")
+        (mnt / "data/sub/f").write_bytes(b"f")
+        seen = describe(mnt)
+    finally:
+        assert release(mnt)
+    assert not is_mounted(mnt)
+    assert Filler(open_store(url), entries, dirs.fill).run()
+    view = ImageView(open_store(url), dirs.index)
+    assert merge_upper(dirs.upper.tree, dirs.fill, view) > 0
+    # redoing the merge (after a crash during the switch) gives the same tree
+    merge_upper(dirs.upper.tree, dirs.fill, view)
+    view.close()
+    shutil.rmtree(dirs.upper.tree)  # as the switch does: upper files were linked, not copied
+    assert describe(dirs.fill) == seen
+
+
+def test_lazy_option_needs_from() -> None:
+    assert options.normalize({"from": "abcd1234", "lazy": "yes"}) == {
+        "from": "abcd1234",
+        "lazy": "true",
+    }
+    with pytest.raises(BadOption, match="give 'from' too"):
+        options.normalize({"lazy": "true"})
+    with pytest.raises(BadOption, match="true or false"):
+        options.normalize({"from": "abcd", "lazy": "maybe"})
+
+
+def test_parse_rate() -> None:
+    assert parse_rate("") == 0
+    assert parse_rate("20M") == 20 << 20
+    assert parse_rate("512k") == 512 << 10
+    assert parse_rate("1000") == 1000
+    with pytest.raises(ValueError, match="VOLPLUGIN_LAZY_FILL_RATE"):
+        parse_rate("fast")

@@ -1,0 +1,295 @@
+"""Lazy restore: `-o from=BACKUP -o lazy=true` gives a volume that is usable at once.
+
+At Create the backup's tree is indexed and a writable layerfs mount (see
+volplugin.lazy_mount) is put on the volume's own directory ROOT/volumes/NAME, so Mount
+and Path answer as for any volume and containers see the backup at once: file content
+is fetched from the store on first read and cached locally, and writes go to an upper
+tree. Meanwhile a background thread fills ROOT/lazy/NAME/fill with the whole backup
+(volplugin.lazy_fill); Status shows the progress under ``Lazy``.
+
+The switch. When the fill is complete and no container holds the volume (at once, or
+at the last Unmount), the mount is released and the upper tree is merged onto the
+filled directory (volplugin.lazy_merge), which then replaces the volume's directory:
+from then on the volume is an ordinary one, with every write made through the mount.
+While containers hold the mount, new Mounts get the mount too, so every container of
+a volume always sees the same tree; the switch waits for the last of them.
+
+Restarts. Phases and progress are in the state database (volplugin.lazy_state). The
+mount process runs in its own session and outlives the plugin; at start the plugin
+remounts only a mount whose process died, restarts unfinished fills (which skip
+what is already local) and redoes an interrupted switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerfs.errors import LayerfsError
+from layerfs.index import ImageView
+from layerfs.records import get_tree
+from layerfs.store.location import default_store_url, open_store
+from volplugin.backup.docs import get_backup
+from volplugin.errors import BadOption, VolpluginError
+from volplugin.lazy_fill import RATE_ENV, Filler, Progress, parse_rate
+from volplugin.lazy_merge import merge_upper
+from volplugin.lazy_mount import LazyDirs, force_release, is_mounted, mount, prepare, release
+from volplugin.lazy_state import LazyRecord, LazyState
+from volplugin.state import VolumeRecord
+from volplugin.volumes import VolumeService
+
+log = logging.getLogger("volplugin.lazy")
+
+RETRY_SECONDS = 5.0
+
+
+class LazyError(VolpluginError):
+    """A lazy volume cannot be created, served or switched."""
+
+
+def is_lazy(options: dict[str, str]) -> bool:
+    return options.get("lazy") == "true"
+
+
+@dataclass
+class _Fill:
+    thread: threading.Thread
+    stop: threading.Event
+
+
+class LazyVolumes:
+    """The lazy volumes of one VolumeService: hooks, fills and switches."""
+
+    def __init__(
+        self, service: VolumeService, store_url: str | None = None, rate: int | None = None
+    ) -> None:
+        self.service = service
+        self.store_url = store_url or default_store_url()
+        self.rate = parse_rate(os.environ.get(RATE_ENV)) if rate is None else rate
+        self.state = LazyState(service.state.path)
+        self._fills: dict[str, _Fill] = {}
+        self._closed = threading.Event()
+
+    @classmethod
+    def attach(cls, service: VolumeService, store_url: str | None = None) -> LazyVolumes:
+        """Install the hooks on ``service`` and resume the lazy volumes of its root."""
+        lazy = cls(service, store_url)
+        hooks = service.hooks
+        hooks.on_create.append(lazy.on_create)
+        hooks.on_last_unmount.append(lazy.on_last_unmount)
+        hooks.on_remove.append(lazy.on_remove)
+        hooks.status.append(lazy.status)
+        lazy.resume()
+        return lazy
+
+    def close(self) -> None:
+        """Stop the fills (they resume at the next start); the mounts keep serving."""
+        self._closed.set()
+        for fill in list(self._fills.values()):
+            fill.stop.set()
+        for fill in list(self._fills.values()):
+            fill.thread.join(timeout=10)
+        self.state.close()
+
+    def dirs(self, name: str) -> LazyDirs:
+        return LazyDirs(self.service.root / "lazy" / name)
+
+    # -- hooks (called with the service lock held) ---------------------------------------
+
+    def on_create(self, record: VolumeRecord, path: Path) -> None:
+        if not is_lazy(record.options):
+            return
+        try:
+            self._create(record.name, record.options["from"], path)
+        except BaseException as exc:
+            self._discard(record.name, path)
+            self.service.state.delete(record.name)
+            if isinstance(exc, VolpluginError):
+                raise
+            if isinstance(exc, LayerfsError | OSError):
+                raise LazyError(
+                    f"cannot create the lazy volume {record.name!r} from backup "
+                    f"{record.options['from']}: {exc}"
+                ) from exc
+            raise
+
+    def on_last_unmount(self, record: VolumeRecord, path: Path) -> None:
+        lazy = self.state.get(record.name)
+        if lazy is not None and lazy.phase == "filled":
+            self._switch_locked(record.name)
+
+    def on_remove(self, record: VolumeRecord, path: Path) -> None:
+        if self.state.get(record.name) is None:
+            return
+        self._discard(record.name, path)
+
+    def status(self, record: VolumeRecord) -> dict:
+        lazy = self.state.get(record.name)
+        return {"Lazy": lazy.to_status()} if lazy is not None else {}
+
+    # -- create, resume, remove ----------------------------------------------------------
+
+    def _create(self, name: str, ref: str, path: Path) -> None:
+        if any(path.iterdir()):
+            raise BadOption(
+                f"volume directory {path} is not empty: a lazy restore needs a new volume"
+            )
+        store = open_store(self.store_url)
+        try:
+            backup = get_backup(store.backend, ref)
+            entries, _meta = get_tree(store, backup.tree)
+            dirs = self.dirs(name)
+            if dirs.base.exists():
+                shutil.rmtree(dirs.base)  # leftovers of a create that crashed
+            prepare(store, dirs, backup.tree, entries)
+        finally:
+            store.backend.close()
+        self.state.add(name, backup.id, backup.tree)
+        mount(self.store_url, dirs, path, name)
+        log.info("volume %s: serving backup %s lazily; filling in the background", name, ref)
+        self._start_fill(name)
+
+    def _discard(self, name: str, path: Path) -> None:
+        """Stop the fill, release the mount, drop the lazy parts of a volume."""
+        fill = self._fills.pop(name, None)
+        if fill is not None:
+            fill.stop.set()
+            fill.thread.join(timeout=30)
+        force_release(path)
+        shutil.rmtree(self.dirs(name).base, ignore_errors=True)
+        self.state.delete(name)
+
+    def resume(self) -> None:
+        """At start: remount, restart fills, finish switches; forget rows of gone volumes."""
+        for lazy in self.state.list():
+            name = lazy.name
+            if self.service.state.get(name) is None:
+                shutil.rmtree(self.dirs(name).base, ignore_errors=True)
+                self.state.delete(name)
+                continue
+            try:
+                self._resume(lazy)
+            except (LayerfsError, OSError) as exc:
+                log.error("volume %s: cannot resume the lazy restore: %s", name, exc)
+                self.state.set_error(name, f"{exc}; restart the plugin to retry")
+
+    def _resume(self, lazy: LazyRecord) -> None:
+        path = self.service.path_of(lazy.name)
+        if lazy.phase in ("filling", "filled"):
+            if not is_mounted(path):
+                log.warning("volume %s: its lazy mount is gone; mounting it again", lazy.name)
+                mount(self.store_url, self.dirs(lazy.name), path, lazy.name)
+            self._start_fill(lazy.name)
+        elif lazy.phase == "switching":
+            with self.service._lock:
+                self._switch_locked(lazy.name)
+
+    # -- fill ----------------------------------------------------------------------------
+
+    def _start_fill(self, name: str) -> None:
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._fill_loop, args=(name, stop), name=f"lazy-fill-{name}", daemon=True
+        )
+        self._fills[name] = _Fill(thread, stop)
+        thread.start()
+
+    def _fill_loop(self, name: str, stop: threading.Event) -> None:
+        while not stop.is_set() and not self._closed.is_set():
+            lazy = self.state.get(name)
+            if lazy is None:
+                return
+            try:
+                if lazy.phase == "filling":
+                    if not self._fill(lazy, stop):
+                        return
+                    self.state.set_phase(name, "filled")
+                    log.info("volume %s: everything is local", name)
+                if self._try_switch(name, stop):
+                    return
+            except (LayerfsError, OSError) as exc:
+                log.error("volume %s: lazy fill failed (%s); retrying", name, exc)
+                self.state.set_error(name, f"{exc}; retrying every {RETRY_SECONDS:.0f} s")
+            stop.wait(RETRY_SECONDS)
+
+    def _fill(self, lazy: LazyRecord, stop: threading.Event) -> bool:
+        def report(p: Progress) -> None:
+            self.state.set_progress(
+                lazy.name, p.files_done, p.files_total, p.bytes_done, p.bytes_total
+            )
+
+        store = open_store(self.store_url)
+        try:
+            entries, _meta = get_tree(store, lazy.tree)
+            filler = Filler(
+                store,
+                entries,
+                self.dirs(lazy.name).fill,
+                rate=self.rate,
+                stop=stop,
+                on_progress=report,
+            )
+            done = filler.run()
+        finally:
+            store.backend.close()
+        if done:
+            self.state.set_error(lazy.name, None)
+        return done
+
+    # -- switch --------------------------------------------------------------------------
+
+    def _try_switch(self, name: str, stop: threading.Event) -> bool:
+        """Switch if no container holds the volume; True when nothing is left to do here."""
+        lock = self.service._lock
+        while not lock.acquire(timeout=0.5):
+            if stop.is_set():
+                return True
+        try:
+            return self._switch_locked(name)
+        finally:
+            lock.release()
+
+    def _switch_locked(self, name: str) -> bool:
+        """The switch (see the module docstring); False if the mount is still busy."""
+        record = self.service.state.get(name)
+        lazy = self.state.get(name)
+        if record is None or lazy is None or lazy.phase not in ("filled", "switching"):
+            return True
+        if record.mount_ids:
+            log.info("volume %s: filled; switching when its containers let go", name)
+            return True
+        path = self.service.path_of(name)
+        dirs = self.dirs(name)
+        if not release(path):
+            log.warning("volume %s: the lazy mount is busy; switching later", name)
+            return False
+        self.state.set_phase(name, "switching")
+        if dirs.fill.exists():
+            self._merge(name, dirs)
+            old = dirs.base / "old"
+            if old.exists():
+                shutil.rmtree(old)
+            if path.exists():
+                os.rename(path, old)
+            os.rename(dirs.fill, path)
+        shutil.rmtree(dirs.base, ignore_errors=True)
+        if self.service.sizes:
+            self.service.sizes.forget(str(path))
+        self.state.set_phase(name, "done")
+        self._fills.pop(name, None)
+        log.info("volume %s: switched to its local directory", name)
+        return True
+
+    def _merge(self, name: str, dirs: LazyDirs) -> None:
+        store = open_store(self.store_url)
+        view = ImageView(store, dirs.index)
+        try:
+            applied = merge_upper(dirs.upper.tree, dirs.fill, view)
+        finally:
+            view.close()
+            store.backend.close()
+        log.info("volume %s: merged %d changed entries made during the lazy phase", name, applied)
