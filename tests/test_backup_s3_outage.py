@@ -16,7 +16,14 @@ import pytest
 
 from tests.support import ceph
 from tests.support.backuptree import describe
-from tests.support.s3backup import S3Store, cli, fill_random, start_cli, wait_until
+from tests.support.s3backup import (
+    S3Store,
+    cli,
+    collect_garbage,
+    fill_random,
+    start_cli,
+    wait_until,
+)
 
 pytestmark = pytest.mark.s3
 
@@ -32,8 +39,6 @@ def outage(s3_env, tmp_path, monkeypatch):
         finally:
             gw.start()
             ceph.remove_bucket(s3_env, bucket)
-            from tests.support.s3backup import collect_garbage
-
             collect_garbage()
 
 
