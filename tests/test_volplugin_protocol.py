@@ -63,7 +63,7 @@ def test_volume_lifecycle(plugin):
     assert status["Containers"] == 2
     assert status["Options"] == {"mode": "0750"}
     assert status["SizeBytes"] >= 10000
-    assert set(status["Backup"]) == {"LastID", "LastTime", "Outcome", "Detail"}
+    assert {"LastID", "LastTime", "Outcome", "Detail", "Age"} <= set(status["Backup"])
     names = [v["Name"] for v in ok(plugin, "VolumeDriver.List")["Volumes"]]
     assert names == ["v1"]
     # Mounted: the daemon cannot be asked who uses it, so removal is refused.
@@ -89,7 +89,7 @@ def test_volume_lifecycle(plugin):
         ({"Name": "a\0b"}, "NUL"),
         ({"Name": ".."}, "not allowed"),
         ({"Name": "x" * 300}, "limit is 255"),
-        ({"Name": "v", "Opts": {"size": "1G"}}, "accepted options are gid, mode, uid"),
+        ({"Name": "v", "Opts": {"size": "1G"}}, "unknown option 'size': accepted options are"),
         ({"Name": "v", "Opts": {"mode": "999"}}, "'mode'"),
         ({"Name": "v", "Opts": ["mode"]}, "Opts"),
         (b"{" + b" " * 70000 + b"}", "larger than"),

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from volplugin.errors import VolpluginError
+from volplugin.scheduler import DEFAULT_TICK
 from volplugin.server import DEFAULT_NAME, DEFAULT_ROOT, PLUGIN_DIR, serve
 from volplugin.state import State
 from volplugin.volumes import VolumeService
@@ -84,13 +85,36 @@ def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
     show_default=True,
     help="Where the daemon looks for plugin sockets.",
 )
+@click.option(
+    "--store",
+    envvar="LAYERFS_STORE",
+    default=None,
+    metavar="PATH|s3://BUCKET/PREFIX",
+    help="Backup store for backups, -o from= and -o backup-schedule (default as for layerfs).",
+)
+@click.option(
+    "--schedule-tick",
+    envvar="VOLPLUGIN_SCHEDULE_TICK",
+    type=click.FloatRange(min=0.1),
+    default=DEFAULT_TICK,
+    show_default=True,
+    help="Seconds between looks for due scheduled backups.",
+)
 @click.pass_obj
 def serve_cmd(
-    obj: dict, cmd_name: str | None, cmd_root: Path | None, threads: int, plugin_dir: Path
+    obj: dict,
+    cmd_name: str | None,
+    cmd_root: Path | None,
+    threads: int,
+    plugin_dir: Path,
+    store: str | None,
+    schedule_tick: float,
 ) -> None:
     """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM."""
     name, root = _pick(obj, cmd_name, cmd_root)
-    serve(name, root, plugin_dir=plugin_dir, threads=threads)
+    serve(
+        name, root, plugin_dir=plugin_dir, threads=threads, store=store, schedule_tick=schedule_tick
+    )
 
 
 def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:
@@ -138,10 +162,17 @@ def inspect_cmd(
     opts = ", ".join(f"{k}={v}" for k, v in st["Options"].items()) or "(none)"
     click.echo(f"Options:     {opts}")
     backup = st["Backup"]
-    if backup["LastID"]:
-        click.echo(f"Last backup: {backup['LastID']} at {backup['LastTime']} ({backup['Outcome']})")
+    if backup["LastTime"]:
+        click.echo(
+            f"Last backup: {backup['LastID'] or '-'} at {backup['LastTime']} "
+            f"({backup['Age']} ago, {backup['Outcome']})"
+        )
+        if backup["Detail"]:
+            click.echo(f"             {backup['Detail']}")
     else:
         click.echo("Last backup: never")
+    if backup["Schedule"]:
+        click.echo(f"Schedule:    {backup['Schedule']} (next {backup['NextRun']})")
 
 
 def _register() -> None:

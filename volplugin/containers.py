@@ -6,7 +6,7 @@ without taking container locks, so it is safe to call while the daemon waits on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import docker
 
@@ -21,6 +21,7 @@ class ContainerRef:
     id: str
     name: str
     state: str
+    labels: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def holds_mounts(self) -> bool:
@@ -67,5 +68,8 @@ def containers_using(
 def _ref(item: dict) -> ContainerRef:
     names = item.get("Names") or [item.get("Id", "")[:12]]
     return ContainerRef(
-        id=item.get("Id", ""), name=names[0].lstrip("/"), state=item.get("State", "")
+        id=item.get("Id", ""),
+        name=names[0].lstrip("/"),
+        state=item.get("State", ""),
+        labels=dict(item.get("Labels") or {}),
     )

@@ -105,7 +105,7 @@ def serve(
         stop = threading.Event()
         if not try_reconcile(service):
             reconcile_in_background(service, stop)
-        lazy = LazyVolumes.attach(service)
+        lazy = LazyVolumes.attach(service, store)
         sock = bind_socket(path)
         app = create_app(service)
         app.config["LAYERFS_STORE"] = store

@@ -46,13 +46,16 @@ class BackupInfo:
     last_time: str | None = None
     outcome: str | None = None
     detail: str | None = None
+    trigger: str | None = None  # what started it: cli, api, schedule
+    hooks: list[str] | None = None  # consistency actions, e.g. "stop db: ok"
+    retention: str | None = None  # what the volume's backup-keep did afterwards
 
     @classmethod
     def from_json(cls, text: str | None) -> BackupInfo | None:
         if not text:
             return None
         data = json.loads(text)
-        return cls(**{k: data.get(k) for k in ("last_id", "last_time", "outcome", "detail")})
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import docker
 
 from volplugin import containers, options
+from volplugin.backup.status import backup_status
 from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import VolpluginError, VolumeExists, VolumeInUse, VolumeNotFound
 from volplugin.names import check_name
@@ -128,8 +129,16 @@ class VolumeService:
                 log.warning("volume %s: adopting the existing directory %s", name, path)
             _apply_root_options(path, normal, fresh)
             record = self.state.add(name, normal, now_iso())
-            for hook in self.hooks.on_create:
-                hook(record, path)
+            try:
+                for hook in self.hooks.on_create:
+                    hook(record, path)
+            except BaseException:
+                self.state.delete(name)  # a failed hook (e.g. from=) leaves no volume
+                if fresh:
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
+            if self.hooks.on_create:
+                _apply_root_options(path, normal, False)  # given options win over hooks
             return record
 
     def remove(self, name: str) -> None:
@@ -230,6 +239,7 @@ class VolumeService:
                 "LastTime": backup.last_time if backup else None,
                 "Outcome": backup.outcome if backup else None,
                 "Detail": backup.detail if backup else None,
+                **backup_status(record),
             },
             **extra,
         }

@@ -25,6 +25,7 @@ from volplugin.app import body, field, reply
 from volplugin.backup import service, volumes
 from volplugin.backup.errors import BackupError
 from volplugin.backup.retention import Policy
+from volplugin.backup.runner import run_backup
 from volplugin.errors import BadRequest, VolpluginError
 from volplugin.volumes import VolumeService
 
@@ -88,12 +89,11 @@ def create(doc: dict) -> dict:
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise BadRequest("field 'Tags' must be a list of strings")
     svc = _volumes()
+    store = _store()
     try:
-        record = service.create_backup(_store(), name, volumes.volume_dir(svc, name), tags)
-    except LayerfsError as exc:
-        volumes.record_outcome(svc, name, None, str(exc))
-        raise
-    volumes.record_outcome(svc, name, record.id)
+        record = run_backup(svc, store, name, tags, trigger="api")
+    finally:
+        store.backend.close()
     return {"Backup": record.to_json()}
 
 

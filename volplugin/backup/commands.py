@@ -19,6 +19,7 @@ from layerfs.store.location import open_store
 from volplugin.backup import service, volumes
 from volplugin.backup.errors import BackupError, DamageFound
 from volplugin.backup.retention import Policy
+from volplugin.backup.runner import run_backup
 from volplugin.errors import VolpluginError
 
 
@@ -77,16 +78,10 @@ def backup_cmd(
     store: ChunkStore,
 ) -> None:
     """Snapshot VOLUME into the store (only changed files are read)."""
-    svc = None if path is not None else _service_of(obj)
-    directory = path if svc is None else volumes.volume_dir(svc, volume)
-    try:
-        record = service.create_backup(store, volume, directory, list(tags))
-    except LayerfsError as exc:
-        if svc is not None:
-            volumes.record_outcome(svc, volume, None, str(exc))
-        raise
-    if svc is not None:
-        volumes.record_outcome(svc, volume, record.id)
+    if path is not None:
+        record = service.create_backup(store, volume, path, list(tags))
+    else:  # a plugin volume: with its consistency hooks, outcome recorded
+        record = run_backup(_service_of(obj), store, volume, tags, trigger="cli")
     if as_json:
         click.echo(json.dumps(record.to_json()))
         return

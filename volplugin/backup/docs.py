@@ -31,6 +31,7 @@ class BackupRecord:
     bytes_new: int = 0  # plain bytes of chunks the store did not have
     bytes_stored: int = 0  # stored (compressed) bytes of those chunks
     duration: float = 0.0
+    hooks: list[dict] = field(default_factory=list)  # consistency actions (backup/hooks.py)
 
     @property
     def time_iso(self) -> str:

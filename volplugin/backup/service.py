@@ -10,6 +10,7 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +53,13 @@ def create_backup(
     tags: list[str] | None = None,
     *,
     host: str | None = None,
+    after_snapshot: Callable[[], list[dict]] | None = None,
 ) -> BackupRecord:
-    """Snapshot ``path`` as a backup of ``volume``; incremental against its last backup."""
+    """Snapshot ``path`` as a backup of ``volume``; incremental against its last backup.
+
+    ``after_snapshot`` runs once the data is in the store and before the record is
+    written; what it returns is kept in the record's ``hooks`` (see backup/hooks.py).
+    """
     backend = store.backend
     started = time.monotonic()
     when = time.time()
@@ -64,6 +70,7 @@ def create_backup(
         meta = {"type": "backup", "volume": volume, META_STAT: scan.stat}
         tree = put_tree(store, scan.entries, meta)
         store.flush()
+        hooks = after_snapshot() if after_snapshot is not None else []
         record = BackupRecord(
             id=secrets.token_hex(16),
             volume=volume,
@@ -79,6 +86,7 @@ def create_backup(
             bytes_new=scan.writes.bytes_new,
             bytes_stored=scan.writes.bytes_stored,
             duration=round(time.monotonic() - started, 3),
+            hooks=hooks,
         )
         put_backup(backend, record)
     return record

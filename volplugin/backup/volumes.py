@@ -29,14 +29,28 @@ def restore_dir(service: VolumeService, volume: str) -> Path:
 
 
 def record_outcome(
-    service: VolumeService, volume: str, backup_id: str | None, error: str | None = None
+    service: VolumeService,
+    volume: str,
+    backup_id: str | None,
+    error: str | None = None,
+    *,
+    detail: str | None = None,
+    trigger: str | None = None,
+    hooks: list[str] | None = None,
+    retention: str | None = None,
 ) -> None:
-    """Note the last backup's outcome in the volume's state (shown by `inspect`)."""
+    """Note the last backup's outcome in the volume's state (shown by `inspect`).
+
+    ``error`` marks a failed backup; ``detail`` is a note on a successful one.
+    """
     info = BackupInfo(
         last_id=backup_id,
         last_time=datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         outcome="failed" if error else "ok",
-        detail=error,
+        detail=error or detail,
+        trigger=trigger,
+        hooks=hooks or None,
+        retention=retention,
     )
     with contextlib.suppress(VolpluginError):  # the backup itself is what matters
         service.state.set_backup(volume, info)

@@ -1,0 +1,70 @@
+"""One backup of a plugin volume, as the CLI, the endpoint and the scheduler take it.
+
+The containers using the volume are quieted around the snapshot (backup/hooks.py), the
+outcome is recorded in the volume's state for `inspect`, and with a retention policy the
+volume's older backups are pruned afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import docker
+
+from layerfs.errors import LayerfsError
+from layerfs.store.chunks import ChunkStore
+from volplugin.backup import service, volumes
+from volplugin.backup.docs import BackupRecord
+from volplugin.backup.hooks import Quiesce, hook_client
+from volplugin.backup.retention import Policy
+from volplugin.volumes import VolumeService
+
+log = logging.getLogger("volplugin.backup.runner")
+
+
+def run_backup(
+    svc: VolumeService,
+    store: ChunkStore,
+    volume: str,
+    tags: Sequence[str] = (),
+    *,
+    trigger: str,
+    keep: Policy | None = None,
+    docker_factory: Callable[[], docker.DockerClient] = hook_client,
+) -> BackupRecord:
+    """Back up `volume` with its consistency hooks; record the outcome; apply `keep`."""
+    record = svc.get(volume)
+    directory = volumes.volume_dir(svc, volume)
+    quiesce = Quiesce(docker_factory, volume, svc.driver, mounted=record.mount_count > 0)
+    try:
+        with quiesce:
+            backup = service.create_backup(
+                store, volume, directory, list(tags), after_snapshot=quiesce.release
+            )
+    except LayerfsError as exc:
+        volumes.record_outcome(
+            svc, volume, None, str(exc), trigger=trigger, hooks=quiesce.summary()
+        )
+        raise
+    notes = [f"hook {p}" for p in quiesce.problems()]
+    retention = None
+    if keep is not None:
+        try:
+            report = service.prune_backups(store, keep, volume=volume)
+            retention = f"kept {len(report.decisions) - len(report.removed)}, "
+            retention += f"removed {len(report.removed)}"
+        except LayerfsError as exc:
+            log.error("volume %s: retention after backup %s failed: %s", volume, backup.id, exc)
+            retention = "failed"
+            notes.append(f"retention failed: {exc}")
+    volumes.record_outcome(
+        svc,
+        volume,
+        backup.id,
+        detail="; ".join(notes) or None,
+        trigger=trigger,
+        hooks=quiesce.summary(),
+        retention=retention,
+    )
+    return backup
