@@ -149,6 +149,8 @@ class LazyVolumes:
         finally:
             store.backend.close()
         self.state.add(name, backup.id, backup.tree)
+        totals = Filler(store, entries, dirs.fill).progress
+        self.state.set_progress(name, 0, totals.files_total, 0, totals.bytes_total)
         mount(self.store_url, dirs, path, name)
         log.info("volume %s: serving backup %s lazily; filling in the background", name, ref)
         self._start_fill(name)

@@ -115,16 +115,22 @@ class Filler:
         """Fill until complete (True) or until ``stop`` is set (False)."""
         self._started = time.monotonic()
         dirs = [e for e in self.entries if e.kind is Kind.DIR]
-        self._restorer.run(dirs)
-        for entry in self.entries:
+        todo = []
+        for entry in self.entries:  # count what an earlier run left, so progress never drops
             if entry.kind in (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE):
                 continue
+            if _done(self._dest(entry.path), entry):
+                self._count(entry)
+            else:
+                todo.append(entry)
+        self._report(force=True)
+        self._restorer.run(dirs)
+        for entry in todo:
             if self.stop.is_set():
                 self._report(force=True)
                 return False
             fetched = self._fill(entry)
-            self.progress.files_done += 1
-            self.progress.bytes_done += entry.size if entry.kind is Kind.FILE else 0
+            self._count(entry)
             self._report()
             if fetched:
                 self._throttle(fetched)
@@ -134,6 +140,10 @@ class Filler:
         self._restorer.run(dirs)  # directory attributes (mtime) after their children
         self._report(force=True)
         return True
+
+    def _count(self, entry: Entry) -> None:
+        self.progress.files_done += 1
+        self.progress.bytes_done += entry.size if entry.kind is Kind.FILE else 0
 
     def _fill(self, entry: Entry) -> int:
         """Materialize one entry unless it is there already; return the bytes fetched."""
