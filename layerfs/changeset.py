@@ -4,10 +4,14 @@ The upper directory (overlayfs conventions, see layerfs.fs.upper) only says
 *which* paths changed: a character device 0/0 is a whiteout, a directory with
 ``trusted.overlay.opaque=y`` replaced its lower namesake, anything else was
 added or modified (files whose content still lives in the lower carry a hidden
-``*.layerfs.*`` xattr and may be empty stubs). Content and metadata are read
-through the mountpoint, which shows the merged tree, so stubs need no special
-handling. A directory carrying ``trusted.overlay.redirect`` (a rename kept as
-a pointer) is treated as opaque and its children are listed through the mount.
+``*.layerfs.*`` xattr and may be empty stubs). By default content and metadata
+are read through the mountpoint, which shows the merged tree, so stubs need no
+special handling. For a layerfs mount (``upper_exact``) the upper tree itself
+is read: its entries carry exactly the metadata the mount shows, and a layerfs
+metacopy file keeps the lower file's chunk references for every chunk it did
+not rewrite (layerfs.metacontent), so nothing unchanged is read or re-chunked.
+A directory carrying ``trusted.overlay.redirect`` (a rename kept as a pointer)
+is treated as opaque and its children are listed through the mount.
 
 Order of the changeset: depth first, a directory before its children, its
 opaque marker right after it, whiteouts before their siblings, names sorted
@@ -32,11 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerfs.catalog import LayerRecord
+from layerfs.fs.upper import X_OVL_METACOPY, read_metacopy
+from layerfs.metacontent import store_metacopy
 from layerfs.records import Entry, Kind, get_tree, kind_from_mode
 from layerfs.store.chunks import ChunkStore, WriteStats
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
 REDIRECT_XATTR = "trusted.overlay.redirect"
+PREFETCH_MAX = 1 << 20  # larger files get the kernel's sequential read-ahead anyway
 _HIDDEN_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.layerfs.", "trusted.layerfs.")
 
 
@@ -47,6 +54,7 @@ class UpperItem:
     path: str
     whiteout: bool = False
     opaque: bool = False  # a directory that hides its lower children
+    via_mount: bool = False  # listed through the mount (below a redirected directory)
 
 
 def _join(parent: str, name: str) -> str:
@@ -73,7 +81,7 @@ def scan_upper(upper: Path, mountpoint: Path) -> list[UpperItem]:
         for name in os.listdir(base / rel if rel else base):
             child = _join(rel, name)
             if listed_from_mount:
-                items.append(UpperItem(child))
+                items.append(UpperItem(child, via_mount=True))
                 if os.path.isdir(mountpoint / child) and not os.path.islink(mountpoint / child):
                     walk(child, True)
                 continue
@@ -158,13 +166,24 @@ def build_changeset(
     mountpoint: Path,
     lower: dict[str, Entry],
     write_stats: WriteStats | None = None,
+    upper_exact: bool = False,
 ) -> list[Entry]:
-    """The ordered changeset entries of a mount, file content stored in ``store``."""
+    """The ordered changeset entries of a mount, file content stored in ``store``.
+
+    ``upper_exact``: the mount is a layerfs mount of ``upper``, so entries are
+    read from the upper tree rather than through the mount (see above).
+    """
     items = {item.path: item for item in scan_upper(upper, mountpoint)}
     stat_of: dict[str, os.stat_result] = {}
     nodes: dict[str, Entry] = {}
+    from_upper: set[str] = set()
     for path, item in items.items():
-        if not item.whiteout:
+        if item.whiteout:
+            continue
+        if upper_exact and not item.via_mount:
+            nodes[path], stat_of[path] = read_entry(upper, path)
+            from_upper.add(path)
+        else:
             nodes[path], stat_of[path] = read_entry(mountpoint, path)
 
     groups: dict[tuple[int, int], list[str]] = {}
@@ -173,7 +192,7 @@ def build_changeset(
             groups.setdefault((st.st_dev, st.st_ino), []).append(path)
     for members in list(groups.values()):
         st = stat_of[members[0]]
-        if st.st_nlink > len(members):
+        if st.st_nlink > len(members) and members[0] not in from_upper:
             for extra in _lower_partners(mountpoint, lower, st, set(nodes)):
                 nodes[extra], stat_of[extra] = read_entry(mountpoint, extra)
                 items[extra] = UpperItem(extra)
@@ -183,6 +202,7 @@ def build_changeset(
                         nodes[parent], stat_of[parent] = read_entry(mountpoint, parent)
                         items[parent] = UpperItem(parent)
 
+    _prefetch(upper, (p for p in from_upper if stat.S_ISREG(stat_of[p].st_mode)), stat_of)
     order = sorted(items.values(), key=lambda i: _sort_key(i.path, i.whiteout))
     first_of: dict[tuple[int, int], str] = {}
     out: list[Entry] = []
@@ -201,10 +221,56 @@ def build_changeset(
             entry.kind, entry.target = Kind.HARDLINK, first_of[key]
             continue
         first_of.setdefault(key, item.path)
-        with open(mountpoint / item.path, "rb") as f:
-            entry.chunks = store.write_stream(f, write_stats)
+        if item.path in from_upper:
+            entry.chunks = _upper_content(store, upper, mountpoint, item.path, lower, write_stats)
+        else:
+            with open(mountpoint / item.path, "rb") as f:
+                entry.chunks = store.write_stream(f, write_stats)
         entry.size = sum(c.size for c in entry.chunks)
     return out
+
+
+def _prefetch(upper: Path, paths: Iterable[str], stat_of: dict[str, os.stat_result]) -> None:
+    """Ask the kernel to start reading small upper files now, all at once.
+
+    Reading thousands of small files one after the other waits for the disk
+    once per file; queued read-ahead lets it serve them together.
+    """
+    for path in paths:
+        st = stat_of[path]
+        if not 0 < st.st_size <= PREFETCH_MAX or st.st_blocks == 0:
+            continue
+        try:
+            fd = os.open(upper / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _upper_content(
+    store: ChunkStore,
+    upper: Path,
+    mountpoint: Path,
+    path: str,
+    lower: dict[str, Entry],
+    write_stats: WriteStats | None,
+) -> list:
+    """Chunks of the upper file ``path``; a metacopy file reuses its origin's chunks."""
+    with open(upper / path, "rb") as f:
+        fd = f.fileno()
+        meta = read_metacopy(fd)
+        if meta is None and _getxattr(upper / path, X_OVL_METACOPY) is None:
+            return store.write_stream(f, write_stats)
+        origin = lower.get(meta.origin) if meta is not None else None
+        if meta is not None and origin is not None and origin.kind is Kind.FILE:
+            return store_metacopy(store, fd, os.fstat(fd).st_size, meta, origin, write_stats)
+    with open(mountpoint / path, "rb") as f:  # a kernel overlayfs metacopy: ask the mount
+        return store.write_stream(f, write_stats)
 
 
 def lower_entries(store: ChunkStore, layers: Iterable[LayerRecord]) -> dict[str, Entry]:

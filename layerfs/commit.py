@@ -44,6 +44,7 @@ class MountChanges:
     mountpoint: Path
     upper: Path  # the upper tree itself
     image: ImageRecord
+    upper_exact: bool = False  # a layerfs mount: read the upper tree, not the mount
 
 
 @dataclass
@@ -63,6 +64,8 @@ def normalize_tag(tag: str) -> str:
 def locate(store: ChunkStore, mountpoint: Path) -> MountChanges:
     """The upper tree and image of the active layerfs mount at ``mountpoint``."""
     from layerfs.fs.mountinfo import load_mountinfo
+    from layerfs.fs.mounting import find_mount
+    from layerfs.fs.writemount import SUBTYPE
 
     info = load_mountinfo(store.backend, mountpoint)
     if not info.upper_dir:
@@ -77,7 +80,9 @@ def locate(store: ChunkStore, mountpoint: Path) -> MountChanges:
     base = Path(info.upper_dir)
     upper = base / "upper" if (base / UPPER_META).exists() else base
     image = Catalog(store.backend).get_image(info.image_id)
-    return MountChanges(Path(info.mountpoint), upper, image)
+    kernel = find_mount(info.mountpoint)
+    exact = kernel is not None and kernel.fstype == f"fuse.{SUBTYPE}"
+    return MountChanges(Path(info.mountpoint), upper, image, upper_exact=exact)
 
 
 def diff(store: ChunkStore, changes: MountChanges) -> list[tuple[str, str]]:
@@ -104,7 +109,9 @@ def _commit(
     base = changes.image
     lower = lower_entries(store, base.layers)
     stats = WriteStats()
-    entries = build_changeset(store, changes.upper, changes.mountpoint, lower, stats)
+    entries = build_changeset(
+        store, changes.upper, changes.mountpoint, lower, stats, upper_exact=changes.upper_exact
+    )
     if not entries:
         raise NothingToCommit(
             f"nothing to commit: the mount at {changes.mountpoint} has no changes "

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from layerfs.errors import CorruptObject
 from layerfs.records import Entry, Kind
-from layerfs.store.chunks import ChunkStore
+from layerfs.store.chunks import ChunkRef, ChunkStore
 
 BLOCK = 512
+READ_WORKERS = 4  # threads reading chunks ahead of the tar writer
+READ_AHEAD = 32  # chunks read ahead (at most 8 MiB at the largest chunk size)
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _TYPES = {
@@ -93,10 +97,57 @@ def tar_info(entry: Entry) -> tarfile.TarInfo | None:
     return info
 
 
+def _chunks_ahead(
+    store: ChunkStore, refs: Iterable[ChunkRef], workers: int = READ_WORKERS
+) -> Iterator[bytes]:
+    """The verified bytes of ``refs`` in order, read by a few threads ahead of the caller.
+
+    Store reads wait on the disk or the network and decompression releases the
+    GIL, so reading ahead overlaps them with hashing the tar.
+    """
+    with ThreadPoolExecutor(workers, thread_name_prefix="layerfs-tar-read") as pool:
+        ahead: deque[tuple[ChunkRef, Future[bytes]]] = deque()
+        try:
+            for ref in refs:
+                ahead.append((ref, pool.submit(store.get_chunk, ref.digest)))
+                if len(ahead) >= READ_AHEAD:
+                    yield _checked(*ahead.popleft())
+            while ahead:
+                yield _checked(*ahead.popleft())
+        finally:
+            for _ref, future in ahead:
+                future.cancel()
+
+
+def _checked(ref: ChunkRef, future: Future[bytes]) -> bytes:
+    data = future.result()
+    if len(data) != ref.size:
+        raise CorruptObject(f"object {ref.digest} has the wrong length")
+    return data
+
+
 def write_layer(
     entries: Iterable[Entry], store: ChunkStore, sink: BinaryIO | None = None
 ) -> TarDigest:
     """Write the layer tar of ``entries`` to ``sink`` (or only hash it); return its DiffID."""
+    entries = list(entries)
+    contents = _chunks_ahead(
+        store, (ref for e in entries if e.inline is None and _has_content(e) for ref in e.chunks)
+    )
+    try:
+        return _write_layer(entries, contents, sink)
+    finally:
+        contents.close()
+
+
+def _has_content(entry: Entry) -> bool:
+    """Whether the tar holds bytes of ``entry`` (as tar_info makes its header)."""
+    return entry.kind is Kind.FILE and entry.path != "" and entry.size > 0
+
+
+def _write_layer(
+    entries: list[Entry], contents: Iterator[bytes], sink: BinaryIO | None
+) -> TarDigest:
     out = _HashingWriter(sink)
     for entry in entries:
         info = tar_info(entry)
@@ -110,7 +161,8 @@ def write_layer(
             out.write(entry.inline)
             written = len(entry.inline)
         else:
-            for data in store.iter_content(entry.chunks):
+            for _ref in entry.chunks:
+                data = next(contents)
                 out.write(data)
                 written += len(data)
         if written != info.size:
