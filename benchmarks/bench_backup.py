@@ -1,0 +1,426 @@
+"""bench_backup: volume backups to S3 (Ceph RGW): volplugin vs restic vs tar+gzip.
+
+One run, side by side, on one generated tree (``--size`` MiB, default 2048; 200
+with ``--quick``): many small text files, some large incompressible ones and
+some duplicated content, made deterministically from ``--seed``. Every tool
+stores into its own bucket of the same RGW:
+
+* volplugin: the backup service (`volplugin backup`'s code) on an s3:// store;
+* restic (/usr/bin/restic, s3 backend, compression auto);
+* the sidekick baseline: ``tar -c | gzip | upload`` of the whole volume each time,
+  restored by ``download | gunzip | tar -x``.
+
+Figures: first backup, second backup after changing 1% of the files, a restore
+of the second backup (fresh local caches: a new host), bytes and objects in the
+bucket, peak RSS of each process tree (sum of VmHWM), and for volplugin the S3
+requests per GiB (the store's request counters). The RGW runs as a private
+cluster (memstore sized for the run) under benchmarks/work/backup/ceph unless
+``--shared-ceph``. Writes the `backup` section of benchmarks/RESULTS.md.
+
+    .venv/bin/python -m benchmarks.bench_backup [--quick] [--size MIB] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.common import (
+    REPO_DIR,
+    WORK_DIR,
+    BenchError,
+    command_line,
+    environment_summary,
+    human_bytes,
+    markdown_table,
+    peak_rss_bytes,
+    process_tree,
+    require_tools,
+    write_section,
+)
+
+WORK = WORK_DIR / "backup"
+PYTHON = sys.executable
+PASSWORD = "bench-backup-password"
+PRIVATE_CEPH = {
+    "LAYERFS_CEPH_DIR": str(WORK / "ceph"),
+    "LAYERFS_RGW_PORT": "7495",
+    "LAYERFS_CEPH_MON_PORT": "13395",
+}
+
+
+# -- the tree ----------------------------------------------------------------------------
+
+
+def _corpus(rnd: random.Random, size: int) -> bytes:
+    """Text-like bytes (words of a random vocabulary), compressible about 3:1."""
+    words = [
+        bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 10)))
+        for _ in range(4000)
+    ]
+    out = bytearray()
+    while len(out) < size:
+        line = b" ".join(rnd.choices(words, k=12))
+        out += line + (b".\n" if rnd.random() < 0.3 else b"\n")
+    return bytes(out[:size])
+
+
+def make_tree(root: Path, total: int, seed: int) -> list[Path]:
+    """About ``total`` bytes: 35% small text files, 50% large random files, 15% copies."""
+    rnd = random.Random(seed)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    corpus = _corpus(rnd, 16 << 20)
+    files: list[Path] = []
+    small_budget, large_budget = int(total * 0.35), int(total * 0.50)
+    written = 0
+    while written < small_budget:
+        size = int(2 ** rnd.uniform(9, 17))  # 512 B .. 128 KiB, log-uniform
+        start = rnd.randrange(len(corpus) - size)
+        path = root / f"d{rnd.randrange(40):02}" / f"s{rnd.randrange(8)}" / f"f{len(files):06}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(corpus[start : start + size])
+        files.append(path)
+        written += size
+    (root / "large").mkdir()
+    written = 0
+    while written < large_budget:
+        size = min(rnd.randrange(16 << 20, 96 << 20), large_budget - written + (1 << 20))
+        path = root / "large" / f"big{len(files):06}.bin"
+        path.write_bytes(rnd.randbytes(size))
+        files.append(path)
+        written += size
+    (root / "copies").mkdir()
+    budget, written = int(total * 0.15), 0
+    while written < budget:
+        src = rnd.choice(files)
+        dst = root / "copies" / f"c{len(files):06}-{src.name}"
+        shutil.copyfile(src, dst)
+        files.append(dst)
+        written += dst.stat().st_size
+    return files
+
+
+def change_files(files: list[Path], seed: int, share: float = 0.01) -> int:
+    """Change ``share`` of the files: rewrite small ones, patch 1 MiB inside large ones."""
+    rnd = random.Random(seed + 1)
+    chosen = rnd.sample(files, max(1, int(len(files) * share)))
+    for path in chosen:
+        size = path.stat().st_size
+        if size <= 1 << 20:
+            path.write_bytes(rnd.randbytes(size // 2) + path.read_bytes()[size // 2 :])
+        else:
+            with open(path, "r+b") as f:
+                f.seek(rnd.randrange(size - (1 << 20)))
+                f.write(rnd.randbytes(1 << 20))
+    return len(chosen)
+
+
+# -- running and measuring -----------------------------------------------------------------
+
+
+@dataclass
+class Measure:
+    """One timed step: wall seconds, peak RSS of its process tree, and what it printed."""
+
+    seconds: float = 0.0
+    peak_rss: int = 0
+    stdout: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def measured(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> Measure:
+    """Run a command; sample the VmHWM of its process tree until it ends."""
+    peaks: dict[int, int] = {}
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, env=env, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    err: list[str] = []
+    reader_err = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    reader_err.start()
+    while proc.poll() is None:
+        for pid in process_tree(proc.pid):
+            peaks[pid] = max(peaks.get(pid, 0), peak_rss_bytes([pid]))
+        time.sleep(0.05)
+    seconds = time.monotonic() - started
+    reader.join()
+    reader_err.join()
+    if proc.returncode != 0:
+        raise BenchError(f"{cmd} failed ({proc.returncode}): {''.join(err)[-3000:]}")
+    return Measure(seconds, sum(peaks.values()), "".join(out))
+
+
+def bucket_usage(client, bucket: str) -> tuple[int, int]:
+    """(bytes, objects) in a bucket."""
+    size = count = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            size += obj["Size"]
+            count += 1
+    return size, count
+
+
+# -- the three tools ------------------------------------------------------------------------
+
+_CHILD = """
+import json, sys
+from pathlib import Path
+from layerfs.store.chunks import ChunkStore
+from layerfs.store.s3 import S3Backend
+from volplugin.backup import service
+op, url = sys.argv[1], sys.argv[2]
+backend = S3Backend.from_url(url)
+store = ChunkStore(backend)
+if op == "backup":
+    record = service.create_backup(store, "bench", Path(sys.argv[3]))
+    out = {"id": record.id, "bytes_new": record.bytes_new, "files_read": record.files_read}
+else:
+    record, result = service.restore_backup(store, sys.argv[3], Path(sys.argv[4]))
+    out = {"files": result.files, "bytes": result.bytes}
+backend.close()
+out["stats"] = backend.stats.snapshot()
+print(json.dumps(out))
+"""
+
+_UPLOAD = """
+import sys, boto3
+from botocore.config import Config
+c = boto3.client("s3", config=Config(s3={"addressing_style": "path"}))
+c.upload_fileobj(sys.stdin.buffer, sys.argv[1], sys.argv[2])
+"""
+
+_DOWNLOAD = """
+import sys, boto3
+from botocore.config import Config
+c = boto3.client("s3", config=Config(s3={"addressing_style": "path"}))
+body = c.get_object(Bucket=sys.argv[1], Key=sys.argv[2])["Body"]
+for chunk in body.iter_chunks(1 << 20):
+    sys.stdout.buffer.write(chunk)
+"""
+
+
+class Volplugin:
+    name = "volplugin"
+
+    def __init__(self, bucket: str, env: dict[str, str]) -> None:
+        self.url = f"s3://{bucket}/bench"
+        self.env = env
+        self.last_id = ""
+
+    def backup(self, tree: Path, cache: Path) -> Measure:
+        env = dict(self.env, LAYERFS_CACHE_DIR=str(cache))
+        m = measured([PYTHON, "-c", _CHILD, "backup", self.url, str(tree)], env)
+        m.extra = json.loads(m.stdout)
+        self.last_id = m.extra["id"]
+        return m
+
+    def restore(self, target: Path, cache: Path) -> Measure:
+        env = dict(self.env, LAYERFS_CACHE_DIR=str(cache))
+        m = measured([PYTHON, "-c", _CHILD, "restore", self.url, self.last_id, str(target)], env)
+        m.extra = json.loads(m.stdout)
+        return m
+
+
+class Restic:
+    name = "restic"
+
+    def __init__(self, bucket: str, env: dict[str, str], endpoint: str) -> None:
+        self.env = dict(env, RESTIC_PASSWORD=PASSWORD, RESTIC_REPOSITORY=f"s3:{endpoint}/{bucket}")
+        subprocess.run(["restic", "init"], env=self.env, check=True, capture_output=True)
+
+    def backup(self, tree: Path, cache: Path) -> Measure:
+        env = dict(self.env, RESTIC_CACHE_DIR=str(cache))
+        return measured(["restic", "backup", "--quiet", "--host", "bench", str(tree)], env)
+
+    def restore(self, target: Path, cache: Path) -> Measure:
+        env = dict(self.env, RESTIC_CACHE_DIR=str(cache))
+        return measured(["restic", "restore", "--quiet", "latest", "--target", str(target)], env)
+
+
+class TarGzip:
+    name = "tar+gzip"
+
+    def __init__(self, bucket: str, env: dict[str, str]) -> None:
+        self.bucket = bucket
+        self.env = env
+        self.count = 0
+
+    def backup(self, tree: Path, cache: Path) -> Measure:
+        self.count += 1
+        key = f"volume-{self.count}.tar.gz"
+        script = f"tar -C {tree} -cf - . | gzip -6 | {PYTHON} -c '{_UPLOAD}' {self.bucket} {key}"
+        return measured(["/bin/bash", "-o", "pipefail", "-c", script], self.env)
+
+    def restore(self, target: Path, cache: Path) -> Measure:
+        target.mkdir(parents=True, exist_ok=True)
+        key = f"volume-{self.count}.tar.gz"
+        script = f"{PYTHON} -c '{_DOWNLOAD}' {self.bucket} {key} | gzip -dc | tar -C {target} -xf -"
+        return measured(["/bin/bash", "-o", "pipefail", "-c", script], self.env)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def start_ceph(shared: bool, size: int):
+    if not shared:
+        gb = max(4, int(size * 3.2 / 2**30) + 3)
+        os.environ.update(PRIVATE_CEPH, LAYERFS_CEPH_GB=str(gb))
+    from tests.support import ceph
+
+    env = ceph.ensure_rgw()
+    env.export()
+    return ceph, env
+
+
+def stop_ceph(shared: bool) -> None:
+    if not shared:
+        subprocess.run(
+            ["bash", str(REPO_DIR / "scripts" / "ceph-rgw-down.sh")],
+            env=dict(os.environ),
+            capture_output=True,
+        )
+
+
+def _fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2048, help="MiB of tree (default 2048)")
+    parser.add_argument("--quick", action="store_true", help="a 200 MiB tree")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--shared-ceph", action="store_true", help="use the tests' RGW")
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = parser.parse_args()
+    require_tools("restic", "tar", "gzip", "radosgw")
+    load = os.getloadavg()[0]
+    size = (200 if args.quick else args.size) << 20
+    tree = WORK / "tree"
+    print(f"generating a {human_bytes(size)} tree (seed {args.seed}) ...", flush=True)
+    files = make_tree(tree, size, args.seed)
+    apparent = sum(p.stat().st_size for p in files)
+    os.sync()
+    ceph, s3 = start_ceph(args.shared_ceph, size)
+    client = s3.client()
+    env = dict(os.environ)
+    tools, buckets = [], []
+    rows: dict[str, dict[str, object]] = {}
+    try:
+        for cls in (Restic, Volplugin, TarGzip):
+            bucket = ceph.new_bucket(s3, f"bench-{cls.name.replace('+', '')}")
+            buckets.append(bucket)
+            tool = cls(bucket, env, s3.endpoint) if cls is Restic else cls(bucket, env)
+            tools.append((tool, bucket))
+        for phase in ("first", "second"):
+            if phase == "second":
+                changed = change_files(files, args.seed)
+                os.sync()
+            for tool, _ in tools:
+                print(f"{tool.name}: {phase} backup ...", flush=True)
+                m = tool.backup(tree, WORK / f"cache-{tool.name}")
+                rows.setdefault(tool.name, {})[phase] = m
+        for tool, bucket in tools:
+            rows[tool.name]["stored"] = bucket_usage(client, bucket)
+            out = WORK / f"restore-{tool.name}"
+            shutil.rmtree(out, ignore_errors=True)
+            fresh = WORK / f"cache-restore-{tool.name}"
+            shutil.rmtree(fresh, ignore_errors=True)
+            print(f"{tool.name}: restore ...", flush=True)
+            rows[tool.name]["restore"] = tool.restore(out, fresh)
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        for bucket in buckets:
+            ceph.remove_bucket(s3, bucket)
+        stop_ceph(args.shared_ceph)
+        for p in WORK.glob("cache-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    report(args, load, size, apparent, len(files), changed, rows)
+    shutil.rmtree(tree, ignore_errors=True)
+
+
+def report(args, load, size, apparent, nfiles, changed, rows) -> None:  # noqa: ANN001
+    gib = apparent / 2**30
+    table = []
+    for name, r in rows.items():
+        stored, objects = r["stored"]
+        table.append(
+            [
+                name,
+                f"{r['first'].seconds:.1f}",
+                f"{r['second'].seconds:.1f}",
+                f"{r['restore'].seconds:.1f}",
+                human_bytes(stored),
+                objects,
+                human_bytes(max(r["first"].peak_rss, r["second"].peak_rss)),
+                human_bytes(r["restore"].peak_rss),
+            ]
+        )
+    vp, rs = rows["volplugin"], rows["restic"]
+    ratios = ", ".join(
+        f"{what} {_fmt_ratio(vp[key].seconds, rs[key].seconds)}"
+        for what, key in (("first backup", "first"), ("second", "second"), ("restore", "restore"))
+    )
+    first, second = vp["first"].extra["stats"], vp["second"].extra["stats"]
+    rest = vp["restore"].extra["stats"]
+    stats_lines = [
+        f"- first backup: {first['total_requests']} requests "
+        f"({first['total_requests'] / gib:.0f}/GiB), {first['packs_written']} packs, "
+        f"{first['indexes_written']} indexes, {human_bytes(first['bytes_up'])} up",
+        f"- second backup: {second['total_requests']} requests, "
+        f"{human_bytes(second['bytes_up'])} up, {vp['second'].extra['files_read']} files read",
+        f"- restore: {rest['total_requests']} requests ({rest['total_requests'] / gib:.0f}/GiB), "
+        f"{human_bytes(rest['bytes_down'])} down",
+        f"- objects in the bucket per GiB backed up: {vp['stored'][1] / gib:.1f} "
+        f"(restic {rs['stored'][1] / gib:.1f})",
+        "- requests by operation, first backup: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(first["requests"].items())),
+    ]
+    text = "\n\n".join(
+        [
+            "## bench_backup: volume backups to S3 (Ceph RGW)",
+            environment_summary(load),
+            f"`{command_line()}`: a tree of {nfiles} files, {human_bytes(apparent)} "
+            f"(35% small text files, 50% large random files, 15% copies; seed {args.seed}); "
+            f"the second backup follows a change to {changed} files (1%). Restores start with "
+            "empty local caches. Times in seconds; RSS is the sum of VmHWM over each process "
+            "tree; stored bytes and objects are the bucket after both backups.",
+            markdown_table(
+                [
+                    "tool",
+                    "first backup",
+                    "second backup",
+                    "restore",
+                    "stored",
+                    "objects",
+                    "peak RSS backup",
+                    "peak RSS restore",
+                ],
+                table,
+            ),
+            f"volplugin / restic time: {ratios} (target ≤ 1.0×). Stored bytes "
+            f"{_fmt_ratio(vp['stored'][0], rs['stored'][0])}, objects "
+            f"{_fmt_ratio(vp['stored'][1], rs['stored'][1])} of restic's (target ≤ 1.0×).",
+            "volplugin's S3 requests (the store's counters):\n\n" + "\n".join(stats_lines),
+        ]
+    )
+    print(text)
+    if not args.no_write:
+        write_section("backup", text)
+
+
+if __name__ == "__main__":
+    main()
