@@ -37,7 +37,7 @@ def open_backend(url: str | None = None) -> Backend:
         raise StoreError(f"unsupported store URL {url!r}: use a path or s3://BUCKET/PREFIX")
     from layerfs.store.local import LocalBackend
 
-    return LocalBackend(Path(url.removeprefix("file://")))
+    return LocalBackend(Path(url.removeprefix("file://")).absolute())
 
 
 def open_store(url: str | None = None) -> ChunkStore:
