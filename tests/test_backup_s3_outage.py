@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from layerfs.errors import StoreError
+from layerfs.store.chunks import digest_of
+from layerfs.store.s3 import S3Backend
 from tests.support import ceph
 from tests.support.backuptree import describe
 from tests.support.s3backup import (
@@ -89,3 +92,27 @@ def test_gateway_dies_during_a_backup(outage, tmp_path: Path) -> None:
     cli("restore", second["id"], "--to-dir", str(out), store=store.url, env=private)
     assert describe(out) == describe(vol)
     cli("verify", "--read-data", store=store.url, env=private)
+
+
+def test_writer_stops_at_the_first_failed_upload(outage, tmp_path: Path, monkeypatch) -> None:
+    """With S3 gone, put_blob raises once an upload has failed, not after the whole volume."""
+    gw, store = outage
+    monkeypatch.setenv("AWS_ENDPOINT_URL", gw.env.endpoint)
+    backend = S3Backend(store.bucket, "store", cache_root=tmp_path / "c", pack_size=50_000)
+    blobs = [bytes([i % 256]) * 20_000 + i.to_bytes(4, "big") for i in range(400)]
+    backend.put_blob(digest_of(blobs[0]), blobs[0])
+    backend.flush()
+    gw.stop()
+    put = 1
+    with pytest.raises(StoreError, match=f"cannot reach the S3 endpoint .*127.0.0.1:{gw.port}"):
+        for data in blobs[1:]:
+            backend.put_blob(digest_of(data), data)
+            put += 1
+    assert put < len(blobs) // 2, "the writer went on long after the uploads failed"
+    assert backend.get_blob(digest_of(blobs[put - 1])) == blobs[put - 1]  # held in memory
+    gw.start()
+    for data in blobs[put:]:
+        backend.put_blob(digest_of(data), data)
+    backend.flush()  # the packs that failed are uploaded now
+    fresh = S3Backend(store.bucket, "store", cache_root=tmp_path / "d")
+    assert all(fresh.get_blob(digest_of(d)) == d for d in blobs)

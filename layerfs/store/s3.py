@@ -378,6 +378,11 @@ class S3Backend(Backend):
             if self._open.size >= self.pack_size:
                 sealed, self._open = self._open, None
         if sealed is not None:
+            if self._an_upload_failed():  # S3 is failing: stop now rather than at flush
+                with self._mutex:
+                    self._retry.append(sealed)  # kept in memory; flush uploads it again
+                self._wait_uploads()  # raises the upload's error (unless a flush took it)
+                return True
             self._submit(sealed)
             with self._mutex:
                 many = len(self._unindexed) >= _INDEX_EVERY
@@ -405,6 +410,10 @@ class S3Backend(Backend):
             writer.release()  # pending reads now use range GETs of the uploaded pack
         finally:
             self._slots.release()
+
+    def _an_upload_failed(self) -> bool:
+        with self._mutex:
+            return any(f.done() and f.exception() is not None for _, f in self._uploads)
 
     def _wait_uploads(self) -> None:
         with self._mutex:
