@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from fuse import FuseOSError, Operations, fuse_get_context
 
 from layerfs.fs.attrs import stat_of
+from layerfs.fs.attrtimeout import AttrTimeout
 from layerfs.fs.copyup import CopyUp
 from layerfs.fs.metafile import MetaFile
 from layerfs.fs.upper import (
@@ -78,8 +79,11 @@ class WritableOperations(Operations):
         *,
         overlay: bool = False,
         on_exit: Callable[[], None] | None = None,
+        attr_timeout: AttrTimeout | None = None,
     ) -> None:
         self.view = view
+        self._attr_timeout = attr_timeout  # attached at init, if given
+        self._attrs = attr_timeout or AttrTimeout(0.0, 0.0)
         self.on_exit = on_exit
         self.dirs = dirs
         self.root = str(dirs.tree)
@@ -202,17 +206,33 @@ class WritableOperations(Operations):
         if (uid, gid) != (os.geteuid(), os.getegid()):
             os.chown(up, uid, gid, follow_symlinks=follow)
 
+    def init(self, path: str) -> None:
+        if self._attr_timeout is not None:
+            self._attr_timeout.attach()
+
     # -- metadata ------------------------------------------------------------------------
     def getattr(self, path: str, fh=None) -> dict[str, int]:
+        """Attributes of ``path``; the kernel may cache those of directories.
+
+        Every answer carrying attributes (lookup, getattr, setattr, create) is
+        built right after this call, so this sets its attribute timeout too.
+        Only directories qualify: any other file may gain a second name, and
+        since the kernel (6.x) keeps the first name's cached attributes when a
+        link is made, they would go stale when the file changes through the
+        new name. Directories have one name, and the kernel drops their cached
+        attributes itself when it changes an entry in them.
+        """
         up = self._up(path)
         st = self._ulstat(up)
         if st is not None:
             if is_whiteout(st):
                 raise _err(errno.ENOENT)
+            self._attrs.answer(stat.S_ISDIR(st.st_mode))
             return self._upper_stat(st, up)
         node = self._lower_at(path[1:])
         if node is None:
             raise _err(errno.ENOENT)
+        self._attrs.answer(node.kind is Kind.DIR)
         return stat_of(node)
 
     def access(self, path: str, amode: int) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from layerfs.catalog import ImageRecord
 from layerfs.dirstack import DirStack
+from layerfs.fs import attrtimeout
 from layerfs.fs.mounting import MountError, find_mount, mount_operations
 from layerfs.fs.readonly import ReadOnlyOperations
 from layerfs.fs.upper import UpperDirs, image_upper, overlay_upper
@@ -28,6 +29,7 @@ from layerfs.view import View
 log = logging.getLogger(__name__)
 
 SUBTYPE = "layerfs"
+ENTRY_TIMEOUT = 1.0  # seconds the kernel keeps names (and attributes of single-name files)
 WRITABLE_OPTIONS = {
     "raw_fi": True,  # WritableOperations sets keep_cache and fh on fuse_file_info itself
     "allow_other": True,
@@ -36,10 +38,13 @@ WRITABLE_OPTIONS = {
     "big_writes": True,
     "max_write": 131072,
     "max_read": 131072,
+    # One thread: requests of a Python filesystem do not overlap usefully (GIL),
+    # each hand-over between threads costs, and layerfs.fs.attrtimeout needs it.
+    "nothreads": True,
     # Hard links get one kernel inode per name in libfuse's path-based API, so
-    # cached attributes of one name would go stale when another name is written.
-    "attr_timeout": 0.0,
-    "entry_timeout": 1.0,
+    # cached attributes of one name would go stale when another name is written:
+    # attributes are cached only for files with one name (layerfs.fs.attrtimeout).
+    **attrtimeout.mount_options(ENTRY_TIMEOUT),
 }
 
 READ_ONLY_OPTIONS = {
@@ -53,10 +58,11 @@ READ_ONLY_OPTIONS = {
 
 def is_stale(mountpoint: str | Path) -> bool:
     """Whether ``mountpoint`` is a FUSE mount whose process is gone."""
-    try:
-        os.stat(mountpoint)
+    try:  # opening asks the daemon; a stat may be answered from cached attributes
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    os.close(fd)
     return False
 
 
@@ -98,7 +104,10 @@ def serve_writable(
 
     def make_ops() -> WritableOperations:
         os.umask(0)  # the kernel already applied the caller's umask
-        return WritableOperations(make_view(), dirs, overlay=overlay, on_exit=on_exit)
+        timeouts = attrtimeout.AttrTimeout(ENTRY_TIMEOUT, cached=ENTRY_TIMEOUT)
+        return WritableOperations(
+            make_view(), dirs, overlay=overlay, on_exit=on_exit, attr_timeout=timeouts
+        )
 
     return mount_operations(
         make_ops,
