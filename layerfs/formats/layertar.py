@@ -1,9 +1,10 @@
 """One layer tar (plain, gzip or zstd) to a list of Entry records, in one streaming pass.
 
 Regular files go into the store as chunks (files up to INLINE_MAX bytes are kept
-inline); whiteouts become WHITEOUT/OPAQUE entries. While parsing, the sha256 of
-the uncompressed tar (the DiffID) and of the bytes as given (the blob digest)
-are computed, so the caller can verify both without reading the layer twice.
+inline); whiteouts become WHITEOUT/OPAQUE entries. While parsing, a LayerReader
+thread reads ahead and computes the sha256 of the uncompressed tar (the DiffID)
+and of the bytes as given (the blob digest), so the caller can verify both
+without reading the layer twice.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import zstandard
 
 from layerfs.errors import ImportRejected, LayerfsError
 from layerfs.formats.paths import BadPath, normalize
-from layerfs.formats.streams import ForwardReader, HashingReader, decompressed, sniff
+from layerfs.formats.readahead import LayerReader
+from layerfs.formats.streams import ForwardReader
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore, WriteStats
 
@@ -26,8 +28,6 @@ INLINE_MAX = 1024
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _XATTR_PREFIX = "SCHILY.xattr."
-_COMPRESSED_PIECE = 64 << 10
-_PLAIN_PIECE = 1 << 20
 _STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError)
 
 
@@ -50,16 +50,15 @@ def parse_layer(
     on_read: Callable[[int], None] | None = None,
 ) -> ParsedLayer:
     """Parse a layer tar from ``raw``; raise ImportRejected naming ``label`` and the entry."""
-    given = HashingReader(raw, on_read)
-    compression, sniffed = sniff(given)
-    compressed = compression != "none"
-    # small pieces of a compressed stream, so damage is reported at the entry it hits
-    piece = _COMPRESSED_PIECE if compressed else _PLAIN_PIECE
-    tar_stream = ForwardReader(decompressed(compression, sniffed), compressed, piece=piece)
     entries: list[Entry] = []
     stats = WriteStats()
     current = "(start of the layer)"
+    compression = "none"
+    layer: LayerReader | None = None
     try:
+        layer = LayerReader(raw, on_read)
+        compression = layer.compression
+        tar_stream = ForwardReader(layer, hashing=False)
         # the seeking mode reads member data straight from ForwardReader, without
         # the stream mode's small copied blocks; ForwardReader keeps it one pass
         with tarfile.open(
@@ -72,7 +71,6 @@ def parse_layer(
                     entries.append(entry)
             current = "(end of the layer)"
             tar_stream.drain()
-            given.drain()
     except LayerfsError:
         raise
     except _STREAM_ERRORS as exc:
@@ -80,9 +78,12 @@ def parse_layer(
             f"{label}: the layer is truncated or not a valid {_what(compression)} "
             f"(at entry {current!r}: {exc}); re-export the image"
         ) from exc
-    diff_id = tar_stream.digest() if compressed else given.digest()
+    finally:
+        if layer is not None:
+            layer.close()
+    diff_id, blob_digest = layer.diff_id, layer.blob_digest
     size = sum(e.size for e in entries if e.kind is Kind.FILE)
-    return ParsedLayer(entries, diff_id, given.digest(), compression, size, stats)
+    return ParsedLayer(entries, diff_id, blob_digest, compression, size, stats)
 
 
 def _what(compression: str) -> str:

@@ -54,7 +54,7 @@ class HashingReader(io.RawIOBase):
         return "sha256:" + self.sha.hexdigest()
 
 
-class _Prefixed(io.RawIOBase):
+class PrefixedReader(io.RawIOBase):
     """A stream whose first bytes were already read: serves them, then the rest."""
 
     def __init__(self, prefix: bytes, rest: BinaryIO) -> None:
@@ -76,6 +76,15 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+def kind_of(head: bytes) -> str:
+    """The compression the first bytes of a stream show: 'gzip', 'zstd' or 'none'."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    return "none"
+
+
 def sniff(stream: BinaryIO) -> tuple[str, BinaryIO]:
     """Detect the compression of ``stream``: ('gzip'|'zstd'|'none', stream from byte 0)."""
     head = b""
@@ -84,13 +93,7 @@ def sniff(stream: BinaryIO) -> tuple[str, BinaryIO]:
         if not more:
             break
         head += more
-    if head.startswith(GZIP_MAGIC):
-        kind = "gzip"
-    elif head.startswith(ZSTD_MAGIC):
-        kind = "zstd"
-    else:
-        kind = "none"
-    return kind, io.BufferedReader(_Prefixed(head, stream), buffer_size=1 << 20)
+    return kind_of(head), io.BufferedReader(PrefixedReader(head, stream), buffer_size=1 << 20)
 
 
 def decompressed(kind: str, stream: BinaryIO) -> BinaryIO:

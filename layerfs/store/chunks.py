@@ -115,7 +115,7 @@ class ChunkStore:
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "zc", None)
         if c is None:
-            c = zstandard.ZstdCompressor(level=3)
+            c = zstandard.ZstdCompressor(level=1)
             self._local.zc = c
         return c
 
