@@ -1,6 +1,8 @@
 """The `layerfs` command line: a click group whose commands live in layerfs.commands.
 
-Every LayerfsError becomes one line on stderr and exit status 1.
+Command modules are imported on first use (see layerfs.commands), so a
+command starts with only the libraries it needs. Every LayerfsError becomes
+one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,6 +17,36 @@ from layerfs.store.location import default_store_url
 
 
 class _Group(click.Group):
+    """A group that loads its commands lazily and prints LayerfsError as one line."""
+
+    _loaded_all = False
+
+    def _load(self, commands: list[click.Command]) -> None:
+        for command in commands:
+            if command.name not in self.commands:
+                self.add_command(command)
+
+    def _load_all(self) -> None:
+        if not self._loaded_all:
+            from layerfs.commands import all_commands
+
+            self._load(all_commands())
+            self._loaded_all = True
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            from layerfs.commands import COMMANDS, OWNERS, commands_of
+
+            owner = OWNERS.get(cmd_name)
+            self._load(commands_of([owner]) + COMMANDS if owner else [])
+            if cmd_name not in self.commands:
+                self._load_all()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_all()
+        return super().list_commands(ctx)
+
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
@@ -40,16 +72,6 @@ def cli(ctx: click.Context, store: str | None, verbose: bool) -> None:
         format="layerfs: %(levelname)s: %(message)s",
     )
     ctx.obj = store or default_store_url()
-
-
-def _register() -> None:
-    from layerfs.commands import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

@@ -1,8 +1,15 @@
-"""`layerfs mount` and `layerfs umount`: serve an image's merged tree read-only through FUSE."""
+"""`layerfs mount` and `layerfs umount`: serve an image's merged tree read-only through FUSE.
+
+A read-only mount is on the start-up path of containers, so this module
+imports only what such a mount needs; writable and overlay-style mounts load
+layerfs.fs.writemount when asked for.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -11,9 +18,10 @@ from layerfs.catalog import Catalog
 from layerfs.fs.mountinfo import MountInfo, remove_mountinfo, save_mountinfo
 from layerfs.fs.mounting import mount_operations, unmount
 from layerfs.fs.readonly import ReadOnlyOperations
-from layerfs.fs.writemount import mount_overlay_recorded, recover_stale, serve_image
 from layerfs.index import ImageView, ensure_index
 from layerfs.store import open_store
+from layerfs.store.chunks import ChunkStore
+from layerfs.store.location import open_backend
 
 SUBTYPE = "layerfs"
 # Lower layers never change, so the kernel may keep attributes, names (also
@@ -28,7 +36,16 @@ READ_ONLY_OPTIONS = {
     "attr_timeout": CACHE_SECONDS,
     "entry_timeout": CACHE_SECONDS,
     "negative_timeout": CACHE_SECONDS,
+    "max_read": 131072,
+    "max_readahead": 131072,
+    # One thread: requests of a walk or a read arrive one after another anyway,
+    # and Python threads would only contend for the GIL and each open their
+    # own index connection. Reads fetch chunks ahead in the store's own thread.
+    "nothreads": True,
 }
+# Plain chunks the mount daemon keeps: the kernel's page cache holds what was
+# read, so this only has to cover chunks a read straddles and read-ahead.
+DAEMON_CHUNK_CACHE = 8 << 20
 
 
 def mount_log_file(cache_dir: Path) -> Path:
@@ -76,6 +93,8 @@ def mount_command(
             raise click.UsageError("with --lowerdir give only MOUNTPOINT (no IMAGE, no --upper)")
         if (upperdir is None) != (workdir is None):
             raise click.UsageError("--upperdir and --workdir go together")
+        from layerfs.fs.writemount import mount_overlay_recorded
+
         mount_overlay_recorded(
             store_url, lowerdir.split(":"), upperdir, workdir, image, foreground=foreground
         )
@@ -84,16 +103,24 @@ def mount_command(
         raise click.UsageError("missing MOUNTPOINT")
     if upperdir is not None or workdir is not None:
         raise click.UsageError("--upperdir/--workdir need --lowerdir; for an image use --upper")
-    recover_stale(mountpoint)
+    if _is_stale(mountpoint):
+        from layerfs.fs.writemount import recover_stale
+
+        recover_stale(mountpoint)
+    if "://" not in store_url:  # the daemon runs in /, so relative paths would move
+        store_url = os.path.abspath(store_url)
     store = open_store(store_url)
     record = Catalog(store.backend).get_image(image)
-    index = ensure_index(store, record)
+    index = Path(os.path.abspath(ensure_index(store, record)))
     log_file = mount_log_file(store.backend.cache_dir())
 
     def make_ops() -> ReadOnlyOperations:
-        return ReadOnlyOperations(ImageView(open_store(store_url), index))
+        daemon_store = ChunkStore(open_backend(store_url), cache_bytes=DAEMON_CHUNK_CACHE)
+        return ReadOnlyOperations(ImageView(daemon_store, index, read_ahead=True))
 
     if upper is not None:
+        from layerfs.fs.writemount import serve_image
+
         pid = serve_image(
             store_url, record, index, mountpoint, upper, foreground=foreground, log_file=log_file
         )
@@ -116,6 +143,28 @@ def mount_command(
             pid=pid,
         )
         save_mountinfo(store.backend, info)
+        _exit_now()
+
+
+def _exit_now() -> None:
+    """End the command at once: the daemon serves the mount, and tearing the
+    interpreter down (freeing every imported module) only delays the caller."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _is_stale(mountpoint: str) -> bool:
+    """Whether a killed mount process left ``mountpoint`` disconnected.
+
+    Opening asks the daemon; a stat may be answered from cached attributes.
+    """
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    os.close(fd)
+    return False
 
 
 @click.command("umount")

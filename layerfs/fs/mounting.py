@@ -2,9 +2,11 @@
 
 ``mount_operations`` takes a factory rather than an Operations object so that
 everything the filesystem opens (database connections, threads) is created in
-the process that serves the mount, after any fork. In the background the
-caller returns once the kernel lists the mount; the daemon writes its log
-(and libfuse's messages) to the log file it is given.
+the process that serves the mount, after any fork. The daemon is a fork of the
+caller, so it imports nothing again. In the background the caller returns as
+soon as the kernel has handed the daemon its first request (FUSE ``init``),
+which the daemon reports through a pipe; the daemon writes its log (and
+libfuse's messages) to the log file it is given.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuse import FUSE, Operations
+from fuse import Operations
 
 from layerfs.errors import LayerfsError
+from layerfs.fs.fastfuse import FastFUSE
 from layerfs.fs.names import register_fs_encoding
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
+_READY = b"ready\n"
 
 
 class MountError(LayerfsError):
@@ -66,9 +70,28 @@ def _safe_option(value: str) -> str:
     return "".join(c if c.isprintable() and c not in ", \\" else "_" for c in value)
 
 
-def _serve(make_ops: Callable[[], Operations], mountpoint: str, options: dict) -> None:
+def _serve(
+    make_ops: Callable[[], Operations],
+    mountpoint: str,
+    options: dict,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     ops = make_ops()
-    FUSE(ops, mountpoint, foreground=True, encoding=register_fs_encoding(), **options)
+    if on_ready is not None:
+        _call_after_init(ops, on_ready)
+    FastFUSE(ops, mountpoint, foreground=True, encoding=register_fs_encoding(), **options)
+
+
+def _call_after_init(ops: Operations, on_ready: Callable[[], None]) -> None:
+    """Make ``ops.init`` (run once the kernel talks to the daemon) call ``on_ready`` too."""
+    init = ops.init
+
+    def init_then_report(path: str):
+        result = init(path)
+        on_ready()
+        return result
+
+    ops.init = init_then_report  # type: ignore[method-assign]
 
 
 def _setup_daemon_logging(log_file: Path) -> None:
@@ -129,7 +152,7 @@ def mount_operations(
             os.chdir("/")
             _setup_daemon_logging(log_file)
             logging.getLogger(__name__).info("mounting %s at %s", fsname, mountpoint)
-            _serve(make_ops, mountpoint, options)
+            _serve(make_ops, mountpoint, options, lambda: os.write(write_end, _READY))
             logging.getLogger(__name__).info("unmounted %s", mountpoint)
             status = 0
         except BaseException as exc:  # report to the waiting parent, then exit
@@ -146,33 +169,31 @@ def mount_operations(
 
 
 def _wait_mounted(fd: int, mountpoint: str, fstype: str, log_file: Path, timeout: float) -> int:
-    """Wait for the daemon's pid, then for the mount; return the pid."""
+    """Wait for the daemon's pid and its report that the kernel talks to it; return the pid."""
     deadline = time.monotonic() + timeout
     received = b""
-    closed = False
     while True:
-        pid_line, newline, message = received.partition(b"\n")
-        if newline:
+        pid_line, newline, rest = received.partition(b"\n")
+        if newline and rest.startswith(_READY):
             info = find_mount(mountpoint)
-            if info is not None and info.fstype == fstype:
-                os.stat(mountpoint)  # the first request: returns once the daemon answers
-                return int(pid_line)
-        if closed:  # the daemon exited, after writing what went wrong
-            text = message.decode(errors="replace").strip()
+            if info is None or info.fstype != fstype:
+                raise MountError(f"{mountpoint} is not listed as a {fstype} mount (see {log_file})")
+            return int(pid_line)
+        left = deadline - time.monotonic()
+        ready = select.select([fd], [], [], max(left, 0))[0] if left > 0 else []
+        if not ready:
+            raise MountError(
+                f"{mountpoint} was not mounted within {timeout:.0f} s (see {log_file})"
+            )
+        data = os.read(fd, 4096)
+        if not data:  # the daemon exited, after writing what went wrong
+            text = rest.decode(errors="replace").strip()
             raise MountError(
                 f"the mount process for {mountpoint} failed"
                 + (f": {text}" if text else "")
                 + f" (see {log_file})"
             )
-        if time.monotonic() > deadline:
-            raise MountError(
-                f"{mountpoint} was not mounted within {timeout:.0f} s (see {log_file})"
-            )
-        ready, _, _ = select.select([fd], [], [], 0.05)
-        if ready:
-            data = os.read(fd, 4096)
-            closed = not data
-            received += data
+        received += data
 
 
 def unmount(mountpoint: str | Path, fstype: str) -> None:

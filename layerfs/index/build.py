@@ -14,13 +14,17 @@ import sqlite3
 import struct
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerfs.catalog import ImageRecord
-from layerfs.index.merge import Dir, Inode, MergedTree, merge_layers
 from layerfs.records import Entry, Kind, get_tree
 from layerfs.store.chunks import ChunkRef, ChunkStore
 
+if TYPE_CHECKING:
+    from layerfs.index.merge import MergedTree
+
 INDEX_FORMAT = 2
+ROOT_INO = 1  # the root directory's inode number in every index
 BLOCK_SIZE = 4096
 
 SCHEMA = """
@@ -117,6 +121,8 @@ def _inode_row(ino: int, e: Entry, nlink: int) -> tuple:
 
 def build_index(store: ChunkStore, image: ImageRecord, path: Path) -> None:
     """Merge the image's layers and write the index to ``path`` atomically."""
+    from layerfs.index.merge import merge_layers
+
     tree = merge_layers(get_tree(store, layer.tree)[0] for layer in image.layers)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build-", suffix=".sqlite")
@@ -139,6 +145,8 @@ def build_index(store: ChunkStore, image: ImageRecord, path: Path) -> None:
 
 
 def _write_tree(db: sqlite3.Connection, tree: MergedTree, image: ImageRecord) -> None:
+    from layerfs.index.merge import Dir, Inode
+
     seen: set[int] = set()
     inodes: list[tuple] = []
     dirents: list[tuple] = []

@@ -16,9 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from layerfs.errors import LayerfsError
+from layerfs.index.build import ROOT_INO
 from layerfs.records import Entry, Kind
-
-ROOT_INO = 1
 
 
 class MergeError(LayerfsError):

@@ -3,8 +3,10 @@
 Nothing of the tree is loaded up front: each lookup is one primary-key query
 (parent inode, name), and recent answers are kept in small bounded caches
 (path to node, inode to chunk list), so a mount of a large image starts at once
-and stays small. Each thread gets its own read-only connection; the index file
-never changes once built, so it is opened ``immutable`` (no locking).
+and stays small. With ``read_ahead`` sequential reads fetch the next chunks on
+worker threads (layerfs.index.readahead). Each thread gets its own read-only
+connection; the index file never changes once built, so it is opened
+``immutable`` (no locking).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from layerfs.errors import StoreError
-from layerfs.index.build import INDEX_FORMAT, fs_bytes, fs_text, unpack_chunks
-from layerfs.index.merge import ROOT_INO
-from layerfs.records import Kind
+from layerfs.index.build import INDEX_FORMAT, ROOT_INO, fs_bytes, fs_text, unpack_chunks
+from layerfs.index.readahead import ReadAhead
+from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkRef, ChunkStore, chunk_offsets
 from layerfs.view import FsStats, Node
 
@@ -29,6 +31,7 @@ _NODE_COLUMNS = "i.ino, i.kind, i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.nlin
     "i.rdev_major, i.rdev_minor, i.target"
 )
 _MISSING = object()
+_TYPE_BITS = {kind.value: Entry("", kind).st_mode for kind in Kind}
 
 
 class _LRU(Generic[K, V]):
@@ -74,8 +77,15 @@ def _node(row: tuple) -> Node:
 class ImageView:
     """A layerfs.view.View over an image index built by layerfs.index.build."""
 
-    def __init__(self, store: ChunkStore, index: Path, cache_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        index: Path,
+        cache_entries: int = 100_000,
+        read_ahead: bool = False,
+    ) -> None:
         self.store = store
+        self._ahead = ReadAhead(store.get_chunk) if read_ahead else None
         self.index = Path(index)
         self._local = threading.local()
         self._nodes: _LRU[str, Node | None] = _LRU(cache_entries)
@@ -156,6 +166,23 @@ class ImageView:
             out.append((name, node))
         return out
 
+    def dirents(self, path: str) -> list[tuple[bytes, int, int]]:
+        """Children of a directory as (name as bytes, inode number, st_mode), for readdir.
+
+        One query over the (parent, name) key and nothing cached: the kernel
+        asks once per directory and looks children up on its own.
+        """
+        parent = self.lookup(path)
+        if parent is None or parent.kind is not Kind.DIR:
+            return []
+        rows = self._db().execute(
+            "SELECT d.name, d.ino, i.kind, i.mode FROM dirents d JOIN inodes i ON i.ino = d.ino "
+            "WHERE d.parent = ?",
+            (parent.ino,),
+        )
+        bits = _TYPE_BITS
+        return [(name, ino, bits[kind] | mode) for name, ino, kind, mode in rows]
+
     def _content_of(self, ino: int) -> tuple[bytes | None, list[ChunkRef], list[int]]:
         cached = self._content.get(ino)
         if cached is not _MISSING:
@@ -175,7 +202,13 @@ class ImageView:
         inline, chunks, offsets = self._content_of(node.ino)
         if inline is not None:
             return inline[offset : offset + size]
-        return self.store.read(chunks, offsets, offset, size)
+        ahead = self._ahead
+        if ahead is None:
+            return self.store.read(chunks, offsets, offset, size)
+        ahead.wait_for(chunks, offsets, offset, offset + size)
+        data = self.store.read(chunks, offsets, offset, size)
+        ahead.after_read(node.ino, chunks, offsets, offset, offset + size)
+        return data
 
     def chunk_offsets(self, node: Node) -> list[int]:
         """Start offset of each stored chunk of a regular file (empty when stored inline).
@@ -195,7 +228,9 @@ class ImageView:
         return self._stats
 
     def close(self) -> None:
-        """Close this thread's connection (others close when their threads end)."""
+        """Stop fetching ahead; close this thread's connection (others close with their threads)."""
+        if self._ahead is not None:
+            self._ahead.close()
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
