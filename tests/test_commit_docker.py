@@ -23,8 +23,8 @@ from layerfs.fs.mountinfo import MountInfo, remove_mountinfo, save_mountinfo
 from layerfs.imageconfig import chain_ids
 from layerfs.importer import import_from_docker
 from layerfs.store.location import open_store
+from tests.support.dockerenv import docker_build
 from tests.support.lfscommit import (
-    docker_build_offline,
     docker_export,
     extract_rootfs,
     overlay_mount,
@@ -85,7 +85,7 @@ def docker_side(busybox_image, tmp_path_factory):
     (tmp / "ctx").mkdir()
     (tmp / "ctx/Dockerfile").write_text(DOCKERFILE.format(base=busybox_image))
     try:
-        docker_build_offline(tmp / "ctx", lower_tag)
+        docker_build(tmp / "ctx", lower_tag)
         _run(
             "docker",
             "run",

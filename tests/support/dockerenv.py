@@ -106,10 +106,13 @@ def ensure_busybox_image(client: docker.DockerClient, tag: str = BASE_IMAGE) -> 
 
 
 def docker_build(context: Path, tag: str) -> None:
-    """`docker build` with the classic builder (no registry, no BuildKit)."""
+    """`docker build` with the classic builder (no BuildKit) and no network.
+
+    No step needs one (there is no registry), and without it a build does not
+    depend on the daemon's bridge.
+    """
     env = dict(os.environ, DOCKER_BUILDKIT="0")
-    proc = subprocess.run(
-        ["docker", "build", "-q", "-t", tag, str(context)], capture_output=True, text=True, env=env
-    )
+    cmd = ["docker", "build", "-q", "--network", "none", "-t", tag, str(context)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"docker build of {context} failed:\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(f"docker build of {tag} failed:\n{proc.stdout}\n{proc.stderr}")

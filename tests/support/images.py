@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import tarfile
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import docker
 
-from tests.support.dockerenv import ensure_busybox_image
+from tests.support.dockerenv import docker_build, ensure_busybox_image
 
 PREFIX = "lfsimp"
 FEATURE_IMAGE = f"{PREFIX}/feature:latest"
@@ -116,17 +115,8 @@ def _build(client: docker.DockerClient, tag: str, dockerfile: str, files: dict[s
         (root / "Dockerfile").write_text(dockerfile.format(base=base), encoding="utf-8")
         for name, data in files.items():
             (root / name).write_bytes(data)
-        _docker_build(root, tag)
+        docker_build(root, tag)
     return tag
-
-
-def _docker_build(context: Path, tag: str) -> None:
-    """Classic-builder `docker build` with no network (no step needs one)."""
-    env = dict(os.environ, DOCKER_BUILDKIT="0")
-    cmd = ["docker", "build", "-q", "--network", "none", "-t", tag, str(context)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"docker build of {tag} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
 def build_feature_image(client: docker.DockerClient, tag: str = FEATURE_IMAGE) -> str:

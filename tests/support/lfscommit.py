@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import subprocess
 import tarfile
 import uuid
@@ -26,15 +25,6 @@ DOCKER_RUNTIME_PATHS = {".dockerenv", "etc/hostname", "etc/hosts", "etc/resolv.c
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def docker_build_offline(context: Path, tag: str) -> None:
-    """Classic-builder `docker build` without a network (the daemon's bridge may be gone)."""
-    env = dict(os.environ, DOCKER_BUILDKIT="0")
-    cmd = ["docker", "build", "-q", "--network", "none", "-t", tag, str(context)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"docker build of {tag} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
 def image_from_dir(store: ChunkStore, root: Path, name: str) -> ImageRecord:
