@@ -25,6 +25,7 @@ from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore, WriteStats
 
 INLINE_MAX = 1024
+WHOLE_READ_MAX = 4 << 20  # members up to this size are read into memory whole
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _XATTR_PREFIX = "SCHILY.xattr."
@@ -149,14 +150,23 @@ def _read_content(
     stats: WriteStats,
     label: str,
 ) -> None:
-    f = tar.extractfile(m)
-    if f is None:  # pragma: no cover - regular members always have a file object
-        raise _reject(label, m.name, "its content cannot be read")
     entry.size = m.size
-    if m.size <= INLINE_MAX:
-        entry.inline = f.read()
-        got = len(entry.inline)
+    if m.sparse is None and m.size <= WHOLE_READ_MAX:
+        # small members are read in one piece straight from the layer stream
+        # (the seeking mode's reader), which is cheaper than a file object each
+        tar.fileobj.seek(m.offset_data)
+        data = tar.fileobj.read(m.size)
+        got = len(data)
+        if got != m.size:  # as extractfile would: the layer ends inside this member
+            raise tarfile.ReadError("unexpected end of data")
+        if m.size <= INLINE_MAX:
+            entry.inline = data
+        else:
+            entry.chunks = store.write_bytes(data, stats)
     else:
+        f = tar.extractfile(m)
+        if f is None:  # pragma: no cover - regular members always have a file object
+            raise _reject(label, m.name, "its content cannot be read")
         entry.chunks = store.write_stream(f, stats)
         got = sum(c.size for c in entry.chunks)
     if got != m.size:

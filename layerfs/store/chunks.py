@@ -23,7 +23,7 @@ from pyfastcdc import FastCDC
 
 from layerfs.errors import CorruptObject, StoreError
 from layerfs.store.backend import Backend
-from layerfs.store.background import BackgroundJobs
+from layerfs.store.background import BackgroundBatches
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class ChunkStore:
         self.backend = backend
         self._cache = _LRU(cache_bytes)
         self._local = threading.local()
-        self._jobs: BackgroundJobs | None = None  # set inside background_writes()
+        self._jobs: BackgroundBatches | None = None  # set inside background_writes()
         self._stats_mutex = threading.Lock()
 
     # -- helpers -------------------------------------------------------------
@@ -153,17 +153,19 @@ class ChunkStore:
 
     # -- writing -------------------------------------------------------------
     @contextmanager
-    def background_writes(self, workers: int = 2, depth: int = 64) -> Iterator[None]:
+    def background_writes(self, workers: int = 2) -> Iterator[None]:
         """While active, new chunks are compressed and written on worker threads.
 
-        ``put_chunk`` still hashes in the caller's thread and returns at once;
-        ``wait_writes`` and ``flush`` wait for the workers and raise the first
-        error any of them met. Leaving the block waits for them too.
+        ``put_chunk`` still hashes in the caller's thread and returns at once
+        (only one thread may write meanwhile); ``wait_writes`` and ``flush``
+        wait for the workers and raise the first error any of them met.
+        Leaving the block waits for them too.
         """
         if self._jobs is not None:
             yield
             return
-        jobs = BackgroundJobs(workers, depth)
+        jobs: BackgroundBatches[tuple[str, bytes, WriteStats | None]]
+        jobs = BackgroundBatches(self._store_batch, workers=workers, depth=2 * workers + 2)
         self._jobs = jobs
         try:
             yield
@@ -188,8 +190,13 @@ class ChunkStore:
             self._store_new(digest, data, stats)
         elif digest not in jobs.seen:
             jobs.seen.add(digest)
-            jobs.submit(self._store_new, digest, bytes(data), stats)
+            owned = data if isinstance(data, bytes) else bytes(data)  # views may be reused
+            jobs.add((digest, owned, stats), len(data))
         return ChunkRef(digest, len(data))
+
+    def _store_batch(self, batch: list[tuple[str, bytes, WriteStats | None]]) -> None:
+        for digest, data, stats in batch:
+            self._store_new(digest, data, stats)
 
     def _store_new(self, digest: str, data: bytes | memoryview, stats: WriteStats | None) -> None:
         """Encode and write a chunk unless the backend has it; count it in ``stats``."""
@@ -208,6 +215,8 @@ class ChunkStore:
         """Cut ``data`` into chunks, store them, return the chunk list."""
         if not data:
             return []
+        if len(data) <= MIN_CHUNK:  # always one chunk: no need to cut
+            return [self.put_chunk(data, stats)]
         return [self.put_chunk(c.data, stats) for c in self._cdc().cut_buf(data)]
 
     def write_stream(self, stream: BinaryIO, stats: WriteStats | None = None) -> list[ChunkRef]:

@@ -5,6 +5,7 @@ Layout::
     objects/ab/abcdef...   blobs, named by digest
     docs/images/NAME.json  named documents
     tmp/                   files being written (never read as objects)
+    tmp/b-PID-RANDOM/      blobs being written by one writer, until its flush
     cache/                 derived state: image indexes
     lock                   flock(2) target: shared for writers, exclusive for gc
 
@@ -13,7 +14,10 @@ durable with one syncfs(2) before renaming it into objects/, so a crash never
 leaves a partial object under its final name and imports do not pay one fsync
 per chunk. Each temp file's writeback is started as soon as it is written
 (sync_file_range), so the disk works while the writer goes on and the syncfs
-waits for little. Put_blob is safe to call from several threads. Doc writes use
+waits for little. A writer's temp blobs share a directory of their own, made
+when needed and removed once flushed; tmp/ and objects/ ask ext4 to spread
+their subdirectories (see fsflags), which keeps file creation cheap right after
+a large delete. Put_blob is safe to call from several threads. Doc writes use
 write, fsync, rename, fsync(dir).
 """
 
@@ -25,6 +29,7 @@ import fcntl
 import itertools
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -32,6 +37,7 @@ from pathlib import Path
 
 from layerfs.errors import ObjectMissing, StoreError
 from layerfs.store.backend import Backend, check_digest, check_doc_name
+from layerfs.store.fsflags import spread_subdirs
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _FLUSH_COUNT = 8192
@@ -87,6 +93,20 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _write_new(path: str, data: bytes, what: str) -> None:
+    """Create ``path`` with ``data`` and start its writeback; StoreError on failure."""
+    try:
+        fd = os.open(path, _OPEN_TMP, 0o644)
+        try:
+            write_all(fd, data)
+            start_writeback(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        _unlink_quiet(path)
+        raise _store_error(exc, what) from exc
+
+
 def _mkstemp(tmp_dir: Path) -> tuple[int, str]:
     import tempfile
 
@@ -117,8 +137,10 @@ class LocalBackend(Backend):
             raise StoreError(f"cannot create the store at {self.root}: {exc.strerror}") from exc
         self._tmp = self.root / "tmp"
         self._objects = str(self.root / "objects")
-        # temp names unique to this instance: "b-<pid>-<random>-<n>"
-        self._tmp_prefix = f"{self._tmp}/b-{os.getpid()}-{secrets.token_hex(4)}-"
+        for sub in (self._tmp, self._objects):
+            spread_subdirs(sub)
+        self._writer_dir: str | None = None  # tmp/b-<pid>-<random>, made by put_blob
+        self._writing = 0  # put_blob calls writing into _writer_dir
         self._tmp_seq = itertools.count()
         self._pending: dict[str, str] = {}  # digest -> temp path
         self._pending_bytes = 0
@@ -136,29 +158,44 @@ class LocalBackend(Backend):
         with self._mutex:
             if digest in self._pending:
                 return False
-        if os.path.exists(self._blob_name(digest)):
-            return False
-        tmp = f"{self._tmp_prefix}{next(self._tmp_seq)}"
+            folder = self._writer_dir or self._make_writer_dir()
+            self._writing += 1
+        full = False
         try:
-            fd = os.open(tmp, _OPEN_TMP, 0o644)
-            try:
-                write_all(fd, data)
-                start_writeback(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            _unlink_quiet(tmp)
-            raise _store_error(exc, f"object {digest}") from exc
-        with self._mutex:
-            if digest in self._pending:
-                _unlink_quiet(tmp)
+            if os.path.exists(self._blob_name(digest)):
                 return False
-            self._pending[digest] = tmp
-            self._pending_bytes += len(data)
-            full = len(self._pending) >= _FLUSH_COUNT or self._pending_bytes >= _FLUSH_BYTES
+            tmp = f"{folder}/{next(self._tmp_seq)}"
+            _write_new(tmp, data, f"object {digest}")
+            with self._mutex:
+                if digest in self._pending:
+                    _unlink_quiet(tmp)
+                    return False
+                self._pending[digest] = tmp
+                self._pending_bytes += len(data)
+                full = len(self._pending) >= _FLUSH_COUNT or self._pending_bytes >= _FLUSH_BYTES
+        finally:
+            with self._mutex:
+                self._writing -= 1
         if full:
             self.flush()
         return True
+
+    def _make_writer_dir(self) -> str:
+        """Create this writer's temp directory (called holding the mutex)."""
+        folder = f"{self._tmp}/b-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(folder)
+        except OSError as exc:
+            raise _store_error(exc, "a temp directory") from exc
+        self._writer_dir = folder
+        return folder
+
+    def _drop_writer_dir(self) -> None:
+        """Remove the writer's temp directory once nothing is in it (holding the mutex)."""
+        if self._writer_dir is not None and not self._writing and not self._pending:
+            with suppress(OSError):
+                os.rmdir(self._writer_dir)
+            self._writer_dir = None
 
     def get_blob(self, digest: str) -> bytes:
         check_digest(digest)
@@ -220,6 +257,7 @@ class LocalBackend(Backend):
             pending, self._pending = self._pending, {}
             self._pending_bytes = 0
             if not pending:
+                self._drop_writer_dir()
                 return
             try:
                 syncfs(self._tmp)
@@ -235,6 +273,7 @@ class LocalBackend(Backend):
                 for tmp in pending.values():
                     _unlink_quiet(tmp)
                 raise _store_error(exc, "objects") from exc
+            self._drop_writer_dir()
 
     # -- docs --------------------------------------------------------------
     def _doc_path(self, name: str) -> Path:
@@ -290,7 +329,13 @@ class LocalBackend(Backend):
         Only safe under the exclusive lock (no writer is running).
         """
         n = 0
-        for name in os.listdir(self._tmp):
-            _unlink_quiet(self._tmp / name)
-            n += 1
+        with self._mutex, os.scandir(self._tmp) as entries:
+            found = [e for e in entries if e.path != self._writer_dir]  # not our own
+        for entry in found:
+            if entry.is_dir(follow_symlinks=False):
+                n += sum(len(files) for _, _, files in os.walk(entry.path)) + 1
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                _unlink_quiet(entry.path)
+                n += 1
         return n
