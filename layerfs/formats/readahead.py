@@ -59,8 +59,11 @@ class LayerReader:
     # -- the reading thread ---------------------------------------------------------
     def _run(self) -> None:
         try:
-            start = io.BufferedReader(PrefixedReader(self._head, self._given), buffer_size=1 << 20)
-            plain = decompressed(self.compression, start)
+            # plain layers are read unbuffered, so an error mid-read loses no good bytes
+            start = PrefixedReader(self._head, self._given)
+            plain: BinaryIO = start  # type: ignore[assignment]
+            if self.compression != "none":
+                plain = decompressed(self.compression, io.BufferedReader(start, 1 << 20))
             sha = hashlib.sha256() if self.compression != "none" else None
             while not self._stop.is_set():
                 data = plain.read(self._piece)

@@ -40,8 +40,8 @@ from layerfs.store.backend import Backend, check_digest, check_doc_name
 from layerfs.store.fsflags import spread_subdirs
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_FLUSH_COUNT = 8192
-_FLUSH_BYTES = 512 << 20
+_FLUSH_COUNT = 2048
+_FLUSH_BYTES = 256 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 _OPEN_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
