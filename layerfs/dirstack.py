@@ -9,6 +9,8 @@ anything else hides what is below. ``.wh.*`` names are never shown.
 
 Inode numbers are the layer's own st_ino tagged with the layer's position
 (``(index + 1) << 48``), so they stay the same across mounts of the same stack.
+Each lower directory is opened once and reached through its descriptor
+(layerfs.treedir), so paths near PATH_MAX inside the stack work.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from layerfs.errors import LayerfsError
 from layerfs.records import kind_from_mode
+from layerfs.treedir import TreeDir
 from layerfs.view import FsStats, Node
 
 WH_PREFIX = ".wh."
@@ -38,24 +41,24 @@ def _whiteout_st(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+def _join(parent: str, name: str) -> str:
+    return name if parent == "." else f"{parent}/{name}"
 
 
-def _opaque(path: str) -> bool:
+def _opaque(tree: TreeDir, rel: str) -> bool:
     try:
-        if os.getxattr(path, X_OPAQUE, follow_symlinks=False) == b"y":
+        if tree.xattr(os.getxattr, rel, X_OPAQUE) == b"y":
             return True
     except OSError:
         pass
-    return os.path.lexists(os.path.join(path, WH_OPAQUE))
+    return tree.lexists(_join(rel, WH_OPAQUE))
 
 
 class DirStack:
-    """A read-only View over lower directories, top first; see the module docstring."""
+    """A read-only View over lower directories, top first; see the module docstring.
+
+    Node keys are (layer index, path relative to that layer's directory).
+    """
 
     def __init__(self, lowers: list[str | Path], cache_entries: int = 65536) -> None:
         if not lowers:
@@ -64,13 +67,19 @@ class DirStack:
         for path in self.lowers:
             if not os.path.isdir(path):
                 raise DirStackError(f"lowerdir {path} is not a directory: check the path")
+        self._trees = [TreeDir(path) for path in self.lowers]
         self._dirs = lru_cache(maxsize=cache_entries)(self._resolve_dir)
+
+    def close(self) -> None:
+        """Close the lower directories' descriptors."""
+        for tree in self._trees:
+            tree.close()
 
     # -- resolution ----------------------------------------------------------------
     def _resolve_dir(self, path: str) -> tuple[tuple[int, str], ...]:
-        """(layer index, real path) of every layer contributing to directory ``path``."""
+        """(layer index, path in the layer) of every layer contributing to directory ``path``."""
         if path == "":
-            return tuple(enumerate(self.lowers))
+            return tuple((i, ".") for i in range(len(self.lowers)))
         parent, _, name = path.rpartition("/")
         found = self._entry(parent, name)
         if not found or not stat.S_ISDIR(found[0][2].st_mode):
@@ -83,20 +92,21 @@ class DirStack:
             return []
         out: list[tuple[int, str, os.stat_result]] = []
         for index, pdir in self._dirs(parent):
-            real = os.path.join(pdir, name)
-            st = _lstat(real)
+            tree = self._trees[index]
+            real = _join(pdir, name)
+            st = tree.lstat(real)
             if st is not None and _whiteout_st(st):
                 break
             if st is None:
-                if os.path.lexists(os.path.join(pdir, WH_PREFIX + name)):
+                if tree.lexists(_join(pdir, WH_PREFIX + name)):
                     break
             elif not out:
                 out.append((index, real, st))
-                if not stat.S_ISDIR(st.st_mode) or _opaque(real):
+                if not stat.S_ISDIR(st.st_mode) or _opaque(tree, real):
                     break
             elif stat.S_ISDIR(st.st_mode):
                 out.append((index, real, st))
-                if _opaque(real):
+                if _opaque(tree, real):
                     break
             else:
                 break  # a non-directory below a directory ends the merge
@@ -114,14 +124,16 @@ class DirStack:
             mtime_ns=st.st_mtime_ns,
             nlink=st.st_nlink,
             rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)),
-            target=os.readlink(real) if stat.S_ISLNK(st.st_mode) else "",
-            key=real,
+            target=os.readlink(real, dir_fd=self._trees[index].fd)
+            if stat.S_ISLNK(st.st_mode)
+            else "",
+            key=(index, real),
         )
 
     # -- View ----------------------------------------------------------------------
     def lookup(self, path: str) -> Node | None:
         if path == "":
-            return self._node(0, self.lowers[0], os.lstat(self.lowers[0]))
+            return self._node(0, ".", os.lstat(self.lowers[0]))
         parent, _, name = path.rpartition("/")
         found = self._entry(parent, name)
         if not found:
@@ -132,53 +144,61 @@ class DirStack:
         names: list[str] = []
         seen: set[str] = set()
         layers = self._dirs(path)
-        for _index, real in layers:
+        for index, real in layers:
+            hidden: list[str] = []
             try:
-                entries = list(os.scandir(real))
+                with self._trees[index].scandir(real) as (_fd, entries):
+                    for e in entries:
+                        name = e.name
+                        if name.startswith(WH_PREFIX):
+                            if name != WH_OPAQUE:
+                                hidden.append(name[len(WH_PREFIX) :])
+                            continue
+                        if name in seen:
+                            continue
+                        plain = e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
+                        if not plain and _whiteout_st(e.stat(follow_symlinks=False)):
+                            hidden.append(name)
+                            continue
+                        seen.add(name)
+                        names.append(name)
             except OSError:
                 continue
-            hidden: list[str] = []
-            for e in entries:
-                name = e.name
-                if name.startswith(WH_PREFIX):
-                    if name != WH_OPAQUE:
-                        hidden.append(name[len(WH_PREFIX) :])
-                    continue
-                if name in seen:
-                    continue
-                plain = e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
-                if not plain and _whiteout_st(e.stat(follow_symlinks=False)):
-                    hidden.append(name)
-                    continue
-                seen.add(name)
-                names.append(name)
             seen.update(hidden)
         return names
 
+    def open_file(self, node: Node) -> int:
+        """A read-only descriptor of a regular file node (the caller closes it)."""
+        index, rel = node.key
+        return self._trees[index].open(rel, os.O_RDONLY)
+
     def read(self, node: Node, offset: int, size: int) -> bytes:
-        fd = os.open(node.key, os.O_RDONLY)
+        fd = self.open_file(node)
         try:
             return os.pread(fd, size, offset)
         finally:
             os.close(fd)
 
     def real_path(self, node: Node) -> str:
-        """The path of a node in its lower directory (for copying it with the kernel)."""
-        return node.key
+        """The absolute path of a node in its lower directory (may exceed PATH_MAX)."""
+        index, rel = node.key
+        return self._trees[index].path if rel == "." else f"{self._trees[index].path}/{rel}"
 
     def xattrs(self, node: Node) -> dict[str, bytes]:
+        index, rel = node.key
+        tree = self._trees[index]
         out = {}
         try:
-            names = os.listxattr(node.key, follow_symlinks=False)
+            names = tree.xattr(os.listxattr, rel)
         except OSError as exc:
-            if exc.errno in (errno.ENOTSUP, errno.ENOENT):
+            if exc.errno in (errno.ENOTSUP, errno.ENOENT, errno.ENAMETOOLONG):
                 return {}
             raise
         for name in names:
             if name.startswith(_HIDDEN_XATTRS):
                 continue
             try:
-                out[name] = os.getxattr(node.key, name, follow_symlinks=False)
+                out[name] = tree.xattr(os.getxattr, rel, name)
             except OSError:
                 continue
         return out

@@ -6,6 +6,8 @@ import errno
 import mmap
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -280,3 +282,164 @@ def test_readdir_merges_layers_and_upper(m):
     assert names == sorted(
         ["etc", "data", "hidden", "hl1", "hl2", "big", "xa", "sym", "fifo", "top"]
     )
+
+
+# -- paths near PATH_MAX, and one-time utimensat ----------------------------------------
+
+PATH_MAX = 4096
+
+
+def _long_rel() -> str:
+    """A relative path of PATH_MAX - 1 bytes: 39 directories of 100 bytes, then a file name."""
+    dirs = "/".join(f"{i:02d}" + "d" * 98 for i in range(39)) + "/"
+    return dirs + "f" * (PATH_MAX - 1 - len(dirs))
+
+
+_LONG_PATH_SCRIPT = r"""
+import errno, os, stat, sys
+rel, short = sys.argv[1], "short"
+parts = rel.split("/")
+for i in range(1, len(parts)):
+    os.mkdir("/".join(parts[:i]))
+with open(rel, "wb") as fh:
+    fh.write(b"deep data")
+os.chmod(rel, 0o640)
+os.chown(rel, 12, 34)
+os.truncate(rel, 4)
+os.utime(rel, ns=(10**18, 2 * 10**18))
+os.setxattr(rel, "user.k", b"v")
+assert os.getxattr(rel, "user.k") == b"v" and "user.k" in os.listxattr(rel)
+os.removexattr(rel, "user.k")
+st = os.stat(rel)
+assert stat.S_IMODE(st.st_mode) == 0o640 and (st.st_uid, st.st_gid) == (12, 34), st
+assert st.st_mtime_ns == 2 * 10**18 and st.st_size == 4, st
+assert open(rel, "rb").read() == b"deep"
+os.rename(rel, short)
+assert open(short, "rb").read() == b"deep"
+os.rename(short, rel)
+os.link(rel, short)
+assert os.stat(short).st_nlink == 2
+os.unlink(short)
+os.symlink(rel, short)
+assert os.readlink(short) == rel and open(short, "rb").read() == b"deep"
+os.unlink(short)
+try:
+    os.stat(rel + "x")
+    raise AssertionError("a path of PATH_MAX bytes was accepted")
+except OSError as exc:
+    assert exc.errno == errno.ENAMETOOLONG, exc
+print("kept")
+"""
+
+_LONG_PATH_KINDS = r"""
+import os, stat, sys
+rel = sys.argv[1]
+os.unlink(rel)
+os.symlink("target", rel)
+assert os.readlink(rel) == "target"
+os.unlink(rel)
+os.mkfifo(rel, 0o600)
+assert stat.S_ISFIFO(os.lstat(rel).st_mode)
+os.unlink(rel)
+os.mknod(rel, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+assert os.major(os.lstat(rel).st_rdev) == 1
+os.unlink(rel)
+os.mkdir(rel, 0o700)
+os.rmdir(rel)
+assert os.listdir(os.path.dirname(rel)) == []
+print("done")
+"""
+
+
+def _python_in(cwd: Path, script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=cwd, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_paths_near_path_max(m):
+    """Every call works on a path of PATH_MAX - 1 bytes inside the mount, although the
+    upper (and mount) directory's own path plus that path is longer than PATH_MAX."""
+    rel = _long_rel()
+    assert len(str(m.upper)) + 1 + len(rel) >= PATH_MAX
+    assert _python_in(m.path, _LONG_PATH_SCRIPT, rel) == "kept"
+    ufd = os.open(m.upper, os.O_PATH | os.O_DIRECTORY)
+    try:
+        st = os.stat(rel, dir_fd=ufd, follow_symlinks=False)
+    finally:
+        os.close(ufd)
+    assert stat.S_ISREG(st.st_mode) and st.st_size == 4  # in the upper tree, found by its fd
+    assert _python_in(m.path, _LONG_PATH_KINDS, rel) == "done"
+
+
+def test_lower_file_at_path_near_path_max(store):
+    """A lower file whose lower path exceeds PATH_MAX is read, its xattrs shown, copied up."""
+    rel = _long_rel()
+    with public_dir("lfsrw-") as base:
+        lower = base / "lower"
+        lower.mkdir(mode=0o755)
+        lfd = os.open(lower, os.O_PATH | os.O_DIRECTORY)
+        try:
+            parts = rel.split("/")
+            for i in range(1, len(parts)):
+                os.mkdir("/".join(parts[:i]), dir_fd=lfd)
+            fd = os.open(rel, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=lfd)
+            os.write(fd, b"lower bytes")
+            os.setxattr(fd, "user.k", b"lower")
+            os.close(fd)
+        finally:
+            os.close(lfd)
+        with overlay_mount(store, [lower], base / "u", base / "w", base / "m") as mnt:
+            script = r"""
+import os, sys
+rel = sys.argv[1]
+assert open(rel, "rb").read() == b"lower bytes"
+assert os.getxattr(rel, "user.k") == b"lower"
+os.chmod(rel, 0o600)
+with open(rel, "ab") as fh:
+    fh.write(b"+more")
+assert open(rel, "rb").read() == b"lower bytes+more"
+assert os.getxattr(rel, "user.k") == b"lower"
+print("copied")
+"""
+            assert _python_in(mnt.path, script, rel) == "copied"
+            ufd = os.open(mnt.upper, os.O_PATH | os.O_DIRECTORY)
+            try:
+                fd = os.open(rel, os.O_RDONLY, dir_fd=ufd)
+            finally:
+                os.close(ufd)
+            try:
+                assert os.read(fd, 100) == b"lower bytes+more"
+                assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+            finally:
+                os.close(fd)
+
+
+def test_touch_one_time_keeps_the_other(m):
+    """utimensat with UTIME_OMIT for one time (touch -a / -m) sets only the other one."""
+    for p in (m.path / "etc" / "motd", m.path / "fresh-file"):
+        if not p.exists():
+            p.write_bytes(b"x")
+        before = os.stat(p)
+        subprocess.run(["touch", "-a", "-d", "@1000000000", str(p)], check=True)
+        st = os.stat(p)
+        assert st.st_atime_ns == 1_000_000_000 * 10**9
+        assert st.st_mtime_ns == before.st_mtime_ns
+        subprocess.run(["touch", "-m", "-d", "@1200000000", str(p)], check=True)
+        st = os.stat(p)
+        assert st.st_atime_ns == 1_000_000_000 * 10**9
+        assert st.st_mtime_ns == 1_200_000_000 * 10**9
+        subprocess.run(["touch", str(p)], check=True)  # both now
+        assert os.stat(p).st_mtime_ns > 1_200_000_000 * 10**9
+
+
+def test_open_for_writing_without_writing_keeps_times(m):
+    """Copy-up (whole file in overlay mode) on an open for writing keeps the lower times."""
+    p = m.path / "big"
+    before = os.stat(p)
+    os.close(os.open(p, os.O_WRONLY))
+    after = os.stat(p)
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    assert p.read_bytes() == BIG

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import itertools
 import os
+import stat
 import threading
 from collections.abc import Callable
 
@@ -22,15 +23,19 @@ from layerfs.fs.upper import (
     X_OVL_REDIRECT,
     MetaCopy,
     UpperDirs,
-    is_opaque,
+    clear_metacopy,
+    is_opaque_at,
     is_whiteout,
-    set_opaque,
+    set_opaque_at,
     write_metacopy,
 )
 from layerfs.records import Kind
+from layerfs.treedir import TreeDir
 from layerfs.view import Node, View
 
 LowerAt = Callable[[str], "Node | None"]
+COPY_PIECE = 1 << 20
+_XATTR_TOO_BIG = (errno.ENOSPC, errno.E2BIG, errno.ERANGE)
 
 
 def _enoent(rel: str) -> FileNotFoundError:
@@ -38,11 +43,16 @@ def _enoent(rel: str) -> FileNotFoundError:
 
 
 class CopyUp:
-    """Copies lower entries of ``view`` into the upper tree of ``dirs``."""
+    """Copies lower entries of ``view`` into the upper tree ``tree`` of ``dirs``.
 
-    def __init__(self, view: View, dirs: UpperDirs, lower_at: LowerAt, overlay: bool) -> None:
+    Upper paths are relative to ``tree`` (``"."`` is its root).
+    """
+
+    def __init__(
+        self, view: View, dirs: UpperDirs, lower_at: LowerAt, overlay: bool, tree: TreeDir
+    ) -> None:
         self.view = view
-        self.root = str(dirs.tree)
+        self.tree = tree
         self.tmp = str(dirs.tmp)
         self.lower_at = lower_at  # the lower node visible at a path, or None
         self.overlay = overlay  # also write kernel overlayfs metacopy xattrs
@@ -50,8 +60,10 @@ class CopyUp:
         self._groups: dict[int, list[str]] | None = None
         self._groups_lock = threading.Lock()
 
-    def upath(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if rel else self.root
+    @staticmethod
+    def upath(rel: str) -> str:
+        """The path of lower path ``rel`` relative to the upper tree."""
+        return rel or "."
 
     def _tmp_name(self) -> str:
         return f"{self.tmp}/#{os.getpid()}.{next(self._seq)}"
@@ -67,6 +79,31 @@ class CopyUp:
             os.setxattr(path, X_INO, str(node.ino).encode(), follow_symlinks=False)
         os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
 
+    def _mark_metacopy(self, fd: int, node: Node, origin: str) -> None:
+        """Make the (sparse) file ``fd`` a metacopy of ``origin``, or a full copy of ``node``
+        if its xattrs do not fit (an origin path near PATH_MAX is longer than ext4 allows)."""
+        try:
+            write_metacopy(fd, MetaCopy(origin))
+            if self.overlay:
+                os.setxattr(fd, X_OVL_METACOPY, b"")
+                os.setxattr(fd, X_OVL_REDIRECT, ("/" + origin).encode())
+        except OSError as exc:
+            if exc.errno not in _XATTR_TOO_BIG:
+                raise
+            clear_metacopy(fd)
+            self._copy_data(fd, node)
+
+    def _copy_data(self, fd: int, node: Node) -> None:
+        pos = 0
+        while pos < node.size:
+            data = self.view.read(node, pos, min(COPY_PIECE, node.size - pos))
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+
     def _make(self, node: Node, origin: str) -> str:
         """Build a copy of ``node`` in the workdir; return its temporary path."""
         tmp = self._tmp_name()
@@ -78,10 +115,7 @@ class CopyUp:
                 try:
                     if node.size:
                         os.ftruncate(fd, node.size)
-                        write_metacopy(fd, MetaCopy(origin))
-                        if self.overlay:
-                            os.setxattr(fd, X_OVL_METACOPY, b"")
-                            os.setxattr(fd, X_OVL_REDIRECT, ("/" + origin).encode())
+                        self._mark_metacopy(fd, node, origin)
                 finally:
                     os.close(fd)
             elif node.kind is Kind.SYMLINK:
@@ -100,7 +134,7 @@ class CopyUp:
         cur = ""
         for name in rel.split("/")[:-1]:
             cur = f"{cur}/{name}" if cur else name
-            if not os.path.lexists(self.upath(cur)):
+            if self.tree.lstat(cur) is None:
                 node = self.lower_at(cur)
                 if node is None or node.kind is not Kind.DIR:
                     raise _enoent(cur)
@@ -108,13 +142,14 @@ class CopyUp:
 
     def _place(self, tmp: str, rel: str) -> None:
         try:
-            os.rename(tmp, self.upath(rel))
+            os.rename(tmp, self.upath(rel), dst_dir_fd=self.tree.fd)
         except BaseException:
             _remove(tmp)
             raise
 
     def copy_up(self, rel: str, node: Node) -> str:
-        """Copy the lower ``node`` visible at ``rel`` into the upper tree; return its path."""
+        """Copy the lower ``node`` visible at ``rel`` into the upper tree; return its upper
+        path."""
         self.ensure_parents(rel)
         if node.kind is Kind.FILE and node.nlink > 1:
             self._copy_group(rel, node)
@@ -130,10 +165,10 @@ class CopyUp:
                     other = self.lower_at(path)
                     if other is None or other.ino != node.ino:
                         continue
-                    if os.path.lexists(self.upath(path)):
+                    if self.tree.lstat(path) is not None:
                         continue
                 self.ensure_parents(path)
-                os.link(tmp, self.upath(path))
+                os.link(tmp, path, dst_dir_fd=self.tree.fd, follow_symlinks=False)
         finally:
             _remove(tmp)
 
@@ -172,21 +207,19 @@ class CopyUp:
         old lower paths. Used before a directory with lower content is renamed.
         """
         up = self.upath(rel)
-        if not os.path.lexists(up):
+        if self.tree.lstat(up) is None:
             node = self.lower_at(rel)
             if node is None:
                 raise _enoent(rel)
             self.copy_up(rel, node)
-        if is_opaque(up):
+        if is_opaque_at(self.tree, up):
             return
         lower = self.lower_at(rel)
         if lower is not None and lower.kind is Kind.DIR:
             for name in self.view.listdir(rel):
                 child = f"{rel}/{name}" if rel else name
-                cup = self.upath(child)
-                try:
-                    os.lstat(cup)
-                except FileNotFoundError:
+                cst = self.tree.lstat(child)
+                if cst is None:
                     node = self.view.lookup(child)
                     if node is None:
                         continue
@@ -194,15 +227,15 @@ class CopyUp:
                     if node.kind is Kind.DIR:
                         self.copy_up_tree(child)
                     continue
-                if os.path.isdir(cup) and not os.path.islink(cup):
+                if stat.S_ISDIR(cst.st_mode):
                     self.copy_up_tree(child)
-        with os.scandir(up) as it:  # whiteouts hide nothing in an opaque directory
+        with self.tree.scandir(up) as (dfd, it):  # whiteouts hide nothing in an opaque dir
             for e in it:
                 if not e.is_dir(follow_symlinks=False) and is_whiteout(
                     e.stat(follow_symlinks=False)
                 ):
-                    os.unlink(e.path)
-        set_opaque(up)
+                    os.unlink(e.name, dir_fd=dfd)
+        set_opaque_at(self.tree, up)
 
 
 def _remove(path: str) -> None:

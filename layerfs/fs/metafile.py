@@ -132,14 +132,20 @@ class MetaFile:
                 self._settle()
 
     def materialize_all(self) -> None:
-        """Copy every missing byte and make this an ordinary upper file."""
+        """Copy every missing byte and make this an ordinary upper file.
+
+        The file's times stay as they were: only the caller's own writes change them.
+        """
         with self.lock:
             if self.done:
                 return
-            size = os.fstat(self.fd).st_size
-            for a, b in self.meta.missing(0, min(size, self.lower_size)):
+            st = os.fstat(self.fd)
+            missing = self.meta.missing(0, min(st.st_size, self.lower_size))
+            for a, b in missing:
                 self._copy(a, b)
             self._finish()
+            if missing:
+                os.utime(self.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _settle(self) -> None:
         """Record the ranges; finish when they cover the file or grow too many."""

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfs.errors import LayerfsError
+from layerfs.treedir import TreeDir
 
 FORMAT = 1
 META_FILE = "layerfs.json"
@@ -165,6 +166,21 @@ def set_opaque(path: str) -> None:
     os.setxattr(path, X_OPAQUE, b"y", follow_symlinks=False)
 
 
+def make_whiteout_at(tree: TreeDir, rel: str) -> None:
+    os.mknod(rel, stat.S_IFCHR | 0o000, 0, dir_fd=tree.fd)
+
+
+def is_opaque_at(tree: TreeDir, rel: str) -> bool:
+    try:
+        return tree.xattr(os.getxattr, rel, X_OPAQUE) == b"y"
+    except OSError:
+        return False
+
+
+def set_opaque_at(tree: TreeDir, rel: str) -> None:
+    tree.xattr(os.setxattr, rel, X_OPAQUE, b"y")
+
+
 # -- metacopy files ---------------------------------------------------------------
 
 
@@ -235,6 +251,21 @@ def clear_metacopy(path_or_fd: str | int) -> None:
     for name in (X_METACOPY, X_OVL_METACOPY, X_OVL_REDIRECT):
         with contextlib.suppress(OSError):
             os.removexattr(path_or_fd, name)
+
+
+def read_metacopy_at(tree: TreeDir, rel: str) -> MetaCopy | None:
+    try:
+        data = tree.xattr(os.getxattr, rel, X_METACOPY)
+    except OSError:
+        return None
+    return MetaCopy.from_bytes(data)
+
+
+def read_ino_at(tree: TreeDir, rel: str) -> int | None:
+    try:
+        return int(tree.xattr(os.getxattr, rel, X_INO))
+    except (OSError, ValueError):
+        return None
 
 
 def read_ino(path: str) -> int | None:

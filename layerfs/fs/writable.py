@@ -7,6 +7,10 @@ up first (layerfs.fs.copyup), metadata only; bytes of a lower file move into
 the upper only when written (layerfs.fs.metafile). Open files are kept in a
 handle table of raw file descriptors, so reads and writes of upper files are
 one pread/pwrite each. Namespace changes take one lock; reads and writes do not.
+
+The upper tree is opened once and every upper call is relative to that
+descriptor (layerfs.treedir), so paths near PATH_MAX inside the mount work
+whatever the upper directory's own path.
 """
 
 from __future__ import annotations
@@ -27,18 +31,21 @@ from layerfs.fs.attrs import stat_of
 from layerfs.fs.attrtimeout import AttrTimeout
 from layerfs.fs.copyup import CopyUp
 from layerfs.fs.metafile import MetaFile
+from layerfs.fs.settimes import OneTimeSetattr
 from layerfs.fs.upper import (
     UpperDirs,
-    is_opaque,
+    is_opaque_at,
     is_private_xattr,
     is_whiteout,
-    make_whiteout,
-    read_ino,
-    read_metacopy,
-    set_opaque,
+    make_whiteout_at,
+    read_ino_at,
+    read_metacopy_at,
+    set_opaque_at,
 )
+from layerfs.fs.utimes import utimens_at
 from layerfs.records import Kind
 from layerfs.store.chunks import AVG_CHUNK
+from layerfs.treedir import TreeDir
 from layerfs.view import Node, View
 
 log = logging.getLogger(__name__)
@@ -84,27 +91,30 @@ class WritableOperations(Operations):
         self.view = view
         self._attr_timeout = attr_timeout  # attached at init, if given
         self._attrs = attr_timeout or AttrTimeout(0.0, 0.0)
+        self._one_time = OneTimeSetattr()
         self.on_exit = on_exit
         self.dirs = dirs
-        self.root = str(dirs.tree)
+        self.tree = TreeDir(str(dirs.tree))
+        self._fd = self.tree.fd
         self.overlay = overlay
-        self.copier = CopyUp(view, dirs, self._lower_at, overlay)
+        self.copier = CopyUp(view, dirs, self._lower_at, overlay, self.tree)
         self._lock = threading.RLock()
         self._handles: dict[int, Handle] = {}
         self._metas: dict[int, MetaFile] = {}  # upper st_ino -> open metacopy file
         self._inos: dict[int, int] = {}  # upper st_ino -> st_ino shown
         self._next_fh = itertools.count(1)
-        self._real_path = getattr(view, "real_path", None)
+        self._open_lower = getattr(view, "open_file", None)
         self._chunk_offsets = getattr(view, "chunk_offsets", None)
 
     # -- resolution --------------------------------------------------------------------
-    def _up(self, path: str) -> str:
-        return self.root + path if path != "/" else self.root
-
     @staticmethod
-    def _ulstat(up: str) -> os.stat_result | None:
+    def _up(path: str) -> str:
+        """The upper path of mount path ``path``, relative to the upper tree."""
+        return path[1:] or "."
+
+    def _ulstat(self, up: str) -> os.stat_result | None:
         try:
-            return os.lstat(up)
+            return os.stat(up, dir_fd=self._fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -112,13 +122,13 @@ class WritableOperations(Operations):
         """Whether no upper ancestor of ``rel`` hides the lower layers."""
         if not rel:
             return True
-        cur = self.root
+        cur = ""
         for name in rel.split("/")[:-1]:
-            cur = f"{cur}/{name}"
+            cur = f"{cur}/{name}" if cur else name
             st = self._ulstat(cur)
             if st is None:
                 return True
-            if not stat.S_ISDIR(st.st_mode) or is_opaque(cur):
+            if not stat.S_ISDIR(st.st_mode) or is_opaque_at(self.tree, cur):
                 return False
         return True
 
@@ -139,7 +149,7 @@ class WritableOperations(Operations):
     def _ino(self, st: os.stat_result, up: str) -> int:
         ino = self._inos.get(st.st_ino)
         if ino is None:
-            ino = read_ino(up) or (UPPER_INO_TAG | st.st_ino)
+            ino = read_ino_at(self.tree, up) or (UPPER_INO_TAG | st.st_ino)
             self._inos[st.st_ino] = ino
         return ino
 
@@ -149,7 +159,11 @@ class WritableOperations(Operations):
 
     def _upper_stat(self, st: os.stat_result, up: str) -> dict[str, int]:
         blocks = st.st_blocks
-        if stat.S_ISREG(st.st_mode) and blocks * 512 < st.st_size and read_metacopy(up):
+        if (
+            stat.S_ISREG(st.st_mode)
+            and blocks * 512 < st.st_size
+            and read_metacopy_at(self.tree, up)
+        ):
             blocks = -(-st.st_size // 512)
         return {
             "st_ino": self._ino(st, up),
@@ -175,7 +189,7 @@ class WritableOperations(Operations):
         if st is not None:
             raise _err(errno.ENOENT)
         with self._lock:
-            if os.path.lexists(up):
+            if self._ulstat(up) is not None:
                 return up
             node = self._lower_at(path[1:])
             if node is None:
@@ -195,7 +209,7 @@ class WritableOperations(Operations):
         if st is not None:
             if not is_whiteout(st):
                 raise _err(errno.EEXIST)
-            os.unlink(up)
+            os.unlink(up, dir_fd=self._fd)
             return up, True
         if self._lower_at(rel) is not None:
             raise _err(errno.EEXIST)
@@ -204,11 +218,12 @@ class WritableOperations(Operations):
     def _owner(self, up: str, follow: bool = False) -> None:
         uid, gid, _pid = fuse_get_context()
         if (uid, gid) != (os.geteuid(), os.getegid()):
-            os.chown(up, uid, gid, follow_symlinks=follow)
+            os.chown(up, uid, gid, dir_fd=self._fd, follow_symlinks=follow)
 
     def init(self, path: str) -> None:
         if self._attr_timeout is not None:
             self._attr_timeout.attach()
+        self._one_time.attach()
 
     # -- metadata ------------------------------------------------------------------------
     def getattr(self, path: str, fh=None) -> dict[str, int]:
@@ -242,7 +257,7 @@ class WritableOperations(Operations):
     def readlink(self, path: str) -> str:
         st, node = self._resolve(path)
         if st is not None:
-            return os.readlink(self._up(path))
+            return os.readlink(self._up(path), dir_fd=self._fd)
         if node is None:
             raise _err(errno.ENOENT)
         if node.kind is not Kind.SYMLINK:
@@ -262,7 +277,7 @@ class WritableOperations(Operations):
         hidden: set[str] = set()
         up = self._up(path)
         if st is not None:
-            with os.scandir(up) as it:
+            with self.tree.scandir(up) as (_fd, it):
                 for e in it:
                     plain = e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
                     if not plain and is_whiteout(e.stat(follow_symlinks=False)):
@@ -270,7 +285,7 @@ class WritableOperations(Operations):
                         continue
                     hidden.add(e.name)
                     names.append(e.name)
-            if is_opaque(up):
+            if is_opaque_at(self.tree, up):
                 return names
         if node is not None and node.kind is Kind.DIR:
             names.extend(n for n in self.view.listdir(path[1:]) if n not in hidden)
@@ -280,7 +295,7 @@ class WritableOperations(Operations):
         return [".", "..", *self._names(path)]
 
     def statfs(self, path: str) -> dict[str, int]:
-        sv = os.statvfs(self.root)
+        sv = os.statvfs(self._fd)
         return {
             "f_bsize": sv.f_bsize,
             "f_frsize": sv.f_frsize,
@@ -295,21 +310,18 @@ class WritableOperations(Operations):
 
     def chmod(self, path: str, mode: int) -> int:
         with self._lock:
-            os.chmod(self._need_upper(path), stat.S_IMODE(mode))
+            os.chmod(self._need_upper(path), stat.S_IMODE(mode), dir_fd=self._fd)
         return 0
 
     def chown(self, path: str, uid: int, gid: int) -> int:
         with self._lock:
-            os.chown(self._need_upper(path), uid, gid, follow_symlinks=False)
+            up = self._need_upper(path)
+            os.chown(up, uid, gid, dir_fd=self._fd, follow_symlinks=False)
         return 0
 
     def utimens(self, path: str, times=None) -> int:
         with self._lock:
-            up = self._need_upper(path)
-            if times is None:
-                os.utime(up, follow_symlinks=False)
-            else:
-                os.utime(up, ns=(int(times[0]), int(times[1])), follow_symlinks=False)
+            utimens_at(self._fd, self._need_upper(path), times)
         return 0
 
     # -- xattrs --------------------------------------------------------------------------
@@ -318,7 +330,7 @@ class WritableOperations(Operations):
             raise _err(errno.ENODATA)
         st, node = self._resolve(path)
         if st is not None:
-            return os.getxattr(self._up(path), name, follow_symlinks=False)
+            return self.tree.xattr(os.getxattr, self._up(path), name)
         if node is None:
             raise _err(errno.ENOENT)
         value = self.view.xattrs(node).get(name)
@@ -329,7 +341,7 @@ class WritableOperations(Operations):
     def listxattr(self, path: str) -> list[str]:
         st, node = self._resolve(path)
         if st is not None:
-            names = os.listxattr(self._up(path), follow_symlinks=False)
+            names = self.tree.xattr(os.listxattr, self._up(path))
         elif node is not None:
             names = list(self.view.xattrs(node))
         else:
@@ -340,37 +352,37 @@ class WritableOperations(Operations):
         if is_private_xattr(name):
             raise _err(errno.EPERM)
         with self._lock:
-            os.setxattr(self._need_upper(path), name, value, options, follow_symlinks=False)
+            self.tree.xattr(os.setxattr, self._need_upper(path), name, value, options)
         return 0
 
     def removexattr(self, path: str, name: str) -> int:
         if is_private_xattr(name):
             raise _err(errno.ENODATA)
         with self._lock:
-            os.removexattr(self._need_upper(path), name, follow_symlinks=False)
+            self.tree.xattr(os.removexattr, self._need_upper(path), name)
         return 0
 
     # -- namespace -----------------------------------------------------------------------
     def mkdir(self, path: str, mode: int) -> int:
         with self._lock:
             up, hid = self._prepare_new(path)
-            os.mkdir(up, stat.S_IMODE(mode))
+            os.mkdir(up, stat.S_IMODE(mode), dir_fd=self._fd)
             if hid:
-                set_opaque(up)
+                set_opaque_at(self.tree, up)
             self._owner(up)
         return 0
 
     def mknod(self, path: str, mode: int, dev: int) -> int:
         with self._lock:
             up, _ = self._prepare_new(path)
-            os.mknod(up, mode, dev)
+            os.mknod(up, mode, dev, dir_fd=self._fd)
             self._owner(up)
         return 0
 
     def symlink(self, target: str, source: str) -> int:
         with self._lock:
             up, _ = self._prepare_new(target)
-            os.symlink(source, up)
+            os.symlink(source, up, dir_fd=self._fd)
             self._owner(up)
         return 0
 
@@ -378,8 +390,8 @@ class WritableOperations(Operations):
         with self._lock:
             src = self._need_upper(source)
             up, _ = self._prepare_new(target)
-            os.link(src, up, follow_symlinks=False)
-            self._inos.pop(os.lstat(up).st_ino, None)
+            os.link(src, up, src_dir_fd=self._fd, dst_dir_fd=self._fd, follow_symlinks=False)
+            self._inos.pop(os.stat(up, dir_fd=self._fd, follow_symlinks=False).st_ino, None)
         return 0
 
     def _entry(self, path: str) -> tuple[str, os.stat_result | None, Node | None, Node | None]:
@@ -405,17 +417,17 @@ class WritableOperations(Operations):
                 st = self._ulstat(up)
             if st is not None:
                 self._forget(st)
-                os.unlink(up)
+                os.unlink(up, dir_fd=self._fd)
             if under is not None:
                 self.copier.ensure_parents(path[1:])
-                make_whiteout(up)
+                make_whiteout_at(self.tree, up)
         return 0
 
     def _clear_whiteouts(self, up: str) -> None:
         """Remove the whiteouts of an upper directory that is empty when merged."""
-        with os.scandir(up) as it:
+        with self.tree.scandir(up) as (dfd, it):
             for e in it:
-                os.unlink(e.path)
+                os.unlink(e.name, dir_fd=dfd)
 
     def rmdir(self, path: str) -> int:
         with self._lock:
@@ -425,10 +437,10 @@ class WritableOperations(Operations):
             if st is not None:
                 self._clear_whiteouts(up)
                 self._forget(st)
-                os.rmdir(up)
+                os.rmdir(up, dir_fd=self._fd)
             if under is not None:
                 self.copier.ensure_parents(path[1:])
-                make_whiteout(up)
+                make_whiteout_at(self.tree, up)
         return 0
 
     def rename(self, old: str, new: str) -> int:
@@ -457,16 +469,16 @@ class WritableOperations(Operations):
             raw_new = self._ulstat(up_new)
             if raw_new is not None:
                 if is_whiteout(raw_new) and is_dir:
-                    os.unlink(up_new)
+                    os.unlink(up_new, dir_fd=self._fd)
                 elif stat.S_ISDIR(raw_new.st_mode):
                     self._clear_whiteouts(up_new)
-                if not os.path.samestat(raw_new, os.lstat(up_old)):
+                if not os.path.samestat(raw_new, self._ulstat(up_old)):
                     self._forget(raw_new)
-            os.rename(up_old, up_new)
+            os.rename(up_old, up_new, src_dir_fd=self._fd, dst_dir_fd=self._fd)
             if is_dir and ln is not None:
-                set_opaque(up_new)
+                set_opaque_at(self.tree, up_new)
             if lo is not None:
-                make_whiteout(up_old)
+                make_whiteout_at(self.tree, up_old)
         return 0
 
     # -- files ---------------------------------------------------------------------------
@@ -478,8 +490,8 @@ class WritableOperations(Operations):
         return list(range(0, max(node.size, 1), AVG_CHUNK))
 
     def _lower_read(self, node: Node, offset: int, size: int) -> bytes:
-        if self._real_path is not None:
-            fd = os.open(self._real_path(node), os.O_RDONLY)
+        if self._open_lower is not None:
+            fd = self._open_lower(node)
             try:
                 return os.pread(fd, size, offset)
             finally:
@@ -490,10 +502,10 @@ class WritableOperations(Operations):
         """The shared MetaFile of an upper metacopy file (one more reference), or None."""
         mf = self._metas.get(st.st_ino)
         if mf is None:
-            meta = read_metacopy(up)
+            meta = read_metacopy_at(self.tree, up)
             if meta is None:
                 return None
-            fd = os.open(up, os.O_RDWR)
+            fd = self.tree.open(up, os.O_RDWR)
             node = self.view.lookup(meta.origin)
             mf = MetaFile(fd, meta, node, self._lower_read, self._chunk_starts)
             self._metas[st.st_ino] = mf
@@ -513,7 +525,7 @@ class WritableOperations(Operations):
 
     def _open_upper(self, up: str, flags: int, fi) -> int:
         writing = (flags & _ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
-        st = os.stat(up)
+        st = os.stat(up, dir_fd=self._fd)
         handle = Handle()
         if stat.S_ISREG(st.st_mode):
             mf = self._meta_file(up, st)
@@ -523,7 +535,7 @@ class WritableOperations(Operations):
                     mf.truncate(0)
                 elif writing and self.overlay:
                     mf.materialize_all()
-        handle.fd = os.open(up, flags & ~_OPEN_DROP)
+        handle.fd = os.open(up, flags & ~_OPEN_DROP, dir_fd=self._fd)
         if flags & os.O_TRUNC and handle.meta is None:
             os.ftruncate(handle.fd, 0)
         fi.fh = self._add(handle)
@@ -544,8 +556,8 @@ class WritableOperations(Operations):
             with self._lock:
                 return self._open_upper(self._need_upper(path), flags, fi)
         handle = Handle()
-        if self._real_path is not None:
-            handle.fd = os.open(self._real_path(node), os.O_RDONLY)
+        if self._open_lower is not None:
+            handle.fd = self._open_lower(node)
         else:
             handle.node = node
         fi.keep_cache = 1
@@ -555,7 +567,9 @@ class WritableOperations(Operations):
     def create(self, path: str, mode: int, fi) -> int:
         with self._lock:
             up, _ = self._prepare_new(path)
-            fd = os.open(up, os.O_CREAT | os.O_EXCL | os.O_RDWR, stat.S_IMODE(mode))
+            fd = os.open(
+                up, os.O_CREAT | os.O_EXCL | os.O_RDWR, stat.S_IMODE(mode), dir_fd=self._fd
+            )
             try:
                 uid, gid, _pid = fuse_get_context()
                 if (uid, gid) != (os.geteuid(), os.getegid()):
@@ -590,10 +604,14 @@ class WritableOperations(Operations):
             return 0
         with self._lock:
             up = self._need_upper(path)
-            st = os.stat(up)
+            st = os.stat(up, dir_fd=self._fd)
             mf = self._meta_file(up, st) if stat.S_ISREG(st.st_mode) else None
             if mf is None:
-                os.truncate(up, length)
+                fd = self.tree.open(up, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, length)
+                finally:
+                    os.close(fd)
                 return 0
             try:
                 if self.overlay and length:
@@ -628,13 +646,14 @@ class WritableOperations(Operations):
         return 0
 
     def fsyncdir(self, path: str, datasync: int, fh) -> int:
-        up = self._up(path)
-        if os.path.isdir(up):
-            fd = os.open(up, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        try:
+            fd = self.tree.open(self._up(path), os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return 0
 
     def destroy(self, path: str) -> None:
@@ -647,5 +666,6 @@ class WritableOperations(Operations):
                 mf.close()
         self._handles.clear()
         self._metas.clear()
+        self.tree.close()
         if self.on_exit is not None:
             self.on_exit()

@@ -131,7 +131,7 @@ def serve_overlay(
     readonly: bool = False,
 ) -> int:
     """Mount lower directories (top first) with an overlay-style upper, or read-only."""
-    DirStack(lowerdirs)  # check the lower directories before forking
+    DirStack(lowerdirs).close()  # check the lower directories before forking
     fsname = ":".join(lowerdirs)
     if upperdir is None or readonly:
         if workdir is not None and not readonly:
