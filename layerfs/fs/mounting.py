@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -202,6 +200,9 @@ def unmount(mountpoint: str | Path, fstype: str) -> None:
     info = find_mount(path)
     if info is None or info.fstype != fstype:
         raise MountError(f"{path} is not a {fstype} mount")
+    import shutil
+    import subprocess
+
     if os.geteuid() == 0 and shutil.which("umount"):
         cmd = ["umount", path]
     elif shutil.which("fusermount3"):

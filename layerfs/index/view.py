@@ -31,6 +31,7 @@ _NODE_COLUMNS = "i.ino, i.kind, i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.nlin
     "i.rdev_major, i.rdev_minor, i.target"
 )
 _MISSING = object()
+_LISTING_MAX = 1000  # longer listings are not kept
 _TYPE_BITS = {kind.value: Entry("", kind).st_mode for kind in Kind}
 
 
@@ -90,6 +91,7 @@ class ImageView:
         self._local = threading.local()
         self._nodes: _LRU[str, Node | None] = _LRU(cache_entries)
         self._content: _LRU[int, tuple[bytes | None, list[ChunkRef], list[int]]] = _LRU(4096)
+        self._listings: _LRU[int, list[tuple[bytes, int, int]]] = _LRU(2048)
         meta = dict(self._db().execute("SELECT key, value FROM meta"))
         if meta.get("format") != str(INDEX_FORMAT):
             raise StoreError(f"the image index {self.index} has an unknown format: remove it")
@@ -169,19 +171,25 @@ class ImageView:
     def dirents(self, path: str) -> list[tuple[bytes, int, int]]:
         """Children of a directory as (name as bytes, inode number, st_mode), for readdir.
 
-        One query over the (parent, name) key and nothing cached: the kernel
-        asks once per directory and looks children up on its own.
+        One query over the (parent, name) key; the kernel caches no listing, so
+        a small number of recent ones are kept (each walk of a tree asks again).
         """
         parent = self.lookup(path)
         if parent is None or parent.kind is not Kind.DIR:
             return []
+        cached = self._listings.get(parent.ino)
+        if cached is not _MISSING:
+            return cached  # type: ignore[return-value]
         rows = self._db().execute(
             "SELECT d.name, d.ino, i.kind, i.mode FROM dirents d JOIN inodes i ON i.ino = d.ino "
             "WHERE d.parent = ?",
             (parent.ino,),
         )
         bits = _TYPE_BITS
-        return [(name, ino, bits[kind] | mode) for name, ino, kind, mode in rows]
+        listing = [(name, ino, bits[kind] | mode) for name, ino, kind, mode in rows]
+        if len(listing) <= _LISTING_MAX:
+            self._listings.put(parent.ino, listing)
+        return listing
 
     def _content_of(self, ino: int) -> tuple[bytes | None, list[ChunkRef], list[int]]:
         cached = self._content.get(ino)
