@@ -57,7 +57,13 @@ class TreeDir:
             return None
 
     def lexists(self, rel: str) -> bool:
-        return self.lstat(rel) is not None
+        """Whether ``rel`` exists; False on any error (as os.path.lexists), e.g. a
+        ``.wh.NAME`` longer than NAME_MAX."""
+        try:
+            os.stat(rel, dir_fd=self.fd, follow_symlinks=False)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def open(self, rel: str, flags: int, mode: int = 0o777) -> int:
         return os.open(rel, flags | os.O_CLOEXEC, mode, dir_fd=self.fd)

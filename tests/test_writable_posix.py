@@ -443,3 +443,24 @@ def test_open_for_writing_without_writing_keeps_times(m):
     after = os.stat(p)
     assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
     assert p.read_bytes() == BIG
+
+
+def test_names_of_name_max_bytes(m):
+    """A name of NAME_MAX bytes works (its whiteout name ``.wh.NAME`` would be too long)."""
+    name = "n" * 255
+    p = m.path / "data" / name
+    os.mkdir(p, 0o755)
+    os.rmdir(p)
+    p.write_bytes(b"long name")
+    assert p.read_bytes() == b"long name"
+    os.rename(p, m.path / name)
+    os.symlink("../" + name, p)
+    assert os.readlink(p) == "../" + name and p.read_bytes() == b"long name"
+    os.unlink(p)
+    os.mkfifo(p)
+    assert name in os.listdir(m.path / "data")
+    os.unlink(p)
+    os.unlink(m.path / name)
+    with pytest.raises(OSError) as exc:
+        os.mkdir(m.path / (name + "x"))
+    assert exc.value.errno == errno.ENAMETOOLONG

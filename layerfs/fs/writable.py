@@ -607,11 +607,7 @@ class WritableOperations(Operations):
             st = os.stat(up, dir_fd=self._fd)
             mf = self._meta_file(up, st) if stat.S_ISREG(st.st_mode) else None
             if mf is None:
-                fd = self.tree.open(up, os.O_WRONLY)
-                try:
-                    os.ftruncate(fd, length)
-                finally:
-                    os.close(fd)
+                self._truncate_path(up, length)
                 return 0
             try:
                 if self.overlay and length:
@@ -620,6 +616,17 @@ class WritableOperations(Operations):
             finally:
                 self._drop_meta(st.st_ino, mf)
         return 0
+
+    def _truncate_path(self, up: str, length: int) -> None:
+        full = self.tree.full(up)
+        if full is not None:
+            os.truncate(full, length)
+            return
+        fd = self.tree.open(up, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
 
     def flush(self, path: str, fi) -> int:
         return 0
