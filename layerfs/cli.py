@@ -8,15 +8,14 @@ one line on stderr and exit status 1.
 from __future__ import annotations
 
 import logging
-import sys
 
 import click
 
-from layerfs.errors import LayerfsError
+from layerfs.clitools import OneLineErrors, store_option
 from layerfs.store.location import default_store_url
 
 
-class _Group(click.Group):
+class _Group(OneLineErrors):
     """A group that loads its commands lazily and prints LayerfsError as one line."""
 
     _loaded_all = False
@@ -47,22 +46,9 @@ class _Group(click.Group):
         self._load_all()
         return super().list_commands(ctx)
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except LayerfsError as exc:
-            click.echo(f"layerfs: error: {exc}", err=True)
-            sys.exit(1)
-
 
 @click.group(cls=_Group)
-@click.option(
-    "--store",
-    envvar="LAYERFS_STORE",
-    default=None,
-    metavar="PATH|s3://BUCKET/PREFIX",
-    help="Store location (default: /var/lib/layerfs for root, else ~/.local/share/layerfs).",
-)
+@store_option("Store location (default: /var/lib/layerfs for root, else ~/.local/share/layerfs).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
 def cli(ctx: click.Context, store: str | None, verbose: bool) -> None:

@@ -13,20 +13,15 @@ from pathlib import Path
 
 import click
 
-from volplugin.errors import VolpluginError
+from layerfs.clitools import OneLineErrors, store_option
 from volplugin.scheduler import DEFAULT_TICK
 from volplugin.server import DEFAULT_NAME, DEFAULT_ROOT, PLUGIN_DIR, serve
 from volplugin.state import State
 from volplugin.volumes import VolumeService
 
 
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except VolpluginError as exc:
-            click.echo(f"volplugin: error: {exc}", err=True)
-            sys.exit(1)
+class _Group(OneLineErrors):
+    prog = "volplugin"
 
 
 @click.group(cls=_Group)
@@ -85,13 +80,7 @@ def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
     show_default=True,
     help="Where the daemon looks for plugin sockets.",
 )
-@click.option(
-    "--store",
-    envvar="LAYERFS_STORE",
-    default=None,
-    metavar="PATH|s3://BUCKET/PREFIX",
-    help="Backup store for backups, -o from= and -o backup-schedule (default as for layerfs).",
-)
+@store_option("Backup store for backups, -o from= and -o backup-schedule (default as for layerfs).")
 @click.option(
     "--schedule-tick",
     envvar="VOLPLUGIN_SCHEDULE_TICK",

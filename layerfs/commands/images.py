@@ -9,19 +9,12 @@ from pathlib import Path
 import click
 
 from layerfs.catalog import Catalog, ImageRecord
+from layerfs.clitools import human_bytes
 from layerfs.errors import LayerfsError
 from layerfs.importer import import_archive, import_from_docker
 from layerfs.records import get_tree
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.location import open_store
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def image_blobs(store: ChunkStore, image: ImageRecord, cache: dict[str, set[str]]) -> set[str]:
@@ -81,7 +74,8 @@ def import_command(store_url: str, archive: Path | None, image: str | None, tag:
         record = import_archive(store, archive, tag, progress=True)  # type: ignore[arg-type]
     click.echo(
         f"imported {record.name} ({record.id[:19]}): {len(record.layers)} layers, "
-        f"{_human(record.apparent_size)} apparent, {_human(record.added_bytes)} added to the store"
+        f"{human_bytes(record.apparent_size)} apparent, "
+        f"{human_bytes(record.added_bytes)} added to the store"
     )
 
 
@@ -102,7 +96,7 @@ def images_command(store_url: str, as_json: bool) -> None:
     for r in rows:
         click.echo(
             f"{r['name']:<{width}}  {r['id'][7:19]:<12}  {r['layers']:>6}  "
-            f"{_human(r['apparent_size']):>10}  {_human(r['unique_bytes']):>10}"
+            f"{human_bytes(r['apparent_size']):>10}  {human_bytes(r['unique_bytes']):>10}"
         )
 
 

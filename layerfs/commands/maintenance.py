@@ -8,18 +8,11 @@ import sys
 
 import click
 
+from layerfs.clitools import human_bytes
 from layerfs.maintenance import all_roots, check_store, collect_garbage
 from layerfs.maintenance.check import CheckReport
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS
 from layerfs.store.location import open_store
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 def print_check_report(report: CheckReport, what: str) -> None:
@@ -64,7 +57,7 @@ def gc_command(store_url: str, grace: float, dry_run: bool, as_json: bool) -> No
         return
     verb = "would remove" if dry_run else "removed"
     click.echo(
-        f"{verb} {report.removed} objects ({_human(report.freed_bytes)}); "
+        f"{verb} {report.removed} objects ({human_bytes(report.freed_bytes)}); "
         f"{report.referenced} referenced, {report.kept_fresh} unreferenced but younger than "
         f"{grace:.0f} s kept, {report.tmp_cleaned} temp files cleaned"
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from layerfs.clitools import human_bytes, store_option
 from layerfs.commands.maintenance import print_check_report
 from layerfs.errors import LayerfsError
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS
@@ -21,14 +22,6 @@ from volplugin.backup.errors import BackupError, DamageFound
 from volplugin.backup.retention import Policy
 from volplugin.backup.runner import run_backup
 from volplugin.errors import VolpluginError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""  # pragma: no cover
 
 
 def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -43,13 +36,7 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LayerfsError as exc:
             raise BackupError(str(exc)) from exc
 
-    return click.option(
-        "--store",
-        envvar="LAYERFS_STORE",
-        default=None,
-        metavar="PATH|s3://BUCKET/PREFIX",
-        help="Store location (default as for layerfs).",
-    )(run)
+    return store_option("Store location (default as for layerfs).")(run)
 
 
 def _service_of(obj: dict | None) -> volumes.VolumeService:
@@ -86,9 +73,9 @@ def backup_cmd(
         click.echo(json.dumps(record.to_json()))
         return
     click.echo(
-        f"backed up {record.volume}: {record.files} files ({_human(record.size)}), "
-        f"read {_human(record.bytes_read)}, new {_human(record.bytes_new)} "
-        f"(stored {_human(record.bytes_stored)}) in {record.duration:.1f} s"
+        f"backed up {record.volume}: {record.files} files ({human_bytes(record.size)}), "
+        f"read {human_bytes(record.bytes_read)}, new {human_bytes(record.bytes_new)} "
+        f"(stored {human_bytes(record.bytes_stored)}) in {record.duration:.1f} s"
     )
     click.echo(f"backup {record.id}")
 
@@ -109,7 +96,7 @@ def backups_cmd(volume: str | None, as_json: bool, store: ChunkStore) -> None:
     for r in records:
         click.echo(
             f"{r.id[:12]:<12} {r.time_iso:<25} {r.volume:<20} {r.files:>7} "
-            f"{_human(r.size):>10} {_human(r.bytes_new):>10}  {','.join(r.tags)}"
+            f"{human_bytes(r.size):>10} {human_bytes(r.bytes_new):>10}  {','.join(r.tags)}"
         )
 
 
@@ -154,7 +141,7 @@ def restore_cmd(
     else:
         click.echo(
             f"restored backup {record.id} into {target}: {result.entries} entries, "
-            f"{result.files} files, {_human(result.bytes)}"
+            f"{result.files} files, {human_bytes(result.bytes)}"
         )
 
 
@@ -222,7 +209,8 @@ def prune_cmd(
     gc = report.gc
     assert gc is not None
     click.echo(
-        f"{verb} {len(report.removed)} backups, {gc.removed} objects ({_human(gc.freed_bytes)})"
+        f"{verb} {len(report.removed)} backups, "
+        f"{gc.removed} objects ({human_bytes(gc.freed_bytes)})"
     )
 
 

@@ -1,0 +1,48 @@
+"""Pieces shared by the `layerfs` and `volplugin` command lines.
+
+* ``OneLineErrors``: a click group that prints any LayerfsError as one line
+  (``PROG: error: MESSAGE``) and exits with status 1, never a traceback.
+* ``store_option``: the ``--store`` option (also read from ``LAYERFS_STORE``).
+* ``human_bytes``: sizes for people (binary units).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from layerfs.errors import LayerfsError
+
+STORE_METAVAR = "PATH|s3://BUCKET/PREFIX"
+
+
+class OneLineErrors(click.Group):
+    """A click group whose LayerfsErrors end the program with one line on stderr."""
+
+    prog = "layerfs"
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LayerfsError as exc:
+            click.echo(f"{self.prog}: error: {exc}", err=True)
+            sys.exit(1)
+
+
+def store_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``--store`` option: a local directory or ``s3://BUCKET/PREFIX``."""
+    return click.option(
+        "--store", envvar="LAYERFS_STORE", default=None, metavar=STORE_METAVAR, help=help
+    )
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` → ``'1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
