@@ -30,6 +30,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layerfs.clitools import human_bytes  # noqa: F401 - re-exported for the scripts
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
@@ -309,14 +311,6 @@ def tree_size(root: str | Path) -> TreeSize:
                 size.files += 1
                 size.apparent += st.st_size
     return size
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 # -- a second Docker daemon ----------------------------------------------------------

@@ -7,6 +7,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from layerfs.clitools import human_bytes
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -16,13 +18,8 @@ class Usage:
     complete: bool
 
     def human(self) -> str:
-        value = float(self.bytes)
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if value < 1024 or unit == "TiB":
-                text = f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-                return text if self.complete else f">= {text} (count cut short)"
-            value /= 1024
-        raise AssertionError("unreachable")
+        text = human_bytes(self.bytes)
+        return text if self.complete else f">= {text} (count cut short)"
 
 
 def disk_usage(path: str, budget: float | None = 0.5) -> Usage:
