@@ -35,7 +35,6 @@ from benchmarks.common import (
     WORK_DIR,
     BenchError,
     Samples,
-    ScratchDockerd,
     command_line,
     drop_caches,
     environment_summary,
@@ -54,6 +53,7 @@ from benchmarks.common import (
     wait_mounted,
     write_section,
 )
+from tests.support.private_dockerd import PrivateDockerd
 
 PREFIX = "bench"
 SECTION = "readonly"
@@ -380,16 +380,19 @@ def measure_imports(
             figs.layerfs.add(import_into_layerfs(archive, store, tag))
         size = tree_size(store)
         figs.layerfs_bytes, figs.layerfs_allocated = size.apparent, size.allocated
-    with ScratchDockerd(work / "dockerd", f"{PREFIX}-readonly") as daemon:
+    daemon = PrivateDockerd().start()
+    try:
         for i in range(reps):
             if i:
                 daemon.reset()
             drop_caches()
             figs.docker_load.add(
-                time_call(lambda: run(daemon.docker("load", "-q", "-i", str(archive))))
+                time_call(lambda: daemon.docker("load", "-q", "-i", str(archive), timeout=900))
             )
         size = tree_size(daemon.data_root)
         figs.docker_bytes, figs.docker_allocated = size.apparent, size.allocated
+    finally:
+        daemon.destroy()
     return figs, store
 
 

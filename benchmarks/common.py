@@ -1,15 +1,15 @@
 """Measurement helpers shared by the benchmark scripts.
 
 Everything here is generic: timing with medians, dropping the kernel caches,
-peak RSS of a process tree read from /proc, a throw-away second Docker daemon
-(for `docker load` timings against an empty data root), sizes of directory
+peak RSS of a process tree read from /proc, sizes of directory
 trees, and writing result sections into benchmarks/RESULTS.md.
 
 A results section is the text between ``<!-- NAME -->`` and ``<!-- /NAME -->``;
 ``write_section`` replaces it in place (or appends it), so each benchmark
 script owns its section and never touches the others'.
 
-The helpers need root for drop_caches and for the second daemon; benchmarks
+The helpers need root for drop_caches; a private dockerd for `docker load` timings
+is tests.support.private_dockerd. Benchmarks
 only report figures and never assert on them.
 """
 
@@ -20,7 +20,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -311,122 +310,6 @@ def tree_size(root: str | Path) -> TreeSize:
                 size.files += 1
                 size.apparent += st.st_size
     return size
-
-
-# -- a second Docker daemon ----------------------------------------------------------
-
-
-class ScratchDockerd:
-    """A private dockerd with its own empty data root, for timing `docker load`.
-
-    It shares nothing with the system daemon: own --data-root, --exec-root,
-    --pidfile, socket, containerd namespace, no iptables rules, and its own bridge
-    interface. Not ``--bridge=none``: dockerd 20.10 then deletes the host's
-    ``docker0`` at startup, which breaks the system daemon's containers.
-    Use as a context manager; on exit the daemon is stopped, its bridge and its
-    directories removed.
-    """
-
-    def __init__(
-        self,
-        base_dir: str | Path,
-        name: str,
-        bridge_cidr: str = "10.254.213.1/24",
-        timeout: float = 60.0,
-    ) -> None:
-        self.base = Path(base_dir)
-        self.name = name
-        self.socket = Path(f"/tmp/{name}-dockerd.sock")
-        self.bridge = (name.replace("-", "")[:12] + "br0")[:15]  # IFNAMSIZ - 1
-        self.bridge_cidr = bridge_cidr
-        self.timeout = timeout
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def host(self) -> str:
-        return f"unix://{self.socket}"
-
-    @property
-    def data_root(self) -> Path:
-        return self.base / "data"
-
-    def docker(self, *args: str) -> list[str]:
-        """A `docker` command line talking to this daemon."""
-        return ["docker", "-H", self.host, *args]
-
-    def start(self) -> ScratchDockerd:
-        require_tools("dockerd", "docker", "ip")
-        if self.base.exists():
-            self._remove_dirs()
-        for sub in ("data", "exec"):
-            (self.base / sub).mkdir(parents=True, exist_ok=True)
-        self.socket.unlink(missing_ok=True)
-        self._add_bridge()
-        log = open(self.base / "dockerd.log", "wb")  # noqa: SIM115 - handed to the daemon
-        self.proc = subprocess.Popen(
-            [
-                "dockerd",
-                f"--data-root={self.data_root}",
-                f"--exec-root={self.base / 'exec'}",
-                f"--pidfile={self.base / 'dockerd.pid'}",
-                f"-H={self.host}",
-                f"--containerd-namespace={self.name}",
-                f"--containerd-plugins-namespace={self.name}-plugins",
-                f"--bridge={self.bridge}",
-                "--iptables=false",
-                "--ip-masq=false",
-                "--storage-driver=overlay2",
-            ],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + self.timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the scratch dockerd exited; see {self.base / 'dockerd.log'}")
-            ok = subprocess.run(self.docker("version"), capture_output=True).returncode == 0
-            if ok:
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(f"the scratch dockerd did not answer; see {self.base}/dockerd.log")
-            time.sleep(0.2)
-
-    def reset(self) -> None:
-        """Restart with an empty data root (so every load starts from nothing)."""
-        self.stop()
-        self.start()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-        self.socket.unlink(missing_ok=True)
-        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
-        self._remove_dirs()
-
-    def _add_bridge(self) -> None:
-        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
-        run(["ip", "link", "add", "name", self.bridge, "type", "bridge"])
-        run(["ip", "addr", "add", self.bridge_cidr, "dev", self.bridge])
-
-    def _remove_dirs(self) -> None:
-        force_unmount_under(self.base)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> ScratchDockerd:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # -- results -------------------------------------------------------------------------

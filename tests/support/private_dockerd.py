@@ -1,4 +1,4 @@
-"""A private Docker daemon for volume plugin tests and benchmarks.
+"""A private Docker daemon for tests and benchmarks (plugins, `docker load` timings).
 
 The shared daemon caches every legacy volume driver it ever talked to and keeps calling
 it (with ~15 s of retries per `docker volume ls`) after the plugin is gone. Tests that
@@ -121,6 +121,17 @@ class PrivateDockerd:
 
     def restart(self) -> None:
         self.stop()
+        self.start()
+
+    @property
+    def data_root(self) -> Path:
+        return self.work / "data"
+
+    def reset(self) -> None:
+        """Restart with an empty data root (every image and volume gone)."""
+        self.stop()
+        _unmount_below(self.data_root)
+        shutil.rmtree(self.data_root, ignore_errors=True)
         self.start()
 
     def destroy(self) -> None:
