@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -53,6 +53,29 @@ class Backend(ABC):
     @abstractmethod
     def get_blob(self, digest: str) -> bytes:
         """Return the stored bytes of a blob; raise ObjectMissing if absent."""
+
+    def read_blobs(
+        self,
+        digests: Iterable[str],
+        consume: Callable[[str, bytes], None],
+        fail: Callable[[str, Exception], None],
+        workers: int = 1,
+    ) -> None:
+        """Hand the stored bytes of each blob to ``consume`` once, in any order.
+
+        For one-pass readers (restore): nothing is cached. A blob that cannot be
+        read goes to ``fail`` with its StoreError; an exception ``consume`` raises
+        stops the reading and propagates. ``consume`` may run on ``workers``
+        threads at once. This default reads one blob at a time in the caller's
+        thread; backends with slow round trips override it.
+        """
+        for digest in digests:
+            try:
+                blob = self.get_blob(digest)
+            except StoreError as exc:
+                fail(digest, exc)
+                continue
+            consume(digest, blob)
 
     @abstractmethod
     def has_blob(self, digest: str) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 AVG_CHUNK = 64 << 10
 MIN_CHUNK = 16 << 10
 MAX_CHUNK = 256 << 10
+DEFAULT_LEVEL = 1  # fast enough for image imports; backups ask for more (see ChunkStore)
 _PLAIN = b"\x00"
 _ZSTD = b"\x01"
 
@@ -97,8 +98,11 @@ class _LRU:
 class ChunkStore:
     """Chunked, deduplicated, verified content on top of a Backend."""
 
-    def __init__(self, backend: Backend, cache_bytes: int = 32 << 20) -> None:
+    def __init__(
+        self, backend: Backend, cache_bytes: int = 32 << 20, level: int = DEFAULT_LEVEL
+    ) -> None:
         self.backend = backend
+        self.level = level  # zstd level of new chunks
         self._cache = _LRU(cache_bytes)
         self._local = threading.local()
         self._jobs: BackgroundBatches | None = None  # set inside background_writes()
@@ -115,7 +119,7 @@ class ChunkStore:
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "zc", None)
         if c is None:
-            c = zstandard.ZstdCompressor(level=1)
+            c = zstandard.ZstdCompressor(level=self.level)
             self._local.zc = c
         return c
 
@@ -134,13 +138,14 @@ class ChunkStore:
                 return _ZSTD + packed
         return _PLAIN + bytes(data)
 
-    def decode(self, digest: str, blob: bytes) -> bytes:
+    def decode(self, digest: str, blob: bytes | memoryview) -> bytes:
         """Plain bytes of a stored chunk, verified against ``digest``."""
         try:
-            if blob[:1] == _ZSTD:
+            head = bytes(blob[:1])  # blob may be a memoryview into a larger read
+            if head == _ZSTD:
                 data = self._decompressor().decompress(blob[1:], max_output_size=1 << 30)
-            elif blob[:1] == _PLAIN:
-                data = blob[1:]
+            elif head == _PLAIN:
+                data = bytes(blob[1:])
             else:
                 raise ValueError("unknown header")
         except (ValueError, zstandard.ZstdError) as exc:
@@ -228,6 +233,34 @@ class ChunkStore:
         return self.put_chunk(data).digest
 
     # -- reading -------------------------------------------------------------
+    def read_chunks(
+        self,
+        chunks: dict[str, int],
+        consume: Callable[[str, bytes], None],
+        fail: Callable[[str, StoreError], None],
+        workers: int = 8,
+    ) -> None:
+        """Hand each chunk's verified plain bytes to ``consume`` once, in any order.
+
+        ``chunks`` maps digests to plain sizes. A chunk that is missing, damaged or
+        of the wrong size goes to ``fail`` instead; an exception from ``consume``
+        stops the reading and propagates. Both callbacks may run on ``workers``
+        threads at once (see Backend.read_blobs). Nothing is cached: this is the
+        path of one-pass readers such as a restore.
+        """
+
+        def decoded(digest: str, blob: bytes) -> None:
+            try:
+                data = self.decode(digest, blob)
+                if len(data) != chunks[digest]:
+                    raise CorruptObject(f"object {digest} has the wrong length")
+            except StoreError as exc:
+                fail(digest, exc)
+                return
+            consume(digest, data)
+
+        self.backend.read_blobs(list(chunks), decoded, fail, workers)
+
     def get_chunk(self, digest: str) -> bytes:
         """Plain bytes of one chunk, verified; raises CorruptObject or ObjectMissing."""
         data = self._cache.get(digest)

@@ -40,7 +40,7 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +53,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from layerfs.errors import ObjectMissing, StoreError
-from layerfs.store import packs
+from layerfs.store import packs, s3read
 from layerfs.store.backend import Backend, check_digest, check_doc_name
 from layerfs.store.cache import BlobCache
 from layerfs.store.leases import LeaseManager
@@ -544,6 +544,93 @@ class S3Backend(Backend):
             start = offset - place.offset
             self.cache.put(other, data[start : start + length])
         return data[: place.length]
+
+    def read_blobs(
+        self,
+        digests: Iterable[str],
+        consume: Callable[[str, bytes], None],
+        fail: Callable[[str, Exception], None],
+        workers: int = 1,
+    ) -> None:
+        """Few large range GETs on ``workers`` threads, bypassing the local cache.
+
+        See Backend.read_blobs and layerfs.store.s3read. ``consume`` gets
+        memoryviews into the range's bytes. Blobs still in this process's
+        memory come from there; a failed range is read again blob by blob after
+        one look at the indexes (its pack may have been repacked meanwhile).
+        """
+        order = list(dict.fromkeys(check_digest(d) for d in digests))
+        self._ensure_loaded()
+        located, pending, unknown = self._locate(order)
+        if unknown:
+            self.refresh()
+            located2, pending2, unknown = self._locate(unknown)
+            located.update(located2)
+            pending += pending2
+        for digest in unknown:
+            fail(digest, ObjectMissing(f"object {digest} is missing from the store {self.url}"))
+        for digest in pending:
+            try:
+                blob = self.get_blob(digest)
+            except StoreError as exc:
+                fail(digest, exc)
+                continue
+            consume(digest, blob)
+        ranges = s3read.plan_ranges(order, located)
+        s3read.run_all(ranges, lambda r: self._read_range(r, consume, fail), workers)
+
+    def _locate(self, digests: list[str]) -> tuple[dict[str, BlobPlace], list[str], list[str]]:
+        """Split digests into (places of durable blobs, pending in memory, unknown)."""
+        located: dict[str, BlobPlace] = {}
+        pending: list[str] = []
+        unknown: list[str] = []
+        with self._mutex:
+            for digest in digests:
+                if digest in self._pending:
+                    pending.append(digest)
+                elif (place := self._places.get(digest)) is not None:
+                    located[digest] = place
+                else:
+                    unknown.append(digest)
+        return located, pending, unknown
+
+    def _read_range(
+        self,
+        r: s3read.PackRange,
+        consume: Callable[[str, bytes], None],
+        fail: Callable[[str, Exception], None],
+    ) -> None:
+        rel = self._pack_rel(r.pack)
+        try:
+            data = self._get(rel, f"pack {rel}", Range=f"bytes={r.start}-{r.end - 1}")
+        except StoreError:
+            data = b""
+        if len(data) != r.end - r.start:  # missing, cut short, unreachable or repacked
+            self._reread(r, consume, fail)
+            return
+        view = memoryview(data)
+        for digest, offset, length in r.blobs:
+            consume(digest, view[offset - r.start : offset - r.start + length])
+
+    def _reread(
+        self,
+        r: s3read.PackRange,
+        consume: Callable[[str, bytes], None],
+        fail: Callable[[str, Exception], None],
+    ) -> None:
+        """Read the blobs of a failed range one by one, from where the indexes now say."""
+        self.refresh()
+        for digest, _, _ in r.blobs:
+            with self._mutex:
+                place = self._places.get(digest)
+            try:
+                if place is None:
+                    raise ObjectMissing(f"object {digest} is missing from the store {self.url}")
+                blob = self._read_place(digest, place)
+            except StoreError as exc:
+                fail(digest, exc)
+                continue
+            consume(digest, blob)
 
     def has_blob(self, digest: str) -> bool:
         self._ensure_loaded()

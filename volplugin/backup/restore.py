@@ -1,9 +1,15 @@
 """Restoring a snapshot's entries into a directory, with every attribute.
 
-File content goes into a temp name in the target directory and is renamed into
-place only when every chunk was read and verified, so a damaged chunk never
-leaves wrong bytes under a file's name. All-zero chunks become holes, so sparse
-files stay sparse. Directory attributes are applied last, deepest first.
+A run works in three passes. First it creates the directories and, for every
+file with content, a temp name in the file's target directory. Then it fetches
+every chunk the files need once, on several threads, with the store's bulk read
+(few large range GETs for S3), and writes each verified chunk into every place
+it goes with ``pwrite``; all-zero chunks are left as holes, so sparse files stay
+sparse. Last, in entry order, each file whose chunks all arrived gets its
+attributes and is renamed into place (a damaged or missing chunk never leaves
+wrong bytes under a file's name), and links, symlinks and device nodes are made.
+Directory attributes are applied last, deepest first. When the disk fills up,
+the files that were complete are still put in place before the error.
 """
 
 from __future__ import annotations
@@ -14,15 +20,16 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from layerfs.errors import StoreError
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore
 from volplugin.backup.errors import RestoreError
 
 _NODE_TYPES = {Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.SOCKET: stat.S_IFSOCK}
+WORKERS = 8
 
 
 @dataclass
@@ -70,12 +77,74 @@ def check_target(target: Path, force: bool) -> None:
         )
 
 
-class Restorer:
-    """Writes selected entries under a target directory; see the module docstring."""
+@dataclass(eq=False)
+class _Content:
+    """A file being filled: its entry, temp name, chunk places still to come, failure."""
 
-    def __init__(self, store: ChunkStore, target: Path, all_entries: list[Entry]) -> None:
+    entry: Entry
+    tmp: str
+    remaining: int
+    failed: str = ""
+    placed: bool = False  # renamed into place, or removed
+
+
+class _WriteFailed(Exception):
+    """Writing a file's content failed (raised from a reader thread)."""
+
+    def __init__(self, path: str, error: OSError) -> None:
+        super().__init__(path)
+        self.path = path
+        self.error = error
+
+
+class _Fill:
+    """The content pass of one run: which chunk goes where, and the callbacks that write it."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+        self.places: dict[str, list[tuple[_Content, int]]] = {}
+        self.mutex = threading.Lock()
+
+    def want(self, content: _Content) -> None:
+        pos = 0
+        for ref in content.entry.chunks:
+            self.sizes[ref.digest] = ref.size
+            self.places.setdefault(ref.digest, []).append((content, pos))
+            pos += ref.size
+
+    def consume(self, digest: str, data: bytes) -> None:
+        zero = data == bytes(len(data))
+        for content, offset in self.places[digest]:
+            if content.failed:
+                continue
+            if not zero:
+                try:
+                    _pwrite_all(content.tmp, data, offset)
+                except OSError as exc:
+                    raise _WriteFailed(content.entry.path, exc) from exc
+            with self.mutex:
+                content.remaining -= 1
+
+    def fail(self, digest: str, exc: Exception) -> None:
+        with self.mutex:
+            for content, _ in self.places[digest]:
+                if not content.failed:
+                    content.failed = f"{content.entry.path} ({exc})"
+
+
+class Restorer:
+    """Writes selected entries under a target directory; see the module docstring.
+
+    ``run`` may be called several times (lazy restores fill one entry at a time):
+    what earlier runs restored stays known, so hard links find their targets.
+    """
+
+    def __init__(
+        self, store: ChunkStore, target: Path, all_entries: list[Entry], workers: int = WORKERS
+    ) -> None:
         self.store = store
         self.target = Path(target)
+        self.workers = workers
         self.by_path = {e.path: e for e in all_entries}
         self.result = RestoreResult()
         self._restored: set[str] = set()
@@ -87,25 +156,45 @@ class Restorer:
     def run(self, entries: list[Entry]) -> RestoreResult:
         self.target.mkdir(parents=True, exist_ok=True)
         dirs: list[Entry] = []
+        contents: dict[str, _Content] = {}
+        fill = _Fill()
         current = ""
         try:
-            for entry in entries:
-                current = entry.path or "/"
-                if entry.kind is Kind.DIR:
-                    self._make_dir(entry)
-                    dirs.append(entry)
-                elif entry.kind in (Kind.WHITEOUT, Kind.OPAQUE):
-                    continue
-                else:
-                    self._make_node(entry)
-                self.result.entries += 1
-            for entry in reversed(dirs):
-                self._attributes(self._dest(entry.path), entry)
+            try:
+                for entry in entries:
+                    current = entry.path or "/"
+                    if entry.kind is Kind.DIR:
+                        self._make_dir(entry)
+                        self.result.entries += 1
+                        dirs.append(entry)
+                    elif entry.kind in (Kind.FILE, Kind.HARDLINK):
+                        self._prepare(entry, contents, fill)
+                current = ""
+                self.store.read_chunks(fill.sizes, fill.consume, fill.fail, self.workers)
+                for entry in entries:
+                    current = entry.path or "/"
+                    if entry.kind not in (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE):
+                        self._finish(entry, contents)
+                        self.result.entries += 1
+                for entry in reversed(dirs):
+                    current = entry.path or "/"
+                    self._attributes(self._dest(entry.path), entry)
+            except _WriteFailed as exc:
+                current = exc.path
+                for entry in entries:  # keep what is complete
+                    content = contents.get(entry.path)
+                    if content is not None and not content.failed and not content.remaining:
+                        self._finish(entry, contents)
+                raise exc.error from None
+            finally:
+                for content in contents.values():
+                    if not content.placed:
+                        _unlink_quiet(content.tmp)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RestoreError(
                     f"no space left on the device of {self.target} while restoring "
-                    f"{current}: free space or restore elsewhere "
+                    f"{current or 'file content'}: free space or restore elsewhere "
                     f"({self.result.files} files were restored completely)"
                 ) from exc
             raise RestoreError(f"restore into {self.target} failed: {exc}") from exc
@@ -144,18 +233,14 @@ class Restorer:
         parent = self._dest(entry.parent)
         return os.path.join(parent, f".bk-restore-{secrets.token_hex(6)}")
 
-    def _make_node(self, entry: Entry) -> None:
-        dest = self._dest(entry.path)
+    def _prepare(self, entry: Entry, contents: dict[str, _Content], fill: _Fill) -> None:
+        """Create the temp file of a file (or of a hard link that needs its own copy)."""
         if entry.kind is Kind.HARDLINK:
-            if entry.target in self._restored:
-                self._clear(dest, keep_dir=False)
-                os.link(self._dest(entry.target), dest)
-                self._restored.add(entry.path)
-                return
+            if entry.target in self._restored or entry.target in contents:
+                return  # linked in the last pass
             source = self.by_path.get(entry.target)
             if source is None or source.kind is not Kind.FILE:
-                self.result.failed.append(f"{entry.path} (link target {entry.target} is missing)")
-                return
+                return  # reported in the last pass
             entry = replace(
                 entry,
                 kind=Kind.FILE,
@@ -165,12 +250,39 @@ class Restorer:
                 size=source.size,
             )
         tmp = self._temp_name(entry)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        content = _Content(entry, tmp, remaining=0)
+        contents[entry.path] = content
         try:
-            if entry.kind is Kind.FILE:
-                if not self._write_file(tmp, entry):
-                    return
-                self.result.files += 1
-            elif entry.kind is Kind.SYMLINK:
+            if entry.inline is not None:
+                _write_all(fd, entry.inline)
+            else:
+                os.ftruncate(fd, sum(ref.size for ref in entry.chunks))
+                content.remaining = len(entry.chunks)
+                fill.want(content)
+        finally:
+            os.close(fd)
+
+    def _finish(self, entry: Entry, contents: dict[str, _Content]) -> None:
+        """Put a file in place if its content is whole; make links and other nodes."""
+        content = contents.get(entry.path)
+        if content is not None:
+            self._place_file(content)
+            return
+        dest = self._dest(entry.path)
+        if entry.kind is Kind.HARDLINK:
+            if entry.target in self._restored:
+                self._clear(dest, keep_dir=False)
+                os.link(self._dest(entry.target), dest)
+                self._restored.add(entry.path)
+            elif entry.target in contents:
+                self.result.failed.append(f"{entry.path} (link target {entry.target} is damaged)")
+            else:
+                self.result.failed.append(f"{entry.path} (link target {entry.target} is missing)")
+            return
+        tmp = self._temp_name(entry)
+        try:
+            if entry.kind is Kind.SYMLINK:
                 os.symlink(entry.target, tmp)
             elif entry.kind is Kind.FIFO:
                 os.mkfifo(tmp, 0o600)
@@ -184,38 +296,24 @@ class Restorer:
             raise
         self._restored.add(entry.path)
 
-    def _write_file(self, tmp: str, entry: Entry) -> bool:
-        """Write verified content to ``tmp``; False (and no file) if the data is damaged."""
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            if entry.inline is not None:
-                _write_all(fd, entry.inline)
-            else:
-                pos = 0
-                zero = b""
-                for ref in entry.chunks:
-                    data = self.store.get_chunk(ref.digest)
-                    if len(data) != ref.size:
-                        raise StoreError(f"object {ref.digest} has the wrong length")
-                    if len(zero) != len(data):
-                        zero = bytes(len(data))
-                    if data != zero:
-                        os.lseek(fd, pos, os.SEEK_SET)
-                        _write_all(fd, data)
-                    pos += len(data)
-                os.ftruncate(fd, pos)
-                self.result.bytes += pos
-        except StoreError as exc:
-            os.close(fd)
-            _unlink_quiet(tmp)
-            self.result.failed.append(f"{entry.path} ({exc})")
-            return False
-        except BaseException:
-            os.close(fd)
-            _unlink_quiet(tmp)
-            raise
-        os.close(fd)
-        return True
+    def _place_file(self, content: _Content) -> None:
+        entry = content.entry
+        if content.placed:
+            return
+        if content.failed or content.remaining:
+            content.placed = True
+            _unlink_quiet(content.tmp)
+            self.result.failed.append(content.failed or f"{entry.path} (data not read)")
+            return
+        self._attributes(content.tmp, entry)
+        dest = self._dest(entry.path)
+        self._clear(dest, keep_dir=False)
+        os.rename(content.tmp, dest)
+        content.placed = True
+        self._restored.add(entry.path)
+        self.result.files += 1
+        if entry.inline is None:
+            self.result.bytes += entry.size
 
     def _attributes(self, dest: str, entry: Entry) -> None:
         """Owner, mode, xattrs and mtime, in the order that keeps setuid bits and caps."""
@@ -233,6 +331,18 @@ class Restorer:
                 if exc.errno not in (errno.ENOTSUP, errno.EPERM):
                     raise
         os.utime(dest, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+
+
+def _pwrite_all(path: str, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
