@@ -1,0 +1,67 @@
+"""POSIX conformance: the pjdfstest suite inside a writable layerfs mount.
+
+Every test file that passes on fuse-overlayfs (run here, in the same session, on
+the same kind of empty lower directory) must also pass on layerfs. The files
+that fail on both are listed in the printed summary; see tests/PJDFSTEST.md.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.support import pjdfstest
+
+pytestmark = [pytest.mark.fuse, pytest.mark.slow]
+
+LAYERFS = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "layerfs"
+
+
+@pytest.fixture(scope="module")
+def suite() -> Path:
+    if not pjdfstest.source_available():
+        pytest.skip(f"pjdfstest source not found at {pjdfstest.SOURCE}")
+    if shutil.which("prove") is None or shutil.which("autoreconf") is None:
+        pytest.fail("pjdfstest needs perl's prove, autoconf and automake: run scripts/setup.sh")
+    return pjdfstest.build()
+
+
+def _overlay_dirs(base: Path) -> tuple[Path, Path, Path, Path]:
+    dirs = [base / n for n in ("lower", "upper", "work", "mnt")]
+    for d in dirs:
+        d.mkdir(parents=True)
+    return dirs[0], dirs[1], dirs[2], dirs[3]
+
+
+def _run_in(cmd: list[str], mnt: Path) -> pjdfstest.ProveResult:
+    subprocess.run(cmd, check=True)
+    try:
+        return pjdfstest.run(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.timeout(3000)
+def test_pjdfstest_passes_where_fuse_overlayfs_passes(suite: Path, tmp_path: Path) -> None:
+    lower, upper, work, fmnt = _overlay_dirs(tmp_path / "fuse-overlayfs")
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    fuse_overlayfs = ["fuse-overlayfs", "-o", opts, str(fmnt)]
+    lower, upper, work, lmnt = _overlay_dirs(tmp_path / "layerfs")
+    layerfs = [str(LAYERFS), "mount", "--lowerdir", str(lower), "--upperdir", str(upper)]
+    layerfs += ["--workdir", str(work), str(lmnt)]
+    # Both suites run at once, in separate directories, to halve the wall time.
+    with ThreadPoolExecutor(2) as pool:
+        baseline_run = pool.submit(_run_in, fuse_overlayfs, fmnt)
+        ours_run = pool.submit(_run_in, layerfs, lmnt)
+        baseline, ours = baseline_run.result(), ours_run.result()
+    print("\n== pjdfstest on layerfs ==")
+    print(f"files: {len(ours.files)}, failed: {len(ours.failed)}")
+    print(ours.summary)
+    print(f"== fuse-overlayfs failed files: {sorted(baseline.failed)}")
+    assert len(ours.files) == len(baseline.files) > 200
+    regressions = sorted(baseline.passed - ours.passed)
+    assert not regressions, f"pass on fuse-overlayfs but fail on layerfs: {regressions}"
