@@ -48,3 +48,18 @@ def s3_store_url(s3_env, tmp_path, monkeypatch) -> str:
     bucket = ceph.new_bucket(s3_env, "store")
     yield f"s3://{bucket}/store"
     ceph.remove_bucket(s3_env, bucket)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """A private dockerd for one test module (tests/support/private_dockerd.py).
+
+    Plugin tests use it instead of the shared daemon, which remembers every plugin
+    name it ever talked to; it can also be restarted, which the shared one must not.
+    """
+    from tests.support.private_dockerd import private_dockerd
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for dockerd")
+    with private_dockerd() as d:
+        yield d

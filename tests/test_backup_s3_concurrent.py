@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.backuptree import describe
-from tests.support.s3backup import S3Store, cli, fill_random, fresh_store, start_cli, wait_until
+from tests.support.s3backup import S3Store, cli, fill_random, fresh_store, start_cli
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.s3
 
@@ -65,17 +66,19 @@ def test_two_backups_then_prune_during_a_third(store: S3Store, tmp_path: Path) -
 
     packs = set(store.keys("packs/"))
     third = start_cli("backup", "bks3-c3", "--path", str(v3), "--json", store=store.url)
-    wait_until(  # past the shared files (found in the bucket), uploading its own
-        "the third backup's first pack",
+    wait_for(  # past the shared files (found in the bucket), uploading its own
         lambda: bool(set(store.keys("packs/")) - packs),
+        "the third backup's first pack",
+        timeout=300,
         guard=lambda: third.poll() is None,
     )
     third.send_signal(signal.SIGSTOP)  # hold it mid-backup while the prune starts
     try:
         prune = start_cli("prune", "--keep-last", "1", "--grace", "0", "--json", store=store.url)
-        wait_until(
-            "the prune's exclusive lease",
+        wait_for(
             lambda: "locks/exclusive" in store.keys("locks/"),
+            "the prune's exclusive lease",
+            timeout=300,
             guard=lambda: prune.poll() is None,
         )
     finally:

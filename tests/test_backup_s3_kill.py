@@ -18,7 +18,8 @@ import pytest
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.s3 import PACK_SIZE, S3Backend
 from tests.support.plugin import PluginProcess, UnixHTTPConnection
-from tests.support.s3backup import cli, fill_random, fresh_store, start_cli, wait_until
+from tests.support.s3backup import cli, fill_random, fresh_store, start_cli
+from tests.support.waiting import wait_for
 from volplugin.backup import service
 
 pytestmark = pytest.mark.s3
@@ -64,9 +65,10 @@ def test_sigkill_of_the_cli_backup(store, tmp_path: Path) -> None:
     total = fill_random(vol, FILES, FILE_SIZE, seed=1)
     indexes = set(store.keys("index/"))
     proc = start_cli("backup", "bks3-kill", "--path", str(vol), store=store.url)
-    wait_until(
-        "the killed backup's first index",
+    wait_for(
         lambda: bool(set(store.keys("index/")) - indexes),
+        "the killed backup's first index",
+        timeout=300,
         guard=lambda: proc.poll() is None,
     )
     proc.kill()
@@ -105,9 +107,10 @@ def test_sigkill_of_the_plugin_serving_backup_create(store, tmp_path: Path) -> N
             target=lambda: answers.append(_call_quietly(plugin, "/Backup.Create")), daemon=True
         )
         caller.start()
-        wait_until(
-            "the killed request's first index",
+        wait_for(
             lambda: bool(set(store.keys("index/")) - indexes),
+            "the killed request's first index",
+            timeout=300,
             guard=caller.is_alive,
         )
         plugin.kill()

@@ -25,8 +25,8 @@ from tests.support.s3backup import (
     collect_garbage,
     fill_random,
     start_cli,
-    wait_until,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.s3
 
@@ -58,9 +58,10 @@ def test_gateway_dies_during_a_backup(outage, tmp_path: Path) -> None:
     volume_before = describe(vol)
     packs = set(store.keys("packs/"))
     proc = start_cli("backup", "bks3-out", "--path", str(vol), store=store.url, env=private)
-    wait_until(
-        "the first pack of the large backup",
+    wait_for(
         lambda: bool(set(store.keys("packs/")) - packs),
+        "the first pack of the large backup",
+        timeout=300,
         guard=lambda: proc.poll() is None,
     )
     gw.stop()

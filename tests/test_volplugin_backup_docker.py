@@ -21,7 +21,7 @@ import pytest
 from tests.support import ceph
 from tests.support.dockerenv import BASE_IMAGE
 from tests.support.plugin import VOLPLUGIN, PluginProcess, remove_driver_objects
-from tests.support.private_dockerd import private_dockerd
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.s3]
 
@@ -35,14 +35,6 @@ PAUSE = "volplugin.pause-during-backup=true"
 
 def uniq(what: str) -> str:
     return f"vpbk-{what}-{uuid.uuid4().hex[:6]}"
-
-
-@pytest.fixture(scope="module")
-def daemon():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for dockerd")
-    with private_dockerd() as d:
-        yield d
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +75,6 @@ def d(daemon, plugin):
     """The docker CLI against the private daemon; removes this driver's objects after."""
     yield daemon.docker
     remove_driver_objects(daemon.env, plugin.name)
-
-
-def wait_for(check, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def inspect(d, container: str, fmt: str) -> str:

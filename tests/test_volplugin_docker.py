@@ -7,8 +7,6 @@ keep calling our short-lived drivers after the tests end.
 from __future__ import annotations
 
 import json
-import os
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,17 +14,9 @@ import pytest
 
 from tests.support.dockerenv import BASE_IMAGE
 from tests.support.plugin import PluginProcess, remove_driver_objects
-from tests.support.private_dockerd import private_dockerd
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture(scope="module")
-def daemon():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for dockerd")
-    with private_dockerd() as d:
-        yield d
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +46,6 @@ def status(plugin, vol: str) -> dict:
     code, doc = plugin.call("VolumeDriver.Get", {"Name": vol})
     assert code == 200, doc
     return doc["Volume"]["Status"]
-
-
-def wait_for(check, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def test_volume_commands(d, plugin):

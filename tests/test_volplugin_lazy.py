@@ -23,21 +23,13 @@ import pytest
 from layerfs.fs.mounting import find_mount
 from tests.support.dockerenv import BASE_IMAGE
 from tests.support.plugin import PluginProcess, remove_driver_objects
-from tests.support.private_dockerd import private_dockerd
-from tests.support.s3backup import cli, fill_random, wait_until
+from tests.support.s3backup import cli, fill_random
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.s3]
 
 FILES, FILE_SIZE = 24, 12 << 20  # 288 MiB of incompressible data
 SLOW = "12M"  # bytes/s of the fill before the kill: ~24 s for the whole backup
-
-
-@pytest.fixture(scope="module")
-def daemon():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for dockerd and FUSE")
-    with private_dockerd() as d:
-        yield d
 
 
 @pytest.fixture
@@ -112,7 +104,7 @@ def test_lazy_volume_is_usable_at_once_and_survives_a_plugin_kill(
 
         # SIGKILL of the plugin in the middle of the fill: the mount keeps serving
         fill_dir = root / "lazy" / vol / "fill"
-        wait_until("some files filled", lambda: len(list(fill_dir.glob("blob*"))) >= 3)
+        wait_for(lambda: len(list(fill_dir.glob("blob*"))) >= 3, "some files filled", timeout=300)
         plugin.kill()
         kept = {p.name: p.stat().st_ino for p in fill_dir.glob("blob*")}
         assert 3 <= len(kept) < FILES
@@ -120,9 +112,10 @@ def test_lazy_volume_is_usable_at_once_and_survives_a_plugin_kill(
         plugin = PluginProcess(root, name, env=dict(env, VOLPLUGIN_LAZY_FILL_RATE="")).start()
 
         progress = [_lazy(plugin, vol)]
-        wait_until(
-            "the switch",
+        wait_for(
             lambda: progress.append(_lazy(plugin, vol)) or progress[-1]["Phase"] == "done",
+            "the switch",
+            timeout=300,
         )
         done = [p["BytesDone"] for p in progress if p["Phase"] in ("filling", "filled")]
         assert done == sorted(done)

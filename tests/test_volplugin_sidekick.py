@@ -4,10 +4,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -15,21 +13,17 @@ import pytest
 
 from tests.support.dockerenv import BASE_IMAGE
 from tests.support.plugin import PluginProcess, remove_driver_objects
-from tests.support.private_dockerd import private_dockerd
+from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.docker
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("gcc") is None,
+        reason="gcc is needed to build the example's static ctlsock helper",
+    ),
+    pytest.mark.docker,
+]
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sidekick"
-
-
-@pytest.fixture(scope="module")
-def daemon():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for dockerd")
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the example's static ctlsock helper")
-    with private_dockerd() as d:
-        yield d
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +53,6 @@ def plugin(daemon, tmp_path):
         p.start()
     remove_driver_objects(daemon.env, p.name)
     p.cleanup()
-
-
-def wait_for(check, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def read(path: Path) -> str:

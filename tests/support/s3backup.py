@@ -11,8 +11,7 @@ import os
 import random
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,16 +96,3 @@ def start_cli(*args: str, store: str, env: dict[str, str] | None = None) -> subp
         text=True,
         env=dict(os.environ, **(env or {})),
     )
-
-
-def wait_until(
-    what: str, pred: Callable[[], bool], guard: Callable[[], bool] | None = None
-) -> None:
-    """Poll ``pred`` until true; fail if ``guard`` turns false first (e.g. the process ended)."""
-    deadline = time.monotonic() + 300
-    while not pred():
-        if guard is not None and not guard():
-            raise AssertionError(f"gave up waiting for {what}: the process ended first")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
