@@ -16,10 +16,9 @@ from tests.support.writable import (
     BIG,
     FILES,
     IMAGE,
+    fuse_store,
     image_mount,
-    make_lowers,
-    make_store,
-    overlay_mount,
+    mounted_as,
 )
 
 pytestmark = pytest.mark.fuse
@@ -27,21 +26,13 @@ pytestmark = pytest.mark.fuse
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        pytest.skip("needs /dev/fuse and root")
-    return make_store(tmp_path_factory.mktemp("lfsrw-store"))
+    return fuse_store(tmp_path_factory)
 
 
 @pytest.fixture(params=["image", "overlay"])
 def m(request, store):
-    with public_dir("lfsrw-") as base:
-        if request.param == "image":
-            with image_mount(store, base / "m", base / "changes") as mnt:
-                yield mnt
-        else:
-            lowers = make_lowers(base)
-            with overlay_mount(store, lowers, base / "u", base / "w", base / "m") as mnt:
-                yield mnt
+    with mounted_as(request.param, store) as mnt:
+        yield mnt
 
 
 def test_metadata_changes_copy_no_data(m):

@@ -14,16 +14,20 @@ from layerfs.fs.mountinfo import load_mountinfo
 from layerfs.fs.mounting import find_mount
 from layerfs.store.local import LocalBackend
 from tests.support.lfsmount import force_unmount, layerfs, public_dir
-from tests.support.writable import BIG, FILES, IMAGE, image_mount, make_store
+from tests.support.writable import (
+    BIG,
+    FILES,
+    IMAGE,
+    fuse_store,
+    image_mount,
+)
 
 pytestmark = pytest.mark.fuse
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        pytest.skip("needs /dev/fuse and root")
-    return make_store(tmp_path_factory.mktemp("lfsrw-store"))
+    return fuse_store(tmp_path_factory)
 
 
 @pytest.fixture

@@ -16,9 +16,8 @@ from tests.support.lfsmount import public_dir
 from tests.support.writable import (
     BIG,
     FILES,
-    image_mount,
-    make_lowers,
-    make_store,
+    fuse_store,
+    mounted_as,
     overlay_mount,
 )
 
@@ -27,21 +26,13 @@ pytestmark = pytest.mark.fuse
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        pytest.skip("needs /dev/fuse and root")
-    return make_store(tmp_path_factory.mktemp("lfsrw-store"))
+    return fuse_store(tmp_path_factory)
 
 
 @pytest.fixture(params=["image", "overlay"])
 def m(request, store):
-    with public_dir("lfsrw-") as base:
-        if request.param == "image":
-            with image_mount(store, base / "m", base / "changes") as mnt:
-                yield mnt
-        else:
-            lowers = make_lowers(base)
-            with overlay_mount(store, lowers, base / "u", base / "w", base / "m") as mnt:
-                yield mnt
+    with mounted_as(request.param, store) as mnt:
+        yield mnt
 
 
 def test_lower_tree_shows_through(m):

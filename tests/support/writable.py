@@ -19,7 +19,7 @@ from layerfs.fs.mounting import find_mount
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.local import LocalBackend
-from tests.support.lfsmount import force_unmount, layerfs
+from tests.support.lfsmount import force_unmount, layerfs, public_dir
 from tests.support.synthetic import MTIME, d, f, link, make_image, opq, sym, wh
 
 IMAGE = "lfsrw/base:1"
@@ -154,3 +154,25 @@ def overlay_mount(
         yield Mount(mountpoint, upper, "overlay")
     finally:
         unmount(mountpoint, store)
+
+
+def fuse_store(tmp_path_factory) -> Path:
+    """A store holding IMAGE for a test module; skips without /dev/fuse or root."""
+    import pytest
+
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        pytest.skip("needs /dev/fuse and root")
+    return make_store(tmp_path_factory.mktemp("lfsrw-store"))
+
+
+@contextmanager
+def mounted_as(mode: str, store: Path) -> Iterator[Mount]:
+    """The writable tree mounted as an image ("image") or overlay-style ("overlay")."""
+    with public_dir("lfsrw-") as base:
+        if mode == "image":
+            with image_mount(store, base / "m", base / "changes") as mnt:
+                yield mnt
+        else:
+            lowers = make_lowers(base)
+            with overlay_mount(store, lowers, base / "u", base / "w", base / "m") as mnt:
+                yield mnt
