@@ -130,16 +130,27 @@ def _unb64(text: str) -> bytes:
 
 def encode_tree(entries: list[Entry], meta: dict | None = None) -> bytes:
     """Serialise a tree record (entries in order, plus optional metadata)."""
-    doc = {"format": TREE_FORMAT, "meta": meta or {}, "entries": [e.to_json() for e in entries]}
-    return json.dumps(doc, separators=(",", ":")).encode("ascii")
+    return encode_tree_docs([e.to_json() for e in entries], meta)
 
 
 def decode_tree(data: bytes) -> tuple[list[Entry], dict]:
     """Parse a tree record into (entries, metadata)."""
+    docs, meta = decode_tree_docs(data)
+    return [Entry.from_json(e) for e in docs], meta
+
+
+def encode_tree_docs(docs: list[dict], meta: dict | None = None) -> bytes:
+    """Serialise a tree record from entries already in their JSON form (Entry.to_json)."""
+    doc = {"format": TREE_FORMAT, "meta": meta or {}, "entries": docs}
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+
+def decode_tree_docs(data: bytes) -> tuple[list[dict], dict]:
+    """Parse a tree record into (entries in their JSON form, metadata)."""
     doc = json.loads(data)
     if doc.get("format") != TREE_FORMAT:
         raise ValueError(f"unsupported tree record format {doc.get('format')!r}")
-    return [Entry.from_json(e) for e in doc["entries"]], doc.get("meta", {})
+    return doc["entries"], doc.get("meta", {})
 
 
 def put_tree(store: ChunkStore, entries: list[Entry], meta: dict | None = None) -> str:

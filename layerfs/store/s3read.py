@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from layerfs.store.packs import BlobPlace
 
-RANGE_MAX = 16 << 20
+RANGE_MAX = 8 << 20
 RANGE_GAP = 256 << 10
 
 T = TypeVar("T")

@@ -1,13 +1,14 @@
 """Restoring a snapshot's entries into a directory, with every attribute.
 
-A run works in three passes. First it creates the directories and, for every
-file with content, a temp name in the file's target directory. Then it fetches
-every chunk the files need once, on several threads, with the store's bulk read
-(few large range GETs for S3), and writes each verified chunk into every place
-it goes with ``pwrite``; all-zero chunks are left as holes, so sparse files stay
-sparse. Last, in entry order, each file whose chunks all arrived gets its
-attributes and is renamed into place (a damaged or missing chunk never leaves
-wrong bytes under a file's name), and links, symlinks and device nodes are made.
+A run works in three passes. First it creates the directories and picks, for
+every file, a temp name in the file's target directory. Then it fetches every
+chunk the files need once, on several threads, with the store's bulk read (few
+large range GETs for S3), and writes each verified chunk into every place it
+goes with ``pwrite``, creating the temp file at its first chunk; all-zero chunks
+are left as holes, so sparse files stay sparse. Last, in entry order, each file
+whose chunks all arrived gets its size and attributes and is renamed into place
+(a damaged or missing chunk never leaves wrong bytes under a file's name), and
+links, symlinks and device nodes are made.
 Directory attributes are applied last, deepest first. When the disk fills up,
 the files that were complete are still put in place before the error.
 """
@@ -85,6 +86,7 @@ class _Content:
     tmp: str
     remaining: int
     failed: str = ""
+    created: bool = False  # the temp file exists
     placed: bool = False  # renamed into place, or removed
 
 
@@ -119,7 +121,7 @@ class _Fill:
                 continue
             if not zero:
                 try:
-                    _pwrite_all(content.tmp, data, offset)
+                    _pwrite_all(content, data, offset)
                 except OSError as exc:
                     raise _WriteFailed(content.entry.path, exc) from exc
             with self.mutex:
@@ -140,11 +142,18 @@ class Restorer:
     """
 
     def __init__(
-        self, store: ChunkStore, target: Path, all_entries: list[Entry], workers: int = WORKERS
+        self,
+        store: ChunkStore,
+        target: Path,
+        all_entries: list[Entry],
+        workers: int = WORKERS,
+        *,
+        fresh: bool = False,
     ) -> None:
         self.store = store
         self.target = Path(target)
         self.workers = workers
+        self.fresh = fresh  # the target was empty: nothing to clear out of the way
         self.by_path = {e.path: e for e in all_entries}
         self.result = RestoreResult()
         self._restored: set[str] = set()
@@ -188,7 +197,7 @@ class Restorer:
                 raise exc.error from None
             finally:
                 for content in contents.values():
-                    if not content.placed:
+                    if content.created and not content.placed:
                         _unlink_quiet(content.tmp)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -211,6 +220,8 @@ class Restorer:
     # -- nodes ---------------------------------------------------------------------------
     def _clear(self, dest: str, keep_dir: bool) -> None:
         """Remove whatever a forced restore finds where an entry goes."""
+        if self.fresh:
+            return
         try:
             st = os.lstat(dest)
         except FileNotFoundError:
@@ -249,19 +260,11 @@ class Restorer:
                 inline=source.inline,
                 size=source.size,
             )
-        tmp = self._temp_name(entry)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        content = _Content(entry, tmp, remaining=0)
+        content = _Content(entry, self._temp_name(entry), remaining=0)
         contents[entry.path] = content
-        try:
-            if entry.inline is not None:
-                _write_all(fd, entry.inline)
-            else:
-                os.ftruncate(fd, sum(ref.size for ref in entry.chunks))
-                content.remaining = len(entry.chunks)
-                fill.want(content)
-        finally:
-            os.close(fd)
+        if entry.inline is None:
+            content.remaining = len(entry.chunks)
+            fill.want(content)
 
     def _finish(self, entry: Entry, contents: dict[str, _Content]) -> None:
         """Put a file in place if its content is whole; make links and other nodes."""
@@ -305,6 +308,18 @@ class Restorer:
             _unlink_quiet(content.tmp)
             self.result.failed.append(content.failed or f"{entry.path} (data not read)")
             return
+        if content.created:
+            os.truncate(content.tmp, entry.size)  # trailing holes
+        else:  # inline, empty or all zeros: nothing was written yet
+            fd = os.open(content.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            content.created = True
+            try:
+                if entry.inline is not None:
+                    _write_all(fd, entry.inline)
+                else:
+                    os.ftruncate(fd, entry.size)
+            finally:
+                os.close(fd)
         self._attributes(content.tmp, entry)
         dest = self._dest(entry.path)
         self._clear(dest, keep_dir=False)
@@ -333,8 +348,9 @@ class Restorer:
         os.utime(dest, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
 
 
-def _pwrite_all(path: str, data: bytes, offset: int) -> None:
-    fd = os.open(path, os.O_WRONLY)
+def _pwrite_all(content: _Content, data: bytes, offset: int) -> None:
+    fd = os.open(content.tmp, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    content.created = True
     try:
         view = memoryview(data)
         while view:

@@ -18,7 +18,7 @@ from layerfs.errors import StoreError
 from layerfs.maintenance import CheckReport, GcReport, backup_roots, check_store
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS, sweep_locked
 from layerfs.maintenance.roots import all_roots
-from layerfs.records import get_tree, put_tree
+from layerfs.records import decode_tree_docs, encode_tree_docs, get_tree
 from layerfs.store.chunks import ChunkStore
 from volplugin.backup.diff import Change, diff_entries
 from volplugin.backup.docs import (
@@ -34,16 +34,19 @@ from volplugin.backup.snapshot import META_STAT, ParentIndex, Scanner
 
 log = logging.getLogger("volplugin.backup")
 
+BACKUP_LEVEL = 3  # zstd level of backed-up chunks: smaller buckets than imports' level 1
+WRITE_WORKERS = 2  # threads compressing and storing new chunks while the scan reads on
+
 
 def _parent_index(store: ChunkStore, parent: BackupRecord | None) -> ParentIndex:
     if parent is None:
         return ParentIndex()
     try:
-        entries, meta = get_tree(store, parent.tree)
-    except (StoreError, ValueError) as exc:
+        docs, meta = decode_tree_docs(store.get_record(parent.tree))
+        return ParentIndex.from_docs(docs, meta)
+    except (StoreError, ValueError, KeyError, TypeError) as exc:
         log.warning("parent backup %s unreadable (%s): reading every file", parent.id, exc)
         return ParentIndex()
-    return ParentIndex.from_tree(entries, meta)
 
 
 def create_backup(
@@ -61,15 +64,17 @@ def create_backup(
     written; what it returns is kept in the record's ``hooks`` (see backup/hooks.py).
     """
     backend = store.backend
+    writer = ChunkStore(backend, cache_bytes=0, level=BACKUP_LEVEL)
     started = time.monotonic()
     when = time.time()
     with backend.lock(exclusive=False):
         previous = list_backups(backend, volume)
         parent = previous[-1] if previous else None
-        scan = Scanner(store, path, _parent_index(store, parent)).scan()
-        meta = {"type": "backup", "volume": volume, META_STAT: scan.stat}
-        tree = put_tree(store, scan.entries, meta)
-        store.flush()
+        with writer.background_writes(WRITE_WORKERS):
+            scan = Scanner(writer, path, _parent_index(store, parent)).scan()
+            meta = {"type": "backup", "volume": volume, META_STAT: scan.stat}
+            tree = writer.put_record(encode_tree_docs(scan.docs, meta))
+            writer.flush()
         hooks = after_snapshot() if after_snapshot is not None else []
         record = BackupRecord(
             id=secrets.token_hex(16),
@@ -105,7 +110,8 @@ def restore_backup(
     entries, _meta = get_tree(store, record.tree)
     chosen = select_entries(entries, subpath)
     check_target(target, force)
-    return record, Restorer(store, target, entries).run(chosen)
+    fresh = not target.exists() or not any(target.iterdir())
+    return record, Restorer(store, target, entries, fresh=fresh).run(chosen)
 
 
 def diff_backups(store: ChunkStore, ref_a: str, ref_b: str) -> list[Change]:

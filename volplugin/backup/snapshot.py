@@ -1,10 +1,13 @@
 """Scanning a volume's directory into tree entries, reading only files that changed.
 
-A regular file whose size, mtime, inode and ctime equal those recorded for the
-same path in the parent snapshot keeps the parent's chunks without being read.
-Inode and ctime live in the tree record's meta (``meta["stat"]``: one
-``[ino, ctime_ns]`` pair per entry, in entry order), so Entry's JSON stays as
-everyone else reads it.
+A regular file whose size, mtime, inode, ctime, mode and owner equal those
+recorded for the same path in the parent snapshot keeps the parent's entry as
+it is (chunks and xattrs: any change of content or xattrs moves the ctime),
+without being read or asked for its xattrs. Inode and ctime live in the tree
+record's meta (``meta["stat"]``: one ``[ino, ctime_ns]`` pair per entry, in entry
+order), so Entry's JSON stays as everyone else reads it. Entries are kept in
+their JSON form (Entry.to_json), so an unchanged file costs neither decoding nor
+encoding.
 """
 
 from __future__ import annotations
@@ -21,51 +24,64 @@ from volplugin.backup.errors import BackupError
 
 INLINE_MAX = 2048
 META_STAT = "stat"
+_FILE = Kind.FILE.value
 
 
 @dataclass
 class ParentIndex:
-    """The regular files of the parent snapshot, by path: (entry, ino, ctime_ns)."""
+    """The regular files of the parent snapshot, by path: (entry JSON, ino, ctime_ns)."""
 
-    files: dict[str, tuple[Entry, int, int]] = field(default_factory=dict)
+    files: dict[str, tuple[dict, int, int]] = field(default_factory=dict)
 
     @classmethod
-    def from_tree(cls, entries: list[Entry], meta: dict) -> ParentIndex:
+    def from_docs(cls, docs: list[dict], meta: dict) -> ParentIndex:
+        """From a tree record's entries in JSON form (records.decode_tree_docs)."""
         stats = meta.get(META_STAT) or []
-        index = cls()
-        if len(stats) != len(entries):
-            return index
-        for entry, (ino, ctime_ns) in zip(entries, stats, strict=True):
-            if entry.kind is Kind.FILE:
-                index.files[entry.path] = (entry, ino, ctime_ns)
-        return index
+        if len(stats) != len(docs):
+            return cls()
+        return cls(
+            {
+                doc["p"]: (doc, ino, ctime_ns)
+                for doc, (ino, ctime_ns) in zip(docs, stats, strict=True)
+                if doc["k"] == _FILE
+            }
+        )
 
-    def unchanged(self, path: str, st: os.stat_result) -> Entry | None:
+    def unchanged(self, path: str, st: os.stat_result) -> dict | None:
+        """The parent's entry of ``path`` if the file is unchanged since, else None."""
         found = self.files.get(path)
         if found is None:
             return None
-        entry, ino, ctime_ns = found
-        if (entry.size, entry.mtime_ns, ino, ctime_ns) == (
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ino,
-            st.st_ctime_ns,
+        doc, ino, ctime_ns = found
+        if (
+            ino == st.st_ino
+            and ctime_ns == st.st_ctime_ns
+            and doc.get("t", 0) == st.st_mtime_ns
+            and doc.get("s", 0) == st.st_size
+            and doc.get("m", 0) == stat.S_IMODE(st.st_mode)
+            and doc.get("u", 0) == st.st_uid
+            and doc.get("g", 0) == st.st_gid
         ):
-            return entry
+            return doc
         return None
 
 
 @dataclass
 class ScanResult:
-    """The entries of a snapshot, their [ino, ctime_ns] pairs, and what reading cost."""
+    """The entries of a snapshot (JSON form), their [ino, ctime_ns] pairs, what reading cost."""
 
-    entries: list[Entry] = field(default_factory=list)
+    docs: list[dict] = field(default_factory=list)
     stat: list[list[int]] = field(default_factory=list)
     files: int = 0
     size: int = 0
     bytes_read: int = 0
     files_read: int = 0
     writes: WriteStats = field(default_factory=WriteStats)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The entries as Entry objects (decoded from ``docs``)."""
+        return [Entry.from_json(doc) for doc in self.docs]
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
@@ -128,6 +144,8 @@ class Scanner:
                 self._walk(full, child)
 
     def _add(self, full: str, rel: str, st: os.stat_result) -> None:
+        if stat.S_ISREG(st.st_mode) and self._reuse(rel, st):
+            return
         kind = kind_from_mode(st.st_mode)
         entry = Entry(
             path=rel,
@@ -148,24 +166,34 @@ class Scanner:
                 if first is not None:
                     entry.kind = Kind.HARDLINK
                     entry.target = first
-                    self._append(entry, st)
+                    self._append(entry.to_json(), st)
                     return
             self._content(full, entry, st)
             if st.st_nlink > 1:
                 self._links[(st.st_dev, st.st_ino)] = rel
             self.result.files += 1
             self.result.size += entry.size
-        self._append(entry, st)
+        self._append(entry.to_json(), st)
 
-    def _append(self, entry: Entry, st: os.stat_result) -> None:
-        self.result.entries.append(entry)
+    def _reuse(self, rel: str, st: os.stat_result) -> bool:
+        """Take the parent's entry of an unchanged file (not a second name of a link)."""
+        if st.st_nlink > 1 and (st.st_dev, st.st_ino) in self._links:
+            return False
+        doc = self.parent.unchanged(rel, st)
+        if doc is None:
+            return False
+        if st.st_nlink > 1:
+            self._links[(st.st_dev, st.st_ino)] = rel
+        self.result.files += 1
+        self.result.size += st.st_size
+        self._append(doc, st)
+        return True
+
+    def _append(self, doc: dict, st: os.stat_result) -> None:
+        self.result.docs.append(doc)
         self.result.stat.append([st.st_ino, st.st_ctime_ns])
 
     def _content(self, full: str, entry: Entry, st: os.stat_result) -> None:
-        same = self.parent.unchanged(entry.path, st)
-        if same is not None:
-            entry.size, entry.chunks, entry.inline = same.size, same.chunks, same.inline
-            return
         try:
             fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME)
         except PermissionError:
