@@ -47,8 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import boto3
-from boto3.s3.transfer import TransferConfig
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -123,8 +122,12 @@ def default_cache_root() -> Path:
 
 
 def make_client(max_connections: int = 16):
-    """An S3 client from the standard AWS environment, path-style, with modest retries."""
-    session = boto3.session.Session()
+    """An S3 client from the standard AWS environment, path-style, with modest retries.
+
+    A plain botocore client: boto3 would only add start-up time (its transfer
+    manager is imported when an object is large enough for a multipart upload).
+    """
+    session = botocore.session.get_session()
     config = Config(
         s3={"addressing_style": "path"},
         retries={"mode": "standard", "max_attempts": 4},
@@ -134,7 +137,8 @@ def make_client(max_connections: int = 16):
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
+    region = session.get_config_variable("region") or "us-east-1"
+    return session.create_client("s3", region_name=region, config=config)
 
 
 class S3Backend(Backend):
@@ -177,9 +181,6 @@ class S3Backend(Backend):
             poll=lock_poll,
             timeout=lock_timeout,
             wrap=self._error,
-        )
-        self._transfer = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 << 20, max_concurrency=4
         )
         self._pool = ThreadPoolExecutor(upload_threads, thread_name_prefix="layerfs-s3-upload")
         self._slots = threading.BoundedSemaphore(upload_threads + 1)
@@ -276,14 +277,21 @@ class S3Backend(Backend):
     def _put(self, rel: str, data: bytes, what: str) -> None:
         try:
             if len(data) >= MULTIPART_THRESHOLD:
-                self.client.upload_fileobj(
-                    io.BytesIO(data), self.bucket, self._key(rel), Config=self._transfer
-                )
+                self._upload_multipart(rel, data)
             else:
                 self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
         except (ClientError, BotoCoreError) as exc:
             raise self._error(f"writing {what}", exc) from exc
         self.stats.count("bytes_up", len(data))
+
+    def _upload_multipart(self, rel: str, data: bytes) -> None:
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        config = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 << 20, max_concurrency=4
+        )
+        with create_transfer_manager(self.client, config) as manager:
+            manager.upload(io.BytesIO(data), self.bucket, self._key(rel)).result()
 
     def _delete(self, rels: list[str], what: str) -> None:
         for i in range(0, len(rels), 1000):
