@@ -343,4 +343,5 @@ def test_bad_backup_options_give_an_err_naming_them(d, plugin, opts, words):
     assert bad.returncode != 0
     for word in words:
         assert word in bad.stderr, bad.stderr
-    assert vol not in d("volume", "ls", "-q").stdout.split()
+    listed = d("volume", "ls", "-q", "--filter", f"driver={plugin.name}").stdout.split()
+    assert vol not in listed
