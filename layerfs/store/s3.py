@@ -17,7 +17,9 @@ Reads use Range GETs and keep the bytes in a bounded local cache
 (``cache_dir()/blobs``), so each range is fetched once; one GET also brings the
 uncached blobs that follow in the pack, up to ``readahead`` (2 MiB), which makes
 sequential restores need few requests. Index objects are cached there too, as
-they never change. ``delete_blobs`` repacks: a pack holding only dead blobs is deleted, a
+they never change. One-pass readers (restore) use ``read_blobs`` instead: large
+range GETs on a thread pool, nothing written to the cache (see s3read).
+``delete_blobs`` repacks: a pack holding only dead blobs is deleted, a
 pack holding live and dead blobs has its live blobs copied into a new pack; the
 new packs and a new index (also carrying the entries of untouched packs that
 shared an index with a rewritten one) are written before the old indexes are
