@@ -34,7 +34,8 @@ class Kind(StrEnum):
     OPAQUE = "o"  # hides every lower child of directory `path`
 
 
-_S_IFMT = {
+# File type bits of each kind (a hard link is a regular file).
+S_IFMT_OF: dict[str, int] = {
     Kind.FILE: stat.S_IFREG,
     Kind.HARDLINK: stat.S_IFREG,
     Kind.DIR: stat.S_IFDIR,
@@ -48,7 +49,7 @@ _S_IFMT = {
 
 def kind_from_mode(mode: int) -> Kind:
     """The Kind of an st_mode (regular files are FILE)."""
-    for kind, fmt in _S_IFMT.items():
+    for kind, fmt in S_IFMT_OF.items():
         if kind is not Kind.HARDLINK and stat.S_IFMT(mode) == fmt:
             return kind
     raise ValueError(f"unknown file type in mode {mode:o}")
@@ -73,7 +74,7 @@ class Entry:
 
     @property
     def st_mode(self) -> int:
-        return _S_IFMT.get(self.kind, 0) | (self.mode & 0o7777)
+        return S_IFMT_OF.get(self.kind, 0) | (self.mode & 0o7777)
 
     @property
     def name(self) -> str:

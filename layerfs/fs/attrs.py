@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import ctypes
 import os
-import stat
 import struct
 
 from fuse import c_stat
 
-from layerfs.records import Kind
+from layerfs.records import S_IFMT_OF
 from layerfs.view import FsStats, Node
 
 BLOCK = 512  # st_blocks unit
 BLKSIZE = 4096
 STAT_SIZE = ctypes.sizeof(c_stat)
-
-# File type bits of each node kind (keys are the kinds' one-letter values as well).
-S_IFMT_OF: dict[str, int] = {
-    Kind.FILE: stat.S_IFREG,
-    Kind.DIR: stat.S_IFDIR,
-    Kind.SYMLINK: stat.S_IFLNK,
-    Kind.CHAR: stat.S_IFCHR,
-    Kind.BLOCK: stat.S_IFBLK,
-    Kind.FIFO: stat.S_IFIFO,
-    Kind.SOCKET: stat.S_IFSOCK,
-}
 
 
 def stat_of(node: Node) -> dict[str, int]:
