@@ -76,29 +76,30 @@ class BlobCache:
         if over:
             self.trim()
 
-    def _files(self) -> list[os.DirEntry]:
-        out = []
+    def _entries(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, path) of every cached file; files other writers remove meanwhile
+        (their temp files, or entries another process trims) are skipped."""
+        out: list[tuple[float, int, str]] = []
         if not self.root.is_dir():
             return out
         for sub in os.scandir(self.root):
-            if sub.is_dir():
-                out.extend(e for e in os.scandir(sub.path) if e.is_file())
+            if not sub.is_dir():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                for e in os.scandir(sub.path):
+                    with contextlib.suppress(FileNotFoundError):
+                        if e.is_file():
+                            st = e.stat()
+                            out.append((st.st_mtime, st.st_size, e.path))
         return out
 
     def _scan_size(self) -> int:
-        return sum(e.stat().st_size for e in self._files())
+        return sum(size for _, size, _ in self._entries())
 
     def trim(self) -> None:
         """Remove the least recently used entries until under 3/4 of the limit."""
         with self._mutex:
-            entries = []
-            for e in self._files():
-                try:
-                    st = e.stat()
-                except FileNotFoundError:
-                    continue
-                entries.append((st.st_mtime, st.st_size, e.path))
-            entries.sort()
+            entries = sorted(self._entries())
             size = sum(s for _, s, _ in entries)
             goal = self.limit * 3 // 4
             for _, s, p in entries:
