@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from layerfs.catalog import Catalog
-from layerfs.fs.mountinfo import MountInfo, remove_mountinfo, save_mountinfo
+from layerfs.fs.mountinfo import record_mount, remove_mountinfo
 from layerfs.fs.mounting import mount_operations, unmount
 from layerfs.fs.readonly import ReadOnlyOperations
 from layerfs.index import ImageView, ensure_index
@@ -135,14 +135,9 @@ def mount_command(
             log_file=log_file,
         )
     if not foreground:
-        info = MountInfo(
-            mountpoint=os.path.realpath(mountpoint),
-            image=record.name,
-            image_id=record.id,
-            upper_dir=os.path.abspath(upper) if upper is not None else None,
-            pid=pid,
+        record_mount(
+            store.backend, mountpoint, pid, image=record.name, image_id=record.id, upper_dir=upper
         )
-        save_mountinfo(store.backend, info)
         _exit_now()
 
 

@@ -57,6 +57,29 @@ def save_mountinfo(backend: Backend, info: MountInfo) -> None:
     os.replace(tmp, path)
 
 
+def record_mount(
+    backend: Backend,
+    mountpoint: str | Path,
+    pid: int,
+    *,
+    image: str | None = None,
+    image_id: str | None = None,
+    upper_dir: str | Path | None = None,
+    lowerdirs: list[str] | None = None,
+) -> MountInfo:
+    """Save the record of a mount just made, with every path made absolute."""
+    info = MountInfo(
+        mountpoint=os.path.realpath(mountpoint),
+        image=image,
+        image_id=image_id,
+        upper_dir=os.path.abspath(upper_dir) if upper_dir else None,
+        lowerdirs=[os.path.abspath(p) for p in lowerdirs or []],
+        pid=pid,
+    )
+    save_mountinfo(backend, info)
+    return info
+
+
 def load_mountinfo(backend: Backend, mountpoint: str | Path) -> MountInfo:
     """The record of the mount at ``mountpoint``; LayerfsError if there is none."""
     path = _file(backend, mountpoint)

@@ -197,7 +197,7 @@ def mount_overlay_recorded(
     readonly: bool = False,
 ) -> int:
     """serve_overlay, logging to the store's mount log and recording the mount (MountInfo)."""
-    from layerfs.fs.mountinfo import MountInfo, save_mountinfo
+    from layerfs.fs.mountinfo import record_mount
     from layerfs.store import open_backend
 
     backend = open_backend(store_url)
@@ -213,13 +213,6 @@ def mount_overlay_recorded(
         readonly=readonly,
     )
     if not foreground:
-        info = MountInfo(
-            mountpoint=os.path.realpath(mountpoint),
-            image=None,
-            image_id=None,
-            upper_dir=os.path.abspath(upperdir) if upperdir and not readonly else None,
-            lowerdirs=lowers,
-            pid=pid,
-        )
-        save_mountinfo(backend, info)
+        upper = None if readonly else upperdir
+        record_mount(backend, mountpoint, pid, upper_dir=upper, lowerdirs=lowers)
     return pid
