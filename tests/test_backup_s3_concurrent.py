@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.backuptree import describe
-from tests.support.s3backup import S3Store, cli, fill_random, fresh_store, start_cli
+from tests.support.s3backup import S3Store, backup, cli, fill_random, fresh_store, start_cli
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.s3
@@ -30,10 +30,6 @@ def store(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
     with fresh_store(s3_env, "bks3-conc") as s:
         yield s
-
-
-def _backup(store: S3Store, volume: str, path: Path) -> dict:
-    return json.loads(cli("backup", volume, "--path", str(path), "--json", store=store.url).stdout)
 
 
 def _finish(proc, log: list[str] | None = None) -> dict:
@@ -49,7 +45,7 @@ def test_two_backups_then_prune_during_a_third(store: S3Store, tmp_path: Path) -
     fill_random(v1, 2, 8 << 20, seed=20, name="shared")  # later copied into v3
     fill_random(v1, 1, 4 << 20, seed=21, name="gone")  # only in the backup prune forgets
     fill_random(v2, 2, 8 << 20, seed=22, name="two")
-    old1, old2 = _backup(store, "bks3-c1", v1), _backup(store, "bks3-c2", v2)
+    old1, old2 = backup(store, "bks3-c1", v1), backup(store, "bks3-c2", v2)
 
     shutil.copytree(v1, v3)
     fill_random(v3, 4, 16 << 20, seed=23, name="zown")  # after shared*

@@ -9,7 +9,6 @@ it finished.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from layerfs.records import get_tree
 from layerfs.store import packs
 from layerfs.store.location import open_store
-from tests.support.s3backup import S3Store, cli, fill_random, fresh_store
+from tests.support.s3backup import S3Store, backup, cli, fill_random, fresh_store
 from volplugin.backup import service
 
 pytestmark = pytest.mark.s3
@@ -29,10 +28,6 @@ def store(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
     with fresh_store(s3_env, "bks3-dmg") as s:
         yield s
-
-
-def _backup(store: S3Store, volume: str, path: Path) -> dict:
-    return json.loads(cli("backup", volume, "--path", str(path), "--json", store=store.url).stdout)
 
 
 def _pack_of(store: S3Store, digest: str) -> str:
@@ -74,7 +69,7 @@ def two_backups(store: S3Store, tmp_path: Path):
     (va / "note.txt").write_text("a note\n")
     fill_random(vb, 1, 40 << 20, seed=11, name="big.bin")
     (vb / "small.txt").write_text("small\n")
-    return va, vb, _backup(store, "bks3-a", va), _backup(store, "bks3-b", vb)
+    return va, vb, backup(store, "bks3-a", va), backup(store, "bks3-b", vb)
 
 
 def test_missing_pack_names_the_backup_and_path(store, two_backups, tmp_path) -> None:
@@ -133,7 +128,7 @@ def test_full_disk_during_restore_from_s3(store, tmp_path) -> None:
     vol = tmp_path / "v"
     fill_random(vol, 1, 1 << 20, seed=12, name="a")
     fill_random(vol, 1, 6 << 20, seed=13, name="b")
-    record = _backup(store, "bks3-full", vol)
+    record = backup(store, "bks3-full", vol)
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "bks3-tmpfs", str(small)], check=True)

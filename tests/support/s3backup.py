@@ -7,6 +7,7 @@ objects directly; ``collect_garbage()`` asks radosgw to free deleted objects now
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -96,3 +97,8 @@ def start_cli(*args: str, store: str, env: dict[str, str] | None = None) -> subp
         text=True,
         env=dict(os.environ, **(env or {})),
     )
+
+
+def backup(store: S3Store, volume: str, path: Path) -> dict:
+    """`volplugin backup VOLUME --path PATH --json` into ``store``; the backup record."""
+    return json.loads(cli("backup", volume, "--path", str(path), "--json", store=store.url).stdout)
