@@ -13,12 +13,15 @@ from layerfs.index import ImageView
 from layerfs.records import get_tree
 from layerfs.store.location import open_store
 from tests.support.backuptree import describe, make_tree
+from tests.support.waiting import wait_for
 from volplugin import options
 from volplugin.backup import service
 from volplugin.errors import BadOption
+from volplugin.lazy import LazyVolumes
 from volplugin.lazy_fill import Filler, parse_rate
 from volplugin.lazy_merge import merge_upper
 from volplugin.lazy_mount import LazyDirs, is_mounted, mount, prepare, release
+from volplugin.volumes import VolumeService
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, devices, FUSE)")
 
@@ -117,3 +120,35 @@ def test_parse_rate() -> None:
     assert parse_rate("1000") == 1000
     with pytest.raises(ValueError, match="VOLPLUGIN_LAZY_FILL_RATE"):
         parse_rate("fast")
+
+
+def test_a_lazy_volume_created_in_a_worker_is_filled_by_the_main_process(
+    backup, tmp_path: Path
+) -> None:
+    """Worker processes of `volplugin serve` create lazy volumes; the main one fills them."""
+    url, record, volume = backup
+    root = tmp_path / "root"
+    main_svc = VolumeService.open(root, "vp-lazy")
+    worker_svc = VolumeService.open(root, "vp-lazy")
+    main = LazyVolumes.attach(main_svc, url)  # background: resumes and watches
+    worker = LazyVolumes.attach(worker_svc, url, background=False)
+    try:
+        worker_svc.create("v", {"from": record.id, "lazy": "true"})
+        path = worker_svc.path_of("v")
+        assert is_mounted(path)
+        assert not worker._fills  # a worker never fills
+        lazy = wait_for(
+            lambda: (r := main.state.get("v")) is not None and r.phase == "done" and r,
+            "the main process to fill and switch the volume",
+            60,
+        )
+        assert lazy.phase == "done"
+        assert not is_mounted(path)
+        assert describe(path) == describe(volume)
+        main_svc.remove("v")
+    finally:
+        for lazy_volumes in (worker, main):
+            lazy_volumes.close()
+        for svc in (worker_svc, main_svc):
+            svc.state.close()
+        release(root / "volumes" / "v")

@@ -2,7 +2,7 @@
 
 Every endpoint takes a JSON POST and answers JSON; any failure is HTTP 500 with
 {"Err": "..."}, which the daemon shows to the user. Each request is logged as one JSON
-line (endpoint, volume, duration, outcome). The backup feature's blueprint is registered
+line (endpoint, volume, duration, outcome, process). The backup feature's blueprint is registered
 here too; its views find the VolumeService at `current_app.config["VOLPLUGIN"]`.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -164,6 +165,7 @@ def _install_logging(app: Flask) -> None:
             "duration_ms": round(elapsed, 2),
             "status": response.status_code,
             "outcome": "error" if g.get("error") else "ok",
+            "pid": os.getpid(),  # which server process answered (volplugin.workers)
         }
         if g.get("error"):
             line["error"] = g.error

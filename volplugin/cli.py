@@ -15,9 +15,10 @@ import click
 
 from layerfs.clitools import OneLineErrors, store_option
 from volplugin.scheduler import DEFAULT_TICK
-from volplugin.server import DEFAULT_NAME, DEFAULT_ROOT, PLUGIN_DIR, serve
+from volplugin.server import DEFAULT_NAME, DEFAULT_ROOT, PLUGIN_DIR, serve, serve_worker
 from volplugin.state import State
 from volplugin.volumes import VolumeService
+from volplugin.workers import default_workers
 
 
 class _Group(OneLineErrors):
@@ -72,7 +73,14 @@ def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
 
 @cli.command("serve")
 @where
-@click.option("--threads", default=8, show_default=True, help="Request worker threads.")
+@click.option("--threads", default=8, show_default=True, help="Request threads per process.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=default_workers,
+    show_default="one per core, at most 4",
+    help="Processes answering requests (the first also runs scheduled backups and lazy fills).",
+)
 @click.option(
     "--plugin-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -95,6 +103,7 @@ def serve_cmd(
     cmd_name: str | None,
     cmd_root: Path | None,
     threads: int,
+    workers: int,
     plugin_dir: Path,
     store: str | None,
     schedule_tick: float,
@@ -102,8 +111,35 @@ def serve_cmd(
     """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM."""
     name, root = _pick(obj, cmd_name, cmd_root)
     serve(
-        name, root, plugin_dir=plugin_dir, threads=threads, store=store, schedule_tick=schedule_tick
+        name,
+        root,
+        plugin_dir=plugin_dir,
+        threads=threads,
+        workers=workers,
+        store=store,
+        schedule_tick=schedule_tick,
     )
+
+
+@cli.command("serve-worker", hidden=True)
+@where
+@click.option("--fd", type=int, required=True, help="Inherited listening socket.")
+@click.option("--parent", type=int, required=True, help="PID of the main server process.")
+@click.option("--threads", default=8, show_default=True, help="Request threads.")
+@store_option("Backup store (as given to serve).")
+@click.pass_obj
+def serve_worker_cmd(
+    obj: dict,
+    cmd_name: str | None,
+    cmd_root: Path | None,
+    fd: int,
+    parent: int,
+    threads: int,
+    store: str | None,
+) -> None:
+    """One of `serve`'s request-serving processes (started by `serve` itself)."""
+    name, root = _pick(obj, cmd_name, cmd_root)
+    serve_worker(name, root, fd, parent, threads=threads, store=store)
 
 
 def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:
@@ -176,3 +212,7 @@ _register()
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

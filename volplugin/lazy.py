@@ -45,6 +45,7 @@ from volplugin.volumes import VolumeService
 log = logging.getLogger("volplugin.lazy")
 
 RETRY_SECONDS = 5.0
+WATCH_SECONDS = 1.0  # how often the main process looks for fills to start
 
 
 class LazyError(VolpluginError):
@@ -65,26 +66,57 @@ class LazyVolumes:
     """The lazy volumes of one VolumeService: hooks, fills and switches."""
 
     def __init__(
-        self, service: VolumeService, store_url: str | None = None, rate: int | None = None
+        self,
+        service: VolumeService,
+        store_url: str | None = None,
+        rate: int | None = None,
+        *,
+        background: bool = True,
     ) -> None:
         self.service = service
         self.store_url = store_url or default_store_url()
         self.rate = parse_rate(os.environ.get(RATE_ENV)) if rate is None else rate
         self.state = LazyState(service.state.path)
+        self.background = background
         self._fills: dict[str, _Fill] = {}
+        self._fills_lock = threading.Lock()
         self._closed = threading.Event()
 
     @classmethod
-    def attach(cls, service: VolumeService, store_url: str | None = None) -> LazyVolumes:
-        """Install the hooks on ``service`` and resume the lazy volumes of its root."""
-        lazy = cls(service, store_url)
+    def attach(
+        cls, service: VolumeService, store_url: str | None = None, *, background: bool = True
+    ) -> LazyVolumes:
+        """Install the hooks on ``service``.
+
+        With ``background`` (the main server process) this process runs the fills: it
+        resumes the lazy volumes of the root now and, every `WATCH_SECONDS`, starts the
+        fills of volumes that another worker process created. Without it (the other
+        worker processes) hooks only create, switch and remove.
+        """
+        lazy = cls(service, store_url, background=background)
         hooks = service.hooks
         hooks.on_create.append(lazy.on_create)
         hooks.on_last_unmount.append(lazy.on_last_unmount)
         hooks.on_remove.append(lazy.on_remove)
         hooks.status.append(lazy.status)
-        lazy.resume()
+        if background:
+            lazy.resume()
+            threading.Thread(target=lazy._watch, name="lazy-watch", daemon=True).start()
         return lazy
+
+    def _watch(self) -> None:
+        """Start the fills of volumes whose lazy restore another process created."""
+        while not self._closed.wait(WATCH_SECONDS):
+            try:
+                records = {lazy.name: lazy for lazy in self.state.list()}
+                for name, fill in list(self._fills.items()):
+                    if name not in records:  # removed through another process
+                        fill.stop.set()
+                for lazy in records.values():
+                    if lazy.phase == "filling":
+                        self._start_fill(lazy.name)
+            except Exception:  # keep watching; the next round retries
+                log.exception("cannot look for new lazy volumes")
 
     def close(self) -> None:
         """Stop the fills (they resume at the next start); the mounts keep serving."""
@@ -187,18 +219,25 @@ class LazyVolumes:
                 mount(self.store_url, self.dirs(lazy.name), path, lazy.name)
             self._start_fill(lazy.name)
         elif lazy.phase == "switching":
-            with self.service._lock:
+            with self.service.lock:
                 self._switch_locked(lazy.name)
 
     # -- fill ----------------------------------------------------------------------------
 
     def _start_fill(self, name: str) -> None:
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=self._fill_loop, args=(name, stop), name=f"lazy-fill-{name}", daemon=True
-        )
-        self._fills[name] = _Fill(thread, stop)
-        thread.start()
+        """Start the fill of ``name`` unless one runs already in this process."""
+        if not self.background or self._closed.is_set():
+            return  # the main server process starts it (see `_watch`)
+        with self._fills_lock:
+            running = self._fills.get(name)
+            if running is not None and running.thread.is_alive():
+                return
+            stop = threading.Event()
+            thread = threading.Thread(
+                target=self._fill_loop, args=(name, stop), name=f"lazy-fill-{name}", daemon=True
+            )
+            self._fills[name] = _Fill(thread, stop)
+            thread.start()
 
     def _fill_loop(self, name: str, stop: threading.Event) -> None:
         while not stop.is_set() and not self._closed.is_set():
@@ -246,7 +285,7 @@ class LazyVolumes:
 
     def _try_switch(self, name: str, stop: threading.Event) -> bool:
         """Switch if no container holds the volume; True when nothing is left to do here."""
-        lock = self.service._lock
+        lock = self.service.lock
         while not lock.acquire(timeout=0.5):
             if stop.is_set():
                 return True

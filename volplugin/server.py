@@ -2,6 +2,8 @@
 
 The socket is /run/docker/plugins/NAME.sock with mode 0600 (root only). One server runs
 per root (an flock on ROOT/serve.lock); a stale socket of a killed server is replaced.
+The main process serves requests and runs the background work; WORKERS - 1 more
+processes (volplugin.workers, `serve_worker` here) serve requests on the same socket.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import waitress
+from flask import Flask
+from waitress.server import BaseWSGIServer
 
 from volplugin.app import create_app
 from volplugin.backup.seed import restore_from_option
@@ -27,6 +31,7 @@ from volplugin.names import check_name
 from volplugin.reconcile import reconcile_in_background, try_reconcile
 from volplugin.scheduler import DEFAULT_TICK, Scheduler
 from volplugin.volumes import VolumeService
+from volplugin.workers import WorkerPool, die_with_parent, worker_command
 
 PLUGIN_DIR = Path("/run/docker/plugins")
 DEFAULT_NAME = "volplugin"
@@ -88,13 +93,15 @@ def serve(
     *,
     plugin_dir: Path = PLUGIN_DIR,
     threads: int = 8,
+    workers: int = 1,
     store: str | None = None,
     schedule_tick: float = DEFAULT_TICK,
 ) -> None:
     """Serve until SIGTERM or SIGINT; remove the socket on the way out.
 
     `store` is the backup store URL (None: the layerfs default); scheduled backups are
-    looked for every `schedule_tick` seconds.
+    looked for every `schedule_tick` seconds. `workers` processes answer requests, each
+    with `threads` threads.
     """
     root = Path(root).absolute()
     path = socket_path(name, plugin_dir)
@@ -110,17 +117,20 @@ def serve(
         app = create_app(service)
         app.config["LAYERFS_STORE"] = store
         scheduler = Scheduler(service, store, tick=schedule_tick).start(stop)
+        verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+        pool = WorkerPool(worker_command(name, root, threads, store, verbose), sock, workers - 1)
         try:
-            server = waitress.create_server(
-                app,
-                sockets=[sock],
-                threads=threads,
-                ident="volplugin",
-                max_request_body_size=1024 * 1024,
-                backlog=1024,
-            )
+            server = _waitress(app, sock, threads)
             _exit_on_signals()
-            log.info("serving driver %s on %s, root %s", name, path, root)
+            pool.start()
+            log.info(
+                "serving driver %s on %s, root %s, %d process(es) of %d thread(s)",
+                name,
+                path,
+                root,
+                workers,
+                threads,
+            )
             try:
                 server.run()
             except SystemExit:
@@ -128,6 +138,7 @@ def serve(
             finally:
                 stop.set()
                 server.close()
+                pool.stop()
                 scheduler.join(SCHEDULER_GRACE)  # a running backup restarts its containers
         finally:
             lazy.close()
@@ -136,6 +147,46 @@ def serve(
                 path.unlink()
             service.state.close()
             log.info("stopped")
+
+
+def serve_worker(
+    name: str, root: Path, fd: int, parent: int, *, threads: int = 8, store: str | None = None
+) -> None:
+    """Serve requests on the inherited listening socket `fd` until SIGTERM or `parent` dies.
+
+    Same app and hooks as the main process; no reconciliation, schedule or lazy fills.
+    """
+    die_with_parent(parent)
+    sock = socket.socket(fileno=fd)
+    service = VolumeService.open(Path(root).absolute(), name)
+    service.hooks.on_create.append(restore_from_option(store))
+    lazy = LazyVolumes.attach(service, store, background=False)
+    app = create_app(service)
+    app.config["LAYERFS_STORE"] = store
+    server = _waitress(app, sock, threads)
+    _exit_on_signals()
+    log.info("worker process %d serving driver %s, root %s", os.getpid(), name, root)
+    try:
+        server.run()
+    except SystemExit:
+        pass
+    finally:
+        server.close()
+        lazy.close()
+        service.state.close()
+
+
+def _waitress(app: Flask, sock: socket.socket, threads: int) -> BaseWSGIServer:
+    # Under load waitress warns of its queue depth on every request: noise, and costly.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    return waitress.create_server(
+        app,
+        sockets=[sock],
+        threads=threads,
+        ident="volplugin",
+        max_request_body_size=1024 * 1024,
+        backlog=1024,
+    )
 
 
 def _exit_on_signals() -> None:

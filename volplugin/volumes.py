@@ -4,6 +4,7 @@ Layout of the root:
     state.db, state.db-wal   the state database (see volplugin.state)
     volumes/NAME/            a volume's data, the mountpoint handed to containers
     trash/                   volumes being removed (emptied again at start)
+    ops.lock                 serialises changes across server processes (volplugin.oplock)
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +25,12 @@ from volplugin.backup.status import backup_status
 from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import VolpluginError, VolumeExists, VolumeInUse, VolumeNotFound
 from volplugin.names import check_name
+from volplugin.oplock import OpLock
 from volplugin.state import State, VolumeRecord
 
 log = logging.getLogger("volplugin.volumes")
+
+OPS_LOCK = "ops.lock"  # see volplugin.oplock
 
 Hook = Callable[[VolumeRecord, Path], None]
 
@@ -75,7 +78,7 @@ class VolumeService:
         self.sizes = sizes
         self.volumes_dir = self.root / "volumes"
         self.trash_dir = self.root / "trash"
-        self._lock = threading.Lock()
+        self.lock = OpLock(self.root / OPS_LOCK)
 
     @classmethod
     def open(cls, root: Path, driver: str, **kw) -> VolumeService:
@@ -114,7 +117,7 @@ class VolumeService:
     def create(self, name: str, opts: dict | None) -> VolumeRecord:
         path = self.path_of(name)
         normal = options.normalize(opts)
-        with self._lock:
+        with self.lock:
             existing = self.state.get(name)
             if existing is not None:
                 if existing.options != normal:
@@ -143,7 +146,7 @@ class VolumeService:
 
     def remove(self, name: str) -> None:
         path = self.path_of(name)
-        with self._lock:
+        with self.lock:
             record = self._record(name)
             if record.mount_ids:
                 self._refuse_if_used(record)
@@ -182,7 +185,7 @@ class VolumeService:
 
     def mount(self, name: str, mount_id: str) -> Path:
         path = self.path_of(name)
-        with self._lock:
+        with self.lock:
             record = self._record(name)
             if not path.is_dir():
                 raise VolpluginError(
@@ -197,7 +200,7 @@ class VolumeService:
 
     def unmount(self, name: str, mount_id: str) -> None:
         path = self.path_of(name)
-        with self._lock:
+        with self.lock:
             record = self._record(name)
             left = self.state.release_mount(name, mount_id)
             if record.mount_ids and left == 0:

@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,9 +69,11 @@ class PluginProcess:
         name: str | None = None,
         plugin_dir: Path = PLUGIN_DIR,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ):
         self.root = Path(root)
         self.env = env
+        self.args = tuple(args)  # more `volplugin serve` options
         self.name = name or f"vp-test-{uuid.uuid4().hex[:6]}"
         self.plugin_dir = Path(plugin_dir)
         self.socket = self.plugin_dir / f"{self.name}.sock"
@@ -80,9 +83,10 @@ class PluginProcess:
     def start(self, timeout: float = 30.0) -> PluginProcess:
         self.root.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        offset = len(self.log())
         self.proc = subprocess.Popen(
             [VOLPLUGIN, "serve", "--name", self.name, "--root", str(self.root)]
-            + ["--plugin-dir", str(self.plugin_dir)],
+            + ["--plugin-dir", str(self.plugin_dir), *self.args],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -95,10 +99,16 @@ class PluginProcess:
                 raise RuntimeError(f"volplugin serve exited {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError):
                 status, _ = post(str(self.socket), "Plugin.Activate")
-                if status == 200:
+                if status == 200 and self._all_processes_serve(offset):
                     return self
             time.sleep(0.05)
         raise RuntimeError(f"volplugin serve did not answer within {timeout} s:\n{self.log()}")
+
+    def _all_processes_serve(self, offset: int) -> bool:
+        """Whether the main process and every worker logged that they serve (since `offset`)."""
+        text = self.log()[offset:]
+        found = re.search(r"serving driver \S+ on .*, (\d+) process\(es\)", text)
+        return found is not None and text.count("serving driver") >= int(found[1])
 
     def call(self, endpoint: str, body: bytes | dict | None = None) -> tuple[int, dict]:
         return post(str(self.socket), endpoint, body)

@@ -1,0 +1,198 @@
+"""`volplugin serve --workers N`: several processes on one socket, one set of volumes.
+
+Through the real server: requests are answered by more than one process and mount
+counts stay exact across them; a SIGKILLed main process takes its workers along (no
+process is left answering on the socket); a dead worker is replaced. The cross-process
+lock is checked against a second real process; the lazy fill of a volume created in a
+worker process is started by the main process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.plugin import PluginProcess, UnixHTTPConnection
+from tests.support.waiting import wait_for
+from volplugin.oplock import OpLock
+
+WORKERS = 3
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of `volplugin serve-worker` processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if ppid == pid and b"serve-worker" in cmd:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def plugin(tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("the plugin socket lives in /run/docker/plugins (root only)")
+    env = dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    p = PluginProcess(tmp_path / "root", env=env, args=("--workers", str(WORKERS))).start()
+    try:
+        assert p.proc is not None
+        assert len(_children(p.proc.pid)) == WORKERS - 1  # start() waited for them all
+        yield p
+    finally:
+        p.cleanup()
+
+
+def ok(plugin: PluginProcess, endpoint: str, body: dict | None = None) -> dict:
+    status, doc = plugin.call(endpoint, body)
+    assert status == 200 and not doc.get("Err"), doc
+    return doc
+
+
+def _access_pids(plugin: PluginProcess, endpoint: str) -> set[int]:
+    pids = set()
+    for line in plugin.log().splitlines():
+        if "volplugin.access: " in line:
+            doc = json.loads(line.split("volplugin.access: ", 1)[1])
+            if doc["endpoint"] == endpoint:
+                pids.add(doc["pid"])
+    return pids
+
+
+def test_workers_answer_and_share_exact_mount_counts(plugin: PluginProcess) -> None:
+    ok(plugin, "VolumeDriver.Create", {"Name": "shared"})
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        conn = UnixHTTPConnection(str(plugin.socket))
+        try:
+            for j in range(15):
+                for endpoint, mid in (("Mount", f"{i}-{j}"), ("Mount", f"{i}-{j}")):
+                    body = json.dumps({"Name": "shared", "ID": mid}).encode()
+                    conn.request("POST", f"/VolumeDriver.{endpoint}", body=body)
+                    resp = conn.getresponse()
+                    doc = json.loads(resp.read())
+                    if resp.status != 200 or doc.get("Err"):
+                        errors.append(str(doc))
+                body = json.dumps({"Name": "shared", "ID": f"{i}-{j}"}).encode()
+                conn.request("POST", "/VolumeDriver.Unmount", body=body)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    errors.append(f"unmount {resp.status}")
+        finally:
+            conn.close()
+
+    # New connections while others are busy land on different processes.
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    status = ok(plugin, "VolumeDriver.Get", {"Name": "shared"})["Volume"]["Status"]
+    assert status["Containers"] == 0
+    served = _access_pids(plugin, "/VolumeDriver.Mount")
+    assert plugin.proc is not None
+    assert len(served) >= 2 and served <= {plugin.proc.pid, *_children(plugin.proc.pid)}
+
+
+def test_sigkill_of_the_main_process_takes_the_workers_along(plugin: PluginProcess) -> None:
+    ok(plugin, "VolumeDriver.Create", {"Name": "kept"})
+    ok(plugin, "VolumeDriver.Mount", {"Name": "kept", "ID": "c1"})
+    assert plugin.proc is not None
+    workers = _children(plugin.proc.pid)
+    plugin.kill()
+    wait_for(lambda: not any(_alive(w) for w in workers), "the workers to die", 10)
+    with pytest.raises(OSError):  # nobody answers on the socket left behind
+        UnixHTTPConnection(str(plugin.socket), timeout=2).connect()
+    plugin.start()
+    doc = ok(plugin, "VolumeDriver.Get", {"Name": "kept"})
+    assert doc["Volume"]["Status"]["Containers"] == 1
+
+
+def test_a_dead_worker_is_replaced(plugin: PluginProcess) -> None:
+    assert plugin.proc is not None
+    main = plugin.proc.pid
+    victim = _children(main)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: len(_children(main)) == WORKERS - 1 and victim not in _children(main),
+        "a new worker process",
+        30,
+    )
+    ok(plugin, "VolumeDriver.Create", {"Name": "after"})
+    assert f"worker process {victim} exited" in plugin.log()
+
+
+def test_sigterm_stops_the_workers_too(plugin: PluginProcess) -> None:
+    assert plugin.proc is not None
+    workers = _children(plugin.proc.pid)
+    assert plugin.stop() == 0
+    assert not any(_alive(w) for w in workers)
+    assert not plugin.socket.exists()
+
+
+def test_oplock_excludes_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "ops.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from volplugin.oplock import OpLock; "
+            f"lock = OpLock({str(path)!r}); lock.acquire(); print('held', flush=True); "
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        lock = OpLock(path)
+        start = time.monotonic()
+        assert lock.acquire(timeout=0.3) is False
+        assert time.monotonic() - start >= 0.3
+        assert holder.stdin is not None
+        holder.stdin.close()  # the holder exits, and its lock goes with it
+        holder.wait(10)
+        assert lock.acquire(timeout=5) is True
+        # Inside one process the lock excludes other threads too.
+        got: list[bool] = []
+        t = threading.Thread(target=lambda: got.append(lock.acquire(timeout=0.1)))
+        t.start()
+        t.join()
+        assert got == [False]
+        lock.release()
+        assert lock.acquire(timeout=1) is True
+        lock.release()
+        lock.close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
