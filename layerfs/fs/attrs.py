@@ -3,12 +3,14 @@
 Times are in nanoseconds (operations set ``use_ns = True``). A node's atime and
 ctime are its mtime: an image has no other times to show. ``pack_stat`` gives
 the same attributes as the bytes of fusepy's ``c_stat``, ready to copy into the
-buffer libfuse passes to getattr (see layerfs.fs.fastfuse).
+buffer libfuse passes to getattr (see layerfs.fs.fastfuse); ``pack_os_stat``
+does the same for an ``os.stat_result`` (files of a writable mount's upper tree).
 """
 
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import struct
 
@@ -132,3 +134,19 @@ def pack_stat(node: Node) -> bytes:
         "st_ctimespec.tv_nsec": nsec,
     }
     return _STAT.pack(*(values[name] for name in _ORDER))
+
+
+_TO_MEMORY = operator.itemgetter(*(_PACKED_FIELDS.index(name) for name in _ORDER))
+_NS = 1_000_000_000
+
+
+def pack_os_stat(st: os.stat_result, ino: int, blocks: int) -> bytes:
+    """``st`` as the bytes of a fusepy c_stat, with inode number ``ino`` and ``blocks``."""
+    asec, ansec = divmod(st.st_atime_ns, _NS)
+    msec, mnsec = divmod(st.st_mtime_ns, _NS)
+    csec, cnsec = divmod(st.st_ctime_ns, _NS)
+    values = (  # in _PACKED_FIELDS order
+        ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
+        st.st_blksize, blocks, asec, ansec, msec, mnsec, csec, cnsec,
+    )  # fmt: skip
+    return _STAT.pack(*_TO_MEMORY(values))

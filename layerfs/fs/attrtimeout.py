@@ -1,11 +1,13 @@
 """Per-answer attribute timeouts for libfuse 2's high-level API, in single-threaded mounts.
 
 libfuse 2 answers every LOOKUP, GETATTR, SETATTR and create with one global
-``attr_timeout``. A writable mount needs 0 for files that have or may gain
-several names: the path-based API gives each name its own kernel inode, so the
-cached attributes of one name would go stale when the file changes through
-another. Caching directories' attributes saves one GETATTR per path component
-of every system call (the kernel checks permissions with fresh attributes).
+``attr_timeout``. A writable mount needs 0 for files with several names: the
+path-based API gives each name its own kernel inode, so the cached attributes
+of one name would go stale when the file changes through another (a file that
+gains a second name has its cached attributes dropped, see
+layerfs.fs.lowlevel). Caching directories' attributes saves one GETATTR per
+path component of every system call (the kernel checks permissions with fresh
+attributes); caching those of files saves the GETATTRs around every setattr.
 
 libfuse reads the timeout from its configuration right after the operation's
 getattr returns, in the same request. In a single-threaded mount no other

@@ -11,6 +11,13 @@ one pread/pwrite each. Namespace changes take one lock; reads and writes do not.
 The upper tree is opened once and every upper call is relative to that
 descriptor (layerfs.treedir), so paths near PATH_MAX inside the mount work
 whatever the upper directory's own path.
+
+Requests that come by the thousand (lookups, create, write, release, getxattr,
+chmod, chown, utimens) also have raw forms for layerfs.fs.fastfuse, taking the
+bytes libfuse passes; they try the likely case first (an entry already in the
+upper tree, a name no layer has) and fall back to the general path. The kernel
+may cache the attributes of directories and of files with one name (see
+``_shown``), and flush never reaches Python.
 """
 
 from __future__ import annotations
@@ -24,14 +31,15 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fuse import FuseOSError, Operations, fuse_get_context
 
-from layerfs.fs.attrs import stat_of
+from layerfs.fs.attrs import pack_os_stat, pack_stat, stat_of
 from layerfs.fs.attrtimeout import AttrTimeout
 from layerfs.fs.copyup import CopyUp
+from layerfs.fs.lowlevel import LinkInvalidation
 from layerfs.fs.metafile import MetaFile
-from layerfs.fs.settimes import OneTimeSetattr
 from layerfs.fs.upper import (
     UpperDirs,
     is_opaque_at,
@@ -53,10 +61,18 @@ log = logging.getLogger(__name__)
 UPPER_INO_TAG = 1 << 60  # st_ino of entries made in the upper tree
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
+_CREATE = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC
+
+T = TypeVar("T")
 
 
 def _err(code: int) -> FuseOSError:
     return FuseOSError(code)
+
+
+def _text(raw: bytes) -> str:
+    """A path or name as libfuse passes it, as the str fusepy would give (see layerfs.fs.names)."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 @dataclass(slots=True)
@@ -78,6 +94,14 @@ class WritableOperations(Operations):
     """
 
     use_ns = True
+    # libfuse passes a setattr that sets one time as utimens with the other UTIME_OMIT.
+    flag_utime_omit_ok = 1
+    # Answered by libfuse without a Python call: opening a directory needs nothing,
+    # and flush has nothing to do (writes are written at once); its first ENOSYS
+    # tells the kernel to send no more.
+    opendir = None
+    releasedir = None
+    flush = None
 
     def __init__(
         self,
@@ -91,7 +115,8 @@ class WritableOperations(Operations):
         self.view = view
         self._attr_timeout = attr_timeout  # attached at init, if given
         self._attrs = attr_timeout or AttrTimeout(0.0, 0.0)
-        self._one_time = OneTimeSetattr()
+        self._links = LinkInvalidation()
+        self._cache_files = False  # set at init: attributes of one-name files may be cached
         self.on_exit = on_exit
         self.dirs = dirs
         self.tree = TreeDir(str(dirs.tree))
@@ -103,6 +128,7 @@ class WritableOperations(Operations):
         self._metas: dict[int, MetaFile] = {}  # upper st_ino -> open metacopy file
         self._inos: dict[int, int] = {}  # upper st_ino -> st_ino shown
         self._next_fh = itertools.count(1)
+        self._ids = (os.geteuid(), os.getegid())  # new entries belong to this owner
         self._open_lower = getattr(view, "open_file", None)
         self._chunk_offsets = getattr(view, "chunk_offsets", None)
 
@@ -134,7 +160,8 @@ class WritableOperations(Operations):
 
     def _lower_at(self, rel: str) -> Node | None:
         """The lower node at ``rel`` if no upper ancestor hides it (ignores rel itself)."""
-        return self.view.lookup(rel) if self._lower_visible(rel) else None
+        node = self.view.lookup(rel)  # first: most new names have no lower entry at all
+        return node if node is not None and self._lower_visible(rel) else None
 
     def _resolve(self, path: str) -> tuple[os.stat_result | None, Node | None]:
         """(upper stat or None, visible lower node or None); both None if absent."""
@@ -157,7 +184,8 @@ class WritableOperations(Operations):
         if st is not None and (stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1):
             self._inos.pop(st.st_ino, None)
 
-    def _upper_stat(self, st: os.stat_result, up: str) -> dict[str, int]:
+    def _blocks(self, st: os.stat_result, up: str) -> int:
+        """st_blocks shown: a metacopy file counts its lower bytes as its own."""
         blocks = st.st_blocks
         if (
             stat.S_ISREG(st.st_mode)
@@ -165,6 +193,10 @@ class WritableOperations(Operations):
             and read_metacopy_at(self.tree, up)
         ):
             blocks = -(-st.st_size // 512)
+        return blocks
+
+    def _upper_stat(self, st: os.stat_result, up: str) -> dict[str, int]:
+        blocks = self._blocks(st, up)
         return {
             "st_ino": self._ino(st, up),
             "st_mode": st.st_mode,
@@ -196,59 +228,107 @@ class WritableOperations(Operations):
                 raise _err(errno.ENOENT)
             return self.copier.copy_up(path[1:], node)
 
-    def _prepare_new(self, path: str) -> tuple[str, bool]:
-        """Make room for a new entry at ``path``: parents up, whiteout gone.
+    def _new_entry(self, path: str, make: Callable[[str], T]) -> tuple[T, str, bool]:
+        """Create a new entry at ``path`` with ``make(upper path)`` (call with the lock held).
 
-        Returns the upper path and whether a lower entry was hidden there (so a
-        new directory must be opaque).
+        Makes room first: EEXIST if ``path`` shows an entry, a whiteout there is
+        removed, missing parents are copied up (only if ``make`` finds them
+        missing). Returns what ``make`` returned, the upper path, and whether a
+        lower entry was hidden there (so a new directory must be opaque).
         """
         rel = path[1:]
-        self.copier.ensure_parents(rel)
         up = self._up(path)
+        if self._lower_at(rel) is None:  # most new names: only the upper tree can refuse
+            try:
+                return self._make_in_parent(rel, up, make), up, False
+            except FileExistsError:
+                pass  # a whiteout (of an entry no longer shown), or an upper entry
         st = self._ulstat(up)
-        if st is not None:
-            if not is_whiteout(st):
-                raise _err(errno.EEXIST)
-            os.unlink(up, dir_fd=self._fd)
-            return up, True
-        if self._lower_at(rel) is not None:
+        if st is None or not is_whiteout(st):
             raise _err(errno.EEXIST)
-        return up, False
+        os.unlink(up, dir_fd=self._fd)
+        return make(up), up, True
+
+    def _make_in_parent(self, rel: str, up: str, make: Callable[[str], T]) -> T:
+        """``make(up)``, copying the parents of ``rel`` up if it finds them missing."""
+        try:
+            return make(up)
+        except FileNotFoundError:
+            if "/" not in rel:
+                raise
+        self.copier.ensure_parents(rel)
+        return make(up)
 
     def _owner(self, up: str, follow: bool = False) -> None:
         uid, gid, _pid = fuse_get_context()
-        if (uid, gid) != (os.geteuid(), os.getegid()):
+        if (uid, gid) != self._ids:
             os.chown(up, uid, gid, dir_fd=self._fd, follow_symlinks=follow)
 
     def init(self, path: str) -> None:
-        if self._attr_timeout is not None:
-            self._attr_timeout.attach()
-        self._one_time.attach()
+        if self._attr_timeout is not None and self._attr_timeout.attach():
+            self._cache_files = self._links.attach()
 
     # -- metadata ------------------------------------------------------------------------
-    def getattr(self, path: str, fh=None) -> dict[str, int]:
-        """Attributes of ``path``; the kernel may cache those of directories.
+    def _shown(self, path: str) -> tuple[str, os.stat_result | None, Node | None]:
+        """(upper path, upper stat or None, lower node or None) of what ``path`` shows.
 
         Every answer carrying attributes (lookup, getattr, setattr, create) is
-        built right after this call, so this sets its attribute timeout too.
-        Only directories qualify: any other file may gain a second name, and
-        since the kernel (6.x) keeps the first name's cached attributes when a
-        link is made, they would go stale when the file changes through the
-        new name. Directories have one name, and the kernel drops their cached
-        attributes itself when it changes an entry in them.
+        built right after this call, so this sets its attribute timeout too:
+        the kernel may cache the attributes of directories and of files with
+        one name. libfuse gives every name its own kernel inode, so those of a
+        file with several names would go stale when it changes through another
+        name; a file that gains a second name has its cached attributes dropped
+        first (layerfs.fs.lowlevel), and without that hook only directories are
+        cached. The kernel drops a directory's cached attributes itself when it
+        changes an entry in it.
         """
         up = self._up(path)
         st = self._ulstat(up)
-        if st is not None:
-            if is_whiteout(st):
-                raise _err(errno.ENOENT)
-            self._attrs.answer(stat.S_ISDIR(st.st_mode))
-            return self._upper_stat(st, up)
-        node = self._lower_at(path[1:])
+        if st is None:
+            return up, None, self._lower_shown(path[1:])
+        if is_whiteout(st):
+            raise _err(errno.ENOENT)
+        mode = st.st_mode
+        self._attrs.answer(stat.S_ISDIR(mode) or (self._cache_files and st.st_nlink == 1))
+        return up, st, None
+
+    def _lower_shown(self, rel: str) -> Node:
+        """The lower node shown at ``rel`` (no upper entry there), for an answer with
+        attributes; ENOENT if there is none."""
+        node = self._lower_at(rel)
         if node is None:
             raise _err(errno.ENOENT)
-        self._attrs.answer(node.kind is Kind.DIR)
-        return stat_of(node)
+        self._attrs.answer(node.kind is Kind.DIR or (self._cache_files and node.nlink == 1))
+        return node
+
+    def getattr(self, path: str, fh=None) -> dict[str, int]:
+        """Attributes of ``path`` (see ``_shown`` for how long the kernel keeps them)."""
+        up, st, node = self._shown(path)
+        return self._upper_stat(st, up) if st is not None else stat_of(node)
+
+    def raw_stat(self, path: bytes) -> bytes:
+        """``getattr`` as the bytes of a c_stat (layerfs.fs.fastfuse).
+
+        The common case, an upper entry, is spelled out: this runs for every
+        lookup and after every create and setattr.
+        """
+        text = _text(path)
+        up = text[1:] or "."
+        try:
+            st = os.stat(up, dir_fd=self._fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if st is None:
+            return pack_stat(self._lower_shown(text[1:]))
+        if is_whiteout(st):
+            raise _err(errno.ENOENT)
+        mode = st.st_mode
+        self._attrs.answer(stat.S_ISDIR(mode) or (self._cache_files and st.st_nlink == 1))
+        ino = self._inos.get(st.st_ino) or self._ino(st, up)
+        blocks = st.st_blocks
+        if blocks * 512 < st.st_size:
+            blocks = self._blocks(st, up)
+        return pack_os_stat(st, ino, blocks)
 
     def access(self, path: str, amode: int) -> int:
         self.getattr(path)
@@ -308,35 +388,89 @@ class WritableOperations(Operations):
             "f_namemax": sv.f_namemax,
         }
 
-    def chmod(self, path: str, mode: int) -> int:
+    def _change(self, path: str, change: Callable[[str], object]) -> None:
+        """Run ``change(upper path)`` on the entry ``path`` shows, copied up if it is lower.
+
+        The upper entry is tried first: if it exists, it is the one shown (a
+        path libfuse passes is never that of a whiteout, see ``raw_getxattr``).
+        """
+        up = self._up(path)
         with self._lock:
-            os.chmod(self._need_upper(path), stat.S_IMODE(mode), dir_fd=self._fd)
+            try:
+                change(up)
+                return
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            change(self._need_upper(path))
+
+    def chmod(self, path: str, mode: int) -> int:
+        perm = stat.S_IMODE(mode)
+        self._change(path, lambda up: os.chmod(up, perm, dir_fd=self._fd))
         return 0
 
     def chown(self, path: str, uid: int, gid: int) -> int:
-        with self._lock:
-            up = self._need_upper(path)
-            os.chown(up, uid, gid, dir_fd=self._fd, follow_symlinks=False)
+        self._change(
+            path, lambda up: os.chown(up, uid, gid, dir_fd=self._fd, follow_symlinks=False)
+        )
         return 0
 
     def utimens(self, path: str, times=None) -> int:
-        with self._lock:
-            utimens_at(self._fd, self._need_upper(path), times)
+        self._change(path, lambda up: utimens_at(self._fd, up, times))
         return 0
+
+    def raw_chmod(self, path: bytes, mode: int) -> None:
+        self.chmod(_text(path), mode)
+
+    def raw_chown(self, path: bytes, uid: int, gid: int) -> None:
+        self.chown(_text(path), uid, gid)
+
+    def raw_utimens(self, path: bytes, times: tuple[int, int] | None) -> None:
+        self.utimens(_text(path), times)
 
     # -- xattrs --------------------------------------------------------------------------
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         if is_private_xattr(name):
             raise _err(errno.ENODATA)
-        st, node = self._resolve(path)
+        up = self._up(path)
+        st = self._ulstat(up)  # (the kernel asks for security.capability before every write)
         if st is not None:
-            return self.tree.xattr(os.getxattr, self._up(path), name)
+            if is_whiteout(st):
+                raise _err(errno.ENOENT)
+            return self.tree.xattr(os.getxattr, up, name)
+        node = self._lower_at(path[1:])
         if node is None:
             raise _err(errno.ENOENT)
         value = self.view.xattrs(node).get(name)
         if value is None:
             raise _err(errno.ENODATA)
         return value
+
+    def raw_getxattr(self, path: bytes, name: bytes) -> bytes | None:
+        """``getxattr`` for layerfs.fs.fastfuse: None if the attribute is not set.
+
+        The kernel asks for security.capability before every write, almost
+        always of an upper file without it, so the upper entry is asked first
+        and its ENODATA is not raised on. A path libfuse passes is one the
+        kernel looked up, never a whiteout (its name is gone from libfuse's
+        table when it is deleted), so only ENOENT needs the full ``getxattr``.
+        """
+        text, key = _text(path), _text(name)
+        if is_private_xattr(key):
+            return None
+        up = self._up(text)
+        try:
+            return self.tree.xattr(os.getxattr, up, key)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                return None
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+        try:
+            return self.getxattr(text, key)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                return None
+            raise
 
     def listxattr(self, path: str) -> list[str]:
         st, node = self._resolve(path)
@@ -365,8 +499,9 @@ class WritableOperations(Operations):
     # -- namespace -----------------------------------------------------------------------
     def mkdir(self, path: str, mode: int) -> int:
         with self._lock:
-            up, hid = self._prepare_new(path)
-            os.mkdir(up, stat.S_IMODE(mode), dir_fd=self._fd)
+            _, up, hid = self._new_entry(
+                path, lambda up: os.mkdir(up, stat.S_IMODE(mode), dir_fd=self._fd)
+            )
             if hid:
                 set_opaque_at(self.tree, up)
             self._owner(up)
@@ -374,23 +509,24 @@ class WritableOperations(Operations):
 
     def mknod(self, path: str, mode: int, dev: int) -> int:
         with self._lock:
-            up, _ = self._prepare_new(path)
-            os.mknod(up, mode, dev, dir_fd=self._fd)
+            _, up, _ = self._new_entry(path, lambda up: os.mknod(up, mode, dev, dir_fd=self._fd))
             self._owner(up)
         return 0
 
     def symlink(self, target: str, source: str) -> int:
         with self._lock:
-            up, _ = self._prepare_new(target)
-            os.symlink(source, up, dir_fd=self._fd)
+            _, up, _ = self._new_entry(target, lambda up: os.symlink(source, up, dir_fd=self._fd))
             self._owner(up)
         return 0
 
     def link(self, target: str, source: str) -> int:
         with self._lock:
             src = self._need_upper(source)
-            up, _ = self._prepare_new(target)
-            os.link(src, up, src_dir_fd=self._fd, dst_dir_fd=self._fd, follow_symlinks=False)
+
+            def make(up: str) -> None:
+                os.link(src, up, src_dir_fd=self._fd, dst_dir_fd=self._fd, follow_symlinks=False)
+
+            _, up, _ = self._new_entry(target, make)
             self._inos.pop(os.stat(up, dir_fd=self._fd, follow_symlinks=False).st_ino, None)
         return 0
 
@@ -523,7 +659,7 @@ class WritableOperations(Operations):
         self._handles[fh] = handle
         return fh
 
-    def _open_upper(self, up: str, flags: int, fi) -> int:
+    def _open_upper(self, up: str, flags: int) -> int:
         writing = (flags & _ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         st = os.stat(up, dir_fd=self._fd)
         handle = Handle()
@@ -538,61 +674,82 @@ class WritableOperations(Operations):
         handle.fd = os.open(up, flags & ~_OPEN_DROP, dir_fd=self._fd)
         if flags & os.O_TRUNC and handle.meta is None:
             os.ftruncate(handle.fd, 0)
-        fi.fh = self._add(handle)
-        return 0
+        return self._add(handle)
 
-    def open(self, path: str, fi) -> int:
-        flags = fi.flags
+    def _open(self, path: str, flags: int) -> tuple[int, bool]:
+        """Open ``path``; return the file handle and whether cached pages may be kept."""
         writing = (flags & _ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         up = self._up(path)
         st = self._ulstat(up)
         if st is not None and not is_whiteout(st):
             with self._lock:
-                return self._open_upper(up, flags, fi)
+                return self._open_upper(up, flags), False
         node = self._lower_at(path[1:]) if st is None else None
         if node is None:
             raise _err(errno.ENOENT)
         if writing:
             with self._lock:
-                return self._open_upper(self._need_upper(path), flags, fi)
+                return self._open_upper(self._need_upper(path), flags), False
         handle = Handle()
         if self._open_lower is not None:
             handle.fd = self._open_lower(node)
         else:
             handle.node = node
-        fi.keep_cache = 1
-        fi.fh = self._add(handle)
+        return self._add(handle), True
+
+    def open(self, path: str, fi) -> int:
+        fi.fh, keep_cache = self._open(path, fi.flags)
+        if keep_cache:
+            fi.keep_cache = 1
         return 0
 
-    def create(self, path: str, mode: int, fi) -> int:
+    def raw_open(self, path: bytes, flags: int) -> tuple[int, bool]:
+        return self._open(_text(path), flags)
+
+    def _create(self, path: str, mode: int) -> int:
+        """Create and open a new regular file at ``path``; return its file handle."""
+        perm = stat.S_IMODE(mode)
         with self._lock:
-            up, _ = self._prepare_new(path)
-            fd = os.open(
-                up, os.O_CREAT | os.O_EXCL | os.O_RDWR, stat.S_IMODE(mode), dir_fd=self._fd
+            fd, _up, _hid = self._new_entry(
+                path, lambda up: os.open(up, _CREATE, perm, dir_fd=self._fd)
             )
             try:
                 uid, gid, _pid = fuse_get_context()
-                if (uid, gid) != (os.geteuid(), os.getegid()):
+                if (uid, gid) != self._ids:
                     os.fchown(fd, uid, gid)
+                ino = os.fstat(fd).st_ino
             except BaseException:
                 os.close(fd)
                 raise
-            fi.fh = self._add(Handle(fd=fd))
+            self._inos[ino] = UPPER_INO_TAG | ino  # a new file: no inode number to keep
+            return self._add(Handle(fd=fd))
+
+    def create(self, path: str, mode: int, fi) -> int:
+        fi.fh = self._create(path, mode)
         return 0
 
-    def read(self, path: str, size: int, offset: int, fi) -> bytes:
-        h = self._handles[fi.fh]
+    def raw_create(self, path: bytes, mode: int) -> int:
+        return self._create(_text(path), mode)
+
+    def raw_pread(self, fh: int, size: int, offset: int) -> bytes:
+        h = self._handles[fh]
         if h.meta is not None:
             return h.meta.read(size, offset)
         if h.fd >= 0:
             return os.pread(h.fd, size, offset)
         return self.view.read(h.node, offset, size)
 
-    def write(self, path: str, data: bytes, offset: int, fi) -> int:
-        h = self._handles[fi.fh]
+    def raw_pwrite(self, fh: int, data: bytes, offset: int) -> int:
+        h = self._handles[fh]
         if h.meta is not None:
             return h.meta.write(data, offset)
         return os.pwrite(h.fd, data, offset)
+
+    def read(self, path: str, size: int, offset: int, fi) -> bytes:
+        return self.raw_pread(fi.fh, size, offset)
+
+    def write(self, path: str, data: bytes, offset: int, fi) -> int:
+        return self.raw_pwrite(fi.fh, data, offset)
 
     def truncate(self, path: str, length: int, fh=None) -> int:
         if fh is not None:
@@ -628,9 +785,6 @@ class WritableOperations(Operations):
         finally:
             os.close(fd)
 
-    def flush(self, path: str, fi) -> int:
-        return 0
-
     def fsync(self, path: str, datasync: int, fi) -> int:
         h = self._handles[fi.fh]
         fd = h.meta.fd if h.meta is not None else h.fd
@@ -641,15 +795,18 @@ class WritableOperations(Operations):
                 os.fsync(fd)
         return 0
 
-    def release(self, path: str, fi) -> int:
-        h = self._handles.pop(fi.fh, None)
+    def raw_release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
         if h is None:
-            return 0
+            return
         if h.fd >= 0:
             os.close(h.fd)
         if h.meta is not None:
             with self._lock:
                 self._drop_meta(h.meta_key, h.meta)
+
+    def release(self, path: str, fi) -> int:
+        self.raw_release(fi.fh)
         return 0
 
     def fsyncdir(self, path: str, datasync: int, fh) -> int:

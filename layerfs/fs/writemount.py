@@ -39,11 +39,13 @@ WRITABLE_OPTIONS = {
     "max_write": 131072,
     "max_read": 131072,
     # One thread: requests of a Python filesystem do not overlap usefully (GIL),
-    # each hand-over between threads costs, and layerfs.fs.attrtimeout needs it.
+    # each hand-over between threads costs, and layerfs.fs.attrtimeout and
+    # layerfs.fs.lowlevel need it.
     "nothreads": True,
     # Hard links get one kernel inode per name in libfuse's path-based API, so
     # cached attributes of one name would go stale when another name is written:
-    # attributes are cached only for files with one name (layerfs.fs.attrtimeout).
+    # attributes are cached only for files with one name (layerfs.fs.attrtimeout),
+    # and dropped when a file gains a second one (layerfs.fs.lowlevel).
     **attrtimeout.mount_options(ENTRY_TIMEOUT),
 }
 
