@@ -13,6 +13,10 @@ not rewrite (layerfs.metacontent), so nothing unchanged is read or re-chunked.
 A directory carrying ``trusted.overlay.redirect`` (a rename kept as a pointer)
 is treated as opaque and its children are listed through the mount.
 
+Files of at most INLINE_MAX bytes are kept inline in their entry, as an
+import keeps them, not stored as chunks; larger files' new chunks are
+compressed and written on worker threads while the next files are read.
+
 Order of the changeset: depth first, a directory before its children, its
 opaque marker right after it, whiteouts before their siblings, names sorted
 bytewise; no path appears twice.
@@ -34,12 +38,14 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from layerfs.catalog import LayerRecord
+from layerfs.formats.layertar import INLINE_MAX
 from layerfs.fs.upper import X_OVL_METACOPY, read_metacopy
-from layerfs.metacontent import store_metacopy
+from layerfs.metacontent import metacopy_bytes, store_metacopy
 from layerfs.records import Entry, Kind, get_tree, kind_from_mode
-from layerfs.store.chunks import ChunkStore, WriteStats
+from layerfs.store.chunks import ChunkRef, ChunkStore, WriteStats
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
 REDIRECT_XATTR = "trusted.overlay.redirect"
@@ -61,7 +67,12 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def _getxattr(path: Path, name: str) -> bytes | None:
+def _under(root: Path | str, rel: str) -> str:
+    """The path of ``rel`` below ``root`` as a string (cheaper than Path joins per file)."""
+    return f"{root}/{rel}" if rel else str(root)
+
+
+def _getxattr(path: Path | str, name: str) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError:
@@ -78,19 +89,21 @@ def scan_upper(upper: Path, mountpoint: Path) -> list[UpperItem]:
 
     def walk(rel: str, listed_from_mount: bool) -> None:
         base = mountpoint if listed_from_mount else upper
-        for name in os.listdir(base / rel if rel else base):
+        for name in os.listdir(_under(base, rel)):
             child = _join(rel, name)
             if listed_from_mount:
                 items.append(UpperItem(child, via_mount=True))
-                if os.path.isdir(mountpoint / child) and not os.path.islink(mountpoint / child):
+                full = _under(mountpoint, child)
+                if os.path.isdir(full) and not os.path.islink(full):
                     walk(child, True)
                 continue
-            st = os.lstat(upper / child)
+            full = _under(upper, child)
+            st = os.lstat(full)
             if _is_whiteout(st):
                 items.append(UpperItem(child, whiteout=True))
             elif stat.S_ISDIR(st.st_mode):
-                redirect = _getxattr(upper / child, REDIRECT_XATTR) is not None
-                opaque = redirect or _getxattr(upper / child, OPAQUE_XATTR) == b"y"
+                redirect = _getxattr(full, REDIRECT_XATTR) is not None
+                opaque = redirect or _getxattr(full, OPAQUE_XATTR) == b"y"
                 items.append(UpperItem(child, opaque=opaque))
                 walk(child, redirect)
             else:
@@ -100,9 +113,9 @@ def scan_upper(upper: Path, mountpoint: Path) -> list[UpperItem]:
     return items
 
 
-def read_entry(mountpoint: Path, path: str) -> tuple[Entry, os.stat_result]:
+def read_entry(mountpoint: Path | str, path: str) -> tuple[Entry, os.stat_result]:
     """Metadata of ``path`` as the mount shows it (no content yet)."""
-    full = mountpoint / path if path else mountpoint
+    full = _under(mountpoint, path)
     st = os.lstat(full)
     entry = Entry(
         path=path,
@@ -152,7 +165,7 @@ def _lower_partners(
         if path in taken or entry.kind is not Kind.FILE or entry.size != st.st_size:
             continue
         try:
-            other = os.lstat(mountpoint / path)
+            other = os.lstat(_under(mountpoint, path))
         except OSError:
             continue
         if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
@@ -206,6 +219,7 @@ def build_changeset(
     order = sorted(items.values(), key=lambda i: _sort_key(i.path, i.whiteout))
     first_of: dict[tuple[int, int], str] = {}
     out: list[Entry] = []
+    files: list[tuple[Entry, int, bool]] = []  # content to read: entry, size, from the upper?
     for item in order:
         if item.whiteout:
             out.append(Entry(item.path, Kind.WHITEOUT))
@@ -221,12 +235,11 @@ def build_changeset(
             entry.kind, entry.target = Kind.HARDLINK, first_of[key]
             continue
         first_of.setdefault(key, item.path)
-        if item.path in from_upper:
-            entry.chunks = _upper_content(store, upper, mountpoint, item.path, lower, write_stats)
-        else:
-            with open(mountpoint / item.path, "rb") as f:
-                entry.chunks = store.write_stream(f, write_stats)
-        entry.size = sum(c.size for c in entry.chunks)
+        files.append((entry, st.st_size, item.path in from_upper))
+    with store.background_writes():  # chunks compressed and written on worker threads
+        for entry, size, exact in files:
+            where = upper if exact else None
+            _store_content(store, entry, size, where, mountpoint, lower, write_stats)
     return out
 
 
@@ -241,7 +254,7 @@ def _prefetch(upper: Path, paths: Iterable[str], stat_of: dict[str, os.stat_resu
         if not 0 < st.st_size <= PREFETCH_MAX or st.st_blocks == 0:
             continue
         try:
-            fd = os.open(upper / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(_under(upper, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue
         try:
@@ -252,25 +265,70 @@ def _prefetch(upper: Path, paths: Iterable[str], stat_of: dict[str, os.stat_resu
             os.close(fd)
 
 
-def _upper_content(
+def _store_content(
     store: ChunkStore,
-    upper: Path,
+    entry: Entry,
+    size: int,
+    upper: Path | None,
     mountpoint: Path,
-    path: str,
     lower: dict[str, Entry],
     write_stats: WriteStats | None,
-) -> list:
-    """Chunks of the upper file ``path``; a metacopy file reuses its origin's chunks."""
-    with open(upper / path, "rb") as f:
+) -> None:
+    """Give a file entry its content: inline if small, else chunks in ``store``.
+
+    ``size`` is the file's size as stat saw it. ``upper``: read the file from
+    the upper tree there (a metacopy file reuses its origin's chunks), else
+    through the mount.
+    """
+    content = None
+    if upper is not None:
+        content = _upper_content(store, _under(upper, entry.path), size, lower, write_stats)
+    if content is None:
+        with open(_under(mountpoint, entry.path), "rb") as f:
+            content = _file_content(store, f, size, write_stats)
+    if isinstance(content, bytes):
+        entry.inline, entry.chunks, entry.size = content, [], len(content)
+    else:
+        entry.inline, entry.chunks = None, content
+        entry.size = sum(c.size for c in content)
+
+
+def _file_content(
+    store: ChunkStore, f: BinaryIO, size: int, write_stats: WriteStats | None
+) -> bytes | list[ChunkRef]:
+    """A file's bytes if it is small enough to keep inline (see INLINE_MAX), else its chunks."""
+    if size <= INLINE_MAX:
+        data = f.read(INLINE_MAX + 1)
+        if len(data) <= INLINE_MAX:
+            return data
+        f.seek(0)  # it grew meanwhile
+    return store.write_stream(f, write_stats)
+
+
+def _upper_content(
+    store: ChunkStore,
+    path: str,
+    size: int,
+    lower: dict[str, Entry],
+    write_stats: WriteStats | None,
+) -> bytes | list[ChunkRef] | None:
+    """Content of the upper file ``path``; a metacopy file reuses its origin's chunks.
+
+    None: only the mount shows its content (a kernel overlayfs metacopy file, or
+    a metacopy file whose origin the lower layers do not hold).
+    """
+    with open(path, "rb") as f:
         fd = f.fileno()
         meta = read_metacopy(fd)
-        if meta is None and _getxattr(upper / path, X_OVL_METACOPY) is None:
-            return store.write_stream(f, write_stats)
+        if meta is None and _getxattr(path, X_OVL_METACOPY) is None:
+            return _file_content(store, f, size, write_stats)
         origin = lower.get(meta.origin) if meta is not None else None
-        if meta is not None and origin is not None and origin.kind is Kind.FILE:
-            return store_metacopy(store, fd, os.fstat(fd).st_size, meta, origin, write_stats)
-    with open(mountpoint / path, "rb") as f:  # a kernel overlayfs metacopy: ask the mount
-        return store.write_stream(f, write_stats)
+        if meta is None or origin is None or origin.kind is not Kind.FILE:
+            return None
+        size = os.fstat(fd).st_size
+        if size <= INLINE_MAX:
+            return metacopy_bytes(store, fd, size, meta, origin)
+        return store_metacopy(store, fd, size, meta, origin, write_stats)
 
 
 def lower_entries(store: ChunkStore, layers: Iterable[LayerRecord]) -> dict[str, Entry]:

@@ -12,22 +12,30 @@ Sockets cannot be archived and are skipped; the root entry ('') is skipped.
 from __future__ import annotations
 
 import hashlib
+import queue
 import tarfile
-from collections import deque
+import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from layerfs.errors import CorruptObject
 from layerfs.records import Entry, Kind
-from layerfs.store.chunks import ChunkRef, ChunkStore
+from layerfs.store.chunks import ChunkStore
 
 BLOCK = 512
-READ_WORKERS = 4  # threads reading chunks ahead of the tar writer
-READ_AHEAD = 32  # chunks read ahead (at most 8 MiB at the largest chunk size)
+_ZEROS = bytes(2 * BLOCK)
+SMALL_WRITE = 64 << 10  # writes below this are gathered before they go to the hashing thread
+BATCH_BYTES = 1 << 20  # bytes handed to the hashing thread at once
+QUEUED_BATCHES = 8  # batches waiting for the hashing thread (bounds memory)
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+_REG = tarfile.REGTYPE
+_MAX7 = 8**7  # numbers below these fit 8- and 12-byte octal fields
+_MAX11 = 8**11
+_NUL16 = bytes(16)
+_NUL64 = bytes(64)
+_NUL167 = bytes(167)
 _TYPES = {
     Kind.FILE: tarfile.REGTYPE,
     Kind.DIR: tarfile.DIRTYPE,
@@ -48,18 +56,80 @@ class TarDigest:
 
 
 class _HashingWriter:
-    """Forward writes to a sink while hashing and counting them."""
+    """Hash, count and forward the tar's bytes, hashing on a thread of its own.
+
+    sha256 and the sink's writes release the GIL, so the thread hashes one
+    batch while the caller reads and decodes the next chunks. Small writes
+    (headers, padding) are gathered into one buffer; a batch goes to the thread
+    once it holds BATCH_BYTES. The first error of the thread (a sink that
+    cannot be written) is raised by the next ``write`` or by ``finish``.
+    """
 
     def __init__(self, sink: BinaryIO | None) -> None:
         self.sink = sink
         self.sha = hashlib.sha256()
         self.size = 0
+        self._small = bytearray()
+        self._batch: list[bytes | memoryview] = []
+        self._batch_size = 0
+        self._queue: queue.Queue[list[bytes | memoryview] | None] = queue.Queue(QUEUED_BATCHES)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="layerfs-tar-hash", daemon=True)
+        self._thread.start()
 
-    def write(self, data: bytes) -> None:
-        self.sha.update(data)
+    def write(self, data: bytes | memoryview) -> None:
         self.size += len(data)
-        if self.sink is not None:
-            self.sink.write(data)
+        if len(data) < SMALL_WRITE:
+            self._small += data
+            if len(self._small) < SMALL_WRITE:
+                return
+            data, self._small = bytes(self._small), bytearray()
+        elif self._small:
+            self._add(bytes(self._small))
+            self._small = bytearray()
+        self._add(data)
+
+    def _add(self, data: bytes | memoryview) -> None:
+        self._batch.append(data)
+        self._batch_size += len(data)
+        if self._batch_size >= BATCH_BYTES:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch, self._batch_size = [], 0
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so the writer never blocks on a full queue
+            try:
+                for data in batch:
+                    self.sha.update(data)
+                    if self.sink is not None:
+                        self.sink.write(data)
+            except BaseException as exc:  # raised again in the writer's thread
+                self._error = exc
+
+    def finish(self) -> str:
+        """Wait for every byte to be hashed and written; return the sha256 in hex."""
+        if self._small:
+            self._add(bytes(self._small))
+            self._small = bytearray()
+        self._hand_over()
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        """Stop the thread (after what it was given); safe to call twice."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def _join(parent: str, name: str) -> str:
@@ -97,46 +167,83 @@ def tar_info(entry: Entry) -> tarfile.TarInfo | None:
     return info
 
 
-def _chunks_ahead(
-    store: ChunkStore, refs: Iterable[ChunkRef], workers: int = READ_WORKERS
-) -> Iterator[bytes]:
-    """The verified bytes of ``refs`` in order, read by a few threads ahead of the caller.
+def tar_header(entry: Entry) -> bytes | None:
+    """The header bytes of one entry (as ``tar_info(entry).tobuf`` in PAX format), or None.
 
-    Store reads wait on the disk or the network and decompression releases the
-    GIL, so reading ahead overlaps them with hashing the tar.
+    Most entries need no PAX records: ASCII names and link targets that fit
+    their ustar fields, no xattrs, numbers that fit theirs. Their ustar block
+    is built here directly, byte for byte what tarfile builds (and much
+    cheaper); every other entry goes through tarfile.
     """
-    with ThreadPoolExecutor(workers, thread_name_prefix="layerfs-tar-read") as pool:
-        ahead: deque[tuple[ChunkRef, Future[bytes]]] = deque()
-        try:
-            for ref in refs:
-                ahead.append((ref, pool.submit(store.get_chunk, ref.digest)))
-                if len(ahead) >= READ_AHEAD:
-                    yield _checked(*ahead.popleft())
-            while ahead:
-                yield _checked(*ahead.popleft())
-        finally:
-            for _ref, future in ahead:
-                future.cancel()
+    kind = entry.kind
+    if kind is Kind.WHITEOUT:
+        name, typeflag, mode = _join(entry.parent, WHITEOUT_PREFIX + entry.name), _REG, 0o600
+        uid = gid = mtime = size = 0
+    elif kind is Kind.OPAQUE:
+        name, typeflag, mode = _join(entry.path, OPAQUE_MARKER), _REG, 0o600
+        uid = gid = mtime = size = 0
+    elif kind in _TYPES and entry.path and not entry.xattrs:
+        name, typeflag, mode = entry.path, _TYPES[kind], entry.mode & 0o7777
+        uid, gid, mtime = entry.uid, entry.gid, entry.mtime_ns // 1_000_000_000
+        size = entry.size if kind is Kind.FILE else 0
+        if kind is Kind.DIR and not name.endswith("/"):
+            name += "/"
+    else:
+        return _tarfile_header(entry)
+    link = entry.target if kind in (Kind.SYMLINK, Kind.HARDLINK) else ""
+    major, minor = entry.rdev if kind in (Kind.CHAR, Kind.BLOCK) else (0, 0)
+    if not (
+        len(name) <= 100
+        and len(link) <= 100
+        and name.isascii()
+        and link.isascii()
+        and 0 <= uid < _MAX7
+        and 0 <= gid < _MAX7
+        and 0 <= size < _MAX11
+        and 0 <= mtime < _MAX11
+        and 0 <= major < _MAX7
+        and 0 <= minor < _MAX7
+    ):
+        return _tarfile_header(entry)
+    devices = b"%07o\0%07o\0" % (major, minor) if kind in (Kind.CHAR, Kind.BLOCK) else _NUL16
+    block = b"".join(
+        (
+            name.encode("ascii").ljust(100, b"\0"),
+            b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime),
+            b"        ",  # the checksum field counts as spaces
+            typeflag,
+            link.encode("ascii").ljust(100, b"\0"),
+            tarfile.POSIX_MAGIC,
+            _NUL64,  # uname, gname
+            devices,
+            _NUL167,  # prefix and the block's padding
+        )
+    )
+    return block[:148] + b"%06o\0" % sum(block) + block[155:]
 
 
-def _checked(ref: ChunkRef, future: Future[bytes]) -> bytes:
-    data = future.result()
-    if len(data) != ref.size:
-        raise CorruptObject(f"object {ref.digest} has the wrong length")
-    return data
+def _tarfile_header(entry: Entry) -> bytes | None:
+    info = tar_info(entry)
+    return None if info is None else info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def write_layer(
     entries: Iterable[Entry], store: ChunkStore, sink: BinaryIO | None = None
 ) -> TarDigest:
-    """Write the layer tar of ``entries`` to ``sink`` (or only hash it); return its DiffID."""
+    """Write the layer tar of ``entries`` to ``sink`` (or only hash it); return its DiffID.
+
+    The chunks are read once, in tar order, through ChunkStore.stream_content.
+    """
     entries = list(entries)
-    contents = _chunks_ahead(
-        store, (ref for e in entries if e.inline is None and _has_content(e) for ref in e.chunks)
+    contents = store.stream_content(
+        ref for e in entries if e.inline is None and _has_content(e) for ref in e.chunks
     )
+    out = _HashingWriter(sink)
     try:
-        return _write_layer(entries, contents, sink)
+        _write_layer(entries, contents, out)
+        return TarDigest("sha256:" + out.finish(), out.size)
     finally:
+        out.close()
         contents.close()
 
 
@@ -146,15 +253,14 @@ def _has_content(entry: Entry) -> bool:
 
 
 def _write_layer(
-    entries: list[Entry], contents: Iterator[bytes], sink: BinaryIO | None
-) -> TarDigest:
-    out = _HashingWriter(sink)
+    entries: list[Entry], contents: Iterator[bytes | memoryview], out: _HashingWriter
+) -> None:
     for entry in entries:
-        info = tar_info(entry)
-        if info is None:
+        header = tar_header(entry)
+        if header is None:
             continue
-        out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        if info.type != tarfile.REGTYPE or not info.size:
+        out.write(header)
+        if not _has_content(entry):
             continue
         written = 0
         if entry.inline is not None:
@@ -165,11 +271,10 @@ def _write_layer(
                 data = next(contents)
                 out.write(data)
                 written += len(data)
-        if written != info.size:
+        if written != entry.size:
             raise CorruptObject(
-                f"{entry.path}: the store holds {written} bytes but the record says {info.size}"
+                f"{entry.path}: the store holds {written} bytes but the record says {entry.size}"
             )
         if written % BLOCK:
-            out.write(b"\0" * (BLOCK - written % BLOCK))
-    out.write(b"\0" * (2 * BLOCK))
-    return TarDigest("sha256:" + out.sha.hexdigest(), out.size)
+            out.write(_ZEROS[: BLOCK - written % BLOCK])
+    out.write(_ZEROS[: 2 * BLOCK])

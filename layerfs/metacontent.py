@@ -7,6 +7,8 @@ the unwritten part (and below the current size) keeps its chunk reference, so
 a chmod of a 1 GB file reads nothing and a 1-byte write re-stores one chunk.
 The bytes in between (materialized ranges, partly written chunks, anything
 past the lower end) are gathered in order and chunked like new data.
+A small file's whole content can be had as bytes instead (``metacopy_bytes``),
+for records that keep it inline.
 """
 
 from __future__ import annotations
@@ -97,3 +99,25 @@ def store_metacopy(
         gather.add_upper(fd, pos, size)
     gather.flush()
     return out
+
+
+def metacopy_bytes(store: ChunkStore, fd: int, size: int, meta: MetaCopy, lower: Entry) -> bytes:
+    """The whole content of a metacopy upper file (``size`` bytes, open as ``fd``).
+
+    The same bytes ``store_metacopy`` stores, read into memory: for small files.
+    """
+    out = bytearray(os.pread(fd, size, 0).ljust(size, b"\0"))  # a shrunk file reads as zeros
+    if lower.inline is not None:
+        base = lower.inline[:size]
+    else:
+        refs: list[ChunkRef] = []
+        covered = 0
+        for ref in lower.chunks:
+            if covered >= size:
+                break
+            refs.append(ref)
+            covered += ref.size
+        base = b"".join(store.iter_content(refs))[:size]
+    for a, b in meta.missing(0, len(base)):
+        out[a:b] = base[a:b]
+    return bytes(out)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from layerfs.changeset import build_changeset, docker_diff, scan_upper
-from layerfs.formats.layertar import parse_layer
+from layerfs.formats.layertar import INLINE_MAX, parse_layer
 from layerfs.layertar import write_layer
-from layerfs.records import Entry, Kind
+from layerfs.records import Entry, Kind, read_content
+from layerfs.store.chunks import WriteStats
 from layerfs.store.location import open_store
 from tests.support.lfscommit import overlay_mount
 
@@ -187,3 +188,44 @@ def test_link_to_unchanged_lower_file_brings_the_lower_name(tmp_path: Path) -> N
         (Kind.DIR, "usr/bin", ""),
         (Kind.HARDLINK, "usr/bin/tool", "tool2"),
     ]
+
+
+def test_small_files_are_kept_inline(tmp_path: Path) -> None:
+    """Files up to INLINE_MAX bytes go into the record itself, as an import keeps them;
+    larger ones are chunked. A layerfs metacopy file is read from its origin: a small
+    one into the record, a large one by its origin's chunks, none read again."""
+    store = open_store(str(tmp_path / "store"))
+    upper = tmp_path / "upper"
+    _write(upper / "small", "s" * 10)
+    (upper / "edge").write_bytes(b"e" * INLINE_MAX)
+    (upper / "over").write_bytes(b"o" * (INLINE_MAX + 1))
+    (upper / "empty").write_bytes(b"")
+    with open(upper / "meta", "wb") as f:
+        f.truncate(8)
+        f.seek(5)
+        f.write(b"!!!")
+    os.setxattr(
+        upper / "meta", "trusted.layerfs.metacopy", b'{"origin": "orig", "ranges": [[5, 8]]}'
+    )
+    big = os.urandom(300_000)
+    with open(upper / "bigmeta", "wb") as f:
+        f.truncate(len(big))
+    os.setxattr(upper / "bigmeta", "trusted.layerfs.metacopy", b'{"origin": "bigorig"}')
+    lower = {
+        "orig": Entry("orig", Kind.FILE, size=5, inline=b"hello"),
+        "bigorig": Entry("bigorig", Kind.FILE, size=len(big), chunks=store.write_bytes(big)),
+    }
+    stats = WriteStats()
+    entries = build_changeset(store, upper, tmp_path / "unused", lower, stats, upper_exact=True)
+    e = {x.path: x for x in entries}
+    assert (e["small"].inline, e["edge"].inline, e["empty"].inline) == (b"s" * 10, b"e" * 1024, b"")
+    assert e["meta"].inline == b"hello!!!" and e["meta"].size == 8
+    assert e["over"].inline is None and read_content(store, e["over"]) == b"o" * 1025
+    assert e["bigmeta"].chunks == lower["bigorig"].chunks and e["bigmeta"].size == len(big)
+    assert not any(x.chunks for x in entries if x.inline is not None)
+    assert stats.chunks == 1, "only the one large new file was chunked"
+    buf = io.BytesIO()
+    write_layer(entries, store, buf)
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        assert tar.extractfile("meta").read() == b"hello!!!"
+        assert tar.extractfile("bigmeta").read() == big

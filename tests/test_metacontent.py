@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.fs.upper import MetaCopy
-from layerfs.metacontent import store_metacopy
+from layerfs.metacontent import metacopy_bytes, store_metacopy
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import WriteStats, chunk_offsets
 from layerfs.store.location import open_store
@@ -97,3 +97,38 @@ def test_inline_lower(setup) -> None:
     finally:
         os.close(fd)
     assert _content(store, refs) == b"hello!!!"
+
+
+@pytest.mark.parametrize(
+    ("size", "writes", "ranges"),
+    [
+        (1000, [], []),  # untouched, cut short
+        (1000, [(10, b"0123")], [[10, 14]]),
+        (0, [], []),
+        (3 << 20, [(5, b"!")], [[0, 70_000]]),  # the whole file, one range written
+    ],
+)
+def test_metacopy_bytes_are_what_store_metacopy_stores(setup, size, writes, ranges) -> None:
+    store, data, lower, path = setup
+    new = bytearray(data[:size])
+    for offset, piece in writes:
+        new[offset : offset + len(piece)] = piece
+    fd = _upper(path, size, [(0, bytes(new[:70_000]))] if ranges == [[0, 70_000]] else writes)
+    try:
+        meta = MetaCopy("big", ranges)
+        whole = metacopy_bytes(store, fd, size, meta, lower)
+        stored = _content(store, store_metacopy(store, fd, size, meta, lower, None))
+    finally:
+        os.close(fd)
+    assert whole == stored == bytes(new)
+
+
+def test_metacopy_bytes_of_inline_lower_grown(setup) -> None:
+    store, _data, _lower_entry, path = setup
+    lower = Entry("small", Kind.FILE, size=5, inline=b"hello")
+    fd = _upper(path, 9, [(5, b"!!!")])
+    try:
+        got = metacopy_bytes(store, fd, 9, MetaCopy("small", [[5, 1 << 62]]), lower)
+    finally:
+        os.close(fd)
+    assert got == b"hello!!!\0"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -76,6 +76,21 @@ class Backend(ABC):
                 fail(digest, exc)
                 continue
             consume(digest, blob)
+
+    def read_blobs_in_order(
+        self, digests: Iterable[str], ahead: int = 32
+    ) -> Generator[bytes, None, None]:
+        """Yield the stored bytes of each blob in the order given, fetched ahead.
+
+        For one-pass readers that need order (layer tars). Up to ``ahead``
+        blobs are fetched before the caller asks for them; a blob that cannot
+        be read raises its StoreError when its turn comes. This default reads
+        with ``get_blob`` on a few threads; backends with a cheaper way
+        override it.
+        """
+        from layerfs.store.ordered import ordered_reads
+
+        return ordered_reads(self.get_blob, digests, ahead)
 
     @abstractmethod
     def has_blob(self, digest: str) -> bool:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -140,12 +140,16 @@ class ChunkStore:
 
     def decode(self, digest: str, blob: bytes | memoryview) -> bytes:
         """Plain bytes of a stored chunk, verified against ``digest``."""
+        return bytes(self._decode_view(digest, blob))
+
+    def _decode_view(self, digest: str, blob: bytes | memoryview) -> bytes | memoryview:
+        """Like decode, but a plain chunk comes back as a view into ``blob`` (no copy)."""
         try:
             head = bytes(blob[:1])  # blob may be a memoryview into a larger read
             if head == _ZSTD:
                 data = self._decompressor().decompress(blob[1:], max_output_size=1 << 30)
             elif head == _PLAIN:
-                data = bytes(blob[1:])
+                data = memoryview(blob)[1:]
             else:
                 raise ValueError("unknown header")
         except (ValueError, zstandard.ZstdError) as exc:
@@ -296,6 +300,34 @@ class ChunkStore:
             parts.append(data[lo:hi] if lo or hi < len(data) else data)
             i += 1
         return b"".join(parts)
+
+    def stream_content(
+        self, chunks: Iterable[ChunkRef]
+    ) -> Generator[bytes | memoryview, None, None]:
+        """The verified bytes of each chunk in order, for one pass over a lot of content.
+
+        The backend reads ahead (Backend.read_blobs_in_order), so ``chunks`` is
+        consumed ahead of the bytes yielded, possibly on another thread; nothing
+        is cached, and plain chunks come as views into their stored blob. This
+        is the path of layer tars, which read every chunk of a layer once.
+        """
+        asked: deque[ChunkRef] = deque()  # refs whose blobs were asked for, in order
+
+        def digests() -> Iterator[str]:
+            for ref in chunks:
+                asked.append(ref)
+                yield ref.digest
+
+        blobs = self.backend.read_blobs_in_order(digests())
+        try:
+            for blob in blobs:
+                ref = asked.popleft()
+                data = self._decode_view(ref.digest, blob)
+                if len(data) != ref.size:
+                    raise CorruptObject(f"object {ref.digest} has the wrong length")
+                yield data
+        finally:
+            blobs.close()
 
     def iter_content(self, chunks: Iterable[ChunkRef]) -> Iterator[bytes]:
         """Yield the verified bytes of each chunk in order (for restore and export)."""
