@@ -42,7 +42,7 @@ from typing import BinaryIO
 
 from layerfs.catalog import LayerRecord
 from layerfs.formats.layertar import INLINE_MAX
-from layerfs.fs.upper import X_OVL_METACOPY, read_metacopy
+from layerfs.fs.upper import X_METACOPY, X_OVL_METACOPY, read_metacopy
 from layerfs.metacontent import metacopy_bytes, store_metacopy
 from layerfs.records import Entry, Kind, get_tree, kind_from_mode
 from layerfs.store.chunks import ChunkRef, ChunkStore, WriteStats
@@ -89,25 +89,25 @@ def scan_upper(upper: Path, mountpoint: Path) -> list[UpperItem]:
 
     def walk(rel: str, listed_from_mount: bool) -> None:
         base = mountpoint if listed_from_mount else upper
-        for name in os.listdir(_under(base, rel)):
-            child = _join(rel, name)
+        with os.scandir(_under(base, rel)) as found:
+            children = list(found)
+        for dirent in children:  # d_type saves a stat of most children
+            child = _join(rel, dirent.name)
             if listed_from_mount:
                 items.append(UpperItem(child, via_mount=True))
-                full = _under(mountpoint, child)
-                if os.path.isdir(full) and not os.path.islink(full):
+                if dirent.is_dir(follow_symlinks=False):
                     walk(child, True)
-                continue
-            full = _under(upper, child)
-            st = os.lstat(full)
-            if _is_whiteout(st):
-                items.append(UpperItem(child, whiteout=True))
-            elif stat.S_ISDIR(st.st_mode):
+            elif dirent.is_dir(follow_symlinks=False):
+                full = dirent.path
                 redirect = _getxattr(full, REDIRECT_XATTR) is not None
                 opaque = redirect or _getxattr(full, OPAQUE_XATTR) == b"y"
                 items.append(UpperItem(child, opaque=opaque))
                 walk(child, redirect)
-            else:
+            elif dirent.is_file(follow_symlinks=False) or dirent.is_symlink():
                 items.append(UpperItem(child))
+            else:
+                whiteout = _is_whiteout(dirent.stat(follow_symlinks=False))
+                items.append(UpperItem(child, whiteout=whiteout))
 
     walk("", False)
     return items
@@ -115,7 +115,13 @@ def scan_upper(upper: Path, mountpoint: Path) -> list[UpperItem]:
 
 def read_entry(mountpoint: Path | str, path: str) -> tuple[Entry, os.stat_result]:
     """Metadata of ``path`` as the mount shows it (no content yet)."""
-    full = _under(mountpoint, path)
+    entry, st, _metacopy = _read_entry(mountpoint, path)
+    return entry, st
+
+
+def _read_entry(root: Path | str, path: str) -> tuple[Entry, os.stat_result, bool]:
+    """Metadata of ``path`` below ``root``, and whether it carries a metacopy xattr."""
+    full = _under(root, path)
     st = os.lstat(full)
     entry = Entry(
         path=path,
@@ -139,7 +145,7 @@ def read_entry(mountpoint: Path | str, path: str) -> tuple[Entry, os.stat_result
         value = _getxattr(full, name)
         if value is not None:
             entry.xattrs[name] = value
-    return entry, st
+    return entry, st, X_METACOPY in names or X_OVL_METACOPY in names
 
 
 def _ancestors(path: str) -> Iterable[str]:
@@ -189,13 +195,12 @@ def build_changeset(
     items = {item.path: item for item in scan_upper(upper, mountpoint)}
     stat_of: dict[str, os.stat_result] = {}
     nodes: dict[str, Entry] = {}
-    from_upper: set[str] = set()
+    from_upper: dict[str, bool] = {}  # read from the upper tree: path -> has a metacopy xattr
     for path, item in items.items():
         if item.whiteout:
             continue
         if upper_exact and not item.via_mount:
-            nodes[path], stat_of[path] = read_entry(upper, path)
-            from_upper.add(path)
+            nodes[path], stat_of[path], from_upper[path] = _read_entry(upper, path)
         else:
             nodes[path], stat_of[path] = read_entry(mountpoint, path)
 
@@ -219,7 +224,7 @@ def build_changeset(
     order = sorted(items.values(), key=lambda i: _sort_key(i.path, i.whiteout))
     first_of: dict[tuple[int, int], str] = {}
     out: list[Entry] = []
-    files: list[tuple[Entry, int, bool]] = []  # content to read: entry, size, from the upper?
+    files: list[tuple[Entry, int, bool | None]] = []  # entry, size, from_upper[path] if any
     for item in order:
         if item.whiteout:
             out.append(Entry(item.path, Kind.WHITEOUT))
@@ -235,11 +240,12 @@ def build_changeset(
             entry.kind, entry.target = Kind.HARDLINK, first_of[key]
             continue
         first_of.setdefault(key, item.path)
-        files.append((entry, st.st_size, item.path in from_upper))
+        files.append((entry, st.st_size, from_upper.get(item.path)))
     with store.background_writes():  # chunks compressed and written on worker threads
-        for entry, size, exact in files:
-            where = upper if exact else None
-            _store_content(store, entry, size, where, mountpoint, lower, write_stats)
+        for entry, size, metacopy in files:
+            where = None if metacopy is None else upper
+            meta = bool(metacopy)
+            _store_content(store, entry, size, where, meta, mountpoint, lower, write_stats)
     return out
 
 
@@ -270,6 +276,7 @@ def _store_content(
     entry: Entry,
     size: int,
     upper: Path | None,
+    metacopy: bool,
     mountpoint: Path,
     lower: dict[str, Entry],
     write_stats: WriteStats | None,
@@ -277,12 +284,13 @@ def _store_content(
     """Give a file entry its content: inline if small, else chunks in ``store``.
 
     ``size`` is the file's size as stat saw it. ``upper``: read the file from
-    the upper tree there (a metacopy file reuses its origin's chunks), else
-    through the mount.
+    the upper tree there, else through the mount; ``metacopy``: it carries a
+    metacopy xattr (a layerfs one reuses its origin's chunks).
     """
     content = None
     if upper is not None:
-        content = _upper_content(store, _under(upper, entry.path), size, lower, write_stats)
+        path = _under(upper, entry.path)
+        content = _upper_content(store, path, size, metacopy, lower, write_stats)
     if content is None:
         with open(_under(mountpoint, entry.path), "rb") as f:
             content = _file_content(store, f, size, write_stats)
@@ -309,6 +317,7 @@ def _upper_content(
     store: ChunkStore,
     path: str,
     size: int,
+    metacopy: bool,
     lower: dict[str, Entry],
     write_stats: WriteStats | None,
 ) -> bytes | list[ChunkRef] | None:
@@ -317,6 +326,14 @@ def _upper_content(
     None: only the mount shows its content (a kernel overlayfs metacopy file, or
     a metacopy file whose origin the lower layers do not hold).
     """
+    if not metacopy and size <= INLINE_MAX:  # most new files: one read, no file object
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, INLINE_MAX + 1)
+        finally:
+            os.close(fd)
+        if len(data) <= INLINE_MAX:
+            return data
     with open(path, "rb") as f:
         fd = f.fileno()
         meta = read_metacopy(fd)
