@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,32 @@ def test_setattr_of_lower_entries_copies_them_up(m):
     assert (p / "data" / "keep").read_bytes() == FILES["data/keep"]
     with pytest.raises(FileNotFoundError):
         os.chmod(p / "gone", 0o600)
+
+
+CAP_NET_RAW = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # vfs_cap_data, revision 2
+
+
+def _caps(path: Path) -> bytes | None:
+    try:
+        return os.getxattr(path, "security.capability")
+    except OSError as exc:
+        assert exc.errno == errno.ENODATA
+        return None
+
+
+def test_file_capabilities_show_as_soon_as_they_change(m):
+    """Paths known to have no security.capability (asked on every write) are forgotten
+    when xattrs or names change."""
+    p = m.path
+    plain, capped = p / "plain", p / "capped"
+    for path in (plain, capped):
+        path.write_bytes(b"x")  # each write asks for security.capability
+        assert _caps(path) is None
+    os.setxattr(capped, "security.capability", CAP_NET_RAW)
+    assert _caps(capped) == CAP_NET_RAW
+    assert _caps(plain) is None
+    os.rename(capped, plain)
+    assert _caps(plain) == CAP_NET_RAW
+    with open(plain, "ab") as fh:  # writing drops the capability (the kernel's removexattr)
+        fh.write(b"y")
+    assert _caps(plain) is None

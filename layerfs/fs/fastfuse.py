@@ -7,8 +7,9 @@ operations table itself: every callback is one closure that maps OSError to
 -errno, and operations may offer raw forms, which then take the request's
 bytes (paths and names as libfuse passes them) and answer bytes ready to copy:
 
-* ``raw_stat(path) -> bytes``: getattr, and fgetattr by path (a packed
-  ``c_stat``, see layerfs.fs.attrs);
+* ``raw_stat(path) -> bytes | None``: getattr, and fgetattr by path (a packed
+  ``c_stat``, see layerfs.fs.attrs; None: ENOENT, the answer to every lookup
+  of a new name, without an exception);
 * ``raw_dirents(path)``: readdir, (name, st_ino, st_mode) triples, ino 0 for
   an entry without attributes;
 * ``raw_readlink(path) -> bytes``; ``raw_read(path, size, offset) -> bytes``;
@@ -21,6 +22,12 @@ bytes (paths and names as libfuse passes them) and answer bytes ready to copy:
   unchanged) and ``raw_utimens(path, times)`` (None, or (atime, mtime) in
   nanoseconds as fusepy passes them with ``use_ns``; UTIME_NOW and UTIME_OMIT
   arrive as themselves).
+
+libfuse asks for the attributes of the entry right after a create or setattr
+(in the same request), so ``raw_create`` may return ``(fh, attributes)`` and
+the setattr forms the attributes they leave, as ``raw_stat`` would give them:
+that next getattr of the same path is then answered from them. Any other
+callback first forgets them, so they never answer a later request.
 
 Every other operation gets fusepy's own conversions, and flag attributes of
 the operations (``flag_utime_omit_ok``, ...) are copied into the table, as
@@ -100,6 +107,9 @@ class _Table(ctypes.Structure):
     _fields_ = [(f[0], _V) if hasattr(f[1], "argtypes") else f for f in fuse_operations._fields_]
 
 
+_READS_LEFT = ("_fast_getattr", "_fast_fgetattr")  # callbacks that use what a change left
+
+
 def _id_or_minus_one(value: int) -> int:
     """(uid_t) -1 means 'leave unchanged'."""
     return -1 if value == 0xFFFFFFFF else value
@@ -128,11 +138,12 @@ class FastFUSE(FUSE):
         self.use_ns = getattr(operations, "use_ns", False)
         self._critical: BaseException | None = None
         self._callbacks: list = []  # referenced while libfuse may call them
+        self._left: tuple[bytes, bytes] | None = None  # (path, attributes) a change left
 
         def raw(name: str) -> Callable | None:
             return getattr(operations, name, None)
 
-        self._raw_stat: Callable[[bytes], bytes] | None = raw("raw_stat")
+        self._raw_stat: Callable[[bytes], bytes | None] | None = raw("raw_stat")
         self._raw_dirents: Callable | None = raw("raw_dirents")
         self._raw_readlink: Callable[[bytes], bytes] | None = raw("raw_readlink")
         self._raw_read: Callable[[bytes, int, int], bytes] | None = raw("raw_read")
@@ -140,10 +151,10 @@ class FastFUSE(FUSE):
         self._raw_pwrite: Callable[[int, memoryview, int], int] | None = raw("raw_pwrite")
         self._raw_release: Callable[[int], None] | None = raw("raw_release")
         self._raw_open: Callable[[bytes, int], tuple[int, bool]] | None = raw("raw_open")
-        self._raw_create: Callable[[bytes, int], int] | None = raw("raw_create")
+        self._raw_create: Callable[[bytes, int], int | tuple[int, bytes]] | None = raw("raw_create")
         self._raw_getxattr: Callable[[bytes, bytes], bytes | None] | None = raw("raw_getxattr")
-        self._raw_chmod: Callable[[bytes, int], None] | None = raw("raw_chmod")
-        self._raw_chown: Callable[[bytes, int, int], None] | None = raw("raw_chown")
+        self._raw_chmod: Callable[[bytes, int], bytes | None] | None = raw("raw_chmod")
+        self._raw_chown: Callable[[bytes, int, int], bytes | None] | None = raw("raw_chown")
         self._raw_utimens: Callable | None = raw("raw_utimens")
 
         args = ["fuse", *(flag for arg, flag in self.OPTIONS if kwargs.pop(arg, False))]
@@ -189,17 +200,23 @@ class FastFUSE(FUSE):
                 handler = getattr(self, f"_fast_{name}")
             else:
                 handler = getattr(self, name)
-            guard = self._init_guard if name == "init" else self._guard
-            callback = prototype(guard(handler))
+            if name == "init":
+                guard = self._init_guard(handler)
+            else:
+                guard = self._guard(handler, forgets=handler.__name__ not in _READS_LEFT)
+            callback = prototype(guard)
             self._callbacks.append(callback)
             setattr(table, name, ctypes.cast(callback, _V).value)
         return table
 
-    def _guard(self, handler: Callable[..., int | None]) -> Callable[..., int]:
-        """``handler`` as a libfuse callback: 0 or a count, or -errno."""
+    def _guard(self, handler: Callable[..., int | None], forgets: bool) -> Callable[..., int]:
+        """``handler`` as a libfuse callback: 0 or a count, or -errno. Unless it reads
+        them itself, the callback first forgets the attributes a change left."""
         name = handler.__name__
 
         def callback(*args) -> int:
+            if forgets:
+                self._left = None
             try:
                 return handler(*args) or 0
             except OSError as exc:
@@ -231,14 +248,17 @@ class FastFUSE(FUSE):
 
     # -- raw callbacks (prototypes in RAW_PROTOTYPES) ---------------------------------
     def _fast_getattr(self, path: bytes, buf: int) -> int:
-        _STAT_BUF.from_address(buf).raw = self._raw_stat(path)
+        left, self._left = self._left, None
+        attrs = left[1] if left is not None and left[0] == path else self._raw_stat(path)
+        if attrs is None:
+            return -errno.ENOENT
+        _STAT_BUF.from_address(buf).raw = attrs
         return 0
 
     def _fast_fgetattr(self, path: bytes | None, buf: int, fip: int) -> int:
         if path is None:  # libfuse passes a path unless the mount sets nullpath_ok
             return -errno.ENOENT
-        _STAT_BUF.from_address(buf).raw = self._raw_stat(path)
-        return 0
+        return self._fast_getattr(path, buf)
 
     def _fast_read(self, path: bytes | None, buf: int, size: int, offset: int, fip: int) -> int:
         if self._raw_pread is not None:
@@ -271,7 +291,11 @@ class FastFUSE(FUSE):
         return 0
 
     def _fast_create(self, path: bytes, mode: int, fip: int) -> int:
-        _U64.from_address(fip + _FH).value = self._raw_create(path, mode)
+        made = self._raw_create(path, mode)
+        if isinstance(made, tuple):
+            made, attrs = made
+            self._left = (path, attrs)
+        _U64.from_address(fip + _FH).value = made
         return 0
 
     def _fast_getxattr(self, path: bytes, name: bytes, value: int | None, size: int) -> int:
@@ -287,20 +311,25 @@ class FastFUSE(FUSE):
         return n
 
     def _fast_chmod(self, path: bytes, mode: int) -> int:
-        self._raw_chmod(path, mode)
+        self._leave(path, self._raw_chmod(path, mode))
         return 0
 
     def _fast_chown(self, path: bytes, uid: int, gid: int) -> int:
-        self._raw_chown(path, _id_or_minus_one(uid), _id_or_minus_one(gid))
+        self._leave(path, self._raw_chown(path, _id_or_minus_one(uid), _id_or_minus_one(gid)))
         return 0
 
     def _fast_utimens(self, path: bytes, times: int | None) -> int:
         if times:
             t = (ctypes.c_long * 4).from_address(times)  # two struct timespec (Linux, 64-bit)
-            self._raw_utimens(path, (_time(t[0], t[1]), _time(t[2], t[3])))
+            attrs = self._raw_utimens(path, (_time(t[0], t[1]), _time(t[2], t[3])))
         else:
-            self._raw_utimens(path, None)
+            attrs = self._raw_utimens(path, None)
+        self._leave(path, attrs)
         return 0
+
+    def _leave(self, path: bytes, attrs: bytes | None) -> None:
+        if attrs is not None:
+            self._left = (path, attrs)
 
     # -- fusepy-typed callbacks with raw answers --------------------------------------
     def readdir(self, path: bytes, buf, filler, offset: int, fip) -> int:  # type: ignore[override]

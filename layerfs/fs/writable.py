@@ -41,6 +41,7 @@ from layerfs.fs.copyup import CopyUp
 from layerfs.fs.lowlevel import LinkInvalidation
 from layerfs.fs.metafile import MetaFile
 from layerfs.fs.upper import (
+    PRIVATE_PREFIXES,
     UpperDirs,
     is_opaque_at,
     is_private_xattr,
@@ -53,7 +54,7 @@ from layerfs.fs.upper import (
 from layerfs.fs.utimes import utimens_at
 from layerfs.records import Kind
 from layerfs.store.chunks import AVG_CHUNK
-from layerfs.treedir import TreeDir
+from layerfs.treedir import PATH_MAX, TreeDir
 from layerfs.view import Node, View
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ UPPER_INO_TAG = 1 << 60  # st_ino of entries made in the upper tree
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
 _CREATE = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC
+_PRIVATE_PREFIXES = tuple(os.fsencode(p) for p in PRIVATE_PREFIXES)
+_CAPS = b"security.capability"
+_NO_CAPS_MAX = 1 << 16
 
 T = TypeVar("T")
 
@@ -129,6 +133,11 @@ class WritableOperations(Operations):
         self._inos: dict[int, int] = {}  # upper st_ino -> st_ino shown
         self._next_fh = itertools.count(1)
         self._ids = (os.geteuid(), os.getegid())  # new entries belong to this owner
+        self._prefix = os.fsencode(self.tree.path)  # + a mount path: an absolute upper path
+        # Paths known to have no security.capability (asked before every write);
+        # forgotten on every change of names or xattrs.
+        self._no_caps: set[bytes] = set()
+        self._room = PATH_MAX - 1 - len(self._prefix)
         self._open_lower = getattr(view, "open_file", None)
         self._chunk_offsets = getattr(view, "chunk_offsets", None)
 
@@ -285,20 +294,22 @@ class WritableOperations(Operations):
         up = self._up(path)
         st = self._ulstat(up)
         if st is None:
-            return up, None, self._lower_shown(path[1:])
+            node = self._lower_shown(path[1:])
+            if node is None:
+                raise _err(errno.ENOENT)
+            return up, None, node
         if is_whiteout(st):
             raise _err(errno.ENOENT)
         mode = st.st_mode
         self._attrs.answer(stat.S_ISDIR(mode) or (self._cache_files and st.st_nlink == 1))
         return up, st, None
 
-    def _lower_shown(self, rel: str) -> Node:
+    def _lower_shown(self, rel: str) -> Node | None:
         """The lower node shown at ``rel`` (no upper entry there), for an answer with
-        attributes; ENOENT if there is none."""
+        attributes (whose timeout this sets), or None."""
         node = self._lower_at(rel)
-        if node is None:
-            raise _err(errno.ENOENT)
-        self._attrs.answer(node.kind is Kind.DIR or (self._cache_files and node.nlink == 1))
+        if node is not None:
+            self._attrs.answer(node.kind is Kind.DIR or (self._cache_files and node.nlink == 1))
         return node
 
     def getattr(self, path: str, fh=None) -> dict[str, int]:
@@ -306,11 +317,11 @@ class WritableOperations(Operations):
         up, st, node = self._shown(path)
         return self._upper_stat(st, up) if st is not None else stat_of(node)
 
-    def raw_stat(self, path: bytes) -> bytes:
-        """``getattr`` as the bytes of a c_stat (layerfs.fs.fastfuse).
+    def raw_stat(self, path: bytes) -> bytes | None:
+        """``getattr`` as the bytes of a c_stat (layerfs.fs.fastfuse); None for ENOENT.
 
         The common case, an upper entry, is spelled out: this runs for every
-        lookup and after every create and setattr.
+        lookup (of new names too) and after every create and setattr.
         """
         text = _text(path)
         up = text[1:] or "."
@@ -319,11 +330,15 @@ class WritableOperations(Operations):
         except (FileNotFoundError, NotADirectoryError):
             st = None
         if st is None:
-            return pack_stat(self._lower_shown(text[1:]))
+            node = self._lower_shown(text[1:])
+            return pack_stat(node) if node is not None else None
         if is_whiteout(st):
-            raise _err(errno.ENOENT)
-        mode = st.st_mode
-        self._attrs.answer(stat.S_ISDIR(mode) or (self._cache_files and st.st_nlink == 1))
+            return None
+        return self._packed(st, up)
+
+    def _packed(self, st: os.stat_result, up: str) -> bytes:
+        """The answer for the upper entry ``up`` with stat ``st`` (sets its timeout)."""
+        self._attrs.answer(stat.S_ISDIR(st.st_mode) or (self._cache_files and st.st_nlink == 1))
         ino = self._inos.get(st.st_ino) or self._ino(st, up)
         blocks = st.st_blocks
         if blocks * 512 < st.st_size:
@@ -388,8 +403,9 @@ class WritableOperations(Operations):
             "f_namemax": sv.f_namemax,
         }
 
-    def _change(self, path: str, change: Callable[[str], object]) -> None:
-        """Run ``change(upper path)`` on the entry ``path`` shows, copied up if it is lower.
+    def _change(self, path: str, change: Callable[[str], object]) -> str:
+        """Run ``change(upper path)`` on the entry ``path`` shows, copied up if it is
+        lower; return the upper path.
 
         The upper entry is tried first: if it exists, it is the one shown (a
         path libfuse passes is never that of a whiteout, see ``raw_getxattr``).
@@ -398,10 +414,16 @@ class WritableOperations(Operations):
         with self._lock:
             try:
                 change(up)
-                return
+                return up
             except (FileNotFoundError, NotADirectoryError):
                 pass
-            change(self._need_upper(path))
+            up = self._need_upper(path)
+            change(up)
+            return up
+
+    def _changed(self, up: str) -> bytes:
+        """The answer for the upper entry ``up`` just changed (libfuse asks for it next)."""
+        return self._packed(os.stat(up, dir_fd=self._fd, follow_symlinks=False), up)
 
     def chmod(self, path: str, mode: int) -> int:
         perm = stat.S_IMODE(mode)
@@ -418,14 +440,20 @@ class WritableOperations(Operations):
         self._change(path, lambda up: utimens_at(self._fd, up, times))
         return 0
 
-    def raw_chmod(self, path: bytes, mode: int) -> None:
-        self.chmod(_text(path), mode)
+    def raw_chmod(self, path: bytes, mode: int) -> bytes:
+        perm = stat.S_IMODE(mode)
+        return self._changed(
+            self._change(_text(path), lambda up: os.chmod(up, perm, dir_fd=self._fd))
+        )
 
-    def raw_chown(self, path: bytes, uid: int, gid: int) -> None:
-        self.chown(_text(path), uid, gid)
+    def raw_chown(self, path: bytes, uid: int, gid: int) -> bytes:
+        def change(up: str) -> None:
+            os.chown(up, uid, gid, dir_fd=self._fd, follow_symlinks=False)
 
-    def raw_utimens(self, path: bytes, times: tuple[int, int] | None) -> None:
-        self.utimens(_text(path), times)
+        return self._changed(self._change(_text(path), change))
+
+    def raw_utimens(self, path: bytes, times: tuple[int, int] | None) -> bytes:
+        return self._changed(self._change(_text(path), lambda up: utimens_at(self._fd, up, times)))
 
     # -- xattrs --------------------------------------------------------------------------
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
@@ -448,29 +476,35 @@ class WritableOperations(Operations):
     def raw_getxattr(self, path: bytes, name: bytes) -> bytes | None:
         """``getxattr`` for layerfs.fs.fastfuse: None if the attribute is not set.
 
-        The kernel asks for security.capability before every write, almost
-        always of an upper file without it, so the upper entry is asked first
-        and its ENODATA is not raised on. A path libfuse passes is one the
-        kernel looked up, never a whiteout (its name is gone from libfuse's
-        table when it is deleted), so only ENOENT needs the full ``getxattr``.
+        The kernel asks for security.capability before every write (and
+        chown), almost always of an upper file without it: the upper entry is
+        asked first, by its absolute path as bytes, and paths found without it
+        are remembered until names or xattrs change (the kernel's own removal
+        of the attribute on write is a removexattr). A path libfuse passes is
+        one the kernel looked up, never a whiteout (its name is gone from
+        libfuse's table when it is deleted), so only ENOENT needs the full
+        ``getxattr``.
         """
-        text, key = _text(path), _text(name)
-        if is_private_xattr(key):
+        if name.startswith(_PRIVATE_PREFIXES):
             return None
-        up = self._up(text)
+        caps = name == _CAPS
+        if caps and path in self._no_caps:
+            return None
         try:
-            return self.tree.xattr(os.getxattr, up, key)
+            if len(path) <= self._room:
+                try:
+                    return os.getxattr(self._prefix + path, name, follow_symlinks=False)
+                except (FileNotFoundError, NotADirectoryError):
+                    pass  # no upper entry: the general way
+            return self.getxattr(_text(path), _text(name))
         except OSError as exc:
-            if exc.errno == errno.ENODATA:
-                return None
-            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            if exc.errno != errno.ENODATA:
                 raise
-        try:
-            return self.getxattr(text, key)
-        except OSError as exc:
-            if exc.errno == errno.ENODATA:
-                return None
-            raise
+        if caps:
+            if len(self._no_caps) >= _NO_CAPS_MAX:
+                self._no_caps.clear()
+            self._no_caps.add(path)
+        return None
 
     def listxattr(self, path: str) -> list[str]:
         st, node = self._resolve(path)
@@ -486,6 +520,7 @@ class WritableOperations(Operations):
         if is_private_xattr(name):
             raise _err(errno.EPERM)
         with self._lock:
+            self._no_caps.clear()
             self.tree.xattr(os.setxattr, self._need_upper(path), name, value, options)
         return 0
 
@@ -493,6 +528,7 @@ class WritableOperations(Operations):
         if is_private_xattr(name):
             raise _err(errno.ENODATA)
         with self._lock:
+            self._no_caps.clear()
             self.tree.xattr(os.removexattr, self._need_upper(path), name)
         return 0
 
@@ -547,6 +583,7 @@ class WritableOperations(Operations):
 
     def unlink(self, path: str) -> int:
         with self._lock:
+            self._no_caps.clear()
             up, st, shown, under = self._entry(path)
             if shown is not None and shown.kind is Kind.FILE and shown.nlink > 1:
                 self._need_upper(path)  # keep the other names one file, with the right nlink
@@ -567,6 +604,7 @@ class WritableOperations(Operations):
 
     def rmdir(self, path: str) -> int:
         with self._lock:
+            self._no_caps.clear()
             up, st, _shown, under = self._entry(path)
             if self._names(path):
                 raise _err(errno.ENOTEMPTY)
@@ -581,6 +619,7 @@ class WritableOperations(Operations):
 
     def rename(self, old: str, new: str) -> int:
         with self._lock:
+            self._no_caps.clear()
             up_old, so, lo_shown, lo = self._entry(old)
             is_dir = stat.S_ISDIR(so.st_mode) if so is not None else lo_shown.kind is Kind.DIR
             up_new = self._up(new)
@@ -706,30 +745,33 @@ class WritableOperations(Operations):
     def raw_open(self, path: bytes, flags: int) -> tuple[int, bool]:
         return self._open(_text(path), flags)
 
-    def _create(self, path: str, mode: int) -> int:
-        """Create and open a new regular file at ``path``; return its file handle."""
+    def _create(self, path: str, mode: int) -> tuple[int, bytes]:
+        """Create and open a new regular file at ``path``; return its file handle and
+        its attributes (the answer libfuse asks for next)."""
         perm = stat.S_IMODE(mode)
         with self._lock:
-            fd, _up, _hid = self._new_entry(
+            fd, up, _hid = self._new_entry(
                 path, lambda up: os.open(up, _CREATE, perm, dir_fd=self._fd)
             )
             try:
                 uid, gid, _pid = fuse_get_context()
                 if (uid, gid) != self._ids:
                     os.fchown(fd, uid, gid)
-                ino = os.fstat(fd).st_ino
+                st = os.fstat(fd)
             except BaseException:
                 os.close(fd)
                 raise
-            self._inos[ino] = UPPER_INO_TAG | ino  # a new file: no inode number to keep
-            return self._add(Handle(fd=fd))
+            self._inos[st.st_ino] = UPPER_INO_TAG | st.st_ino  # new: no inode number to keep
+            return self._add(Handle(fd=fd)), self._packed(st, up)
 
     def create(self, path: str, mode: int, fi) -> int:
-        fi.fh = self._create(path, mode)
+        fi.fh, _attrs = self._create(path, mode)
         return 0
 
-    def raw_create(self, path: bytes, mode: int) -> int:
-        return self._create(_text(path), mode)
+    def raw_create(self, path: bytes, mode: int) -> tuple[int, bytes]:
+        made = self._create(_text(path), mode)
+        self._no_caps.add(path)  # a new file has no security.capability
+        return made
 
     def raw_pread(self, fh: int, size: int, offset: int) -> bytes:
         h = self._handles[fh]
