@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -32,16 +33,17 @@ def test_roundtrip_and_ranges(tmp_path: Path) -> None:
 
 def test_identical_chunks_stored_once(tmp_path: Path) -> None:
     store = open_store(str(tmp_path / "s"))
-    block = os.urandom(1 << 20)
+    block = random.Random(20261127).randbytes(1 << 20)  # fixed: chunk cuts are data-driven
     first = store.write_bytes(block)
     store.flush()
-    before = sorted(store.backend.iter_blobs())
+    before = dict(store.backend.iter_blobs())
     again = store.write_bytes(block + block)
     store.flush()
-    assert len({r.digest for r in again} & {r.digest for r in first}) >= len(first) - 2
-    after = sorted(store.backend.iter_blobs())
-    # the repeated megabyte adds at most the chunks around the seam
-    assert len(after) - len(before) <= 2
+    assert len({r.digest for r in again} & {r.digest for r in first}) >= len(first) - 6
+    added = {d: size for d, size in store.backend.iter_blobs() if d not in before}
+    # the repeated megabyte adds only the chunks around the seam, until the cuts line up
+    assert 1 <= len(added) <= 6
+    assert sum(added.values()) < (1 << 20) // 2
 
 
 def test_compressible_chunks_are_compressed(tmp_path: Path) -> None:
