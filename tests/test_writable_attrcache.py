@@ -84,6 +84,23 @@ def test_repeated_stats_of_a_file_are_answered_by_the_kernel(m, store):
     assert _daemon_requests(store, m) - before < 10
 
 
+def test_absent_names_are_remembered_until_made_through_the_mount(m, store):
+    p = m.path / "data" / "not-yet"
+    for _ in range(2):
+        assert not p.exists()
+        before = _daemon_requests(store, m)
+        for _ in range(20):
+            assert not p.exists()
+        assert _daemon_requests(store, m) - before < 10
+        p.write_bytes(b"now")  # the kernel drops what it remembered
+        assert p.read_bytes() == b"now"
+        os.unlink(p)
+    (m.path / "data" / "dir-not-yet").mkdir()
+    assert (m.path / "data" / "dir-not-yet").is_dir()
+    os.rename(m.path / "data" / "dir-not-yet", p)
+    assert p.is_dir()
+
+
 def test_create_over_whiteouts_lower_entries_and_missing_parents(m):
     p = m.path
     with pytest.raises(FileExistsError):

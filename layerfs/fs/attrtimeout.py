@@ -14,8 +14,10 @@ getattr returns, in the same request. In a single-threaded mount no other
 request runs in between, so getattr may set the value for its own answer.
 The configuration (``struct fuse_config`` inside libfuse's ``struct fuse``)
 is found at init by the timeouts given at mount time: entry_timeout, then the
-marker value MARKER as negative_timeout, then attr_timeout 0. If it is not
-found, nothing is changed and every answer keeps attr_timeout 0.
+marker value MARKER as negative_timeout, then attr_timeout 0. Once found, the
+marker is replaced by the negative timeout wanted (how long the kernel may
+remember that a name does not exist). If it is not found, nothing is changed:
+every answer keeps attr_timeout 0, and absent names are not remembered.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import fuse
 
 log = logging.getLogger(__name__)
 
-MARKER = 0.000123  # negative_timeout given at mount time, reset to 0 once found
+MARKER = 0.000123  # negative_timeout given at mount time, replaced once found
 SCAN_BYTES = 512  # struct fuse_config starts ~150 bytes into struct fuse in libfuse 2.9
 _D = ctypes.sizeof(ctypes.c_double)
 
@@ -40,9 +42,10 @@ def mount_options(entry_timeout: float) -> dict[str, float]:
 class AttrTimeout:
     """Sets libfuse's attr_timeout for the answer being built (see the module doc)."""
 
-    def __init__(self, entry_timeout: float, cached: float) -> None:
+    def __init__(self, entry_timeout: float, cached: float, negative: float = 0.0) -> None:
         self.entry_timeout = entry_timeout
         self.cached = cached  # seconds for attributes the caller says may be cached
+        self.negative = negative  # seconds the kernel may remember a name is absent
         self._attr: ctypes.c_double | None = None
         self._current = 0.0
 
@@ -61,7 +64,7 @@ class AttrTimeout:
             negative = ctypes.c_double.from_address(base + off + _D)
             attr = ctypes.c_double.from_address(base + off + 2 * _D)
             if (entry.value, negative.value, attr.value) == (self.entry_timeout, MARKER, 0.0):
-                negative.value = 0.0
+                negative.value = self.negative
                 self._attr = attr
                 return True
         log.warning("libfuse's attr_timeout not found: attributes are not cached")

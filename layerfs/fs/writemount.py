@@ -29,7 +29,9 @@ from layerfs.view import View
 log = logging.getLogger(__name__)
 
 SUBTYPE = "layerfs"
-ENTRY_TIMEOUT = 1.0  # seconds the kernel keeps names (and attributes of single-name files)
+# Seconds the kernel keeps names, attributes of directories and single-name files, and
+# the absence of names: every change goes through the mount, which tells the kernel.
+ENTRY_TIMEOUT = 1.0
 WRITABLE_OPTIONS = {
     "raw_fi": True,  # WritableOperations sets keep_cache and fh on fuse_file_info itself
     "allow_other": True,
@@ -106,7 +108,9 @@ def serve_writable(
 
     def make_ops() -> WritableOperations:
         os.umask(0)  # the kernel already applied the caller's umask
-        timeouts = attrtimeout.AttrTimeout(ENTRY_TIMEOUT, cached=ENTRY_TIMEOUT)
+        timeouts = attrtimeout.AttrTimeout(
+            ENTRY_TIMEOUT, cached=ENTRY_TIMEOUT, negative=ENTRY_TIMEOUT
+        )
         return WritableOperations(
             make_view(), dirs, overlay=overlay, on_exit=on_exit, attr_timeout=timeouts
         )
