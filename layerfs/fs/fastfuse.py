@@ -27,7 +27,8 @@ libfuse asks for the attributes of the entry right after a create or setattr
 (in the same request), so ``raw_create`` may return ``(fh, attributes)`` and
 the setattr forms the attributes they leave, as ``raw_stat`` would give them:
 that next getattr of the same path is then answered from them. Any other
-callback first forgets them, so they never answer a later request.
+callback first forgets them, so they never answer a later request. This needs
+requests served one at a time, so it is done only in ``nothreads`` mounts.
 
 Every other operation gets fusepy's own conversions, and flag attributes of
 the operations (``flag_utime_omit_ok``, ...) are copied into the table, as
@@ -139,6 +140,7 @@ class FastFUSE(FUSE):
         self._critical: BaseException | None = None
         self._callbacks: list = []  # referenced while libfuse may call them
         self._left: tuple[bytes, bytes] | None = None  # (path, attributes) a change left
+        self._keeps_left = bool(kwargs.get("nothreads"))  # one request at a time
 
         def raw(name: str) -> Callable | None:
             return getattr(operations, name, None)
@@ -294,7 +296,7 @@ class FastFUSE(FUSE):
         made = self._raw_create(path, mode)
         if isinstance(made, tuple):
             made, attrs = made
-            self._left = (path, attrs)
+            self._leave(path, attrs)
         _U64.from_address(fip + _FH).value = made
         return 0
 
@@ -328,7 +330,7 @@ class FastFUSE(FUSE):
         return 0
 
     def _leave(self, path: bytes, attrs: bytes | None) -> None:
-        if attrs is not None:
+        if attrs is not None and self._keeps_left:
             self._left = (path, attrs)
 
     # -- fusepy-typed callbacks with raw answers --------------------------------------

@@ -501,10 +501,14 @@ class WritableOperations(Operations):
             if exc.errno != errno.ENODATA:
                 raise
         if caps:
-            if len(self._no_caps) >= _NO_CAPS_MAX:
-                self._no_caps.clear()
-            self._no_caps.add(path)
+            self._known_without_caps(path)
         return None
+
+    def _known_without_caps(self, path: bytes) -> None:
+        """Remember that ``path`` has no security.capability (see ``raw_getxattr``)."""
+        if len(self._no_caps) >= _NO_CAPS_MAX:
+            self._no_caps.clear()
+        self._no_caps.add(path)
 
     def listxattr(self, path: str) -> list[str]:
         st, node = self._resolve(path)
@@ -762,7 +766,8 @@ class WritableOperations(Operations):
                 os.close(fd)
                 raise
             self._inos[st.st_ino] = UPPER_INO_TAG | st.st_ino  # new: no inode number to keep
-            return self._add(Handle(fd=fd)), self._packed(st, up)
+            attrs = self._packed(st, up)
+            return self._add(Handle(fd=fd)), attrs
 
     def create(self, path: str, mode: int, fi) -> int:
         fi.fh, _attrs = self._create(path, mode)
@@ -770,7 +775,7 @@ class WritableOperations(Operations):
 
     def raw_create(self, path: bytes, mode: int) -> tuple[int, bytes]:
         made = self._create(_text(path), mode)
-        self._no_caps.add(path)  # a new file has no security.capability
+        self._known_without_caps(path)  # a new file has none
         return made
 
     def raw_pread(self, fh: int, size: int, offset: int) -> bytes:
