@@ -36,6 +36,7 @@ from tests.support.plugin import (  # noqa: E402
     remove_driver_objects,
 )
 from tests.support.private_dockerd import private_dockerd  # noqa: E402
+from volplugin.workers import default_workers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- volplugin -->", "<!-- /volplugin -->"
@@ -88,6 +89,23 @@ def latency(plugin: PluginProcess, clients: int, rounds: int) -> list[float]:
     return [x for r in results for x in r]
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of the plugin's main process and its worker processes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:  # fields[1]: parent pid
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def server_durations(plugin: PluginProcess) -> list[float]:
     """Time spent inside the app per request, from the plugin's access log (ms)."""
     marker = "volplugin.access: "
@@ -130,7 +148,10 @@ def main() -> None:
             totals = docker_rounds(daemon, ["local", plugin.name], args.rounds)
             load_before = os.getloadavg()
             single = latency(plugin, 1, args.requests * 4)
+            assert plugin.proc is not None
+            cpu_before = server_cpu_seconds(plugin.proc.pid)
             samples = latency(plugin, args.clients, args.requests)
+            cpu_ms = (server_cpu_seconds(plugin.proc.pid) - cpu_before) / len(samples) * 1000
             inside = server_durations(plugin)
         finally:
             remove_driver_objects(daemon.env, plugin.name)
@@ -170,7 +191,9 @@ def main() -> None:
         f"{statistics.mean(samples) * 1000:.2f} ms (target p99 <= 20 ms: "
         f"{'met' if p99 <= 20 else 'NOT met'}).",
         f"One client alone: p50 {s50:.2f} ms, p99 {s99:.2f} ms. Time inside the app (access "
-        f"log, all requests of both runs): p50 {i50:.2f} ms, p99 {i99:.2f} ms.",
+        f"log, all requests of both runs): p50 {i50:.2f} ms, p99 {i99:.2f} ms. Server CPU "
+        f"time per request under the {args.clients} clients: {cpu_ms:.2f} ms. Server: "
+        f"`volplugin serve` defaults, {default_workers()} process(es) of 8 threads.",
     ]
     text = "\n".join(lines)
     print(text)
