@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ PLUGIN_DIR = Path("/run/docker/plugins")
 DEFAULT_NAME = "volplugin"
 DEFAULT_ROOT = Path("/var/lib/volplugin")
 SCHEDULER_GRACE = 120.0  # seconds a stopping server waits for a scheduled backup
+STALE_GRACE = 2.0  # seconds a socket may go on answering before it counts as live
 
 log = logging.getLogger("volplugin.server")
 
@@ -62,21 +64,36 @@ def root_lock(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _answers(path: Path, grace: float) -> bool:
+    """Whether something still accepts connections on `path` after `grace` seconds.
+
+    A killed server's processes close their sockets a moment after they are gone from
+    view (threads of a dying process still hold its descriptors), so a connection that
+    succeeds is retried until `grace` has passed.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+
+
 def bind_socket(path: Path) -> socket.socket:
     """Bind a listening unix socket at `path`, mode 0600, replacing a stale one."""
     if len(os.fsencode(path)) >= 108:
         raise StateError(f"socket path {path} is too long for a unix socket: use a shorter name")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()
-        else:
+        if _answers(path, STALE_GRACE):
             raise StateError(f"a server already listens on {path}: stop it or pick another --name")
-        finally:
-            probe.close()
+        path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
