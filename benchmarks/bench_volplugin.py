@@ -34,6 +34,7 @@ from tests.support.plugin import (  # noqa: E402
     UnixHTTPConnection,
     post,
     remove_driver_objects,
+    worker_pids,
 )
 from tests.support.private_dockerd import private_dockerd  # noqa: E402
 from volplugin.workers import default_workers  # noqa: E402
@@ -93,16 +94,13 @@ def server_cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of the plugin's main process and its worker processes."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for proc in (pid, *worker_pids(pid)):
         try:
-            with open(f"/proc/{entry}/stat") as f:
+            with open(f"/proc/{proc}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except FileNotFoundError:
             continue
-        if int(entry) == pid or int(fields[1]) == pid:  # fields[1]: parent pid
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     return total
 
 

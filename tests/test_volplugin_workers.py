@@ -20,29 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.plugin import PluginProcess, UnixHTTPConnection
+from tests.support.plugin import PluginProcess, UnixHTTPConnection, worker_pids
 from tests.support.waiting import wait_for
 from volplugin.oplock import OpLock
 
 WORKERS = 3
-
-
-def _children(pid: int) -> list[int]:
-    """PIDs of `volplugin serve-worker` processes whose parent is `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if ppid == pid and b"serve-worker" in cmd:
-            found.append(int(entry))
-    return sorted(found)
 
 
 def _alive(pid: int) -> bool:
@@ -77,7 +59,7 @@ def plugin(tmp_path: Path):
     p = PluginProcess(tmp_path / "root", env=env, args=("--workers", str(WORKERS))).start()
     try:
         assert p.proc is not None
-        assert len(_children(p.proc.pid)) == WORKERS - 1  # start() waited for them all
+        assert len(worker_pids(p.proc.pid)) == WORKERS - 1  # start() waited for them all
         yield p
     finally:
         p.cleanup()
@@ -134,14 +116,14 @@ def test_workers_answer_and_share_exact_mount_counts(plugin: PluginProcess) -> N
     assert status["Containers"] == 0
     served = _access_pids(plugin, "/VolumeDriver.Mount")
     assert plugin.proc is not None
-    assert len(served) >= 2 and served <= {plugin.proc.pid, *_children(plugin.proc.pid)}
+    assert len(served) >= 2 and served <= {plugin.proc.pid, *worker_pids(plugin.proc.pid)}
 
 
 def test_sigkill_of_the_main_process_takes_the_workers_along(plugin: PluginProcess) -> None:
     ok(plugin, "VolumeDriver.Create", {"Name": "kept"})
     ok(plugin, "VolumeDriver.Mount", {"Name": "kept", "ID": "c1"})
     assert plugin.proc is not None
-    workers = _children(plugin.proc.pid)
+    workers = worker_pids(plugin.proc.pid)
     plugin.kill()
     wait_for(lambda: not any(_alive(w) for w in workers), "the workers to die", 10)
     # nobody answers on the socket left behind
@@ -154,10 +136,10 @@ def test_sigkill_of_the_main_process_takes_the_workers_along(plugin: PluginProce
 def test_a_dead_worker_is_replaced(plugin: PluginProcess) -> None:
     assert plugin.proc is not None
     main = plugin.proc.pid
-    victim = _children(main)[0]
+    victim = worker_pids(main)[0]
     os.kill(victim, signal.SIGKILL)
     wait_for(
-        lambda: len(_children(main)) == WORKERS - 1 and victim not in _children(main),
+        lambda: len(worker_pids(main)) == WORKERS - 1 and victim not in worker_pids(main),
         "a new worker process",
         30,
     )
@@ -167,7 +149,7 @@ def test_a_dead_worker_is_replaced(plugin: PluginProcess) -> None:
 
 def test_sigterm_stops_the_workers_too(plugin: PluginProcess) -> None:
     assert plugin.proc is not None
-    workers = _children(plugin.proc.pid)
+    workers = worker_pids(plugin.proc.pid)
     assert plugin.stop() == 0
     assert not any(_alive(w) for w in workers)
     assert not plugin.socket.exists()

@@ -123,16 +123,13 @@ def serve(
     root = Path(root).absolute()
     path = socket_path(name, plugin_dir)
     with root_lock(root):
-        service = VolumeService.open(root, name)
+        service = _open_service(root, name, store)
         service.empty_trash()
-        service.hooks.on_create.append(restore_from_option(store))
         stop = threading.Event()
         if not try_reconcile(service):
             reconcile_in_background(service, stop)
-        lazy = LazyVolumes.attach(service, store)
+        lazy, app = _attach_app(service, store, background=True)
         sock = bind_socket(path)
-        app = create_app(service)
-        app.config["LAYERFS_STORE"] = store
         scheduler = Scheduler(service, store, tick=schedule_tick).start(stop)
         verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
         pool = WorkerPool(worker_command(name, root, threads, store, verbose), sock, workers - 1)
@@ -149,9 +146,8 @@ def serve(
                 threads,
             )
             try:
-                server.run()
-            except SystemExit:
-                pass
+                with contextlib.suppress(SystemExit):  # SIGTERM, SIGINT: _exit_on_signals
+                    server.run()
             finally:
                 stop.set()
                 server.close()
@@ -175,22 +171,35 @@ def serve_worker(
     """
     die_with_parent(parent)
     sock = socket.socket(fileno=fd)
-    service = VolumeService.open(Path(root).absolute(), name)
-    service.hooks.on_create.append(restore_from_option(store))
-    lazy = LazyVolumes.attach(service, store, background=False)
-    app = create_app(service)
-    app.config["LAYERFS_STORE"] = store
+    service = _open_service(Path(root).absolute(), name, store)
+    lazy, app = _attach_app(service, store, background=False)
     server = _waitress(app, sock, threads)
     _exit_on_signals()
     log.info("worker process %d serving driver %s, root %s", os.getpid(), name, root)
     try:
-        server.run()
-    except SystemExit:
-        pass
+        with contextlib.suppress(SystemExit):  # SIGTERM, SIGINT: _exit_on_signals
+            server.run()
     finally:
         server.close()
         lazy.close()
         service.state.close()
+
+
+def _open_service(root: Path, name: str, store: str | None) -> VolumeService:
+    """The volumes of `root`, restoring `-o from=` backups from `store` at create."""
+    service = VolumeService.open(root, name)
+    service.hooks.on_create.append(restore_from_option(store))
+    return service
+
+
+def _attach_app(
+    service: VolumeService, store: str | None, *, background: bool
+) -> tuple[LazyVolumes, Flask]:
+    """Lazy volumes (fills only with `background`) and the app serving `service`."""
+    lazy = LazyVolumes.attach(service, store, background=background)
+    app = create_app(service)
+    app.config["LAYERFS_STORE"] = store
+    return lazy, app
 
 
 def _waitress(app: Flask, sock: socket.socket, threads: int) -> BaseWSGIServer:

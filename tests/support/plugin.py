@@ -60,6 +60,24 @@ def post(sock_path: str, endpoint: str, body: bytes | dict | None = None) -> tup
         conn.close()
 
 
+def worker_pids(pid: int) -> list[int]:
+    """PIDs of the `volplugin serve-worker` processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if ppid == pid and b"serve-worker" in cmd:
+            found.append(int(entry))
+    return sorted(found)
+
+
 class PluginProcess:
     """A `volplugin serve` subprocess."""
 
