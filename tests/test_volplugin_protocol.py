@@ -135,12 +135,7 @@ def test_socket_is_root_only_and_requests_are_logged(plugin):
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
     ok(plugin, "VolumeDriver.Create", {"Name": "logged"})
     err(plugin, "VolumeDriver.Create", {"Name": "logged", "Opts": {"mode": "0700"}})
-    lines = [
-        json.loads(line.split("volplugin.access: ", 1)[1])
-        for line in plugin.log().splitlines()
-        if "volplugin.access" in line
-    ]
-    creates = [x for x in lines if x["endpoint"] == "/VolumeDriver.Create"]
+    creates = plugin.access_records("/VolumeDriver.Create", 2)
     assert [x["outcome"] for x in creates] == ["ok", "error"]
     assert all(x["volume"] == "logged" and x["duration_ms"] >= 0 for x in creates)
     assert "already exists" in creates[1]["error"]

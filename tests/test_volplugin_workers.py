@@ -71,16 +71,6 @@ def ok(plugin: PluginProcess, endpoint: str, body: dict | None = None) -> dict:
     return doc
 
 
-def _access_pids(plugin: PluginProcess, endpoint: str) -> set[int]:
-    pids = set()
-    for line in plugin.log().splitlines():
-        if "volplugin.access: " in line:
-            doc = json.loads(line.split("volplugin.access: ", 1)[1])
-            if doc["endpoint"] == endpoint:
-                pids.add(doc["pid"])
-    return pids
-
-
 def test_workers_answer_and_share_exact_mount_counts(plugin: PluginProcess) -> None:
     ok(plugin, "VolumeDriver.Create", {"Name": "shared"})
     errors: list[str] = []
@@ -114,7 +104,7 @@ def test_workers_answer_and_share_exact_mount_counts(plugin: PluginProcess) -> N
     assert not errors
     status = ok(plugin, "VolumeDriver.Get", {"Name": "shared"})["Volume"]["Status"]
     assert status["Containers"] == 0
-    served = _access_pids(plugin, "/VolumeDriver.Mount")
+    served = {doc["pid"] for doc in plugin.access_records("/VolumeDriver.Mount", 20 * 15 * 2)}
     assert plugin.proc is not None
     assert len(served) >= 2 and served <= {plugin.proc.pid, *worker_pids(plugin.proc.pid)}
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from volplugin.accesslog import ACCESS_LOGGER
 from volplugin.errors import BadRequest, VolpluginError
 from volplugin.volumes import VolumeService
 
@@ -24,7 +25,7 @@ MAX_BODY = 64 * 1024
 MAX_ID = 1024
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 
-access_log = logging.getLogger("volplugin.access")
+access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger("volplugin.app")
 
 

@@ -24,8 +24,10 @@ import waitress
 from flask import Flask
 from waitress.server import BaseWSGIServer
 
+from volplugin.accesslog import batched_access_log
 from volplugin.app import create_app
 from volplugin.backup.seed import restore_from_option
+from volplugin.channel import QuietChannel
 from volplugin.errors import StateError
 from volplugin.lazy import LazyVolumes
 from volplugin.names import check_name
@@ -146,7 +148,7 @@ def serve(
                 threads,
             )
             try:
-                with contextlib.suppress(SystemExit):  # SIGTERM, SIGINT: _exit_on_signals
+                with batched_access_log(), contextlib.suppress(SystemExit):  # SIGTERM, SIGINT
                     server.run()
             finally:
                 stop.set()
@@ -177,7 +179,7 @@ def serve_worker(
     _exit_on_signals()
     log.info("worker process %d serving driver %s, root %s", os.getpid(), name, root)
     try:
-        with contextlib.suppress(SystemExit):  # SIGTERM, SIGINT: _exit_on_signals
+        with batched_access_log(), contextlib.suppress(SystemExit):  # SIGTERM, SIGINT
             server.run()
     finally:
         server.close()
@@ -205,7 +207,7 @@ def _attach_app(
 def _waitress(app: Flask, sock: socket.socket, threads: int) -> BaseWSGIServer:
     # Under load waitress warns of its queue depth on every request: noise, and costly.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    return waitress.create_server(
+    server = waitress.create_server(
         app,
         sockets=[sock],
         threads=threads,
@@ -213,6 +215,8 @@ def _waitress(app: Flask, sock: socket.socket, threads: int) -> BaseWSGIServer:
         max_request_body_size=1024 * 1024,
         backlog=1024,
     )
+    server.channel_class = QuietChannel  # see volplugin.channel
+    return server
 
 
 def _exit_on_signals() -> None:

@@ -159,14 +159,28 @@ class State:
 
     # -- mounts --------------------------------------------------------------------------
 
-    def add_mount(self, name: str, mount_id: str) -> int:
-        """Record a mount ID (a repeated ID counts once); return the number of IDs."""
-        with self._write() as db:
-            db.execute(
+    def mount_ids(self, name: str) -> tuple[str, ...] | None:
+        """The mount IDs of a volume, oldest first; None if there is no such volume.
+
+        One query, for the Mount and Unmount path, which runs under the service lock.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT m.id FROM volumes v LEFT JOIN mounts m ON m.volume = v.name"
+                " WHERE v.name = ? ORDER BY m.mounted_at",
+                (name,),
+            ).fetchall()
+        if not rows:
+            return None
+        return tuple(mid for (mid,) in rows if mid is not None)
+
+    def add_mount(self, name: str, mount_id: str) -> None:
+        """Record a mount ID; a repeated ID counts once. One statement, so no transaction."""
+        with self._lock:
+            self._db.execute(
                 "INSERT OR IGNORE INTO mounts (volume, id, mounted_at) VALUES (?, ?, ?)",
                 (name, mount_id, time.time()),
             )
-            return self._count(name)
 
     def release_mount(self, name: str, mount_id: str) -> int:
         """Forget a mount ID; return the number of IDs left.

@@ -107,10 +107,11 @@ class VolumeService:
     def _record(self, name: str) -> VolumeRecord:
         record = self.state.get(check_name(name))
         if record is None:
-            raise VolumeNotFound(
-                f"no such volume {name!r} in driver {self.driver}: create it first"
-            )
+            raise self._missing(name)
         return record
+
+    def _missing(self, name: str) -> VolumeNotFound:
+        return VolumeNotFound(f"no such volume {name!r} in driver {self.driver}: create it first")
 
     # -- operations ----------------------------------------------------------------------
 
@@ -186,13 +187,14 @@ class VolumeService:
     def mount(self, name: str, mount_id: str) -> Path:
         path = self.path_of(name)
         with self.lock:
-            record = self._record(name)
+            ids = self._mount_ids(name)
             if not path.is_dir():
                 raise VolpluginError(
                     f"volume {name!r}: its directory {path} is missing; "
                     "restore it from a backup or remove the volume"
                 )
-            if not record.mount_ids:
+            if not ids and self.hooks.on_first_mount:
+                record = self._record(name)
                 for hook in self.hooks.on_first_mount:
                     hook(record, path)
             self.state.add_mount(name, mount_id)
@@ -201,11 +203,18 @@ class VolumeService:
     def unmount(self, name: str, mount_id: str) -> None:
         path = self.path_of(name)
         with self.lock:
-            record = self._record(name)
+            ids = self._mount_ids(name)
             left = self.state.release_mount(name, mount_id)
-            if record.mount_ids and left == 0:
+            if ids and left == 0 and self.hooks.on_last_unmount:
+                record = self._record(name)
                 for hook in self.hooks.on_last_unmount:
                     hook(record, path)
+
+    def _mount_ids(self, name: str) -> tuple[str, ...]:
+        ids = self.state.mount_ids(check_name(name))
+        if ids is None:
+            raise self._missing(name)
+        return ids
 
     def get(self, name: str) -> VolumeRecord:
         return self._record(name)

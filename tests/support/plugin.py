@@ -24,7 +24,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.support.waiting import wait_for
+
 PLUGIN_DIR = Path("/run/docker/plugins")
+ACCESS_MARK = "volplugin.access: "
 VOLPLUGIN = str(Path(sys.executable).parent / "volplugin")
 
 
@@ -136,6 +139,28 @@ class PluginProcess:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def access_records(self, endpoint: str, count: int, timeout: float = 10.0) -> list[dict]:
+        """The access-log records of `endpoint`, once at least `count` of them are written.
+
+        The server writes its access log in batches (volplugin.accesslog), so a record
+        shows up a moment after its answer.
+        """
+
+        def records() -> list[dict]:
+            found = [
+                json.loads(line.split(ACCESS_MARK, 1)[1])
+                for line in self.log().splitlines()
+                if ACCESS_MARK in line
+            ]
+            return [doc for doc in found if doc["endpoint"] == endpoint]
+
+        wait_for(
+            lambda: len(records()) >= count,
+            f"{count} access-log records of {endpoint}",
+            timeout=timeout,
+        )
+        return records()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
         """Send `sig` (SIGKILL to simulate a crash), wait, and make sure no socket is left."""
