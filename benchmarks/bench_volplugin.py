@@ -3,11 +3,14 @@
 Part 1, side by side in one run: ROUNDS rounds of `docker volume create`, `docker run
 --rm -v VOL:/d busybox true`, `docker volume rm`, alternating the driver each round.
 Part 2: the plugin's own request latency (p50, p99) under CLIENTS concurrent clients
-posting Get / Mount / Unmount / List straight to its socket.
+posting Get / Mount / Unmount / List straight to its socket in a closed loop, from a
+compiled client (curl, like the daemon's Go client) and from Python client processes
+(benchmarks.plugin_load); beside it, in the same run, the floor: a minimal Flask app
+served the same way (benchmarks.flask_floor).
 
 Runs on a private dockerd (same binary as the shared one) so that the short-lived
 driver is not left behind in the shared daemon. Writes its section of
-benchmarks/RESULTS.md between `<!-- volplugin -->` markers.
+benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/bench_volplugin.py [--rounds 50] [--clients 20]
 """
@@ -15,32 +18,33 @@ benchmarks/RESULTS.md between `<!-- volplugin -->` markers.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
-import platform
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.dockerenv import BASE_IMAGE  # noqa: E402
-from tests.support.plugin import (  # noqa: E402
-    PluginProcess,
-    UnixHTTPConnection,
-    post,
-    remove_driver_objects,
-    worker_pids,
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    environment_summary,
+    markdown_table,
+    write_section,
 )
+from benchmarks.plugin_load import VOLUME, LoadResult, curl_load, python_load  # noqa: E402
+from tests.support.dockerenv import BASE_IMAGE  # noqa: E402
+from tests.support.plugin import PluginProcess, post, remove_driver_objects  # noqa: E402
 from tests.support.private_dockerd import private_dockerd  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
 from volplugin.workers import default_workers  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-BEGIN, END = "<!-- volplugin -->", "<!-- /volplugin -->"
+THREADS = 8  # `volplugin serve`'s default
+Load = Callable[[str, int, int, int], LoadResult]
 
 
 def docker_rounds(daemon, drivers: list[str], rounds: int) -> dict[str, float]:
@@ -57,78 +61,125 @@ def docker_rounds(daemon, drivers: list[str], rounds: int) -> dict[str, float]:
     return totals
 
 
-def _client(args: tuple[str, int, int]) -> list[float]:
-    """One client process: a keep-alive connection, like the daemon's plugin client."""
-    sock, n, rounds = args
-    conn = UnixHTTPConnection(sock)
-    samples = []
-    for j in range(rounds):
-        for endpoint, body in (
-            ("VolumeDriver.Get", {"Name": "vp-bench-lat"}),
-            ("VolumeDriver.Mount", {"Name": "vp-bench-lat", "ID": f"{n}-{j}"}),
-            ("VolumeDriver.Unmount", {"Name": "vp-bench-lat", "ID": f"{n}-{j}"}),
-            ("VolumeDriver.List", {}),
-        ):
-            start = time.perf_counter()
-            conn.request("POST", "/" + endpoint, body=json.dumps(body).encode())
-            resp = conn.getresponse()
-            doc = json.loads(resp.read())
-            samples.append(time.perf_counter() - start)
-            if resp.status != 200 or doc.get("Err"):
-                raise RuntimeError(f"{endpoint} failed: {doc}")
-    conn.close()
-    return samples
+def _answers(sock: Path) -> bool:
+    try:
+        return post(str(sock), "Plugin.Activate")[0] == 200
+    except OSError:
+        return False
 
 
-def latency(plugin: PluginProcess, clients: int, rounds: int) -> list[float]:
-    """Request latencies seen by `clients` concurrent client processes."""
-    sock = str(plugin.socket)
-    post(sock, "VolumeDriver.Create", {"Name": "vp-bench-lat"})
-    with multiprocessing.Pool(clients) as pool:
-        results = pool.map(_client, [(sock, n, rounds) for n in range(clients)])
-    post(sock, "VolumeDriver.Remove", {"Name": "vp-bench-lat"})
-    return [x for r in results for x in r]
+@contextmanager
+def flask_floor(sock: Path, workers: int) -> Iterator[int]:
+    """Run benchmarks.flask_floor on `sock`; yield its PID."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.flask_floor", str(sock), "--workers", str(workers)],
+        cwd=Path(__file__).resolve().parent.parent,
+        start_new_session=True,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _answers(sock), "the Flask floor server", timeout=30)
+        time.sleep(0.5)  # its other processes
+        yield proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        sock.unlink(missing_ok=True)
 
 
-def server_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of the plugin's main process and its worker processes."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for proc in (pid, *worker_pids(pid)):
-        try:
-            with open(f"/proc/{proc}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    return total
+def load_runs(plugin: PluginProcess, floor_sock: Path, clients: int, rounds: int) -> dict:
+    """Each load on the plugin, and curl's on the floor server, one after the other."""
+    assert plugin.proc is not None
+    sock, pid = str(plugin.socket), plugin.proc.pid
+    post(sock, "VolumeDriver.Create", {"Name": VOLUME})
+    runs = {
+        "single": python_load(sock, pid, 1, rounds * 4),
+        "curl": curl_load(sock, pid, clients, rounds),
+        "python": python_load(sock, pid, clients, rounds),
+    }
+    post(sock, "VolumeDriver.Remove", {"Name": VOLUME})
+    with flask_floor(floor_sock, default_workers()) as floor_pid:
+        runs["floor"] = curl_load(str(floor_sock), floor_pid, clients, rounds)
+    return runs
 
 
-def server_durations(plugin: PluginProcess) -> list[float]:
-    """Time spent inside the app per request, from the plugin's access log (ms)."""
-    marker = "volplugin.access: "
-    return [
-        json.loads(line.split(marker, 1)[1])["duration_ms"]
-        for line in plugin.log().splitlines()
-        if marker in line and "vp-bench-lat" in line
-    ]
+def report(args: argparse.Namespace, totals: dict[str, float], runs: dict, load: float) -> str:
+    local, ours = totals["local"], totals["plugin"]
+    ratio = ours / local
+    curl, target = runs["curl"], 20.0
+    p99 = curl.p(0.99)
 
+    def row(label: str, server: str, r: LoadResult) -> list[str]:
+        return [
+            label,
+            server,
+            f"{r.p(0.50):.1f}",
+            f"**{r.p(0.99):.1f}**",
+            f"{r.mean_ms:.1f}",
+            f"{r.per_second:.0f}",
+            f"{r.cpu_ms_per_request:.2f}",
+        ]
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def write_section(text: str) -> None:
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        current = head + section + tail
-    else:
-        current = current.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(current)
+    n = args.clients
+    latency = markdown_table(
+        ["load", "server", "p50 ms", "p99 ms", "mean ms", "requests/s", "server CPU ms/request"],
+        [
+            row(f"curl, {n} connections", "volplugin", curl),
+            row(f"{n} Python processes", "volplugin", runs["python"]),
+            row("1 Python process", "volplugin", runs["single"]),
+            row(f"curl, {n} connections", "minimal Flask app (floor)", runs["floor"]),
+        ],
+    )
+    endpoints = markdown_table(
+        ["endpoint", "p50 ms", "p99 ms"],
+        [
+            [name, f"{curl.p(0.50, name):.1f}", f"{curl.p(0.99, name):.1f}"]
+            for name in sorted(curl.by_endpoint)
+        ],
+    )
+    workers = default_workers()
+    return "\n".join(
+        [
+            "## volplugin (Docker volume plugin)",
+            "",
+            f"Command: `{command_line()}`",
+            "",
+            environment_summary(load)
+            + "; a private dockerd "
+            + subprocess.run(
+                ["dockerd", "--version"], capture_output=True, text=True
+            ).stdout.strip()
+            + ".",
+            "",
+            f"{args.rounds} rounds of volume create + `docker run --rm -v VOL:/d busybox true` "
+            "+ volume rm, drivers alternating:",
+            "",
+            markdown_table(
+                ["driver", "total (s)", "per round (ms)"],
+                [
+                    ["local", f"{local:.2f}", f"{local / args.rounds * 1000:.0f}"],
+                    ["volplugin", f"{ours:.2f}", f"{ours / args.rounds * 1000:.0f}"],
+                ],
+            ),
+            "",
+            f"Ratio volplugin/local: **{ratio:.2f}x** (target <= 1.2x: "
+            f"{'met' if ratio <= 1.2 else 'NOT met'}).",
+            "",
+            f"Request latency, closed loop: each client posts Get, Mount, Unmount, List "
+            f"{args.requests} times on one keep-alive connection ({n * args.requests * 4} "
+            f"requests per load). Servers: `volplugin serve` defaults ({workers} process(es) "
+            f"of {THREADS} threads) and the same layout for the floor.",
+            "",
+            latency,
+            "",
+            f"Target p99 <= {target:.0f} ms under {n} concurrent clients, judged on the curl "
+            f"load: **{p99:.1f} ms, {'met' if p99 <= target else 'NOT met'}**.",
+            "",
+            "volplugin by endpoint, curl load:",
+            "",
+            endpoints,
+        ]
+    )
 
 
 def main() -> None:
@@ -139,64 +190,22 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
 
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="vp-bench-") as tmp, private_dockerd() as daemon:
         plugin = PluginProcess(Path(tmp) / "root", env=daemon.env).start()
         try:
             daemon.docker("run", "--rm", BASE_IMAGE, "true")  # warm up
             totals = docker_rounds(daemon, ["local", plugin.name], args.rounds)
-            load_before = os.getloadavg()
-            single = latency(plugin, 1, args.requests * 4)
-            assert plugin.proc is not None
-            cpu_before = server_cpu_seconds(plugin.proc.pid)
-            samples = latency(plugin, args.clients, args.requests)
-            cpu_ms = (server_cpu_seconds(plugin.proc.pid) - cpu_before) / len(samples) * 1000
-            inside = server_durations(plugin)
+            totals["plugin"] = totals.pop(plugin.name)
+            runs = load_runs(plugin, Path(tmp) / "floor.sock", args.clients, args.requests)
         finally:
             remove_driver_objects(daemon.env, plugin.name)
             plugin.cleanup()
 
-    local, ours = totals["local"], totals[plugin.name]
-    ratio = ours / local
-    p50, p99 = percentile(samples, 0.50) * 1000, percentile(samples, 0.99) * 1000
-    load = " ".join(f"{x:.1f}" for x in load_before)
-    s50, s99 = percentile(single, 0.50) * 1000, percentile(single, 0.99) * 1000
-    i50, i99 = percentile(inside, 0.50), percentile(inside, 0.99)
-    lines = [
-        "## volplugin (Docker volume plugin)",
-        "",
-        f"Command: `.venv/bin/python benchmarks/bench_volplugin.py --rounds {args.rounds} "
-        f"--clients {args.clients} --requests {args.requests}`",
-        f"Machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, load average "
-        f"{load} (1/5/15 min) before the latency part; a private dockerd "
-        + subprocess.run(["dockerd", "--version"], capture_output=True, text=True).stdout.strip()
-        + ".",
-        "",
-        f"{args.rounds} rounds of volume create + `docker run --rm -v VOL:/d busybox true` + "
-        "volume rm, drivers alternating:",
-        "",
-        "| driver | total (s) | per round (ms) |",
-        "|---|---|---|",
-        f"| local | {local:.2f} | {local / args.rounds * 1000:.0f} |",
-        f"| volplugin | {ours:.2f} | {ours / args.rounds * 1000:.0f} |",
-        "",
-        f"Ratio volplugin/local: **{ratio:.2f}x** (target <= 1.2x: "
-        f"{'met' if ratio <= 1.2 else 'NOT met'}).",
-        "",
-        f"Plugin request latency, {args.clients} concurrent client processes, "
-        f"{len(samples)} requests (Get, Mount, Unmount, List in a closed loop, keep-alive "
-        "connections):",
-        f"p50 **{p50:.2f} ms**, p99 **{p99:.2f} ms**, mean "
-        f"{statistics.mean(samples) * 1000:.2f} ms (target p99 <= 20 ms: "
-        f"{'met' if p99 <= 20 else 'NOT met'}).",
-        f"One client alone: p50 {s50:.2f} ms, p99 {s99:.2f} ms. Time inside the app (access "
-        f"log, all requests of both runs): p50 {i50:.2f} ms, p99 {i99:.2f} ms. Server CPU "
-        f"time per request under the {args.clients} clients: {cpu_ms:.2f} ms. Server: "
-        f"`volplugin serve` defaults, {default_workers()} process(es) of 8 threads.",
-    ]
-    text = "\n".join(lines)
+    text = report(args, totals, runs, load)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("volplugin", text)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ APT_PACKAGES=(
   libfuse2 fuse3 fuse-overlayfs attr
   docker.io docker-compose skopeo busybox-static debootstrap
   ceph-mon ceph-osd radosgw ceph-common
-  restic fio hyperfine zstd pigz
+  restic fio hyperfine zstd pigz curl
   autoconf automake perl
 )
 
