@@ -22,6 +22,7 @@ import docker
 
 from volplugin import containers, options
 from volplugin.backup.status import backup_status
+from volplugin.batching import Batcher
 from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import VolpluginError, VolumeExists, VolumeInUse, VolumeNotFound
 from volplugin.names import check_name
@@ -79,6 +80,7 @@ class VolumeService:
         self.volumes_dir = self.root / "volumes"
         self.trash_dir = self.root / "trash"
         self.lock = OpLock(self.root / OPS_LOCK)
+        self._batcher = Batcher(self.lock)  # Mount and Unmount: see volplugin.batching
 
     @classmethod
     def open(cls, root: Path, driver: str, **kw) -> VolumeService:
@@ -186,29 +188,35 @@ class VolumeService:
 
     def mount(self, name: str, mount_id: str) -> Path:
         path = self.path_of(name)
-        with self.lock:
-            ids = self._mount_ids(name)
-            if not path.is_dir():
-                raise VolpluginError(
-                    f"volume {name!r}: its directory {path} is missing; "
-                    "restore it from a backup or remove the volume"
-                )
-            if not ids and self.hooks.on_first_mount:
-                record = self._record(name)
-                for hook in self.hooks.on_first_mount:
-                    hook(record, path)
-            self.state.add_mount(name, mount_id)
+        return self._batcher.run(lambda: self._mount_locked(name, mount_id, path))
+
+    def _mount_locked(self, name: str, mount_id: str, path: Path) -> Path:
+        """Mount's change, run with the service lock held."""
+        ids = self._mount_ids(name)
+        if not path.is_dir():
+            raise VolpluginError(
+                f"volume {name!r}: its directory {path} is missing; "
+                "restore it from a backup or remove the volume"
+            )
+        if not ids and self.hooks.on_first_mount:
+            record = self._record(name)
+            for hook in self.hooks.on_first_mount:
+                hook(record, path)
+        self.state.add_mount(name, mount_id)
         return path
 
     def unmount(self, name: str, mount_id: str) -> None:
         path = self.path_of(name)
-        with self.lock:
-            ids = self._mount_ids(name)
-            left = self.state.release_mount(name, mount_id)
-            if ids and left == 0 and self.hooks.on_last_unmount:
-                record = self._record(name)
-                for hook in self.hooks.on_last_unmount:
-                    hook(record, path)
+        self._batcher.run(lambda: self._unmount_locked(name, mount_id, path))
+
+    def _unmount_locked(self, name: str, mount_id: str, path: Path) -> None:
+        """Unmount's change, run with the service lock held."""
+        ids = self._mount_ids(name)
+        left = self.state.release_mount(name, mount_id)
+        if ids and left == 0 and self.hooks.on_last_unmount:
+            record = self._record(name)
+            for hook in self.hooks.on_last_unmount:
+                hook(record, path)
 
     def _mount_ids(self, name: str) -> tuple[str, ...]:
         ids = self.state.mount_ids(check_name(name))
