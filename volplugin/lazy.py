@@ -160,6 +160,8 @@ class LazyVolumes:
         self._discard(record.name, path)
 
     def status(self, record: VolumeRecord) -> dict:
+        if not is_lazy(record.options):  # only lazy volumes have lazy state: skip the query
+            return {}
         lazy = self.state.get(record.name)
         return {"Lazy": lazy.to_status()} if lazy is not None else {}
 
