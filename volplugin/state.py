@@ -151,6 +151,16 @@ class State:
         with self._write() as db:
             db.execute("DELETE FROM volumes WHERE name = ?", (name,))
 
+    def delete_unmounted(self, name: str) -> bool:
+        """Delete a volume unless it has mount IDs (checked in the same statement)."""
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM volumes WHERE name = ?"
+                " AND NOT EXISTS (SELECT 1 FROM mounts WHERE volume = ?)",
+                (name, name),
+            )
+            return cur.rowcount > 0
+
     def set_backup(self, name: str, info: BackupInfo | None) -> None:
         """Record the last backup of a volume (None clears it)."""
         text = json.dumps(asdict(info)) if info is not None else None
@@ -160,43 +170,55 @@ class State:
     # -- mounts --------------------------------------------------------------------------
 
     def mount_ids(self, name: str) -> tuple[str, ...] | None:
-        """The mount IDs of a volume, oldest first; None if there is no such volume.
+        """The mount IDs of a volume, oldest first; None if there is no such volume."""
+        info = self.mount_info(name)
+        return None if info is None else info[1]
 
-        One query, for the Mount and Unmount path, which runs under the service lock.
-        """
+    def mount_info(self, name: str) -> tuple[dict[str, str], tuple[str, ...]] | None:
+        """A volume's options and mount IDs in one query; None if there is no such volume."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT m.id FROM volumes v LEFT JOIN mounts m ON m.volume = v.name"
+                "SELECT v.options, m.id FROM volumes v LEFT JOIN mounts m ON m.volume = v.name"
                 " WHERE v.name = ? ORDER BY m.mounted_at",
                 (name,),
             ).fetchall()
         if not rows:
             return None
-        return tuple(mid for (mid,) in rows if mid is not None)
+        return json.loads(rows[0][0]), tuple(mid for _opts, mid in rows if mid is not None)
 
-    def add_mount(self, name: str, mount_id: str) -> None:
-        """Record a mount ID; a repeated ID counts once. One statement, so no transaction."""
+    def add_mount(self, name: str, mount_id: str) -> bool:
+        """Record a mount ID (a repeated ID counts once); False if the volume is gone.
+
+        One statement, so its own transaction; the foreign key makes it fail when the
+        volume was removed meanwhile.
+        """
         with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO mounts (volume, id, mounted_at) VALUES (?, ?, ?)",
-                (name, mount_id, time.time()),
-            )
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO mounts (volume, id, mounted_at) VALUES (?, ?, ?)",
+                    (name, mount_id, time.time()),
+                )
+            except sqlite3.IntegrityError:
+                return False
+        return True
 
-    def release_mount(self, name: str, mount_id: str) -> int:
-        """Forget a mount ID; return the number of IDs left.
+    def release_mount(self, name: str, mount_id: str) -> tuple[bool, int] | None:
+        """Forget a mount ID; return (whether an ID went, the number left), None if no volume.
 
         An unknown ID releases one adopted ID (see `adopt`), since adopted IDs only stand
         for a count of running containers; otherwise it changes nothing.
         """
         with self._write() as db:
+            if db.execute("SELECT 1 FROM volumes WHERE name = ?", (name,)).fetchone() is None:
+                return None
             cur = db.execute("DELETE FROM mounts WHERE volume = ? AND id = ?", (name, mount_id))
             if cur.rowcount == 0:
-                db.execute(
+                cur = db.execute(
                     "DELETE FROM mounts WHERE rowid = (SELECT rowid FROM mounts WHERE volume = ?"
                     " AND adopted = 1 ORDER BY mounted_at LIMIT 1)",
                     (name,),
                 )
-            return self._count(name)
+            return cur.rowcount > 0, self._count(name)
 
     def mount_snapshot(self) -> dict[str, list[str]]:
         """The mount IDs of every volume, oldest first."""

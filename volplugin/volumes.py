@@ -22,7 +22,6 @@ import docker
 
 from volplugin import containers, options
 from volplugin.backup.status import backup_status
-from volplugin.batching import Batcher
 from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import VolpluginError, VolumeExists, VolumeInUse, VolumeNotFound
 from volplugin.names import check_name
@@ -48,6 +47,9 @@ class Hooks:
     on_last_unmount: list[Hook] = field(default_factory=list)
     on_remove: list[Hook] = field(default_factory=list)  # before the directory goes
     status: list[Callable[[VolumeRecord], dict]] = field(default_factory=list)  # extra keys
+    # Volumes (by their options) whose directory a feature may swap under the service
+    # lock: their Mount waits for that lock instead of taking the quick path.
+    mount_locked: list[Callable[[dict[str, str]], bool]] = field(default_factory=list)
 
 
 def now_iso() -> str:
@@ -80,7 +82,6 @@ class VolumeService:
         self.volumes_dir = self.root / "volumes"
         self.trash_dir = self.root / "trash"
         self.lock = OpLock(self.root / OPS_LOCK)
-        self._batcher = Batcher(self.lock)  # Mount and Unmount: see volplugin.batching
 
     @classmethod
     def open(cls, root: Path, driver: str, **kw) -> VolumeService:
@@ -154,13 +155,19 @@ class VolumeService:
             if record.mount_ids:
                 self._refuse_if_used(record)
                 self.state.clear_mounts(name)
+            # Mount does not take the lock (see `mount`): the record goes first, in one
+            # statement that fails if a container mounted the volume meanwhile.
+            if not self.state.delete_unmounted(name):
+                raise VolumeInUse(
+                    f"volume {name!r} was mounted by a container while it was being "
+                    "removed: stop that container first"
+                )
             for hook in self.hooks.on_remove:
                 hook(record, path)
             self.trash_dir.mkdir(exist_ok=True)
             doomed = self.trash_dir / f"{name}.{uuid.uuid4().hex}"
             if path.exists():
                 os.rename(path, doomed)
-            self.state.delete(name)
             if self.sizes:
                 self.sizes.forget(str(path))
         shutil.rmtree(doomed, ignore_errors=True)
@@ -187,17 +194,29 @@ class VolumeService:
         )
 
     def mount(self, name: str, mount_id: str) -> Path:
+        """Count a mount of the volume; return its directory.
+
+        A plain volume needs no lock: one statement records the ID and fails if the
+        volume is gone, and Remove deletes the record only if it has no IDs. Volumes
+        with first-mount hooks, or whose directory a feature swaps under the lock
+        (`Hooks.mount_locked`), wait for the lock.
+        """
         path = self.path_of(name)
-        return self._batcher.run(lambda: self._mount_locked(name, mount_id, path))
+        info = self.state.mount_info(check_name(name))
+        if info is None:
+            raise self._missing(name)
+        options, _ids = info
+        if self.hooks.on_first_mount or any(p(options) for p in self.hooks.mount_locked):
+            with self.lock:
+                return self._mount_locked(name, mount_id, path)
+        self._check_dir(name, path)
+        if not self.state.add_mount(name, mount_id):
+            raise self._missing(name)
+        return path
 
     def _mount_locked(self, name: str, mount_id: str, path: Path) -> Path:
-        """Mount's change, run with the service lock held."""
         ids = self._mount_ids(name)
-        if not path.is_dir():
-            raise VolpluginError(
-                f"volume {name!r}: its directory {path} is missing; "
-                "restore it from a backup or remove the volume"
-            )
+        self._check_dir(name, path)
         if not ids and self.hooks.on_first_mount:
             record = self._record(name)
             for hook in self.hooks.on_first_mount:
@@ -205,16 +224,26 @@ class VolumeService:
         self.state.add_mount(name, mount_id)
         return path
 
-    def unmount(self, name: str, mount_id: str) -> None:
-        path = self.path_of(name)
-        self._batcher.run(lambda: self._unmount_locked(name, mount_id, path))
+    def _check_dir(self, name: str, path: Path) -> None:
+        if not path.is_dir():
+            raise VolpluginError(
+                f"volume {name!r}: its directory {path} is missing; "
+                "restore it from a backup or remove the volume"
+            )
 
-    def _unmount_locked(self, name: str, mount_id: str, path: Path) -> None:
-        """Unmount's change, run with the service lock held."""
-        ids = self._mount_ids(name)
-        left = self.state.release_mount(name, mount_id)
-        if ids and left == 0 and self.hooks.on_last_unmount:
-            record = self._record(name)
+    def unmount(self, name: str, mount_id: str) -> None:
+        """Forget a mount ID; the last one runs the last-unmount hooks under the lock."""
+        path = self.path_of(name)
+        released = self.state.release_mount(check_name(name), mount_id)
+        if released is None:
+            raise self._missing(name)
+        went, left = released
+        if not (went and left == 0 and self.hooks.on_last_unmount):
+            return
+        with self.lock:
+            record = self.state.get(name)
+            if record is None or record.mount_ids:  # removed, or mounted again meanwhile
+                return
             for hook in self.hooks.on_last_unmount:
                 hook(record, path)
 
