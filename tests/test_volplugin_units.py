@@ -260,3 +260,85 @@ def test_reconcile_retries_in_background_until_the_daemon_answers(tmp_path, api)
     assert len(calls) == 3
     assert service.get("v").mount_count == 0
     service.state.close()
+
+
+# -- Mount without the lock, and what keeps it safe ------------------------------------
+
+
+def test_a_mount_recorded_after_removes_check_stops_the_remove(svc, monkeypatch):
+    svc.create("race", None)
+    clear = svc.state.clear_mounts
+    svc.mount("race", "old")  # an ID the daemon no longer holds: Remove forgets it
+
+    def clear_then_a_container_mounts(name: str) -> None:
+        clear(name)
+        assert svc.state.add_mount(name, "new")  # what a Mount in another thread does
+
+    monkeypatch.setattr(svc.state, "clear_mounts", clear_then_a_container_mounts)
+    with pytest.raises(VolumeInUse, match="mounted by a container while it was being removed"):
+        svc.remove("race")
+    assert svc.get("race").mount_ids == ("new",)
+    assert svc.path_of("race").is_dir()
+
+
+def test_a_mount_of_a_volume_removed_meanwhile_is_refused(svc):
+    svc.create("gone", None)
+    svc.remove("gone")
+    assert svc.state.add_mount("gone", "c1") is False
+    assert svc.state.mount_snapshot() == {}
+    with pytest.raises(VolumeNotFound):
+        svc.mount("gone", "c1")
+    with pytest.raises(VolumeNotFound):
+        svc.unmount("gone", "c1")
+
+
+def _in_thread(fn) -> threading.Thread:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    return thread
+
+
+def test_only_volumes_marked_mount_locked_wait_for_the_lock(svc):
+    # Lazy volumes are marked so (their directory is swapped under the lock); here a
+    # stand-in mark, since a lazy volume needs a backup to come from.
+    svc.hooks.mount_locked.append(lambda opts: opts.get("mode") == "0700")
+    svc.create("plain", None)
+    svc.create("marked", {"mode": "0700"})
+    svc.lock.acquire()
+    try:
+        plain = _in_thread(lambda: svc.mount("plain", "p1"))
+        plain.join(5)
+        assert not plain.is_alive()  # mounted while the lock was held
+        assert svc.get("plain").mount_ids == ("p1",)
+        marked = _in_thread(lambda: svc.mount("marked", "m1"))
+        marked.join(0.5)
+        assert marked.is_alive() and svc.get("marked").mount_ids == ()
+    finally:
+        svc.lock.release()
+    marked.join(5)
+    assert svc.get("marked").mount_ids == ("m1",)
+
+
+def test_the_last_unmount_runs_its_hooks_unless_mounted_again(svc, monkeypatch):
+    ran: list[str] = []
+    svc.hooks.on_last_unmount.append(lambda record, path: ran.append(record.name))
+    svc.create("v", None)
+    svc.mount("v", "a")
+    svc.mount("v", "b")
+    svc.unmount("v", "a")
+    assert ran == []
+    svc.unmount("v", "b")
+    assert ran == ["v"]
+    svc.unmount("v", "b")  # an ID it no longer has: no second run
+    assert ran == ["v"]
+    svc.mount("v", "c")
+    release = svc.state.release_mount
+
+    def release_then_mounted_again(name: str, mount_id: str):
+        result = release(name, mount_id)
+        svc.state.add_mount(name, "d")  # a Mount between the release and the hooks
+        return result
+
+    monkeypatch.setattr(svc.state, "release_mount", release_then_mounted_again)
+    svc.unmount("v", "c")
+    assert ran == ["v"] and svc.get("v").mount_ids == ("d",)
