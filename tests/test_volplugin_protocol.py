@@ -11,17 +11,14 @@ import threading
 
 import pytest
 
-from tests.support.plugin import PluginProcess, post, running_plugin
+from tests.support.plugin import PluginProcess, post, running_plugin, without_docker
 
 VOLPLUGIN = os.path.join(os.path.dirname(sys.executable), "volplugin")
 
 
 @pytest.fixture
 def plugin(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("the plugin socket lives in /run/docker/plugins (root only)")
-    # An unreachable daemon: these tests must not depend on (or touch) the shared one.
-    env = dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    env = without_docker(tmp_path)
     with running_plugin(tmp_path / "root", env=env) as p:
         yield p
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import signal
 import socket
 import threading
@@ -24,6 +23,7 @@ from tests.support.plugin import (
     UnixHTTPConnection,
     post,
     running_plugin,
+    without_docker,
 )
 from volplugin.accesslog import ACCESS_LOGGER, BatchedStreamHandler, batched_access_log
 from volplugin.channel import QuietChannel
@@ -96,9 +96,7 @@ def test_channel_is_not_writable_while_a_task_holds_its_output() -> None:
 
 @pytest.fixture
 def plugin(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("the plugin socket lives in /run/docker/plugins (root only)")
-    env = dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    env = without_docker(tmp_path)
     with running_plugin(tmp_path / "root", env=env) as p:
         yield p
 
@@ -138,9 +136,7 @@ def test_an_answer_bigger_than_the_socket_buffer_reaches_a_late_reader(plugin) -
 
 
 def test_access_lines_written_before_a_stop_are_not_lost(tmp_path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the plugin socket lives in /run/docker/plugins (root only)")
-    env = dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    env = without_docker(tmp_path)
     plugin = PluginProcess(tmp_path / "root", env=env).start()
     try:
         for i in range(50):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.plugin import PluginProcess, UnixHTTPConnection, worker_pids
+from tests.support.plugin import PluginProcess, UnixHTTPConnection, without_docker, worker_pids
 from tests.support.waiting import wait_for
 from volplugin.oplock import OpLock
 
@@ -53,9 +53,7 @@ def _refused(path: Path) -> bool:
 
 @pytest.fixture
 def plugin(tmp_path: Path):
-    if os.geteuid() != 0:
-        pytest.skip("the plugin socket lives in /run/docker/plugins (root only)")
-    env = dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
+    env = without_docker(tmp_path)
     p = PluginProcess(tmp_path / "root", env=env, args=("--workers", str(WORKERS))).start()
     try:
         assert p.proc is not None

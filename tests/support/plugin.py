@@ -24,6 +24,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.support.waiting import wait_for
 
 PLUGIN_DIR = Path("/run/docker/plugins")
@@ -61,6 +63,17 @@ def post(sock_path: str, endpoint: str, body: bytes | dict | None = None) -> tup
         return resp.status, json.loads(raw) if raw else {}
     finally:
         conn.close()
+
+
+def without_docker(tmp_path: Path) -> dict[str, str]:
+    """The environment of a plugin that must not depend on (or touch) the shared daemon.
+
+    Its docker is unreachable. Skips the test unless it runs as root: plugin sockets
+    live in /run/docker/plugins.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the plugin socket lives in /run/docker/plugins (root only)")
+    return dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
 
 
 def worker_pids(pid: int) -> list[int]:
