@@ -148,8 +148,7 @@ def serve(
                 threads,
             )
             try:
-                with batched_access_log(), contextlib.suppress(SystemExit):  # SIGTERM, SIGINT
-                    server.run()
+                _run(server)
             finally:
                 stop.set()
                 server.close()
@@ -179,8 +178,7 @@ def serve_worker(
     _exit_on_signals()
     log.info("worker process %d serving driver %s, root %s", os.getpid(), name, root)
     try:
-        with batched_access_log(), contextlib.suppress(SystemExit):  # SIGTERM, SIGINT
-            server.run()
+        _run(server)
     finally:
         server.close()
         lazy.close()
@@ -217,6 +215,12 @@ def _waitress(app: Flask, sock: socket.socket, threads: int) -> BaseWSGIServer:
     )
     server.channel_class = QuietChannel  # see volplugin.channel
     return server
+
+
+def _run(server: BaseWSGIServer) -> None:
+    """Serve, the access log batched, until SIGTERM or SIGINT (see `_exit_on_signals`)."""
+    with batched_access_log(), contextlib.suppress(SystemExit):
+        server.run()
 
 
 def _exit_on_signals() -> None:
