@@ -16,7 +16,9 @@ from fuse import fuse_operations
 from layerfs.fs.fastfuse import RAW_PROTOTYPES, _Table
 from layerfs.fs.mountinfo import load_mountinfo
 from layerfs.store.local import LocalBackend
-from tests.support.writable import FILES, fuse_store, mounted_as
+from tests.support.writable import FILES
+
+pytest_plugins = ["tests.support.writable_fixtures"]  # the `store` and `m` fixtures
 
 # -- unit ----------------------------------------------------------------------------------
 
@@ -32,17 +34,6 @@ def test_operations_table_has_libfuses_layout():
 
 
 # -- through real mounts ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return fuse_store(tmp_path_factory)
-
-
-@pytest.fixture(params=["image", "overlay"])
-def m(request, store):
-    with mounted_as(request.param, store) as mnt:
-        yield mnt
 
 
 def _daemon_requests(store: Path, m) -> int:

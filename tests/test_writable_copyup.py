@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 
@@ -16,23 +15,11 @@ from tests.support.writable import (
     BIG,
     FILES,
     IMAGE,
-    fuse_store,
     image_mount,
-    mounted_as,
 )
 
 pytestmark = pytest.mark.fuse
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return fuse_store(tmp_path_factory)
-
-
-@pytest.fixture(params=["image", "overlay"])
-def m(request, store):
-    with mounted_as(request.param, store) as mnt:
-        yield mnt
+pytest_plugins = ["tests.support.writable_fixtures"]  # the `store` and `m` fixtures
 
 
 def test_metadata_changes_copy_no_data(m):

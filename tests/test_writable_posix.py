@@ -16,23 +16,11 @@ from tests.support.lfsmount import public_dir
 from tests.support.writable import (
     BIG,
     FILES,
-    fuse_store,
-    mounted_as,
     overlay_mount,
 )
 
 pytestmark = pytest.mark.fuse
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return fuse_store(tmp_path_factory)
-
-
-@pytest.fixture(params=["image", "overlay"])
-def m(request, store):
-    with mounted_as(request.param, store) as mnt:
-        yield mnt
+pytest_plugins = ["tests.support.writable_fixtures"]  # the `store` and `m` fixtures
 
 
 def test_lower_tree_shows_through(m):
