@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,10 +41,8 @@ from tests.support.dockerenv import BASE_IMAGE  # noqa: E402
 from tests.support.plugin import PluginProcess, post, remove_driver_objects  # noqa: E402
 from tests.support.private_dockerd import private_dockerd  # noqa: E402
 from tests.support.waiting import wait_for  # noqa: E402
+from volplugin.server import DEFAULT_THREADS  # noqa: E402
 from volplugin.workers import default_workers  # noqa: E402
-
-THREADS = 8  # `volplugin serve`'s default
-Load = Callable[[str, int, int, int], LoadResult]
 
 
 def docker_rounds(daemon, drivers: list[str], rounds: int) -> dict[str, float]:
@@ -168,7 +166,7 @@ def report(args: argparse.Namespace, totals: dict[str, float], runs: dict, load:
             f"Request latency, closed loop: each client posts Get, Mount, Unmount, List "
             f"{args.requests} times on one keep-alive connection ({n * args.requests * 4} "
             f"requests per load). Servers: `volplugin serve` defaults ({workers} process(es) "
-            f"of {THREADS} threads) and the same layout for the floor.",
+            f"of {DEFAULT_THREADS} threads) and the same layout for the floor.",
             "",
             latency,
             "",

@@ -19,6 +19,7 @@ import waitress
 from flask import Flask, request
 
 from volplugin.channel import QuietChannel
+from volplugin.server import DEFAULT_THREADS
 
 
 def make_app() -> Flask:
@@ -36,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("socket")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     args = parser.parse_args()
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     if os.path.exists(args.socket):

@@ -15,7 +15,14 @@ import click
 
 from layerfs.clitools import OneLineErrors, store_option
 from volplugin.scheduler import DEFAULT_TICK
-from volplugin.server import DEFAULT_NAME, DEFAULT_ROOT, PLUGIN_DIR, serve, serve_worker
+from volplugin.server import (
+    DEFAULT_NAME,
+    DEFAULT_ROOT,
+    DEFAULT_THREADS,
+    PLUGIN_DIR,
+    serve,
+    serve_worker,
+)
 from volplugin.state import State
 from volplugin.volumes import VolumeService
 from volplugin.workers import default_workers
@@ -73,7 +80,9 @@ def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
 
 @cli.command("serve")
 @where
-@click.option("--threads", default=8, show_default=True, help="Request threads per process.")
+@click.option(
+    "--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads per process."
+)
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -125,7 +134,7 @@ def serve_cmd(
 @where
 @click.option("--fd", type=int, required=True, help="Inherited listening socket.")
 @click.option("--parent", type=int, required=True, help="PID of the main server process.")
-@click.option("--threads", default=8, show_default=True, help="Request threads.")
+@click.option("--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads.")
 @store_option("Backup store (as given to serve).")
 @click.pass_obj
 def serve_worker_cmd(

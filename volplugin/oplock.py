@@ -15,7 +15,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 
 POLL = 0.005  # seconds between tries of a timed acquire
 
@@ -73,10 +72,5 @@ class OpLock:
         self.acquire()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.release()

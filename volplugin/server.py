@@ -40,6 +40,7 @@ PLUGIN_DIR = Path("/run/docker/plugins")
 DEFAULT_NAME = "volplugin"
 DEFAULT_ROOT = Path("/var/lib/volplugin")
 SCHEDULER_GRACE = 120.0  # seconds a stopping server waits for a scheduled backup
+DEFAULT_THREADS = 8  # waitress threads per serving process
 STALE_GRACE = 2.0  # seconds a socket may go on answering before it counts as live
 
 log = logging.getLogger("volplugin.server")
@@ -111,7 +112,7 @@ def serve(
     root: Path = DEFAULT_ROOT,
     *,
     plugin_dir: Path = PLUGIN_DIR,
-    threads: int = 8,
+    threads: int = DEFAULT_THREADS,
     workers: int = 1,
     store: str | None = None,
     schedule_tick: float = DEFAULT_TICK,
@@ -164,7 +165,13 @@ def serve(
 
 
 def serve_worker(
-    name: str, root: Path, fd: int, parent: int, *, threads: int = 8, store: str | None = None
+    name: str,
+    root: Path,
+    fd: int,
+    parent: int,
+    *,
+    threads: int = DEFAULT_THREADS,
+    store: str | None = None,
 ) -> None:
     """Serve requests on the inherited listening socket `fd` until SIGTERM or `parent` dies.
 

@@ -201,8 +201,8 @@ class VolumeService:
         with first-mount hooks, or whose directory a feature swaps under the lock
         (`Hooks.mount_locked`), wait for the lock.
         """
-        path = self.path_of(name)
-        info = self.state.mount_info(check_name(name))
+        path = self.path_of(name)  # validates the name
+        info = self.state.mount_info(name)
         if info is None:
             raise self._missing(name)
         options, _ids = info
@@ -233,8 +233,8 @@ class VolumeService:
 
     def unmount(self, name: str, mount_id: str) -> None:
         """Forget a mount ID; the last one runs the last-unmount hooks under the lock."""
-        path = self.path_of(name)
-        released = self.state.release_mount(check_name(name), mount_id)
+        path = self.path_of(name)  # validates the name
+        released = self.state.release_mount(name, mount_id)
         if released is None:
             raise self._missing(name)
         went, left = released
@@ -248,7 +248,7 @@ class VolumeService:
                 hook(record, path)
 
     def _mount_ids(self, name: str) -> tuple[str, ...]:
-        ids = self.state.mount_ids(check_name(name))
+        ids = self.state.mount_ids(name)  # callers have validated the name (path_of)
         if ids is None:
             raise self._missing(name)
         return ids
@@ -261,17 +261,13 @@ class VolumeService:
 
     def describe(self, record: VolumeRecord, *, with_status: bool = True) -> dict:
         """A volume as the protocol shows it (Name, Mountpoint, CreatedAt, Status)."""
-        doc: dict = {
-            "Name": record.name,
-            "Mountpoint": str(self.path_of(record.name)),
-            "CreatedAt": record.created,
-        }
+        mountpoint = str(self.path_of(record.name))
+        doc: dict = {"Name": record.name, "Mountpoint": mountpoint, "CreatedAt": record.created}
         if with_status:
-            doc["Status"] = self.status(record)
+            doc["Status"] = self._status(record, mountpoint)
         return doc
 
-    def status(self, record: VolumeRecord) -> dict:
-        path = str(self.path_of(record.name))
+    def _status(self, record: VolumeRecord, path: str) -> dict:
         usage = self.sizes.usage(path) if self.sizes else disk_usage(path, None)
         backup = record.backup
         extra: dict = {}
