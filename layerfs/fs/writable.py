@@ -425,35 +425,40 @@ class WritableOperations(Operations):
         """The answer for the upper entry ``up`` just changed (libfuse asks for it next)."""
         return self._packed(os.stat(up, dir_fd=self._fd, follow_symlinks=False), up)
 
-    def chmod(self, path: str, mode: int) -> int:
+    def _chmod(self, path: str, mode: int) -> str:
         perm = stat.S_IMODE(mode)
-        self._change(path, lambda up: os.chmod(up, perm, dir_fd=self._fd))
-        return 0
+        return self._change(path, lambda up: os.chmod(up, perm, dir_fd=self._fd))
 
-    def chown(self, path: str, uid: int, gid: int) -> int:
-        self._change(
-            path, lambda up: os.chown(up, uid, gid, dir_fd=self._fd, follow_symlinks=False)
-        )
-        return 0
-
-    def utimens(self, path: str, times=None) -> int:
-        self._change(path, lambda up: utimens_at(self._fd, up, times))
-        return 0
-
-    def raw_chmod(self, path: bytes, mode: int) -> bytes:
-        perm = stat.S_IMODE(mode)
-        return self._changed(
-            self._change(_text(path), lambda up: os.chmod(up, perm, dir_fd=self._fd))
-        )
-
-    def raw_chown(self, path: bytes, uid: int, gid: int) -> bytes:
+    def _chown(self, path: str, uid: int, gid: int) -> str:
         def change(up: str) -> None:
             os.chown(up, uid, gid, dir_fd=self._fd, follow_symlinks=False)
 
-        return self._changed(self._change(_text(path), change))
+        return self._change(path, change)
+
+    def _utimens(self, path: str, times: tuple[int, int] | None) -> str:
+        return self._change(path, lambda up: utimens_at(self._fd, up, times))
+
+    def chmod(self, path: str, mode: int) -> int:
+        self._chmod(path, mode)
+        return 0
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        self._chown(path, uid, gid)
+        return 0
+
+    def utimens(self, path: str, times=None) -> int:
+        self._utimens(path, times)
+        return 0
+
+    # The same for layerfs.fs.fastfuse, answering with the new attributes.
+    def raw_chmod(self, path: bytes, mode: int) -> bytes:
+        return self._changed(self._chmod(_text(path), mode))
+
+    def raw_chown(self, path: bytes, uid: int, gid: int) -> bytes:
+        return self._changed(self._chown(_text(path), uid, gid))
 
     def raw_utimens(self, path: bytes, times: tuple[int, int] | None) -> bytes:
-        return self._changed(self._change(_text(path), lambda up: utimens_at(self._fd, up, times)))
+        return self._changed(self._utimens(_text(path), times))
 
     # -- xattrs --------------------------------------------------------------------------
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
