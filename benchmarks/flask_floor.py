@@ -2,8 +2,8 @@
 
 It answers every POST with {"Err": ""} after parsing the JSON body, and is served the
 way `volplugin serve` serves (waitress threads, volplugin.channel.QuietChannel, the
-same number of processes on one listening socket), so the difference between the two
-is what the plugin's own work costs.
+same number of processes on one listening socket, spread by volplugin.balance), so the
+difference between the two is what the plugin's own work costs.
 
     .venv/bin/python -m benchmarks.flask_floor SOCKET [--workers N] [--threads 8]
 """
@@ -14,10 +14,12 @@ import argparse
 import logging
 import os
 import socket
+from pathlib import Path
 
 import waitress
 from flask import Flask, request
 
+from volplugin.balance import LoadBoard, balance
 from volplugin.channel import QuietChannel
 from volplugin.server import DEFAULT_THREADS
 
@@ -45,11 +47,15 @@ def main() -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(args.socket)
     sock.listen(1024)
-    for _ in range(args.workers - 1):
+    board = LoadBoard.create(Path(f"{args.socket}.board"), args.workers)
+    slot = 0
+    for worker in range(1, args.workers):
         if os.fork() == 0:
+            slot = worker
             break
     server = waitress.create_server(make_app(), sockets=[sock], threads=args.threads)
     server.channel_class = QuietChannel
+    balance(server, board, slot)
     server.run()
 
 

@@ -107,6 +107,33 @@ def test_workers_answer_and_share_exact_mount_counts(plugin: PluginProcess) -> N
     assert len(served) >= 2 and served <= {plugin.proc.pid, *worker_pids(plugin.proc.pid)}
 
 
+def test_keep_alive_connections_spread_evenly_over_the_processes(
+    plugin: PluginProcess,
+) -> None:
+    """Connections opened one after another land one per process in turn (LoadBoard).
+
+    Without the board the kernel gives them to whichever process wakes first; measured,
+    that put most connections on one process.
+    """
+    conns = []
+    try:
+        for _ in range(4 * WORKERS):
+            conn = UnixHTTPConnection(str(plugin.socket))
+            conn.request("POST", "/VolumeDriver.Capabilities", body=b"")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            resp.read()
+            conns.append(conn)  # kept open, as a keep-alive client does
+        served = [
+            doc["pid"] for doc in plugin.access_records("/VolumeDriver.Capabilities", 4 * WORKERS)
+        ]
+    finally:
+        for conn in conns:
+            conn.close()
+    counts = sorted(served.count(pid) for pid in set(served))
+    assert len(counts) == WORKERS and counts[-1] - counts[0] <= 1, counts
+
+
 def test_sigkill_of_the_main_process_takes_the_workers_along(plugin: PluginProcess) -> None:
     ok(plugin, "VolumeDriver.Create", {"Name": "kept"})
     ok(plugin, "VolumeDriver.Mount", {"Name": "kept", "ID": "c1"})

@@ -170,5 +170,10 @@ def _install_logging(app: Flask) -> None:
         }
         if g.get("error"):
             line["error"] = g.error
-        access_log.info(json.dumps(line))
+        if access_log.isEnabledFor(logging.INFO):
+            # makeRecord, not info(): info() walks the stack to find its caller.
+            record = access_log.makeRecord(
+                ACCESS_LOGGER, logging.INFO, __file__, 0, json.dumps(line), None, None
+            )
+            access_log.handle(record)
         return response

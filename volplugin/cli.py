@@ -134,6 +134,7 @@ def serve_cmd(
 @where
 @click.option("--fd", type=int, required=True, help="Inherited listening socket.")
 @click.option("--parent", type=int, required=True, help="PID of the main server process.")
+@click.option("--slot", type=int, required=True, help="This process's load-board slot.")
 @click.option("--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads.")
 @store_option("Backup store (as given to serve).")
 @click.pass_obj
@@ -143,12 +144,13 @@ def serve_worker_cmd(
     cmd_root: Path | None,
     fd: int,
     parent: int,
+    slot: int,
     threads: int,
     store: str | None,
 ) -> None:
     """One of `serve`'s request-serving processes (started by `serve` itself)."""
     name, root = _pick(obj, cmd_name, cmd_root)
-    serve_worker(name, root, fd, parent, threads=threads, store=store)
+    serve_worker(name, root, fd, parent, slot, threads=threads, store=store)
 
 
 def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:

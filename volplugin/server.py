@@ -27,6 +27,7 @@ from waitress.server import BaseWSGIServer
 from volplugin.accesslog import batched_access_log
 from volplugin.app import create_app
 from volplugin.backup.seed import restore_from_option
+from volplugin.balance import LoadBoard, balance
 from volplugin.channel import QuietChannel
 from volplugin.errors import StateError
 from volplugin.lazy import LazyVolumes
@@ -40,7 +41,8 @@ PLUGIN_DIR = Path("/run/docker/plugins")
 DEFAULT_NAME = "volplugin"
 DEFAULT_ROOT = Path("/var/lib/volplugin")
 SCHEDULER_GRACE = 120.0  # seconds a stopping server waits for a scheduled backup
-DEFAULT_THREADS = 8  # waitress threads per serving process
+DEFAULT_THREADS = 2  # waitress threads per serving process (see _waitress)
+BOARD_NAME = "serve.board"  # the serving processes' connection counts (volplugin.balance)
 STALE_GRACE = 2.0  # seconds a socket may go on answering before it counts as live
 
 log = logging.getLogger("volplugin.server")
@@ -133,11 +135,14 @@ def serve(
             reconcile_in_background(service, stop)
         lazy, app = _attach_app(service, store, background=True)
         sock = bind_socket(path)
+        board = LoadBoard.create(root / BOARD_NAME, workers)
         scheduler = Scheduler(service, store, tick=schedule_tick).start(stop)
         verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-        pool = WorkerPool(worker_command(name, root, threads, store, verbose), sock, workers - 1)
+        command = worker_command(name, root, threads, store, verbose)
+        pool = WorkerPool(command, sock, workers - 1, board)
         try:
             server = _waitress(app, sock, threads)
+            balance(server, board, 0)
             _exit_on_signals()
             pool.start()
             log.info(
@@ -157,6 +162,7 @@ def serve(
                 scheduler.join(SCHEDULER_GRACE)  # a running backup restarts its containers
         finally:
             lazy.close()
+            board.close()
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -169,6 +175,7 @@ def serve_worker(
     root: Path,
     fd: int,
     parent: int,
+    slot: int,
     *,
     threads: int = DEFAULT_THREADS,
     store: str | None = None,
@@ -176,18 +183,24 @@ def serve_worker(
     """Serve requests on the inherited listening socket `fd` until SIGTERM or `parent` dies.
 
     Same app and hooks as the main process; no reconciliation, schedule or lazy fills.
+    `slot` is this process's place on the server's LoadBoard.
     """
     die_with_parent(parent)
+    root = Path(root).absolute()
     sock = socket.socket(fileno=fd)
-    service = _open_service(Path(root).absolute(), name, store)
+    board = LoadBoard.attach(root / BOARD_NAME)
+    service = _open_service(root, name, store)
     lazy, app = _attach_app(service, store, background=False)
     server = _waitress(app, sock, threads)
+    balance(server, board, slot)
     _exit_on_signals()
     log.info("worker process %d serving driver %s, root %s", os.getpid(), name, root)
     try:
         _run(server)
     finally:
         server.close()
+        board.clear(slot)
+        board.close()
         lazy.close()
         service.state.close()
 

@@ -117,12 +117,15 @@ class State:
 
     def get(self, name: str) -> VolumeRecord | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT name, options, created, backup FROM volumes WHERE name = ?", (name,)
-            ).fetchone()
-            if row is None:
-                return None
-            return self._record(row, self._mount_ids(name))
+            rows = self._db.execute(
+                "SELECT v.name, v.options, v.created, v.backup, m.id FROM volumes v"
+                " LEFT JOIN mounts m ON m.volume = v.name WHERE v.name = ?"
+                " ORDER BY m.mounted_at",
+                (name,),
+            ).fetchall()
+        if not rows:
+            return None
+        return self._record(rows[0][:4], [mid for *_row, mid in rows if mid is not None])
 
     def list(self) -> list[VolumeRecord]:
         with self._lock:
@@ -208,16 +211,20 @@ class State:
         An unknown ID releases one adopted ID (see `adopt`), since adopted IDs only stand
         for a count of running containers; otherwise it changes nothing.
         """
+        with self._lock:  # the usual case, a known ID: one statement and a count
+            cur = self._db.execute(
+                "DELETE FROM mounts WHERE volume = ? AND id = ?", (name, mount_id)
+            )
+            if cur.rowcount:
+                return True, self._count(name)
         with self._write() as db:
             if db.execute("SELECT 1 FROM volumes WHERE name = ?", (name,)).fetchone() is None:
                 return None
-            cur = db.execute("DELETE FROM mounts WHERE volume = ? AND id = ?", (name, mount_id))
-            if cur.rowcount == 0:
-                cur = db.execute(
-                    "DELETE FROM mounts WHERE rowid = (SELECT rowid FROM mounts WHERE volume = ?"
-                    " AND adopted = 1 ORDER BY mounted_at LIMIT 1)",
-                    (name,),
-                )
+            cur = db.execute(
+                "DELETE FROM mounts WHERE rowid = (SELECT rowid FROM mounts WHERE volume = ?"
+                " AND adopted = 1 ORDER BY mounted_at LIMIT 1)",
+                (name,),
+            )
             return cur.rowcount > 0, self._count(name)
 
     def mount_snapshot(self) -> dict[str, list[str]]:

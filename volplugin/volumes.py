@@ -30,6 +30,8 @@ from volplugin.state import State, VolumeRecord
 
 log = logging.getLogger("volplugin.volumes")
 
+PATH_CACHE = 4096  # volume paths kept by VolumeService.path_of
+
 OPS_LOCK = "ops.lock"  # see volplugin.oplock
 
 Hook = Callable[[VolumeRecord, Path], None]
@@ -82,6 +84,7 @@ class VolumeService:
         self.volumes_dir = self.root / "volumes"
         self.trash_dir = self.root / "trash"
         self.lock = OpLock(self.root / OPS_LOCK)
+        self._paths: dict[str, Path] = {}  # path_of's answers, by name
 
     @classmethod
     def open(cls, root: Path, driver: str, **kw) -> VolumeService:
@@ -101,10 +104,18 @@ class VolumeService:
     # -- paths ---------------------------------------------------------------------------
 
     def path_of(self, name: str) -> Path:
-        """The mountpoint of a volume; the name is validated so it stays under the root."""
-        path = self.volumes_dir / check_name(name)
-        if path.parent != self.volumes_dir:
-            raise VolumeNotFound(f"volume name {name!r} does not map into the root")
+        """The mountpoint of a volume; the name is validated so it stays under the root.
+
+        Answers are kept (up to PATH_CACHE names): nearly every request asks, and
+        pathlib's joins and checks are slow enough to show under load.
+        """
+        path = self._paths.get(name)
+        if path is None:
+            path = self.volumes_dir / check_name(name)
+            if path.parent != self.volumes_dir:
+                raise VolumeNotFound(f"volume name {name!r} does not map into the root")
+            if len(self._paths) < PATH_CACHE:
+                self._paths[name] = path
         return path
 
     def _record(self, name: str) -> VolumeRecord:

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from volplugin.balance import LoadBoard
+
 log = logging.getLogger("volplugin.workers")
 
 PR_SET_PDEATHSIG = 1
@@ -34,8 +36,14 @@ STOP_GRACE = 10.0  # seconds a stopping worker gets before SIGKILL
 
 
 def default_workers() -> int:
-    """One process per core, at most 4 (more buys little for short requests)."""
-    return max(1, min(os.cpu_count() or 1, 4))
+    """Two processes per core, at most 8, each with few threads (see volplugin.server).
+
+    Python runs one thread of a process at a time, and hands that turn from thread to
+    thread in no fair order; the kernel shares cores between processes fairly. So many
+    threads in few processes make a wide spread of answer times under load, and more
+    processes with fewer threads a narrow one.
+    """
+    return max(2, min(2 * (os.cpu_count() or 1), 8))
 
 
 def die_with_parent(parent: int) -> None:
@@ -61,12 +69,14 @@ class WorkerPool:
     command: list[str]
     sock: socket.socket
     count: int
+    board: LoadBoard
     _workers: list[_Worker] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def argv(self) -> list[str]:
-        return [*self.command, "--fd", str(self.sock.fileno()), "--parent", str(os.getpid())]
+    def argv(self, slot: int) -> list[str]:
+        fd, parent = str(self.sock.fileno()), str(os.getpid())
+        return [*self.command, "--fd", fd, "--parent", parent, "--slot", str(slot)]
 
     def start(self) -> WorkerPool:
         """Spawn the workers from a supervising thread that lives as long as the pool.
@@ -87,15 +97,16 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers]
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self, index: int) -> _Worker:
+        """Worker `index` (0-based); its LoadBoard slot is index + 1, the main's is 0."""
         proc = subprocess.Popen(
-            self.argv(), pass_fds=[self.sock.fileno()], stdin=subprocess.DEVNULL
+            self.argv(index + 1), pass_fds=[self.sock.fileno()], stdin=subprocess.DEVNULL
         )
         return _Worker(proc, time.monotonic())
 
     def _supervise(self, ready: threading.Event) -> None:
         try:
-            self._workers = [self._spawn() for _ in range(self.count)]
+            self._workers = [self._spawn(i) for i in range(self.count)]
         finally:
             ready.set()
         while not self._stop.wait(0.5):
@@ -103,6 +114,7 @@ class WorkerPool:
                 rc = worker.proc.poll()
                 if rc is None:
                     continue
+                self.board.clear(i + 1)  # its connections are gone with it
                 young = time.monotonic() - worker.started < YOUNG
                 log.error(
                     "worker process %d exited with status %d; starting another%s",
@@ -112,7 +124,7 @@ class WorkerPool:
                 )
                 if young and self._stop.wait(RESPAWN_DELAY):
                     break
-                self._workers[i] = self._spawn()
+                self._workers[i] = self._spawn(i)
         self._terminate()
 
     def _terminate(self) -> None:
