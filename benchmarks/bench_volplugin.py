@@ -6,18 +6,23 @@ Part 2: the plugin's own request latency (p50, p99) under CLIENTS concurrent cli
 posting Get / Mount / Unmount / List straight to its socket in a closed loop, from a
 compiled client (curl, like the daemon's Go client) and from Python client processes
 (benchmarks.plugin_load); beside it, in the same run, the floor: a minimal Flask app
-served the same way (benchmarks.flask_floor).
+served the same way (benchmarks.flask_floor), and `volplugin serve` in other layouts
+of processes and threads (--layouts). The curl loads run REPEATS times, the servers
+taking turns, and each server's run with the median p99 is reported: this machine's
+speed drifts within minutes.
 
 Runs on a private dockerd (same binary as the shared one) so that the short-lived
 driver is not left behind in the shared daemon. Writes its section of
 benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/bench_volplugin.py [--rounds 50] [--clients 20]
+        [--repeats 5] [--layouts 2x8]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -67,10 +72,11 @@ def _answers(sock: Path) -> bool:
 
 
 @contextmanager
-def flask_floor(sock: Path, workers: int) -> Iterator[int]:
-    """Run benchmarks.flask_floor on `sock`; yield its PID."""
+def flask_floor(sock: Path) -> Iterator[int]:
+    """Run benchmarks.flask_floor on `sock` in volplugin's default layout; yield its PID."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.flask_floor", str(sock), "--workers", str(workers)],
+        [sys.executable, "-m", "benchmarks.flask_floor", str(sock)]
+        + ["--workers", str(default_workers()), "--threads", str(DEFAULT_THREADS)],
         cwd=Path(__file__).resolve().parent.parent,
         start_new_session=True,
         stderr=subprocess.DEVNULL,
@@ -85,47 +91,105 @@ def flask_floor(sock: Path, workers: int) -> Iterator[int]:
         sock.unlink(missing_ok=True)
 
 
-def load_runs(plugin: PluginProcess, floor_sock: Path, clients: int, rounds: int) -> dict:
-    """Each load on the plugin, and curl's on the floor server, one after the other."""
+def parse_layout(text: str) -> tuple[int, int]:
+    """`WORKERSxTHREADS`, e.g. 2x8."""
+    try:
+        workers, threads = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"layout {text!r} is not WORKERSxTHREADS, e.g. 2x8"
+        ) from None
+    return workers, threads
+
+
+def median_by_p99(results: list[LoadResult]) -> LoadResult:
+    return sorted(results, key=lambda r: r.p(0.99))[len(results) // 2]
+
+
+def load_runs(
+    plugin: PluginProcess, tmp: Path, args: argparse.Namespace, env: dict[str, str]
+) -> dict[str, list[LoadResult]]:
+    """The Python loads on the plugin; then the curl loads, servers taking turns.
+
+    Keys: "single", "python" (one run each), "curl" (the plugin), "floor", and one
+    "WxT" per extra layout (args.repeats runs each).
+    """
     assert plugin.proc is not None
+    clients, rounds = args.clients, args.requests
     sock, pid = str(plugin.socket), plugin.proc.pid
-    post(sock, "VolumeDriver.Create", {"Name": VOLUME})
-    runs = {
-        "single": python_load(sock, pid, 1, rounds * 4),
-        "curl": curl_load(sock, pid, clients, rounds),
-        "python": python_load(sock, pid, clients, rounds),
+    runs: dict[str, list[LoadResult]] = {
+        "single": [python_load(sock, pid, 1, rounds * 4)],
+        "python": [python_load(sock, pid, clients, rounds)],
     }
-    post(sock, "VolumeDriver.Remove", {"Name": VOLUME})
-    with flask_floor(floor_sock, default_workers()) as floor_pid:
-        runs["floor"] = curl_load(str(floor_sock), floor_pid, clients, rounds)
+    with contextlib.ExitStack() as stack:
+        servers = {"curl": (sock, pid)}
+        floor_sock = tmp / "floor.sock"
+        servers["floor"] = (str(floor_sock), stack.enter_context(flask_floor(floor_sock)))
+        for workers, threads in args.layouts:
+            other = PluginProcess(
+                tmp / f"root-{workers}x{threads}",
+                env=env,
+                args=("--workers", str(workers), "--threads", str(threads)),
+            ).start()
+            stack.callback(other.cleanup)
+            assert other.proc is not None
+            post(str(other.socket), "VolumeDriver.Create", {"Name": VOLUME})
+            servers[f"{workers}x{threads}"] = (str(other.socket), other.proc.pid)
+        for _ in range(args.repeats):
+            for key, (path, server_pid) in servers.items():
+                runs.setdefault(key, []).append(curl_load(path, server_pid, clients, rounds))
     return runs
 
 
-def report(args: argparse.Namespace, totals: dict[str, float], runs: dict, load: float) -> str:
+def report(
+    args: argparse.Namespace,
+    totals: dict[str, float],
+    runs: dict[str, list[LoadResult]],
+    load: float,
+) -> str:
     local, ours = totals["local"], totals["plugin"]
     ratio = ours / local
-    curl, target = runs["curl"], 20.0
+    curl, target = median_by_p99(runs["curl"]), 20.0
     p99 = curl.p(0.99)
+    workers = default_workers()
 
-    def row(label: str, server: str, r: LoadResult) -> list[str]:
+    def row(label: str, server: str, key: str) -> list[str]:
+        r = median_by_p99(runs[key])
+        every = ", ".join(f"{x.p(0.99):.1f}" for x in runs[key])
         return [
             label,
             server,
             f"{r.p(0.50):.1f}",
             f"**{r.p(0.99):.1f}**",
+            every,
             f"{r.mean_ms:.1f}",
             f"{r.per_second:.0f}",
             f"{r.cpu_ms_per_request:.2f}",
         ]
 
     n = args.clients
+    default = f"{workers}x{DEFAULT_THREADS}"
+    curl_label = f"curl, {n} connections"
     latency = markdown_table(
-        ["load", "server", "p50 ms", "p99 ms", "mean ms", "requests/s", "server CPU ms/request"],
         [
-            row(f"curl, {n} connections", "volplugin", curl),
-            row(f"{n} Python processes", "volplugin", runs["python"]),
-            row("1 Python process", "volplugin", runs["single"]),
-            row(f"curl, {n} connections", "minimal Flask app (floor)", runs["floor"]),
+            "load",
+            "server (processes x threads)",
+            "p50 ms",
+            "p99 ms",
+            "p99 of each run",
+            "mean ms",
+            "requests/s",
+            "server CPU ms/request",
+        ],
+        [
+            row(curl_label, f"volplugin, defaults ({default})", "curl"),
+            *(
+                row(curl_label, f"volplugin, --workers {w} --threads {t} ({w}x{t})", f"{w}x{t}")
+                for w, t in args.layouts
+            ),
+            row(curl_label, f"minimal Flask app, floor ({default})", "floor"),
+            row(f"{n} Python processes", f"volplugin ({default})", "python"),
+            row("1 Python process", f"volplugin ({default})", "single"),
         ],
     )
     endpoints = markdown_table(
@@ -135,7 +199,6 @@ def report(args: argparse.Namespace, totals: dict[str, float], runs: dict, load:
             for name in sorted(curl.by_endpoint)
         ],
     )
-    workers = default_workers()
     return "\n".join(
         [
             "## volplugin (Docker volume plugin)",
@@ -165,8 +228,8 @@ def report(args: argparse.Namespace, totals: dict[str, float], runs: dict, load:
             "",
             f"Request latency, closed loop: each client posts Get, Mount, Unmount, List "
             f"{args.requests} times on one keep-alive connection ({n * args.requests * 4} "
-            f"requests per load). Servers: `volplugin serve` defaults ({workers} process(es) "
-            f"of {DEFAULT_THREADS} threads) and the same layout for the floor.",
+            f"requests per load). The curl loads ran {args.repeats} times, the servers "
+            "taking turns; each row shows the run with the median p99.",
             "",
             latency,
             "",
@@ -185,6 +248,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--requests", type=int, default=25, help="rounds of 4 calls per client")
+    parser.add_argument("--repeats", type=int, default=5, help="curl loads per server")
+    parser.add_argument(
+        "--layouts",
+        type=parse_layout,
+        nargs="*",
+        default=[(2, 8)],
+        help="other `volplugin serve` layouts to load with curl, WORKERSxTHREADS",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
 
@@ -195,7 +266,8 @@ def main() -> None:
             daemon.docker("run", "--rm", BASE_IMAGE, "true")  # warm up
             totals = docker_rounds(daemon, ["local", plugin.name], args.rounds)
             totals["plugin"] = totals.pop(plugin.name)
-            runs = load_runs(plugin, Path(tmp) / "floor.sock", args.clients, args.requests)
+            post(str(plugin.socket), "VolumeDriver.Create", {"Name": VOLUME})
+            runs = load_runs(plugin, Path(tmp), args, daemon.env)
         finally:
             remove_driver_objects(daemon.env, plugin.name)
             plugin.cleanup()
