@@ -16,7 +16,7 @@ driver is not left behind in the shared daemon. Writes its section of
 benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/bench_volplugin.py [--rounds 50] [--clients 20]
-        [--repeats 5] [--layouts 2x8]
+        [--repeats 5] [--layouts 2x8 4x2]
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def main() -> None:
         "--layouts",
         type=parse_layout,
         nargs="*",
-        default=[(2, 8)],
+        default=[(2, 8), (4, 2)],
         help="other `volplugin serve` layouts to load with curl, WORKERSxTHREADS",
     )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
