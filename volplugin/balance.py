@@ -12,7 +12,8 @@ clock, which all processes share). `balance` makes a server offer to accept only
 no other live process holds fewer connections. A slot that has not been written for
 STALE seconds is ignored: every server writes its slot at least once a second (its
 event loop wakes that often), so only a hung or dead process goes stale, and the pool
-clears the slot of a worker it sees exit.
+clears the slot of a worker it sees exit. Reads take no lock: a slot read while it is
+being written costs one wrong decision, mended at the next turn of the loop.
 """
 
 from __future__ import annotations

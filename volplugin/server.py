@@ -41,7 +41,7 @@ PLUGIN_DIR = Path("/run/docker/plugins")
 DEFAULT_NAME = "volplugin"
 DEFAULT_ROOT = Path("/var/lib/volplugin")
 SCHEDULER_GRACE = 120.0  # seconds a stopping server waits for a scheduled backup
-DEFAULT_THREADS = 2  # waitress threads per serving process (see workers.default_workers)
+DEFAULT_THREADS = 2  # waitress threads per serving process (why: workers.default_workers)
 BOARD_NAME = "serve.board"  # the serving processes' connection counts (volplugin.balance)
 STALE_GRACE = 2.0  # seconds a socket may go on answering before it counts as live
 

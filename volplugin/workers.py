@@ -36,13 +36,12 @@ STOP_GRACE = 10.0  # seconds a stopping worker gets before SIGKILL
 
 
 def default_workers() -> int:
-    """One process per core, at most 4, each with few threads (see volplugin.server).
+    """One process per core, at most 4, of volplugin.server.DEFAULT_THREADS threads each.
 
-    Measured under 20 concurrent clients on 2 cores, p99 over runs taking turns: 2
-    processes of 2 threads 31 ms, of 8 threads 42-47 ms, 4 processes of 2 threads
-    42-45 ms. More processes than cores add switches between them; more threads add
-    switches of Python's interpreter lock, which goes from thread to thread in no
-    fair order.
+    Under load, more processes than cores add switches between them, and more threads
+    add switches of Python's interpreter lock, which goes from thread to thread in no
+    fair order: both widen the spread of answer times (bench_volplugin.py --layouts
+    measures other layouts beside this one; see benchmarks/RESULTS.md).
     """
     return max(1, min(os.cpu_count() or 1, 4))
 
@@ -61,6 +60,7 @@ def die_with_parent(parent: int) -> None:
 class _Worker:
     proc: subprocess.Popen
     started: float
+    slot: int  # its place on the LoadBoard (the main process has 0)
 
 
 @dataclass
@@ -98,16 +98,15 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers]
 
-    def _spawn(self, index: int) -> _Worker:
-        """Worker `index` (0-based); its LoadBoard slot is index + 1, the main's is 0."""
+    def _spawn(self, slot: int) -> _Worker:
         proc = subprocess.Popen(
-            self.argv(index + 1), pass_fds=[self.sock.fileno()], stdin=subprocess.DEVNULL
+            self.argv(slot), pass_fds=[self.sock.fileno()], stdin=subprocess.DEVNULL
         )
-        return _Worker(proc, time.monotonic())
+        return _Worker(proc, time.monotonic(), slot)
 
     def _supervise(self, ready: threading.Event) -> None:
         try:
-            self._workers = [self._spawn(i) for i in range(self.count)]
+            self._workers = [self._spawn(slot) for slot in range(1, self.count + 1)]
         finally:
             ready.set()
         while not self._stop.wait(0.5):
@@ -115,7 +114,7 @@ class WorkerPool:
                 rc = worker.proc.poll()
                 if rc is None:
                     continue
-                self.board.clear(i + 1)  # its connections are gone with it
+                self.board.clear(worker.slot)  # its connections are gone with it
                 young = time.monotonic() - worker.started < YOUNG
                 log.error(
                     "worker process %d exited with status %d; starting another%s",
@@ -125,7 +124,7 @@ class WorkerPool:
                 )
                 if young and self._stop.wait(RESPAWN_DELAY):
                     break
-                self._workers[i] = self._spawn(i)
+                self._workers[i] = self._spawn(worker.slot)
         self._terminate()
 
     def _terminate(self) -> None:
