@@ -1,27 +1,24 @@
 """The floor under the plugin's latency: a minimal Flask app on waitress, nothing else.
 
 It answers every POST with {"Err": ""} after parsing the JSON body, and is served the
-way `volplugin serve` serves (waitress threads, volplugin.channel.QuietChannel, the
-same number of processes on one listening socket, spread by volplugin.balance), so the
-difference between the two is what the plugin's own work costs.
+way `volplugin serve` serves (volplugin.server.waitress_server, the same number of
+processes on one listening socket), so the difference between the two is what the
+plugin's own work costs.
 
-    .venv/bin/python -m benchmarks.flask_floor SOCKET [--workers N] [--threads 8]
+    .venv/bin/python -m benchmarks.flask_floor SOCKET [--workers N] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 from pathlib import Path
 
-import waitress
 from flask import Flask, request
 
-from volplugin.balance import LoadBoard, balance
-from volplugin.channel import QuietChannel
-from volplugin.server import DEFAULT_THREADS
+from volplugin.balance import LoadBoard
+from volplugin.server import DEFAULT_THREADS, waitress_server
 
 
 def make_app() -> Flask:
@@ -41,7 +38,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     args = parser.parse_args()
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     if os.path.exists(args.socket):
         os.unlink(args.socket)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -53,10 +49,7 @@ def main() -> None:
         if os.fork() == 0:
             slot = worker
             break
-    server = waitress.create_server(make_app(), sockets=[sock], threads=args.threads)
-    server.channel_class = QuietChannel
-    balance(server, board, slot)
-    server.run()
+    waitress_server(make_app(), sock, args.threads, board, slot).run()
 
 
 if __name__ == "__main__":

@@ -141,8 +141,7 @@ def serve(
         command = worker_command(name, root, threads, store, verbose)
         pool = WorkerPool(command, sock, workers - 1, board)
         try:
-            server = _waitress(app, sock, threads)
-            balance(server, board, 0)
+            server = waitress_server(app, sock, threads, board, 0)
             _exit_on_signals()
             pool.start()
             log.info(
@@ -191,8 +190,7 @@ def serve_worker(
     board = LoadBoard.attach(root / BOARD_NAME)
     service = _open_service(root, name, store)
     lazy, app = _attach_app(service, store, background=False)
-    server = _waitress(app, sock, threads)
-    balance(server, board, slot)
+    server = waitress_server(app, sock, threads, board, slot)
     _exit_on_signals()
     log.info("worker process %d serving driver %s, root %s", os.getpid(), name, root)
     try:
@@ -222,7 +220,14 @@ def _attach_app(
     return lazy, app
 
 
-def _waitress(app: Flask, sock: socket.socket, threads: int) -> BaseWSGIServer:
+def waitress_server(
+    app: Flask, sock: socket.socket, threads: int, board: LoadBoard, slot: int
+) -> BaseWSGIServer:
+    """waitress serving `app` on `sock`, as every serving process of `serve` does.
+
+    `slot` is the process's place on `board` (volplugin.balance). The benchmarks'
+    floor server is built here too, so that it is served exactly the same way.
+    """
     # Under load waitress warns of its queue depth on every request: noise, and costly.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     server = waitress.create_server(
@@ -234,6 +239,7 @@ def _waitress(app: Flask, sock: socket.socket, threads: int) -> BaseWSGIServer:
         backlog=1024,
     )
     server.channel_class = QuietChannel  # see volplugin.channel
+    balance(server, board, slot)
     return server
 
 

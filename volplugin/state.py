@@ -172,23 +172,6 @@ class State:
 
     # -- mounts --------------------------------------------------------------------------
 
-    def mount_ids(self, name: str) -> tuple[str, ...] | None:
-        """The mount IDs of a volume, oldest first; None if there is no such volume."""
-        info = self.mount_info(name)
-        return None if info is None else info[1]
-
-    def mount_info(self, name: str) -> tuple[dict[str, str], tuple[str, ...]] | None:
-        """A volume's options and mount IDs in one query; None if there is no such volume."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT v.options, m.id FROM volumes v LEFT JOIN mounts m ON m.volume = v.name"
-                " WHERE v.name = ? ORDER BY m.mounted_at",
-                (name,),
-            ).fetchall()
-        if not rows:
-            return None
-        return json.loads(rows[0][0]), tuple(mid for _opts, mid in rows if mid is not None)
-
     def add_mount(self, name: str, mount_id: str) -> bool:
         """Record a mount ID (a repeated ID counts once); False if the volume is gone.
 
@@ -271,14 +254,6 @@ class State:
     def _count(self, name: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM mounts WHERE volume = ?", (name,)).fetchone()[
             0
-        ]
-
-    def _mount_ids(self, name: str) -> list[str]:
-        return [
-            mid
-            for (mid,) in self._db.execute(
-                "SELECT id FROM mounts WHERE volume = ? ORDER BY mounted_at", (name,)
-            )
         ]
 
     @staticmethod

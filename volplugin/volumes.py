@@ -213,10 +213,7 @@ class VolumeService:
         (`Hooks.mount_locked`), wait for the lock.
         """
         path = self.path_of(name)  # validates the name
-        info = self.state.mount_info(name)
-        if info is None:
-            raise self._missing(name)
-        options, _ids = info
+        options = self._record(name).options
         if self.hooks.on_first_mount or any(p(options) for p in self.hooks.mount_locked):
             with self.lock:
                 return self._mount_locked(name, mount_id, path)
@@ -226,10 +223,9 @@ class VolumeService:
         return path
 
     def _mount_locked(self, name: str, mount_id: str, path: Path) -> Path:
-        ids = self._mount_ids(name)
+        record = self._record(name)  # again: it may have changed while we waited
         self._check_dir(name, path)
-        if not ids and self.hooks.on_first_mount:
-            record = self._record(name)
+        if not record.mount_ids and self.hooks.on_first_mount:
             for hook in self.hooks.on_first_mount:
                 hook(record, path)
         self.state.add_mount(name, mount_id)
@@ -257,12 +253,6 @@ class VolumeService:
                 return
             for hook in self.hooks.on_last_unmount:
                 hook(record, path)
-
-    def _mount_ids(self, name: str) -> tuple[str, ...]:
-        ids = self.state.mount_ids(name)  # callers have validated the name (path_of)
-        if ids is None:
-            raise self._missing(name)
-        return ids
 
     def get(self, name: str) -> VolumeRecord:
         return self._record(name)
