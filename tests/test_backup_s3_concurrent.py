@@ -48,7 +48,9 @@ def test_two_backups_then_prune_during_a_third(store: S3Store, tmp_path: Path) -
     old1, old2 = backup(store, "bks3-c1", v1), backup(store, "bks3-c2", v2)
 
     shutil.copytree(v1, v3)
-    fill_random(v3, 4, 16 << 20, seed=23, name="zown")  # after shared*
+    # After shared*, and 4 packs (32 MiB each) of its own: the prune must start while
+    # the third backup still has most of them to upload.
+    fill_random(v3, 8, 16 << 20, seed=23, name="zown")
     for p in v1.iterdir():
         p.unlink()
     fill_random(v1, 2, 8 << 20, seed=24, name="new")
@@ -67,8 +69,10 @@ def test_two_backups_then_prune_during_a_third(store: S3Store, tmp_path: Path) -
         "the third backup's first pack",
         timeout=300,
         guard=lambda: third.poll() is None,
+        interval=0.01,
     )
     third.send_signal(signal.SIGSTOP)  # hold it mid-backup while the prune starts
+    assert third.poll() is None, "the third backup ended before it could be held"
     try:
         prune = start_cli("prune", "--keep-last", "1", "--grace", "0", "--json", store=store.url)
         wait_for(
