@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    BenchError,
     command_line,
     environment_summary,
     markdown_table,
@@ -121,6 +122,7 @@ def load_runs(
         "single": [python_load(sock, pid, 1, rounds * 4)],
         "python": [python_load(sock, pid, clients, rounds)],
     }
+    check_released(sock)
     with contextlib.ExitStack() as stack:
         servers = {"curl": (sock, pid)}
         floor_sock = tmp / "floor.sock"
@@ -138,7 +140,17 @@ def load_runs(
         for _ in range(args.repeats):
             for key, (path, server_pid) in servers.items():
                 runs.setdefault(key, []).append(curl_load(path, server_pid, clients, rounds))
+                if key != "floor":
+                    check_released(path)
     return runs
+
+
+def check_released(sock: str) -> None:
+    """Every client unmounted what it mounted: the load must leave no mount ID behind."""
+    status, answer = post(sock, "VolumeDriver.Get", {"Name": VOLUME})
+    held = answer.get("Volume", {}).get("Status", {}).get("Containers")
+    if status != 200 or held != 0:
+        raise BenchError(f"after the load, {VOLUME} is held by {held} mount(s): {answer}")
 
 
 def report(

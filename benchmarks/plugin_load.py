@@ -3,9 +3,9 @@
 Two load generators post the same calls (per client: Get, Mount, Unmount, List, again
 and again, on one keep-alive connection each):
 
-- `curl_load`: one `curl --parallel` process holding CLIENTS connections. A compiled
-  client with a connection pool, like the Docker daemon's plugin client, so that the
-  load generator takes little of the CPU it measures.
+- `curl_load`: one curl process per client, sending its calls in order on one
+  kept-alive connection. A compiled client, like the Docker daemon's plugin client,
+  so that the load generator takes little of the CPU it measures.
 - `python_load`: CLIENTS Python processes using http.client. Each costs about as much
   CPU per request as the server, so on a small machine it measures the two together.
 """
@@ -92,41 +92,57 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def curl_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadResult:
-    """All clients' calls through one `curl --parallel --parallel-max CLIENTS`."""
-    require_tools("curl")
-    calls = [call for n in range(clients) for call in client_calls(n, rounds)]
-    blocks = [
+def _curl_config(sock: str, calls: list[Call]) -> str:
+    """A curl config file running `calls` one after another, on one kept-alive connection."""
+    return "next\n".join(
         f'url = "http://localhost/{endpoint}"\n'
         f'unix-socket = "{sock}"\n'
         f"data = {json.dumps(json.dumps(body))}\n"
         'write-out = "%{http_code} %{time_total} %{url_effective}\\n"\n'
         'output = "/dev/null"\n'
         for endpoint, body in calls
-    ]
-    with tempfile.NamedTemporaryFile("w", suffix=".curl", delete=False) as config:
-        config.write("next\n".join(blocks))
-    try:
+    )
+
+
+def curl_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadResult:
+    """Each client's calls, in order, through its own curl process; all clients at once.
+
+    A client's Mount must be answered before its Unmount is sent, as with the daemon,
+    so each client is one curl running its calls one after another (`curl --parallel`
+    would send a client's Mount and Unmount together, in either order).
+    """
+    require_tools("curl")
+    with tempfile.TemporaryDirectory(prefix="vp-load-") as tmp:
+        configs = []
+        for n in range(clients):
+            config = Path(tmp) / f"client-{n}.curl"
+            config.write_text(_curl_config(sock, client_calls(n, rounds)))
+            configs.append(config)
         cpu_before, start = cpu_seconds(server_pid), time.perf_counter()
-        out = subprocess.run(
-            ["curl", "-sS", "--parallel", "--parallel-max", str(clients), "-K", config.name],
-            capture_output=True,
-            text=True,
-        )
+        procs = [
+            subprocess.Popen(
+                ["curl", "-sS", "-K", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for config in configs
+        ]
+        outs = [(proc.communicate(), proc.returncode) for proc in procs]
         wall = time.perf_counter() - start
         server_cpu = cpu_seconds(server_pid) - cpu_before
-    finally:
-        Path(config.name).unlink()
-    if out.returncode != 0:
-        raise BenchError(f"curl failed ({out.returncode}): {out.stderr.strip()}")
     result = LoadResult(wall=wall, server_cpu=server_cpu)
-    for line in out.stdout.splitlines():
-        code, seconds, url = line.split()
-        if code != "200":
-            raise BenchError(f"{url} answered HTTP {code}")
-        result.by_endpoint.setdefault(url.rsplit("/", 1)[1], []).append(float(seconds))
-    if len(result.samples) != len(calls):
-        raise BenchError(f"curl reported {len(result.samples)} answers for {len(calls)} calls")
+    for (stdout, stderr), returncode in outs:
+        if returncode != 0:
+            raise BenchError(f"curl failed ({returncode}): {stderr.strip()}")
+        for line in stdout.splitlines():
+            code, seconds, url = line.split()
+            if code != "200":
+                raise BenchError(f"{url} answered HTTP {code}")
+            result.by_endpoint.setdefault(url.rsplit("/", 1)[1], []).append(float(seconds))
+    expected = clients * len(client_calls(0, rounds))
+    if len(result.samples) != expected:
+        raise BenchError(f"curl reported {len(result.samples)} answers for {expected} calls")
     return result
 
 

