@@ -138,6 +138,11 @@ def test_socket_is_root_only_and_requests_are_logged(plugin):
     assert len(creates) == 2 and set(by_outcome) == {"ok", "error"}
     assert all(x["volume"] == "logged" and x["duration_ms"] >= 0 for x in creates)
     assert "already exists" in by_outcome["error"]["error"] and "error" not in by_outcome["ok"]
+    # an error found before any view runs (a malformed body) is logged the same way
+    err(plugin, "VolumeDriver.Get", b"{not json")
+    (bad,) = plugin.access_records("/VolumeDriver.Get", 1)
+    assert bad["outcome"] == "error" and bad["status"] == 500 and bad["volume"] is None
+    assert "not valid JSON" in bad["error"]
 
 
 def test_state_survives_sigkill_and_stale_socket_is_replaced(plugin):

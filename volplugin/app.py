@@ -2,22 +2,21 @@
 
 Every endpoint takes a JSON POST and answers JSON; any failure is HTTP 500 with
 {"Err": "..."}, which the daemon shows to the user. Each request is logged as one JSON
-line (endpoint, volume, duration, outcome, process). The backup feature's blueprint is registered
-here too; its views find the VolumeService at `current_app.config["VOLPLUGIN"]`.
+line (endpoint, volume, duration, outcome, process) by volplugin.accesslog.AccessLog,
+which wraps the app. The backup feature's blueprint is registered here too; its views
+find the VolumeService at `current_app.config["VOLPLUGIN"]`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from collections.abc import Callable
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from volplugin.accesslog import ACCESS_LOGGER
+from volplugin.accesslog import ERROR_KEY, VOLUME_KEY, AccessLog
 from volplugin.errors import BadRequest, VolpluginError
 from volplugin.volumes import VolumeService
 
@@ -25,7 +24,6 @@ MAX_BODY = 64 * 1024
 MAX_ID = 1024
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 
-access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger("volplugin.app")
 
 
@@ -47,7 +45,7 @@ def body() -> dict:
     if not isinstance(doc, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(doc).__name__}")
     if isinstance(doc.get("Name"), str):
-        g.volume = doc["Name"]
+        request.environ[VOLUME_KEY] = doc["Name"]
     return doc
 
 
@@ -64,7 +62,7 @@ def create_app(service: VolumeService) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["VOLPLUGIN"] = service
-    _install_logging(app)
+    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
     _install_errors(app)
     _install_routes(app, service)
     from volplugin.backup.api import blueprint
@@ -129,51 +127,26 @@ def _install_routes(app: Flask, svc: VolumeService) -> None:
 def _install_errors(app: Flask) -> None:
     @app.errorhandler(VolpluginError)
     def volplugin_error(exc: VolpluginError) -> Response:
-        g.error = str(exc)
-        return reply({"Err": str(exc)}, 500)
+        return failed(str(exc))
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc: RequestEntityTooLarge) -> Response:
-        g.error = f"request body is larger than {MAX_BODY} bytes: send a smaller request"
-        return reply({"Err": g.error}, 500)
+        return failed(f"request body is larger than {MAX_BODY} bytes: send a smaller request")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        g.error = (
+        return failed(
             f"{request.method} {request.path}: {exc.name}; "
             "the plugin serves POST /Plugin.* and /VolumeDriver.*"
         )
-        return reply({"Err": g.error}, 500)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
         log.exception("unexpected error in %s", request.path)
-        g.error = f"internal error in volplugin ({type(exc).__name__}: {exc}); see its log"
-        return reply({"Err": g.error}, 500)
+        return failed(f"internal error in volplugin ({type(exc).__name__}: {exc}); see its log")
 
 
-def _install_logging(app: Flask) -> None:
-    @app.before_request
-    def start() -> None:
-        g.start = time.perf_counter()
-
-    @app.after_request
-    def finish(response: Response) -> Response:
-        elapsed = (time.perf_counter() - g.get("start", time.perf_counter())) * 1000
-        line = {
-            "endpoint": request.path,
-            "volume": g.get("volume"),
-            "duration_ms": round(elapsed, 2),
-            "status": response.status_code,
-            "outcome": "error" if g.get("error") else "ok",
-            "pid": os.getpid(),  # which server process answered (volplugin.workers)
-        }
-        if g.get("error"):
-            line["error"] = g.error
-        if access_log.isEnabledFor(logging.INFO):
-            # makeRecord, not info(): info() walks the stack to find its caller.
-            record = access_log.makeRecord(
-                ACCESS_LOGGER, logging.INFO, __file__, 0, json.dumps(line), None, None
-            )
-            access_log.handle(record)
-        return response
+def failed(message: str) -> Response:
+    """The protocol's error answer; the access log records `message` as the outcome."""
+    request.environ[ERROR_KEY] = message
+    return reply({"Err": message}, 500)

@@ -151,6 +151,8 @@ class LazyVolumes:
             raise
 
     def on_last_unmount(self, record: VolumeRecord, path: Path) -> None:
+        if not is_lazy(record.options):  # as in `status`: skip the query
+            return
         lazy = self.state.get(record.name)
         if lazy is not None and lazy.phase == "filled":
             self._switch_locked(record.name)
