@@ -35,6 +35,7 @@ from volplugin.lazy import LazyVolumes
 from volplugin.names import check_name
 from volplugin.reconcile import reconcile_in_background, try_reconcile
 from volplugin.scheduler import DEFAULT_TICK, Scheduler
+from volplugin.state import checkpoint_in_background
 from volplugin.volumes import VolumeService
 from volplugin.workers import WorkerPool, die_with_parent, worker_command
 
@@ -132,6 +133,8 @@ def serve(
         service = _open_service(root, name, store)
         service.empty_trash()
         stop = threading.Event()
+        # Every serving process's commits skip checkpoints; this thread does them.
+        checkpointer = checkpoint_in_background(service.state.path, stop)
         if not try_reconcile(service):
             reconcile_in_background(service, stop)
         lazy, app = _attach_app(service, store, background=True)
@@ -160,6 +163,7 @@ def serve(
                 server.close()
                 pool.stop()
                 scheduler.join(SCHEDULER_GRACE)  # a running backup restarts its containers
+                checkpointer.join()
         finally:
             lazy.close()
             board.close()
@@ -206,7 +210,7 @@ def serve_worker(
 
 def _open_service(root: Path, name: str, store: str | None) -> VolumeService:
     """The volumes of `root`, restoring `-o from=` backups from `store` at create."""
-    service = VolumeService.open(root, name)
+    service = VolumeService.open(root, name, autocheckpoint=False)  # see serve()
     service.hooks.on_create.append(restore_from_option(store))
     return service
 

@@ -4,11 +4,18 @@ It holds each volume's options, creation time, backup information and the set of
 IDs the daemon gave us. One State object is shared by the server's threads; writes run
 in `BEGIN IMMEDIATE` transactions so that other processes (the CLI, backups) can use the
 same file safely.
+
+SQLite copies its write-ahead log into the database (a checkpoint, with an fsync of
+both files) in whichever commit finds the log long enough: every hundred-odd Mounts,
+a request would wait for the disk, and so would every thread queued behind it on the
+State's lock. The serving processes turn that off and let `checkpoint_in_background`
+do it from a thread and a connection of its own.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -20,6 +27,9 @@ from pathlib import Path
 from volplugin.errors import StateError
 
 DB_NAME = "state.db"
+CHECKPOINT_SECONDS = 1.0  # how often the serving main process checkpoints the log
+
+log = logging.getLogger("volplugin.state")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes (
@@ -76,7 +86,12 @@ class VolumeRecord:
 class State:
     """Access to the state database; safe to share between threads."""
 
-    def __init__(self, path: Path, *, create: bool = True) -> None:
+    def __init__(self, path: Path, *, create: bool = True, autocheckpoint: bool = True) -> None:
+        """Open (or with `create`, make) the database at `path`.
+
+        Without `autocheckpoint` this connection's commits never checkpoint the log:
+        for processes whose log `checkpoint_in_background` keeps short.
+        """
         self.path = Path(path)
         if not create and not self.path.exists():
             raise StateError(
@@ -89,14 +104,16 @@ class State:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            if not autocheckpoint:
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StateError(f"cannot open state database {self.path}: {exc}") from exc
         self._lock = threading.RLock()
 
     @classmethod
-    def under(cls, root: Path, *, create: bool = True) -> State:
-        return cls(Path(root) / DB_NAME, create=create)
+    def under(cls, root: Path, *, create: bool = True, autocheckpoint: bool = True) -> State:
+        return cls(Path(root) / DB_NAME, create=create, autocheckpoint=autocheckpoint)
 
     def close(self) -> None:
         with self._lock:
@@ -266,3 +283,28 @@ class State:
             mount_ids=tuple(mount_ids),
             backup=BackupInfo.from_json(backup),
         )
+
+
+def checkpoint_in_background(
+    path: Path, stop: threading.Event, interval: float = CHECKPOINT_SECONDS
+) -> threading.Thread:
+    """Checkpoint the database at `path` every `interval` seconds until `stop` is set.
+
+    A passive checkpoint on a connection of its own: it waits for no reader or writer
+    and holds no lock they need, and SQLite lets go of the interpreter while it syncs.
+    """
+
+    def run() -> None:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            while not stop.wait(interval):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("checkpoint of the state database %s failed: %s", path, exc)
+        finally:
+            db.close()
+
+    thread = threading.Thread(target=run, name="state-checkpoint", daemon=True)
+    thread.start()
+    return thread

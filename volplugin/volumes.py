@@ -87,14 +87,15 @@ class VolumeService:
         self._paths: dict[str, Path] = {}  # path_of's answers, by name
 
     @classmethod
-    def open(cls, root: Path, driver: str, **kw) -> VolumeService:
+    def open(cls, root: Path, driver: str, *, autocheckpoint: bool = True, **kw) -> VolumeService:
+        """The service of `root`, made if new; `autocheckpoint` as for State."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
         (root / "volumes").mkdir(exist_ok=True)
         (root / "trash").mkdir(exist_ok=True)
         kw.setdefault("sizes", SizeCache())
-        return cls(root, driver, State.under(root), **kw)
+        return cls(root, driver, State.under(root, autocheckpoint=autocheckpoint), **kw)
 
     def empty_trash(self) -> None:
         """Finish removals interrupted by a crash."""
