@@ -121,7 +121,7 @@ def _install_routes(app: Flask, svc: VolumeService) -> None:
 
     @route("/VolumeDriver.List")
     def list_(doc: dict) -> dict:
-        return {"Volumes": [svc.describe(r, with_status=False) for r in svc.list()], "Err": ""}
+        return {"Volumes": svc.listing(), "Err": ""}
 
 
 def _install_errors(app: Flask) -> None:

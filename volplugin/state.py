@@ -144,6 +144,12 @@ class State:
             return None
         return self._record(rows[0][:4], [mid for *_row, mid in rows if mid is not None])
 
+    def options(self, name: str) -> dict[str, str] | None:
+        """A volume's options alone, None if there is no such volume (what Mount reads)."""
+        with self._lock:
+            row = self._db.execute("SELECT options FROM volumes WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else None
+
     def list(self) -> list[VolumeRecord]:
         with self._lock:
             rows = self._db.execute(
@@ -155,6 +161,11 @@ class State:
             ):
                 ids.setdefault(volume, []).append(mid)
             return [self._record(row, ids.get(row[0], [])) for row in rows]
+
+    def names(self) -> list[tuple[str, str]]:
+        """Every volume's name and creation time, by name."""
+        with self._lock:
+            return self._db.execute("SELECT name, created FROM volumes ORDER BY name").fetchall()
 
     def add(self, name: str, options: dict[str, str], created: str) -> VolumeRecord:
         """Insert a volume; return the existing record instead if the name is taken."""

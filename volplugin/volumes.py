@@ -214,7 +214,9 @@ class VolumeService:
         (`Hooks.mount_locked`), wait for the lock.
         """
         path = self.path_of(name)  # validates the name
-        options = self._record(name).options
+        options = self.state.options(name)  # not the record: its IDs grow with the mounts
+        if options is None:
+            raise self._missing(name)
         if self.hooks.on_first_mount or any(p(options) for p in self.hooks.mount_locked):
             with self.lock:
                 return self._mount_locked(name, mount_id, path)
@@ -261,13 +263,18 @@ class VolumeService:
     def list(self) -> list[VolumeRecord]:
         return self.state.list()
 
-    def describe(self, record: VolumeRecord, *, with_status: bool = True) -> dict:
-        """A volume as the protocol shows it (Name, Mountpoint, CreatedAt, Status)."""
-        mountpoint = str(self.path_of(record.name))
-        doc: dict = {"Name": record.name, "Mountpoint": mountpoint, "CreatedAt": record.created}
-        if with_status:
-            doc["Status"] = self._status(record, mountpoint)
+    def describe(self, record: VolumeRecord) -> dict:
+        """A volume as the protocol's Get shows it: as in `listing`, with its Status."""
+        doc = self._summary(record.name, record.created)
+        doc["Status"] = self._status(record, doc["Mountpoint"])
         return doc
+
+    def listing(self) -> list[dict]:
+        """Every volume as the protocol's List shows it: no Status, so no record is read."""
+        return [self._summary(name, created) for name, created in self.state.names()]
+
+    def _summary(self, name: str, created: str) -> dict:
+        return {"Name": name, "Mountpoint": str(self.path_of(name)), "CreatedAt": created}
 
     def _status(self, record: VolumeRecord, path: str) -> dict:
         usage = self.sizes.usage(path) if self.sizes else disk_usage(path, None)
