@@ -1,20 +1,28 @@
 """Closed-loop request load on a plugin socket, and what the server spent answering it.
 
-Two load generators post the same calls (per client: Get, Mount, Unmount, List, again
-and again, on one keep-alive connection each):
+Three load generators post the same calls (per client: Get, Mount, Unmount, List, again
+and again, in order, on one keep-alive connection each). A client's next call waits
+for the answer to its last, as the daemon's Unmount of a container waits for its Mount.
 
-- `curl_load`: one curl process per client, sending its calls in order on one
-  kept-alive connection. A compiled client, like the Docker daemon's plugin client,
-  so that the load generator takes little of the CPU it measures.
+- `asyncio_load`: one process holding all the clients' connections, like the Docker
+  daemon's plugin client (one process, a pool of connections). It speaks just enough
+  HTTP/1.1 for the plugin's answers and costs the least CPU per request of the three,
+  so it leaves the most of a small machine's cores to the server it measures.
+- `curl_load`: one curl process per client: a compiled client, but twenty processes
+  (`curl --parallel` would send a client's calls at once, in any order).
 - `python_load`: CLIENTS Python processes using http.client. Each costs about as much
   CPU per request as the server, so on a small machine it measures the two together.
+
+Each result carries the server's CPU time and the load generator's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -51,11 +59,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class LoadResult:
-    """Latencies (seconds) by endpoint, the run's wall time, the server's CPU seconds."""
+    """Latencies (seconds) by endpoint, the run's wall time, server and client CPU seconds."""
 
     by_endpoint: dict[str, list[float]] = field(default_factory=dict)
     wall: float = 0.0
     server_cpu: float = 0.0
+    client_cpu: float = 0.0
 
     @property
     def samples(self) -> list[float]:
@@ -77,6 +86,13 @@ class LoadResult:
     def cpu_ms_per_request(self) -> float:
         return self.server_cpu / len(self.samples) * 1000
 
+    @property
+    def client_cpu_ms_per_request(self) -> float:
+        return self.client_cpu / len(self.samples) * 1000
+
+    def add(self, endpoint: str, seconds: float) -> None:
+        self.by_endpoint.setdefault(endpoint, []).append(seconds)
+
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid` and its descendants (live ones)."""
@@ -90,6 +106,71 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _request(endpoint: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    head = (
+        f"POST /{endpoint} HTTP/1.1\r\nHost: plugin\r\n"
+        "Content-Type: application/vnd.docker.plugins.v1.2+json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+async def _answer(reader: asyncio.StreamReader, endpoint: str) -> None:
+    """Read one answer; raise unless it is HTTP 200 with a Content-Length body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, *headers = head.decode("latin-1").split("\r\n")
+    if status.split(" ", 2)[1:2] != ["200"]:
+        raise BenchError(f"{endpoint} answered {status!r}")
+    for header in headers:
+        name, _, value = header.partition(":")
+        if name.lower() == "content-length":
+            await reader.readexactly(int(value))
+            return
+    raise BenchError(f"{endpoint} answered without a Content-Length")
+
+
+async def _asyncio_client(sock: str, calls: list[Call], result: LoadResult) -> None:
+    reader, writer = await asyncio.open_unix_connection(sock)
+    try:
+        for endpoint, body in calls:
+            request = _request(endpoint, body)
+            start = time.perf_counter()
+            writer.write(request)
+            await _answer(reader, endpoint)
+            result.add(endpoint, time.perf_counter() - start)
+    finally:
+        writer.close()
+
+
+def asyncio_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadResult:
+    """All clients' calls from this process, one connection and one coroutine each."""
+
+    async def run() -> LoadResult:
+        result = LoadResult()
+        await asyncio.gather(
+            *(_asyncio_client(sock, client_calls(n, rounds), result) for n in range(clients))
+        )
+        return result
+
+    cpu_before, mine_before, start = (
+        cpu_seconds(server_pid),
+        time.process_time(),
+        time.perf_counter(),
+    )
+    result = asyncio.run(run())
+    result.wall = time.perf_counter() - start
+    result.server_cpu = cpu_seconds(server_pid) - cpu_before
+    result.client_cpu = time.process_time() - mine_before
+    return result
 
 
 def _curl_config(sock: str, calls: list[Call]) -> str:
@@ -118,7 +199,8 @@ def curl_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadResu
             config = Path(tmp) / f"client-{n}.curl"
             config.write_text(_curl_config(sock, client_calls(n, rounds)))
             configs.append(config)
-        cpu_before, start = cpu_seconds(server_pid), time.perf_counter()
+        cpu_before, clients_before = cpu_seconds(server_pid), children_cpu()
+        start = time.perf_counter()
         procs = [
             subprocess.Popen(
                 ["curl", "-sS", "-K", str(config)],
@@ -131,7 +213,9 @@ def curl_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadResu
         outs = [(proc.communicate(), proc.returncode) for proc in procs]
         wall = time.perf_counter() - start
         server_cpu = cpu_seconds(server_pid) - cpu_before
-    result = LoadResult(wall=wall, server_cpu=server_cpu)
+    result = LoadResult(
+        wall=wall, server_cpu=server_cpu, client_cpu=children_cpu() - clients_before
+    )
     for (stdout, stderr), returncode in outs:
         if returncode != 0:
             raise BenchError(f"curl failed ({returncode}): {stderr.strip()}")
@@ -139,7 +223,7 @@ def curl_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadResu
             code, seconds, url = line.split()
             if code != "200":
                 raise BenchError(f"{url} answered HTTP {code}")
-            result.by_endpoint.setdefault(url.rsplit("/", 1)[1], []).append(float(seconds))
+            result.add(url.rsplit("/", 1)[1], float(seconds))
     expected = clients * len(client_calls(0, rounds))
     if len(result.samples) != expected:
         raise BenchError(f"curl reported {len(result.samples)} answers for {expected} calls")
@@ -164,12 +248,16 @@ def _python_client(args: tuple[str, int, int]) -> dict[str, list[float]]:
 
 def python_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadResult:
     """The same calls from `clients` Python processes, one connection each."""
+    clients_before = children_cpu()
     with multiprocessing.Pool(clients) as pool:
         cpu_before, start = cpu_seconds(server_pid), time.perf_counter()
         parts = pool.map(_python_client, [(sock, n, rounds) for n in range(clients)])
         wall = time.perf_counter() - start
         server_cpu = cpu_seconds(server_pid) - cpu_before
-    result = LoadResult(wall=wall, server_cpu=server_cpu)
+    # the pool's processes were started before the clock and are reaped after it
+    result = LoadResult(
+        wall=wall, server_cpu=server_cpu, client_cpu=children_cpu() - clients_before
+    )
     for part in parts:
         for endpoint, values in part.items():
             result.by_endpoint.setdefault(endpoint, []).extend(values)
