@@ -172,3 +172,18 @@ def test_a_server_that_stops_listening_wakes_those_with_fewer(tmp_path: Path) ->
             server.task_dispatcher.shutdown()
         board.close()
         listener.close()
+
+
+def test_without_wake_ups_a_server_still_balances(tmp_path: Path, caplog) -> None:
+    board = LoadBoard.create(tmp_path / "board", 2)
+    taken = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    taken.bind(board.wake_address(0, os.getpid()))  # the address is not free
+    try:
+        server = FakeServer()
+        balance(server, board, 0)  # type: ignore[arg-type]
+        assert "cannot take wake-ups" in caplog.text
+        board.write(1, 0, time.monotonic())
+        server.active_channels = {1: object()}
+        assert not server.readable()  # the other process has fewer
+    finally:
+        taken.close()

@@ -27,6 +27,7 @@ the board, its slot and its pid.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import socket
@@ -40,6 +41,8 @@ from waitress.server import BaseWSGIServer
 
 SLOT = struct.Struct("=iid")  # pid, open connections, monotonic time of the last write
 STALE = 3.0  # seconds after which a slot no longer counts
+
+log = logging.getLogger("volplugin.balance")
 
 
 @dataclass
@@ -121,7 +124,13 @@ def balance(server: BaseWSGIServer, board: LoadBoard, slot: int) -> None:
     others get EAGAIN, which waitress ignores. Stopping for others' sake, it wakes them.
     """
     accepting = server.readable
-    _Wakeups(board.wake_address(slot, os.getpid()), server._map)
+    address = board.wake_address(slot, os.getpid())
+    try:
+        _Wakeups(address, server._map)
+    except OSError as exc:  # still balanced; an idle process may take a second to accept
+        log.warning(
+            "serving process %d cannot take wake-ups (%s): balancing without", os.getpid(), exc
+        )
     sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sender.setblocking(False)
     listening = True
