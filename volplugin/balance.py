@@ -100,7 +100,11 @@ class _Wakeups(wasyncore.dispatcher):
 
     def __init__(self, address: str, server_map: dict) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(address)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
         super().__init__(sock, map=server_map)
 
     def readable(self) -> bool:
