@@ -7,12 +7,15 @@ between two real waitress servers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from waitress import wasyncore
 
 from tests.support.waiting import wait_for
@@ -30,6 +33,9 @@ class FakeServer:
 
     def readable(self) -> bool:
         return self.accepting
+
+    def close(self) -> None:
+        pass
 
 
 def test_a_worker_sees_the_slots_the_main_process_writes(tmp_path: Path) -> None:
@@ -65,18 +71,28 @@ def test_create_starts_from_empty_slots(tmp_path: Path) -> None:
     assert again.fewer_elsewhere(0, 5, 10.0) == []
 
 
+@contextlib.contextmanager
+def balanced(board: LoadBoard, accepting: bool = True) -> Iterator[FakeServer]:
+    """A FakeServer in slot 0 of `board`, closed (its wake-up sockets too) afterwards."""
+    server = FakeServer(accepting)
+    balance(server, board, 0)  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def test_a_server_listens_only_while_no_other_process_has_fewer(tmp_path: Path) -> None:
     board = LoadBoard.create(tmp_path / "board", 2)
-    server = FakeServer()
-    balance(server, board, 0)  # type: ignore[arg-type]
-    assert server.readable()  # alone on the board
-    board.write(1, 1, time.monotonic())
-    server.active_channels = {1: object()}
-    assert server.readable()  # a tie: both listen
-    server.active_channels = {1: object(), 2: object()}
-    assert not server.readable()  # the other process has fewer
-    board.write(1, 3, time.monotonic())
-    assert server.readable()
+    with balanced(board) as server:
+        assert server.readable()  # alone on the board
+        board.write(1, 1, time.monotonic())
+        server.active_channels = {1: object()}
+        assert server.readable()  # a tie: both listen
+        server.active_channels = {1: object(), 2: object()}
+        assert not server.readable()  # the other process has fewer
+        board.write(1, 3, time.monotonic())
+        assert server.readable()
     # each call wrote the server's own count to its slot
     others = LoadBoard.attach(tmp_path / "board").fewer_elsewhere(1, 3, time.monotonic())
     assert others == [(0, os.getpid())]
@@ -84,9 +100,8 @@ def test_a_server_listens_only_while_no_other_process_has_fewer(tmp_path: Path) 
 
 def test_waitress_saying_no_wins(tmp_path: Path) -> None:
     board = LoadBoard.create(tmp_path / "board", 1)
-    server = FakeServer(accepting=False)  # e.g. at its connection limit
-    balance(server, board, 0)  # type: ignore[arg-type]
-    assert not server.readable()
+    with balanced(board, accepting=False) as server:  # e.g. at its connection limit
+        assert not server.readable()
 
 
 def _answering(name: bytes):  # a WSGI app saying which server answered
@@ -179,11 +194,23 @@ def test_without_wake_ups_a_server_still_balances(tmp_path: Path, caplog) -> Non
     taken = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     taken.bind(board.wake_address(0, os.getpid()))  # the address is not free
     try:
-        server = FakeServer()
-        balance(server, board, 0)  # type: ignore[arg-type]
-        assert "cannot take wake-ups" in caplog.text
-        board.write(1, 0, time.monotonic())
-        server.active_channels = {1: object()}
-        assert not server.readable()  # the other process has fewer
+        with balanced(board) as server:
+            assert "cannot take wake-ups" in caplog.text
+            board.write(1, 0, time.monotonic())
+            server.active_channels = {1: object()}
+            assert not server.readable()  # the other process has fewer
     finally:
         taken.close()
+
+
+def test_closing_the_server_frees_its_wake_up_address(tmp_path: Path) -> None:
+    board = LoadBoard.create(tmp_path / "board", 1)
+    address = board.wake_address(0, os.getpid())
+    with balanced(board):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with pytest.raises(OSError):
+            probe.bind(address)  # held by the server
+        probe.close()
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    probe.bind(address)  # free again
+    probe.close()

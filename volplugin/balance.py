@@ -126,12 +126,13 @@ def balance(server: BaseWSGIServer, board: LoadBoard, slot: int) -> None:
     so that is where the server writes its slot and decides whether to listen. When
     several processes tie for fewest they all listen; one wins the accept() and the
     others get EAGAIN, which waitress ignores. Stopping for others' sake, it wakes them.
+    Closing the server closes the wake-up sockets too.
     """
-    accepting = server.readable
-    address = board.wake_address(slot, os.getpid())
+    accepting, closing = server.readable, server.close
     try:
-        _Wakeups(address, server._map)
+        wakeups: _Wakeups | None = _Wakeups(board.wake_address(slot, os.getpid()), server._map)
     except OSError as exc:  # still balanced; an idle process may take a second to accept
+        wakeups = None
         log.warning(
             "serving process %d cannot take wake-ups (%s): balancing without", os.getpid(), exc
         )
@@ -153,4 +154,11 @@ def balance(server: BaseWSGIServer, board: LoadBoard, slot: int) -> None:
         listening = ready and not fewer
         return listening
 
+    def close() -> None:
+        if wakeups is not None:
+            wakeups.close()
+        sender.close()
+        closing()
+
     server.readable = readable  # type: ignore[method-assign]
+    server.close = close  # type: ignore[method-assign]
