@@ -7,10 +7,10 @@ posting Get / Mount / Unmount / List straight to its socket in a closed loop
 (benchmarks.plugin_load): from one process holding all the connections, as the daemon
 does, on which the target is judged; from one curl process per client; and from Python
 client processes. Beside it, in the same run, the floor: a minimal Flask app served
-the same way (benchmarks.flask_floor), and `volplugin serve` in other layouts of
-processes and threads (--layouts). The loads run REPEATS times, the servers taking
-turns, and each server's run with the median p99 is reported: this machine's speed
-drifts within minutes.
+the same way (benchmarks.flask_floor), `volplugin serve --cpu-affinity`, and
+`volplugin serve` in other layouts of processes and threads (--layouts). The loads run
+REPEATS times, the servers taking turns, and each server's run with the median p99 is
+reported: this machine's speed drifts within minutes.
 
 Runs on a private dockerd (same binary as the shared one) so that the short-lived
 driver is not left behind in the shared daemon. Writes its section of
@@ -119,9 +119,9 @@ def load_runs(
 ) -> dict[str, list[LoadResult]]:
     """The Python loads on the plugin; then the other loads, servers taking turns.
 
-    Keys: "single", "python" (one run each); args.repeats runs each of "plugin", "floor"
-    and one "WxT" per extra layout (the one-process load), and of "curl" and
-    "curl-floor" (one curl per client).
+    Keys: "single", "python" (one run each); args.repeats runs each of "plugin", "floor",
+    "pinned" (defaults with --cpu-affinity) and one "WxT" per extra layout (the
+    one-process load), and of "curl" and "curl-floor" (one curl per client).
     """
     assert plugin.proc is not None
     clients, rounds = args.clients, args.requests
@@ -135,16 +135,15 @@ def load_runs(
         floor_sock = tmp / "floor.sock"
         floor = (str(floor_sock), stack.enter_context(flask_floor(floor_sock)))
         loads = {"plugin": (asyncio_load, (sock, pid)), "floor": (asyncio_load, floor)}
+        others = {"pinned": ("--cpu-affinity",)}
         for workers, threads in args.layouts:
-            other = PluginProcess(
-                tmp / f"root-{workers}x{threads}",
-                env=env,
-                args=("--workers", str(workers), "--threads", str(threads)),
-            ).start()
+            others[f"{workers}x{threads}"] = ("--workers", str(workers), "--threads", str(threads))
+        for key, serve_args in others.items():
+            other = PluginProcess(tmp / f"root-{key}", env=env, args=serve_args).start()
             stack.callback(other.cleanup)
             assert other.proc is not None
             post(str(other.socket), "VolumeDriver.Create", {"Name": VOLUME})
-            loads[f"{workers}x{threads}"] = (asyncio_load, (str(other.socket), other.proc.pid))
+            loads[key] = (asyncio_load, (str(other.socket), other.proc.pid))
         loads["curl"] = (curl_load, (sock, pid))
         loads["curl-floor"] = (curl_load, floor)
         for _ in range(args.repeats):
@@ -209,6 +208,7 @@ def report(
         ],
         [
             row(one, f"volplugin, defaults ({default})", "plugin"),
+            row(one, f"volplugin, defaults + --cpu-affinity ({default})", "pinned"),
             *(
                 row(one, f"volplugin, --workers {w} --threads {t} ({w}x{t})", f"{w}x{t}")
                 for w, t in args.layouts

@@ -209,3 +209,28 @@ def test_oplock_excludes_another_process(tmp_path: Path) -> None:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def _thread_cpus(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of every thread of `pid`."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_cpu_affinity_pins_each_serving_process_to_a_cpu_of_its_own(
+    tmp_path: Path, plugin: PluginProcess
+) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert plugin.proc is not None  # the fixture's server, without the flag: unpinned
+    assert _thread_cpus(plugin.proc.pid) == {frozenset(allowed)}
+    pinned = PluginProcess(
+        tmp_path / "pinned", env=plugin.env, args=("--workers", "2", "--cpu-affinity")
+    ).start()
+    try:
+        assert pinned.proc is not None
+        (worker,) = worker_pids(pinned.proc.pid)
+        # every thread, the request threads included, runs on its process's CPU
+        assert _thread_cpus(pinned.proc.pid) == {frozenset({allowed[0]})}
+        assert _thread_cpus(worker) == {frozenset({allowed[1 % len(allowed)]})}
+        assert pinned.call("VolumeDriver.Create", {"Name": "v"})[0] == 200
+    finally:
+        pinned.cleanup()

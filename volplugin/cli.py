@@ -106,6 +106,11 @@ def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
     show_default=True,
     help="Seconds between looks for due scheduled backups.",
 )
+@click.option(
+    "--cpu-affinity",
+    is_flag=True,
+    help="Pin each serving process to a CPU of its own (for hosts whose cores are not crowded).",
+)
 @click.pass_obj
 def serve_cmd(
     obj: dict,
@@ -116,6 +121,7 @@ def serve_cmd(
     plugin_dir: Path,
     store: str | None,
     schedule_tick: float,
+    cpu_affinity: bool,
 ) -> None:
     """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM."""
     name, root = _pick(obj, cmd_name, cmd_root)
@@ -127,6 +133,7 @@ def serve_cmd(
         workers=workers,
         store=store,
         schedule_tick=schedule_tick,
+        cpu_affinity=cpu_affinity,
     )
 
 
@@ -136,6 +143,7 @@ def serve_cmd(
 @click.option("--parent", type=int, required=True, help="PID of the main server process.")
 @click.option("--slot", type=int, required=True, help="This process's load-board slot.")
 @click.option("--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads.")
+@click.option("--cpus", help="CPUs to pin to by slot, comma-separated (serve --cpu-affinity).")
 @store_option("Backup store (as given to serve).")
 @click.pass_obj
 def serve_worker_cmd(
@@ -146,11 +154,13 @@ def serve_worker_cmd(
     parent: int,
     slot: int,
     threads: int,
+    cpus: str | None,
     store: str | None,
 ) -> None:
     """One of `serve`'s request-serving processes (started by `serve` itself)."""
     name, root = _pick(obj, cmd_name, cmd_root)
-    serve_worker(name, root, fd, parent, slot, threads=threads, store=store)
+    pinned = [int(cpu) for cpu in cpus.split(",")] if cpus else None
+    serve_worker(name, root, fd, parent, slot, threads=threads, store=store, cpus=pinned)
 
 
 def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:

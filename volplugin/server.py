@@ -37,7 +37,7 @@ from volplugin.reconcile import reconcile_in_background, try_reconcile
 from volplugin.scheduler import DEFAULT_TICK, Scheduler
 from volplugin.state import checkpoint_in_background
 from volplugin.volumes import VolumeService
-from volplugin.workers import WorkerPool, die_with_parent, worker_command
+from volplugin.workers import WorkerPool, die_with_parent, pin_to_cpu, worker_command
 
 PLUGIN_DIR = Path("/run/docker/plugins")
 DEFAULT_NAME = "volplugin"
@@ -120,14 +120,19 @@ def serve(
     workers: int = 1,
     store: str | None = None,
     schedule_tick: float = DEFAULT_TICK,
+    cpu_affinity: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT; remove the socket on the way out.
 
     `store` is the backup store URL (None: the layerfs default); scheduled backups are
     looked for every `schedule_tick` seconds. `workers` processes answer requests, each
-    with `threads` threads.
+    with `threads` threads; with `cpu_affinity` each is pinned to a CPU of its own
+    (round-robin over the CPUs this process may use).
     """
     root = Path(root).absolute()
+    cpus = sorted(os.sched_getaffinity(0)) if cpu_affinity else None
+    if cpus:
+        pin_to_cpu(0, cpus)  # before any thread starts, so that they inherit it
     path = socket_path(name, plugin_dir)
     with root_lock(root):
         service = _open_service(root, name, store)
@@ -142,19 +147,20 @@ def serve(
         board = LoadBoard.create(root / BOARD_NAME, workers)
         scheduler = Scheduler(service, store, tick=schedule_tick).start(stop)
         verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-        command = worker_command(name, root, threads, store, verbose)
+        command = worker_command(name, root, threads, store, verbose, cpus)
         pool = WorkerPool(command, sock, workers - 1, board)
         try:
             server = waitress_server(app, sock, threads, board, 0)
             _exit_on_signals()
             pool.start()
             log.info(
-                "serving driver %s on %s, root %s, %d process(es) of %d thread(s)",
+                "serving driver %s on %s, root %s, %d process(es) of %d thread(s)%s",
                 name,
                 path,
                 root,
                 workers,
                 threads,
+                f", pinned to CPUs {cpus}" if cpus else "",
             )
             try:
                 _run(server)
@@ -183,13 +189,17 @@ def serve_worker(
     *,
     threads: int = DEFAULT_THREADS,
     store: str | None = None,
+    cpus: list[int] | None = None,
 ) -> None:
     """Serve requests on the inherited listening socket `fd` until SIGTERM or `parent` dies.
 
     Same app and hooks as the main process; no reconciliation, schedule or lazy fills.
-    `slot` is this process's place on the server's LoadBoard.
+    `slot` is this process's place on the server's LoadBoard; with `cpus` it pins itself
+    to one of them.
     """
     die_with_parent(parent)
+    if cpus:
+        pin_to_cpu(slot, cpus)
     root = Path(root).absolute()
     sock = socket.socket(fileno=fd)
     board = LoadBoard.attach(root / BOARD_NAME)
