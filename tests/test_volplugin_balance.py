@@ -42,8 +42,8 @@ def test_a_worker_sees_the_slots_the_main_process_writes(tmp_path: Path) -> None
     main = LoadBoard.create(tmp_path / "board", 3)
     worker = LoadBoard.attach(tmp_path / "board")
     assert worker.slots == 3
-    main.write(0, 5, 100.0)
-    worker.write(1, 2, 100.0)
+    main.write(0, os.getpid(), 5, 100.0)
+    worker.write(1, os.getpid(), 2, 100.0)
     me = os.getpid()
     assert main.fewer_elsewhere(0, 5, 100.5) == [(1, me)]
     assert main.fewer_elsewhere(0, 2, 100.5) == []  # a tie is not fewer
@@ -54,9 +54,9 @@ def test_a_worker_sees_the_slots_the_main_process_writes(tmp_path: Path) -> None
 def test_empty_stale_and_own_slots_do_not_count(tmp_path: Path) -> None:
     board = LoadBoard.create(tmp_path / "board", 3)
     assert board.fewer_elsewhere(0, 5, 10.0) == []  # nobody else yet
-    board.write(0, 0, 10.0)
+    board.write(0, os.getpid(), 0, 10.0)
     assert board.fewer_elsewhere(0, 5, 10.0) == []  # only itself
-    board.write(1, 1, 10.0)
+    board.write(1, os.getpid(), 1, 10.0)
     assert board.fewer_elsewhere(0, 5, 10.0 + STALE - 0.1) == [(1, os.getpid())]
     assert board.fewer_elsewhere(0, 5, 10.0 + STALE + 0.1) == []  # hung or dead
     board.clear(1)
@@ -65,7 +65,7 @@ def test_empty_stale_and_own_slots_do_not_count(tmp_path: Path) -> None:
 
 def test_create_starts_from_empty_slots(tmp_path: Path) -> None:
     board = LoadBoard.create(tmp_path / "board", 2)
-    board.write(1, 7, 10.0)
+    board.write(1, os.getpid(), 7, 10.0)
     board.close()
     again = LoadBoard.create(tmp_path / "board", 2)  # a restarted server
     assert again.fewer_elsewhere(0, 5, 10.0) == []
@@ -86,12 +86,12 @@ def test_a_server_listens_only_while_no_other_process_has_fewer(tmp_path: Path) 
     board = LoadBoard.create(tmp_path / "board", 2)
     with balanced(board) as server:
         assert server.readable()  # alone on the board
-        board.write(1, 1, time.monotonic())
+        board.write(1, os.getpid(), 1, time.monotonic())
         server.active_channels = {1: object()}
         assert server.readable()  # a tie: both listen
         server.active_channels = {1: object(), 2: object()}
         assert not server.readable()  # the other process has fewer
-        board.write(1, 3, time.monotonic())
+        board.write(1, os.getpid(), 3, time.monotonic())
         assert server.readable()
     # each call wrote the server's own count to its slot
     others = LoadBoard.attach(tmp_path / "board").fewer_elsewhere(1, 3, time.monotonic())
@@ -196,7 +196,7 @@ def test_without_wake_ups_a_server_still_balances(tmp_path: Path, caplog) -> Non
     try:
         with balanced(board) as server:
             assert "cannot take wake-ups" in caplog.text
-            board.write(1, 0, time.monotonic())
+            board.write(1, os.getpid(), 0, time.monotonic())
             server.active_channels = {1: object()}
             assert not server.readable()  # the other process has fewer
     finally:

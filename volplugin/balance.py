@@ -47,11 +47,14 @@ log = logging.getLogger("volplugin.balance")
 
 @dataclass
 class LoadBoard:
-    """The shared slots; `slots` of them, one per serving process."""
+    """The shared slots, one per serving process."""
 
     _map: mmap.mmap
-    slots: int
     ident: int  # the board file's inode: names the processes' wake-up addresses
+
+    @property
+    def slots(self) -> int:
+        return len(self._map) // SLOT.size
 
     @classmethod
     def create(cls, path: Path, slots: int) -> LoadBoard:
@@ -59,7 +62,7 @@ class LoadBoard:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, SLOT.size * slots)
-            return cls(mmap.mmap(fd, SLOT.size * slots), slots, os.fstat(fd).st_ino)
+            return cls(mmap.mmap(fd, SLOT.size * slots), os.fstat(fd).st_ino)
         finally:
             os.close(fd)
 
@@ -69,7 +72,7 @@ class LoadBoard:
         fd = os.open(path, os.O_RDWR)
         try:
             st = os.fstat(fd)
-            return cls(mmap.mmap(fd, st.st_size), st.st_size // SLOT.size, st.st_ino)
+            return cls(mmap.mmap(fd, st.st_size), st.st_ino)
         finally:
             os.close(fd)
 
@@ -77,8 +80,8 @@ class LoadBoard:
         """The abstract unix address where the process `pid` in `slot` takes wake-ups."""
         return f"\0volplugin-balance-{self.ident}-{slot}-{pid}"
 
-    def write(self, slot: int, connections: int, now: float) -> None:
-        SLOT.pack_into(self._map, slot * SLOT.size, os.getpid(), connections, now)
+    def write(self, slot: int, pid: int, connections: int, now: float) -> None:
+        SLOT.pack_into(self._map, slot * SLOT.size, pid, connections, now)
 
     def clear(self, slot: int) -> None:
         SLOT.pack_into(self._map, slot * SLOT.size, 0, 0, 0.0)
@@ -129,13 +132,12 @@ def balance(server: BaseWSGIServer, board: LoadBoard, slot: int) -> None:
     Closing the server closes the wake-up sockets too.
     """
     accepting, closing = server.readable, server.close
+    pid = os.getpid()  # the serving process's, looked up once (the floor forks first)
     try:
-        wakeups: _Wakeups | None = _Wakeups(board.wake_address(slot, os.getpid()), server._map)
+        wakeups: _Wakeups | None = _Wakeups(board.wake_address(slot, pid), server._map)
     except OSError as exc:  # still balanced; an idle process may take a second to accept
         wakeups = None
-        log.warning(
-            "serving process %d cannot take wake-ups (%s): balancing without", os.getpid(), exc
-        )
+        log.warning("serving process %d cannot take wake-ups (%s): balancing without", pid, exc)
     sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sender.setblocking(False)
     listening = True
@@ -145,12 +147,12 @@ def balance(server: BaseWSGIServer, board: LoadBoard, slot: int) -> None:
         ready = accepting()  # waitress's own checks (connection limit, maintenance)
         now = time.monotonic()
         mine = len(server.active_channels)
-        board.write(slot, mine, now)
+        board.write(slot, pid, mine, now)
         fewer = board.fewer_elsewhere(slot, mine, now)
         if listening and fewer:
-            for other, pid in fewer:
+            for other, other_pid in fewer:
                 with contextlib.suppress(OSError):  # gone, or a wake-up is already queued
-                    sender.sendto(b"!", board.wake_address(other, pid))
+                    sender.sendto(b"!", board.wake_address(other, other_pid))
         listening = ready and not fewer
         return listening
 
