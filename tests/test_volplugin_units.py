@@ -7,6 +7,7 @@ test_volplugin_* modules.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -121,6 +122,41 @@ def test_state_survives_reopen(tmp_path):
     assert record.mount_ids == ("id1",)
     assert record.backup == BackupInfo(last_id="b1", last_time="t", outcome="ok")
     again.close()
+
+
+def test_a_database_of_an_older_version_keeps_its_mounts_in_the_rebuilt_table(tmp_path):
+    # The layout written before the mounts table was WITHOUT ROWID, pages of 4 KiB.
+    old = sqlite3.connect(tmp_path / "state.db")
+    old.executescript(
+        """
+        PRAGMA journal_mode=WAL;
+        CREATE TABLE volumes (name TEXT PRIMARY KEY, options TEXT NOT NULL,
+            created TEXT NOT NULL, backup TEXT);
+        CREATE TABLE mounts (
+            volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+            id TEXT NOT NULL, mounted_at REAL NOT NULL,
+            adopted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (volume, id));
+        INSERT INTO volumes VALUES ('v', '{}', '2026-01-01T00:00:00Z', NULL);
+        INSERT INTO mounts VALUES ('v', 'a', 1.0, 1), ('v', 'b', 2.0, 1);
+        """
+    )
+    old.close()
+    state = State.under(tmp_path, create=False)
+    (sql,) = state._db.execute("SELECT sql FROM sqlite_master WHERE name = 'mounts'").fetchone()
+    assert "WITHOUT ROWID" in sql
+    assert state.get("v").mount_ids == ("a", "b")
+    # Adopted IDs stand for running containers: an unknown ID releases the oldest.
+    assert state.release_mount("v", "unknown") == (True, 1)
+    assert state.get("v").mount_ids == ("b",)
+    state.close()
+    again = State.under(tmp_path, create=False)  # rebuilt once: opening again changes nothing
+    assert again.get("v").mount_ids == ("b",)
+    assert again._db.execute("PRAGMA page_size").fetchone() == (4096,)  # an old file keeps its
+    again.close()
+    (tmp_path / "new").mkdir()
+    fresh = State.under(tmp_path / "new")
+    assert fresh._db.execute("PRAGMA page_size").fetchone() == (1024,)
+    fresh.close()
 
 
 def test_state_without_database_is_an_error(tmp_path):

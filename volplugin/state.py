@@ -31,20 +31,26 @@ CHECKPOINT_SECONDS = 1.0  # how often the serving main process checkpoints the l
 
 log = logging.getLogger("volplugin.state")
 
-_SCHEMA = """
+PAGE_SIZE = 1024  # bytes; set when the database is made (see State.__init__)
+
+_VOLUMES = """
 CREATE TABLE IF NOT EXISTS volumes (
     name TEXT PRIMARY KEY,
     options TEXT NOT NULL,
     created TEXT NOT NULL,
     backup TEXT
 );
-CREATE TABLE IF NOT EXISTS mounts (
+"""
+# WITHOUT ROWID: the key is the table, so a Mount's commit changes one b-tree page,
+# not a table page and an index page.
+_MOUNTS = """
+CREATE TABLE IF NOT EXISTS {table} (
     volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
     id TEXT NOT NULL,
     mounted_at REAL NOT NULL,
     adopted INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (volume, id)
-);
+) WITHOUT ROWID;
 """
 
 
@@ -101,15 +107,46 @@ class State:
             self._db = sqlite3.connect(
                 self.path, timeout=30, isolation_level=None, check_same_thread=False
             )
+            # Small pages for small rows: each commit writes its changed pages whole to
+            # the log. Only a new database takes the size; an older one keeps its own.
+            self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             if not autocheckpoint:
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(_VOLUMES + _MOUNTS.format(table="mounts"))
+            self._rebuild_old_mounts()
         except sqlite3.Error as exc:
             raise StateError(f"cannot open state database {self.path}: {exc}") from exc
         self._lock = threading.RLock()
+
+    def _rebuild_old_mounts(self) -> None:
+        """Rebuild the mounts table of a database made before it was WITHOUT ROWID."""
+
+        def old() -> bool:
+            (sql,) = self._db.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'mounts'"
+            ).fetchone()
+            return "WITHOUT ROWID" not in sql.upper()
+
+        if not old():
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if old():  # another process may have rebuilt it while we waited
+                self._db.execute(_MOUNTS.format(table="mounts_rebuilt"))
+                self._db.execute(
+                    "INSERT INTO mounts_rebuilt (volume, id, mounted_at, adopted)"
+                    " SELECT volume, id, mounted_at, adopted FROM mounts"
+                )
+                self._db.execute("DROP TABLE mounts")
+                self._db.execute("ALTER TABLE mounts_rebuilt RENAME TO mounts")
+                log.info("state database %s: rebuilt its mounts table", self.path)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     @classmethod
     def under(cls, root: Path, *, create: bool = True, autocheckpoint: bool = True) -> State:
@@ -232,9 +269,9 @@ class State:
             if db.execute("SELECT 1 FROM volumes WHERE name = ?", (name,)).fetchone() is None:
                 return None
             cur = db.execute(
-                "DELETE FROM mounts WHERE rowid = (SELECT rowid FROM mounts WHERE volume = ?"
-                " AND adopted = 1 ORDER BY mounted_at LIMIT 1)",
-                (name,),
+                "DELETE FROM mounts WHERE volume = ? AND id = (SELECT id FROM mounts"
+                " WHERE volume = ? AND adopted = 1 ORDER BY mounted_at LIMIT 1)",
+                (name, name),
             )
             return cur.rowcount > 0, self._count(name)
 
