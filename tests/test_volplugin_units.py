@@ -334,10 +334,10 @@ def _in_thread(fn) -> threading.Thread:
     return thread
 
 
-def test_only_volumes_marked_mount_locked_wait_for_the_lock(svc):
-    # Lazy volumes are marked so (their directory is swapped under the lock); here a
+def test_only_managed_volumes_wait_for_the_lock(svc):
+    # Lazy volumes are managed (their directory is swapped under the lock); here a
     # stand-in mark, since a lazy volume needs a backup to come from.
-    svc.hooks.mount_locked.append(lambda opts: opts.get("mode") == "0700")
+    svc.hooks.managed.append(lambda opts: opts.get("mode") == "0700")
     svc.create("plain", None)
     svc.create("marked", {"mode": "0700"})
     svc.lock.acquire()
@@ -357,6 +357,7 @@ def test_only_volumes_marked_mount_locked_wait_for_the_lock(svc):
 
 def test_the_last_unmount_runs_its_hooks_unless_mounted_again(svc, monkeypatch):
     ran: list[str] = []
+    svc.hooks.managed.append(lambda opts: True)
     svc.hooks.on_last_unmount.append(lambda record, path: ran.append(record.name))
     svc.create("v", None)
     svc.mount("v", "a")
@@ -378,3 +379,50 @@ def test_the_last_unmount_runs_its_hooks_unless_mounted_again(svc, monkeypatch):
     monkeypatch.setattr(svc.state, "release_mount", release_then_mounted_again)
     svc.unmount("v", "c")
     assert ran == ["v"] and svc.get("v").mount_ids == ("d",)
+
+
+def test_the_last_unmount_of_a_volume_no_feature_manages_runs_no_hooks(svc):
+    ran: list[str] = []
+    svc.hooks.managed.append(lambda opts: opts.get("mode") == "0700")
+    svc.hooks.on_last_unmount.append(lambda record, path: ran.append(record.name))
+    svc.create("plain", None)
+    svc.create("marked", {"mode": "0700"})
+    for name in ("plain", "marked"):
+        svc.mount(name, "a")
+        svc.mount(name, "b")
+        svc.unmount(name, "a")
+        svc.unmount(name, "b")
+        svc.unmount(name, "b")
+        assert svc.get(name).mount_count == 0
+    assert ran == ["marked"]
+
+
+def test_a_new_volume_of_the_same_name_is_not_mounted_with_the_old_ones_options(svc):
+    # Another serving process removes the volume and makes a managed one of that name:
+    # this process, which kept the old one's options, must see the change.
+    managed = lambda opts: opts.get("mode") == "0700"  # noqa: E731
+    ran: list[str] = []
+    svc.hooks.managed.append(managed)
+    svc.hooks.on_last_unmount.append(lambda record, path: ran.append(record.name))
+    other = VolumeService.open(svc.root, DRIVER)
+    other.hooks.managed.append(managed)
+    svc.create("v", None)
+    svc.mount("v", "a")
+    svc.unmount("v", "a")
+    other.remove("v")
+    other.create("v", {"mode": "0700"})
+    svc.lock.acquire()
+    try:
+        mounting = _in_thread(lambda: svc.mount("v", "m1"))
+        mounting.join(0.5)
+        assert mounting.is_alive() and svc.get("v").mount_ids == ()
+    finally:
+        svc.lock.release()
+    mounting.join(5)
+    assert svc.get("v").mount_ids == ("m1",)
+    svc.unmount("v", "m1")
+    assert ran == ["v"] and svc.get("v").mount_count == 0
+    other.remove("v")
+    with pytest.raises(VolumeNotFound):
+        svc.mount("v", "m2")
+    other.state.close()

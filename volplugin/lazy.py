@@ -99,7 +99,7 @@ class LazyVolumes:
         hooks.on_last_unmount.append(lazy.on_last_unmount)
         hooks.on_remove.append(lazy.on_remove)
         hooks.status.append(lazy.status)
-        hooks.mount_locked.append(is_lazy)  # the switch swaps the directory under the lock
+        hooks.managed.append(is_lazy)  # the switch swaps the directory under the lock
         if background:
             lazy.resume()
             threading.Thread(target=lazy._watch, name="lazy-watch", daemon=True).start()

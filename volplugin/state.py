@@ -209,7 +209,7 @@ class State:
         with self._write() as db:
             db.execute(
                 "INSERT OR IGNORE INTO volumes (name, options, created) VALUES (?, ?, ?)",
-                (name, json.dumps(options, sort_keys=True), created),
+                (name, _encode(options), created),
             )
         record = self.get(name)
         assert record is not None
@@ -252,6 +252,33 @@ class State:
             except sqlite3.IntegrityError:
                 return False
         return True
+
+    def add_mount_while(self, name: str, mount_id: str, options: dict[str, str]) -> bool:
+        """Record a new mount ID of a volume whose options are still `options`.
+
+        False when nothing was recorded: the ID was there already, or the volume is gone
+        or is a new one of the same name with other options. One statement.
+        """
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO mounts (volume, id, mounted_at)"
+                " SELECT name, ?, ? FROM volumes WHERE name = ? AND options = ?",
+                (mount_id, time.time(), name, _encode(options)),
+            )
+        return cur.rowcount > 0
+
+    def forget_mount_while(self, name: str, mount_id: str, options: dict[str, str]) -> bool:
+        """Forget a recorded mount ID of a volume whose options are still `options`.
+
+        False when nothing was forgotten (see `add_mount_while`). One statement.
+        """
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM mounts WHERE volume = ? AND id = ? AND EXISTS"
+                " (SELECT 1 FROM volumes WHERE name = ? AND options = ?)",
+                (name, mount_id, name, _encode(options)),
+            )
+        return cur.rowcount > 0
 
     def release_mount(self, name: str, mount_id: str) -> tuple[bool, int] | None:
         """Forget a mount ID; return (whether an ID went, the number left), None if no volume.
@@ -331,6 +358,11 @@ class State:
             mount_ids=tuple(mount_ids),
             backup=BackupInfo.from_json(backup),
         )
+
+
+def _encode(options: dict[str, str]) -> str:
+    """Options as the volumes table stores them."""
+    return json.dumps(options, sort_keys=True)
 
 
 def checkpoint_in_background(

@@ -46,12 +46,13 @@ class Hooks:
 
     on_create: list[Hook] = field(default_factory=list)
     on_first_mount: list[Hook] = field(default_factory=list)
-    on_last_unmount: list[Hook] = field(default_factory=list)
+    on_last_unmount: list[Hook] = field(default_factory=list)  # of managed volumes only
     on_remove: list[Hook] = field(default_factory=list)  # before the directory goes
     status: list[Callable[[VolumeRecord], dict]] = field(default_factory=list)  # extra keys
-    # Volumes (by their options) whose directory a feature may swap under the service
-    # lock: their Mount waits for that lock instead of taking the quick path.
-    mount_locked: list[Callable[[dict[str, str]], bool]] = field(default_factory=list)
+    # Volumes (by their options) a feature manages, e.g. by swapping their directory
+    # under the service lock: their Mount waits for that lock and their last Unmount
+    # runs on_last_unmount. With any on_first_mount hook, every volume is managed.
+    managed: list[Callable[[dict[str, str]], bool]] = field(default_factory=list)
 
 
 def now_iso() -> str:
@@ -85,6 +86,7 @@ class VolumeService:
         self.trash_dir = self.root / "trash"
         self.lock = OpLock(self.root / OPS_LOCK)
         self._paths: dict[str, Path] = {}  # path_of's answers, by name
+        self._plain: dict[str, dict[str, str]] = {}  # unmanaged volumes' options (see mount)
 
     @classmethod
     def open(cls, root: Path, driver: str, *, autocheckpoint: bool = True, **kw) -> VolumeService:
@@ -208,22 +210,34 @@ class VolumeService:
     def mount(self, name: str, mount_id: str) -> Path:
         """Count a mount of the volume; return its directory.
 
-        A plain volume needs no lock: one statement records the ID and fails if the
-        volume is gone, and Remove deletes the record only if it has no IDs. Volumes
-        with first-mount hooks, or whose directory a feature swaps under the lock
-        (`Hooks.mount_locked`), wait for the lock.
+        A volume no feature manages (`Hooks.managed`) needs no lock: one statement
+        records the ID, and Remove deletes the record only if it has no IDs. Its options
+        are kept after its first Mount here, and that statement records the ID only
+        while the volume still has them: the next Mount is that one statement. Managed
+        volumes wait for the lock.
         """
         path = self.path_of(name)  # validates the name
+        seen = self._plain.get(name)
+        if seen is not None:
+            if path.is_dir() and self.state.add_mount_while(name, mount_id, seen):
+                return path
+            self._plain.pop(name, None)
+        # New to this process, a repeated ID, or the volume changed: read it.
         options = self.state.options(name)  # not the record: its IDs grow with the mounts
         if options is None:
             raise self._missing(name)
-        if self.hooks.on_first_mount or any(p(options) for p in self.hooks.mount_locked):
+        if self._managed(options):
             with self.lock:
                 return self._mount_locked(name, mount_id, path)
         self._check_dir(name, path)
         if not self.state.add_mount(name, mount_id):
             raise self._missing(name)
+        if len(self._plain) < PATH_CACHE:
+            self._plain[name] = options
         return path
+
+    def _managed(self, options: dict[str, str]) -> bool:
+        return bool(self.hooks.on_first_mount) or any(p(options) for p in self.hooks.managed)
 
     def _mount_locked(self, name: str, mount_id: str, path: Path) -> Path:
         record = self._record(name)  # again: it may have changed while we waited
@@ -242,8 +256,11 @@ class VolumeService:
             )
 
     def unmount(self, name: str, mount_id: str) -> None:
-        """Forget a mount ID; the last one runs the last-unmount hooks under the lock."""
+        """Forget a mount ID; a managed volume's last one runs its hooks under the lock."""
         path = self.path_of(name)  # validates the name
+        seen = self._plain.get(name)
+        if seen is not None and self.state.forget_mount_while(name, mount_id, seen):
+            return  # an unmanaged volume: no hooks, so no count
         released = self.state.release_mount(name, mount_id)
         if released is None:
             raise self._missing(name)
@@ -252,8 +269,8 @@ class VolumeService:
             return
         with self.lock:
             record = self.state.get(name)
-            if record is None or record.mount_ids:  # removed, or mounted again meanwhile
-                return
+            if record is None or record.mount_ids or not self._managed(record.options):
+                return  # removed, mounted again meanwhile, or no feature's business
             for hook in self.hooks.on_last_unmount:
                 hook(record, path)
 
