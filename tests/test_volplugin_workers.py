@@ -216,21 +216,97 @@ def _thread_cpus(pid: int) -> set[frozenset[int]]:
     return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
-def test_cpu_affinity_pins_each_serving_process_to_a_cpu_of_its_own(
+def _two_cpus() -> list[int]:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs 2 CPUs to give each serving process one of its own")
+    return allowed
+
+
+def test_each_serving_process_keeps_to_a_cpu_of_its_own_by_default(
     tmp_path: Path, plugin: PluginProcess
 ) -> None:
-    allowed = sorted(os.sched_getaffinity(0))
-    assert plugin.proc is not None  # the fixture's server, without the flag: unpinned
-    assert _thread_cpus(plugin.proc.pid) == {frozenset(allowed)}
-    pinned = PluginProcess(
-        tmp_path / "pinned", env=plugin.env, args=("--workers", "2", "--cpu-affinity")
-    ).start()
+    allowed = _two_cpus()
+    assert plugin.proc is not None
+    if len(allowed) < WORKERS:  # the fixture's processes outnumber the CPUs: none pinned
+        assert _thread_cpus(plugin.proc.pid) == {frozenset(allowed)}
+    pinned = PluginProcess(tmp_path / "pinned", env=plugin.env, args=("--workers", "2")).start()
+    free = PluginProcess(
+        tmp_path / "free", env=plugin.env, args=("--workers", "2", "--cpu-affinity", "off")
+    )
     try:
         assert pinned.proc is not None
         (worker,) = worker_pids(pinned.proc.pid)
         # every thread, the request threads included, runs on its process's CPU
         assert _thread_cpus(pinned.proc.pid) == {frozenset({allowed[0]})}
-        assert _thread_cpus(worker) == {frozenset({allowed[1 % len(allowed)]})}
+        assert _thread_cpus(worker) == {frozenset({allowed[1]})}
         assert pinned.call("VolumeDriver.Create", {"Name": "v"})[0] == 200
+        pinned.cleanup()
+        free.start()
+        assert free.proc is not None
+        (worker,) = worker_pids(free.proc.pid)
+        assert _thread_cpus(free.proc.pid) == _thread_cpus(worker) == {frozenset(allowed)}
     finally:
         pinned.cleanup()
+        free.cleanup()
+
+
+def _hog(cpu: int) -> subprocess.Popen:
+    """A process that keeps `cpu` busy."""
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_busy_serving_process_lets_go_of_a_crowded_cpu_and_comes_back(
+    tmp_path: Path, plugin: PluginProcess
+) -> None:
+    allowed = _two_cpus()
+    env = {**(plugin.env or {}), "VOLPLUGIN_CPU_CHECK": "0.3"}  # unpinned for 15 checks
+    server = PluginProcess(tmp_path / "crowded", env=env, args=("--workers", "2")).start()
+    hogs: list[subprocess.Popen] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            server.call("VolumeDriver.List")
+
+    try:
+        assert server.proc is not None
+        main, (worker,) = server.proc.pid, worker_pids(server.proc.pid)
+        # (Other start-ups, the fixture's for one, may have crowded its CPU already.)
+        wait_for(
+            lambda: _thread_cpus(main) == {frozenset({allowed[0]})},
+            "the main process to keep to its CPU",
+            timeout=30,
+        )
+        hogs = [_hog(allowed[0]), _hog(allowed[0])]
+        time.sleep(1.5)  # five checks: an idle process stays where it is
+        assert _thread_cpus(main) == {frozenset({allowed[0]})}
+        clients = [threading.Thread(target=load) for _ in range(4)]
+        for client in clients:
+            client.start()
+        wait_for(
+            lambda: _thread_cpus(main) == {frozenset(allowed)},
+            "the main process to let go of its crowded CPU",
+            timeout=30,
+        )
+        assert _thread_cpus(worker) == {frozenset({allowed[1]})}  # its CPU has room
+        assert f"CPU {allowed[0]} is busy with other work" in server.log()
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        stop.set()
+        for client in clients:
+            client.join()
+        wait_for(
+            lambda: _thread_cpus(main) == {frozenset({allowed[0]})},
+            "the main process to keep to its CPU again",
+            timeout=30,
+        )
+        assert server.call("VolumeDriver.List")[0] == 200
+    finally:
+        stop.set()
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        server.cleanup()

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from layerfs.clitools import OneLineErrors, store_option
+from volplugin.affinity import CHECK_SECONDS, MODES
 from volplugin.scheduler import DEFAULT_TICK
 from volplugin.server import (
     DEFAULT_NAME,
@@ -74,6 +75,17 @@ def where(fn):
     )(fn)
 
 
+cpu_check_option = click.option(
+    "--cpu-check",
+    envvar="VOLPLUGIN_CPU_CHECK",
+    type=click.FloatRange(min=0.05),
+    default=CHECK_SECONDS,
+    show_default=True,
+    hidden=True,
+    help="Seconds between looks at a serving process's CPU (volplugin.affinity).",
+)
+
+
 def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
     return name or obj["name"], Path(root or obj["root"])
 
@@ -108,9 +120,13 @@ def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
 )
 @click.option(
     "--cpu-affinity",
-    is_flag=True,
-    help="Pin each serving process to a CPU of its own (for hosts whose cores are not crowded).",
+    type=click.Choice(MODES),
+    default="auto",
+    show_default=True,
+    help="auto: each serving process keeps to a CPU of its own while that CPU has room; "
+    "off: the kernel places them.",
 )
+@cpu_check_option
 @click.pass_obj
 def serve_cmd(
     obj: dict,
@@ -121,7 +137,8 @@ def serve_cmd(
     plugin_dir: Path,
     store: str | None,
     schedule_tick: float,
-    cpu_affinity: bool,
+    cpu_affinity: str,
+    cpu_check: float,
 ) -> None:
     """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM."""
     name, root = _pick(obj, cmd_name, cmd_root)
@@ -134,6 +151,7 @@ def serve_cmd(
         store=store,
         schedule_tick=schedule_tick,
         cpu_affinity=cpu_affinity,
+        cpu_check=cpu_check,
     )
 
 
@@ -143,7 +161,8 @@ def serve_cmd(
 @click.option("--parent", type=int, required=True, help="PID of the main server process.")
 @click.option("--slot", type=int, required=True, help="This process's load-board slot.")
 @click.option("--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads.")
-@click.option("--cpus", help="CPUs to pin to by slot, comma-separated (serve --cpu-affinity).")
+@click.option("--cpus", help="CPUs to keep to by slot, comma-separated (serve --cpu-affinity).")
+@cpu_check_option
 @store_option("Backup store (as given to serve).")
 @click.pass_obj
 def serve_worker_cmd(
@@ -155,12 +174,15 @@ def serve_worker_cmd(
     slot: int,
     threads: int,
     cpus: str | None,
+    cpu_check: float,
     store: str | None,
 ) -> None:
     """One of `serve`'s request-serving processes (started by `serve` itself)."""
     name, root = _pick(obj, cmd_name, cmd_root)
     pinned = [int(cpu) for cpu in cpus.split(",")] if cpus else None
-    serve_worker(name, root, fd, parent, slot, threads=threads, store=store, cpus=pinned)
+    serve_worker(
+        name, root, fd, parent, slot, threads=threads, store=store, cpus=pinned, cpu_check=cpu_check
+    )
 
 
 def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:

@@ -26,6 +26,7 @@ from flask import Flask
 from waitress.server import BaseWSGIServer
 
 from volplugin.accesslog import batched_access_log
+from volplugin.affinity import CHECK_SECONDS, CpuPin, allowed_cpus
 from volplugin.app import create_app
 from volplugin.backup.seed import restore_from_option
 from volplugin.balance import LoadBoard, balance
@@ -37,7 +38,7 @@ from volplugin.reconcile import reconcile_in_background, try_reconcile
 from volplugin.scheduler import DEFAULT_TICK, Scheduler
 from volplugin.state import checkpoint_in_background
 from volplugin.volumes import VolumeService
-from volplugin.workers import WorkerPool, die_with_parent, pin_to_cpu, worker_command
+from volplugin.workers import WorkerPool, die_with_parent, worker_command
 
 PLUGIN_DIR = Path("/run/docker/plugins")
 DEFAULT_NAME = "volplugin"
@@ -120,24 +121,26 @@ def serve(
     workers: int = 1,
     store: str | None = None,
     schedule_tick: float = DEFAULT_TICK,
-    cpu_affinity: bool = False,
+    cpu_affinity: str = "auto",
+    cpu_check: float = CHECK_SECONDS,
 ) -> None:
     """Serve until SIGTERM or SIGINT; remove the socket on the way out.
 
     `store` is the backup store URL (None: the layerfs default); scheduled backups are
     looked for every `schedule_tick` seconds. `workers` processes answer requests, each
-    with `threads` threads; with `cpu_affinity` each is pinned to a CPU of its own
-    (round-robin over the CPUs this process may use).
+    with `threads` threads. With `cpu_affinity` "auto" each keeps to a CPU of its own
+    while that CPU has room, looking every `cpu_check` seconds, if there are enough
+    CPUs for that (volplugin.affinity).
     """
     root = Path(root).absolute()
-    cpus = sorted(os.sched_getaffinity(0)) if cpu_affinity else None
-    if cpus:
-        pin_to_cpu(0, cpus)  # before any thread starts, so that they inherit it
+    cpus = allowed_cpus(cpu_affinity, workers)
     path = socket_path(name, plugin_dir)
     with root_lock(root):
+        stop = threading.Event()
+        if cpus:
+            CpuPin(0, cpus, check=cpu_check).watch(stop)  # threads started later inherit it
         service = _open_service(root, name, store)
         service.empty_trash()
-        stop = threading.Event()
         # Every serving process's commits skip checkpoints; this thread does them.
         checkpointer = checkpoint_in_background(service.state.path, stop)
         if not try_reconcile(service):
@@ -147,8 +150,8 @@ def serve(
         board = LoadBoard.create(root / BOARD_NAME, workers)
         scheduler = Scheduler(service, store, tick=schedule_tick).start(stop)
         verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-        command = worker_command(name, root, threads, store, verbose, cpus)
-        pool = WorkerPool(command, sock, workers - 1, board)
+        command = worker_command(name, root, threads, store, verbose, cpus, cpu_check)
+        pool = WorkerPool(command, sock, workers - 1, board, set(cpus) if cpus else None)
         try:
             server = waitress_server(app, sock, threads, board, 0)
             _exit_on_signals()
@@ -160,7 +163,7 @@ def serve(
                 root,
                 workers,
                 threads,
-                f", pinned to CPUs {cpus}" if cpus else "",
+                f", each on a CPU of {cpus} while it has room" if cpus else "",
             )
             try:
                 _run(server)
@@ -190,16 +193,18 @@ def serve_worker(
     threads: int = DEFAULT_THREADS,
     store: str | None = None,
     cpus: list[int] | None = None,
+    cpu_check: float = CHECK_SECONDS,
 ) -> None:
     """Serve requests on the inherited listening socket `fd` until SIGTERM or `parent` dies.
 
     Same app and hooks as the main process; no reconciliation, schedule or lazy fills.
-    `slot` is this process's place on the server's LoadBoard; with `cpus` it pins itself
-    to one of them.
+    `slot` is this process's place on the server's LoadBoard; with `cpus` it keeps to
+    one of them while it has room (volplugin.affinity).
     """
     die_with_parent(parent)
+    stop = threading.Event()
     if cpus:
-        pin_to_cpu(slot, cpus)
+        CpuPin(slot, cpus, check=cpu_check).watch(stop)
     root = Path(root).absolute()
     sock = socket.socket(fileno=fd)
     board = LoadBoard.attach(root / BOARD_NAME)
@@ -211,6 +216,7 @@ def serve_worker(
     try:
         _run(server)
     finally:
+        stop.set()
         server.close()
         board.clear(slot)
         board.close()

@@ -13,6 +13,7 @@ worker that exits while the server runs, after RESPAWN_DELAY if it died young.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -71,6 +72,7 @@ class WorkerPool:
     sock: socket.socket
     count: int
     board: LoadBoard
+    cpus: set[int] | None = None  # where workers start (they keep to one of them later)
     _workers: list[_Worker] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -102,6 +104,12 @@ class WorkerPool:
         proc = subprocess.Popen(
             self.argv(slot), pass_fds=[self.sock.fileno()], stdin=subprocess.DEVNULL
         )
+        if self.cpus:
+            # It starts up on any of them, not on this process's own CPU, where its
+            # start-up would count as other work (volplugin.affinity); then it keeps
+            # to a CPU of its own.
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(proc.pid, self.cpus)
         return _Worker(proc, time.monotonic(), slot)
 
     def _supervise(self, ready: threading.Event) -> None:
@@ -154,10 +162,12 @@ def worker_command(
     store: str | None,
     verbose: bool,
     cpus: list[int] | None = None,
+    cpu_check: float | None = None,
 ) -> list[str]:
     """The `volplugin serve-worker` command line for this server (without --fd/--parent).
 
-    With `cpus`, each worker pins itself to one of them (see `pin_to_cpu`).
+    With `cpus`, each worker keeps to one of them, looking every `cpu_check` seconds
+    (volplugin.affinity).
     """
     cmd = [sys.executable, "-m", "volplugin.cli", "--root", str(root), "--name", name]
     if verbose:
@@ -167,15 +177,6 @@ def worker_command(
         cmd += ["--store", store]
     if cpus:
         cmd += ["--cpus", ",".join(map(str, cpus))]
+        if cpu_check is not None:
+            cmd += ["--cpu-check", str(cpu_check)]
     return cmd
-
-
-def pin_to_cpu(slot: int, cpus: list[int]) -> None:
-    """Pin this serving process to one of `cpus`, by its slot.
-
-    Call it before the process starts threads: they inherit it. Processes that stay on
-    one core keep its caches; measured on 2 cores under 20 clients, about a tenth less
-    CPU per request. But a pinned process cannot move off a core that other work keeps
-    busy, so it is a choice for hosts whose cores are not crowded (`serve --cpu-affinity`).
-    """
-    os.sched_setaffinity(0, {cpus[slot % len(cpus)]})
