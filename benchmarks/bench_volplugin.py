@@ -117,32 +117,31 @@ def median_by_p99(results: list[LoadResult]) -> LoadResult:
 
 def load_runs(
     plugin: PluginProcess, tmp: Path, args: argparse.Namespace, env: dict[str, str]
-) -> dict[str, list[LoadResult]]:
-    """The Python loads on the plugin; then the other loads, servers taking turns.
+) -> tuple[dict[str, list[LoadResult]], dict[str, int]]:
+    """The Python loads on `plugin`; then the other loads, servers taking turns.
 
-    Keys: "single", "python" (one run each); args.repeats runs each of "plugin", "floor",
-    "unpinned" and "floor-unpinned" (--cpu-affinity off) and one "WxT" per extra layout
-    (the one-process load), and of "curl" and "curl-floor" (one curl per client).
+    Keys: "single", "python" (one run each, on `plugin`); args.repeats runs each of
+    "plugin" (a server of its own with the defaults), "floor", "unpinned" and
+    "floor-unpinned" (--cpu-affinity off) and one "WxT" per extra layout (the
+    one-process load), and of "curl" and "curl-floor" (one curl per client), on the
+    unpinned servers: twenty client processes crowd every CPU, so a server with the
+    defaults lets go of its CPUs under them, and stays so for 30 s (volplugin.affinity).
+    Also returned: in how many runs each server with the defaults ("plugin", "floor")
+    had all its threads on one CPU each after the load.
     """
     assert plugin.proc is not None
     clients, rounds = args.clients, args.requests
-    sock, pid = str(plugin.socket), plugin.proc.pid
     runs: dict[str, list[LoadResult]] = {
-        "single": [python_load(sock, pid, 1, rounds * 4)],
-        "python": [python_load(sock, pid, clients, rounds)],
+        "single": [python_load(str(plugin.socket), plugin.proc.pid, 1, rounds * 4)],
+        "python": [python_load(str(plugin.socket), plugin.proc.pid, clients, rounds)],
     }
-    check_released(sock)
+    check_released(str(plugin.socket))
     with contextlib.ExitStack() as stack:
-        floor_sock = tmp / "floor.sock"
-        floor = (str(floor_sock), stack.enter_context(flask_floor(floor_sock)))
-        free_sock = tmp / "floor-unpinned.sock"
-        free = (str(free_sock), stack.enter_context(flask_floor(free_sock, "off")))
-        loads = {
-            "plugin": (asyncio_load, (sock, pid)),
-            "floor": (asyncio_load, floor),
-            "floor-unpinned": (asyncio_load, free),
-        }
-        others = {"unpinned": ("--cpu-affinity", "off")}
+        servers: dict[str, tuple[str, int]] = {}
+        for key, affinity in (("floor", "auto"), ("floor-unpinned", "off")):
+            sock = tmp / f"{key}.sock"
+            servers[key] = (str(sock), stack.enter_context(flask_floor(sock, affinity)))
+        others = {"plugin": (), "unpinned": ("--cpu-affinity", "off")}
         for workers, threads in args.layouts:
             others[f"{workers}x{threads}"] = ("--workers", str(workers), "--threads", str(threads))
         for key, serve_args in others.items():
@@ -150,15 +149,33 @@ def load_runs(
             stack.callback(other.cleanup)
             assert other.proc is not None
             post(str(other.socket), "VolumeDriver.Create", {"Name": VOLUME})
-            loads[key] = (asyncio_load, (str(other.socket), other.proc.pid))
-        loads["curl"] = (curl_load, (sock, pid))
-        loads["curl-floor"] = (curl_load, floor)
+            servers[key] = (str(other.socket), other.proc.pid)
+        loads = {key: (asyncio_load, server) for key, server in servers.items()}
+        loads["curl"] = (curl_load, servers["unpinned"])
+        loads["curl-floor"] = (curl_load, servers["floor-unpinned"])
+        kept = {"plugin": 0, "floor": 0}
         for _ in range(args.repeats):
             for key, (load, (path, server_pid)) in loads.items():
                 runs.setdefault(key, []).append(load(path, server_pid, clients, rounds))
                 if "floor" not in key:
                     check_released(path)
-    return runs
+                if key in kept:
+                    kept[key] += keeps_to_cpus(server_pid)
+    return runs, kept
+
+
+def keeps_to_cpus(pid: int) -> bool:
+    """Whether every thread of `pid` and of its child processes may run on one CPU only."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{entry}/stat") as f:
+            if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(entry))
+    return all(
+        len(os.sched_getaffinity(int(tid))) == 1
+        for p in pids
+        for tid in os.listdir(f"/proc/{p}/task")
+    )
 
 
 def check_released(sock: str) -> None:
@@ -173,6 +190,7 @@ def report(
     args: argparse.Namespace,
     totals: dict[str, float],
     runs: dict[str, list[LoadResult]],
+    kept: dict[str, int],
     load: float,
 ) -> str:
     local, ours = totals["local"], totals["plugin"]
@@ -222,8 +240,8 @@ def report(
             ),
             row(one, floor, "floor"),
             row(one, f"{floor}, --cpu-affinity off", "floor-unpinned"),
-            row(curls, f"volplugin, defaults ({default})", "curl"),
-            row(curls, floor, "curl-floor"),
+            row(curls, f"volplugin, --cpu-affinity off ({default})", "curl"),
+            row(curls, f"{floor}, --cpu-affinity off", "curl-floor"),
             row(f"{n} Python processes", f"volplugin ({default})", "python"),
             row("1 Python process, 1 connection", f"volplugin ({default})", "single"),
         ],
@@ -266,7 +284,11 @@ def report(
             f"{args.requests} times in order on one keep-alive connection "
             f"({n * args.requests * 4} requests per load). All but the Python loads ran "
             f"{args.repeats} times, the servers taking turns; each row shows the run with "
-            "the median p99. Client CPU is the load generator's own.",
+            "the median p99. Client CPU is the load generator's own. After the load, the "
+            f"processes of the servers with the defaults were each on one CPU in "
+            f"{kept['plugin']} of {args.repeats} runs (volplugin) and {kept['floor']} of "
+            f"{args.repeats} (floor); the curl loads, which crowd every CPU, ran on the "
+            "servers with `--cpu-affinity off`.",
             "",
             latency,
             "",
@@ -308,12 +330,12 @@ def main() -> None:
             totals = docker_rounds(daemon, ["local", plugin.name], args.rounds)
             totals["plugin"] = totals.pop(plugin.name)
             post(str(plugin.socket), "VolumeDriver.Create", {"Name": VOLUME})
-            runs = load_runs(plugin, Path(tmp), args, daemon.env)
+            runs, kept = load_runs(plugin, Path(tmp), args, daemon.env)
         finally:
             remove_driver_objects(daemon.env, plugin.name)
             plugin.cleanup()
 
-    text = report(args, totals, runs, load)
+    text = report(args, totals, runs, kept, load)
     print(text)
     if not args.no_write:
         write_section("volplugin", text)
