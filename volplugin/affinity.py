@@ -2,14 +2,14 @@
 
 A Python process hands its interpreter lock from thread to thread many times per
 request. When all its threads share one core those hand-offs stay on that core and
-its caches stay warm: measured on 2 cores under 20 clients, about a seventh less CPU
-per request and a lower p99 (benchmarks/RESULTS.md). But a pinned process cannot
-leave a core that other work keeps busy. So each serving process pins itself to a CPU
-of its own (by its slot on the server's load board) and watches that CPU: when other
-work used more than CROWDED of it during a check in which the process itself had work
-(BUSY), the process lets all its threads run on any allowed CPU for BACKOFF_CHECKS
-checks, then pins them again and goes on watching. An idle process stays where it is:
-it would gain nothing by moving.
+its caches stay warm: measured on 2 cores under 20 clients, less CPU per request and a
+lower p99 (benchmarks/RESULTS.md). But a pinned process cannot leave a core that other
+work keeps busy. So each serving process pins itself to a CPU of its own (by its slot
+on the server's load board) and watches that CPU: when other work used more than
+CROWDED of it during a check in which the process itself had work (BUSY), the process
+lets all its threads run on any allowed CPU for BACKOFF_CHECKS checks, then pins them
+again and goes on watching. An idle process stays where it is: it would gain nothing
+by moving.
 """
 
 from __future__ import annotations
