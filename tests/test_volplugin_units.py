@@ -334,6 +334,19 @@ def _in_thread(fn) -> threading.Thread:
     return thread
 
 
+def assert_mount_waits_for_the_lock(svc: VolumeService, name: str, mount_id: str) -> None:
+    """A Mount of `name` is held up while the service lock is, and done once it is not."""
+    svc.lock.acquire()
+    try:
+        mounting = _in_thread(lambda: svc.mount(name, mount_id))
+        mounting.join(0.5)
+        assert mounting.is_alive() and svc.get(name).mount_ids == ()
+    finally:
+        svc.lock.release()
+    mounting.join(5)
+    assert svc.get(name).mount_ids == (mount_id,)
+
+
 def test_only_managed_volumes_wait_for_the_lock(svc):
     # Lazy volumes are managed (their directory is swapped under the lock); here a
     # stand-in mark, since a lazy volume needs a backup to come from.
@@ -346,13 +359,9 @@ def test_only_managed_volumes_wait_for_the_lock(svc):
         plain.join(5)
         assert not plain.is_alive()  # mounted while the lock was held
         assert svc.get("plain").mount_ids == ("p1",)
-        marked = _in_thread(lambda: svc.mount("marked", "m1"))
-        marked.join(0.5)
-        assert marked.is_alive() and svc.get("marked").mount_ids == ()
     finally:
         svc.lock.release()
-    marked.join(5)
-    assert svc.get("marked").mount_ids == ("m1",)
+    assert_mount_waits_for_the_lock(svc, "marked", "m1")
 
 
 def test_the_last_unmount_runs_its_hooks_unless_mounted_again(svc, monkeypatch):
@@ -411,15 +420,7 @@ def test_a_new_volume_of_the_same_name_is_not_mounted_with_the_old_ones_options(
     svc.unmount("v", "a")
     other.remove("v")
     other.create("v", {"mode": "0700"})
-    svc.lock.acquire()
-    try:
-        mounting = _in_thread(lambda: svc.mount("v", "m1"))
-        mounting.join(0.5)
-        assert mounting.is_alive() and svc.get("v").mount_ids == ()
-    finally:
-        svc.lock.release()
-    mounting.join(5)
-    assert svc.get("v").mount_ids == ("m1",)
+    assert_mount_waits_for_the_lock(svc, "v", "m1")
     svc.unmount("v", "m1")
     assert ran == ["v"] and svc.get("v").mount_count == 0
     other.remove("v")
