@@ -6,10 +6,13 @@ test_volplugin_workers.py.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 
 import pytest
 
+from volplugin import affinity
 from volplugin.affinity import CLOCK_TICKS, CpuPin, Sample, allowed_cpus, cpu_busy_seconds, shares
 
 STAT = """cpu  900 10 300 5000 40 5 6 7 0 0
@@ -55,3 +58,21 @@ def test_pinning_needs_a_cpu_for_each_process():
     assert allowed_cpus("auto", len(cpus)) == (cpus if len(cpus) > 1 else None)
     with pytest.raises(ValueError, match="mode 'always': use one of auto, off"):
         allowed_cpus("always", 1)
+
+
+def test_a_process_that_cannot_keep_to_its_cpu_says_so_and_lets_the_kernel_place_it(
+    monkeypatch, caplog
+):
+    calls: list[set[int]] = []
+    monkeypatch.setattr(affinity, "set_all_threads", calls.append)
+
+    def gone(cpu: int, stat: str = "/proc/stat") -> float:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(affinity, "cpu_busy_seconds", gone)
+    with caplog.at_level(logging.WARNING, logger="volplugin.affinity"):
+        watcher = CpuPin(1, [0, 1], check=0.01).watch(threading.Event())
+        watcher.join(5)
+    assert not watcher.is_alive()
+    assert calls == [{1}, {0, 1}]
+    assert "cannot keep to CPU 1" in caplog.text

@@ -106,6 +106,18 @@ class CpuPin:
         return thread
 
     def _watch(self, stop: threading.Event) -> None:
+        try:
+            self._watch_until(stop)
+        except OSError as exc:  # e.g. the CPU was taken out of the process's cpuset
+            log.warning(
+                "cannot keep to CPU %d (%s): the kernel places this process from now on",
+                self.cpu,
+                exc,
+            )
+            with contextlib.suppress(OSError):
+                set_all_threads(self.allowed)
+
+    def _watch_until(self, stop: threading.Event) -> None:
         before = Sample.take(self.cpu)
         while not stop.wait(self.check):
             after = Sample.take(self.cpu)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from volplugin.affinity import CHECK_SECONDS
 from volplugin.balance import LoadBoard
 
 log = logging.getLogger("volplugin.workers")
@@ -162,7 +163,7 @@ def worker_command(
     store: str | None,
     verbose: bool,
     cpus: list[int] | None = None,
-    cpu_check: float | None = None,
+    cpu_check: float = CHECK_SECONDS,
 ) -> list[str]:
     """The `volplugin serve-worker` command line for this server (without --fd/--parent).
 
@@ -176,7 +177,5 @@ def worker_command(
     if store:
         cmd += ["--store", store]
     if cpus:
-        cmd += ["--cpus", ",".join(map(str, cpus))]
-        if cpu_check is not None:
-            cmd += ["--cpu-check", str(cpu_check)]
+        cmd += ["--cpus", ",".join(map(str, cpus)), "--cpu-check", str(cpu_check)]
     return cmd
