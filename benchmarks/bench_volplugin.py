@@ -41,6 +41,7 @@ from benchmarks.common import (  # noqa: E402
     command_line,
     environment_summary,
     markdown_table,
+    process_tree,
     write_section,
 )
 from benchmarks.plugin_load import (  # noqa: E402
@@ -171,14 +172,9 @@ def load_runs(
 
 def keeps_to_cpus(pid: int) -> bool:
     """Whether every thread of `pid` and of its child processes may run on one CPU only."""
-    pids = [pid]
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{entry}/stat") as f:
-            if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                pids.append(int(entry))
     return all(
         len(os.sched_getaffinity(int(tid))) == 1
-        for p in pids
+        for p in process_tree(pid)
         for tid in os.listdir(f"/proc/{p}/task")
     )
 
