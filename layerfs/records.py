@@ -16,9 +16,14 @@ import stat
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from layerfs.formats.paths import BadPath, check_stored
 from layerfs.store.chunks import ChunkRef, ChunkStore
 
 TREE_FORMAT = 1
+
+
+class BadTree(ValueError):
+    """A tree record that is malformed or names a path no restore may write."""
 
 
 class Kind(StrEnum):
@@ -105,6 +110,7 @@ class Entry:
 
     @classmethod
     def from_json(cls, d: dict) -> Entry:
+        """The entry of a document in ``to_json``'s form (checked by ``decode_tree_docs``)."""
         return cls(
             path=d["p"],
             kind=Kind(d["k"]),
@@ -135,9 +141,12 @@ def encode_tree(entries: list[Entry], meta: dict | None = None) -> bytes:
 
 
 def decode_tree(data: bytes) -> tuple[list[Entry], dict]:
-    """Parse a tree record into (entries, metadata)."""
+    """Parse and check a tree record into (entries, metadata); BadTree if it is malformed."""
     docs, meta = decode_tree_docs(data)
-    return [Entry.from_json(e) for e in docs], meta
+    try:
+        return [Entry.from_json(e) for e in docs], meta
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise BadTree(f"tree entry malformed: {exc!r}") from None
 
 
 def encode_tree_docs(docs: list[dict], meta: dict | None = None) -> bytes:
@@ -146,12 +155,62 @@ def encode_tree_docs(docs: list[dict], meta: dict | None = None) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
+_KINDS = frozenset(k.value for k in Kind)
+# Kinds that cannot have children: an entry below one of them in the same tree is refused.
+_LEAF_KINDS = frozenset(
+    k.value for k in (Kind.FILE, Kind.HARDLINK, Kind.SYMLINK, Kind.CHAR, Kind.BLOCK,
+                      Kind.FIFO, Kind.SOCKET)
+)
+
+
 def decode_tree_docs(data: bytes) -> tuple[list[dict], dict]:
-    """Parse a tree record into (entries in their JSON form, metadata)."""
-    doc = json.loads(data)
-    if doc.get("format") != TREE_FORMAT:
-        raise ValueError(f"unsupported tree record format {doc.get('format')!r}")
-    return doc["entries"], doc.get("meta", {})
+    """Parse a tree record into (entries in their JSON form, metadata), checking every entry.
+
+    Each entry's path (and a hard link's target) must be a stored path
+    (``formats.paths.check_stored``), its kind known, and no entry may lie below
+    an entry of the same tree that is not a directory. Raises BadTree naming the
+    offending path.
+    """
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise BadTree(f"tree record is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != TREE_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise BadTree(f"unsupported tree record format {found!r}")
+    docs, meta = doc.get("entries"), doc.get("meta", {})
+    if not isinstance(docs, list) or not isinstance(meta, dict):
+        raise BadTree("tree record has no list of entries")
+    check_docs(docs)
+    return docs, meta
+
+
+def check_docs(docs: list[dict]) -> None:
+    """Refuse entries whose paths or kinds could not be restored safely (see decode_tree_docs)."""
+    leaves: set[str] = set()
+    for d in docs:
+        if not isinstance(d, dict):
+            raise BadTree(f"tree entry {d!r} is not an object")
+        path, kind = d.get("p"), d.get("k")
+        try:
+            check_stored(path)  # type: ignore[arg-type]
+            if kind == Kind.HARDLINK.value:
+                check_stored(d.get("l"))  # type: ignore[arg-type]
+        except BadPath as exc:
+            raise BadTree(f"tree entry refused: {exc}") from None
+        if kind not in _KINDS:
+            raise BadTree(f"tree entry {path!r} has an unknown kind {kind!r}")
+        if kind in _LEAF_KINDS:
+            leaves.add(path)
+    if leaves:
+        for d in docs:
+            path = d["p"]
+            while "/" in path:
+                path = path.rsplit("/", 1)[0]
+                if path in leaves:
+                    raise BadTree(
+                        f"tree entry {d['p']!r} lies below {path!r}, which is not a directory"
+                    )
 
 
 def put_tree(store: ChunkStore, entries: list[Entry], meta: dict | None = None) -> str:
@@ -160,8 +219,11 @@ def put_tree(store: ChunkStore, entries: list[Entry], meta: dict | None = None) 
 
 
 def get_tree(store: ChunkStore, digest: str) -> tuple[list[Entry], dict]:
-    """Load a tree record stored with put_tree."""
-    return decode_tree(store.get_record(digest))
+    """Load and check a tree record stored with put_tree; BadTree names the record."""
+    try:
+        return decode_tree(store.get_record(digest))
+    except BadTree as exc:
+        raise BadTree(f"tree record {digest}: {exc}") from None
 
 
 def read_content(store: ChunkStore, entry: Entry) -> bytes:

@@ -24,3 +24,28 @@ def normalize(path: str) -> str:
         if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
             raise BadPath(f"the path {path!r} has a name longer than {NAME_MAX} bytes")
     return "/".join(parts)
+
+
+def check_stored(path: str) -> str:
+    """Check a path read from the store: already normal, so usable beneath a root as it is.
+
+    A stored path is relative and '/'-separated, with no empty, '.' or '..'
+    component, no NUL, and no name over 255 bytes; the root itself is ''. Raises
+    BadPath naming what is wrong; returns the path unchanged.
+    """
+    if not isinstance(path, str):
+        raise BadPath(f"the path {path!r} is not a string")
+    if not path:
+        return path
+    if "\0" in path:
+        raise BadPath(f"the path {path!r} contains a NUL byte")
+    if path.startswith("/"):
+        raise BadPath(f"the path {path!r} is absolute and would escape the root")
+    for part in path.split("/"):
+        if part in ("", "."):
+            raise BadPath(f"the path {path!r} is not normalised (empty or '.' component)")
+        if part == "..":
+            raise BadPath(f"the path {path!r} climbs out of the root with '..'")
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise BadPath(f"the path {path!r} has a name longer than {NAME_MAX} bytes")
+    return path
