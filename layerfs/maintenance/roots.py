@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 
 from layerfs.catalog import Catalog
 from layerfs.errors import StoreError
+from layerfs.maintenance.pins import list_pins
 from layerfs.store.backend import Backend
 
 ENTRY_POINT_GROUP = "layerfs.roots"
@@ -67,7 +68,13 @@ def backup_roots(backend: Backend, volume: str | None = None) -> Iterator[Root]:
         yield Root(f"backup {doc['id']} (volume {doc.get('volume', '?')})", (doc["tree"],))
 
 
-BUILTIN_PROVIDERS: tuple[RootProvider, ...] = (image_roots, layer_roots, backup_roots)
+def pin_roots(backend: Backend) -> Iterator[Root]:
+    """One root per pin (maintenance.pins): trees a restore or a lazy volume still reads."""
+    for p in list_pins(backend):
+        yield Root(f"pin {p.id} ({p.holder} on {p.host})", (p.tree,))
+
+
+BUILTIN_PROVIDERS: tuple[RootProvider, ...] = (image_roots, layer_roots, backup_roots, pin_roots)
 
 
 def plugin_providers() -> list[RootProvider]:
