@@ -17,6 +17,7 @@ Paths given here are stored paths (``formats.paths.check_stored``): relative,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -52,10 +53,8 @@ def open_root(path: str | os.PathLike, *, create: bool = False, mode: int = 0o75
     """
     path = os.fspath(path)
     if create:
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(path, mode)
-        except FileExistsError:
-            pass
     try:
         return os.open(path, _DIR_FLAGS)
     except OSError as exc:
@@ -92,10 +91,8 @@ def open_dir(dirfd: int, rel: str, *, create: int | None = None, label: str = "t
             except FileNotFoundError:
                 if create is None:
                     raise
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(name, create, dir_fd=fd)
-                except FileExistsError:
-                    pass
                 nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = nfd

@@ -16,7 +16,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 
 from layerfs.errors import ObjectMissing, StoreError
@@ -49,10 +49,8 @@ def pin(backend: Backend, tree: str, holder: str, host: str | None = None) -> Pi
 
 def unpin(backend: Backend, pin_id: str) -> None:
     """Remove a pin (nothing if it is gone already)."""
-    try:
+    with suppress(ObjectMissing):
         backend.delete_doc(f"{PREFIX}{pin_id}.json")
-    except ObjectMissing:
-        pass
 
 
 def list_pins(backend: Backend) -> list[Pin]:
