@@ -235,9 +235,7 @@ def apply_at(dirfd: int, name: str, attrs: Attributes, *, owner_required: bool) 
                 raise
         if link:
             _set_xattrs(proc_path(dirfd, name), attrs.xattrs, False)
-            os.utime(
-                name, ns=(attrs.mtime_ns, attrs.mtime_ns), dir_fd=dirfd, follow_symlinks=False
-            )
+            os.utime(name, ns=(attrs.mtime_ns, attrs.mtime_ns), dir_fd=dirfd, follow_symlinks=False)
         else:
             os.chmod(proc_path(fd), attrs.mode & 0o7777)
             _set_xattrs(proc_path(fd), attrs.xattrs, True)

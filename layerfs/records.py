@@ -158,8 +158,8 @@ def encode_tree_docs(docs: list[dict], meta: dict | None = None) -> bytes:
 _KINDS = frozenset(k.value for k in Kind)
 # Kinds that cannot have children: an entry below one of them in the same tree is refused.
 _LEAF_KINDS = frozenset(
-    k.value for k in (Kind.FILE, Kind.HARDLINK, Kind.SYMLINK, Kind.CHAR, Kind.BLOCK,
-                      Kind.FIFO, Kind.SOCKET)
+    k.value
+    for k in (Kind.FILE, Kind.HARDLINK, Kind.SYMLINK, Kind.CHAR, Kind.BLOCK, Kind.FIFO, Kind.SOCKET)
 )
 
 
