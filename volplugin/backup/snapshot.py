@@ -8,16 +8,26 @@ record's meta (``meta["stat"]``: one ``[ino, ctime_ns]`` pair per entry, in entr
 order), so Entry's JSON stays as everyone else reads it. Entries are kept in
 their JSON form (Entry.to_json), so an unchanged file costs neither decoding nor
 encoding.
+
+The walk is confined to the volume, which a container writes while we read it
+as root: every directory is held open by descriptor and its children are
+listed, stat'ed, opened and read relative to it (``*at`` calls, ``O_NOFOLLOW``),
+never through a joined path. A subdirectory or file is opened only if it is
+still the inode (st_dev, st_ino) that its lstat saw; one that turned into a
+symlink or was swapped for something else between the two is skipped, logged
+and counted in ``ScanResult.skipped``, never followed.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layerfs import confined
 from layerfs.records import Entry, Kind, kind_from_mode
 from layerfs.store.chunks import ChunkStore, WriteStats
 from volplugin.backup.errors import BackupError
@@ -25,6 +35,11 @@ from volplugin.backup.errors import BackupError
 INLINE_MAX = 2048
 META_STAT = "stat"
 _FILE = Kind.FILE.value
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
+
+log = logging.getLogger("volplugin.backup")
 
 
 @dataclass
@@ -77,6 +92,7 @@ class ScanResult:
     bytes_read: int = 0
     files_read: int = 0
     writes: WriteStats = field(default_factory=WriteStats)
+    skipped: list[str] = field(default_factory=list)  # changed identity mid-walk: not followed
 
     @property
     def entries(self) -> list[Entry]:
@@ -84,21 +100,12 @@ class ScanResult:
         return [Entry.from_json(doc) for doc in self.docs]
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EPERM):
-            return {}
-        raise
-    out = {}
-    for name in sorted(names):
-        try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno != errno.ENODATA:  # removed meanwhile
-                raise
-    return out
+class _Changed(Exception):
+    """The name no longer holds the inode its lstat saw (swapped mid-walk)."""
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return a.st_ino == b.st_ino and a.st_dev == b.st_dev
 
 
 class Scanner:
@@ -113,67 +120,153 @@ class Scanner:
 
     def scan(self) -> ScanResult:
         try:
-            st = os.lstat(self.root)
+            fd = confined.open_root(self.root)
+        except confined.Escape as exc:
+            raise BackupError(
+                f"{self.root} is not a directory: give the volume's directory"
+            ) from exc
         except OSError as exc:
             raise BackupError(
                 f"cannot read the volume directory {self.root}: {exc.strerror}"
             ) from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise BackupError(f"{self.root} is not a directory: give the volume's directory")
-        self._add(str(self.root), "", st)
-        self._walk(str(self.root), "")
+        try:
+            st = os.fstat(fd)
+            self._append_entry(self._entry("", st, confined.read_xattrs(fd, fd, ".")), st)
+            self._walk(fd, "")
+        finally:
+            os.close(fd)
+        if self.result.skipped:
+            log.warning(
+                "backup of %s: %d path(s) changed while read and were skipped: %s",
+                self.root,
+                len(self.result.skipped),
+                ", ".join(self.result.skipped[:20]),
+            )
         return self.result
 
-    def _walk(self, dirpath: str, rel: str) -> None:
+    def _skip(self, rel: str, why: str) -> None:
+        log.warning("backup of %s: skipped %r: %s; not followed", self.root, rel, why)
+        self.result.skipped.append(rel)
+
+    def _walk(self, dirfd: int, rel: str) -> None:
         try:
-            names = sorted(os.listdir(dirpath))
+            with os.scandir(dirfd) as found:
+                children = sorted(found, key=lambda d: d.name)
         except OSError as exc:
-            raise BackupError(f"cannot list {dirpath}: {exc.strerror}") from exc
-        for name in names:
-            full = os.path.join(dirpath, name)
+            raise BackupError(f"cannot list {self.root / rel}: {exc.strerror}") from exc
+        for dirent in children:
+            name = dirent.name
             child = f"{rel}/{name}" if rel else name
             try:
-                st = os.lstat(full)
+                st = dirent.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed while we scan
             try:
-                self._add(full, child, st)
+                if stat.S_ISDIR(st.st_mode):
+                    self._dir(dirfd, name, child, st)
+                else:
+                    self._add(dirfd, name, child, st)
             except FileNotFoundError:
                 continue  # removed while we read it
-            if stat.S_ISDIR(st.st_mode):
-                self._walk(full, child)
+            except _Changed as exc:
+                self._skip(child, str(exc))
 
-    def _add(self, full: str, rel: str, st: os.stat_result) -> None:
-        if stat.S_ISREG(st.st_mode) and self._reuse(rel, st):
-            return
-        kind = kind_from_mode(st.st_mode)
-        entry = Entry(
+    def _dir(self, dirfd: int, name: str, rel: str, st: os.stat_result) -> None:
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _Changed("the directory was replaced (by a symlink or a file)") from None
+            raise
+        try:
+            if not _same(os.fstat(fd), st):
+                raise _Changed("the directory was replaced by another one")
+            self._append_entry(self._entry(rel, st, confined.read_xattrs(fd, fd, ".")), st)
+            self._walk(fd, rel)
+        finally:
+            os.close(fd)
+
+    def _entry(self, rel: str, st: os.stat_result, xattrs: dict[str, bytes]) -> Entry:
+        return Entry(
             path=rel,
-            kind=kind,
+            kind=kind_from_mode(st.st_mode),
             mode=stat.S_IMODE(st.st_mode),
             uid=st.st_uid,
             gid=st.st_gid,
             mtime_ns=st.st_mtime_ns,
-            xattrs=_xattrs(full),
+            xattrs=xattrs,
         )
-        if kind is Kind.SYMLINK:
-            entry.target = os.readlink(full)
-        elif kind in (Kind.CHAR, Kind.BLOCK):
-            entry.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-        elif kind is Kind.FILE:
-            if st.st_nlink > 1:
-                first = self._links.get((st.st_dev, st.st_ino))
-                if first is not None:
-                    entry.kind = Kind.HARDLINK
-                    entry.target = first
-                    self._append(entry.to_json(), st)
-                    return
-            self._content(full, entry, st)
-            if st.st_nlink > 1:
-                self._links[(st.st_dev, st.st_ino)] = rel
-            self.result.files += 1
-            self.result.size += entry.size
+
+    def _append_entry(self, entry: Entry, st: os.stat_result) -> None:
         self._append(entry.to_json(), st)
+
+    def _add(self, dirfd: int, name: str, rel: str, st: os.stat_result) -> None:
+        """A non-directory child ``name`` of ``dirfd`` whose lstat is ``st``."""
+        if stat.S_ISREG(st.st_mode):
+            if self._reuse(rel, st):
+                return
+            self._file(dirfd, name, rel, st)
+            return
+        entry = self._entry(rel, st, confined.read_xattrs(None, dirfd, name))
+        if entry.kind is Kind.SYMLINK:
+            try:
+                entry.target = os.readlink(name, dir_fd=dirfd)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    raise _Changed("the symlink was replaced") from None
+                raise
+        elif entry.kind in (Kind.CHAR, Kind.BLOCK):
+            entry.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        self._append(entry.to_json(), st)
+
+    def _file(self, dirfd: int, name: str, rel: str, st: os.stat_result) -> None:
+        if st.st_nlink > 1:
+            first = self._links.get((st.st_dev, st.st_ino))
+            if first is not None:
+                entry = self._entry(rel, st, confined.read_xattrs(None, dirfd, name))
+                entry.kind = Kind.HARDLINK
+                entry.target = first
+                self._append(entry.to_json(), st)
+                return
+        fd = self._open_file(dirfd, name, rel, st)
+        try:
+            entry = self._entry(rel, st, confined.read_xattrs(fd, dirfd, name))
+            self._content(fd, entry, st)
+        finally:
+            os.close(fd)
+        if st.st_nlink > 1:
+            self._links[(st.st_dev, st.st_ino)] = rel
+        self.result.files += 1
+        self.result.size += entry.size
+        self._append(entry.to_json(), st)
+
+    def _open_file(self, dirfd: int, name: str, rel: str, st: os.stat_result) -> int:
+        """A read descriptor of the regular file ``name``, if it is still the lstat's inode.
+
+        Opened first as ``O_PATH`` (opening a device or FIFO put there meanwhile could
+        block or act), checked with fstat, then reopened for reading through /proc.
+        """
+        try:
+            pfd = os.open(name, _PATH_FLAGS, dir_fd=dirfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _Changed("the file was replaced by a symlink") from None
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise BackupError(f"cannot read {self.root / rel}: {exc.strerror}") from exc
+        try:
+            now = os.fstat(pfd)
+            if not stat.S_ISREG(now.st_mode) or not _same(now, st):
+                raise _Changed("the file was replaced")
+            where = confined.proc_path(pfd)
+            try:
+                return os.open(where, _READ_FLAGS | os.O_NOATIME)
+            except PermissionError:
+                return os.open(where, _READ_FLAGS)
+            except OSError as exc:
+                raise BackupError(f"cannot read {self.root / rel}: {exc.strerror}") from exc
+        finally:
+            os.close(pfd)
 
     def _reuse(self, rel: str, st: os.stat_result) -> bool:
         """Take the parent's entry of an unchanged file (not a second name of a link)."""
@@ -193,23 +286,15 @@ class Scanner:
         self.result.docs.append(doc)
         self.result.stat.append([st.st_ino, st.st_ctime_ns])
 
-    def _content(self, full: str, entry: Entry, st: os.stat_result) -> None:
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME)
-        except PermissionError:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise BackupError(f"cannot read {full}: {exc.strerror}") from exc
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            if st.st_size <= INLINE_MAX:
-                data = f.read(INLINE_MAX + 1)
-                if len(data) <= INLINE_MAX:
-                    entry.inline, entry.size = data, len(data)
-                    self._count_read(len(data))
-                    return
-                f.seek(0)
+    def _content(self, fd: int, entry: Entry, st: os.stat_result) -> None:
+        if st.st_size <= INLINE_MAX:
+            data = os.read(fd, INLINE_MAX + 1)
+            if len(data) <= INLINE_MAX:
+                entry.inline, entry.size = data, len(data)
+                self._count_read(len(data))
+                return
+            os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             entry.chunks = self.store.write_stream(f, self.result.writes)
         entry.size = sum(ref.size for ref in entry.chunks)
         self._count_read(entry.size)
