@@ -8,6 +8,13 @@ Layout::
     tmp/b-PID-RANDOM/      blobs being written by one writer, until its flush
     cache/                 derived state: image indexes
     lock                   flock(2) target: shared for writers, exclusive for gc
+    locks/PID-RANDOM       who holds the lock: pid, host, command, mode, since
+
+The store is private to its owner whatever the umask: directories are made 0700
+and files 0600, and opening an existing store makes its top directory, its
+subdirectories and the lock 0700/0600 again. Taking the lock waits at most
+``lock_timeout`` seconds (default LAYERFS_LOCK_TIMEOUT, else 60); a caller that
+gives up gets a StoreLocked naming the processes that hold it.
 
 Blob writes are batched: each goes to tmp/ first, and ``flush`` makes the batch
 durable with one syncfs(2) before renaming it into objects/, so a crash never
@@ -31,10 +38,13 @@ import ctypes
 import errno
 import fcntl
 import itertools
+import json
 import os
 import secrets
 import shutil
+import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +62,16 @@ _SYNC_FILE_RANGE_WRITE = 2
 _OPEN_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _OPEN_READ = os.O_RDONLY | os.O_CLOEXEC
 OPEN_BATCH = 16  # blobs a reader's helper thread opens per job
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+LOCK_TIMEOUT_ENV = "LAYERFS_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 60.0  # seconds lock() waits before it names the holder
+_LOCK_POLL_MAX = 0.2  # seconds between tries at the most
+_MAX_COMMAND = 300  # characters of a holder's command line recorded
+
+
+class StoreLocked(StoreError):
+    """The store's lock was not free within the timeout; the message names its holders."""
 
 
 def syncfs(path: Path) -> None:
@@ -81,7 +101,7 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         os.rename(tmp, path)
     except BaseException:
         _unlink_quiet(tmp)
@@ -149,7 +169,7 @@ def _close_opened(opened: Opened) -> None:
 def _write_new(path: str, data: bytes, what: str) -> None:
     """Create ``path`` with ``data`` and start its writeback; StoreError on failure."""
     try:
-        fd = os.open(path, _OPEN_TMP, 0o644)
+        fd = os.open(path, _OPEN_TMP, FILE_MODE)
         try:
             write_all(fd, data)
             start_writeback(fd)
@@ -163,7 +183,53 @@ def _write_new(path: str, data: bytes, what: str) -> None:
 def _mkstemp(tmp_dir: Path) -> tuple[int, str]:
     import tempfile
 
-    return tempfile.mkstemp(dir=tmp_dir, prefix="w-")
+    return tempfile.mkstemp(dir=tmp_dir, prefix="w-")  # mode 0600
+
+
+def lock_timeout_default() -> float:
+    """LAYERFS_LOCK_TIMEOUT in seconds, else DEFAULT_LOCK_TIMEOUT."""
+    text = os.environ.get(LOCK_TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise StoreError(
+            f"{LOCK_TIMEOUT_ENV}={text!r} is not a number of seconds: give one such as 60"
+        )
+    return value
+
+
+def _make_private(path: Path, mode: int) -> None:
+    """chmod ``path`` to ``mode`` unless it has it; a store of another owner is left alone."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o7777 != mode:
+            os.chmod(path, mode)
+    except (FileNotFoundError, PermissionError):
+        pass
+
+
+def _own_command() -> str:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return ""
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    return text if len(text) <= _MAX_COMMAND else text[:_MAX_COMMAND] + "..."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _unlink_quiet(path: str | Path) -> None:
@@ -180,12 +246,17 @@ def _store_error(exc: OSError, what: str) -> StoreError:
 class LocalBackend(Backend):
     """Blobs and docs in a directory; see the module docstring."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, lock_timeout: float | None = None) -> None:
         self.root = Path(root)
         self.url = str(self.root)
+        self.lock_timeout = lock_timeout_default() if lock_timeout is None else lock_timeout
         try:
-            for sub in ("objects", "docs", "tmp", "cache"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            _make_private(self.root, DIR_MODE)
+            for sub in ("objects", "docs", "tmp", "cache", "locks"):
+                (self.root / sub).mkdir(mode=DIR_MODE, exist_ok=True)
+                _make_private(self.root / sub, DIR_MODE)
+            _make_private(self.root / "lock", FILE_MODE)
         except OSError as exc:
             raise StoreError(f"cannot create the store at {self.root}: {exc.strerror}") from exc
         self._tmp = self.root / "tmp"
@@ -237,7 +308,7 @@ class LocalBackend(Backend):
         """Create this writer's temp directory (called holding the mutex)."""
         folder = f"{self._tmp}/b-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            os.mkdir(folder)
+            os.mkdir(folder, DIR_MODE)
         except OSError as exc:
             raise _store_error(exc, "a temp directory") from exc
         self._writer_dir = folder
@@ -372,7 +443,7 @@ class LocalBackend(Backend):
                 for digest, tmp in pending.items():
                     if digest[:2] not in dirs:
                         with suppress(FileExistsError):
-                            os.mkdir(f"{self._objects}/{digest[:2]}")
+                            os.mkdir(f"{self._objects}/{digest[:2]}", DIR_MODE)
                         dirs.add(digest[:2])
                     os.rename(tmp, self._blob_name(digest))
                 syncfs(self._tmp)
@@ -420,12 +491,107 @@ class LocalBackend(Backend):
     # -- coordination ------------------------------------------------------
     @contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """Hold the lock (flock of ``lock``), waiting at most ``lock_timeout`` seconds.
+
+        While it is held, ``locks/PID-RANDOM`` says who holds it, so that a caller
+        that times out can name the holder.
+        """
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the lock of the store {self.url}: {exc.strerror}"
+            ) from exc
+        try:
+            self._acquire(fd, exclusive)
+            if exclusive:
+                self.lock_holders(forget_dead=True)  # left by killed processes
+            note = self._note_holder(exclusive)
+            try:
+                yield
+            finally:
+                if note is not None:
+                    _unlink_quiet(note)
         finally:
             os.close(fd)
+
+    def _acquire(self, fd: int, exclusive: bool) -> None:
+        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + self.lock_timeout
+        pause = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, op)
+                return
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreLocked(self._locked_message(exclusive))
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _LOCK_POLL_MAX)
+
+    def _note_holder(self, exclusive: bool) -> str | None:
+        """Record this process as a holder; None if it cannot be written (not needed)."""
+        doc = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": _own_command(),
+            "mode": "exclusive" if exclusive else "shared",
+            "since": time.time(),
+        }
+        path = f"{self.root}/locks/{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(path, _OPEN_TMP, FILE_MODE)
+            try:
+                write_all(fd, json.dumps(doc).encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        return path
+
+    def lock_holders(self, *, forget_dead: bool = False) -> list[dict]:
+        """The recorded holders of the lock whose process is still alive (on this host).
+
+        With ``forget_dead`` (under the exclusive lock) the notes of dead ones are removed.
+        """
+        here = socket.gethostname()
+        out = []
+        try:
+            names = sorted(os.listdir(self.root / "locks"))
+        except OSError:
+            return []
+        for name in names:
+            try:
+                doc = json.loads((self.root / "locks" / name).read_bytes())
+                pid = int(doc["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if doc.get("host") == here and not _pid_alive(pid):
+                if forget_dead:
+                    _unlink_quiet(self.root / "locks" / name)
+                continue
+            out.append(doc)
+        return out
+
+    def _locked_message(self, exclusive: bool) -> str:
+        want = "exclusive" if exclusive else "shared"
+        holders = [h for h in self.lock_holders() if exclusive or h.get("mode") == "exclusive"]
+        if holders:
+            who = "; ".join(
+                f"pid {h.get('pid')} on {h.get('host')} ({h.get('mode')}, "
+                f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h.get('since', 0)))}"
+                f"): {h.get('command') or '?'}"
+                for h in holders
+            )
+        else:
+            who = "a process that did not record itself (see /proc/locks)"
+        return (
+            f"the {want} lock of the store {self.url} was not free within "
+            f"{self.lock_timeout:g} s; held by {who}. Wait for it to finish or stop it; "
+            f"{LOCK_TIMEOUT_ENV} sets how long to wait"
+        )
 
     def cache_dir(self) -> Path:
         return self.root / "cache"
