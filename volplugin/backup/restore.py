@@ -1,16 +1,28 @@
-"""Restoring a snapshot's entries into a directory, with every attribute.
+"""Restoring a snapshot's entries into a directory, with every attribute, confined to it.
 
-A run works in three passes. First it creates the directories and picks, for
-every file, a temp name in the file's target directory. Then it fetches every
-chunk the files need once, on several threads, with the store's bulk read (few
-large range GETs for S3), and writes each verified chunk into every place it
-goes with ``pwrite``, creating the temp file at its first chunk; all-zero chunks
-are left as holes, so sparse files stay sparse. Last, in entry order, each file
-whose chunks all arrived gets its size and attributes and is renamed into place
-(a damaged or missing chunk never leaves wrong bytes under a file's name), and
-links, symlinks and device nodes are made.
-Directory attributes are applied last, deepest first. When the disk fills up,
-the files that were complete are still put in place before the error.
+The target may be a live volume whose container swaps directories for symlinks
+while we write as root, so nothing here works on joined path strings: the target
+is opened once (``layerfs.confined.open_root``) and every directory is reached
+from it one component at a time without following symlinks (``DirFds``). A
+component that is not a plain directory stops the restore with a RestoreError
+naming the path; nothing is ever written outside the target.
+
+A run works in three passes. First it creates the directories and a private
+staging directory at the target's root (mode 0700, held open by descriptor),
+where every new node starts under a temp name. Then it fetches every chunk the
+files need once, on several threads, with the store's bulk read (few large range
+GETs for S3), and writes each verified chunk into every place it goes with
+``pwrite`` on the temp file, opened through the staging descriptor with
+``O_NOFOLLOW`` (created ``O_EXCL`` at its first chunk); all-zero chunks are
+left as holes, so sparse files stay sparse. Last, in entry order, each file
+whose chunks all arrived gets its size and attributes on its open descriptor and
+is renamed into place (descriptor to descriptor; a damaged or missing chunk
+never leaves wrong bytes under a file's name), and links, symlinks and device
+nodes are made the same way. Directory attributes are applied last, deepest
+first, on their descriptors. When the disk fills up, the files that were
+complete are still put in place before the error.
+
+A run does not sync; ``sync_target`` does (syncfs), once a restore is whole.
 """
 
 from __future__ import annotations
@@ -19,18 +31,32 @@ import contextlib
 import errno
 import os
 import secrets
-import shutil
 import stat
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from layerfs.confined import (
+    Attributes,
+    DirFds,
+    Escape,
+    apply_at,
+    apply_fd,
+    lstat_at,
+    open_root,
+    remove_at,
+    split,
+    syncfs,
+)
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore
 from volplugin.backup.errors import RestoreError
 
 _NODE_TYPES = {Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.SOCKET: stat.S_IFSOCK}
 WORKERS = 8
+STAGING_PREFIX = ".bk-restore-"
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_REOPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -66,16 +92,42 @@ def select_entries(entries: list[Entry], subpath: str | None) -> list[Entry]:
     return chosen
 
 
-def check_target(target: Path, force: bool) -> None:
-    """Refuse a target that exists and is not an empty directory, unless forced."""
-    if not target.exists():
-        return
-    if not target.is_dir():
+def check_target(target: Path, force: bool) -> bool:
+    """Refuse a target that exists and is not an empty directory, unless forced.
+
+    Returns whether the target is fresh (missing or empty): nothing to clear.
+    """
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return True
+    if not stat.S_ISDIR(st.st_mode):
         raise RestoreError(f"restore target {target} exists and is not a directory")
-    if not force and any(target.iterdir()):
+    with os.scandir(target) as it:
+        empty = next(it, None) is None
+    if not force and not empty:
         raise RestoreError(
             f"restore target {target} is not empty: restore into an empty volume or pass --force"
         )
+    return empty
+
+
+def sync_target(target: Path) -> None:
+    """Make everything restored under ``target`` durable (syncfs of its filesystem)."""
+    try:
+        fd = open_root(target)
+    except OSError as exc:
+        raise RestoreError(f"cannot sync the restore target {target}: {exc}") from exc
+    try:
+        syncfs(fd)
+    except OSError as exc:
+        raise RestoreError(f"syncing the restore target {target} failed: {exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _attrs(entry: Entry) -> Attributes:
+    return Attributes(entry.uid, entry.gid, entry.mode, entry.mtime_ns, entry.xattrs)
 
 
 @dataclass(eq=False)
@@ -102,7 +154,8 @@ class _WriteFailed(Exception):
 class _Fill:
     """The content pass of one run: which chunk goes where, and the callbacks that write it."""
 
-    def __init__(self) -> None:
+    def __init__(self, staging: int) -> None:
+        self.staging = staging
         self.sizes: dict[str, int] = {}
         self.places: dict[str, list[tuple[_Content, int]]] = {}
         self.mutex = threading.Lock()
@@ -121,7 +174,7 @@ class _Fill:
                 continue
             if not zero:
                 try:
-                    _pwrite_all(content, data, offset)
+                    self._pwrite_all(content, data, offset)
                 except OSError as exc:
                     raise _WriteFailed(content.entry.path, exc) from exc
             with self.mutex:
@@ -132,6 +185,67 @@ class _Fill:
             for content, _ in self.places[digest]:
                 if not content.failed:
                     content.failed = f"{content.entry.path} ({exc})"
+
+    def _open(self, content: _Content) -> int:
+        """The temp file, made (O_EXCL) by whichever thread brings its first chunk."""
+        if not content.created:
+            with self.mutex:
+                if not content.created:
+                    fd = os.open(content.tmp, _NEW, 0o600, dir_fd=self.staging)
+                    content.created = True
+                    return fd
+        return os.open(content.tmp, _REOPEN, dir_fd=self.staging)
+
+    def _pwrite_all(self, content: _Content, data: bytes, offset: int) -> None:
+        fd = self._open(content)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view = view[n:]
+                offset += n
+        finally:
+            os.close(fd)
+
+
+class _Run:
+    """The descriptors of one run: the target, its directories, the staging directory."""
+
+    def __init__(self, target: Path) -> None:
+        self.root = open_root(target)
+        self.dirs = DirFds(self.root, label=str(target))
+        self.staging_name = f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+        try:
+            os.mkdir(self.staging_name, 0o700, dir_fd=self.root)
+            self.staging = os.open(
+                self.staging_name,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=self.root,
+            )
+        except BaseException:
+            self.dirs.close()
+            os.close(self.root)
+            raise
+
+    def temp_name(self) -> str:
+        return secrets.token_hex(8)
+
+    def drop_staging(self) -> None:
+        """Remove the staging directory (with whatever an error left in it); idempotent."""
+        if self.staging < 0:
+            return
+        os.close(self.staging)
+        self.staging = -1
+        st = lstat_at(self.root, self.staging_name)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            remove_at(self.root, self.staging_name)
+
+    def close(self) -> None:
+        try:
+            self.drop_staging()
+        finally:
+            self.dirs.close()
+            os.close(self.root)
 
 
 class Restorer:
@@ -158,55 +272,48 @@ class Restorer:
         self.result = RestoreResult()
         self._restored: set[str] = set()
         self._is_root = os.geteuid() == 0
+        self._run: _Run | None = None
 
-    def _dest(self, path: str) -> str:
-        return str(self.target / path) if path else str(self.target)
+    @property
+    def _r(self) -> _Run:
+        assert self._run is not None
+        return self._run
 
     def run(self, entries: list[Entry]) -> RestoreResult:
-        self.target.mkdir(parents=True, exist_ok=True)
-        dirs: list[Entry] = []
-        contents: dict[str, _Content] = {}
-        fill = _Fill()
-        current = ""
         try:
-            try:
-                for entry in entries:
-                    current = entry.path or "/"
-                    if entry.kind is Kind.DIR:
-                        self._make_dir(entry)
-                        self.result.entries += 1
-                        dirs.append(entry)
-                    elif entry.kind in (Kind.FILE, Kind.HARDLINK):
-                        self._prepare(entry, contents, fill)
-                current = ""
-                self.store.read_chunks(fill.sizes, fill.consume, fill.fail, self.workers)
-                for entry in entries:
-                    current = entry.path or "/"
-                    if entry.kind not in (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE):
-                        self._finish(entry, contents)
-                        self.result.entries += 1
-                for entry in reversed(dirs):
-                    current = entry.path or "/"
-                    self._attributes(self._dest(entry.path), entry)
-            except _WriteFailed as exc:
-                current = exc.path
-                for entry in entries:  # keep what is complete
-                    content = contents.get(entry.path)
-                    if content is not None and not content.failed and not content.remaining:
-                        self._finish(entry, contents)
-                raise exc.error from None
-            finally:
-                for content in contents.values():
-                    if content.created and not content.placed:
-                        _unlink_quiet(content.tmp)
+            self.target.mkdir(parents=True, exist_ok=True)  # the host's side: trusted
+            self._run = _Run(self.target)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RestoreError(f"cannot open the restore target {self.target}: {exc}") from exc
+        try:
+            self._passes(entries)
+        except _Failed as exc:
+            current, err = exc.path, exc.error
+            if isinstance(err, Escape):
+                raise RestoreError(
+                    f"restore into {self.target} stopped at {current or '/'!r}: {err.strerror}; "
+                    "nothing was written outside the target"
+                ) from err
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RestoreError(
                     f"no space left on the device of {self.target} while restoring "
                     f"{current or 'file content'}: free space or restore elsewhere "
                     f"({self.result.files} files were restored completely)"
-                ) from exc
-            raise RestoreError(f"restore into {self.target} failed: {exc}") from exc
+                ) from err
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise RestoreError(
+                    f"restore into {self.target} stopped at {current or '/'!r}: it was replaced "
+                    f"by a symlink or a file meanwhile ({err}); nothing was written outside "
+                    "the target"
+                ) from err
+            raise RestoreError(
+                f"restore into {self.target} failed at {current or '/'!r}: {err}"
+            ) from err
+        finally:
+            run, self._run = self._run, None
+            if run is not None:
+                with contextlib.suppress(OSError):
+                    run.close()
         if self.result.failed:
             shown = ", ".join(self.result.failed[:5])
             more = len(self.result.failed) - 5
@@ -217,35 +324,73 @@ class Restorer:
             )
         return self.result
 
+    def _passes(self, entries: list[Entry]) -> None:
+        """The three passes; an OSError comes out as _Failed naming the entry."""
+        dirs: list[Entry] = []
+        contents: dict[str, _Content] = {}
+        fill = _Fill(self._r.staging)
+        current = ""
+        try:
+            try:
+                for entry in entries:
+                    current = entry.path
+                    if entry.kind is Kind.DIR:
+                        self._make_dir(entry)
+                        self.result.entries += 1
+                        dirs.append(entry)
+                    elif entry.kind in (Kind.FILE, Kind.HARDLINK):
+                        self._prepare(entry, contents, fill)
+                current = ""
+                self.store.read_chunks(fill.sizes, fill.consume, fill.fail, self.workers)
+                for entry in entries:
+                    current = entry.path
+                    if entry.kind not in (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE):
+                        self._finish(entry, contents)
+                        self.result.entries += 1
+                self._r.drop_staging()  # before the root's mtime is set
+                for entry in reversed(dirs):
+                    current = entry.path
+                    apply_fd(self._dir(entry.path), _attrs(entry), owner_required=self._is_root)
+            except _WriteFailed as exc:
+                current = exc.path
+                for entry in entries:  # keep what is complete
+                    content = contents.get(entry.path)
+                    if content is not None and not content.failed and not content.remaining:
+                        self._finish(entry, contents)
+                raise exc.error from None
+        except OSError as exc:
+            raise _Failed(current, exc) from exc
+
     # -- nodes ---------------------------------------------------------------------------
-    def _clear(self, dest: str, keep_dir: bool) -> None:
+    def _dir(self, path: str, create: int | None = None) -> int:
+        """The descriptor of directory ``path`` of the target (Escape if it is not one)."""
+        return self._r.dirs.get(path, create=create)
+
+    def _clear(self, parent: int, name: str, path: str, keep_dir: bool) -> None:
         """Remove whatever a forced restore finds where an entry goes."""
         if self.fresh:
             return
-        try:
-            st = os.lstat(dest)
-        except FileNotFoundError:
+        st = lstat_at(parent, name)
+        if st is None or (keep_dir and stat.S_ISDIR(st.st_mode)):
             return
         if stat.S_ISDIR(st.st_mode):
-            if keep_dir:
-                return
-            shutil.rmtree(dest)
-        else:
-            os.unlink(dest)
+            self._r.dirs.forget(path)
+            remove_at(parent, name)
+        elif keep_dir:
+            os.unlink(name, dir_fd=parent)
 
     def _make_dir(self, entry: Entry) -> None:
-        dest = self._dest(entry.path)
         if entry.path:
-            self._clear(dest, keep_dir=True)
-            os.makedirs(dest, mode=0o700, exist_ok=True)
+            parent_path, name = split(entry.path)
+            parent = self._dir(parent_path, create=0o700)
+            self._clear(parent, name, entry.path, keep_dir=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent)
+            self._dir(entry.path)  # refuses a symlink put there meanwhile
         self._restored.add(entry.path)
 
-    def _temp_name(self, entry: Entry) -> str:
-        parent = self._dest(entry.parent)
-        return os.path.join(parent, f".bk-restore-{secrets.token_hex(6)}")
-
     def _prepare(self, entry: Entry, contents: dict[str, _Content], fill: _Fill) -> None:
-        """Create the temp file of a file (or of a hard link that needs its own copy)."""
+        """Pick the temp name of a file (or of a hard link that needs its own copy)."""
         if entry.kind is Kind.HARDLINK:
             if entry.target in self._restored or entry.target in contents:
                 return  # linked in the last pass
@@ -260,11 +405,20 @@ class Restorer:
                 inline=source.inline,
                 size=source.size,
             )
-        content = _Content(entry, self._temp_name(entry), remaining=0)
+        content = _Content(entry, self._r.temp_name(), remaining=0)
         contents[entry.path] = content
         if entry.inline is None:
             content.remaining = len(entry.chunks)
             fill.want(content)
+
+    def _put(self, tmp: str, path: str) -> None:
+        """Rename the staged ``tmp`` to ``path``, replacing what is there (never following)."""
+        parent_path, name = split(path)
+        if not name:
+            raise OSError(errno.EISDIR, "the root of the target can only be a directory")
+        parent = self._dir(parent_path, create=0o700)
+        self._clear(parent, name, path, keep_dir=False)
+        os.rename(tmp, name, src_dir_fd=self._r.staging, dst_dir_fd=parent)
 
     def _finish(self, entry: Entry, contents: dict[str, _Content]) -> None:
         """Put a file in place if its content is whole; make links and other nodes."""
@@ -272,93 +426,94 @@ class Restorer:
         if content is not None:
             self._place_file(content)
             return
-        dest = self._dest(entry.path)
         if entry.kind is Kind.HARDLINK:
             if entry.target in self._restored:
-                self._clear(dest, keep_dir=False)
-                os.link(self._dest(entry.target), dest)
-                self._restored.add(entry.path)
+                self._link(entry)
             elif entry.target in contents:
                 self.result.failed.append(f"{entry.path} (link target {entry.target} is damaged)")
             else:
                 self.result.failed.append(f"{entry.path} (link target {entry.target} is missing)")
             return
-        tmp = self._temp_name(entry)
+        staging = self._r.staging
+        tmp = self._r.temp_name()
         try:
             if entry.kind is Kind.SYMLINK:
-                os.symlink(entry.target, tmp)
+                os.symlink(entry.target, tmp, dir_fd=staging)
             elif entry.kind is Kind.FIFO:
-                os.mkfifo(tmp, 0o600)
+                os.mkfifo(tmp, 0o600, dir_fd=staging)
             else:
-                os.mknod(tmp, _NODE_TYPES[entry.kind] | 0o600, os.makedev(*entry.rdev))
-            self._attributes(tmp, entry)
-            self._clear(dest, keep_dir=False)
-            os.rename(tmp, dest)
+                mode = _NODE_TYPES[entry.kind] | 0o600
+                os.mknod(tmp, mode, os.makedev(*entry.rdev), dir_fd=staging)
+            apply_at(staging, tmp, _attrs(entry), owner_required=self._is_root)
+            self._put(tmp, entry.path)
         except BaseException:
-            _unlink_quiet(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=staging)
             raise
+        self._restored.add(entry.path)
+
+    def _link(self, entry: Entry) -> None:
+        """A hard link to an entry already restored: made in staging, renamed into place."""
+        source_parent, source_name = split(entry.target)
+        source = os.dup(self._dir(source_parent))  # kept open while the next walk runs
+        tmp = self._r.temp_name()
+        try:
+            os.link(
+                source_name,
+                tmp,
+                src_dir_fd=source,
+                dst_dir_fd=self._r.staging,
+                follow_symlinks=False,
+            )
+            self._put(tmp, entry.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self._r.staging)
+            raise
+        finally:
+            os.close(source)
         self._restored.add(entry.path)
 
     def _place_file(self, content: _Content) -> None:
         entry = content.entry
         if content.placed:
             return
+        staging = self._r.staging
         if content.failed or content.remaining:
             content.placed = True
-            _unlink_quiet(content.tmp)
+            if content.created:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(content.tmp, dir_fd=staging)
             self.result.failed.append(content.failed or f"{entry.path} (data not read)")
             return
         if content.created:
-            os.truncate(content.tmp, entry.size)  # trailing holes
+            fd = os.open(content.tmp, _REOPEN, dir_fd=staging)
         else:  # inline, empty or all zeros: nothing was written yet
-            fd = os.open(content.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fd = os.open(content.tmp, _NEW, 0o600, dir_fd=staging)
             content.created = True
-            try:
-                if entry.inline is not None:
-                    _write_all(fd, entry.inline)
-                else:
-                    os.ftruncate(fd, entry.size)
-            finally:
-                os.close(fd)
-        self._attributes(content.tmp, entry)
-        dest = self._dest(entry.path)
-        self._clear(dest, keep_dir=False)
-        os.rename(content.tmp, dest)
+        try:
+            if entry.inline is not None:
+                _write_all(fd, entry.inline)
+            else:
+                os.ftruncate(fd, entry.size)  # trailing holes
+            apply_fd(fd, _attrs(entry), owner_required=self._is_root)
+        finally:
+            os.close(fd)
+        self._put(content.tmp, entry.path)
         content.placed = True
         self._restored.add(entry.path)
         self.result.files += 1
         if entry.inline is None:
             self.result.bytes += entry.size
 
-    def _attributes(self, dest: str, entry: Entry) -> None:
-        """Owner, mode, xattrs and mtime, in the order that keeps setuid bits and caps."""
-        try:
-            os.lchown(dest, entry.uid, entry.gid)
-        except PermissionError:
-            if self._is_root:
-                raise
-        if entry.kind is not Kind.SYMLINK:
-            os.chmod(dest, entry.mode & 0o7777)
-        for name, value in entry.xattrs.items():
-            try:
-                os.setxattr(dest, name, value, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
-                    raise
-        os.utime(dest, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
 
+class _Failed(Exception):
+    """An OSError while restoring the entry at ``path``."""
 
-def _pwrite_all(content: _Content, data: bytes, offset: int) -> None:
-    fd = os.open(content.tmp, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    content.created = True
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
-    finally:
-        os.close(fd)
+    def __init__(self, path: str, error: OSError) -> None:
+        super().__init__(path)
+        self.path = path
+        self.error = error
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -366,8 +521,3 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _unlink_quiet(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

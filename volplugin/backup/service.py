@@ -7,6 +7,7 @@ that both front ends print or serialise.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import socket
 import time
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfs.errors import StoreError
-from layerfs.maintenance import CheckReport, GcReport, backup_roots, check_store
+from layerfs.maintenance import CheckReport, GcReport, backup_roots, check_store, pins
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS, sweep_locked
 from layerfs.maintenance.roots import all_roots
-from layerfs.records import decode_tree_docs, encode_tree_docs, get_tree
+from layerfs.records import BadTree, decode_tree_docs, encode_tree_docs, get_tree
 from layerfs.store.chunks import ChunkStore
 from volplugin.backup.diff import Change, diff_entries
 from volplugin.backup.docs import (
@@ -28,9 +29,17 @@ from volplugin.backup.docs import (
     list_backups,
     put_backup,
 )
-from volplugin.backup.restore import Restorer, RestoreResult, check_target, select_entries
+from volplugin.backup.errors import BackupError, RestoreError
+from volplugin.backup.restore import (
+    Restorer,
+    RestoreResult,
+    check_target,
+    select_entries,
+    sync_target,
+)
 from volplugin.backup.retention import Decision, Policy, apply_per_volume
 from volplugin.backup.snapshot import META_STAT, ParentIndex, Scanner
+from volplugin.hostid import host_id
 
 log = logging.getLogger("volplugin.backup")
 
@@ -104,14 +113,36 @@ def restore_backup(
     *,
     subpath: str | None = None,
     force: bool = False,
+    holder: str | None = None,
 ) -> tuple[BackupRecord, RestoreResult]:
-    """Restore a backup (or the part under ``subpath``) into ``target``."""
-    record = get_backup(store.backend, ref)
-    entries, _meta = get_tree(store, record.tree)
-    chosen = select_entries(entries, subpath)
-    check_target(target, force)
-    fresh = not target.exists() or not any(target.iterdir())
-    return record, Restorer(store, target, entries, fresh=fresh).run(chosen)
+    """Restore a backup (or the part under ``subpath``) into ``target``, durably.
+
+    The backup's tree is pinned (``holder`` says who for; found under the store's
+    shared lock, in the same hold) until the restore is over, so a prune meanwhile
+    keeps its data. A tree with a bad entry is refused before anything is written.
+    Returns once the restored files are synced to disk.
+    """
+    backend = store.backend
+    with backend.lock(exclusive=False):
+        record = get_backup(backend, ref)
+        pin = pins.pin(
+            backend, record.tree, holder or f"restore of backup {record.id} into {target}"
+        )
+    try:
+        try:
+            entries, _meta = get_tree(store, record.tree)
+        except BadTree as exc:
+            raise RestoreError(
+                f"backup {record.id} (volume {record.volume!r}) cannot be restored, nothing "
+                f"was written: {exc}"
+            ) from None
+        chosen = select_entries(entries, subpath)
+        fresh = check_target(target, force)
+        result = Restorer(store, target, entries, fresh=fresh).run(chosen)
+        sync_target(target)
+    finally:
+        pins.unpin(backend, pin.id)
+    return record, result
 
 
 def diff_backups(store: ChunkStore, ref_a: str, ref_b: str) -> list[Change]:
@@ -153,12 +184,25 @@ def prune_backups(
     volume: str | None = None,
     dry_run: bool = False,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    host: str | None = None,
+    all_hosts: bool = False,
 ) -> PruneReport:
-    """Forget backups the policy does not keep, then remove data nothing references."""
+    """Forget backups the policy does not keep, then remove data nothing references.
+
+    The policy applies to each (host, volume) group; only the backups of ``host`` (default:
+    this host's id, volplugin.hostid) are looked at, those of every host with ``all_hosts``.
+    """
+    if not isinstance(grace_seconds, int | float) or not 0 <= grace_seconds < math.inf:
+        raise BackupError(
+            f"the grace period (--grace, Grace) is {grace_seconds!r}: "
+            "give a finite number of seconds, 0 or more"
+        )
     backend = store.backend
     report = PruneReport(dry_run=dry_run)
+    mine = None if all_hosts else host or host_id()
     with backend.lock(exclusive=True):
-        report.decisions = apply_per_volume(list_backups(backend, volume), policy)
+        backups = [b for b in list_backups(backend, volume) if mine is None or b.host == mine]
+        report.decisions = apply_per_volume(backups, policy)
         gone = {b.id for b in report.removed}
         if not dry_run:
             for backup_id in sorted(gone):
