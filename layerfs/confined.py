@@ -270,3 +270,37 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+
+def open_file_at(
+    dirfd: int, name: str, *, same_as: os.stat_result | None = None, noatime: bool = False
+) -> int:
+    """A read descriptor of the regular file ``name`` in ``dirfd``, never following a symlink.
+
+    ``name`` is first opened ``O_PATH`` (opening a device or FIFO put there could
+    block or act), checked with fstat to be a regular file and, with ``same_as``,
+    the same inode (st_dev, st_ino) as that earlier lstat; then reopened for
+    reading through its descriptor. Raises Escape (``ELOOP`` for a symlink,
+    ``ESTALE`` for another object) otherwise.
+    """
+    try:
+        pfd = os.open(name, _NODE_FLAGS, dir_fd=dirfd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Escape(errno.ELOOP, f"{name!r} is a symlink; refusing to follow it") from None
+        raise
+    try:
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Escape(errno.ESTALE, f"{name!r} is not a regular file (any more)")
+        if same_as is not None and (st.st_dev, st.st_ino) != (same_as.st_dev, same_as.st_ino):
+            raise Escape(errno.ESTALE, f"{name!r} was replaced while it was read")
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
+        if noatime:
+            try:
+                return os.open(proc_path(pfd), flags | os.O_NOATIME)
+            except PermissionError:
+                pass
+        return os.open(proc_path(pfd), flags)
+    finally:
+        os.close(pfd)

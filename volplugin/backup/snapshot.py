@@ -36,8 +36,6 @@ INLINE_MAX = 2048
 META_STAT = "stat"
 _FILE = Kind.FILE.value
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
 
 log = logging.getLogger("volplugin.backup")
 
@@ -241,32 +239,15 @@ class Scanner:
         self._append(entry.to_json(), st)
 
     def _open_file(self, dirfd: int, name: str, rel: str, st: os.stat_result) -> int:
-        """A read descriptor of the regular file ``name``, if it is still the lstat's inode.
-
-        Opened first as ``O_PATH`` (opening a device or FIFO put there meanwhile could
-        block or act), checked with fstat, then reopened for reading through /proc.
-        """
+        """A read descriptor of the regular file ``name``, if it is still the lstat's inode."""
         try:
-            pfd = os.open(name, _PATH_FLAGS, dir_fd=dirfd)
+            return confined.open_file_at(dirfd, name, same_as=st, noatime=True)
+        except confined.Escape as exc:
+            raise _Changed(exc.strerror) from None
+        except FileNotFoundError:
+            raise
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _Changed("the file was replaced by a symlink") from None
-            if isinstance(exc, FileNotFoundError):
-                raise
             raise BackupError(f"cannot read {self.root / rel}: {exc.strerror}") from exc
-        try:
-            now = os.fstat(pfd)
-            if not stat.S_ISREG(now.st_mode) or not _same(now, st):
-                raise _Changed("the file was replaced")
-            where = confined.proc_path(pfd)
-            try:
-                return os.open(where, _READ_FLAGS | os.O_NOATIME)
-            except PermissionError:
-                return os.open(where, _READ_FLAGS)
-            except OSError as exc:
-                raise BackupError(f"cannot read {self.root / rel}: {exc.strerror}") from exc
-        finally:
-            os.close(pfd)
 
     def _reuse(self, rel: str, st: os.stat_result) -> bool:
         """Take the parent's entry of an unchanged file (not a second name of a link)."""
