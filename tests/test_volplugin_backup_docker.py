@@ -289,7 +289,7 @@ def test_from_backup_on_this_host_and_on_a_second_root_sharing_the_bucket(
 
 
 def test_schedule_backs_up_with_hooks_and_applies_keep(daemon, store, tmp_path):
-    sched = start_plugin(daemon, tmp_path, store)
+    sched = start_plugin(daemon, tmp_path, store, VOLPLUGIN_CRON_SECONDS="1")  # every 3 s
     d = daemon.docker
     try:
         vol = uniq("sched")

@@ -33,9 +33,16 @@ def test_backup_options_normalise():
         "from": "abcdef12",
     }
     assert options.normalize({"backup-schedule": "@Daily"})["backup-schedule"] == "@daily"
-    assert options.normalize({"backup-schedule": "* * * * * */5"})["backup-schedule"] == (
-        "* * * * * */5"
-    )
+
+
+@pytest.mark.parametrize("expr", ["* * * * * *", "* * * * * */5", "0 3 * * * 0"])
+def test_a_sixth_cron_field_of_seconds_is_refused(expr, monkeypatch):
+    monkeypatch.delenv(schedule.SECONDS_ENV, raising=False)
+    with pytest.raises(BadOption) as info:
+        options.normalize({"backup-schedule": expr})
+    assert "'backup-schedule'" in str(info.value) and "6th field" in str(info.value)
+    monkeypatch.setenv(schedule.SECONDS_ENV, "1")  # what tests run the server with
+    assert options.normalize({"backup-schedule": expr})["backup-schedule"] == expr
 
 
 @pytest.mark.parametrize(

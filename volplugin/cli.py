@@ -15,6 +15,9 @@ import click
 
 from layerfs.clitools import OneLineErrors, store_option
 from volplugin.affinity import CHECK_SECONDS, MODES
+from volplugin.errors import BadRequest
+from volplugin.hostid import ENV as HOST_ID_ENV
+from volplugin.hostid import check_host_id, use_host_id
 from volplugin.scheduler import DEFAULT_TICK
 from volplugin.server import (
     DEFAULT_NAME,
@@ -25,12 +28,31 @@ from volplugin.server import (
     serve_worker,
 )
 from volplugin.state import State
+from volplugin.text import printable
 from volplugin.volumes import VolumeService
 from volplugin.workers import default_workers
 
 
 class _Group(OneLineErrors):
     prog = "volplugin"
+
+
+def _host_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            check_host_id(value)
+        except BadRequest as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+host_id_option = click.option(
+    "--host-id",
+    envvar=HOST_ID_ENV,
+    callback=_host_id,
+    help="This host's id, recorded in its backups; retention (prune, backup-keep) only "
+    "forgets backups of this id. Default: the hostname.",
+)
 
 
 @click.group(cls=_Group)
@@ -49,10 +71,12 @@ class _Group(OneLineErrors):
     show_default=True,
     help="Plugin name: the driver name for docker and the socket's name.",
 )
+@host_id_option
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
-def cli(ctx: click.Context, root: Path, name: str, verbose: bool) -> None:
+def cli(ctx: click.Context, root: Path, name: str, host_id: str | None, verbose: bool) -> None:
     """A Docker volume plugin: volumes are directories under ROOT, state in SQLite."""
+    use_host_id(host_id)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="volplugin: %(levelname)s: %(name)s: %(message)s",
@@ -127,6 +151,7 @@ def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
     "off: the kernel places them.",
 )
 @cpu_check_option
+@host_id_option
 @click.pass_obj
 def serve_cmd(
     obj: dict,
@@ -139,9 +164,11 @@ def serve_cmd(
     schedule_tick: float,
     cpu_affinity: str,
     cpu_check: float,
+    host_id: str | None,
 ) -> None:
     """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM."""
     name, root = _pick(obj, cmd_name, cmd_root)
+    use_host_id(host_id)  # its worker processes inherit it
     serve(
         name,
         root,
@@ -204,7 +231,10 @@ def ls_cmd(obj: dict, cmd_name: str | None, cmd_root: Path | None, as_json: bool
     click.echo(f"{'NAME':<32} {'SIZE':>12} {'CONTAINERS':>10}  CREATED")
     for doc in docs:
         st = doc["Status"]
-        click.echo(f"{doc['Name']:<32} {st['Size']:>12} {st['Containers']:>10}  {st['Created']}")
+        click.echo(
+            f"{printable(doc['Name']):<32} {st['Size']:>12} {st['Containers']:>10}  "
+            f"{printable(st['Created'])}"
+        )
 
 
 @cli.command("inspect")
@@ -222,25 +252,26 @@ def inspect_cmd(
         click.echo(json.dumps(doc, indent=2))
         return
     st = doc["Status"]
-    click.echo(f"Name:        {doc['Name']}")
-    click.echo(f"Mountpoint:  {doc['Mountpoint']}")
-    click.echo(f"Created:     {st['Created']}")
+    p = printable  # what containers wrote (hook output, labels) reaches no terminal as-is
+    click.echo(f"Name:        {p(doc['Name'])}")
+    click.echo(f"Mountpoint:  {p(doc['Mountpoint'])}")
+    click.echo(f"Created:     {p(st['Created'])}")
     click.echo(f"Size:        {st['Size']}")
     click.echo(f"Containers:  {st['Containers']}")
-    opts = ", ".join(f"{k}={v}" for k, v in st["Options"].items()) or "(none)"
+    opts = ", ".join(f"{p(k)}={p(v)}" for k, v in st["Options"].items()) or "(none)"
     click.echo(f"Options:     {opts}")
     backup = st["Backup"]
     if backup["LastTime"]:
         click.echo(
-            f"Last backup: {backup['LastID'] or '-'} at {backup['LastTime']} "
-            f"({backup['Age']} ago, {backup['Outcome']})"
+            f"Last backup: {p(backup['LastID'] or '-')} at {p(backup['LastTime'])} "
+            f"({p(backup['Age'])} ago, {p(backup['Outcome'])})"
         )
         if backup["Detail"]:
-            click.echo(f"             {backup['Detail']}")
+            click.echo(f"             {p(backup['Detail'])}")
     else:
         click.echo("Last backup: never")
     if backup["Schedule"]:
-        click.echo(f"Schedule:    {backup['Schedule']} (next {backup['NextRun']})")
+        click.echo(f"Schedule:    {p(backup['Schedule'])} (next {p(backup['NextRun'])})")
 
 
 def _register() -> None:

@@ -3,7 +3,7 @@
 JSON POSTs like the volume protocol: /Backup.Create {Volume, Tags}, /Backup.List
 {Volume?}, /Backup.Restore {Backup, Volume, Path?, Force?}, /Backup.Diff {A, B},
 /Backup.Prune {KeepLast, KeepHourly, KeepDaily, KeepWeekly, KeepMonthly,
-KeepYearly, Volume?, DryRun?, Grace?} and /Backup.Verify {ReadData?, Subset?,
+KeepYearly, Volume?, DryRun?, Grace?, AllHosts?} and /Backup.Verify {ReadData?, Subset?,
 Volume?}. Failures answer HTTP 500 with {"Err": message}; so does a verify that
 finds damage (with its report under "Verify"). The views find the
 plugin's VolumeService at ``current_app.config["VOLPLUGIN"]`` and the store URL
@@ -148,6 +148,7 @@ def prune(doc: dict) -> dict:
         volume=_optional_str(doc, "Volume"),
         dry_run=bool(doc.get("DryRun", False)),
         grace_seconds=_number(doc, "Grace", DEFAULT_GRACE_SECONDS),
+        all_hosts=bool(doc.get("AllHosts", False)),
     )
     return {"Prune": report.to_json()}
 

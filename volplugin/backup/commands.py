@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,8 @@ from volplugin.backup.errors import BackupError, DamageFound
 from volplugin.backup.retention import Policy
 from volplugin.backup.runner import run_backup
 from volplugin.errors import VolpluginError
+from volplugin.hostid import host_id
+from volplugin.text import printable
 
 
 def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -37,6 +40,12 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise BackupError(str(exc)) from exc
 
     return store_option("Store location (default as for layerfs).")(run)
+
+
+def _check_grace(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0 <= value < math.inf:  # also refuses nan
+        raise click.BadParameter(f"{value} is not a finite number of seconds, 0 or more")
+    return value
 
 
 def _service_of(obj: dict | None) -> volumes.VolumeService:
@@ -66,7 +75,7 @@ def backup_cmd(
 ) -> None:
     """Snapshot VOLUME into the store (only changed files are read)."""
     if path is not None:
-        record = service.create_backup(store, volume, path, list(tags))
+        record = service.create_backup(store, volume, path, list(tags), host=host_id())
     else:  # a plugin volume: with its consistency hooks, outcome recorded
         record = run_backup(_service_of(obj), store, volume, tags, trigger="cli")
     if as_json:
@@ -82,21 +91,26 @@ def backup_cmd(
 
 @click.command("backups")
 @click.argument("volume", required=False)
+@click.option("--host", help="Only the backups this host id took.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @_command
-def backups_cmd(volume: str | None, as_json: bool, store: ChunkStore) -> None:
-    """List backups (of VOLUME), oldest first."""
+def backups_cmd(volume: str | None, host: str | None, as_json: bool, store: ChunkStore) -> None:
+    """List backups (of VOLUME), oldest first, with the host that took each."""
     records = service.list_backups(store.backend, volume)
+    if host is not None:
+        records = [r for r in records if r.host == host]
     if as_json:
         click.echo(json.dumps([r.summary() for r in records]))
         return
     click.echo(
-        f"{'ID':<12} {'TIME':<25} {'VOLUME':<20} {'FILES':>7} {'SIZE':>10} {'NEW':>10}  TAGS"
+        f"{'ID':<12} {'TIME':<25} {'HOST':<16} {'VOLUME':<20} {'FILES':>7} {'SIZE':>10} "
+        f"{'NEW':>10}  TAGS"
     )
     for r in records:
         click.echo(
-            f"{r.id[:12]:<12} {r.time_iso:<25} {r.volume:<20} {r.files:>7} "
-            f"{human_bytes(r.size):>10} {human_bytes(r.bytes_new):>10}  {','.join(r.tags)}"
+            f"{r.id[:12]:<12} {r.time_iso:<25} {printable(r.host):<16} {r.volume:<20} "
+            f"{r.files:>7} {human_bytes(r.size):>10} {human_bytes(r.bytes_new):>10}  "
+            f"{printable(','.join(r.tags))}"
         )
 
 
@@ -168,10 +182,17 @@ def diff_cmd(backup_a: str, backup_b: str, as_json: bool, store: ChunkStore) -> 
 @click.option("--keep-monthly", type=int, default=0, help="Keep the newest of N months.")
 @click.option("--keep-yearly", type=int, default=0, help="Keep the newest of N years.")
 @click.option("--volume", help="Apply the policy to this volume's backups only.")
+@click.option(
+    "--all-hosts",
+    is_flag=True,
+    help="Apply the policy to every host's backups (each host's separately), "
+    "not only this host's (--host-id).",
+)
 @click.option("--dry-run", is_flag=True, help="Only show what would go.")
 @click.option(
     "--grace",
     type=float,
+    callback=_check_grace,
     default=DEFAULT_GRACE_SECONDS,
     show_default=True,
     help="Never delete objects younger than this many seconds.",
@@ -186,15 +207,26 @@ def prune_cmd(
     keep_monthly: int,
     keep_yearly: int,
     volume: str | None,
+    all_hosts: bool,
     dry_run: bool,
     grace: float,
     as_json: bool,
     store: ChunkStore,
 ) -> None:
-    """Forget backups outside the retention policy, then remove unreferenced data."""
+    """Forget backups outside the retention policy, then remove unreferenced data.
+
+    The policy applies to each volume of each host separately, and only to this host's
+    backups (its --host-id) unless --all-hosts is given.
+    """
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
     report = service.prune_backups(
-        store, policy, volume=volume, dry_run=dry_run, grace_seconds=grace
+        store,
+        policy,
+        volume=volume,
+        dry_run=dry_run,
+        grace_seconds=grace,
+        host=host_id(),
+        all_hosts=all_hosts,
     )
     if as_json:
         click.echo(json.dumps(report.to_json()))
@@ -204,7 +236,7 @@ def prune_cmd(
         why = ", ".join(d.reasons) if d.keep else "remove"
         click.echo(
             f"{'keep  ' if d.keep else 'forget'} {d.backup.id[:12]} {d.backup.time_iso} "
-            f"{d.backup.volume} ({why})"
+            f"{printable(d.backup.host)} {d.backup.volume} ({why})"
         )
     gc = report.gc
     assert gc is not None

@@ -46,6 +46,7 @@ class BackupRecord:
             "id": self.id,
             "time": self.time_iso,
             "volume": self.volume,
+            "host": self.host,
             "files": self.files,
             "size": self.size,
             "new_bytes": self.bytes_new,

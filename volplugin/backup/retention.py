@@ -4,7 +4,10 @@ Backups are taken newest first. keep-last N keeps the N newest. keep-hourly N
 keeps the newest backup of each of the N newest hours that have backups, and
 so on for days, ISO weeks, months and years (all in UTC). When a rule has
 counts left after the walk, the oldest backup is kept too. A backup kept by
-any rule is kept; the policy applies to each volume separately.
+any rule is kept; the policy applies to each (host, volume) group separately, as
+restic groups by host and paths: volumes of the same name on two hosts sharing a
+store (compose names such as `app_db`) are two groups, so one host's newer backups
+never count against the other's.
 """
 
 from __future__ import annotations
@@ -93,12 +96,12 @@ def apply_policy(backups: list[BackupRecord], policy: Policy) -> list[Decision]:
 
 
 def apply_per_volume(backups: list[BackupRecord], policy: Policy) -> list[Decision]:
-    """apply_policy for each volume's backups separately."""
+    """apply_policy for each (host, volume) group's backups separately."""
     apply_policy([], policy)  # refuses an empty or negative policy even with no backups
-    by_volume: dict[str, list[BackupRecord]] = {}
+    groups: dict[tuple[str, str], list[BackupRecord]] = {}
     for backup in backups:
-        by_volume.setdefault(backup.volume, []).append(backup)
+        groups.setdefault((backup.host, backup.volume), []).append(backup)
     out = []
-    for volume in sorted(by_volume):
-        out.extend(apply_policy(by_volume[volume], policy))
+    for key in sorted(groups):
+        out.extend(apply_policy(groups[key], policy))
     return out

@@ -18,6 +18,7 @@ from volplugin.backup import service, volumes
 from volplugin.backup.docs import BackupRecord
 from volplugin.backup.hooks import Quiesce, hook_client
 from volplugin.backup.retention import Policy
+from volplugin.hostid import host_id
 from volplugin.volumes import VolumeService
 
 log = logging.getLogger("volplugin.backup.runner")
@@ -40,7 +41,12 @@ def run_backup(
     try:
         with quiesce:
             backup = service.create_backup(
-                store, volume, directory, list(tags), after_snapshot=quiesce.release
+                store,
+                volume,
+                directory,
+                list(tags),
+                host=host_id(),
+                after_snapshot=quiesce.release,
             )
     except LayerfsError as exc:
         volumes.record_outcome(
@@ -51,7 +57,7 @@ def run_backup(
     retention = None
     if keep is not None:
         try:
-            report = service.prune_backups(store, keep, volume=volume)
+            report = service.prune_backups(store, keep, volume=volume, host=host_id())
             retention = f"kept {len(report.decisions) - len(report.removed)}, "
             retention += f"removed {len(report.removed)}"
         except LayerfsError as exc:

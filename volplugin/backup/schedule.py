@@ -2,13 +2,17 @@
 
 Each parser returns the value's normal form or raises ValueError whose text completes
 "expected ...", as volplugin.options wants. Schedules are cron expressions read in UTC by
-croniter: five fields (minute hour day-of-month month day-of-week), optionally a sixth
-field of seconds, or one of the @-names (@hourly, @daily, ...). `backup-keep` is a list of
-KEY=COUNT pairs such as `last=7,daily=7,weekly=4`, the buckets of `volplugin prune`.
+croniter: five fields (minute hour day-of-month month day-of-week), or one of the @-names
+(@hourly, @daily, ...); at most one backup a minute. croniter's sixth field of seconds is
+refused (`* * * * * *` would stop a volume's containers every second), unless the server
+runs with VOLPLUGIN_CRON_SECONDS=1, which tests use to see schedules fire within seconds.
+`backup-keep` is a list of KEY=COUNT pairs such as `last=7,daily=7,weekly=4`, the buckets
+of `volplugin prune`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import UTC, datetime
 
@@ -21,9 +25,10 @@ MAX_KEEP = 100_000
 ALIASES = frozenset(
     {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 )
+SECONDS_ENV = "VOLPLUGIN_CRON_SECONDS"  # "1": a 6th field of seconds is allowed (tests)
 _CRON_HELP = (
     "a cron expression in UTC with 5 fields (minute hour day month weekday, e.g. '0 3 * * *'), "
-    "optionally a 6th field of seconds, or one of " + ", ".join(sorted(ALIASES))
+    "or one of " + ", ".join(sorted(ALIASES))
 )
 _KEEP_HELP = (
     "KEY=COUNT pairs separated by commas, such as last=7,daily=7,weekly=4, with KEY one of "
@@ -48,7 +53,12 @@ def parse_cron(value: str) -> str:
     if text.lower() in ALIASES:
         return text.lower()
     fields = text.split(" ")
-    if len(fields) not in (5, 6) or any(f.upper().startswith("H") for f in fields):
+    allowed = (5, 6) if os.environ.get(SECONDS_ENV) == "1" else (5,)
+    if len(fields) == 6 and 6 not in allowed:
+        raise ValueError(
+            f"{_CRON_HELP}; {text!r} has a 6th field (seconds): backups run at most once a minute"
+        )
+    if len(fields) not in allowed or any(f.upper().startswith("H") for f in fields):
         raise ValueError(_CRON_HELP)
     try:
         croniter(text, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
