@@ -28,7 +28,7 @@ from waitress.server import BaseWSGIServer
 from volplugin.accesslog import batched_access_log
 from volplugin.affinity import CHECK_SECONDS, CpuPin, allowed_cpus
 from volplugin.app import create_app
-from volplugin.backup.seed import restore_from_option
+from volplugin.backup import seed
 from volplugin.balance import LoadBoard, balance
 from volplugin.channel import QuietChannel
 from volplugin.errors import StateError
@@ -141,6 +141,7 @@ def serve(
             CpuPin(0, cpus, check=cpu_check).watch(stop)  # threads started later inherit it
         service = _open_service(root, name, store)
         service.empty_trash()
+        seed.resume_interrupted(service, store)  # before serving: never half restored
         # Every serving process's commits skip checkpoints; this thread does them.
         checkpointer = checkpoint_in_background(service.state.path, stop)
         if not try_reconcile(service):
@@ -227,7 +228,7 @@ def serve_worker(
 def _open_service(root: Path, name: str, store: str | None) -> VolumeService:
     """The volumes of `root`, restoring `-o from=` backups from `store` at create."""
     service = VolumeService.open(root, name, autocheckpoint=False)  # see serve()
-    service.hooks.on_create.append(restore_from_option(store))
+    seed.attach(service, store)
     return service
 
 
