@@ -17,6 +17,12 @@ Files of at most INLINE_MAX bytes are kept inline in their entry, as an
 import keeps them, not stored as chunks; larger files' new chunks are
 compressed and written on worker threads while the next files are read.
 
+Access is confined: the upper tree and the mount are both written by the
+container, so every path below either root is reached through directory
+descriptors opened one no-follow component at a time (layerfs.confined), and
+files are opened only if they are regular files; a symlink planted in place of
+a directory is read as a symlink, never followed.
+
 Order of the changeset: depth first, a directory before its children, its
 opaque marker right after it, whiteouts before their siblings, names sorted
 bytewise; no path appears twice.
@@ -33,13 +39,16 @@ what overlayfs copy-up makes Docker write for the same change.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from layerfs import confined
 from layerfs.catalog import LayerRecord
 from layerfs.formats.layertar import INLINE_MAX
 from layerfs.fs.upper import X_METACOPY, X_OVL_METACOPY, read_metacopy
@@ -51,6 +60,8 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 REDIRECT_XATTR = "trusted.overlay.redirect"
 PREFETCH_MAX = 1 << 20  # larger files get the kernel's sequential read-ahead anyway
 _HIDDEN_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.layerfs.", "trusted.layerfs.")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PREFETCH_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +78,62 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def _under(root: Path | str, rel: str) -> str:
-    """The path of ``rel`` below ``root`` as a string (cheaper than Path joins per file)."""
-    return f"{root}/{rel}" if rel else str(root)
+class Tree:
+    """A root directory (upper tree or mountpoint) whose entries are reached by descriptor.
+
+    ``at(rel)`` gives the descriptor of ``rel``'s parent, walked without following
+    symlinks (confined.DirFds), and ``rel``'s last name. The root is opened on
+    first use.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._fds: confined.DirFds | None = None
+
+    @property
+    def fds(self) -> confined.DirFds:
+        if self._fds is None:
+            self._fds = confined.DirFds(confined.open_root(self.path), label=str(self.path))
+        return self._fds
+
+    def at(self, rel: str) -> tuple[int, str]:
+        if not rel:
+            return self.fds.root, "."
+        parent, name = confined.split(rel)
+        return self.fds.get(parent), name
+
+    def lstat(self, rel: str) -> os.stat_result:
+        dirfd, name = self.at(rel)
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+    def open_file(self, rel: str) -> int:
+        """A read descriptor of the regular file ``rel`` (confined.open_file_at)."""
+        dirfd, name = self.at(rel)
+        return confined.open_file_at(dirfd, name)
+
+    def close(self) -> None:
+        if self._fds is not None:
+            self._fds.close()
+            os.close(self._fds.root)
+            self._fds = None
 
 
-def _getxattr(path: Path | str, name: str) -> bytes | None:
+@contextmanager
+def opened(path: Path | str | Tree) -> Iterator[Tree]:
+    """``path`` as a Tree, closed on exit (a Tree given is passed through, left open)."""
+    if isinstance(path, Tree):
+        yield path
+        return
+    tree = Tree(path)
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        yield tree
+    finally:
+        tree.close()
+
+
+def _fgetxattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
     except OSError:
         return None
 
@@ -83,46 +142,74 @@ def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def scan_upper(upper: Path, mountpoint: Path) -> list[UpperItem]:
+def _open_subdir(dirfd: int, name: str) -> int | None:
+    """The directory ``name`` in ``dirfd``, or None if it is no directory (any more)."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            return None
+        raise
+
+
+def scan_upper(upper: Path | Tree, mountpoint: Path | Tree) -> list[UpperItem]:
     """Every changed path of ``upper`` (unordered walk, whiteouts flagged)."""
     items: list[UpperItem] = []
 
-    def walk(rel: str, listed_from_mount: bool) -> None:
-        base = mountpoint if listed_from_mount else upper
-        with os.scandir(_under(base, rel)) as found:
+    def walk(dirfd: int, rel: str, listed_from_mount: bool) -> None:
+        with os.scandir(dirfd) as found:
             children = list(found)
         for dirent in children:  # d_type saves a stat of most children
             child = _join(rel, dirent.name)
-            if listed_from_mount:
-                items.append(UpperItem(child, via_mount=True))
-                if dirent.is_dir(follow_symlinks=False):
-                    walk(child, True)
-            elif dirent.is_dir(follow_symlinks=False):
-                full = dirent.path
-                redirect = _getxattr(full, REDIRECT_XATTR) is not None
-                opaque = redirect or _getxattr(full, OPAQUE_XATTR) == b"y"
-                items.append(UpperItem(child, opaque=opaque))
-                walk(child, redirect)
-            elif dirent.is_file(follow_symlinks=False) or dirent.is_symlink():
-                items.append(UpperItem(child))
-            else:
-                whiteout = _is_whiteout(dirent.stat(follow_symlinks=False))
-                items.append(UpperItem(child, whiteout=whiteout))
+            subdir = None
+            if dirent.is_dir(follow_symlinks=False):
+                subdir = _open_subdir(dirfd, dirent.name)  # None: replaced meanwhile
+            try:
+                if listed_from_mount:
+                    items.append(UpperItem(child, via_mount=True))
+                    if subdir is not None:
+                        walk(subdir, child, True)
+                elif subdir is not None:
+                    redirect = _fgetxattr(subdir, REDIRECT_XATTR) is not None
+                    opaque = redirect or _fgetxattr(subdir, OPAQUE_XATTR) == b"y"
+                    items.append(UpperItem(child, opaque=opaque))
+                    if redirect:
+                        mount_dir = _open_subdir(*mount.at(child))
+                        if mount_dir is not None:
+                            try:
+                                walk(mount_dir, child, True)
+                            finally:
+                                os.close(mount_dir)
+                    else:
+                        walk(subdir, child, False)
+                elif dirent.is_file(follow_symlinks=False) or dirent.is_symlink():
+                    items.append(UpperItem(child))
+                else:
+                    try:
+                        whiteout = _is_whiteout(dirent.stat(follow_symlinks=False))
+                    except FileNotFoundError:
+                        continue
+                    items.append(UpperItem(child, whiteout=whiteout))
+            finally:
+                if subdir is not None:
+                    os.close(subdir)
 
-    walk("", False)
+    with opened(upper) as up, opened(mountpoint) as mount:
+        walk(up.fds.root, "", False)
     return items
 
 
-def read_entry(mountpoint: Path | str, path: str) -> tuple[Entry, os.stat_result]:
+def read_entry(mountpoint: Path | Tree, path: str) -> tuple[Entry, os.stat_result]:
     """Metadata of ``path`` as the mount shows it (no content yet)."""
-    entry, st, _metacopy = _read_entry(mountpoint, path)
+    with opened(mountpoint) as tree:
+        entry, st, _metacopy = _read_entry(tree, path)
     return entry, st
 
 
-def _read_entry(root: Path | str, path: str) -> tuple[Entry, os.stat_result, bool]:
-    """Metadata of ``path`` below ``root``, and whether it carries a metacopy xattr."""
-    full = _under(root, path)
-    st = os.lstat(full)
+def _read_entry(tree: Tree, path: str) -> tuple[Entry, os.stat_result, bool]:
+    """Metadata of ``path`` below ``tree``, and whether it carries a metacopy xattr."""
+    dirfd, name = tree.at(path)
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     entry = Entry(
         path=path,
         kind=kind_from_mode(st.st_mode),
@@ -132,20 +219,14 @@ def _read_entry(root: Path | str, path: str) -> tuple[Entry, os.stat_result, boo
         mtime_ns=st.st_mtime_ns,
     )
     if entry.kind is Kind.SYMLINK:
-        entry.target = os.readlink(full)
+        entry.target = os.readlink(name, dir_fd=dirfd)
     if entry.kind in (Kind.CHAR, Kind.BLOCK):
         entry.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-    try:
-        names = os.listxattr(full, follow_symlinks=False)
-    except OSError:
-        names = []
-    for name in sorted(names):
-        if name.startswith(_HIDDEN_XATTR_PREFIXES):
-            continue
-        value = _getxattr(full, name)
-        if value is not None:
-            entry.xattrs[name] = value
-    return entry, st, X_METACOPY in names or X_OVL_METACOPY in names
+    xattrs = confined.read_xattrs(None, dirfd, name)
+    for key, value in xattrs.items():
+        if not key.startswith(_HIDDEN_XATTR_PREFIXES):
+            entry.xattrs[key] = value
+    return entry, st, X_METACOPY in xattrs or X_OVL_METACOPY in xattrs
 
 
 def _ancestors(path: str) -> Iterable[str]:
@@ -163,7 +244,7 @@ def _sort_key(path: str, whiteout: bool) -> tuple:
 
 
 def _lower_partners(
-    mountpoint: Path, lower: dict[str, Entry], st: os.stat_result, taken: set[str]
+    mount: Tree, lower: dict[str, Entry], st: os.stat_result, taken: set[str]
 ) -> list[str]:
     """Lower names of the file ``st`` that the layer does not hold yet."""
     found = []
@@ -171,7 +252,7 @@ def _lower_partners(
         if path in taken or entry.kind is not Kind.FILE or entry.size != st.st_size:
             continue
         try:
-            other = os.lstat(_under(mountpoint, path))
+            other = mount.lstat(path)
         except OSError:
             continue
         if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
@@ -192,6 +273,18 @@ def build_changeset(
     ``upper_exact``: the mount is a layerfs mount of ``upper``, so entries are
     read from the upper tree rather than through the mount (see above).
     """
+    with opened(upper) as up, opened(mountpoint) as mount:
+        return _build(store, up, mount, lower, write_stats, upper_exact)
+
+
+def _build(
+    store: ChunkStore,
+    upper: Tree,
+    mountpoint: Tree,
+    lower: dict[str, Entry],
+    write_stats: WriteStats | None,
+    upper_exact: bool,
+) -> list[Entry]:
     items = {item.path: item for item in scan_upper(upper, mountpoint)}
     stat_of: dict[str, os.stat_result] = {}
     nodes: dict[str, Entry] = {}
@@ -249,7 +342,7 @@ def build_changeset(
     return out
 
 
-def _prefetch(upper: Path, paths: Iterable[str], stat_of: dict[str, os.stat_result]) -> None:
+def _prefetch(upper: Tree, paths: Iterable[str], stat_of: dict[str, os.stat_result]) -> None:
     """Ask the kernel to start reading small upper files now, all at once.
 
     Reading thousands of small files one after the other waits for the disk
@@ -260,7 +353,8 @@ def _prefetch(upper: Path, paths: Iterable[str], stat_of: dict[str, os.stat_resu
         if not 0 < st.st_size <= PREFETCH_MAX or st.st_blocks == 0:
             continue
         try:
-            fd = os.open(_under(upper, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            dirfd, name = upper.at(path)
+            fd = os.open(name, _PREFETCH_FLAGS, dir_fd=dirfd)
         except OSError:
             continue
         try:
@@ -275,9 +369,9 @@ def _store_content(
     store: ChunkStore,
     entry: Entry,
     size: int,
-    upper: Path | None,
+    upper: Tree | None,
     metacopy: bool,
-    mountpoint: Path,
+    mountpoint: Tree,
     lower: dict[str, Entry],
     write_stats: WriteStats | None,
 ) -> None:
@@ -289,10 +383,13 @@ def _store_content(
     """
     content = None
     if upper is not None:
-        path = _under(upper, entry.path)
-        content = _upper_content(store, path, size, metacopy, lower, write_stats)
+        fd = upper.open_file(entry.path)
+        try:
+            content = _upper_content(store, fd, size, metacopy, lower, write_stats)
+        finally:
+            os.close(fd)
     if content is None:
-        with open(_under(mountpoint, entry.path), "rb") as f:
+        with os.fdopen(mountpoint.open_file(entry.path), "rb") as f:
             content = _file_content(store, f, size, write_stats)
     if isinstance(content, bytes):
         entry.inline, entry.chunks, entry.size = content, [], len(content)
@@ -315,37 +412,33 @@ def _file_content(
 
 def _upper_content(
     store: ChunkStore,
-    path: str,
+    fd: int,
     size: int,
     metacopy: bool,
     lower: dict[str, Entry],
     write_stats: WriteStats | None,
 ) -> bytes | list[ChunkRef] | None:
-    """Content of the upper file ``path``; a metacopy file reuses its origin's chunks.
+    """Content of the upper file open as ``fd``; a metacopy file reuses its origin's chunks.
 
     None: only the mount shows its content (a kernel overlayfs metacopy file, or
     a metacopy file whose origin the lower layers do not hold).
     """
     if not metacopy and size <= INLINE_MAX:  # most new files: one read, no file object
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, INLINE_MAX + 1)
-        finally:
-            os.close(fd)
+        data = os.read(fd, INLINE_MAX + 1)
         if len(data) <= INLINE_MAX:
             return data
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        meta = read_metacopy(fd)
-        if meta is None and _getxattr(path, X_OVL_METACOPY) is None:
+        os.lseek(fd, 0, os.SEEK_SET)
+    meta = read_metacopy(fd)
+    if meta is None and _fgetxattr(fd, X_OVL_METACOPY) is None:
+        with os.fdopen(fd, "rb", closefd=False) as f:
             return _file_content(store, f, size, write_stats)
-        origin = lower.get(meta.origin) if meta is not None else None
-        if meta is None or origin is None or origin.kind is not Kind.FILE:
-            return None
-        size = os.fstat(fd).st_size
-        if size <= INLINE_MAX:
-            return metacopy_bytes(store, fd, size, meta, origin)
-        return store_metacopy(store, fd, size, meta, origin, write_stats)
+    origin = lower.get(meta.origin) if meta is not None else None
+    if meta is None or origin is None or origin.kind is not Kind.FILE:
+        return None
+    size = os.fstat(fd).st_size
+    if size <= INLINE_MAX:
+        return metacopy_bytes(store, fd, size, meta, origin)
+    return store_metacopy(store, fd, size, meta, origin, write_stats)
 
 
 def lower_entries(store: ChunkStore, layers: Iterable[LayerRecord]) -> dict[str, Entry]:
@@ -381,8 +474,22 @@ def docker_diff(upper: Path, mountpoint: Path, lower: dict[str, Entry]) -> list[
     or (not for directories) size or mtime differ; D: in the image, gone from the
     mount - only the topmost deleted path. Every parent of a change is shown as C.
     """
+    with opened(upper) as up, opened(mountpoint) as mount:
+        return _diff(up, mount, lower)
+
+
+def _gone(mount: Tree, path: str) -> bool:
+    """``path`` is missing from the mount while its parent is a plain directory there."""
+    try:
+        dirfd, name = mount.at(path)
+    except OSError:  # a parent is missing or no plain directory
+        return False
+    return confined.lstat_at(dirfd, name) is None
+
+
+def _diff(upper: Tree, mount: Tree, lower: dict[str, Entry]) -> list[tuple[str, str]]:
     changes: dict[str, str] = {}
-    for item in scan_upper(upper, mountpoint):
+    for item in scan_upper(upper, mount):
         old = lower.get(item.path)
         if item.whiteout:
             if old is not None:
@@ -394,12 +501,9 @@ def docker_diff(upper: Path, mountpoint: Path, lower: dict[str, Entry]) -> list[
         if item.opaque:
             prefix = item.path + "/"
             for path in lower:
-                if not path.startswith(prefix) or os.path.lexists(mountpoint / path):
-                    continue
-                parent = mountpoint / path.rsplit("/", 1)[0]
-                if os.path.isdir(parent) and not os.path.islink(parent):
+                if path.startswith(prefix) and _gone(mount, path):
                     changes[path] = "D"
-        new, st = read_entry(mountpoint, item.path)
+        new, st, _metacopy = _read_entry(mount, item.path)
         if _modified(old, new, st):
             changes[item.path] = "C"
     for path in list(changes):
