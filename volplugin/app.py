@@ -40,6 +40,10 @@ def body() -> dict:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON ({exc}): send a JSON object") from None
+    except RecursionError:
+        raise BadRequest(
+            "request body is nested too deeply to read: send a flat JSON object"
+        ) from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):

@@ -3,7 +3,8 @@
 Layout of the root:
     state.db, state.db-wal   the state database (see volplugin.state)
     volumes/NAME/            a volume's data, the mountpoint handed to containers
-    trash/                   volumes being removed (emptied again at start)
+    trash/UUID/              volumes being removed (emptied again at start); named by a
+                             uuid alone, so that any volume name fits (a name may be 255 bytes)
     ops.lock                 serialises changes across server processes (volplugin.oplock)
 """
 
@@ -179,9 +180,13 @@ class VolumeService:
             for hook in self.hooks.on_remove:
                 hook(record, path)
             self.trash_dir.mkdir(exist_ok=True)
-            doomed = self.trash_dir / f"{name}.{uuid.uuid4().hex}"
+            doomed = self.trash_dir / uuid.uuid4().hex
             if path.exists():
-                os.rename(path, doomed)
+                try:
+                    os.rename(path, doomed)
+                except OSError as exc:  # the record is gone: the data must not stay behind
+                    log.warning("volume %s: cannot move it to the trash (%s)", name, exc)
+                    shutil.rmtree(path, ignore_errors=True)
             if self.sizes:
                 self.sizes.forget(str(path))
         shutil.rmtree(doomed, ignore_errors=True)

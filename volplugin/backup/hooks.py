@@ -12,13 +12,16 @@ writing); then each container with one runs it and is stopped or paused right af
 labelled. After the snapshot, or when anything fails, every container stopped or paused
 is started or unpaused again (latest first), then the post-backup commands run. A failing
 pre-backup command (or a failed stop/pause) aborts the backup: the containers are brought
-back and nothing else runs. Every action is recorded, for the backup document.
+back and nothing else runs. Every action is recorded, for the backup document. A
+command's output is read as a stream of which only the last 64 KiB are held, and the
+last 2000 characters are kept (`volplugin inspect` escapes its control characters).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import docker
@@ -35,6 +38,7 @@ LABEL_PRE = "volplugin.pre-backup"
 LABEL_POST = "volplugin.post-backup"
 HOOK_TIMEOUT = 600.0  # seconds for one docker call (stop, exec of a dump)
 MAX_OUTPUT = 2000  # characters of a command's output kept in messages and records
+MAX_READ = 64 * 1024  # bytes of a command's output kept while reading it (its end)
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off", ""})
@@ -107,6 +111,26 @@ def _flag(ref: ContainerRef, label: str) -> bool:
 def _clip(text: str) -> str:
     text = text.strip()
     return text if len(text) <= MAX_OUTPUT else "..." + text[-MAX_OUTPUT:]
+
+
+def read_tail(chunks: Iterable[bytes], limit: int = MAX_READ) -> bytes:
+    """The last `limit` bytes of a stream of chunks, holding no more than that meanwhile."""
+    kept: deque[bytes] = deque()
+    size = 0
+    cut = False
+    for chunk in chunks:
+        if len(chunk) > limit:
+            chunk = chunk[-limit:]
+            cut = True
+        kept.append(chunk)
+        size += len(chunk)
+        while size - len(kept[0]) >= limit:
+            size -= len(kept.popleft())
+            cut = True
+    tail = b"".join(kept)
+    if len(tail) > limit:
+        tail, cut = tail[-limit:], True
+    return b"..." + tail if cut else tail
 
 
 @dataclass
@@ -237,7 +261,7 @@ class Quiesce:
         api = self._api()
         try:
             exec_id = api.exec_create(target.ref.id, ["sh", "-c", command])["Id"]
-            output = api.exec_start(exec_id).decode(errors="replace")
+            output = read_tail(api.exec_start(exec_id, stream=True)).decode(errors="replace")
             code = api.exec_inspect(exec_id).get("ExitCode")
         except docker.errors.DockerException as exc:
             return self._note(target, which, False, f"docker exec failed: {exc}")
