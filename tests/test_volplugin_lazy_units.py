@@ -18,7 +18,7 @@ from volplugin import options
 from volplugin.backup import service
 from volplugin.errors import BadOption
 from volplugin.lazy import LazyVolumes
-from volplugin.lazy_fill import Filler, parse_rate
+from volplugin.lazy_fill import Filler, MemoryJournal, parse_rate
 from volplugin.lazy_merge import merge_upper
 from volplugin.lazy_mount import LazyDirs, is_mounted, mount, prepare, release
 from volplugin.volumes import VolumeService
@@ -50,13 +50,15 @@ def test_fill_stops_and_resumes_without_fetching_again(backup, tmp_path: Path) -
         if progress.files_done >= 3:
             stop.set()
 
-    first = Filler(open_store(url), _entries(url, record), target, stop=stop)
+    journal = MemoryJournal()
+    first = Filler(open_store(url), _entries(url, record), target, stop=stop, journal=journal)
     first.on_progress, first.report_every = stop_after_three, 0
     assert first.run() is False
     done_before = {p: os.lstat(p).st_ino for p in target.rglob("*") if p.is_file()}
     assert done_before, "the first run wrote nothing"
+    assert journal.paths, "the first run recorded nothing"
 
-    second = Filler(open_store(url), _entries(url, record), target)
+    second = Filler(open_store(url), _entries(url, record), target, journal=journal)
     assert second.run() is True
     assert second.progress.files_done == second.progress.files_total
     assert second.progress.bytes_done == second.progress.bytes_total == record.size

@@ -14,10 +14,22 @@ from then on the volume is an ordinary one, with every write made through the mo
 While containers hold the mount, new Mounts get the mount too, so every container of
 a volume always sees the same tree; the switch waits for the last of them.
 
+Durability. The fill syncs what it wrote before it records it and before the volume
+is marked filled (volplugin.lazy_fill); the merge syncs before the upper tree is
+deleted, and the renames that put the filled directory in place are synced before the
+volume is marked done.
+
+Prune. From Create until the switch is over (or the volume is removed) the backup's
+tree is pinned in the store (layerfs.maintenance.pins; the pin is taken under the
+store's shared lock in the same hold that found the backup, and its id is kept in the
+lazy state), so neither a prune nor the volume's own ``backup-keep`` removes data the
+mount and the fill still read, even if the backup itself is forgotten meanwhile.
+
 Restarts. Phases and progress are in the state database (volplugin.lazy_state). The
 mount process runs in its own session and outlives the plugin; at start the plugin
 remounts only a mount whose process died, restarts unfinished fills (which skip
-what is already local) and redoes an interrupted switch.
+what is already local) and redoes an interrupted switch; pins that outlived their
+volume or its switch are removed.
 """
 
 from __future__ import annotations
@@ -26,11 +38,14 @@ import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerfs import confined
 from layerfs.errors import LayerfsError
 from layerfs.index import ImageView
+from layerfs.maintenance.pins import pin, unpin
 from layerfs.records import get_tree
 from layerfs.store.location import default_store_url, open_store
 from volplugin.backup.docs import get_backup
@@ -81,6 +96,7 @@ class LazyVolumes:
         self._fills: dict[str, _Fill] = {}
         self._fills_lock = threading.Lock()
         self._closed = threading.Event()
+        self._unpin_tried: dict[str, float] = {}
 
     @classmethod
     def attach(
@@ -116,6 +132,8 @@ class LazyVolumes:
                 for lazy in records.values():
                     if lazy.phase == "filling":
                         self._start_fill(lazy.name)
+                    elif lazy.phase == "done" and lazy.pin is not None:
+                        self._retry_unpin(lazy.name, lazy.pin)
             except Exception:  # keep watching; the next round retries
                 log.exception("cannot look for new lazy volumes")
 
@@ -177,15 +195,18 @@ class LazyVolumes:
             )
         store = open_store(self.store_url)
         try:
-            backup = get_backup(store.backend, ref)
-            entries, _meta = get_tree(store, backup.tree)
+            backend = store.backend
+            with backend.lock(exclusive=False):  # no prune between the look-up and the pin
+                backup = get_backup(backend, ref)
+                entries, _meta = get_tree(store, backup.tree)
+                held = pin(backend, backup.tree, f"lazy volume {name} from backup {backup.id}")
+                self.state.add(name, backup.id, backup.tree, held.id)  # on_remove unpins
             dirs = self.dirs(name)
             if dirs.base.exists():
                 shutil.rmtree(dirs.base)  # leftovers of a create that crashed
             prepare(store, dirs, backup.tree, entries)
         finally:
             store.backend.close()
-        self.state.add(name, backup.id, backup.tree)
         totals = Filler(store, entries, dirs.fill).progress
         self.state.set_progress(name, 0, totals.files_total, 0, totals.bytes_total)
         mount(self.store_url, dirs, path, name)
@@ -200,7 +221,40 @@ class LazyVolumes:
             fill.thread.join(timeout=30)
         force_release(path)
         shutil.rmtree(self.dirs(name).base, ignore_errors=True)
+        lazy = self.state.get(name)
+        if lazy is not None and lazy.pin is not None:
+            self._unpin(name, lazy.pin)
         self.state.delete(name)
+
+    def _unpin(self, name: str, pin_id: str) -> bool:
+        """Remove the pin on the volume's backup tree; False (logged) if the store says no."""
+        try:
+            store = open_store(self.store_url)
+            try:
+                unpin(store.backend, pin_id)
+            finally:
+                store.backend.close()
+        except (LayerfsError, OSError) as exc:
+            log.error(
+                "volume %s: cannot remove its pin %s on the backup's tree (%s): prune keeps "
+                "that tree until the pin document pins/%s.json is removed",
+                name,
+                pin_id,
+                exc,
+                pin_id,
+            )
+            return False
+        self.state.set_pin(name, None)
+        return True
+
+    def _retry_unpin(self, name: str, pin_id: str) -> None:
+        """Unpin a switched volume whose unpin failed, at most every RETRY_SECONDS."""
+        now = time.monotonic()
+        if now - self._unpin_tried.get(name, -RETRY_SECONDS) < RETRY_SECONDS:
+            return
+        self._unpin_tried[name] = now
+        if self._unpin(name, pin_id):
+            self._unpin_tried.pop(name, None)
 
     def resume(self) -> None:
         """At start: remount, restart fills, finish switches; forget rows of gone volumes."""
@@ -208,7 +262,12 @@ class LazyVolumes:
             name = lazy.name
             if self.service.state.get(name) is None:
                 shutil.rmtree(self.dirs(name).base, ignore_errors=True)
+                if lazy.pin is not None:
+                    self._unpin(name, lazy.pin)
                 self.state.delete(name)
+                continue
+            if lazy.phase == "done" and lazy.pin is not None:
+                self._unpin(name, lazy.pin)  # the switch ended before its unpin
                 continue
             try:
                 self._resume(lazy)
@@ -275,6 +334,7 @@ class LazyVolumes:
                 store,
                 entries,
                 self.dirs(lazy.name).fill,
+                journal=self.state.journal(lazy.name),
                 rate=self.rate,
                 stop=stop,
                 on_progress=report,
@@ -315,19 +375,23 @@ class LazyVolumes:
             return False
         self.state.set_phase(name, "switching")
         if dirs.fill.exists():
-            self._merge(name, dirs)
+            self._merge(name, dirs)  # synced when it returns
             old = dirs.base / "old"
             if old.exists():
                 shutil.rmtree(old)
             if path.exists():
                 os.rename(path, old)
             os.rename(dirs.fill, path)
+        _sync(path)  # the renames (maybe of a run that was stopped), before the upper tree goes
         shutil.rmtree(dirs.base, ignore_errors=True)
         if self.service.sizes:
             self.service.sizes.forget(str(path))
         self.state.set_phase(name, "done")
+        self.state.forget_filled(name)
         self._fills.pop(name, None)
         log.info("volume %s: switched to its local directory", name)
+        if lazy.pin is not None:
+            self._unpin(name, lazy.pin)  # on failure `_watch` and the next start retry
         return True
 
     def _merge(self, name: str, dirs: LazyDirs) -> None:
@@ -339,3 +403,12 @@ class LazyVolumes:
             view.close()
             store.backend.close()
         log.info("volume %s: merged %d changed entries made during the lazy phase", name, applied)
+
+
+def _sync(path: Path) -> None:
+    """syncfs on the filesystem of the directory ``path``."""
+    fd = confined.open_root(path)
+    try:
+        confined.syncfs(fd)
+    finally:
+        os.close(fd)

@@ -2,13 +2,27 @@
 
 Entries are written into a staging directory with the backup restorer, one entry at a
 time, so each file appears under its name only once all its chunks were read and
-verified (see volplugin.backup.restore). That makes the fill resumable: an entry whose
-name already exists (for a regular file: with the recorded size and mtime) is complete
-and skipped, so a fill restarted after a crash fetches nothing twice. Hard links whose
-target is already there are linked again, so link groups survive a restart. Directory
-attributes are applied last. ``rate`` (bytes per second, 0 for no limit) throttles the
-fill, for tests and for hosts that must keep bandwidth for the reads of running
-containers.
+verified (see volplugin.backup.restore). Hard links whose target is already there are
+linked again, so link groups survive a restart. Directory attributes are applied last.
+Everything the fill itself does in the staging directory (looking at what is there,
+linking, removing leftovers) goes through directory descriptors without following a
+symlink (layerfs.confined).
+
+Durability and resuming. A file under its name is not yet on disk: after a crash of the
+host it may have its size and mtime but not its bytes. So the fill keeps a journal
+(``Journal``; the lazy state's table for volumes): every few seconds or tens of MB it
+syncs the staging directory's filesystem (``syncfs``) and only then records the paths
+placed since, and at the end it syncs before it returns. A restarted fill skips what
+the journal names. It also adopts what an earlier run of the same boot placed but did
+not record yet (the plugin was killed, the host was not): a regular file with the
+recorded size and mtime, a link or node of the recorded type; it syncs them first, so
+after a restart of the plugin nothing is fetched twice, while after a restart of the
+host only what was synced counts. Anything else in the staging directory (temp files
+of an interrupted run) is removed at start.
+
+``rate`` (bytes per second, 0 for no limit) throttles the fill, for tests and for hosts
+that must keep bandwidth for the reads of running containers: each fetched file takes
+at least its size divided by the rate, however slow the fetches before it were.
 """
 
 from __future__ import annotations
@@ -20,15 +34,31 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+from layerfs import confined
+from layerfs.confined import DirFds, Escape, lstat_at, remove_at, split
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore
 from volplugin.backup.restore import Restorer
 
 RATE_ENV = "VOLPLUGIN_LAZY_FILL_RATE"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+COMMIT_BYTES = 64 << 20  # sync and record at least this often ...
+COMMIT_SECONDS = 2.0  # ... or this often, whichever comes first
+_NOT_CONTENT = (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE)
+_FORMAT = {
+    Kind.FILE: stat.S_IFREG,
+    Kind.HARDLINK: stat.S_IFREG,
+    Kind.SYMLINK: stat.S_IFLNK,
+    Kind.FIFO: stat.S_IFIFO,
+    Kind.CHAR: stat.S_IFCHR,
+    Kind.BLOCK: stat.S_IFBLK,
+    Kind.SOCKET: stat.S_IFSOCK,
+}
 
 
 @dataclass
@@ -42,6 +72,40 @@ class Progress:
 
 
 ProgressSink = Callable[[Progress], None]
+
+
+class Journal(Protocol):
+    """Where a fill records the paths that are on disk (synced before they are recorded)."""
+
+    def completed(self) -> set[str]: ...
+
+    def last_boot(self) -> str | None: ...
+
+    def record(self, paths: list[str], boot: str) -> None: ...
+
+
+@dataclass
+class MemoryJournal:
+    """A journal in memory, for a fill that need not survive its process."""
+
+    paths: set[str] = field(default_factory=set)
+    boot: str | None = None
+
+    def completed(self) -> set[str]:
+        return set(self.paths)
+
+    def last_boot(self) -> str | None:
+        return self.boot
+
+    def record(self, paths: list[str], boot: str) -> None:
+        self.paths.update(paths)
+        self.boot = boot
+
+
+def boot_id() -> str:
+    """This boot of the kernel: page-cache content written before it may be lost."""
+    with open(BOOT_ID) as f:
+        return f.read().strip()
 
 
 def parse_rate(text: str | None) -> int:
@@ -60,21 +124,6 @@ def parse_rate(text: str | None) -> int:
     return max(int(value), 0)
 
 
-def _done(dest: str, entry: Entry) -> bool:
-    """Whether ``entry`` is already complete at ``dest`` (from an earlier run)."""
-    try:
-        st = os.lstat(dest)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    if entry.kind in (Kind.FILE, Kind.HARDLINK):
-        return (
-            stat.S_ISREG(st.st_mode)
-            and (entry.kind is Kind.HARDLINK or st.st_size == entry.size)
-            and (entry.kind is Kind.HARDLINK or st.st_mtime_ns == entry.mtime_ns)
-        )
-    return not stat.S_ISDIR(st.st_mode)
-
-
 class Filler:
     """Fills ``target`` with the entries of one backup tree; see the module docstring."""
 
@@ -84,6 +133,7 @@ class Filler:
         entries: list[Entry],
         target: Path,
         *,
+        journal: Journal | None = None,
         rate: int = 0,
         stop: threading.Event | None = None,
         on_progress: ProgressSink | None = None,
@@ -92,6 +142,7 @@ class Filler:
         self.store = store
         self.entries = entries
         self.target = Path(target)
+        self.journal: Journal = journal if journal is not None else MemoryJournal()
         self.rate = rate
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
@@ -99,82 +150,174 @@ class Filler:
         self.by_path = {e.path: e for e in entries}
         self.progress = Progress()
         for e in entries:
-            if e.kind in (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE):
+            if e.kind in _NOT_CONTENT:
                 continue
             self.progress.files_total += 1
             self.progress.bytes_total += e.size if e.kind is Kind.FILE else 0
         self._restorer = Restorer(store, self.target, entries)
-        self._fetched = 0
-        self._started = 0.0
+        self._done: set[str] = set()  # on disk (recorded, adopted or placed by this run)
+        self._pending: list[str] = []  # placed by this run, not yet synced and recorded
+        self._pending_bytes = 0
+        self._committed = 0.0
+        self._due = 0.0
         self._reported = 0.0
+        self._fds: DirFds | None = None
 
-    def _dest(self, path: str) -> str:
-        return str(self.target / path) if path else str(self.target)
+    # -- run -----------------------------------------------------------------------------
 
     def run(self) -> bool:
-        """Fill until complete (True) or until ``stop`` is set (False)."""
-        self._started = time.monotonic()
+        """Fill until complete and synced (True) or until ``stop`` is set (False)."""
+        self.target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root = confined.open_root(self.target)
+        self._fds = DirFds(root, label=f"the fill directory {self.target}")
+        try:
+            return self._run(root)
+        finally:
+            self._fds.close()
+            self._fds = None
+            os.close(root)
+
+    def _run(self, root: int) -> bool:
+        boot = boot_id()
+        self.progress.files_done = self.progress.bytes_done = 0
         dirs = [e for e in self.entries if e.kind is Kind.DIR]
+        self._restorer.run(dirs)
+        self._sweep(dirs)
+        self._done = self.journal.completed() & self.by_path.keys()
+        if self.journal.last_boot() == boot:
+            self._adopt(root, boot)
         todo = []
-        for entry in self.entries:  # count what an earlier run left, so progress never drops
-            if entry.kind in (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE):
+        for entry in self.entries:  # count what earlier runs left, so progress never drops
+            if entry.kind in _NOT_CONTENT:
                 continue
-            if _done(self._dest(entry.path), entry):
+            if entry.path in self._done:
                 self._count(entry)
             else:
                 todo.append(entry)
         self._report(force=True)
-        self._restorer.run(dirs)
+        self._committed = time.monotonic()
         for entry in todo:
             if self.stop.is_set():
-                self._report(force=True)
-                return False
+                break
+            started = time.monotonic()
             fetched = self._fill(entry)
+            self._done.add(entry.path)
+            self._pending.append(entry.path)
+            self._pending_bytes += fetched
             self._count(entry)
             self._report()
+            if (
+                self._pending_bytes >= COMMIT_BYTES
+                or time.monotonic() - self._committed >= COMMIT_SECONDS
+            ):
+                self._commit(root, boot)
             if fetched:
-                self._throttle(fetched)
-        if self.stop.is_set():
-            self._report(force=True)
-            return False
-        self._restorer.run(dirs)  # directory attributes (mtime) after their children
+                self._throttle(fetched, started)
+        if not self.stop.is_set():
+            self._restorer.run(dirs)  # directory attributes (mtime) after their children
+        self._commit(root, boot, always=True)
         self._report(force=True)
-        return True
+        return not self.stop.is_set()
+
+    def _commit(self, root: int, boot: str, *, always: bool = False) -> None:
+        """Make what this run placed durable, then record it in the journal."""
+        if not self._pending and not always:
+            return
+        confined.syncfs(root)
+        self.journal.record(self._pending, boot)
+        self._pending = []
+        self._pending_bytes = 0
+        self._committed = time.monotonic()
 
     def _count(self, entry: Entry) -> None:
         self.progress.files_done += 1
         self.progress.bytes_done += entry.size if entry.kind is Kind.FILE else 0
 
-    def _fill(self, entry: Entry) -> int:
-        """Materialize one entry unless it is there already; return the bytes fetched."""
-        dest = self._dest(entry.path)
-        if _done(dest, entry):
-            return 0
+    # -- what is there already -----------------------------------------------------------
+
+    def _sweep(self, dirs: list[Entry]) -> None:
+        """Remove names that are no path of the tree (temp files of an interrupted run)."""
+        assert self._fds is not None
+        for entry in dirs:
+            try:
+                fd = self._fds.get(entry.path)
+            except (Escape, FileNotFoundError):
+                continue  # the restorer reports it when it fills below
+            for name in os.listdir(fd):
+                rel = f"{entry.path}/{name}" if entry.path else name
+                if rel not in self.by_path:
+                    remove_at(fd, name)
+
+    def _adopt(self, root: int, boot: str) -> None:
+        """Take what an earlier run of this boot placed but did not record (after a sync)."""
+        confined.syncfs(root)
+        adopted = []
+        content = [e for e in self.entries if e.kind not in _NOT_CONTENT]
+        for entry in sorted(content, key=lambda e: e.kind is Kind.HARDLINK):  # links last
+            if entry.path not in self._done and self._complete(entry):
+                self._done.add(entry.path)
+                adopted.append(entry.path)
+        if adopted:
+            self.journal.record(adopted, boot)
+
+    def _lstat(self, path: str) -> os.stat_result | None:
+        assert self._fds is not None
+        parent, name = split(path)
+        try:
+            return lstat_at(self._fds.get(parent), name)
+        except (Escape, FileNotFoundError):
+            return None
+
+    def _complete(self, entry: Entry) -> bool:
+        """Whether an earlier run of this boot put ``entry`` in place (see the docstring)."""
+        st = self._lstat(entry.path)
+        if st is None or stat.S_IFMT(st.st_mode) != _FORMAT[entry.kind]:
+            return False
+        if entry.kind is Kind.FILE:
+            return st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns
         if entry.kind is Kind.HARDLINK:
-            target = self.by_path.get(entry.target)
-            if target is not None and _done(self._dest(entry.target), target):
-                self._link(self._dest(entry.target), dest)
-                return 0
+            if entry.target not in self._done:
+                return False
+            other = self._lstat(entry.target)
+            return other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+        return True
+
+    # -- one entry -----------------------------------------------------------------------
+
+    def _fill(self, entry: Entry) -> int:
+        """Materialize one entry; return the bytes fetched."""
+        if entry.kind is Kind.HARDLINK and entry.target in self._done:
+            self._link(entry.target, entry.path)
+            return 0
         self._restorer.run([entry])
         return entry.size if entry.kind is Kind.FILE else 0
 
-    @staticmethod
-    def _link(source: str, dest: str) -> None:
-        tmp = os.path.join(os.path.dirname(dest), f".lazy-link-{secrets.token_hex(6)}")
-        os.link(source, tmp)
+    def _link(self, source: str, dest: str) -> None:
+        """Hard-link ``dest`` to ``source`` (both in the tree), replacing what is there."""
+        assert self._fds is not None
+        src_parent, src_name = split(source)
+        dst_parent, dst_name = split(dest)
+        src_fd = self._fds.get(src_parent)
+        dst_fd = self._fds.get(dst_parent)
+        tmp = f".lazy-link-{secrets.token_hex(6)}"
+        os.link(src_name, tmp, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
         try:
-            os.rename(tmp, dest)
+            st = lstat_at(dst_fd, dst_name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                remove_at(dst_fd, dst_name)
+                self._fds.forget(dest)
+            os.rename(tmp, dst_name, src_dir_fd=dst_fd, dst_dir_fd=dst_fd)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=dst_fd)
             raise
 
-    def _throttle(self, fetched: int) -> None:
-        self._fetched += fetched
+    def _throttle(self, fetched: int, started: float) -> None:
+        """Wait until ``fetched`` bytes took at least fetched/rate since ``started``."""
         if self.rate <= 0:
             return
-        due = self._started + self._fetched / self.rate
-        wait = due - time.monotonic()
+        self._due = max(self._due, started) + fetched / self.rate
+        wait = self._due - time.monotonic()
         if wait > 0:
             self.stop.wait(wait)
 

@@ -6,13 +6,21 @@ waits until no container holds the mount), ``switching`` (the FUSE mount is gone
 the changes made through it are being merged; redone at start after a crash) and
 ``done`` (an ordinary volume; the row stays for Status). The table lives in the same
 state.db as the volumes, in its own table, written through its own connection.
+
+A row also keeps the id of the store pin (layerfs.maintenance.pins) that protects the
+backup's tree from prune until the switch is over, and the fill's journal: the paths
+known to be on disk (synced before they were recorded, in ``lazy_filled``) and the
+boot during which the fill last wrote (see volplugin.lazy_fill).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -31,9 +39,17 @@ CREATE TABLE IF NOT EXISTS lazy_volumes (
     bytes_done INTEGER NOT NULL DEFAULT 0,
     bytes_total INTEGER NOT NULL DEFAULT 0,
     error TEXT,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    pin TEXT,
+    boot TEXT
 );
+CREATE TABLE IF NOT EXISTS lazy_filled (
+    name TEXT NOT NULL,
+    path BLOB NOT NULL,  -- file names need not be UTF-8: the bytes, as os.fsencode gives them
+    PRIMARY KEY (name, path)
+) WITHOUT ROWID;
 """
+_ADDED_COLUMNS = {"pin": "TEXT", "boot": "TEXT"}  # absent from databases of older versions
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,8 @@ class LazyRecord:
     bytes_total: int = 0
     error: str | None = None
     updated: float = 0.0
+    pin: str | None = None  # the store pin on ``tree``, until the switch is over
+    boot: str | None = None  # the boot during which the fill last wrote
 
     @property
     def percent(self) -> float:
@@ -86,6 +104,10 @@ class LazyState:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(lazy_volumes)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE lazy_volumes ADD COLUMN {column} {kind}")
         except sqlite3.Error as exc:
             raise StateError(f"cannot open the lazy volume table in {path}: {exc}") from exc
         self._lock = threading.Lock()
@@ -93,6 +115,17 @@ class LazyState:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction (the connection is in autocommit mode); call with the lock held."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def get(self, name: str) -> LazyRecord | None:
         with self._lock:
@@ -106,12 +139,13 @@ class LazyState:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM lazy_volumes ORDER BY name")
             return [LazyRecord(*row) for row in rows.fetchall()]
 
-    def add(self, name: str, backup: str, tree: str) -> LazyRecord:
-        with self._lock:
+    def add(self, name: str, backup: str, tree: str, pin: str | None = None) -> LazyRecord:
+        with self._lock, self._transaction():
+            self._db.execute("DELETE FROM lazy_filled WHERE name = ?", (name,))
             self._db.execute(
-                "INSERT OR REPLACE INTO lazy_volumes (name, backup, tree, phase, updated) "
-                "VALUES (?, ?, ?, 'filling', ?)",
-                (name, backup, tree, time.time()),
+                "INSERT OR REPLACE INTO lazy_volumes (name, backup, tree, phase, updated, pin) "
+                "VALUES (?, ?, ?, 'filling', ?, ?)",
+                (name, backup, tree, time.time(), pin),
             )
         record = self.get(name)
         assert record is not None
@@ -142,6 +176,52 @@ class LazyState:
                 (files_done, files_total, bytes_done, bytes_total, time.time(), name),
             )
 
-    def delete(self, name: str) -> None:
+    def set_pin(self, name: str, pin: str | None) -> None:
         with self._lock:
+            self._db.execute("UPDATE lazy_volumes SET pin = ? WHERE name = ?", (pin, name))
+
+    def journal(self, name: str) -> StateJournal:
+        """The fill journal of ``name`` (see volplugin.lazy_fill.Journal)."""
+        return StateJournal(self, name)
+
+    def filled_paths(self, name: str) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT path FROM lazy_filled WHERE name = ?", (name,))
+            return {os.fsdecode(row[0]) for row in rows.fetchall()}
+
+    def add_filled(self, name: str, paths: list[str], boot: str) -> None:
+        """Record ``paths`` as on disk (the caller synced them first), in one transaction."""
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO lazy_filled (name, path) VALUES (?, ?)",
+                [(name, os.fsencode(path)) for path in paths],
+            )
+            self._db.execute("UPDATE lazy_volumes SET boot = ? WHERE name = ?", (boot, name))
+
+    def forget_filled(self, name: str) -> None:
+        """Drop the journal once the volume is an ordinary one."""
+        with self._lock:
+            self._db.execute("DELETE FROM lazy_filled WHERE name = ?", (name,))
+
+    def delete(self, name: str) -> None:
+        with self._lock, self._transaction():
+            self._db.execute("DELETE FROM lazy_filled WHERE name = ?", (name,))
             self._db.execute("DELETE FROM lazy_volumes WHERE name = ?", (name,))
+
+
+@dataclass
+class StateJournal:
+    """A fill journal kept in the lazy tables: the durable paths and the last boot."""
+
+    state: LazyState
+    name: str
+
+    def completed(self) -> set[str]:
+        return self.state.filled_paths(self.name)
+
+    def last_boot(self) -> str | None:
+        record = self.state.get(self.name)
+        return record.boot if record is not None else None
+
+    def record(self, paths: list[str], boot: str) -> None:
+        self.state.add_filled(self.name, paths, boot)
