@@ -219,7 +219,7 @@ def test_repack_keeps_live_blobs_and_drops_dead_packs(s3_env, bucket, tmp_path) 
 
 
 def test_exclusive_lock_removes_unindexed_packs(s3_env, bucket, tmp_path) -> None:
-    be = backend(bucket, tmp_path, pack_size=20000)
+    be = backend(bucket, tmp_path, pack_size=20000, unindexed_grace=0)
     for i in range(8):
         be.put_blob(*blob(i, 6000))
     be.flush()

@@ -1,9 +1,12 @@
 """Garbage collection: remove stored objects no root references.
 
 Runs under the store's exclusive lock (writers hold the shared one), and never
-deletes objects younger than a grace period, as a second safety net for writers
-that do not take the lock. On backends with a temp area (the local one) it also
-removes the leftovers of killed writers.
+deletes objects younger than a grace period (``grace_seconds``), as a second
+safety net for writers that do not take the lock. It also removes the leftovers
+of killed writers: the local store's temp area, and on S3 the packs no index
+names, which are kept for ``S3Backend.unindexed_grace`` (an hour, far above the
+lease period) whatever ``grace_seconds`` says, because a writer whose lease is
+still valid may be about to index them.
 """
 
 from __future__ import annotations

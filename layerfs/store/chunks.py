@@ -5,6 +5,9 @@ plain bytes and stored once, zstd-compressed where that saves at least an
 eighth. A stored blob is one header byte (0 plain, 1 zstd) and the payload.
 Every read decompresses and re-hashes: a chunk whose bytes do not match its
 name raises CorruptObject (and is logged by name), never returns wrong data.
+Decompression is bounded: by the chunk's plain size where the caller knows it
+(a ChunkRef), else by MAX_DECODED; a zstd frame that declares a larger content
+size is refused before any memory is given to it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ AVG_CHUNK = 64 << 10
 MIN_CHUNK = 16 << 10
 MAX_CHUNK = 256 << 10
 DEFAULT_LEVEL = 1  # fast enough for image imports; backups ask for more (see ChunkStore)
+MAX_DECODED = 1 << 30  # the most a stored blob of unknown plain size may decode to
 _PLAIN = b"\x00"
 _ZSTD = b"\x01"
 
@@ -38,6 +42,43 @@ _ZSTD = b"\x01"
 def digest_of(data: bytes | memoryview) -> str:
     """The store's digest: xxh3-128 of the plain bytes, as 32 hex digits."""
     return xxhash.xxh3_128_hexdigest(data)
+
+
+def bounded_decompress(
+    dctx: zstandard.ZstdDecompressor, payload: bytes | memoryview, limit: int
+) -> bytes:
+    """Decompress one zstd frame into at most ``limit`` bytes; ValueError if it would be more.
+
+    python-zstandard allocates what a frame declares and ignores
+    ``max_output_size`` then, so the declared size is checked first.
+    """
+    declared = zstandard.frame_content_size(payload)  # -1: not declared
+    if declared > limit:
+        raise ValueError(f"its zstd frame declares {declared} bytes, more than {limit}")
+    return dctx.decompress(payload, max_output_size=limit)
+
+
+def _decode_blob(
+    dctx: zstandard.ZstdDecompressor, blob: bytes | memoryview, limit: int
+) -> bytes | memoryview:
+    """Plain bytes of a stored blob (not verified); ValueError or ZstdError if undecodable."""
+    head = bytes(blob[:1])  # blob may be a memoryview into a larger read
+    if head == _ZSTD:
+        return bounded_decompress(dctx, blob[1:], limit)
+    if head == _PLAIN:
+        if len(blob) - 1 > limit:
+            raise ValueError(f"it holds {len(blob) - 1} bytes, more than {limit}")
+        return memoryview(blob)[1:]
+    raise ValueError("unknown header")
+
+
+def blob_matches(digest: str, blob: bytes | memoryview) -> bool:
+    """Whether a stored blob decodes to plain bytes named ``digest`` (repack checks this)."""
+    try:
+        data = _decode_blob(zstandard.ZstdDecompressor(), blob, MAX_DECODED)
+    except (ValueError, zstandard.ZstdError):
+        return False
+    return digest_of(data) == digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,20 +179,16 @@ class ChunkStore:
                 return _ZSTD + packed
         return _PLAIN + bytes(data)
 
-    def decode(self, digest: str, blob: bytes | memoryview) -> bytes:
-        """Plain bytes of a stored chunk, verified against ``digest``."""
-        return bytes(self._decode_view(digest, blob))
+    def decode(self, digest: str, blob: bytes | memoryview, size: int | None = None) -> bytes:
+        """Plain bytes of a stored chunk, verified against ``digest`` (and ``size`` if known)."""
+        return bytes(self._decode_view(digest, blob, size))
 
-    def _decode_view(self, digest: str, blob: bytes | memoryview) -> bytes | memoryview:
+    def _decode_view(
+        self, digest: str, blob: bytes | memoryview, size: int | None = None
+    ) -> bytes | memoryview:
         """Like decode, but a plain chunk comes back as a view into ``blob`` (no copy)."""
         try:
-            head = bytes(blob[:1])  # blob may be a memoryview into a larger read
-            if head == _ZSTD:
-                data = self._decompressor().decompress(blob[1:], max_output_size=1 << 30)
-            elif head == _PLAIN:
-                data = memoryview(blob)[1:]
-            else:
-                raise ValueError("unknown header")
+            data = _decode_blob(self._decompressor(), blob, MAX_DECODED if size is None else size)
         except (ValueError, zstandard.ZstdError) as exc:
             log.error("corrupt object %s in %s: %s", digest, self.backend.url, exc)
             raise CorruptObject(f"object {digest} is corrupt: cannot decode it ({exc})") from exc
@@ -255,7 +292,7 @@ class ChunkStore:
 
         def decoded(digest: str, blob: bytes) -> None:
             try:
-                data = self.decode(digest, blob)
+                data = self.decode(digest, blob, chunks[digest])
                 if len(data) != chunks[digest]:
                     raise CorruptObject(f"object {digest} has the wrong length")
             except StoreError as exc:
@@ -265,11 +302,14 @@ class ChunkStore:
 
         self.backend.read_blobs(list(chunks), decoded, fail, workers)
 
-    def get_chunk(self, digest: str) -> bytes:
-        """Plain bytes of one chunk, verified; raises CorruptObject or ObjectMissing."""
+    def get_chunk(self, digest: str, size: int | None = None) -> bytes:
+        """Plain bytes of one chunk, verified; raises CorruptObject or ObjectMissing.
+
+        ``size``, the chunk's plain size if known, bounds its decompression.
+        """
         data = self._cache.get(digest)
         if data is None:
-            data = self.decode(digest, self.backend.get_blob(digest))
+            data = self.decode(digest, self.backend.get_blob(digest), size)
             self._cache.put(digest, data)
         return data
 
@@ -292,7 +332,7 @@ class ChunkStore:
         parts: list[bytes] = []
         while i < len(chunks) and offsets[i] < end:
             start = offsets[i]
-            data = self.get_chunk(chunks[i].digest)
+            data = self.get_chunk(chunks[i].digest, chunks[i].size)
             if len(data) != chunks[i].size:
                 raise CorruptObject(f"object {chunks[i].digest} has the wrong length")
             lo = max(offset - start, 0)
@@ -322,7 +362,7 @@ class ChunkStore:
         try:
             for blob in blobs:
                 ref = asked.popleft()
-                data = self._decode_view(ref.digest, blob)
+                data = self._decode_view(ref.digest, blob, ref.size)
                 if len(data) != ref.size:
                     raise CorruptObject(f"object {ref.digest} has the wrong length")
                 yield data
@@ -332,7 +372,7 @@ class ChunkStore:
     def iter_content(self, chunks: Iterable[ChunkRef]) -> Iterator[bytes]:
         """Yield the verified bytes of each chunk in order (for restore and export)."""
         for ref in chunks:
-            data = self.get_chunk(ref.digest)
+            data = self.get_chunk(ref.digest, ref.size)
             if len(data) != ref.size:
                 raise CorruptObject(f"object {ref.digest} has the wrong length")
             yield data

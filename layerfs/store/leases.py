@@ -12,6 +12,16 @@ LastModified time, judged against the server's Date header so that host clocks
 do not matter. A background thread rewrites each held lease every ttl/4. An
 expired exclusive lease is taken over with ``If-Match`` on its ETag (RGW wants
 the ETag unquoted), so two parties cannot both take it.
+
+Fencing: the holder counts its lease as valid until ``ttl`` seconds after it
+*sent* its last successful write of it (the server's LastModified is later, so
+this errs on the safe side whatever the host clocks say). ``check`` must pass
+right before every publish (an index object, a backup document): it fails
+unless at least ``margin`` (a third) of the period is left. A lease that went
+longer than ``ttl`` without a refresh (the process was stopped, S3 hung) is
+lost for good: a later refresh does not revive it, since a prune may have
+run in between. The S3 client given here should have timeouts well inside
+``ttl`` (see ``lease_timeouts``).
 """
 
 from __future__ import annotations
@@ -37,6 +47,27 @@ log = logging.getLogger(__name__)
 
 EXCLUSIVE = "locks/exclusive"
 WRITER_PREFIX = "locks/writer-"
+MARGIN = 1 / 3  # the share of the period a lease must still have for a publish
+
+
+@dataclass(frozen=True)
+class LeaseTimeouts:
+    """Timeouts and attempts of the S3 calls that take and refresh leases."""
+
+    connect: float
+    read: float
+    attempts: int
+
+
+def lease_timeouts(ttl: float) -> LeaseTimeouts:
+    """Bounds for lease calls: two attempts of at most ttl/12 + ttl/12 each (2 s at least),
+    so a refresh gives up within a third of the period instead of hanging past it."""
+    each = max(2.0, ttl / 12)
+    return LeaseTimeouts(connect=each, read=each, attempts=2)
+
+
+class LeaseLapsed(StoreError):
+    """A held lease lapsed (or nearly): nothing may be published under it any more."""
 
 
 @dataclass
@@ -51,10 +82,12 @@ class LeaseInfo:
 
 @dataclass
 class _Held:
+    """A lease this process holds: ``sent`` is when its last successful write was sent."""
+
     key: str
     body: bytes
     etag: str = ""
-    last_ok: float = field(default_factory=time.monotonic)
+    sent: float = field(default_factory=time.monotonic)
     lost: str = ""
 
 
@@ -64,6 +97,11 @@ def _code(exc: ClientError) -> str:
 
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def server_now(response: dict) -> datetime | None:
+    """The server's clock at ``response`` (its Date header), if it sent one."""
+    return _server_now(response)
 
 
 def _server_now(response: dict) -> datetime | None:
@@ -175,10 +213,14 @@ class LeaseManager:
             with self._mutex:
                 held = list(self._held.values())
             for h in held:
+                if h.lost or self._lapsed(h):
+                    continue  # a lapsed lease stays lost: a prune may have run meanwhile
                 try:
                     cond = {"IfMatch": h.etag} if h.key == EXCLUSIVE and h.etag else {}
+                    sent = time.monotonic()
                     h.etag = self._put(h.key, h.body, **cond)
-                    h.last_ok = time.monotonic()
+                    if not self._lapsed(h):  # it reached the server before it lapsed
+                        h.sent = sent
                 except ClientError as exc:
                     if _status(exc) == 412:
                         h.lost = "another process took it over"
@@ -189,17 +231,47 @@ class LeaseManager:
                 if not self._held:
                     return
 
-    def check(self) -> None:
-        """Raise StoreError if a held lease was lost or may have expired."""
+    def _lapsed(self, h: _Held) -> bool:
+        """Whether ``h`` may have expired (and so is lost for good); records why."""
+        if h.lost:
+            return True
+        age = time.monotonic() - h.sent
+        if age >= self.ttl:
+            h.lost = (
+                f"it lapsed: not renewed for {age:.0f} s, longer than its {self.ttl:.0f} s "
+                "(was this process stopped, or S3 unreachable?), so a prune may have run meanwhile"
+            )
+            log.warning("the store lease %s %s", h.key, h.lost)
+            return True
+        return False
+
+    def remaining(self) -> float | None:
+        """Seconds the shortest-lived held lease is still sure to last (None: none held)."""
+        with self._mutex:
+            held = list(self._held.values())
+        if not held:
+            return None
+        return min(0.0 if self._lapsed(h) else self.ttl - (time.monotonic() - h.sent) for h in held)
+
+    def check(self, margin: float = MARGIN) -> None:
+        """Raise StoreError unless every held lease is sure to last ``margin`` of its period.
+
+        Call it immediately before each publish (an index, a backup document).
+        """
         with self._mutex:
             held = list(self._held.values())
         for h in held:
-            if h.lost:
-                raise StoreError(f"lost the store lease {h.key}: {h.lost}")
-            if time.monotonic() - h.last_ok > self.ttl * 0.9:
-                raise StoreError(
-                    f"could not refresh the store lease {h.key} for {self.ttl:.0f} s; it may have "
-                    "expired, so a prune may have run: start the backup again"
+            if self._lapsed(h):
+                raise LeaseLapsed(
+                    f"the lease on the store lapsed ({h.key}: {h.lost}); "
+                    "nothing more was published: run it again"
+                )
+            left = self.ttl - (time.monotonic() - h.sent)
+            if left < self.ttl * margin:
+                raise LeaseLapsed(
+                    f"the lease on the store lapsed or nearly so ({h.key}: {left:.1f} s of "
+                    f"{self.ttl:.0f} s left, last renewed {self.ttl - left:.0f} s ago; is S3 slow "
+                    "or unreachable?); nothing more was published: run it again"
                 )
 
     # -- the two kinds ---------------------------------------------------------------
@@ -215,12 +287,13 @@ class LeaseManager:
                 log.info("waiting for the exclusive lease of %s", ex.holder)
                 self._wait(deadline, f"the exclusive lease of {ex.holder} (a prune)")
                 continue
+            sent = time.monotonic()
             etag = self._put(key, body)
             ex = self.read(EXCLUSIVE)
             if ex is None or ex.expired:
                 break
             self._delete(key)
-        self._hold(_Held(key, body, etag))
+        self._hold(_Held(key, body, etag, sent))
         try:
             yield
         finally:
@@ -231,8 +304,8 @@ class LeaseManager:
         """Hold the exclusive lease and wait until no unexpired writer lease is left."""
         body = self._body()
         deadline = time.monotonic() + self.timeout
-        etag = self._take_exclusive(body, deadline)
-        self._hold(_Held(EXCLUSIVE, body, etag))
+        etag, sent = self._take_exclusive(body, deadline)
+        self._hold(_Held(EXCLUSIVE, body, etag, sent))
         try:
             while True:
                 live = [w for w in self.writers() if not w.expired]
@@ -244,17 +317,20 @@ class LeaseManager:
         finally:
             self._release(EXCLUSIVE)
 
-    def _take_exclusive(self, body: bytes, deadline: float) -> str:
+    def _take_exclusive(self, body: bytes, deadline: float) -> tuple[str, float]:
+        """Create (or take over an expired) exclusive lease: its ETag and when it was sent."""
         while True:
             try:
-                return self._put(EXCLUSIVE, body, IfNoneMatch="*")
+                sent = time.monotonic()
+                return self._put(EXCLUSIVE, body, IfNoneMatch="*"), sent
             except ClientError as exc:
                 if _status(exc) not in (409, 412):
                     raise
             ex = self.read(EXCLUSIVE)
             if ex is not None and ex.expired:
                 try:
-                    return self._put(EXCLUSIVE, body, IfMatch=ex.etag)
+                    sent = time.monotonic()
+                    return self._put(EXCLUSIVE, body, IfMatch=ex.etag), sent
                 except ClientError as exc:
                     if _status(exc) not in (409, 412):
                         raise

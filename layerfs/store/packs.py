@@ -28,6 +28,7 @@ from layerfs.errors import StoreError
 PACK_MAGIC = b"LFSPACK1"
 PACK_END = b"LFSPEND1"
 FOOTER_SIZE = 16
+MAX_JSON = 1 << 31  # the most a trailer or an index may decode to (also when its frame says more)
 _VERSION = 1
 
 
@@ -52,6 +53,7 @@ class PackWriter:
     pack_id: str = field(default_factory=new_id)
     buf: bytearray = field(default_factory=lambda: bytearray(PACK_MAGIC))
     blobs: list[tuple[str, int, int]] = field(default_factory=list)
+    uploaded: float = 0.0  # time.monotonic() when its upload ended (0: not uploaded)
 
     def add(self, digest: str, data: bytes) -> BlobPlace:
         offset = len(self.buf)
@@ -109,7 +111,10 @@ def _pack_json(doc: dict) -> bytes:
 
 def _unpack_json(name: str, data: bytes) -> dict:
     try:
-        doc = json.loads(zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31))
+        declared = zstandard.frame_content_size(data)  # -1: not declared
+        if declared > MAX_JSON:  # python-zstandard would allocate it, whatever max_output_size
+            raise ValueError(f"its zstd frame declares {declared} bytes, more than {MAX_JSON}")
+        doc = json.loads(zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_JSON))
     except (ValueError, zstandard.ZstdError) as exc:
         raise StoreError(f"{name} is damaged: cannot decode it ({exc})") from exc
     if not isinstance(doc, dict) or doc.get("version") != _VERSION:

@@ -23,10 +23,19 @@ range GETs on a thread pool, nothing written to the cache (see s3read).
 pack holding live and dead blobs has its live blobs copied into a new pack; the
 new packs and a new index (also carrying the entries of untouched packs that
 shared an index with a rewritten one) are written before the old indexes are
-deleted, then the old packs, so a crash at any point loses nothing live. Under
-the exclusive lock it also removes packs no index names (from crashed writers)
+deleted, then the old packs, so a crash at any point loses nothing live. Every
+live blob it copies is re-hashed first; a pack holding one whose bytes do not
+match its name is left as it is (and logged) for fsck to report. Under the
+exclusive lock it also removes packs no index names (from crashed writers) once
+they are older than ``unindexed_grace`` (an hour; far above the lease period),
 and merges many small indexes into one. ``rebuild_index`` re-creates index
 entries from the pack trailers.
+
+Writes are fenced by the store lease (see layerfs.store.leases): every index
+object and document is written only after ``leases.check`` found the lease
+sure to last a third of its period more. The lease calls use a client of their
+own whose timeouts are well inside the period. ``LAYERFS_S3_LEASE_TTL`` sets
+the period (60 s).
 
 Endpoint and credentials come from the usual AWS environment and config files
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); addressing is path-style.
@@ -41,6 +50,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,7 +67,8 @@ from layerfs.errors import ObjectMissing, StoreError
 from layerfs.store import packs, s3read
 from layerfs.store.backend import Backend, check_digest, check_doc_name
 from layerfs.store.cache import BlobCache
-from layerfs.store.leases import LeaseManager
+from layerfs.store.chunks import blob_matches
+from layerfs.store.leases import LeaseManager, lease_timeouts, server_now
 from layerfs.store.packs import BlobPlace, PackWriter
 
 log = logging.getLogger(__name__)
@@ -68,6 +79,8 @@ CACHE_BYTES = 2 << 30
 READAHEAD = 2 << 20
 _INDEX_EVERY = 8  # write an index after this many uploaded packs even without flush
 _COMPACT_AT = 32  # delete_blobs under the exclusive lock merges this many indexes into one
+LEASE_TTL = 60.0
+UNINDEXED_GRACE = 3600.0  # packs no index names are kept this long (a writer may index them yet)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -112,6 +125,11 @@ class S3Stats:
             }
 
 
+def _intact(digest: str, pack: bytes, offset: int, length: int) -> bool:
+    """Whether the blob at ``offset`` of ``pack`` is whole and decodes to bytes named ``digest``."""
+    return offset + length <= len(pack) and blob_matches(digest, pack[offset : offset + length])
+
+
 def default_cache_root() -> Path:
     """$LAYERFS_CACHE_DIR, else /var/cache/layerfs for root, else ~/.cache/layerfs."""
     env = os.environ.get("LAYERFS_CACHE_DIR")
@@ -123,7 +141,27 @@ def default_cache_root() -> Path:
     return Path(xdg) / "layerfs" if xdg else Path.home() / ".cache" / "layerfs"
 
 
-def make_client(max_connections: int = 16):
+def env_lease_ttl() -> float:
+    """The lease period: $LAYERFS_S3_LEASE_TTL seconds, else 60."""
+    raw = os.environ.get("LAYERFS_S3_LEASE_TTL", "")
+    if not raw:
+        return LEASE_TTL
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = float("nan")
+    if not ttl > 0 or ttl == float("inf"):
+        raise StoreError(f"LAYERFS_S3_LEASE_TTL={raw!r} is not a positive number of seconds")
+    return ttl
+
+
+def make_client(
+    max_connections: int = 16,
+    *,
+    connect_timeout: float = 5,
+    read_timeout: float = 60,
+    attempts: int = 5,
+):
     """An S3 client from the standard AWS environment, path-style, with modest retries.
 
     A plain botocore client: boto3 would only add start-up time (its transfer
@@ -132,9 +170,9 @@ def make_client(max_connections: int = 16):
     session = botocore.session.get_session()
     config = Config(
         s3={"addressing_style": "path"},
-        retries={"mode": "standard", "max_attempts": 4},
-        connect_timeout=5,
-        read_timeout=60,
+        retries={"mode": "standard", "total_max_attempts": attempts},  # the first one included
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
         max_pool_connections=max_connections,
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -156,10 +194,12 @@ class S3Backend(Backend):
         upload_threads: int = 4,
         cache_root: Path | None = None,
         cache_bytes: int = CACHE_BYTES,
-        lease_ttl: float = 60.0,
+        lease_ttl: float | None = None,
         lock_timeout: float = 900.0,
         lock_poll: float = 1.0,
         readahead: int = READAHEAD,
+        unindexed_grace: float = UNINDEXED_GRACE,
+        lease_client=None,
     ) -> None:
         if not _BUCKET_RE.match(bucket):
             raise StoreError(f"invalid S3 bucket name {bucket!r}")
@@ -168,6 +208,7 @@ class S3Backend(Backend):
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.pack_size = pack_size
         self.readahead = readahead
+        self.unindexed_grace = unindexed_grace
         self.stats = S3Stats()
         self.client = client or make_client(upload_threads * 2 + 8)
         self.client.meta.events.register("before-call.s3", self.stats.on_call)
@@ -175,11 +216,25 @@ class S3Backend(Backend):
         self.endpoint = self.client.meta.endpoint_url
         self._cache_root = cache_root
         self.cache = BlobCache(self.cache_dir() / "blobs", cache_bytes)
+        ttl = env_lease_ttl() if lease_ttl is None else lease_ttl
+        if lease_client is None:
+            # a client of its own: a refresh must not wait minutes behind the data's timeouts
+            bounds = lease_timeouts(ttl)
+            lease_client = (
+                make_client(
+                    4,
+                    connect_timeout=bounds.connect,
+                    read_timeout=bounds.read,
+                    attempts=bounds.attempts,
+                )
+                if client is None
+                else client
+            )
         self.leases = LeaseManager(
-            self.client,
+            lease_client,
             bucket,
             self.prefix,
-            ttl=lease_ttl,
+            ttl=ttl,
             poll=lock_poll,
             timeout=lock_timeout,
             wrap=self._error,
@@ -415,6 +470,7 @@ class S3Backend(Backend):
         try:
             self._put(self._pack_rel(writer.pack_id), writer.seal(), f"pack {writer.pack_id}")
             self.stats.count("packs_written")
+            writer.uploaded = time.monotonic()
             with self._mutex:
                 self._unindexed[writer.pack_id] = writer
             writer.release()  # pending reads now use range GETs of the uploaded pack
@@ -443,12 +499,12 @@ class S3Backend(Backend):
         """Write one index object for every uploaded pack not yet named by an index."""
         with self._mutex:
             batch, self._unindexed = self._unindexed, {}
+        self._forget_stale(batch)
         if not batch:
             return
         doc = {pack_id: w.blobs for pack_id, w in batch.items()}
-        index_id = packs.new_id()
         try:
-            self._put(f"index/{index_id}", packs.encode_index(doc), f"index {index_id}")
+            index_id = self._write_index(doc)
         except StoreError:
             with self._mutex:
                 self._unindexed.update(batch)
@@ -461,6 +517,39 @@ class S3Backend(Backend):
                 for digest, _, _ in writer.blobs:
                     if self._pending.get(digest, (None,))[0] is writer:
                         del self._pending[digest]
+
+    def _forget_stale(self, batch: dict[str, PackWriter]) -> None:
+        """Drop from ``batch`` the packs uploaded so long ago that gc may have removed them.
+
+        A pack no index names is safe from gc for ``unindexed_grace``; one older
+        than half that is not indexed any more (its blobs are forgotten, so they
+        are written again if needed) and is left for gc.
+        """
+        if self.unindexed_grace <= 0:  # no grace at all (tests): nothing is safe anyway
+            return
+        limit = time.monotonic() - self.unindexed_grace / 2
+        stale = [w for w in batch.values() if w.uploaded and w.uploaded < limit]
+        if not stale:
+            return
+        log.warning("not indexing %d pack(s) uploaded too long ago; gc removes them", len(stale))
+        with self._mutex:
+            for writer in stale:
+                del batch[writer.pack_id]
+                for digest, _, _ in writer.blobs:
+                    if self._pending.get(digest, (None,))[0] is writer:
+                        del self._pending[digest]
+
+    def _write_index(self, doc: dict[str, list[tuple[str, int, int]]]) -> str:
+        """Publish an index object naming ``doc``'s packs, if the lease is sure to last."""
+        index_id = packs.new_id()
+        data = packs.encode_index(doc)
+        self.leases.check()  # immediately before the publish: see layerfs.store.leases
+        self._put(f"index/{index_id}", data, f"index {index_id}")
+        return index_id
+
+    def check_lease(self) -> None:
+        """Raise StoreError unless the held store lease is sure to last a third of its period."""
+        self.leases.check()
 
     def flush(self) -> None:
         with self._flush_mutex:
@@ -661,21 +750,30 @@ class S3Backend(Backend):
         pack an index names was uploaded before that index was written.
         """
         self.refresh()
-        times: dict[str, float] = {}
-        try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key("packs/")
-            )
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    times[obj["Key"].rsplit("/", 1)[-1]] = obj["LastModified"].timestamp()
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error("listing packs", exc) from exc
+        times = {pack_id: mtime for pack_id, (_, mtime) in self._pack_times()[0].items()}
         with self._mutex:
             items = [
                 (d, p.length, times[p.pack]) for d, p in self._places.items() if p.pack in times
             ]
         yield from items
+
+    def _pack_times(self) -> tuple[dict[str, tuple[str, float]], float]:
+        """{pack id: (name, upload time)} of the packs in the bucket, and the server's time."""
+        out: dict[str, tuple[str, float]] = {}
+        now: float | None = None
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key("packs/")
+            )
+            for page in pages:
+                if now is None and (when := server_now(page)) is not None:
+                    now = when.timestamp()
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(self.prefix) :]
+                    out[rel.rsplit("/", 1)[-1]] = (rel, obj["LastModified"].timestamp())
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("listing packs", exc) from exc
+        return out, time.time() if now is None else now
 
     def clean_tmp(self) -> int:
         """Delete packs that no index names (left by writers that crashed); return how many.
@@ -719,18 +817,31 @@ class S3Backend(Backend):
         writer = PackWriter()
         copied: set[str] = set()
         new_doc: dict[str, list[tuple[str, int, int]]] = dict(carried)
+        kept: set[str] = set()  # packs with a damaged live blob: left as they are
         for pack_id in sorted(affected):
             blobs = pack_blobs[pack_id]
-            freed += sum(n for d, _, n in blobs if d in dead)
             live = [(d, o, n) for d, o, n in blobs if d not in dead and d not in elsewhere]
-            if not live:
-                continue
-            rel = self._pack_rel(pack_id)
-            data = self._get(rel, f"pack {rel}")
-            for d, o, n in live:
-                if d not in copied:
-                    writer.add(d, data[o : o + n])
-                    copied.add(d)
+            if live:
+                rel = self._pack_rel(pack_id)
+                data = self._get(rel, f"pack {rel}")
+                bad = [d for d, o, n in live if d not in copied and not _intact(d, data, o, n)]
+                if bad:
+                    log.error(
+                        "not repacking %s in %s: object %s in it does not match its name "
+                        "(%d damaged); run `layerfs fsck`",
+                        rel,
+                        self.url,
+                        bad[0],
+                        len(bad),
+                    )
+                    kept.add(pack_id)
+                    new_doc[pack_id] = blobs
+                    continue
+                for d, o, n in live:
+                    if d not in copied:
+                        writer.add(d, data[o : o + n])
+                        copied.add(d)
+            freed += sum(n for d, _, n in blobs if d in dead)
             if writer.size >= self.pack_size:
                 self._put(self._pack_rel(writer.pack_id), writer.seal(), "a repacked pack")
                 new_doc[writer.pack_id] = writer.blobs
@@ -739,10 +850,9 @@ class S3Backend(Backend):
             self._put(self._pack_rel(writer.pack_id), writer.seal(), "a repacked pack")
             new_doc[writer.pack_id] = writer.blobs
         if new_doc:
-            index_id = packs.new_id()
-            self._put(f"index/{index_id}", packs.encode_index(new_doc), f"index {index_id}")
+            self._write_index(new_doc)
         self._delete([f"index/{i}" for i in old_indexes], "old indexes")
-        self._delete([self._pack_rel(p) for p in affected], "old packs")
+        self._delete([self._pack_rel(p) for p in affected - kept], "old packs")
         if self._holds_exclusive():
             self._delete_orphan_packs(set(pack_blobs) | set(new_doc))
         self.refresh()
@@ -757,7 +867,20 @@ class S3Backend(Backend):
             return self._exclusive_depth > 0
 
     def _delete_orphan_packs(self, indexed: set[str]) -> int:
-        orphans = [rel for rel in self.pack_names() if rel.rsplit("/", 1)[-1] not in indexed]
+        """Delete the packs no index names that are older than ``unindexed_grace``.
+
+        A younger one may belong to a writer that has yet to index it (its lease
+        fences that publish, and the grace is far above the lease period).
+        """
+        listed, now = self._pack_times()
+        # the server's Date has whole seconds: with no grace at all, do not compare times
+        cutoff = now - self.unindexed_grace if self.unindexed_grace > 0 else float("inf")
+        orphans = [rel for p, (rel, t) in listed.items() if p not in indexed and t <= cutoff]
+        young = sum(1 for p, (_, t) in listed.items() if p not in indexed and t > cutoff)
+        if young:
+            log.info(
+                "keeping %d unindexed pack(s) younger than %.0f s", young, self.unindexed_grace
+            )
         if orphans:
             log.info("removing %d pack(s) that no index names", len(orphans))
             self._delete(orphans, "unindexed packs")
@@ -780,8 +903,7 @@ class S3Backend(Backend):
             if pack_id not in indexed:
                 doc[pack_id] = self.read_trailer(pack_id)
         if doc:
-            index_id = packs.new_id()
-            self._put(f"index/{index_id}", packs.encode_index(doc), f"index {index_id}")
+            self._write_index(doc)
             self.refresh()
         return len(doc)
 
@@ -810,8 +932,7 @@ class S3Backend(Backend):
         merged: dict[str, list[tuple[str, int, int]]] = {}
         for doc in old.values():
             merged.update(doc)
-        index_id = packs.new_id()
-        self._put(f"index/{index_id}", packs.encode_index(merged), f"index {index_id}")
+        self._write_index(merged)
         self._delete([f"index/{i}" for i in old], "merged indexes")
         self.refresh()
         return len(old)
@@ -819,6 +940,7 @@ class S3Backend(Backend):
     # -- docs --------------------------------------------------------------------------------
     def put_doc(self, name: str, data: bytes) -> None:
         self._ensure_bucket()
+        self.leases.check()  # a document written under a lapsed lease could name pruned data
         self._put(f"docs/{check_doc_name(name)}", data, f"document {name}")
 
     def get_doc(self, name: str) -> bytes:

@@ -1,0 +1,82 @@
+"""What a backup confirms right before it publishes its record.
+
+* The chunks it reuses from its parent (the entries of unchanged files, taken
+  without reading them) are still in the store: looked up cheaply, in the S3
+  store's loaded pack indexes (read again first, so indexes a prune removed are
+  forgotten) or with ``has_blob`` on a local store. Files whose chunks are gone
+  are read again (``without``), so the backup is whole and the store mended.
+* The store lease is still good for a third of its period (S3 stores; see
+  layerfs.store.leases), so no prune can have run since the data was checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from layerfs.store.backend import Backend
+from layerfs.store.leases import LeaseLapsed
+from volplugin.backup.errors import BackupError
+from volplugin.backup.snapshot import ParentIndex
+
+
+def reused_chunks(docs: Iterable[dict], parent: ParentIndex) -> dict[str, str]:
+    """{digest: path} of the chunks of entries taken unchanged from ``parent``."""
+    out: dict[str, str] = {}
+    for doc in docs:
+        chunks = doc.get("c")
+        if not chunks:
+            continue
+        found = parent.files.get(doc["p"])
+        if found is not None and (found[0] is doc or found[0] == doc):
+            for digest, _size in chunks:
+                out.setdefault(digest, doc["p"])
+    return out
+
+
+def missing_reused(backend: Backend, docs: Iterable[dict], parent: ParentIndex) -> dict[str, str]:
+    """{digest: path} of reused chunks the store no longer has."""
+    reused = reused_chunks(docs, parent)
+    if not reused:
+        return {}
+    refresh = getattr(backend, "refresh", None)  # S3: forget indexes a prune deleted
+    if refresh is not None:
+        refresh()
+    return {d: p for d, p in reused.items() if not backend.has_blob(d)}
+
+
+def without(parent: ParentIndex, missing: dict[str, str]) -> ParentIndex:
+    """``parent`` less the files that use a missing chunk: a new scan reads those again."""
+    gone = set(missing)
+    return ParentIndex(
+        {
+            path: found
+            for path, found in parent.files.items()
+            if not any(d in gone for d, _ in found[0].get("c", ()))
+        }
+    )
+
+
+def check_lease(backend: Backend, volume: str) -> None:
+    """Raise BackupError unless the store lease (if the store has one) is sure to last."""
+    check = getattr(backend, "check_lease", None)
+    if check is None:
+        return
+    try:
+        check()
+    except LeaseLapsed as exc:
+        raise not_published(volume, exc) from None
+
+
+def not_published(volume: str, exc: Exception) -> BackupError:
+    """The error of a backup whose lease lapsed before it could publish."""
+    return BackupError(f"backup of volume {volume!r} not published: {exc}")
+
+
+def missing_error(volume: str, parent_id: str, missing: dict[str, str]) -> BackupError:
+    """The error of a backup whose reused chunks are still missing after reading again."""
+    digest, path = next(iter(missing.items()))
+    return BackupError(
+        f"backup of volume {volume!r} not published: {len(missing)} chunk(s) it takes from "
+        f"backup {parent_id} are missing from the store (first {digest} of {path!r}) even "
+        "after reading the files again; run `volplugin verify` and back up again"
+    )
