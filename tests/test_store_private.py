@@ -129,9 +129,8 @@ def test_lock_times_out_naming_its_holder(tmp_path: Path) -> None:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         waiting = LocalBackend(root, lock_timeout=0.3)
         for exclusive in (False, True):
-            with pytest.raises(StoreLocked) as info:
-                with waiting.lock(exclusive=exclusive):
-                    pass
+            with pytest.raises(StoreLocked) as info, waiting.lock(exclusive=exclusive):
+                pass
             text = str(info.value)
             assert f"pid {holder.pid}" in text and "prune-marker" in text, text
             assert "exclusive" in text and "LAYERFS_LOCK_TIMEOUT" in text
