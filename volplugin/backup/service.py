@@ -71,7 +71,13 @@ def create_backup(
 
     ``after_snapshot`` runs once the data is in the store and before the record is
     written; what it returns is kept in the record's ``hooks`` (see backup/hooks.py).
+    Before the record is written, the chunks taken from the parent are confirmed
+    to be in the store (files whose chunks are gone are read again) and the store
+    lease to be good (see backup/publish.py); else nothing is published.
     """
+    from layerfs.store.leases import LeaseLapsed
+    from volplugin.backup import publish
+
     backend = store.backend
     writer = ChunkStore(backend, cache_bytes=0, level=BACKUP_LEVEL)
     started = time.monotonic()
@@ -79,30 +85,47 @@ def create_backup(
     with backend.lock(exclusive=False):
         previous = list_backups(backend, volume)
         parent = previous[-1] if previous else None
-        with writer.background_writes(WRITE_WORKERS):
-            scan = Scanner(writer, path, _parent_index(store, parent)).scan()
-            meta = {"type": "backup", "volume": volume, META_STAT: scan.stat}
-            tree = writer.put_record(encode_tree_docs(scan.docs, meta))
-            writer.flush()
-        hooks = after_snapshot() if after_snapshot is not None else []
-        record = BackupRecord(
-            id=secrets.token_hex(16),
-            volume=volume,
-            host=host or socket.gethostname(),
-            time=when,
-            tree=tree,
-            parent=parent.id if parent else None,
-            tags=sorted(set(tags or [])),
-            files=scan.files,
-            size=scan.size,
-            files_read=scan.files_read,
-            bytes_read=scan.bytes_read,
-            bytes_new=scan.writes.bytes_new,
-            bytes_stored=scan.writes.bytes_stored,
-            duration=round(time.monotonic() - started, 3),
-            hooks=hooks,
-        )
-        put_backup(backend, record)
+        parent_index = _parent_index(store, parent)
+        try:
+            for attempt in range(2):
+                with writer.background_writes(WRITE_WORKERS):
+                    scan = Scanner(writer, path, parent_index).scan()
+                    meta = {"type": "backup", "volume": volume, META_STAT: scan.stat}
+                    tree = writer.put_record(encode_tree_docs(scan.docs, meta))
+                    writer.flush()
+                missing = publish.missing_reused(backend, scan.docs, parent_index)
+                if not missing:
+                    break
+                if attempt or parent is None:
+                    raise publish.missing_error(volume, parent.id if parent else "?", missing)
+                log.warning(
+                    "%d chunk(s) that backup %s of %s names are missing from the store "
+                    "(first %s of %r): reading those files again",
+                    len(missing), parent.id, volume, *next(iter(missing.items())),
+                )
+                parent_index = publish.without(parent_index, missing)
+            hooks = after_snapshot() if after_snapshot is not None else []
+            record = BackupRecord(
+                id=secrets.token_hex(16),
+                volume=volume,
+                host=host or socket.gethostname(),
+                time=when,
+                tree=tree,
+                parent=parent.id if parent else None,
+                tags=sorted(set(tags or [])),
+                files=scan.files,
+                size=scan.size,
+                files_read=scan.files_read,
+                bytes_read=scan.bytes_read,
+                bytes_new=scan.writes.bytes_new,
+                bytes_stored=scan.writes.bytes_stored,
+                duration=round(time.monotonic() - started, 3),
+                hooks=hooks,
+            )
+            publish.check_lease(backend, volume)  # immediately before the publish
+            put_backup(backend, record)
+        except LeaseLapsed as exc:
+            raise publish.not_published(volume, exc) from None
     return record
 
 
