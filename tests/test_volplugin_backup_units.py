@@ -4,6 +4,7 @@ due volumes, the order of consistency hooks (with a fake Docker client), and Sta
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import docker
@@ -206,10 +207,11 @@ class FakeAPI:
         self._execs[exec_id] = (cid, cmd[2])
         return {"Id": exec_id}
 
-    def exec_start(self, exec_id: str) -> bytes:
+    def exec_start(self, exec_id: str, stream: bool = False) -> Iterator[bytes]:
+        assert stream, "hook output is read as a stream (volplugin.backup.hooks.read_tail)"
         cid, cmd = self._execs[exec_id]
         self.calls.append(("exec", f"{cid}:{cmd}"))
-        return b"oops\n" if cmd in self.fail else b"done\n"
+        return iter([b"oops\n" if cmd in self.fail else b"done\n"])
 
     def exec_inspect(self, exec_id: str) -> dict:
         return {"ExitCode": 3 if self._execs[exec_id][1] in self.fail else 0}
