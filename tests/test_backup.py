@@ -53,6 +53,7 @@ def test_round_trip_keeps_every_attribute(store_dir: Path, volume: Path, tmp_pat
             "id": record["id"],
             "time": listing[0]["time"],
             "volume": "bk-vol",
+            "host": record["host"],
             "files": 7,
             "size": record["size"],
             "new_bytes": record["bytes_new"],
