@@ -98,7 +98,13 @@ def test_lazy_volume_is_usable_at_once_and_survives_a_plugin_kill(
             "echo written while lazy > /data/new.txt && echo more >> /data/hello.txt"
             " && rm /data/blob000 && mkdir /data/made && echo x > /data/made/f",
         )  # fmt: skip
-        during = _lazy(plugin, vol)
+        # the first progress the fill reports: the throttle (each file takes at least its
+        # size / SLOW) leaves more than 20 s of fill after it, whatever the load
+        during = wait_for(
+            lambda: (p := _lazy(plugin, vol))["BytesDone"] > 0 and p,
+            "the fill to report progress",
+            timeout=300,
+        )
         assert during["Phase"] == "filling", "the fill ended before the test could look"
         assert 0 < during["BytesDone"] < during["BytesTotal"]
 

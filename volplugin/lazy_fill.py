@@ -16,8 +16,9 @@ placed since, and at the end it syncs before it returns. A restarted fill skips 
 the journal names. It also adopts what an earlier run of the same boot placed but did
 not record yet (the plugin was killed, the host was not): a regular file with the
 recorded size and mtime, a link or node of the recorded type; it syncs them first, so
-after a restart of the plugin nothing is fetched twice, while after a restart of the
-host only what was synced counts. Anything else in the staging directory (temp files
+after a restart of the plugin nothing is fetched twice. After a restart of the host
+only what was synced counts: everything else is removed before the journal takes the
+new boot. Anything else in the staging directory (temp files
 of an interrupted run) is removed at start.
 
 ``rate`` (bytes per second, 0 for no limit) throttles the fill, for tests and for hosts
@@ -186,6 +187,9 @@ class Filler:
         self._done = self.journal.completed() & self.by_path.keys()
         if self.journal.last_boot() == boot:
             self._adopt(root, boot)
+        else:  # what is not recorded may have lost its bytes: fetch it again
+            self._discard_unrecorded()
+            self.journal.record([], boot)  # from now on this boot's page cache counts
         todo = []
         for entry in self.entries:  # count what earlier runs left, so progress never drops
             if entry.kind in _NOT_CONTENT:
@@ -259,6 +263,18 @@ class Filler:
                 adopted.append(entry.path)
         if adopted:
             self.journal.record(adopted, boot)
+
+    def _discard_unrecorded(self) -> None:
+        """Remove every entry the journal does not name (they may have lost their bytes)."""
+        assert self._fds is not None
+        for entry in self.entries:
+            if entry.kind in _NOT_CONTENT or entry.path in self._done:
+                continue
+            parent, name = split(entry.path)
+            try:
+                remove_at(self._fds.get(parent), name)
+            except (Escape, FileNotFoundError):
+                continue
 
     def _lstat(self, path: str) -> os.stat_result | None:
         assert self._fds is not None
