@@ -67,7 +67,7 @@ from layerfs.errors import ObjectMissing, StoreError
 from layerfs.store import packs, s3read
 from layerfs.store.backend import Backend, check_digest, check_doc_name
 from layerfs.store.cache import BlobCache
-from layerfs.store.chunks import blob_matches
+from layerfs.store.chunks import blob_matches, digest_of
 from layerfs.store.leases import LeaseManager, lease_timeouts, server_now
 from layerfs.store.packs import BlobPlace, PackWriter
 
@@ -126,8 +126,12 @@ class S3Stats:
 
 
 def _intact(digest: str, pack: bytes, offset: int, length: int) -> bool:
-    """Whether the blob at ``offset`` of ``pack`` is whole and decodes to bytes named ``digest``."""
-    return offset + length <= len(pack) and blob_matches(digest, pack[offset : offset + length])
+    """Whether the blob at ``offset`` of ``pack`` is whole and named by its bytes: as a
+    stored chunk (ChunkStore's encoding) or as plain bytes (the Backend contract)."""
+    if offset + length > len(pack):
+        return False
+    blob = memoryview(pack)[offset : offset + length]
+    return digest_of(blob) == digest or blob_matches(digest, blob)
 
 
 def default_cache_root() -> Path:
