@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.index import ImageView
-from layerfs.maintenance.pins import list_pins, pin
+from layerfs.maintenance.pins import list_pins, pin, unpin
 from layerfs.records import Kind, get_tree
 from layerfs.store.location import open_store
 from tests.support.backuptree import describe, make_tree
@@ -251,3 +251,32 @@ def test_a_switch_done_before_its_unpin_unpins_at_start(backup, tmp_path: Path) 
     finally:
         again.close()
         svc.state.close()
+
+
+def test_a_lazy_volume_of_a_version_without_pins_is_pinned_at_start(
+    backup, tmp_path: Path, monkeypatch
+) -> None:
+    url, record, _volume = backup
+    root = tmp_path / "root"
+    svc = VolumeService.open(root, "vp-lazy")
+    worker = LazyVolumes.attach(svc, url, background=False)
+    try:
+        svc.create("v", {"from": record.id, "lazy": "true"})
+        unpin(open_store(url).backend, worker.state.get("v").pin)
+        worker.state.set_pin("v", None)
+    finally:
+        worker.close()
+        svc.state.close()
+    assert _pins(url) == []
+    monkeypatch.setenv("VOLPLUGIN_LAZY_FILL_RATE", "1K")  # the fill stays running
+    svc = VolumeService.open(root, "vp-lazy")
+    main = LazyVolumes.attach(svc, url)
+    try:
+        assert [p.holder for p in _pins(url)] == [f"lazy volume v from backup {record.id}"]
+        assert main.state.get("v").pin == _pins(url)[0].id
+        svc.remove("v")
+        assert _pins(url) == []
+    finally:
+        main.close()
+        svc.state.close()
+        release(root / "volumes" / "v")

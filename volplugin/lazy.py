@@ -277,6 +277,11 @@ class LazyVolumes:
 
     def _resume(self, lazy: LazyRecord) -> None:
         path = self.service.path_of(lazy.name)
+        if lazy.pin is None and lazy.phase in ("filling", "filled", "switching"):
+            try:
+                self._pin_again(lazy)
+            except (LayerfsError, OSError) as exc:  # serve what is local and cached anyway
+                log.warning("volume %s: cannot pin its backup's tree: %s", lazy.name, exc)
         if lazy.phase in ("filling", "filled"):
             if not is_mounted(path):
                 log.warning("volume %s: its lazy mount is gone; mounting it again", lazy.name)
@@ -285,6 +290,18 @@ class LazyVolumes:
         elif lazy.phase == "switching":
             with self.service.lock:
                 self._switch_locked(lazy.name)
+
+    def _pin_again(self, lazy: LazyRecord) -> None:
+        """Pin the tree of a lazy volume made by a version without pins (if it is still there)."""
+        store = open_store(self.store_url)
+        try:
+            backend = store.backend
+            with backend.lock(exclusive=False):
+                get_tree(store, lazy.tree)  # raises if a prune took it already
+                held = pin(backend, lazy.tree, f"lazy volume {lazy.name} from backup {lazy.backup}")
+                self.state.set_pin(lazy.name, held.id)
+        finally:
+            store.backend.close()
 
     # -- fill ----------------------------------------------------------------------------
 
