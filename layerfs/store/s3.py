@@ -32,10 +32,10 @@ and merges many small indexes into one. ``rebuild_index`` re-creates index
 entries from the pack trailers.
 
 Writes are fenced by the store lease (see layerfs.store.leases): every index
-object and document is written only after ``leases.check`` found the lease
-sure to last a third of its period more. The lease calls use a client of their
-own whose timeouts are well inside the period. ``LAYERFS_S3_LEASE_TTL`` sets
-the period (60 s).
+object and document is written, and repack's deletions made, only after
+``leases.check`` found the lease sure to last a third of its period more.
+The lease calls use a client of their own whose timeouts are well inside the
+period. ``LAYERFS_S3_LEASE_TTL`` sets the period (60 s).
 
 Endpoint and credentials come from the usual AWS environment and config files
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); addressing is path-style.
@@ -855,6 +855,7 @@ class S3Backend(Backend):
             new_doc[writer.pack_id] = writer.blobs
         if new_doc:
             self._write_index(new_doc)
+        self.leases.check()  # the exclusive lease still keeps writers out
         self._delete([f"index/{i}" for i in old_indexes], "old indexes")
         self._delete([self._pack_rel(p) for p in affected - kept], "old packs")
         if self._holds_exclusive():
@@ -887,6 +888,7 @@ class S3Backend(Backend):
             )
         if orphans:
             log.info("removing %d pack(s) that no index names", len(orphans))
+            self.leases.check()
             self._delete(orphans, "unindexed packs")
         return len(orphans)
 
