@@ -9,17 +9,24 @@ each crafted path points at stay as they were.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from layerfs.maintenance.pins import list_pins
 from layerfs.records import encode_tree_docs
 from layerfs.store.location import open_store
 from tests.support.backuptree import volplugin
+from tests.support.plugin import VOLPLUGIN
+from tests.support.waiting import wait_for
 from volplugin.backup.docs import BackupRecord, put_backup
+from volplugin.backup.restore import STAGING_PREFIX
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="restores keep owners (root)")
 
@@ -127,3 +134,51 @@ def test_restore_leaves_no_staging_and_refuses_a_symlinked_target(tmp_path: Path
     )
     assert proc.returncode != 0 and "not a directory" in proc.stderr, proc.stderr
     assert os.listdir(elsewhere) == []
+
+
+def test_a_prune_during_a_restore_keeps_the_data_it_reads(tmp_path: Path) -> None:
+    """The restore is stopped (SIGSTOP) at its start while a prune forgets its backup."""
+    store_dir = tmp_path / "store"
+    src = tmp_path / "src"
+    for i in range(8):
+        (src / f"d{i}").mkdir(parents=True)
+        for j in range(10):
+            (src / f"d{i}" / f"f{j}").write_bytes(os.urandom(1 << 20))
+    old = json.loads(volplugin("backup", "v", "--path", str(src), "--json", store=store_dir).stdout)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    volplugin("backup", "v", "--path", str(empty), store=store_dir)
+    target = tmp_path / "target"
+    env = dict(os.environ, LAYERFS_STORE=str(store_dir))
+    restoring = subprocess.Popen(
+        [VOLPLUGIN, "restore", old["id"], "--to-dir", str(target)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: (
+                target.exists() and any(n.startswith(STAGING_PREFIX) for n in os.listdir(target))
+            ),
+            "the restore to start",
+            interval=0.001,
+            guard=lambda: restoring.poll() is None,
+        )
+        restoring.send_signal(signal.SIGSTOP)
+        pruned = volplugin("prune", "--keep-last", "1", "--grace", "0", "--json", store=store_dir)
+        assert [b["id"] for b in json.loads(pruned.stdout)["remove"]] == [old["id"]]
+    finally:
+        restoring.send_signal(signal.SIGCONT)
+    out, err = restoring.communicate(timeout=300)
+    assert restoring.returncode == 0, err
+    for i in range(8):
+        for j in range(10):
+            got = (target / f"d{i}" / f"f{j}").read_bytes()
+            assert got == (src / f"d{i}" / f"f{j}").read_bytes()
+    store = open_store(str(store_dir))
+    try:
+        assert list_pins(store.backend) == []  # released when the restore ended
+    finally:
+        store.backend.close()
