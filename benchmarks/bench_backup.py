@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -130,9 +131,10 @@ def change_files(files: list[Path], seed: int, share: float = 0.01) -> int:
 
 @dataclass
 class Measure:
-    """One timed step: wall seconds, peak RSS of its process tree, and what it printed."""
+    """One timed step: wall and CPU seconds, peak RSS of its process tree, what it printed."""
 
     seconds: float = 0.0
+    cpu: float = 0.0  # user + system seconds of the process tree (children waited for)
     peak_rss: int = 0
     stdout: str = ""
     extra: dict = field(default_factory=dict)
@@ -141,6 +143,7 @@ class Measure:
 def measured(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> Measure:
     """Run a command; sample the VmHWM of its process tree until it ends."""
     peaks: dict[int, int] = {}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     proc = subprocess.Popen(
         cmd, env=env, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -156,11 +159,13 @@ def measured(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> 
             peaks[pid] = max(peaks.get(pid, 0), peak_rss_bytes([pid]))
         time.sleep(0.05)
     seconds = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     reader.join()
     reader_err.join()
     if proc.returncode != 0:
         raise BenchError(f"{cmd} failed ({proc.returncode}): {''.join(err)[-3000:]}")
-    return Measure(seconds, sum(peaks.values()), "".join(out))
+    return Measure(seconds, cpu, sum(peaks.values()), "".join(out))
 
 
 def bucket_usage(client, bucket: str) -> tuple[int, int]:
@@ -363,6 +368,7 @@ def report(args, load, size, apparent, nfiles, changed, rows) -> None:  # noqa: 
                 f"{r['first'].seconds:.1f}",
                 f"{r['second'].seconds:.1f}",
                 f"{r['restore'].seconds:.1f}",
+                f"{r['first'].cpu:.1f} / {r['second'].cpu:.1f}",
                 human_bytes(stored),
                 objects,
                 human_bytes(max(r["first"].peak_rss, r["second"].peak_rss)),
@@ -373,6 +379,10 @@ def report(args, load, size, apparent, nfiles, changed, rows) -> None:  # noqa: 
     ratios = ", ".join(
         f"{what} {_fmt_ratio(vp[key].seconds, rs[key].seconds)}"
         for what, key in (("first backup", "first"), ("second", "second"), ("restore", "restore"))
+    )
+    cpu_ratios = ", ".join(
+        f"{what} {_fmt_ratio(vp[key].cpu, rs[key].cpu)}"
+        for what, key in (("first backup", "first"), ("second", "second"))
     )
     first, second = vp["first"].extra["stats"], vp["second"].extra["stats"]
     rest = vp["restore"].extra["stats"]
@@ -396,14 +406,17 @@ def report(args, load, size, apparent, nfiles, changed, rows) -> None:  # noqa: 
             f"`{command_line()}`: a tree of {nfiles} files, {human_bytes(apparent)} "
             f"(35% small text files, 50% large random files, 15% copies; seed {args.seed}); "
             f"the second backup follows a change to {changed} files (1%). Restores start with "
-            "empty local caches. Times in seconds; RSS is the sum of VmHWM over each process "
-            "tree; stored bytes and objects are the bucket after both backups.",
+            "empty local caches. Times in seconds (wall clock; the CPU column is user + "
+            "system time of each backup's process tree, less sensitive to other load); RSS "
+            "is the sum of VmHWM over each process tree; stored bytes and objects are the "
+            "bucket after both backups.",
             markdown_table(
                 [
                     "tool",
                     "first backup",
                     "second backup",
                     "restore",
+                    "backup CPU s (first / second)",
                     "stored",
                     "objects",
                     "peak RSS backup",
@@ -411,7 +424,8 @@ def report(args, load, size, apparent, nfiles, changed, rows) -> None:  # noqa: 
                 ],
                 table,
             ),
-            f"volplugin / restic time: {ratios} (target ≤ 1.0×). Stored bytes "
+            f"volplugin / restic time: {ratios} (target ≤ 1.0×); CPU time: {cpu_ratios}. "
+            "Stored bytes "
             f"{_fmt_ratio(vp['stored'][0], rs['stored'][0])}, objects "
             f"{_fmt_ratio(vp['stored'][1], rs['stored'][1])} of restic's (target ≤ 1.0×).",
             "volplugin's S3 requests (the store's counters):\n\n" + "\n".join(stats_lines),
