@@ -223,6 +223,8 @@ class _Run:
                 dir_fd=self.root,
             )
         except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.staging_name, dir_fd=self.root)
             self.dirs.close()
             os.close(self.root)
             raise
