@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS, sweep_locked
 from layerfs.maintenance.roots import all_roots
 from layerfs.records import BadTree, decode_tree_docs, encode_tree_docs, get_tree
 from layerfs.store.chunks import ChunkStore
+from layerfs.store.leases import LeaseLapsed
+from volplugin.backup import publish
 from volplugin.backup.diff import Change, diff_entries
 from volplugin.backup.docs import (
     BackupRecord,
@@ -71,19 +72,20 @@ def create_backup(
 
     ``after_snapshot`` runs once the data is in the store and before the record is
     written; what it returns is kept in the record's ``hooks`` (see backup/hooks.py).
-    Before the record is written, the chunks taken from the parent are confirmed
-    to be in the store (files whose chunks are gone are read again) and the store
-    lease to be good (see backup/publish.py); else nothing is published.
+    The parent is the last backup of ``volume`` by this host (``host``, by default
+    the configured host id). Before the record is written, the chunks taken from
+    the parent are confirmed to be in the store (files whose chunks are gone are
+    read again) and the store lease to be good (see backup/publish.py); else
+    nothing is published.
     """
-    from layerfs.store.leases import LeaseLapsed
-    from volplugin.backup import publish
-
     backend = store.backend
+    host = host or host_id()
     writer = ChunkStore(backend, cache_bytes=0, level=BACKUP_LEVEL)
     started = time.monotonic()
     when = time.time()
     with backend.lock(exclusive=False):
-        previous = list_backups(backend, volume)
+        # the parent is this host's last backup: another host's inodes say nothing here
+        previous = [b for b in list_backups(backend, volume) if b.host == host]
         parent = previous[-1] if previous else None
         parent_index = _parent_index(store, parent)
         try:
@@ -101,14 +103,17 @@ def create_backup(
                 log.warning(
                     "%d chunk(s) that backup %s of %s names are missing from the store "
                     "(first %s of %r): reading those files again",
-                    len(missing), parent.id, volume, *next(iter(missing.items())),
+                    len(missing),
+                    parent.id,
+                    volume,
+                    *next(iter(missing.items())),
                 )
                 parent_index = publish.without(parent_index, missing)
             hooks = after_snapshot() if after_snapshot is not None else []
             record = BackupRecord(
                 id=secrets.token_hex(16),
                 volume=volume,
-                host=host or socket.gethostname(),
+                host=host,
                 time=when,
                 tree=tree,
                 parent=parent.id if parent else None,
