@@ -182,3 +182,20 @@ def test_a_prune_during_a_restore_keeps_the_data_it_reads(tmp_path: Path) -> Non
         assert list_pins(store.backend) == []  # released when the restore ended
     finally:
         store.backend.close()
+
+
+def test_crafted_backup_into_a_new_volume_creates_no_volume(tmp_path: Path) -> None:
+    """`volplugin restore --to NEWVOL` checks the tree before it creates the volume."""
+    store_dir = tmp_path / "store"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    docs, bad, _word = crafted_cases(outside)["dotdot"]
+    backup_id = put_crafted(store_dir, docs)
+    root = tmp_path / "plugin"
+    proc = volplugin(
+        "--root", str(root), "restore", backup_id, "--to", "newvol", store=store_dir, check=False
+    )
+    assert proc.returncode != 0 and repr(bad) in proc.stderr, proc.stderr
+    listed = volplugin("--root", str(root), "ls", "--json", store=store_dir, check=False)
+    assert "newvol" not in listed.stdout, listed.stdout
+    assert not (root / "volumes" / "newvol").exists()

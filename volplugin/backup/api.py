@@ -106,15 +106,11 @@ def list_(doc: dict) -> dict:
 @endpoint("/Backup.Restore")
 def restore(doc: dict) -> dict:
     store = _store()
-    ref = service.get_backup(store.backend, field(doc, "Backup")).id
-    target = volumes.restore_dir(_volumes(), field(doc, "Volume"))
-    record, result = service.restore_backup(
-        store,
-        ref,
-        target,
-        subpath=_optional_str(doc, "Path"),
-        force=bool(doc.get("Force", False)),
-    )
+    with service.open_restore(
+        store, field(doc, "Backup"), subpath=_optional_str(doc, "Path")
+    ) as plan:  # the backup is found and checked before a volume is created
+        target = volumes.restore_dir(_volumes(), field(doc, "Volume"))
+        record, result = plan.run(target, force=bool(doc.get("Force", False)))
     return {
         "Restore": {
             "id": record.id,

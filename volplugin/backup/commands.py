@@ -140,9 +140,9 @@ def restore_cmd(
     """Restore BACKUP (or its --path) into a volume or directory."""
     if (to_volume is None) == (to_dir is None):
         raise BackupError("give exactly one of --to VOLUME or --to-dir DIR")
-    backup = service.get_backup(store.backend, backup).id  # before creating a volume
-    target = to_dir if to_dir is not None else volumes.restore_dir(_service_of(obj), to_volume)
-    record, result = service.restore_backup(store, backup, target, subpath=subpath, force=force)
+    with service.open_restore(store, backup, subpath=subpath) as plan:  # before a volume exists
+        target = to_dir if to_dir is not None else volumes.restore_dir(_service_of(obj), to_volume)
+        record, result = plan.run(target, force=force)
     doc = {
         "id": record.id,
         "target": str(target),

@@ -10,7 +10,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from layerfs.errors import StoreError
 from layerfs.maintenance import CheckReport, GcReport, backup_roots, check_store, pins
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS, sweep_locked
 from layerfs.maintenance.roots import all_roots
-from layerfs.records import BadTree, decode_tree_docs, encode_tree_docs, get_tree
+from layerfs.records import BadTree, Entry, decode_tree_docs, encode_tree_docs, get_tree
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.leases import LeaseLapsed
 from volplugin.backup import publish
@@ -134,6 +135,55 @@ def create_backup(
     return record
 
 
+@dataclass
+class RestorePlan:
+    """A backup found, pinned and checked, ready to restore (see ``open_restore``)."""
+
+    store: ChunkStore
+    record: BackupRecord
+    entries: list[Entry]
+    chosen: list[Entry]
+
+    def run(self, target: Path, *, force: bool = False) -> tuple[BackupRecord, RestoreResult]:
+        """Restore into ``target``; returns once the restored files are synced to disk."""
+        fresh = check_target(target, force)
+        result = Restorer(self.store, target, self.entries, fresh=fresh).run(self.chosen)
+        sync_target(target)
+        return self.record, result
+
+
+@contextmanager
+def open_restore(
+    store: ChunkStore,
+    ref: str,
+    *,
+    subpath: str | None = None,
+    holder: str | None = None,
+) -> Iterator[RestorePlan]:
+    """Find backup ``ref``, pin its tree and check every entry, before any target exists.
+
+    The tree is pinned (``holder`` says who for; found under the store's shared
+    lock, in the same hold) until the ``with`` ends, so a prune meanwhile keeps
+    its data. A tree with a bad entry raises RestoreError naming the backup and
+    the path, before anything is created or written.
+    """
+    backend = store.backend
+    with backend.lock(exclusive=False):
+        record = get_backup(backend, ref)
+        pin = pins.pin(backend, record.tree, holder or f"restore of backup {record.id}")
+    try:
+        try:
+            entries, _meta = get_tree(store, record.tree)
+        except BadTree as exc:
+            raise RestoreError(
+                f"backup {record.id} (volume {record.volume!r}) cannot be restored, nothing "
+                f"was written: {exc}"
+            ) from None
+        yield RestorePlan(store, record, entries, select_entries(entries, subpath))
+    finally:
+        pins.unpin(backend, pin.id)
+
+
 def restore_backup(
     store: ChunkStore,
     ref: str,
@@ -143,34 +193,10 @@ def restore_backup(
     force: bool = False,
     holder: str | None = None,
 ) -> tuple[BackupRecord, RestoreResult]:
-    """Restore a backup (or the part under ``subpath``) into ``target``, durably.
-
-    The backup's tree is pinned (``holder`` says who for; found under the store's
-    shared lock, in the same hold) until the restore is over, so a prune meanwhile
-    keeps its data. A tree with a bad entry is refused before anything is written.
-    Returns once the restored files are synced to disk.
-    """
-    backend = store.backend
-    with backend.lock(exclusive=False):
-        record = get_backup(backend, ref)
-        pin = pins.pin(
-            backend, record.tree, holder or f"restore of backup {record.id} into {target}"
-        )
-    try:
-        try:
-            entries, _meta = get_tree(store, record.tree)
-        except BadTree as exc:
-            raise RestoreError(
-                f"backup {record.id} (volume {record.volume!r}) cannot be restored, nothing "
-                f"was written: {exc}"
-            ) from None
-        chosen = select_entries(entries, subpath)
-        fresh = check_target(target, force)
-        result = Restorer(store, target, entries, fresh=fresh).run(chosen)
-        sync_target(target)
-    finally:
-        pins.unpin(backend, pin.id)
-    return record, result
+    """Restore a backup (or the part under ``subpath``) into ``target``, durably."""
+    holder = holder or f"restore of backup {ref} into {target}"
+    with open_restore(store, ref, subpath=subpath, holder=holder) as plan:
+        return plan.run(target, force=force)
 
 
 def diff_backups(store: ChunkStore, ref_a: str, ref_b: str) -> list[Change]:
