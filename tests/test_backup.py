@@ -58,6 +58,7 @@ def test_round_trip_keeps_every_attribute(store_dir: Path, volume: Path, tmp_pat
             "size": record["size"],
             "new_bytes": record["bytes_new"],
             "tags": ["first"],
+            "skipped": 0,
         }
     ]
 

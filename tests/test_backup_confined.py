@@ -112,6 +112,24 @@ def test_directory_swapped_for_a_symlink_is_skipped_and_reported(
             assert secret not in _content(local, entry)
 
 
+def test_backup_record_names_skipped_paths(
+    tmp_path: Path, local: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from volplugin.backup import service
+
+    vol = tmp_path / "vol"
+    _volume_dir(vol / "d")
+
+    def swap() -> None:
+        os.rename(vol / "d", vol / "d.moved")
+        os.symlink(tmp_path, vol / "d")
+
+    _swap_before(monkeypatch, "_dir", "d", swap)
+    record = service.create_backup(local, "v", vol, host="h")
+    assert record.skipped == ["d"]
+    assert service.get_backup(local.backend, record.id).summary()["skipped"] == 1
+
+
 def test_directory_swapped_for_another_directory_is_skipped(
     tmp_path: Path, local: ChunkStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,6 +32,8 @@ class BackupRecord:
     bytes_stored: int = 0  # stored (compressed) bytes of those chunks
     duration: float = 0.0
     hooks: list[dict] = field(default_factory=list)  # consistency actions (backup/hooks.py)
+    # paths that changed identity while read (a directory swapped for a symlink...): not in it
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def time_iso(self) -> str:
@@ -51,6 +53,7 @@ class BackupRecord:
             "size": self.size,
             "new_bytes": self.bytes_new,
             "tags": list(self.tags),
+            "skipped": len(self.skipped),
         }
 
 

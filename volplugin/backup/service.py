@@ -127,6 +127,7 @@ def create_backup(
                 bytes_stored=scan.writes.bytes_stored,
                 duration=round(time.monotonic() - started, 3),
                 hooks=hooks,
+                skipped=scan.skipped,
             )
             publish.check_lease(backend, volume)  # immediately before the publish
             put_backup(backend, record)
