@@ -19,17 +19,20 @@ from pathlib import Path
 import pytest
 
 from tests.support.backuptree import describe
-from tests.support.s3backup import S3Store, backup, cli, fill_random, fresh_store, start_cli
+from tests.support.s3backup import (
+    S3Store,
+    backup,
+    cli,
+    fill_random,
+    start_cli,
+    store_fixture,
+)
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture
-def store(s3_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
-    with fresh_store(s3_env, "bks3-conc") as s:
-        yield s
+store = store_fixture("bks3-conc")
 
 
 def _finish(proc, log: list[str] | None = None) -> dict:

@@ -17,17 +17,13 @@ import pytest
 from layerfs.records import get_tree
 from layerfs.store import packs
 from layerfs.store.location import open_store
-from tests.support.s3backup import S3Store, backup, cli, fill_random, fresh_store
+from tests.support.s3backup import S3Store, backup, cli, fill_random, store_fixture
 from volplugin.backup import service
 
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture
-def store(s3_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
-    with fresh_store(s3_env, "bks3-dmg") as s:
-        yield s
+store = store_fixture("bks3-dmg")
 
 
 def _pack_of(store: S3Store, digest: str) -> str:

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.s3backup import S3Store, backup, cli, fill_random, fresh_store, start_cli
+from tests.support.s3backup import (
+    S3Store,
+    backup,
+    cli,
+    fill_random,
+    start_cli,
+    store_fixture,
+)
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.s3
@@ -24,11 +31,7 @@ pytestmark = pytest.mark.s3
 LEASE_TTL = "6"
 
 
-@pytest.fixture
-def store(s3_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
-    with fresh_store(s3_env, "bks3-fence") as s:
-        yield s
+store = store_fixture("bks3-fence")
 
 
 def test_a_writer_stopped_past_its_lease_publishes_nothing(store: S3Store, tmp_path: Path) -> None:

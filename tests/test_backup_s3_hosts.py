@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.plugin import PluginProcess, without_docker
-from tests.support.s3backup import S3Store, cli, fresh_store
+from tests.support.s3backup import S3Store, cli, store_fixture
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.s3
@@ -25,11 +25,7 @@ pytestmark = pytest.mark.s3
 VOLUME = "app_db"
 
 
-@pytest.fixture
-def store(s3_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
-    with fresh_store(s3_env, "bks3-hosts") as s:
-        yield s
+store = store_fixture("bks3-hosts")
 
 
 def _serve(tmp_path: Path, store: S3Store, host: str) -> PluginProcess:

@@ -22,7 +22,7 @@ import pytest
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.s3 import PACK_SIZE, S3Backend
 from tests.support.plugin import PluginProcess, UnixHTTPConnection
-from tests.support.s3backup import cli, fill_random, fresh_store, start_cli
+from tests.support.s3backup import cli, fill_random, start_cli, store_fixture
 from tests.support.waiting import wait_for
 from volplugin.backup import service
 
@@ -31,11 +31,7 @@ pytestmark = pytest.mark.s3
 FILES, FILE_SIZE = 16, 32 << 20  # 512 MiB of incompressible data: 16 packs
 
 
-@pytest.fixture
-def store(s3_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
-    with fresh_store(s3_env, "bks3-kill") as s:
-        yield s
+store = store_fixture("bks3-kill")
 
 
 def _listed(store) -> list[str]:

@@ -21,9 +21,8 @@ from layerfs.index import ImageView
 from layerfs.maintenance.pins import list_pins, pin, unpin
 from layerfs.records import Kind, get_tree
 from layerfs.store.location import open_store
-from tests.support.backuptree import describe, make_tree
+from tests.support.backuptree import backed_up, describe
 from tests.support.waiting import wait_for
-from volplugin.backup import service
 from volplugin.lazy import LazyVolumes
 from volplugin.lazy_fill import Filler, MemoryJournal, boot_id
 from volplugin.lazy_merge import merge_upper
@@ -37,12 +36,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, d
 @pytest.fixture
 def backup(tmp_path: Path):
     """A backup of a tree with every kind of entry, in a local store: (URL, record, dir)."""
-    url = str(tmp_path / "store")
-    volume = tmp_path / "vol"
-    make_tree(volume)
-    store = open_store(url)
-    record = service.create_backup(store, "lazy-safety", volume)
-    return url, record, volume
+    return backed_up(tmp_path, "lazy-safety")
 
 
 def _entries(url: str, record):

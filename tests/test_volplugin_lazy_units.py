@@ -12,10 +12,9 @@ import pytest
 from layerfs.index import ImageView
 from layerfs.records import get_tree
 from layerfs.store.location import open_store
-from tests.support.backuptree import describe, make_tree
+from tests.support.backuptree import backed_up, describe
 from tests.support.waiting import wait_for
 from volplugin import options
-from volplugin.backup import service
 from volplugin.errors import BadOption
 from volplugin.lazy import LazyVolumes
 from volplugin.lazy_fill import Filler, MemoryJournal, parse_rate
@@ -28,13 +27,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, d
 
 @pytest.fixture
 def backup(tmp_path: Path):
-    """A backup of a tree with every kind of entry, in a local store: (store URL, record)."""
-    url = str(tmp_path / "store")
-    volume = tmp_path / "vol"
-    make_tree(volume)
-    store = open_store(url)
-    record = service.create_backup(store, "lazy-unit", volume)
-    return url, record, volume
+    """A backup of a tree with every kind of entry, in a local store: (URL, record, dir)."""
+    return backed_up(tmp_path, "lazy-unit")
 
 
 def _entries(url: str, record):

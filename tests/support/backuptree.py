@@ -140,3 +140,14 @@ def age(path: Path, seconds: float) -> None:
     """Make a file look ``seconds`` old."""
     st = os.stat(path)
     os.utime(path, (st.st_atime - seconds, st.st_mtime - seconds))
+
+
+def backed_up(tmp_path: Path, volume: str):  # noqa: ANN201 - test helper
+    """make_tree's tree backed up as ``volume`` into a local store: (store URL, record, dir)."""
+    from layerfs.store import open_store
+    from volplugin.backup import service
+
+    url = str(tmp_path / "store")
+    directory = tmp_path / "vol"
+    make_tree(directory)
+    return url, service.create_backup(open_store(url), volume, directory), directory

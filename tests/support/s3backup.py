@@ -54,6 +54,19 @@ def fresh_store(env: ceph.S3Env, tag: str) -> Iterator[S3Store]:
         collect_garbage()
 
 
+def store_fixture(tag: str):  # noqa: ANN201 - a pytest fixture
+    """A ``store`` fixture: a fresh bucket tagged ``tag`` and a private local cache."""
+    import pytest
+
+    @pytest.fixture
+    def store(s3_env, tmp_path, monkeypatch):  # noqa: ANN001, ANN202
+        monkeypatch.setenv("LAYERFS_CACHE_DIR", str(tmp_path / "cache"))
+        with fresh_store(s3_env, tag) as s:
+            yield s
+
+    return store
+
+
 def collect_garbage() -> None:
     """Run radosgw's garbage collection now, so deleted objects leave the OSD's memory."""
     subprocess.run(
