@@ -22,7 +22,7 @@ import pytest
 from layerfs.maintenance.pins import list_pins
 from layerfs.records import encode_tree_docs
 from layerfs.store.location import open_store
-from tests.support.backuptree import volplugin
+from tests.support.backuptree import describe, volplugin
 from tests.support.plugin import VOLPLUGIN
 from tests.support.waiting import wait_for
 from volplugin.backup.docs import BackupRecord, put_backup
@@ -136,14 +136,19 @@ def test_restore_leaves_no_staging_and_refuses_a_symlinked_target(tmp_path: Path
     assert os.listdir(elsewhere) == []
 
 
-def test_a_prune_during_a_restore_keeps_the_data_it_reads(tmp_path: Path) -> None:
-    """The restore is stopped (SIGSTOP) at its start while a prune forgets its backup."""
-    store_dir = tmp_path / "store"
-    src = tmp_path / "src"
+def _megabyte_files(src: Path) -> Path:
+    """80 random files of 1 MiB in 8 directories: a restore of a few seconds' work."""
     for i in range(8):
         (src / f"d{i}").mkdir(parents=True)
         for j in range(10):
             (src / f"d{i}" / f"f{j}").write_bytes(os.urandom(1 << 20))
+    return src
+
+
+def test_a_prune_during_a_restore_keeps_the_data_it_reads(tmp_path: Path) -> None:
+    """The restore is stopped (SIGSTOP) at its start while a prune forgets its backup."""
+    store_dir = tmp_path / "store"
+    src = _megabyte_files(tmp_path / "src")
     old = json.loads(volplugin("backup", "v", "--path", str(src), "--json", store=store_dir).stdout)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -199,3 +204,48 @@ def test_crafted_backup_into_a_new_volume_creates_no_volume(tmp_path: Path) -> N
     listed = volplugin("--root", str(root), "ls", "--json", store=store_dir, check=False)
     assert "newvol" not in listed.stdout, listed.stdout
     assert not (root / "volumes" / "newvol").exists()
+
+
+def test_a_restore_into_a_new_volume_killed_midway_leaves_no_volume(tmp_path: Path) -> None:
+    """The new volume exists only once its restore is complete; the kill leaves trash."""
+    from volplugin.volumes import VolumeService
+
+    store_dir = tmp_path / "store"
+    src = _megabyte_files(tmp_path / "src")
+    backup = json.loads(
+        volplugin("backup", "v", "--path", str(src), "--json", store=store_dir).stdout
+    )
+    root = tmp_path / "plugin"
+    VolumeService.open(root, "volplugin").state.close()
+    env = dict(os.environ, LAYERFS_STORE=str(store_dir))
+    cmd = [VOLPLUGIN, "--root", str(root), "restore", backup["id"], "--to", "newvol"]
+    restoring = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    trash = root / "trash"
+
+    def some_files_written() -> bool:
+        return any(
+            name.startswith(STAGING_PREFIX) and os.listdir(os.path.join(top, name))
+            for top, dirs, _files in os.walk(trash)
+            for name in dirs
+        )
+
+    try:
+        wait_for(
+            some_files_written,
+            "the restore to write its first files",
+            interval=0.001,
+            guard=lambda: restoring.poll() is None,
+        )
+    finally:
+        restoring.kill()
+        restoring.communicate(timeout=60)
+    assert not (root / "volumes" / "newvol").exists()
+    listed = volplugin("--root", str(root), "ls", "--json", store=store_dir)
+    assert "newvol" not in listed.stdout
+    service = VolumeService.open(root, "volplugin")
+    service.empty_trash()  # what `volplugin serve` does at start
+    service.state.close()
+    assert os.listdir(trash) == []
+
+    volplugin(*cmd[1:], store=store_dir)
+    assert describe(root / "volumes" / "newvol") == describe(src)

@@ -133,7 +133,9 @@ class VolumeService:
 
     # -- operations ----------------------------------------------------------------------
 
-    def create(self, name: str, opts: dict | None) -> VolumeRecord:
+    def create(self, name: str, opts: dict | None, *, adopt: bool = False) -> VolumeRecord:
+        """Record a volume and make its directory (``adopt``: its directory was made on
+        purpose, e.g. restored, so taking it over is no surprise)."""
         path = self.path_of(name)
         normal = options.normalize(opts)
         with self.lock:
@@ -147,7 +149,7 @@ class VolumeService:
                 return existing
             fresh = not path.exists()
             path.mkdir(mode=0o755, exist_ok=True)
-            if not fresh:
+            if not fresh and not adopt:
                 log.warning("volume %s: adopting the existing directory %s", name, path)
             _apply_root_options(path, normal, fresh)
             record = self.state.add(name, normal, now_iso())

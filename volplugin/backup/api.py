@@ -109,8 +109,10 @@ def restore(doc: dict) -> dict:
     with service.open_restore(
         store, field(doc, "Backup"), subpath=_optional_str(doc, "Path")
     ) as plan:  # the backup is found and checked before a volume is created
-        target = volumes.restore_dir(_volumes(), field(doc, "Volume"))
-        record, result = plan.run(target, force=bool(doc.get("Force", False)))
+        target, result = volumes.restore_into_volume(
+            _volumes(), field(doc, "Volume"), plan, force=bool(doc.get("Force", False))
+        )
+        record = plan.record
     return {
         "Restore": {
             "id": record.id,

@@ -141,8 +141,13 @@ def restore_cmd(
     if (to_volume is None) == (to_dir is None):
         raise BackupError("give exactly one of --to VOLUME or --to-dir DIR")
     with service.open_restore(store, backup, subpath=subpath) as plan:  # before a volume exists
-        target = to_dir if to_dir is not None else volumes.restore_dir(_service_of(obj), to_volume)
-        record, result = plan.run(target, force=force)
+        if to_dir is not None:
+            target, result = to_dir, plan.run(to_dir, force=force)[1]
+        else:
+            target, result = volumes.restore_into_volume(
+                _service_of(obj), to_volume, plan, force=force
+            )
+        record = plan.record
     doc = {
         "id": record.id,
         "target": str(target),

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from volplugin.backup.restore import RestoreResult
+from volplugin.backup.service import RestorePlan
 from volplugin.errors import VolpluginError
 from volplugin.state import BackupInfo, State
 from volplugin.volumes import VolumeService
@@ -21,11 +26,36 @@ def volume_dir(service: VolumeService, volume: str) -> Path:
     return service.path_of(service.get(volume).name)
 
 
-def restore_dir(service: VolumeService, volume: str) -> Path:
-    """The directory of a volume to restore into, creating the volume when it is new."""
-    if service.state.get(volume) is None:
-        service.create(volume, {})
-    return volume_dir(service, volume)
+def restore_into_volume(
+    service: VolumeService, volume: str, plan: RestorePlan, *, force: bool = False
+) -> tuple[Path, RestoreResult]:
+    """Restore ``plan`` into ``volume``: (the volume's directory, what was written).
+
+    An existing volume is restored into in place (``force`` to overwrite a non-empty
+    one). A new volume is first restored into a private directory in the plugin's
+    trash, and becomes a volume (that directory renamed into place, then adopted by
+    Create) only once the restore is complete and synced: a restore killed midway
+    leaves no volume behind, and its directory goes with the trash at the next start.
+    """
+    if service.state.get(volume) is not None:
+        path = volume_dir(service, volume)
+        return path, plan.run(path, force=force)[1]
+    path = service.path_of(volume)  # validates the name
+    service.trash_dir.mkdir(exist_ok=True)
+    staging = service.trash_dir / f"restoring-{uuid.uuid4().hex}"
+    try:
+        result = plan.run(staging)[1]
+        try:
+            os.rename(staging, path)
+        except OSError as exc:
+            raise VolpluginError(
+                f"volume {volume!r} appeared while it was being restored ({exc}): "
+                "restore into it with --force, or pick another name"
+            ) from exc
+        service.create(volume, {}, adopt=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path, result
 
 
 def record_outcome(
