@@ -158,3 +158,23 @@ def test_lock_notes_of_killed_holders_are_ignored_and_forgotten(tmp_path: Path) 
     with backend.lock(exclusive=True):
         assert [h["pid"] for h in backend.lock_holders()] == [os.getpid()]
     assert os.listdir(root / "locks") == []
+
+
+@pytest.mark.s3
+def test_s3_cache_is_private_whatever_the_umask(
+    s3_store_url: str, tmp_path: Path, loose_umask: None
+) -> None:
+    """The local cache of an S3 store holds what the bucket holds: only its owner enters."""
+    from layerfs.store import open_store
+    from layerfs.store.chunks import chunk_offsets
+
+    store = open_store(s3_store_url)
+    refs = store.write_bytes(b"secret chunk " * 1000)
+    store.flush()
+    store.backend.close()
+    store = open_store(s3_store_url)
+    assert store.read(refs, chunk_offsets(refs), 0, 13) == b"secret chunk "  # cached
+    cache = store.backend.cache_dir()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert any(cache.rglob("*")), "nothing was cached: the test would prove nothing"
+    store.backend.close()

@@ -45,10 +45,12 @@ Endpoint and credentials come from the usual AWS environment and config files
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections import Counter
@@ -132,6 +134,9 @@ def _intact(digest: str, pack: bytes, offset: int, length: int) -> bool:
         return False
     blob = memoryview(pack)[offset : offset + length]
     return digest_of(blob) == digest or blob_matches(digest, blob)
+
+
+CACHE_DIR_MODE = 0o700  # the cache holds plaintext the bucket has: private to its owner
 
 
 def default_cache_root() -> Path:
@@ -219,6 +224,7 @@ class S3Backend(Backend):
         self.client.meta.events.register("before-send.s3", self.stats.on_send)
         self.endpoint = self.client.meta.endpoint_url
         self._cache_root = cache_root
+        self._cache_private = False
         self.cache = BlobCache(self.cache_dir() / "blobs", cache_bytes)
         ttl = env_lease_ttl() if lease_ttl is None else lease_ttl
         if lease_client is None:
@@ -977,6 +983,14 @@ class S3Backend(Backend):
                     self._exclusive_depth -= int(exclusive)
 
     def cache_dir(self) -> Path:
+        """This store's local cache (indexes, chunks read): made private (0700) on first use."""
         host = urlparse(self.endpoint).netloc or "s3"
         name = f"{host}-{self.bucket}-{self.prefix.strip('/')}".replace("/", "_").replace(":", "_")
-        return (self._cache_root or default_cache_root()) / "s3" / name.rstrip("-")
+        path = (self._cache_root or default_cache_root()) / "s3" / name.rstrip("-")
+        if not self._cache_private:
+            path.mkdir(mode=CACHE_DIR_MODE, parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                if stat.S_IMODE(path.stat().st_mode) != CACHE_DIR_MODE:
+                    os.chmod(path, CACHE_DIR_MODE)
+            self._cache_private = True
+        return path
