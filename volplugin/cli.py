@@ -1,6 +1,9 @@
 """The `volplugin` command line: serve the plugin, and read volume state (ls, inspect).
 
 `ls` and `inspect` read the state database directly, so they work while `serve` is down.
+Without --name, commands on a root use the name `serve` recorded there (pluginrecord).
+Heavy libraries (flask, waitress, the docker SDK, boto3) are imported by the commands
+that use them, so that --help and small commands start fast.
 The backup feature adds its commands from volplugin.backup.commands.COMMANDS.
 """
 
@@ -10,27 +13,28 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from layerfs.clitools import OneLineErrors, store_option
 from volplugin.affinity import CHECK_SECONDS, MODES
-from volplugin.errors import BadRequest
-from volplugin.hostid import ENV as HOST_ID_ENV
-from volplugin.hostid import check_host_id, use_host_id
-from volplugin.scheduler import DEFAULT_TICK
-from volplugin.server import (
+from volplugin.defaults import (
     DEFAULT_NAME,
     DEFAULT_ROOT,
     DEFAULT_THREADS,
+    DEFAULT_TICK,
     PLUGIN_DIR,
-    serve,
-    serve_worker,
+    default_workers,
 )
-from volplugin.state import State
+from volplugin.errors import BadRequest
+from volplugin.hostid import ENV as HOST_ID_ENV
+from volplugin.hostid import check_host_id, use_host_id
+from volplugin.pluginrecord import resolve_name
 from volplugin.text import printable
-from volplugin.volumes import VolumeService
-from volplugin.workers import default_workers
+
+if TYPE_CHECKING:
+    from volplugin.volumes import VolumeService
 
 
 class _Group(OneLineErrors):
@@ -67,9 +71,9 @@ host_id_option = click.option(
 @click.option(
     "--name",
     envvar="VOLPLUGIN_NAME",
-    default=DEFAULT_NAME,
-    show_default=True,
-    help="Plugin name: the driver name for docker and the socket's name.",
+    default=None,
+    help="Plugin name: the driver name for docker and the socket's name. Default: for "
+    f"serve {DEFAULT_NAME}; for other commands the name serve recorded in ROOT/plugin.json.",
 )
 @host_id_option
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
@@ -95,7 +99,10 @@ def where(fn):
         help=f"Root directory (default {DEFAULT_ROOT}).",
     )(fn)
     return click.option(
-        "--name", "cmd_name", default=None, help=f"Plugin name (default {DEFAULT_NAME})."
+        "--name",
+        "cmd_name",
+        default=None,
+        help=f"Plugin name (default: as recorded by serve in the root, else {DEFAULT_NAME}).",
     )(fn)
 
 
@@ -111,7 +118,14 @@ cpu_check_option = click.option(
 
 
 def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
-    return name or obj["name"], Path(root or obj["root"])
+    """Name and root for `serve`: the name given, else the default one."""
+    return name or obj["name"] or DEFAULT_NAME, Path(root or obj["root"])
+
+
+def _where(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
+    """Name and root for a command on a root: the name given, else the recorded one."""
+    path = Path(root or obj["root"])
+    return resolve_name(path, name or obj["name"]), path
 
 
 @cli.command("serve")
@@ -166,7 +180,12 @@ def serve_cmd(
     cpu_check: float,
     host_id: str | None,
 ) -> None:
-    """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM."""
+    """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM.
+
+    The name and store are recorded in ROOT/plugin.json for the other commands.
+    """
+    from volplugin.server import serve
+
     name, root = _pick(obj, cmd_name, cmd_root)
     use_host_id(host_id)  # its worker processes inherit it
     serve(
@@ -205,6 +224,8 @@ def serve_worker_cmd(
     store: str | None,
 ) -> None:
     """One of `serve`'s request-serving processes (started by `serve` itself)."""
+    from volplugin.server import serve_worker
+
     name, root = _pick(obj, cmd_name, cmd_root)
     pinned = [int(cpu) for cpu in cpus.split(",")] if cpus else None
     serve_worker(
@@ -213,7 +234,10 @@ def serve_worker_cmd(
 
 
 def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:
-    name, root = _pick(obj, cmd_name, cmd_root)
+    from volplugin.state import State
+    from volplugin.volumes import VolumeService
+
+    name, root = _where(obj, cmd_name, cmd_root)
     return VolumeService(root, name, State.under(root, create=False))
 
 

@@ -21,12 +21,11 @@ from volplugin.backup import runner
 from volplugin.backup.schedule import next_run, parse_keep
 from volplugin.backup.status import schedule_base
 from volplugin.backup.volumes import record_outcome
+from volplugin.defaults import DEFAULT_TICK
 from volplugin.state import VolumeRecord
 from volplugin.volumes import VolumeService
 
 log = logging.getLogger("volplugin.scheduler")
-
-DEFAULT_TICK = 5.0
 
 
 class Scheduler:

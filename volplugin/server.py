@@ -25,26 +25,31 @@ import waitress
 from flask import Flask
 from waitress.server import BaseWSGIServer
 
+from layerfs.store.location import default_store_url
 from volplugin.accesslog import batched_access_log
 from volplugin.affinity import CHECK_SECONDS, CpuPin, allowed_cpus
 from volplugin.app import create_app
 from volplugin.backup import seed
 from volplugin.balance import LoadBoard, balance
 from volplugin.channel import QuietChannel
+from volplugin.defaults import (
+    DEFAULT_NAME,
+    DEFAULT_ROOT,
+    DEFAULT_THREADS,
+    DEFAULT_TICK,
+    PLUGIN_DIR,
+)
 from volplugin.errors import StateError
 from volplugin.lazy import LazyVolumes
 from volplugin.names import check_name
+from volplugin.pluginrecord import write_record
 from volplugin.reconcile import reconcile_in_background, try_reconcile
-from volplugin.scheduler import DEFAULT_TICK, Scheduler
+from volplugin.scheduler import Scheduler
 from volplugin.state import checkpoint_in_background
 from volplugin.volumes import VolumeService
 from volplugin.workers import WorkerPool, die_with_parent, worker_command
 
-PLUGIN_DIR = Path("/run/docker/plugins")
-DEFAULT_NAME = "volplugin"
-DEFAULT_ROOT = Path("/var/lib/volplugin")
 SCHEDULER_GRACE = 120.0  # seconds a stopping server waits for a scheduled backup
-DEFAULT_THREADS = 2  # waitress threads per serving process (why: workers.default_workers)
 BOARD_NAME = "serve.board"  # the serving processes' connection counts (volplugin.balance)
 STALE_GRACE = 2.0  # seconds a socket may go on answering before it counts as live
 
@@ -140,6 +145,7 @@ def serve(
         if cpus:
             CpuPin(0, cpus, check=cpu_check).watch(stop)  # threads started later inherit it
         service = _open_service(root, name, store)
+        write_record(root, name, store or default_store_url())  # for the CLI (pluginrecord)
         service.empty_trash()
         seed.resume_interrupted(service, store)  # before serving: never half restored
         # Every serving process's commits skip checkpoints; this thread does them.

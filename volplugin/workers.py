@@ -28,6 +28,7 @@ from pathlib import Path
 
 from volplugin.affinity import CHECK_SECONDS
 from volplugin.balance import LoadBoard
+from volplugin.defaults import default_workers  # noqa: F401 (re-exported)
 
 log = logging.getLogger("volplugin.workers")
 
@@ -35,17 +36,6 @@ PR_SET_PDEATHSIG = 1
 RESPAWN_DELAY = 5.0  # seconds to wait before restarting a worker that died young
 YOUNG = 10.0  # a worker that exits sooner than this after its start died young
 STOP_GRACE = 10.0  # seconds a stopping worker gets before SIGKILL
-
-
-def default_workers() -> int:
-    """One process per core, at most 4, of volplugin.server.DEFAULT_THREADS threads each.
-
-    Under load, more processes than cores add switches between them, and more threads
-    add switches of Python's interpreter lock, which goes from thread to thread in no
-    fair order: both widen the spread of answer times (bench_volplugin.py --layouts
-    measures other layouts beside this one; see benchmarks/RESULTS.md).
-    """
-    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def die_with_parent(parent: int) -> None:

@@ -11,17 +11,14 @@ import errno
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from layerfs.catalog import Catalog
-from layerfs.fs.mountinfo import record_mount, remove_mountinfo
-from layerfs.fs.mounting import mount_operations, unmount
-from layerfs.fs.readonly import ReadOnlyOperations
-from layerfs.index import ImageView, ensure_index
 from layerfs.store import open_store
-from layerfs.store.chunks import ChunkStore
-from layerfs.store.location import open_backend
+
+if TYPE_CHECKING:
+    from layerfs.fs.readonly import ReadOnlyOperations
 
 SUBTYPE = "layerfs"
 # Lower layers never change, so the kernel may keep attributes, names (also
@@ -107,6 +104,14 @@ def mount_command(
         from layerfs.fs.writemount import recover_stale
 
         recover_stale(mountpoint)
+    from layerfs.catalog import Catalog
+    from layerfs.fs.mountinfo import record_mount
+    from layerfs.fs.mounting import mount_operations
+    from layerfs.fs.readonly import ReadOnlyOperations
+    from layerfs.index import ImageView, ensure_index
+    from layerfs.store.chunks import ChunkStore
+    from layerfs.store.location import open_backend
+
     if "://" not in store_url:  # the daemon runs in /, so relative paths would move
         store_url = os.path.abspath(store_url)
     store = open_store(store_url)
@@ -167,6 +172,9 @@ def _is_stale(mountpoint: str) -> bool:
 @click.pass_obj
 def umount_command(store_url: str, mountpoint: str) -> None:
     """Unmount a layerfs image mount at MOUNTPOINT."""
+    from layerfs.fs.mountinfo import remove_mountinfo
+    from layerfs.fs.mounting import unmount
+
     unmount(mountpoint, f"fuse.{SUBTYPE}")
     remove_mountinfo(open_store(store_url).backend, os.path.realpath(mountpoint))
 

@@ -19,9 +19,9 @@ from layerfs.errors import StoreError
 from layerfs.maintenance.liveset import DigestSets, remove_stale
 from layerfs.maintenance.mark import mark_roots
 from layerfs.maintenance.roots import Root
+from layerfs.store.backend import DEFAULT_GRACE_SECONDS
 from layerfs.store.chunks import ChunkStore
 
-DEFAULT_GRACE_SECONDS = 3600.0
 _DELETE_BATCH = 1000
 
 

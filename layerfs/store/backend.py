@@ -22,6 +22,8 @@ from pathlib import Path
 
 from layerfs.errors import StoreError
 
+DEFAULT_GRACE_SECONDS = 3600.0  # gc never deletes objects younger than this (seconds)
+
 _DIGEST_RE = re.compile(r"^[0-9a-f]{16,128}$")
 _DOC_RE = re.compile(r"^[A-Za-z0-9._@:+-]+(/[A-Za-z0-9._@:+-]+)*$")
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerfs.errors import StoreError
-from layerfs.store.backend import Backend
-from layerfs.store.chunks import ChunkStore
+
+if TYPE_CHECKING:
+    from layerfs.store.backend import Backend
+    from layerfs.store.chunks import ChunkStore
 
 
 def default_store_url() -> str:
@@ -42,4 +45,6 @@ def open_backend(url: str | None = None) -> Backend:
 
 def open_store(url: str | None = None) -> ChunkStore:
     """Open a ChunkStore over the backend a URL names."""
+    from layerfs.store.chunks import ChunkStore
+
     return ChunkStore(open_backend(url))

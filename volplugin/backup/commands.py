@@ -1,4 +1,9 @@
-"""The backup subcommands of `volplugin` (backup, backups, restore, diff, prune, verify)."""
+"""The backup subcommands of `volplugin` (backup, backups, restore, diff, prune, verify).
+
+Without --store they use the store `serve` recorded in the root (volplugin.pluginrecord);
+`backup` of a plugin volume also needs the plugin's name, recorded or given with --name.
+The store and backup modules are imported when a command runs, not for --help.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,22 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from layerfs.clitools import human_bytes, store_option
-from layerfs.commands.maintenance import print_check_report
 from layerfs.errors import LayerfsError
-from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS
-from layerfs.store.chunks import ChunkStore
-from layerfs.store.location import open_store
-from volplugin.backup import service, volumes
+from layerfs.store.backend import DEFAULT_GRACE_SECONDS
 from volplugin.backup.errors import BackupError, DamageFound
-from volplugin.backup.retention import Policy
-from volplugin.backup.runner import run_backup
 from volplugin.errors import VolpluginError
 from volplugin.hostid import host_id
+from volplugin.pluginrecord import resolve_name, resolve_store
 from volplugin.text import printable
+
+if TYPE_CHECKING:
+    from layerfs.store.chunks import ChunkStore
+    from volplugin.backup.volumes import VolumeService
 
 
 def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,7 +36,11 @@ def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, store: str | None, **kwargs: Any) -> Any:
+        from layerfs.store.location import open_store
+
+        obj = click.get_current_context().obj
         try:
+            store = resolve_store(Path(obj["root"]) if obj else None, store)
             return fn(*args, store=open_store(store), **kwargs)
         except VolpluginError:
             raise
@@ -48,10 +56,14 @@ def _check_grace(ctx: click.Context, param: click.Parameter, value: float) -> fl
     return value
 
 
-def _service_of(obj: dict | None) -> volumes.VolumeService:
+def _service_of(obj: dict | None, *, name_required: bool = False) -> VolumeService:
+    """The plugin's volumes; `name_required`: refuse to guess the plugin's name."""
+    from volplugin.backup import volumes
+
     if not obj:
         raise BackupError("no plugin root known: run through `volplugin` or pass --path DIR")
-    return volumes.open_service(Path(obj["root"]), obj["name"])
+    root = Path(obj["root"])
+    return volumes.open_service(root, resolve_name(root, obj["name"], required=name_required))
 
 
 @click.command("backup")
@@ -73,11 +85,19 @@ def backup_cmd(
     as_json: bool,
     store: ChunkStore,
 ) -> None:
-    """Snapshot VOLUME into the store (only changed files are read)."""
+    """Snapshot VOLUME into the store (only changed files are read).
+
+    A plugin volume's containers are quieted by its consistency hooks; they are found by
+    the plugin's name (--name, else the one `serve` recorded in the root).
+    """
+    from volplugin.backup import service
+    from volplugin.backup.runner import run_backup
+
     if path is not None:
         record = service.create_backup(store, volume, path, list(tags), host=host_id())
     else:  # a plugin volume: with its consistency hooks, outcome recorded
-        record = run_backup(_service_of(obj), store, volume, tags, trigger="cli")
+        svc = _service_of(obj, name_required=True)
+        record = run_backup(svc, store, volume, tags, trigger="cli")
     if as_json:
         click.echo(json.dumps(record.to_json()))
         return
@@ -96,6 +116,8 @@ def backup_cmd(
 @_command
 def backups_cmd(volume: str | None, host: str | None, as_json: bool, store: ChunkStore) -> None:
     """List backups (of VOLUME), oldest first, with the host that took each."""
+    from volplugin.backup import service
+
     records = service.list_backups(store.backend, volume)
     if host is not None:
         records = [r for r in records if r.host == host]
@@ -138,6 +160,8 @@ def restore_cmd(
     store: ChunkStore,
 ) -> None:
     """Restore BACKUP (or its --path) into a volume or directory."""
+    from volplugin.backup import service, volumes
+
     if (to_volume is None) == (to_dir is None):
         raise BackupError("give exactly one of --to VOLUME or --to-dir DIR")
     with service.open_restore(store, backup, subpath=subpath) as plan:  # before a volume exists
@@ -171,6 +195,8 @@ def restore_cmd(
 @_command
 def diff_cmd(backup_a: str, backup_b: str, as_json: bool, store: ChunkStore) -> None:
     """Show what changed from BACKUP_A to BACKUP_B (+ added, - removed, M modified)."""
+    from volplugin.backup import service
+
     changes = service.diff_backups(store, backup_a, backup_b)
     if as_json:
         click.echo(json.dumps([c.to_json() for c in changes]))
@@ -223,6 +249,9 @@ def prune_cmd(
     The policy applies to each volume of each host separately, and only to this host's
     backups (its --host-id) unless --all-hosts is given.
     """
+    from volplugin.backup import service
+    from volplugin.backup.retention import Policy
+
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
     report = service.prune_backups(
         store,
@@ -266,6 +295,9 @@ def verify_cmd(
     read_data: bool, subset: float, volume: str | None, as_json: bool, store: ChunkStore
 ) -> None:
     """Check that every backup's data exists (and with --read-data is intact)."""
+    from layerfs.commands.maintenance import print_check_report
+    from volplugin.backup import service
+
     report = service.verify_backups(
         store, read_data=read_data, subset_percent=subset, volume=volume
     )
