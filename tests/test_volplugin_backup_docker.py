@@ -153,6 +153,19 @@ def test_stop_during_backup_restarts_the_service_for_endpoint_and_cli(d, plugin,
     assert shown["Trigger"] == "cli" and shown["Age"].endswith("s") and shown["AgeSeconds"] >= 0
     assert backup_ids(plugin, vol) == [record["id"], by_cli["id"]]
 
+    # Given only --root, the CLI takes the plugin's name and store from ROOT/plugin.json
+    # (serve records them): the hooks find the service, not a guessed driver's nothing.
+    env = {k: v for k, v in plugin.env.items() if k != "LAYERFS_STORE"}
+    found = subprocess.run(
+        [VOLPLUGIN, "--root", str(plugin.root), "backup", vol, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert found.returncode == 0, found.stderr
+    assert hook_steps(json.loads(found.stdout)) == [("stop", svc, True), ("start", svc, True)]
+    assert inspect(d, svc, "{{.State.Status}}") == "running"
+
 
 def test_failing_pre_backup_aborts_with_its_output_and_restarts_the_service(d, plugin):
     vol = uniq("prefail")
