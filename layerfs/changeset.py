@@ -93,7 +93,7 @@ class Tree:
     @property
     def fds(self) -> confined.DirFds:
         if self._fds is None:
-            self._fds = confined.DirFds(confined.open_root(self.path), label=str(self.path))
+            self._fds = confined.DirFds.open(self.path)
         return self._fds
 
     def at(self, rel: str) -> tuple[int, str]:
@@ -114,7 +114,6 @@ class Tree:
     def close(self) -> None:
         if self._fds is not None:
             self._fds.close()
-            os.close(self._fds.root)
             self._fds = None
 
 

@@ -109,13 +109,19 @@ class DirFds:
     ``get(rel)`` opens ``rel`` from its nearest cached ancestor, one no-follow
     component at a time. At most ``limit`` descriptors stay open (least recently
     used closed first). ``forget`` drops a directory and everything below it,
-    for when it was removed or replaced.
+    for when it was removed or replaced. The root descriptor is owned: ``close``
+    closes it with the rest.
     """
 
     root: int
     label: str = "the tree"
     limit: int = 256
     _fds: OrderedDict[str, int] = field(default_factory=OrderedDict)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, label: str | None = None) -> DirFds:
+        """The directories beneath the directory ``path`` (opened with ``open_root``)."""
+        return cls(open_root(path), label=label or os.fspath(path))
 
     def get(self, rel: str, *, create: int | None = None) -> int:
         if not rel:
@@ -144,9 +150,13 @@ class DirFds:
             os.close(self._fds.pop(key))
 
     def close(self) -> None:
+        """Close every descriptor, the root's included; idempotent."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self.root >= 0:
+            os.close(self.root)
+            self.root = -1
 
     def __enter__(self) -> DirFds:
         return self

@@ -169,14 +169,12 @@ class Filler:
     def run(self) -> bool:
         """Fill until complete and synced (True) or until ``stop`` is set (False)."""
         self.target.mkdir(mode=0o700, parents=True, exist_ok=True)
-        root = confined.open_root(self.target)
-        self._fds = DirFds(root, label=f"the fill directory {self.target}")
+        self._fds = DirFds.open(self.target, label=f"the fill directory {self.target}")
         try:
-            return self._run(root)
+            return self._run(self._fds.root)
         finally:
             self._fds.close()
             self._fds = None
-            os.close(root)
 
     def _run(self, root: int) -> bool:
         boot = boot_id()

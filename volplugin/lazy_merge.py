@@ -20,7 +20,6 @@ is on disk (``syncfs``), so the caller may then delete the upper tree.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import secrets
@@ -29,7 +28,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from layerfs import confined
-from layerfs.confined import Attributes, Escape, apply_fd, lstat_at, proc_path, remove_at
+from layerfs.confined import (
+    Attributes,
+    Escape,
+    apply_fd,
+    lstat_at,
+    proc_path,
+    read_xattrs,
+    remove_at,
+)
 from layerfs.fs.upper import X_OPAQUE, MetaCopy, is_private_xattr, is_whiteout, read_metacopy
 from layerfs.view import View
 
@@ -215,20 +222,9 @@ def _place(dstfd: int, name: str, make: Callable[[str], None]) -> None:
         raise
 
 
-def _xattrs(target: int | str, follow: bool) -> dict[str, bytes]:
-    """The public xattrs of ``target`` (layerfs' own are left out)."""
-    try:
-        names = os.listxattr(target, follow_symlinks=follow)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EPERM):
-            return {}
-        raise
-    out = {}
-    for name in names:
-        if not is_private_xattr(name):
-            with contextlib.suppress(OSError):
-                out[name] = os.getxattr(target, name, follow_symlinks=follow)
-    return out
+def _xattrs(fd: int) -> dict[str, bytes]:
+    """The public xattrs of the open ``fd`` (layerfs' own are left out)."""
+    return {k: v for k, v in read_xattrs(fd, fd, ".").items() if not is_private_xattr(k)}
 
 
 def _strip_private(target: int | str, follow: bool) -> None:
@@ -241,8 +237,8 @@ def _strip_private(target: int | str, follow: bool) -> None:
 def _copy_attributes(src: int, dst: int) -> None:
     """Owner, mode, public xattrs (dropping others) and mtime of open ``src`` onto ``dst``."""
     st = os.fstat(src)
-    wanted = _xattrs(src, True)
-    for name in set(_xattrs(dst, True)) - set(wanted):
+    wanted = _xattrs(src)
+    for name in set(_xattrs(dst)) - set(wanted):
         os.removexattr(dst, name)
     attrs = Attributes(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns, wanted)
     apply_fd(dst, attrs, owner_required=True)

@@ -212,8 +212,8 @@ class _Run:
     """The descriptors of one run: the target, its directories, the staging directory."""
 
     def __init__(self, target: Path) -> None:
-        self.root = open_root(target)
-        self.dirs = DirFds(self.root, label=str(target))
+        self.dirs = DirFds.open(target)
+        self.root = self.dirs.root
         self.staging_name = f"{STAGING_PREFIX}{secrets.token_hex(6)}"
         try:
             os.mkdir(self.staging_name, 0o700, dir_fd=self.root)
@@ -226,11 +226,7 @@ class _Run:
             with contextlib.suppress(OSError):
                 os.rmdir(self.staging_name, dir_fd=self.root)
             self.dirs.close()
-            os.close(self.root)
             raise
-
-    def temp_name(self) -> str:
-        return secrets.token_hex(8)
 
     def drop_staging(self) -> None:
         """Remove the staging directory (with whatever an error left in it); idempotent."""
@@ -247,7 +243,6 @@ class _Run:
             self.drop_staging()
         finally:
             self.dirs.close()
-            os.close(self.root)
 
 
 class Restorer:
@@ -407,7 +402,7 @@ class Restorer:
                 inline=source.inline,
                 size=source.size,
             )
-        content = _Content(entry, self._r.temp_name(), remaining=0)
+        content = _Content(entry, secrets.token_hex(8), remaining=0)
         contents[entry.path] = content
         if entry.inline is None:
             content.remaining = len(entry.chunks)
@@ -437,7 +432,7 @@ class Restorer:
                 self.result.failed.append(f"{entry.path} (link target {entry.target} is missing)")
             return
         staging = self._r.staging
-        tmp = self._r.temp_name()
+        tmp = secrets.token_hex(8)
         try:
             if entry.kind is Kind.SYMLINK:
                 os.symlink(entry.target, tmp, dir_fd=staging)
@@ -458,7 +453,7 @@ class Restorer:
         """A hard link to an entry already restored: made in staging, renamed into place."""
         source_parent, source_name = split(entry.target)
         source = os.dup(self._dir(source_parent))  # kept open while the next walk runs
-        tmp = self._r.temp_name()
+        tmp = secrets.token_hex(8)
         try:
             os.link(
                 source_name,
