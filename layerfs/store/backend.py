@@ -118,6 +118,15 @@ class Backend(ABC):
     def flush(self) -> None:
         """Make every blob put so far durable and visible under its name."""
 
+    def refresh(self) -> None:  # noqa: B027 - optional hook
+        """See what other writers published since the last look (S3: new and deleted indexes).
+
+        ``has_blob`` answers from that view; a local store always sees the disk.
+        """
+
+    def check_lease(self) -> None:  # noqa: B027 - optional hook
+        """Raise StoreError unless this writer may still publish (S3: its lease has margin)."""
+
     # -- docs --------------------------------------------------------------
     @abstractmethod
     def put_doc(self, name: str, data: bytes) -> None:

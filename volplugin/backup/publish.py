@@ -38,9 +38,7 @@ def missing_reused(backend: Backend, docs: Iterable[dict], parent: ParentIndex) 
     reused = reused_chunks(docs, parent)
     if not reused:
         return {}
-    refresh = getattr(backend, "refresh", None)  # S3: forget indexes a prune deleted
-    if refresh is not None:
-        refresh()
+    backend.refresh()  # S3: forget indexes a prune deleted
     return {d: p for d, p in reused.items() if not backend.has_blob(d)}
 
 
@@ -58,11 +56,8 @@ def without(parent: ParentIndex, missing: dict[str, str]) -> ParentIndex:
 
 def check_lease(backend: Backend, volume: str) -> None:
     """Raise BackupError unless the store lease (if the store has one) is sure to last."""
-    check = getattr(backend, "check_lease", None)
-    if check is None:
-        return
     try:
-        check()
+        backend.check_lease()
     except LeaseLapsed as exc:
         raise not_published(volume, exc) from None
 
