@@ -151,7 +151,7 @@ class VolumeService:
             path.mkdir(mode=0o755, exist_ok=True)
             if not fresh and not adopt:
                 log.warning("volume %s: adopting the existing directory %s", name, path)
-            _apply_root_options(path, normal, fresh)
+            apply_root_options(path, normal, fresh)
             record = self.state.add(name, normal, now_iso())
             try:
                 for hook in self.hooks.on_create:
@@ -162,7 +162,7 @@ class VolumeService:
                     shutil.rmtree(path, ignore_errors=True)
                 raise
             if self.hooks.on_create:
-                _apply_root_options(path, normal, False)  # given options win over hooks
+                apply_root_options(path, normal, False)  # given options win over hooks
             return record
 
     def remove(self, name: str) -> None:
@@ -181,17 +181,27 @@ class VolumeService:
                 )
             for hook in self.hooks.on_remove:
                 hook(record, path)
-            self.trash_dir.mkdir(exist_ok=True)
-            doomed = self.trash_dir / uuid.uuid4().hex
-            if path.exists():
-                try:
-                    os.rename(path, doomed)
-                except OSError as exc:  # the record is gone: the data must not stay behind
-                    log.warning("volume %s: cannot move it to the trash (%s)", name, exc)
-                    shutil.rmtree(path, ignore_errors=True)
+            doomed = self.to_trash(name, path)
             if self.sizes:
                 self.sizes.forget(str(path))
         shutil.rmtree(doomed, ignore_errors=True)
+
+    def to_trash(self, name: str, path: Path) -> Path:
+        """Move volume ``name``'s directory ``path`` into the trash (``trash/UUID``, whatever
+        the name's length); return where it went, for the caller to delete outside the lock.
+
+        If the move fails the directory is deleted in place: a volume whose record is
+        gone must not leave data for the next Create of that name to adopt.
+        """
+        self.trash_dir.mkdir(exist_ok=True)
+        doomed = self.trash_dir / uuid.uuid4().hex
+        if path.exists():
+            try:
+                os.rename(path, doomed)
+            except OSError as exc:
+                log.warning("volume %s: cannot move it to the trash (%s)", name, exc)
+                shutil.rmtree(path, ignore_errors=True)
+        return doomed
 
     def _refuse_if_used(self, record: VolumeRecord) -> None:
         """Refuse removal while containers hold the volume; forget IDs nobody holds."""
@@ -323,7 +333,7 @@ class VolumeService:
         }
 
 
-def _apply_root_options(path: Path, opts: dict[str, str], fresh: bool) -> None:
+def apply_root_options(path: Path, opts: dict[str, str], fresh: bool) -> None:
     if fresh or "mode" in opts:
         os.chmod(path, int(opts.get("mode", "0755"), 8))
     if "uid" in opts or "gid" in opts:

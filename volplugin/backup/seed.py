@@ -19,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from volplugin.backup import service
 from volplugin.backup.errors import BackupError
 from volplugin.errors import StateError, VolpluginError
 from volplugin.state import VolumeRecord
-from volplugin.volumes import Hook, VolumeService, _apply_root_options
+from volplugin.volumes import Hook, VolumeService, apply_root_options
 
 log = logging.getLogger("volplugin.seed")
 
@@ -176,10 +174,11 @@ def resume_interrupted(volumes: VolumeService, store_url: str | None) -> None:
             if volumes.state.get(name) is None:
                 continue  # removed meanwhile
             try:
-                _empty(volumes, path)
-                _apply_root_options(path, options, True)
+                shutil.rmtree(volumes.to_trash(name, path), ignore_errors=True)
+                path.mkdir(mode=0o755)
+                apply_root_options(path, options, True)
                 _restore(store_url, name, options["from"], path, seeds)
-                _apply_root_options(path, options, False)
+                apply_root_options(path, options, False)
                 log.info("volume %s: restore from backup %s completed", name, options["from"])
                 continue
             except (VolpluginError, LayerfsError, OSError) as exc:
@@ -191,19 +190,4 @@ def resume_interrupted(volumes: VolumeService, store_url: str | None) -> None:
                     exc,
                 )
             volumes.state.delete(name)
-            _discard(volumes, path)
-
-
-def _discard(volumes: VolumeService, path: Path) -> None:
-    """Remove a volume's directory (through the trash, as VolumeService.remove does)."""
-    volumes.trash_dir.mkdir(exist_ok=True)
-    doomed = volumes.trash_dir / f"{path.name}.{uuid.uuid4().hex}"
-    with contextlib.suppress(FileNotFoundError):
-        os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _empty(volumes: VolumeService, path: Path) -> None:
-    """Replace ``path`` by a new empty directory."""
-    _discard(volumes, path)
-    path.mkdir(mode=0o755)
+            shutil.rmtree(volumes.to_trash(name, path), ignore_errors=True)
