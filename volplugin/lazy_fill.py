@@ -41,7 +41,7 @@ from typing import Protocol
 
 from layerfs import confined
 from layerfs.confined import DirFds, Escape, lstat_at, remove_at, split
-from layerfs.records import Entry, Kind
+from layerfs.records import S_IFMT_OF, Entry, Kind
 from layerfs.store.chunks import ChunkStore
 from volplugin.backup.restore import Restorer
 
@@ -51,15 +51,6 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 COMMIT_BYTES = 64 << 20  # sync and record at least this often ...
 COMMIT_SECONDS = 2.0  # ... or this often, whichever comes first
 _NOT_CONTENT = (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE)
-_FORMAT = {
-    Kind.FILE: stat.S_IFREG,
-    Kind.HARDLINK: stat.S_IFREG,
-    Kind.SYMLINK: stat.S_IFLNK,
-    Kind.FIFO: stat.S_IFIFO,
-    Kind.CHAR: stat.S_IFCHR,
-    Kind.BLOCK: stat.S_IFBLK,
-    Kind.SOCKET: stat.S_IFSOCK,
-}
 
 
 @dataclass
@@ -285,7 +276,7 @@ class Filler:
     def _complete(self, entry: Entry) -> bool:
         """Whether an earlier run of this boot put ``entry`` in place (see the docstring)."""
         st = self._lstat(entry.path)
-        if st is None or stat.S_IFMT(st.st_mode) != _FORMAT[entry.kind]:
+        if st is None or stat.S_IFMT(st.st_mode) != S_IFMT_OF[entry.kind]:
             return False
         if entry.kind is Kind.FILE:
             return st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns

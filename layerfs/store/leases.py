@@ -101,10 +101,6 @@ def _status(exc: ClientError) -> int:
 
 def server_now(response: dict) -> datetime | None:
     """The server's clock at ``response`` (its Date header), if it sent one."""
-    return _server_now(response)
-
-
-def _server_now(response: dict) -> datetime | None:
     date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     return parsedate_to_datetime(date) if date else None
 
@@ -155,7 +151,7 @@ class LeaseManager:
             holder = f"{doc.get('host', '?')} pid {doc.get('pid', '?')}"
         except (ValueError, KeyError, TypeError):
             ttl, holder = self.ttl, "unknown holder (unreadable lease)"
-        now = _server_now(resp) or datetime.now(resp["LastModified"].tzinfo)
+        now = server_now(resp) or datetime.now(resp["LastModified"].tzinfo)
         expired = resp["LastModified"] + timedelta(seconds=ttl) < now
         return LeaseInfo(rel, holder, expired, resp["ETag"].strip('"'))
 
@@ -244,14 +240,6 @@ class LeaseManager:
             log.warning("the store lease %s %s", h.key, h.lost)
             return True
         return False
-
-    def remaining(self) -> float | None:
-        """Seconds the shortest-lived held lease is still sure to last (None: none held)."""
-        with self._mutex:
-            held = list(self._held.values())
-        if not held:
-            return None
-        return min(0.0 if self._lapsed(h) else self.ttl - (time.monotonic() - h.sent) for h in held)
 
     def check(self, margin: float = MARGIN) -> None:
         """Raise StoreError unless every held lease is sure to last ``margin`` of its period.
