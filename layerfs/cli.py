@@ -11,7 +11,7 @@ import logging
 
 import click
 
-from layerfs.clitools import OneLineErrors, store_option
+from layerfs.clitools import OneLineErrors, password_option, store_option
 from layerfs.store.location import default_store_url
 
 
@@ -49,6 +49,7 @@ class _Group(OneLineErrors):
 
 @click.group(cls=_Group)
 @store_option("Store location (default: /var/lib/layerfs for root, else ~/.local/share/layerfs).")
+@password_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
 def cli(ctx: click.Context, store: str | None, verbose: bool) -> None:

@@ -3,11 +3,13 @@
 * ``OneLineErrors``: a click group that prints any LayerfsError as one line
   (``PROG: error: MESSAGE``) and exits with status 1, never a traceback.
 * ``store_option``: the ``--store`` option (also read from ``LAYERFS_STORE``).
+* ``password_option``: ``--password-file``, the repository password's file.
 * ``human_bytes``: sizes for people (binary units).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +38,28 @@ def store_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
     """The ``--store`` option: a local directory or ``s3://BUCKET/PREFIX``."""
     return click.option(
         "--store", envvar="LAYERFS_STORE", default=None, metavar=STORE_METAVAR, help=help
+    )
+
+
+def _use_password_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Pass --password-file on as LAYERFS_PASSWORD_FILE, which child processes inherit too."""
+    if value:
+        from layerfs.repo.password import ENV_FILE
+
+        os.environ[ENV_FILE] = os.path.abspath(value)
+
+
+def password_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--password-file PATH``: where the repository password is (first line)."""
+    return click.option(
+        "--password-file",
+        metavar="PATH",
+        default=None,
+        expose_value=False,
+        callback=_use_password_file,
+        help="File whose first line is the repository password (also "
+        "LAYERFS_PASSWORD_FILE, LAYERFS_PASSWORD_COMMAND, or the systemd credential "
+        "layerfs-password).",
     )
 
 

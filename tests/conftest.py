@@ -10,6 +10,22 @@ import pytest
 from tests.support import dockerenv
 
 
+@pytest.fixture(scope="session", autouse=True)
+def repository_password(tmp_path_factory) -> str:
+    """Every repository the tests create is encrypted: a password file for the whole run.
+
+    Set as LAYERFS_PASSWORD_FILE (inherited by the CLI, plugins and mount
+    daemons) with weak KDF parameters for speed; tests of unencrypted stores
+    remove it with monkeypatch.
+    """
+    path = tmp_path_factory.mktemp("repo-password") / "password"
+    path.write_text("test password of the layerfs suite\n")
+    path.chmod(0o600)
+    os.environ["LAYERFS_PASSWORD_FILE"] = str(path)
+    os.environ["LAYERFS_TESTONLY_WEAKEN_KDF"] = "1"
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def docker_client():
     if os.geteuid() != 0:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from layerfs.clitools import OneLineErrors, store_option
+from layerfs.clitools import OneLineErrors, password_option, store_option
 from volplugin.affinity import CHECK_SECONDS, MODES
 from volplugin.defaults import (
     DEFAULT_NAME,
@@ -76,6 +76,7 @@ host_id_option = click.option(
     f"serve {DEFAULT_NAME}; for other commands the name serve recorded in ROOT/plugin.json.",
 )
 @host_id_option
+@password_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
 def cli(ctx: click.Context, root: Path, name: str, host_id: str | None, verbose: bool) -> None:

@@ -20,6 +20,7 @@ MODULES: list[str] = [
     "layerfs.commands.mount",
     "layerfs.commands.changes",
     "layerfs.commands.images",
+    "layerfs.commands.keys",
 ]
 OWNERS: dict[str, str] = {
     "mount": "layerfs.commands.mount",

@@ -46,6 +46,8 @@ for its names pays nothing until it seals or hashes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -190,3 +192,47 @@ def chunker_seed(key: Key) -> int:
 
     raw = blake3(key.id_key, derive_key_context=_CHUNKER_CONTEXT).digest(8)
     return (int.from_bytes(raw, "big") & (2**63 - 1)) or 1
+
+
+_NAMES_CONTEXT = "layerfs repository 2026-12 document names AES-SIV v1"
+NAME_PAD = 32  # names are padded with NULs to a multiple of this before encryption
+NAME_PART = 200  # characters per path component of an encrypted name (file name limits)
+
+
+class NameCipher:
+    """Deterministic, reversible encryption of document names (AES-256-SIV).
+
+    The same name always encrypts to the same object name, so a document can be
+    found by its name; listing a folder decrypts the names it finds. The folder
+    (``images``, ``backups``, ...) stays readable and is bound as associated data;
+    the rest is padded with NULs to a multiple of NAME_PAD bytes, encrypted,
+    written in lowercase base32 without padding and cut into components of at
+    most NAME_PART characters. What leaks: which documents have equal names and
+    their length rounded up to NAME_PAD bytes.
+    """
+
+    def __init__(self, key: Key) -> None:
+        from blake3 import blake3
+        from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+        self._siv = AESSIV(blake3(key.enc_key, derive_key_context=_NAMES_CONTEXT).digest(64))
+
+    def encrypt(self, folder: str, rest: str) -> str:
+        plain = rest.encode()
+        plain += b"\x00" * (-len(plain) % NAME_PAD or (NAME_PAD if not plain else 0))
+        sealed = self._siv.encrypt(plain, [folder.encode()])
+        text = base64.b32encode(sealed).decode().rstrip("=").lower()
+        return "/".join(text[i : i + NAME_PART] for i in range(0, len(text), NAME_PART))
+
+    def decrypt(self, folder: str, encrypted: str) -> str:
+        """The name ``encrypt`` made; ValueError if it is not one (damaged or foreign)."""
+        from cryptography.exceptions import InvalidTag
+
+        text = encrypted.replace("/", "").upper()
+        try:
+            sealed = base64.b32decode(text + "=" * (-len(text) % 8))
+            plain = self._siv.decrypt(sealed, [folder.encode()])
+        except (ValueError, InvalidTag, binascii.Error):
+            msg = f"{folder}/{encrypted} is not an encrypted name of this repository"
+            raise ValueError(msg) from None
+        return plain.rstrip(b"\x00").decode()

@@ -10,6 +10,12 @@ A backend holds two kinds of things:
 
 Callers never touch paths or buckets directly, so a local directory, an S3
 bucket and a cache in front of one are interchangeable.
+
+A backend also says how content is named (``content_id``: unkeyed BLAKE3 here,
+keyed in an encrypted repository) and carries a ``Sealer``, which protects the
+objects it writes for itself (an S3 store's indexes, pack trailers and
+leases); an encrypted repository (layerfs.repo.repository) gives it one that
+encrypts them.
 """
 
 from __future__ import annotations
@@ -42,10 +48,48 @@ def check_doc_name(name: str) -> str:
     return name
 
 
+def plain_id(data: bytes | memoryview) -> str:
+    """The ID of content in an unencrypted repository: BLAKE3 of it, 64 hex digits."""
+    from blake3 import blake3
+
+    return blake3(data).hexdigest()
+
+
+class Sealer:
+    """What a backend does to the objects it writes for itself: nothing, by default.
+
+    ``kind`` and ``name`` say which object it is ("index" and the index id, ...);
+    an encrypting sealer binds the bytes to them. ``blob_intact`` tells whether
+    stored blob bytes are the blob named ``digest`` (repack checks each blob it
+    copies).
+    """
+
+    def seal(self, kind: str, name: str, data: bytes) -> bytes:
+        return data
+
+    def open(self, kind: str, name: str, data: bytes) -> bytes:
+        return data
+
+    def blob_intact(self, digest: str, blob: bytes | memoryview) -> bool:
+        """Plain bytes named by their digest, or a stored chunk that decodes to them."""
+        from layerfs.store.chunks import blob_matches
+
+        return plain_id(blob) == digest or blob_matches(digest, blob)
+
+
+PLAIN = Sealer()
+
+
 class Backend(ABC):
     """Raw storage of blobs and docs; see the module docstring."""
 
     url: str
+    sealer: Sealer = PLAIN
+    chunker_seed: int = 0  # pyfastcdc's seed (0: its public gear table)
+
+    def content_id(self, data: bytes | memoryview) -> str:
+        """The name of a blob holding ``data`` (see plain_id)."""
+        return plain_id(data)
 
     # -- blobs -------------------------------------------------------------
     @abstractmethod
@@ -127,10 +171,28 @@ class Backend(ABC):
     def check_lease(self) -> None:  # noqa: B027 - optional hook
         """Raise StoreError unless this writer may still publish (S3: its lease has margin)."""
 
+    def clean_tmp(self) -> int:
+        """Remove what crashed writers left (temp files, unindexed packs); return how many.
+
+        Only safe under the exclusive lock. Nothing to do by default.
+        """
+        return 0
+
     # -- docs --------------------------------------------------------------
     @abstractmethod
     def put_doc(self, name: str, data: bytes) -> None:
         """Atomically and durably write a named document."""
+
+    @abstractmethod
+    def create_doc(self, name: str, data: bytes) -> bool:
+        """Write a document only if none has that name; False (nothing written) if one has.
+
+        Atomic across processes and hosts: of two racing creators exactly one wins.
+        """
+
+    @abstractmethod
+    def holds_data(self) -> bool:
+        """Whether anything but locks is stored (blobs, packs, indexes or documents)."""
 
     @abstractmethod
     def get_doc(self, name: str) -> bytes:

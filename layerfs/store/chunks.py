@@ -1,8 +1,9 @@
-"""File content as content-defined chunks keyed by xxh3-128 digests.
+"""File content as content-defined chunks named by their content IDs.
 
-Content is cut with FastCDC, each chunk is named by the xxh3-128 digest of its
-plain bytes and stored once, zstd-compressed where that saves at least an
-eighth. A stored blob is one header byte (0 plain, 1 zstd) and the payload.
+Content is cut with FastCDC (seeded by the repository: Backend.chunker_seed),
+each chunk is named by the content ID of its plain bytes (Backend.content_id:
+BLAKE3, keyed in an encrypted repository) and stored once, zstd-compressed where
+that saves at least an eighth. A stored blob is one header byte (0 plain, 1 zstd) and the payload.
 Every read decompresses and re-hashes: a chunk whose bytes do not match its
 name raises CorruptObject (and is logged by name), never returns wrong data.
 Decompression is bounded: by the chunk's plain size where the caller knows it
@@ -20,12 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import xxhash
 import zstandard
 from pyfastcdc import FastCDC
 
 from layerfs.errors import CorruptObject, StoreError
-from layerfs.store.backend import Backend
+from layerfs.store.backend import Backend, plain_id
 from layerfs.store.background import BackgroundBatches
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ _ZSTD = b"\x01"
 
 
 def digest_of(data: bytes | memoryview) -> str:
-    """The store's digest: xxh3-128 of the plain bytes, as 32 hex digits."""
-    return xxhash.xxh3_128_hexdigest(data)
+    """The ID of ``data`` in an unencrypted repository (see Backend.content_id)."""
+    return plain_id(data)
 
 
 def bounded_decompress(
@@ -73,12 +73,12 @@ def _decode_blob(
 
 
 def blob_matches(digest: str, blob: bytes | memoryview) -> bool:
-    """Whether a stored blob decodes to plain bytes named ``digest`` (repack checks this)."""
+    """Whether a stored blob decodes to plain bytes named ``digest`` (unencrypted IDs)."""
     try:
         data = _decode_blob(zstandard.ZstdDecompressor(), blob, MAX_DECODED)
     except (ValueError, zstandard.ZstdError):
         return False
-    return digest_of(data) == digest
+    return plain_id(data) == digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +143,7 @@ class ChunkStore:
         self, backend: Backend, cache_bytes: int = 32 << 20, level: int = DEFAULT_LEVEL
     ) -> None:
         self.backend = backend
+        self.content_id = backend.content_id
         self.level = level  # zstd level of new chunks
         self._cache = _LRU(cache_bytes)
         self._local = threading.local()
@@ -153,7 +154,9 @@ class ChunkStore:
     def _cdc(self) -> FastCDC:
         cdc = getattr(self._local, "cdc", None)
         if cdc is None:
-            cdc = FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK)
+            cdc = FastCDC(
+                AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK, seed=self.backend.chunker_seed
+            )
             self._local.cdc = cdc
         return cdc
 
@@ -192,7 +195,7 @@ class ChunkStore:
         except (ValueError, zstandard.ZstdError) as exc:
             log.error("corrupt object %s in %s: %s", digest, self.backend.url, exc)
             raise CorruptObject(f"object {digest} is corrupt: cannot decode it ({exc})") from exc
-        if digest_of(data) != digest:
+        if self.content_id(data) != digest:
             log.error("corrupt object %s in %s: digest mismatch", digest, self.backend.url)
             raise CorruptObject(f"object {digest} is corrupt: its content does not match")
         return data
@@ -227,7 +230,7 @@ class ChunkStore:
 
     def put_chunk(self, data: bytes | memoryview, stats: WriteStats | None = None) -> ChunkRef:
         """Store one chunk (if new) and return its reference."""
-        digest = digest_of(data)
+        digest = self.content_id(data)
         if stats is not None:
             stats.chunks += 1
             stats.bytes_in += len(data)

@@ -42,6 +42,7 @@ from email.utils import parsedate_to_datetime
 from botocore.exceptions import BotoCoreError, ClientError
 
 from layerfs.errors import StoreError
+from layerfs.store.backend import PLAIN, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +127,16 @@ class LeaseManager:
         self.poll = poll
         self.timeout = timeout
         self._wrap = wrap or (lambda what, exc: StoreError(f"{what}: {exc}"))
+        self.sealer: Sealer = PLAIN  # seals lease bodies in an encrypted repository
         self._held: dict[str, _Held] = {}
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- reading leases ----------------------------------------------------------
-    def _body(self) -> bytes:
+    def _body(self, rel: str) -> bytes:
         doc = {"ttl": self.ttl, "host": socket.gethostname(), "pid": os.getpid()}
-        return json.dumps(doc).encode()
+        return self.sealer.seal("lease", rel, json.dumps(doc).encode())
 
     def read(self, rel: str) -> LeaseInfo | None:
         """The lease at ``rel`` (e.g. EXCLUSIVE), or None if there is none."""
@@ -146,10 +148,10 @@ class LeaseManager:
                 return None
             raise self._wrap(f"reading the lease {rel}", exc) from exc
         try:
-            doc = json.loads(body)
+            doc = json.loads(self.sealer.open("lease", rel, body))
             ttl = float(doc["ttl"])
             holder = f"{doc.get('host', '?')} pid {doc.get('pid', '?')}"
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, StoreError):
             ttl, holder = self.ttl, "unknown holder (unreadable lease)"
         now = server_now(resp) or datetime.now(resp["LastModified"].tzinfo)
         expired = resp["LastModified"] + timedelta(seconds=ttl) < now
@@ -267,7 +269,7 @@ class LeaseManager:
     def shared(self) -> Iterator[None]:
         """Hold a writer lease for the duration of the block."""
         key = f"{WRITER_PREFIX}{uuid.uuid4().hex}"
-        body = self._body()
+        body = self._body(key)
         deadline = time.monotonic() + self.timeout
         while True:
             ex = self.read(EXCLUSIVE)
@@ -290,7 +292,7 @@ class LeaseManager:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the exclusive lease and wait until no unexpired writer lease is left."""
-        body = self._body()
+        body = self._body(EXCLUSIVE)
         deadline = time.monotonic() + self.timeout
         etag, sent = self._take_exclusive(body, deadline)
         self._hold(_Held(EXCLUSIVE, body, etag, sent))

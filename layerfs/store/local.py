@@ -463,6 +463,34 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise _store_error(exc, f"document {name}") from exc
 
+    def create_doc(self, name: str, data: bytes) -> bool:
+        """Written to a temp file and hard-linked into place: link(2) fails if the name exists."""
+        path = self._doc_path(name)
+        fd, tmp = _mkstemp(self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        except OSError as exc:
+            raise _store_error(exc, f"document {name}") from exc
+        finally:
+            _unlink_quiet(tmp)
+        fsync_dir(path.parent)
+        return True
+
+    def holds_data(self) -> bool:
+        for sub in ("objects", "docs"):
+            with os.scandir(self.root / sub) as entries:
+                if any(True for _ in entries):
+                    return True
+        return False
+
     def get_doc(self, name: str) -> bytes:
         try:
             return self._doc_path(name).read_bytes()

@@ -3,6 +3,11 @@
 A plain path (or ``file://`` URL) is a local directory store; ``s3://BUCKET/PREFIX``
 is an S3 store. The default is ``$LAYERFS_STORE``, else ``/var/lib/layerfs`` for
 root and ``~/.local/share/layerfs`` for everyone else.
+
+``open_backend`` opens the store as a repository (layerfs.repo.repository):
+encrypted ones need the password. A new local store becomes an unencrypted
+repository when no password is given (the zero-config default); a new S3 store
+needs a password or ``layerfs init --insecure-no-encryption``.
 """
 
 from __future__ import annotations
@@ -27,8 +32,24 @@ def default_store_url() -> str:
     return str(Path.home() / ".local" / "share" / "layerfs")
 
 
-def open_backend(url: str | None = None) -> Backend:
-    """Open the backend a URL names (the default store when None)."""
+def open_backend(url: str | None = None, *, password_file: str | None = None) -> Backend:
+    """Open the repository a URL names (the default store when None)."""
+    from layerfs.repo.repository import open_repository
+
+    raw = open_raw_backend(url)
+    try:
+        return open_repository(
+            raw,
+            password_file=password_file,
+            allow_unencrypted_create=not raw.url.startswith("s3://"),
+        )
+    except BaseException:
+        raw.close()
+        raise
+
+
+def open_raw_backend(url: str | None = None) -> Backend:
+    """The backend a URL names, as stored: no repository config read, nothing decrypted."""
     url = url or default_store_url()
     if url.startswith("s3://"):
         try:

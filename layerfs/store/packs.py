@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zstandard
@@ -75,8 +76,9 @@ class PackWriter:
     def size(self) -> int:
         return len(self.buf)
 
-    def seal(self) -> bytes:
-        trailer = _pack_json({"version": _VERSION, "blobs": self.blobs})
+    def seal(self, protect: Callable[[bytes], bytes] = bytes) -> bytes:
+        """The pack's bytes; ``protect`` turns the trailer into what is stored (encryption)."""
+        trailer = protect(_pack_json({"version": _VERSION, "blobs": self.blobs}))
         return bytes(self.buf) + trailer + struct.pack("<Q", len(trailer)) + PACK_END
 
 

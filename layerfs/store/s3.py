@@ -67,9 +67,8 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from layerfs.errors import ObjectMissing, StoreError
 from layerfs.store import packs, s3read
-from layerfs.store.backend import Backend, check_digest, check_doc_name
+from layerfs.store.backend import PLAIN, Backend, Sealer, check_digest, check_doc_name
 from layerfs.store.cache import BlobCache
-from layerfs.store.chunks import blob_matches, digest_of
 from layerfs.store.leases import LeaseManager, lease_timeouts, server_now
 from layerfs.store.packs import BlobPlace, PackWriter
 
@@ -125,15 +124,6 @@ class S3Stats:
                 "packs_written": self.packs_written,
                 "indexes_written": self.indexes_written,
             }
-
-
-def _intact(digest: str, pack: bytes, offset: int, length: int) -> bool:
-    """Whether the blob at ``offset`` of ``pack`` is whole and named by its bytes: as a
-    stored chunk (ChunkStore's encoding) or as plain bytes (the Backend contract)."""
-    if offset + length > len(pack):
-        return False
-    blob = memoryview(pack)[offset : offset + length]
-    return digest_of(blob) == digest or blob_matches(digest, blob)
 
 
 CACHE_DIR_MODE = 0o700  # the cache holds plaintext the bucket has: private to its owner
@@ -249,6 +239,7 @@ class S3Backend(Backend):
             timeout=lock_timeout,
             wrap=self._error,
         )
+        self._sealer: Sealer = PLAIN
         self._pool = ThreadPoolExecutor(upload_threads, thread_name_prefix="layerfs-s3-upload")
         self._slots = threading.BoundedSemaphore(upload_threads + 1)
         self._mutex = threading.RLock()
@@ -266,6 +257,16 @@ class S3Backend(Backend):
         self._uploads: list[tuple[PackWriter, Future]] = []
         self._retry: list[PackWriter] = []
         self._unindexed: dict[str, PackWriter] = {}
+
+    @property
+    def sealer(self) -> Sealer:  # type: ignore[override]
+        """Seals the index objects, pack trailers and lease bodies this backend writes."""
+        return self._sealer
+
+    @sealer.setter
+    def sealer(self, sealer: Sealer) -> None:
+        self._sealer = sealer
+        self.leases.sealer = sealer
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> S3Backend:
@@ -386,11 +387,11 @@ class S3Backend(Backend):
     def _load_index(self, index_id: str) -> dict[str, list[tuple[str, int, int]]]:
         local = self.cache_dir() / "index" / index_id
         try:
-            return packs.decode_index(f"index {index_id}", local.read_bytes())
+            return self._decode_index(index_id, local.read_bytes())
         except (OSError, StoreError):
             pass
         data = self._get(f"index/{index_id}", f"index {index_id}")
-        doc = packs.decode_index(f"index {index_id}", data)
+        doc = self._decode_index(index_id, data)
         try:
             local.parent.mkdir(parents=True, exist_ok=True)
             tmp = local.with_name(f".{index_id}.{os.getpid()}.{threading.get_ident()}")
@@ -399,6 +400,13 @@ class S3Backend(Backend):
         except OSError:
             pass
         return doc
+
+    def _decode_index(self, index_id: str, data: bytes) -> dict[str, list[tuple[str, int, int]]]:
+        plain = self.sealer.open("index", index_id, data)
+        return packs.decode_index(f"index {index_id}", plain)
+
+    def _seal_pack(self, writer: PackWriter) -> bytes:
+        return writer.seal(lambda trailer: self.sealer.seal("trailer", writer.pack_id, trailer))
 
     def refresh(self) -> None:
         """Read the index objects written since the last look (and forget deleted ones)."""
@@ -478,7 +486,8 @@ class S3Backend(Backend):
 
     def _upload(self, writer: PackWriter) -> None:
         try:
-            self._put(self._pack_rel(writer.pack_id), writer.seal(), f"pack {writer.pack_id}")
+            pack_id = writer.pack_id
+            self._put(self._pack_rel(pack_id), self._seal_pack(writer), f"pack {pack_id}")
             self.stats.count("packs_written")
             writer.uploaded = time.monotonic()
             with self._mutex:
@@ -552,7 +561,7 @@ class S3Backend(Backend):
     def _write_index(self, doc: dict[str, list[tuple[str, int, int]]]) -> str:
         """Publish an index object naming ``doc``'s packs, if the lease is sure to last."""
         index_id = packs.new_id()
-        data = packs.encode_index(doc)
+        data = self.sealer.seal("index", index_id, packs.encode_index(doc))
         self.leases.check()  # immediately before the publish: see layerfs.store.leases
         self._put(f"index/{index_id}", data, f"index {index_id}")
         return index_id
@@ -834,7 +843,7 @@ class S3Backend(Backend):
             if live:
                 rel = self._pack_rel(pack_id)
                 data = self._get(rel, f"pack {rel}")
-                bad = [d for d, o, n in live if d not in copied and not _intact(d, data, o, n)]
+                bad = [d for d, o, n in live if d not in copied and not self._intact(d, data, o, n)]
                 if bad:
                     log.error(
                         "not repacking %s in %s: object %s in it does not match its name "
@@ -853,11 +862,11 @@ class S3Backend(Backend):
                         copied.add(d)
             freed += sum(n for d, _, n in blobs if d in dead)
             if writer.size >= self.pack_size:
-                self._put(self._pack_rel(writer.pack_id), writer.seal(), "a repacked pack")
+                self._put_repacked(writer)
                 new_doc[writer.pack_id] = writer.blobs
                 writer = PackWriter()
         if writer.blobs:
-            self._put(self._pack_rel(writer.pack_id), writer.seal(), "a repacked pack")
+            self._put_repacked(writer)
             new_doc[writer.pack_id] = writer.blobs
         if new_doc:
             self._write_index(new_doc)
@@ -872,6 +881,15 @@ class S3Backend(Backend):
         if many and self._holds_exclusive():
             self.compact_indexes()
         return freed
+
+    def _put_repacked(self, writer: PackWriter) -> None:
+        self._put(self._pack_rel(writer.pack_id), self._seal_pack(writer), "a repacked pack")
+
+    def _intact(self, digest: str, pack: bytes, offset: int, length: int) -> bool:
+        """Whether the blob at ``offset`` of ``pack`` is whole and is the blob ``digest``."""
+        if offset + length > len(pack):
+            return False
+        return self.sealer.blob_intact(digest, memoryview(pack)[offset : offset + length])
 
     def _holds_exclusive(self) -> bool:
         with self._mutex:
@@ -927,7 +945,8 @@ class S3Backend(Backend):
         tail = self._get(rel, f"pack {rel}", Range=f"bytes=-{size + packs.FOOTER_SIZE}")
         if len(tail) != size + packs.FOOTER_SIZE:
             raise StoreError(f"pack {rel} is damaged: its trailer is cut short")
-        return packs.parse_trailer(f"pack {rel}", tail[:size])
+        trailer = self.sealer.open("trailer", pack_id, tail[:size])
+        return packs.parse_trailer(f"pack {rel}", trailer)
 
     def compact_indexes(self) -> int:
         """Merge every index object into one; return how many were merged.
@@ -954,6 +973,36 @@ class S3Backend(Backend):
         self._ensure_bucket()
         self.leases.check()  # a document written under a lapsed lease could name pruned data
         self._put(f"docs/{check_doc_name(name)}", data, f"document {name}")
+
+    def create_doc(self, name: str, data: bytes) -> bool:
+        self._ensure_bucket()
+        key = self._key(f"docs/{check_doc_name(name)}")
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return False
+            raise self._error(f"writing document {name}", exc) from exc
+        except BotoCoreError as exc:
+            raise self._error(f"writing document {name}", exc) from exc
+        self.stats.count("bytes_up", len(data))
+        return True
+
+    def holds_data(self) -> bool:
+        for rel in ("packs/", "index/", "docs/"):
+            try:
+                resp = self.client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=self._key(rel), MaxKeys=1
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                    return False
+                raise self._error(f"listing {rel}", exc) from exc
+            except BotoCoreError as exc:
+                raise self._error(f"listing {rel}", exc) from exc
+            if resp.get("KeyCount", 0) or resp.get("Contents"):
+                return True
+        return False
 
     def get_doc(self, name: str) -> bytes:
         return self._get(f"docs/{check_doc_name(name)}", f"document {name}")
