@@ -4,18 +4,30 @@
 # beast frontend. Uses Debian's ceph-mon, ceph-osd, radosgw and ceph-common packages; runs as
 # root, no systemd.
 #
-# Idempotent: when the gateway already answers, it only prints the environment; when the
+# Idempotent: when this cluster's own gateway is up, it only prints the environment; when the
 # cluster runs but radosgw was stopped, it starts radosgw again; a broken leftover directory is
 # torn down and rebuilt. Concurrent callers are serialised with flock.
+# "Our gateway is up" means: the radosgw of $LAYERFS_CEPH_DIR/run/client.rgw.s3.pid runs from
+# our ceph.conf, that process listens on the port recorded in ceph.conf, and a signed
+# ListBuckets with the test user's keys returns 200. Another server answering on the port (a
+# second cluster's radosgw, minio, ...) is not ours.
 #
-# Settings (environment): LAYERFS_CEPH_DIR (/tmp/layerfs-ceph), LAYERFS_RGW_PORT (7480),
+# Port: radosgw listens on LAYERFS_RGW_PORT when it is set (and fails if another server holds
+# it); otherwise on the port recorded in ceph.conf by an earlier run, or 7480 for a new
+# cluster; when that port is held by another server it takes the first free one of 7481-7580
+# (and says so). Tests that pick their own ports take them from the ephemeral range, so the
+# two do not meet.
+#
+# Settings (environment): LAYERFS_CEPH_DIR (/tmp/layerfs-ceph), LAYERFS_RGW_PORT (see above),
 # LAYERFS_CEPH_STORE (memstore|bluestore), LAYERFS_CEPH_GB (4).
 # Output: the S3 environment (AWS_ENDPOINT_URL, keys, ...) on stdout, also written to
 # $LAYERFS_CEPH_DIR/s3.env for `source`.
 set -euo pipefail
 
 DIR=${LAYERFS_CEPH_DIR:-/tmp/layerfs-ceph}
-PORT=${LAYERFS_RGW_PORT:-7480}
+PORT_SET=${LAYERFS_RGW_PORT:+1}
+DEFAULT_PORT=7480
+SPARE_PORTS="7481 7580"  # first and last port tried when the wanted one is taken
 STORE=${LAYERFS_CEPH_STORE:-memstore}
 GB=${LAYERFS_CEPH_GB:-4}
 MON_PORT=${LAYERFS_CEPH_MON_PORT:-13310}
@@ -25,7 +37,8 @@ WAIT=${LAYERFS_CEPH_WAIT:-90}
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONF=$DIR/ceph.conf
 KEYRING=$DIR/keyring
-ENDPOINT=http://127.0.0.1:$PORT
+RGW_PID=$DIR/run/client.rgw.s3.pid
+PORT=  # radosgw's port: set by choose_port or rgw_is_ours
 
 say() { echo "ceph-rgw-up: [${SECONDS}s] $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -45,10 +58,82 @@ retry() {
   done
 }
 
-rgw_answers() {
-  python3 - "$ENDPOINT" <<'PY'
-import sys, urllib.request
-urllib.request.urlopen(sys.argv[1] + "/", timeout=2)
+# net free PORT: nothing listens on 127.0.0.1:PORT (a bind with SO_REUSEADDR works)
+# net pick FIRST LAST: print the first free port of FIRST..LAST
+# net listens PID PORT: process PID holds a listening TCP socket on PORT
+# net auth PORT ACCESS SECRET: a SigV4-signed ListBuckets on 127.0.0.1:PORT returns 200
+# (standard library only: the system python3 may lack botocore)
+net() {
+  python3 - "$@" <<'PY'
+import datetime, hashlib, hmac, os, socket, sys, urllib.error, urllib.request
+
+def free(port):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+def listens(pid, port):
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{f[9]}]")
+    fds = f"/proc/{pid}/fd"
+    for fd in os.listdir(fds):
+        try:
+            if os.readlink(f"{fds}/{fd}") in inodes:
+                return True
+        except OSError:
+            pass
+    return False
+
+def auth(port, access, secret, region="us-east-1"):
+    host = f"127.0.0.1:{port}"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    scope = f"{now[:8]}/{region}/s3/aws4_request"
+    body = hashlib.sha256(b"").hexdigest()
+    signed = "host;x-amz-content-sha256;x-amz-date"
+    canonical = f"GET\n/\n\nhost:{host}\nx-amz-content-sha256:{body}\nx-amz-date:{now}\n\n{signed}\n{body}"
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    to_sign = f"AWS4-HMAC-SHA256\n{now}\n{scope}\n{digest}"
+    key = ("AWS4" + secret).encode()
+    for part in (now[:8], region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    sig = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    cred = f"Credential={access}/{scope}, SignedHeaders={signed}, Signature={sig}"
+    req = urllib.request.Request(f"http://{host}/", headers={
+        "x-amz-date": now, "x-amz-content-sha256": body,
+        "Authorization": f"AWS4-HMAC-SHA256 {cred}",
+    })
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status == 200 and b"ListAllMyBucketsResult" in resp.read()
+    except OSError:  # HTTPError (403 InvalidAccessKeyId, ...) is an OSError too
+        return False
+
+cmd, args = sys.argv[1], sys.argv[2:]
+if cmd == "free":
+    sys.exit(0 if free(int(args[0])) else 1)
+if cmd == "pick":
+    for port in range(int(args[0]), int(args[1]) + 1):
+        if free(port):
+            print(port)
+            sys.exit(0)
+    sys.exit(1)
+if cmd == "listens":
+    sys.exit(0 if listens(int(args[0]), int(args[1])) else 1)
+if cmd == "auth":
+    sys.exit(0 if auth(int(args[0]), args[1], args[2]) else 1)
+sys.exit(f"net: unknown command {cmd}")
 PY
 }
 
@@ -59,9 +144,44 @@ pid_alive() {  # pid_alive NAME: the daemon NAME (e.g. mon.a) runs from our conf
   [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$CONF"
 }
 
+# recorded_port: print the port in ceph.conf's rgw frontends line (empty when there is none)
+recorded_port() {
+  sed -n 's/^rgw frontends = .*endpoint=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$CONF" 2>/dev/null
+}
+
+refuse_port() {
+  die "127.0.0.1:$1 (LAYERFS_RGW_PORT) is held by another server, not by the radosgw of $DIR: stop that server, or unset LAYERFS_RGW_PORT to let this script pick a free port"
+}
+
+# choose_port WANTED: set PORT to WANTED if it is free, else (unless LAYERFS_RGW_PORT asked
+# for it) to a free spare port; record it in ceph.conf.
+choose_port() {
+  local wanted=$1
+  if net free "$wanted"; then
+    PORT=$wanted
+  elif [ -n "$PORT_SET" ]; then
+    refuse_port "$wanted"
+  else
+    # shellcheck disable=SC2086
+    PORT=$(net pick $SPARE_PORTS) ||
+      die "127.0.0.1:$wanted is held by another server and no port of ${SPARE_PORTS/ /-} is free"
+    say "127.0.0.1:$wanted is held by another server (not the radosgw of $DIR): radosgw uses port $PORT"
+  fi
+  sed -i "s/^rgw frontends = .*/rgw frontends = beast endpoint=127.0.0.1:$PORT tcp_nodelay=1/" "$CONF"
+}
+
+# rgw_is_ours: our radosgw runs, listens on the recorded port, and takes our test user's keys
+rgw_is_ours() {
+  local pid
+  PORT=$(recorded_port)
+  [ -n "$PORT" ] && pid_alive client.rgw.s3 || return 1
+  pid=$(cat "$RGW_PID")
+  net listens "$pid" "$PORT" && net auth "$PORT" "$ACCESS_KEY" "$SECRET_KEY"
+}
+
 write_env() {
   cat >"$DIR/s3.env" <<ENV
-export AWS_ENDPOINT_URL=$ENDPOINT
+export AWS_ENDPOINT_URL=http://127.0.0.1:$PORT
 export AWS_ACCESS_KEY_ID=$ACCESS_KEY
 export AWS_SECRET_ACCESS_KEY=$SECRET_KEY
 export AWS_DEFAULT_REGION=us-east-1
@@ -119,7 +239,7 @@ paxos propose interval = 0.05
 osd data = $DIR/osd.\$id
 
 [client.rgw.s3]
-rgw frontends = beast endpoint=127.0.0.1:$PORT tcp_nodelay=1
+rgw frontends = beast endpoint=127.0.0.1:$DEFAULT_PORT tcp_nodelay=1
 rgw data = $DIR/rgw.s3
 rgw dns name = localhost
 rgw enable usage log = false
@@ -170,9 +290,38 @@ make_pools() {
   [ "$(ceph_cli osd pool ls | wc -l)" -ge 7 ] || die "the RGW pools are missing: see $DIR/log/pools.log"
 }
 
+# start_rgw WANTED: start radosgw on port WANTED, or on a spare port when another server holds
+# WANTED (see choose_port); wait until it listens. A port taken between the choice and the
+# start makes radosgw exit: then another port is chosen.
 start_rgw() {
-  radosgw -c "$CONF" -n client.rgw.s3 9>&-
-  retry "radosgw" "$DIR/log/client.rgw.s3.log" rgw_answers
+  local wanted=$1 attempt pid deadline log=$DIR/log/client.rgw.s3.log
+  for attempt in 1 2 3; do
+    choose_port "$wanted"
+    rm -f "$RGW_PID"
+    radosgw -c "$CONF" -n client.rgw.s3 9>&-
+    deadline=$((SECONDS + WAIT))
+    while :; do
+      if pid_alive client.rgw.s3; then
+        pid=$(cat "$RGW_PID")
+        net listens "$pid" "$PORT" && return 0
+      elif ! pgrep -f -- "^radosgw -c $CONF -n client.rgw.s3" >/dev/null; then
+        break  # radosgw exited
+      fi  # else: started, pid file not written yet
+      if ((SECONDS >= deadline)); then
+        say "radosgw did not listen on port $PORT within ${WAIT}s; end of $log:"
+        tail -n 25 "$log" >&2 2>/dev/null || true
+        exit 1
+      fi
+      sleep 0.2
+    done
+    if net free "$PORT"; then
+      say "radosgw exited (attempt $attempt); end of $log:"
+      tail -n 25 "$log" >&2 2>/dev/null || true
+      exit 1
+    fi
+    say "port $PORT was taken while radosgw started"
+  done
+  die "radosgw could not get a port in 3 attempts; see $log"
 }
 
 make_user() {
@@ -189,7 +338,7 @@ bring_up() {
   start_mon "$fsid"
   start_osd
   say "osd up"; make_pools; say "pools made"
-  start_rgw
+  start_rgw "${LAYERFS_RGW_PORT:-$DEFAULT_PORT}"
   make_user
   write_env
 }
@@ -203,11 +352,26 @@ mkdir -p "$(dirname "$DIR")"
 exec 9>"$DIR.lock"
 flock 9
 
-if [ -f "$DIR/s3.env" ] && rgw_answers 2>/dev/null; then
+if [ -f "$DIR/s3.env" ] && rgw_is_ours && [ "${LAYERFS_RGW_PORT:-$PORT}" = "$PORT" ]; then
   :  # already up
-elif [ -f "$DIR/s3.env" ] && pid_alive mon.a && pid_alive osd.0 && ! pid_alive client.rgw.s3; then
-  say "cluster runs without radosgw: starting radosgw"
-  start_rgw
+elif [ -f "$DIR/s3.env" ] && pid_alive mon.a && pid_alive osd.0 && [ -n "$(recorded_port)" ]; then
+  if [ -n "$PORT_SET" ] && [ "$LAYERFS_RGW_PORT" != "$(recorded_port)" ] && ! net free "$LAYERFS_RGW_PORT"; then
+    refuse_port "$LAYERFS_RGW_PORT"  # before stopping the running radosgw
+  fi
+  if pid_alive client.rgw.s3 && [ "${LAYERFS_RGW_PORT:-$(recorded_port)}" != "$(recorded_port)" ]; then
+    say "radosgw listens on port $(recorded_port), LAYERFS_RGW_PORT asks for $LAYERFS_RGW_PORT: restarting it"
+  elif pid_alive client.rgw.s3; then
+    say "radosgw runs but is not usable on port $(recorded_port) (does not listen there, or the test user's keys fail): restarting it"
+  else
+    say "cluster runs without radosgw: starting radosgw"
+  fi
+  if pid_alive client.rgw.s3; then
+    kill -KILL "$(cat "$RGW_PID")"
+    for _ in $(seq 50); do pid_alive client.rgw.s3 || break; sleep 0.1; done
+  fi
+  start_rgw "${LAYERFS_RGW_PORT:-$(recorded_port)}"
+  retry "the test user" "$DIR/log/client.rgw.s3.log" net auth "$PORT" "$ACCESS_KEY" "$SECRET_KEY"
+  write_env
 else
   if [ -e "$DIR" ]; then
     say "removing the incomplete cluster in $DIR"

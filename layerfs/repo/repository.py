@@ -333,7 +333,11 @@ class EncryptedBackend(Backend):
         return crypto.seal(self._key, data, crypto.associated("blob", digest))
 
     def _open_blob(self, digest: str, blob: bytes | memoryview) -> bytes:
-        return crypto.open_(self._key, blob, crypto.associated("blob", digest))
+        try:
+            return crypto.open_(self._key, blob, crypto.associated("blob", digest))
+        except CorruptObject as exc:
+            log.error("damaged object %s in %s: %s", digest, self.url, exc)
+            raise
 
     def _doc_object(self, name: str) -> str:
         folder, sep, rest = name.partition("/")

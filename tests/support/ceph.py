@@ -1,12 +1,15 @@
 """A real S3 server for tests and benchmarks: Ceph's RADOS Gateway on 127.0.0.1.
 
-``ensure_rgw()`` runs scripts/ceph-rgw-up.sh (idempotent: it only reads the
-environment when the gateway already answers) and returns an S3Env; ``export()``
+``ensure_rgw()`` runs scripts/ceph-rgw-up.sh (idempotent: it only prints the
+environment when the cluster's own gateway is up) and returns an S3Env parsed from
+the script's output; the endpoint's port is whatever the script chose (7480, or a
+free one of 7481-7580 when another server holds it), never assumed. ``export()``
 puts its AWS_* variables into os.environ so subprocesses (the CLI, plugins) see
 them. ``stop_rgw()``/``start_rgw()`` stop and start the shared radosgw, for outage
 tests; a ``PrivateGateway`` (one more radosgw on its own port over the same
 cluster) lets a test cause an outage without disturbing other tests that use
-the shared gateway at the same time.
+the shared gateway at the same time; it takes its port from the ephemeral range,
+which the up script's ports (7480-7580) are not in.
 Each test creates its own bucket with ``new_bucket()`` and removes it with
 ``remove_bucket()``.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,17 +95,25 @@ def _parse_env(text: str) -> S3Env:
     )
 
 
-def ensure_rgw() -> S3Env:
-    """Bring the gateway up unless it answers already; return its S3Env."""
-    proc = subprocess.run(["bash", str(UP)], capture_output=True, text=True)
+def ensure_rgw(env: Mapping[str, str] | None = None) -> S3Env:
+    """Bring the gateway up unless ours runs already; return its S3Env.
+
+    ``env`` (e.g. LAYERFS_CEPH_DIR for a second cluster) is added to the script's
+    environment.
+    """
+    proc = subprocess.run(
+        ["bash", str(UP)], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"scripts/ceph-rgw-up.sh failed:\n{proc.stderr[-3000:]}")
     return _parse_env(proc.stdout)
 
 
-def rgw_down() -> None:
-    """Stop the whole cluster and delete its directory."""
-    subprocess.run(["bash", str(DOWN)], capture_output=True, check=True)
+def rgw_down(env: Mapping[str, str] | None = None) -> None:
+    """Stop the whole cluster and delete its directory (``env`` as for ensure_rgw)."""
+    subprocess.run(
+        ["bash", str(DOWN)], capture_output=True, check=True, env={**os.environ, **(env or {})}
+    )
 
 
 def _rgw_pid() -> int | None:
@@ -113,6 +126,37 @@ def _rgw_pid() -> int | None:
     except OSError:
         return None
     return pid if str(ceph_dir() / "ceph.conf").encode() in cmdline else None
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a listening TCP socket on ``port``."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rgw_answers(endpoint: str) -> bool:
@@ -169,20 +213,38 @@ def remove_bucket(env: S3Env, bucket: str) -> None:
 
 
 class PrivateGateway:
-    """One more radosgw over the running cluster, on a free port, for outage tests."""
+    """One more radosgw over the running cluster, on a free port, for outage tests.
+
+    The port comes from the ephemeral range; if another server takes it before radosgw
+    binds it (radosgw then exits), start() moves to a new free port, so ``env`` is only
+    final once start() has returned.
+    """
 
     def __init__(self, base: S3Env) -> None:
         self.base = base
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.env = S3Env(f"http://127.0.0.1:{self.port}", base.access_key, base.secret_key)
         self.proc: subprocess.Popen | None = None
-        self.dir = ceph_dir() / "private" / str(self.port)
+        self._use_port(_free_port())
+
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.env = S3Env(f"http://127.0.0.1:{port}", self.base.access_key, self.base.secret_key)
+        self.dir = ceph_dir() / "private" / str(port)
 
     def start(self, timeout: float = 60.0) -> S3Env:
         if self.proc is not None and self.proc.poll() is None:
             return self.env
+        deadline = time.monotonic() + timeout
+        for _ in range(3):
+            if self._start_once(deadline):
+                return self.env
+            if time.monotonic() > deadline or not rgw_answers(self.env.endpoint):
+                break  # radosgw failed, and not because another server took its port
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self._use_port(_free_port())
+        raise RuntimeError(f"the private radosgw did not start; see {self.dir}")
+
+    def _start_once(self, deadline: float) -> bool:
+        """Start radosgw on self.port; True once that process listens there and answers."""
         self.dir.mkdir(parents=True, exist_ok=True)
         log = open(self.dir / "stdout", "ab")  # noqa: SIM115 - handed to the daemon
         self.proc = subprocess.Popen(
@@ -204,12 +266,15 @@ class PrivateGateway:
             start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while not rgw_answers(self.env.endpoint):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the private radosgw did not start; see {self.dir}")
+        # another server on the port would answer too: the port must be held by our process
+        while not (listens(self.proc.pid, self.port) and rgw_answers(self.env.endpoint)):
+            if self.proc.poll() is not None:
+                return False
+            if time.monotonic() > deadline:
+                self.stop()
+                return False
             time.sleep(0.1)
-        return self.env
+        return True
 
     def stop(self, kill: bool = True) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -230,6 +295,4 @@ class PrivateGateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        import shutil
-
         shutil.rmtree(self.dir, ignore_errors=True)
