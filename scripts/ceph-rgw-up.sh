@@ -331,6 +331,9 @@ make_user() {
 
 bring_up() {
   local fsid
+  if [ -n "$PORT_SET" ] && ! net free "$LAYERFS_RGW_PORT"; then
+    refuse_port "$LAYERFS_RGW_PORT"  # before building a cluster for nothing
+  fi
   fsid=$(cat /proc/sys/kernel/random/uuid)
   mkdir -p "$DIR"/{run,log,mon.a,osd.0,rgw.s3}
   write_conf "$fsid"
