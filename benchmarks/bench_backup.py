@@ -184,10 +184,10 @@ _CHILD = """
 import json, sys
 from pathlib import Path
 from layerfs.store.chunks import ChunkStore
-from layerfs.store.s3 import S3Backend
+from layerfs.store.location import open_backend
 from volplugin.backup import service
 op, url = sys.argv[1], sys.argv[2]
-backend = S3Backend.from_url(url)
+backend = open_backend(url)  # the encrypted repository (LAYERFS_PASSWORD_FILE)
 store = ChunkStore(backend)
 if op == "backup":
     record = service.create_backup(store, "bench", Path(sys.argv[3]))
@@ -196,7 +196,7 @@ else:
     record, result = service.restore_backup(store, sys.argv[3], Path(sys.argv[4]))
     out = {"files": result.files, "bytes": result.bytes}
 backend.close()
-out["stats"] = backend.stats.snapshot()
+out["stats"] = getattr(backend, "inner", backend).stats.snapshot()
 print(json.dumps(out))
 """
 
@@ -222,8 +222,18 @@ class Volplugin:
 
     def __init__(self, bucket: str, env: dict[str, str]) -> None:
         self.url = f"s3://{bucket}/bench"
-        self.env = env
+        password = WORK / "password"
+        password.write_text(PASSWORD + "\n")
+        env = {k: v for k, v in env.items() if not k.startswith("LAYERFS_TESTONLY")}
+        self.env = dict(env, LAYERFS_PASSWORD_FILE=str(password))
         self.last_id = ""
+        # encrypted, with the default KDF parameters (restic init uses its defaults too)
+        subprocess.run(
+            [str(Path(PYTHON).with_name("layerfs")), "--store", self.url, "init"],
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
 
     def backup(self, tree: Path, cache: Path) -> Measure:
         env = dict(self.env, LAYERFS_CACHE_DIR=str(cache))

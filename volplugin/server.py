@@ -140,6 +140,7 @@ def serve(
     root = Path(root).absolute()
     cpus = allowed_cpus(cpu_affinity, workers)
     path = socket_path(name, plugin_dir)
+    check_repository(store)
     with root_lock(root):
         stop = threading.Event()
         if cpus:
@@ -229,6 +230,25 @@ def serve_worker(
         board.close()
         lazy.close()
         service.state.close()
+
+
+def check_repository(store: str | None) -> None:
+    """Fail at start, in one line, if the store's repository cannot be opened as configured.
+
+    A wrong or missing password, or a store of an earlier format, stops serve
+    now rather than at the first backup; a store that cannot be reached (an S3
+    outage) is only logged: backups wait for it, volumes need no store.
+    """
+    from layerfs.errors import StoreError
+    from layerfs.repo.repository import RepositoryError
+    from layerfs.store.location import open_backend
+
+    try:
+        open_backend(store).close()  # password errors are not StoreErrors: they propagate
+    except RepositoryError:
+        raise
+    except StoreError as exc:
+        log.warning("the backup store cannot be opened now (backups wait for it): %s", exc)
 
 
 def _open_service(root: Path, name: str, store: str | None) -> VolumeService:

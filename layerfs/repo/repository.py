@@ -325,6 +325,13 @@ class EncryptedBackend(Backend):
         self.chunker_seed = crypto.chunker_seed(master)
         inner.sealer = _RepoSealer(master)
 
+    def __getattr__(self, name: str) -> object:
+        """What the raw backend offers beyond the Backend interface (a local store's
+        ``blob_path``, an S3 store's ``stats``), about the stored (sealed) objects."""
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     # -- naming -------------------------------------------------------------
     def content_id(self, data: bytes | memoryview) -> str:
         return crypto.content_id(self._key, data)
