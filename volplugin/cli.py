@@ -87,6 +87,8 @@ def cli(ctx: click.Context, root: Path, name: str, host_id: str | None, verbose:
         format="volplugin: %(levelname)s: %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:  # botocore's INFO lines (where credentials were found) are noise here
+        logging.getLogger("botocore").setLevel(logging.WARNING)
     ctx.obj = {"root": root, "name": name}
 
 

@@ -45,11 +45,13 @@ def _encrypted(store_url: str):
 def init_command(store_url: str, insecure_no_encryption: bool) -> None:
     """Create a repository at --store (encrypted under the password given)."""
     from layerfs.repo.password import get_password
-    from layerfs.repo.repository import init_repository
+    from layerfs.repo.repository import AlreadyInitialised, init_repository, read_config
 
-    password = None if insecure_no_encryption else get_password().secret
     backend = open_raw_backend(store_url)
     try:
+        if read_config(backend) is not None:
+            raise AlreadyInitialised(f"{backend.url} is a repository already")
+        password = None if insecure_no_encryption else get_password().secret
         config = init_repository(backend, password, insecure=insecure_no_encryption)
     finally:
         backend.close()

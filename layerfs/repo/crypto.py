@@ -110,7 +110,7 @@ def _aesgcm(enc_key: bytes) -> AESGCM:
 
 
 def associated(kind: str, name: str) -> bytes:
-    """The associated data for object ``name`` of ``kind`` ("chunk", "tree", "index", ...)."""
+    """The associated data for object ``name`` of ``kind`` ("blob", "doc", "index", ...)."""
     if not kind or "\x00" in kind or "\x00" in name:
         raise ValueError(f"bad object kind or name: {kind!r} {name!r}")
     return kind.encode() + b"\x00" + name.encode()

@@ -3,7 +3,8 @@
 Layout::
 
     objects/ab/abcdef...   blobs, named by digest
-    docs/images/NAME.json  named documents
+    docs/images/NAME.json  named documents (an encrypted repository encrypts the
+                           part after the folder: layerfs.repo.repository)
     tmp/                   files being written (never read as objects)
     tmp/b-PID-RANDOM/      blobs being written by one writer, until its flush
     cache/                 derived state: image indexes

@@ -4,7 +4,8 @@ Layout under PREFIX::
 
     packs/ab/<id>    pack files of many blobs (see layerfs.store.packs), ~32 MB each
     index/<id>       index objects: digest -> (pack, offset, length) for some packs
-    docs/<name>      named documents, one plain object each
+    docs/<name>      named documents, one object each (names and bodies encrypted
+                     in an encrypted repository: layerfs.repo.repository)
     locks/...        leases (see layerfs.store.leases)
 
 Blobs are appended to an in-memory pack; a full pack is uploaded by a pool of
