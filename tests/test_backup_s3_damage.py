@@ -16,7 +16,7 @@ import pytest
 
 from layerfs.records import get_tree
 from layerfs.store import packs
-from layerfs.store.location import open_store
+from layerfs.store.location import open_backend, open_store
 from tests.support.s3backup import S3Store, backup, cli, fill_random, store_fixture
 from volplugin.backup import service
 
@@ -26,22 +26,33 @@ pytestmark = pytest.mark.s3
 store = store_fixture("bks3-dmg")
 
 
+def _indexes(store: S3Store) -> list[dict[str, list[tuple[str, int, int]]]]:
+    """Every index object in the bucket, opened with the repository's key and decoded."""
+    client = store.env.client()
+    backend = open_backend(store.url)
+    try:
+        out = []
+        for rel in store.keys("index/"):
+            index_id = rel.split("/", 1)[1]
+            data = client.get_object(Bucket=store.bucket, Key=f"store/{rel}")["Body"].read()
+            out.append(packs.decode_index(rel, backend.inner.sealer.open("index", index_id, data)))
+        return out
+    finally:
+        backend.close()
+
+
 def _pack_of(store: S3Store, digest: str) -> str:
     """The key (under the store prefix) of the pack holding a blob, from the index objects."""
-    client = store.env.client()
-    for rel in store.keys("index/"):
-        data = client.get_object(Bucket=store.bucket, Key=f"store/{rel}")["Body"].read()
-        for pack_id, blobs in packs.decode_index(rel, data).items():
+    for index in _indexes(store):
+        for pack_id, blobs in index.items():
             if any(d == digest for d, _, _ in blobs):
                 return f"packs/{pack_id[:2]}/{pack_id}"
     raise AssertionError(f"no index names {digest}")
 
 
 def _place(store: S3Store, digest: str) -> tuple[int, int]:
-    client = store.env.client()
-    for rel in store.keys("index/"):
-        data = client.get_object(Bucket=store.bucket, Key=f"store/{rel}")["Body"].read()
-        for blobs in packs.decode_index(rel, data).values():
+    for index in _indexes(store):
+        for blobs in index.values():
             for d, offset, length in blobs:
                 if d == digest:
                     return offset, length
