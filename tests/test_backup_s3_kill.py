@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from layerfs.repo.repository import open_repository
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.s3 import PACK_SIZE, S3Backend
 from tests.support.plugin import PluginProcess, UnixHTTPConnection
@@ -40,7 +41,7 @@ def _listed(store) -> list[str]:
 
 def _backup_in_process(store, volume: str, path: Path, cache: Path):
     """A backup with this process's own S3Backend, so its requests and bytes can be counted."""
-    backend = S3Backend.from_url(store.url, cache_root=cache)
+    backend = open_repository(S3Backend.from_url(store.url, cache_root=cache))
     try:
         record = service.create_backup(ChunkStore(backend), volume, path)
     finally:
@@ -53,7 +54,7 @@ def _indexed_bytes(store, cache: Path) -> int:
 
     The killed run wrote its first index (of eight packs at least) before the kill.
     """
-    backend = S3Backend.from_url(store.url, cache_root=cache)
+    backend = open_repository(S3Backend.from_url(store.url, cache_root=cache))
     try:
         indexed = sum(size for _, size in backend.iter_blobs())
     finally:

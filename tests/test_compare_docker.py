@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.importer import import_archive
-from layerfs.store.chunks import ChunkStore
-from layerfs.store.local import LocalBackend
+from layerfs.store.location import open_store
 from tests.support import images
 from tests.support.lfsmount import mounted, public_dir
 from tests.support.treesnap import Snapshot, differences, snapshot
@@ -93,7 +92,7 @@ def archives(feature_image, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("source", ["docker-save", "oci-archive"])
 def test_mount_matches_docker_export(source, archives, daemon_tree, tmp_path):
-    store = ChunkStore(LocalBackend(tmp_path / "store"))
+    store = open_store(str(tmp_path / "store"))
     name = f"lfsmnt/feature:{source}"
     import_archive(store, archives[source], tag=name)
     with public_dir() as base, mounted(tmp_path / "store", name, base / "m") as m:

@@ -17,6 +17,7 @@ from layerfs.records import Entry, Kind, get_tree, read_content
 from layerfs.store import open_store
 from layerfs.store.chunks import ChunkStore
 from tests.support import images
+from tests.support.repos import same_key_store
 
 pytestmark = pytest.mark.docker
 
@@ -125,7 +126,7 @@ def test_docker_save_legacy(archives, tmp_path: Path) -> None:
 )
 def test_oci_layouts_give_the_same_layers(archives, tmp_path: Path, layout: str, name: str):
     legacy = import_archive(open_store(str(tmp_path / "legacy")), archives["legacy"])
-    store = open_store(str(tmp_path / layout))
+    store = same_key_store(tmp_path / "legacy", tmp_path / layout)  # equal content, equal IDs
     image = import_archive(store, archives[layout])
     assert image.name == name
     check_feature_layers(store, image)

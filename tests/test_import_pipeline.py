@@ -18,6 +18,7 @@ from layerfs.store import open_store
 from layerfs.store.background import BackgroundBatches
 from layerfs.store.chunks import ChunkStore, WriteStats
 from layerfs.store.local import LocalBackend
+from tests.support.repos import same_key_store
 
 
 class _Breaks(io.RawIOBase):
@@ -133,7 +134,8 @@ def test_background_batches_run_every_item_and_keep_the_first_error() -> None:
 def test_background_writes_store_what_plain_writes_store(tmp_path: Path) -> None:
     data = [os.urandom(n) for n in (10, 20_000, 700_000, 3 << 20)]
     data.append(data[2])  # a duplicate inside one session
-    plain, background = open_store(str(tmp_path / "a")), open_store(str(tmp_path / "b"))
+    plain = open_store(str(tmp_path / "a"))
+    background = same_key_store(tmp_path / "a", tmp_path / "b")  # equal content, equal IDs
     plain_stats, bg_stats = WriteStats(), WriteStats()
     want = [plain.write_bytes(d, plain_stats) for d in data]
     plain.flush()

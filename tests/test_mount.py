@@ -14,8 +14,7 @@ import pytest
 
 from layerfs.fs.mounting import find_mount
 from layerfs.records import Entry, Kind
-from layerfs.store.chunks import ChunkStore
-from layerfs.store.local import LocalBackend
+from layerfs.store.location import open_store
 from tests.support.lfsmount import LAYERFS, as_nobody, layerfs, mounted, public_dir
 from tests.support.synthetic import MTIME, d, f, link, make_image, opq, sym, wh
 
@@ -31,7 +30,7 @@ def image_store(tmp_path_factory) -> Path:
     if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
         pytest.skip("needs /dev/fuse and root")
     root = tmp_path_factory.mktemp("lfsmnt-store")
-    s = ChunkStore(LocalBackend(root))
+    s = open_store(str(root))
     make_image(
         s,
         "lfsmnt/feature:1",
@@ -189,7 +188,7 @@ def test_inode_numbers_survive_umount_and_mount(image_store):
 def test_corrupt_chunk_gives_eio_and_a_log_line(tmp_path):
     if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
         pytest.skip("needs /dev/fuse and root")
-    s = ChunkStore(LocalBackend(tmp_path / "store"))
+    s = open_store(str(tmp_path / "store"))
     data = os.urandom(500_000)
     entry = f(s, "data", data)
     make_image(s, "lfsmnt/corrupt:1", [[entry]])
@@ -219,7 +218,7 @@ def test_chroot_runs_a_shell(tmp_path):
         pytest.skip("needs /dev/fuse and root")
     if not os.path.exists("/bin/busybox"):
         pytest.skip("busybox-static is not installed")
-    s = ChunkStore(LocalBackend(tmp_path / "store"))
+    s = open_store(str(tmp_path / "store"))
     busybox = Path("/bin/busybox").read_bytes()
     make_image(
         s,

@@ -14,8 +14,9 @@ from layerfs.fs.attrs import pack_stat, stat_of
 from layerfs.fs.mountinfo import load_mountinfo
 from layerfs.index.readahead import ReadAhead
 from layerfs.records import Kind
-from layerfs.store.chunks import ChunkRef, ChunkStore, chunk_offsets
+from layerfs.store.chunks import ChunkRef, chunk_offsets
 from layerfs.store.local import LocalBackend
+from layerfs.store.location import open_store
 from layerfs.view import Node
 from tests.support.lfsmount import LAYERFS, mounted, public_dir
 from tests.support.synthetic import d, f, make_image, sym
@@ -97,7 +98,7 @@ def image_store(tmp_path_factory) -> Path:
     if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
         pytest.skip("needs /dev/fuse and root")
     root = tmp_path_factory.mktemp("perfro-store")
-    s = ChunkStore(LocalBackend(root))
+    s = open_store(str(root))
     layer = [d(""), d("data"), f(s, "data/big", BIG), f(s, "data/small", b"s" * 1000)]
     layer += [sym("data/link", "big")] + [f(s, f"many/f{i}", b"%d" % i) for i in range(300)]
     make_image(s, "perfro/fast:1", [layer])

@@ -12,7 +12,7 @@ import pytest
 
 from layerfs.errors import CorruptObject, ObjectMissing, StoreError
 from layerfs.store.chunks import ChunkStore, chunk_offsets, digest_of
-from layerfs.store.location import open_backend
+from layerfs.store.location import open_raw_backend
 from layerfs.store.s3 import S3Backend
 from tests.support import ceph
 
@@ -232,7 +232,7 @@ def test_exclusive_lock_removes_unindexed_packs(s3_env, bucket, tmp_path) -> Non
 
 
 def test_docs_are_plain_objects(s3_env, bucket, tmp_path) -> None:
-    be = open_backend(f"s3://{bucket}/store")
+    be = open_raw_backend(f"s3://{bucket}/store")  # the backend as stored, no repository
     assert isinstance(be, S3Backend)
     be.put_doc("images/one.json", b'{"a": 1}')
     be.put_doc("images/two.json", b"{}")

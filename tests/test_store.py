@@ -15,7 +15,7 @@ import pytest
 
 from layerfs.errors import CorruptObject, ObjectMissing, StoreError
 from layerfs.store import open_store
-from layerfs.store.chunks import MAX_CHUNK, chunk_offsets, digest_of
+from layerfs.store.chunks import MAX_CHUNK, chunk_offsets
 from layerfs.store.local import LocalBackend
 
 
@@ -112,7 +112,7 @@ def test_every_durable_blob_matches_its_name(tmp_path: Path) -> None:
     store.write_bytes(os.urandom(2 << 20))
     store.flush()
     for digest, _ in store.backend.iter_blobs():
-        assert digest_of(store.get_chunk(digest)) == digest
+        assert store.content_id(store.get_chunk(digest)) == digest
 
 
 def test_docs_are_atomic_and_listed(tmp_path: Path) -> None:

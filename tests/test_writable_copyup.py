@@ -9,6 +9,7 @@ import stat
 import pytest
 
 from layerfs.store.chunks import MAX_CHUNK
+from layerfs.store.location import open_store
 from tests.support.lfsmount import layerfs, public_dir
 from tests.support.synthetic import f, make_image
 from tests.support.writable import (
@@ -131,10 +132,8 @@ def test_changes_survive_remount(store):
 
 
 def test_upper_of_another_image_is_refused(store, tmp_path):
-    from layerfs.store.chunks import ChunkStore
-    from layerfs.store.local import LocalBackend
 
-    s = ChunkStore(LocalBackend(store))
+    s = open_store(str(store))
     make_image(s, "lfsrw/other:1", [[f(s, "only", b"o")]])
     with public_dir("lfsrw-") as base:
         with image_mount(store, base / "m", base / "c"):

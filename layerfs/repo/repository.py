@@ -136,7 +136,7 @@ def read_config(backend: Backend) -> RepoConfig | None:
 def new_key_params() -> keys.KdfParams:
     """Parameters for new key files: the defaults, or weak ones when tests ask for them."""
     if os.environ.get(WEAKEN_KDF_ENV) == "1":
-        log.warning("%s=1: new key files use weak KDF parameters (tests only)", WEAKEN_KDF_ENV)
+        log.debug("%s=1: new key files use weak KDF parameters (tests only)", WEAKEN_KDF_ENV)
         return keys.TEST_PARAMS
     return keys.DEFAULT_PARAMS
 

@@ -130,6 +130,10 @@ class S3Stats:
 CACHE_DIR_MODE = 0o700  # the cache holds plaintext the bucket has: private to its owner
 
 
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 def default_cache_root() -> Path:
     """$LAYERFS_CACHE_DIR, else /var/cache/layerfs for root, else ~/.cache/layerfs."""
     env = os.environ.get("LAYERFS_CACHE_DIR")
@@ -339,6 +343,10 @@ class S3Backend(Backend):
                 "404",
             ):
                 raise ObjectMissing(f"{what} is missing from the store {self.url}") from None
+            if isinstance(exc, ClientError) and "Range" in kwargs and _code(exc) == "InvalidRange":
+                raise StoreError(
+                    f"{what} in {self.url} is damaged: it ends before {kwargs['Range']}"
+                ) from None
             raise self._error(f"reading {what}", exc) from exc
         self.stats.count("bytes_down", len(data))
         return data

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from layerfs.fs.mounting import find_mount
 from layerfs.records import Entry, Kind
-from layerfs.store.chunks import ChunkStore
-from layerfs.store.local import LocalBackend
+from layerfs.store.location import open_store
 from tests.support.lfsmount import force_unmount, layerfs, public_dir
 from tests.support.synthetic import MTIME, d, f, link, make_image, opq, sym, wh
 
@@ -48,7 +47,7 @@ class Mount:
 
 def make_store(root: Path) -> Path:
     """A store holding IMAGE: two layers, with a whiteout, an opaque dir and a hardlink."""
-    s = ChunkStore(LocalBackend(root))
+    s = open_store(str(root))
     make_image(
         s,
         IMAGE,
