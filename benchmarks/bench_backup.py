@@ -111,10 +111,28 @@ def make_tree(root: Path, total: int, seed: int) -> list[Path]:
     return files
 
 
+def make_small_tree(root: Path, count: int, seed: int) -> list[Path]:
+    """``count`` text files of 1-4 KiB, 100 per directory, two levels deep."""
+    rnd = random.Random(seed)
+    shutil.rmtree(root, ignore_errors=True)
+    corpus = _corpus(rnd, 4 << 20)
+    files: list[Path] = []
+    for i in range(count):
+        folder = root / f"d{i // 10000:03}" / f"s{i // 100 % 100:02}"
+        if i % 100 == 0:
+            folder.mkdir(parents=True)
+        size = rnd.randrange(1024, 4096)
+        start = rnd.randrange(len(corpus) - size)
+        path = folder / f"f{i:07}.txt"
+        path.write_bytes(corpus[start : start + size])
+        files.append(path)
+    return files
+
+
 def change_files(files: list[Path], seed: int, share: float = 0.01) -> int:
     """Change ``share`` of the files: rewrite small ones, patch 1 MiB inside large ones."""
     rnd = random.Random(seed + 1)
-    chosen = rnd.sample(files, max(1, int(len(files) * share)))
+    chosen = rnd.sample(files, max(1, int(len(files) * share)) if share < 1 else int(share))
     for path in chosen:
         size = path.stat().st_size
         if size <= 1 << 20:
@@ -320,13 +338,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--shared-ceph", action="store_true", help="use the tests' RGW")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument(
+        "--small-files",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a tree of N small files instead, 100 of them changed before the second backup",
+    )
     args = parser.parse_args()
     require_tools("restic", "tar", "gzip", "radosgw")
     load = os.getloadavg()[0]
     size = (200 if args.quick else args.size) << 20
     tree = WORK / "tree"
-    print(f"generating a {human_bytes(size)} tree (seed {args.seed}) ...", flush=True)
-    files = make_tree(tree, size, args.seed)
+    if args.small_files:
+        print(f"generating {args.small_files} small files (seed {args.seed}) ...", flush=True)
+        files = make_small_tree(tree, args.small_files, args.seed)
+    else:
+        print(f"generating a {human_bytes(size)} tree (seed {args.seed}) ...", flush=True)
+        files = make_tree(tree, size, args.seed)
     apparent = sum(p.stat().st_size for p in files)
     os.sync()
     ceph, s3 = start_ceph(args.shared_ceph, size)
@@ -342,7 +371,9 @@ def main() -> None:
             tools.append((tool, bucket))
         for phase in ("first", "second"):
             if phase == "second":
-                changed = change_files(files, args.seed)
+                for tool, bucket in tools:
+                    rows[tool.name]["after_first"] = bucket_usage(client, bucket)
+                changed = change_files(files, args.seed, 100 if args.small_files else 0.01)
                 os.sync()
             for tool, _ in tools:
                 print(f"{tool.name}: {phase} backup ...", flush=True)
@@ -411,11 +442,19 @@ def report(args, load, size, apparent, nfiles, changed, rows) -> None:  # noqa: 
     ]
     text = "\n\n".join(
         [
-            "## bench_backup: volume backups to S3 (Ceph RGW)",
+            "## bench_backup: volume backups to S3 (Ceph RGW)"
+            + (f", {nfiles} small files" if args.small_files else ""),
             environment_summary(load),
             f"`{command_line()}`: a tree of {nfiles} files, {human_bytes(apparent)} "
-            f"(35% small text files, 50% large random files, 15% copies; seed {args.seed}); "
-            f"the second backup follows a change to {changed} files (1%). Restores start with "
+            + (
+                f"(text files of 1-4 KiB, 100 per directory; seed {args.seed}); the second "
+                f"backup follows a change to {changed} files. "
+                if args.small_files
+                else f"(35% small text files, 50% large random files, 15% copies; seed "
+                f"{args.seed}); the second backup follows a change to {changed} files (1%). "
+            )
+            + "Both tools encrypt (volplugin: an encrypted repository with the default KDF "
+            "parameters). Restores start with "
             "empty local caches. Times in seconds (wall clock; the CPU column is user + "
             "system time of each backup's process tree, less sensitive to other load); RSS "
             "is the sum of VmHWM over each process tree; stored bytes and objects are the "
@@ -438,12 +477,18 @@ def report(args, load, size, apparent, nfiles, changed, rows) -> None:  # noqa: 
             "Stored bytes "
             f"{_fmt_ratio(vp['stored'][0], rs['stored'][0])}, objects "
             f"{_fmt_ratio(vp['stored'][1], rs['stored'][1])} of restic's (target ≤ 1.0×).",
+            "Bytes the second backup added to the bucket: "
+            + ", ".join(
+                f"{name} {human_bytes(r['stored'][0] - r['after_first'][0])}"
+                for name, r in rows.items()
+            )
+            + ".",
             "volplugin's S3 requests (the store's counters):\n\n" + "\n".join(stats_lines),
         ]
     )
     print(text)
     if not args.no_write:
-        write_section("backup", text)
+        write_section("backup-small-files" if args.small_files else "backup", text)
 
 
 if __name__ == "__main__":
