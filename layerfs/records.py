@@ -1,11 +1,21 @@
 """Records shared by every part of the store: one filesystem entry, and a tree of them.
 
 A *tree record* is the list of entries of one layer (in tar order, whiteouts
-included) or of one backup snapshot. It is stored in the content-addressed
-store as one zstd-compressed JSON document, so layers and snapshots are
-deduplicated like file content. Paths are relative, '/'-separated, without a
-leading './' or '/'; the root directory is ''. Non-UTF-8 names survive as
-surrogate escapes.
+included) or of one backup snapshot. Paths are relative, '/'-separated, without
+a leading './' or '/'; the root directory is ''. Non-UTF-8 names survive as
+surrogate escapes. Two encodings, both stored as records in the
+content-addressed store (deduplicated like file content):
+
+* format 1, a *flat* tree (image layers): one JSON document holding every
+  entry in order;
+* format 2, a *directory* tree (backups; a Merkle tree, as restic and git
+  keep): one node record per directory listing its entries by name, a
+  directory entry naming its own node, and a small root record naming the
+  root node. Equal directories are equal nodes with equal IDs, so a backup
+  after a small change writes only the nodes on the paths from the changed
+  entries to the root, and reuses every other node by ID. Reading walks the
+  nodes depth first and yields the entries in the order a walk that lists each
+  directory right after its entry (and children in the order given) wrote them.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -20,6 +31,8 @@ from layerfs.formats.paths import BadPath, check_stored
 from layerfs.store.chunks import ChunkRef, ChunkStore
 
 TREE_FORMAT = 1
+DIR_TREE_FORMAT = 2
+MAX_DEPTH = 2048  # directory levels a directory tree may have (PATH_MAX allows no more)
 
 
 class BadTree(ValueError):
@@ -213,17 +226,163 @@ def check_docs(docs: list[dict]) -> None:
                     )
 
 
+def _dumps(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")
+
+
+def put_dir_tree(
+    store: ChunkStore,
+    docs: list[dict],
+    meta: dict | None = None,
+    extras: list | None = None,
+) -> str:
+    """Store entries (JSON form) as a directory tree (format 2); return its root record's ID.
+
+    Every entry's parent directory must be among ``docs`` as a directory entry
+    (or be the root ''). ``extras``, if given, holds one JSON value per entry
+    that is kept beside it (a backup's inode and ctime) and comes back from
+    ``read_tree``. Nodes are written deepest first, so each names its children.
+    """
+    if extras is not None and len(extras) != len(docs):
+        raise ValueError("extras must hold one value per entry")
+    children: dict[str, list[dict]] = {}
+    kinds: dict[str, str] = {}
+    root_doc: dict | None = None
+    for i, d in enumerate(docs):
+        path = d["p"]
+        item = dict(d)
+        if extras is not None:
+            item["z"] = extras[i]
+        if path == "":
+            root_doc = item
+            continue
+        parent, _, name = path.rpartition("/")
+        item["p"] = name
+        kinds[path] = d["k"]
+        children.setdefault(parent, []).append(item)
+    for folder in children:
+        if folder and kinds.get(folder) != Kind.DIR.value:
+            raise ValueError(f"entries below {folder!r}, which is not a directory entry")
+    nodes: dict[str, str] = {}
+
+    def depth(folder: str) -> int:
+        return folder.count("/") + 1 if folder else 0
+
+    for folder in sorted(children, key=depth, reverse=True):
+        for item in children[folder]:
+            full = f"{folder}/{item['p']}" if folder else item["p"]
+            if full in nodes:
+                item["n"] = nodes[full]
+        nodes[folder] = store.put_record(
+            _dumps({"format": DIR_TREE_FORMAT, "node": children[folder]})
+        )
+    root = {"format": DIR_TREE_FORMAT, "meta": meta or {}, "root": nodes.get(""), "self": root_doc}
+    return store.put_record(_dumps(root))
+
+
+@dataclass
+class TreeRead:
+    """A tree as read: entries (JSON form, checked), metadata, the records it is made of,
+    and the ``extras`` stored beside the entries (None for a flat tree)."""
+
+    docs: list[dict]
+    meta: dict
+    records: list[str]
+    extras: list | None = None
+
+
+def _load_json(store: ChunkStore, digest: str) -> dict:
+    try:
+        doc = json.loads(store.get_record(digest))
+    except (ValueError, RecursionError) as exc:
+        raise BadTree(f"tree record {digest} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadTree(f"tree record {digest} is not a JSON object")
+    return doc
+
+
+def read_tree(store: ChunkStore, digest: str) -> TreeRead:
+    """Load and check a tree record of either format; BadTree names what is wrong."""
+    data = store.get_record(digest)
+    try:
+        head = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise BadTree(f"tree record {digest} is not valid JSON: {exc}") from None
+    if isinstance(head, dict) and head.get("format") == DIR_TREE_FORMAT:
+        try:
+            return _read_dir_tree(store, digest, head)
+        except BadTree as exc:
+            raise BadTree(f"tree record {digest}: {exc}") from None
+    try:
+        docs, meta = decode_tree_docs(data)
+    except BadTree as exc:
+        raise BadTree(f"tree record {digest}: {exc}") from None
+    return TreeRead(docs, meta, [digest])
+
+
+def _read_dir_tree(store: ChunkStore, digest: str, head: dict) -> TreeRead:
+    meta, root, self_doc = head.get("meta", {}), head.get("root"), head.get("self")
+    if not isinstance(meta, dict) or not (root is None or isinstance(root, str)):
+        raise BadTree("its root record is malformed")
+    docs: list[dict] = []
+    extras: list = []
+    records = [digest]
+
+    def take(item: dict, path: str) -> str | None:
+        if not isinstance(item, dict):
+            raise BadTree(f"entry {item!r} is not an object")
+        item = dict(item)
+        node = item.pop("n", None)
+        extras.append(item.pop("z", None))
+        item["p"] = path
+        if node is not None and (not isinstance(node, str) or item.get("k") != Kind.DIR.value):
+            raise BadTree(f"entry {path!r} names a node but is not a directory")
+        docs.append(item)
+        return node
+
+    def items_of(node_id: str, folder: str, level: int) -> Iterator[object]:
+        if level > MAX_DEPTH:
+            raise BadTree(f"directory {folder!r} is nested deeper than {MAX_DEPTH} levels")
+        node = _load_json(store, node_id)
+        items = node.get("node")
+        if node.get("format") != DIR_TREE_FORMAT or not isinstance(items, list):
+            raise BadTree(f"node {node_id} of {folder or 'the root'!r} is malformed")
+        records.append(node_id)
+        return iter(items)
+
+    if self_doc is not None:
+        take(self_doc, "")
+    # depth first: a directory's entries follow its own entry, before its next sibling
+    stack = [(items_of(root, "", 1), "", 1)] if root else []
+    while stack:
+        items, folder, level = stack[-1]
+        item = next(items, None)
+        if item is None:
+            stack.pop()
+            continue
+        name = item.get("p") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name or "/" in name:
+            raise BadTree(f"an entry of {folder or 'the root'!r} has no single name: {name!r}")
+        path = f"{folder}/{name}" if folder else name
+        child = take(item, path)  # type: ignore[arg-type]
+        if child is not None:
+            stack.append((items_of(child, path, level + 1), path, level + 1))
+    check_docs(docs)
+    return TreeRead(docs, meta, records, extras)
+
+
 def put_tree(store: ChunkStore, entries: list[Entry], meta: dict | None = None) -> str:
     """Store a tree record; return its digest."""
     return store.put_record(encode_tree(entries, meta))
 
 
 def get_tree(store: ChunkStore, digest: str) -> tuple[list[Entry], dict]:
-    """Load and check a tree record stored with put_tree; BadTree names the record."""
+    """Load and check a tree record of either format as entries; BadTree names the record."""
+    read = read_tree(store, digest)
     try:
-        return decode_tree(store.get_record(digest))
-    except BadTree as exc:
-        raise BadTree(f"tree record {digest}: {exc}") from None
+        return [Entry.from_json(e) for e in read.docs], read.meta
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise BadTree(f"tree record {digest}: tree entry malformed: {exc!r}") from None
 
 
 def read_content(store: ChunkStore, entry: Entry) -> bytes:

@@ -1,4 +1,7 @@
-"""Marking: walk every root's tree records and put each referenced digest in the live set."""
+"""Marking: walk every root's tree records and put each referenced digest in the live set.
+
+A tree's own records (a directory tree's nodes) are marked with the chunks.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from dataclasses import dataclass
 from layerfs.errors import ObjectMissing, StoreError
 from layerfs.maintenance.liveset import DigestSets
 from layerfs.maintenance.roots import Root
-from layerfs.records import get_tree
+from layerfs.records import Entry, read_tree
 from layerfs.store.chunks import ChunkStore
 
 
@@ -35,10 +38,12 @@ def mark_roots(store: ChunkStore, roots: Iterable[Root], sets: DigestSets) -> li
             if not sets.mark(tree):
                 continue
             try:
-                entries, _meta = get_tree(store, tree)
-            except (StoreError, ValueError, KeyError) as exc:
+                read = read_tree(store, tree)
+                entries = [Entry.from_json(d) for d in read.docs]
+            except (StoreError, ValueError, KeyError, TypeError) as exc:
                 missing = isinstance(exc, ObjectMissing)
                 unreadable.append(Unreadable(tree, root.owner, str(exc), missing))
                 continue
+            sets.mark_many(read.records)  # a directory tree's nodes
             sets.mark_many(ref.digest for e in entries for ref in e.chunks)
     return unreadable

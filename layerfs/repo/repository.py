@@ -165,7 +165,7 @@ def init_repository(
         config = RepoConfig(repo_id, UNENCRYPTED, _now())
         if not backend.create_doc(CONFIG_DOC, config.encode()):
             raise AlreadyInitialised(f"{backend.url} was made a repository meanwhile")
-        log.info("created an unencrypted repository at %s", backend.url)
+        log.debug("created an unencrypted repository at %s", backend.url)
         return config
     master = keys.new_master()
     keyfile = keys.wrap(master, password, new_key_params())
@@ -177,7 +177,7 @@ def init_repository(
     if not backend.create_doc(CONFIG_DOC, config.encode()):
         backend.delete_doc(key_name)
         raise AlreadyInitialised(f"{backend.url} was made a repository meanwhile")
-    log.info("created an encrypted repository at %s", backend.url)
+    log.debug("created an encrypted repository at %s", backend.url)
     return config
 
 

@@ -19,7 +19,7 @@ from layerfs.errors import StoreError
 from layerfs.maintenance import CheckReport, GcReport, backup_roots, check_store, pins
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS, sweep_locked
 from layerfs.maintenance.roots import all_roots
-from layerfs.records import BadTree, Entry, decode_tree_docs, encode_tree_docs, get_tree
+from layerfs.records import BadTree, Entry, get_tree, put_dir_tree, read_tree
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.leases import LeaseLapsed
 from volplugin.backup import publish
@@ -53,8 +53,11 @@ def _parent_index(store: ChunkStore, parent: BackupRecord | None) -> ParentIndex
     if parent is None:
         return ParentIndex()
     try:
-        docs, meta = decode_tree_docs(store.get_record(parent.tree))
-        return ParentIndex.from_docs(docs, meta)
+        read = read_tree(store, parent.tree)
+        meta = dict(read.meta)
+        if read.extras is not None:  # a directory tree keeps [ino, ctime] beside each entry
+            meta[META_STAT] = read.extras
+        return ParentIndex.from_docs(read.docs, meta)
     except (StoreError, ValueError, KeyError, TypeError) as exc:
         log.warning("parent backup %s unreadable (%s): reading every file", parent.id, exc)
         return ParentIndex()
@@ -93,8 +96,8 @@ def create_backup(
             for attempt in range(2):
                 with writer.background_writes(WRITE_WORKERS):
                     scan = Scanner(writer, path, parent_index).scan()
-                    meta = {"type": "backup", "volume": volume, META_STAT: scan.stat}
-                    tree = writer.put_record(encode_tree_docs(scan.docs, meta))
+                    meta = {"type": "backup", "volume": volume}
+                    tree = put_dir_tree(writer, scan.docs, meta, extras=scan.stat)
                     writer.flush()
                 missing = publish.missing_reused(backend, scan.docs, parent_index)
                 if not missing:
