@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import uuid
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from layerfs.store.location import open_backend
 from tests.support.plugin import VOLPLUGIN, PluginProcess, remove_driver_objects
 from tests.support.waiting import wait_for
 from tests.test_restore_confined import ROOT, crafted_file, listing, put_crafted
@@ -217,15 +217,16 @@ def test_sigkill_during_create_from_of_a_backup_gone_since_removes_the_volume(en
     backup_id, expected = _big_volume(daemon, plugin)
     vol = uniq("orphan")
     _kill_during_from(daemon, plugin, backup_id, vol)
-    kept = tmp_path / "kept-backup.json"
-    doc = tmp_path / "store" / "docs" / "backups" / f"{backup_id}.json"
-    shutil.move(doc, kept)  # the backup is gone when the plugin starts again
+    repo = open_backend(str(tmp_path / "store"))
+    doc = f"backups/{backup_id}.json"
+    kept = repo.get_doc(doc)
+    repo.delete_doc(doc)  # the backup is gone when the plugin starts again
 
     plugin.start()
     assert "removing the volume" in plugin.log()
     assert daemon.docker("volume", "inspect", vol, check=False).returncode != 0
     assert not (plugin.root / "volumes" / vol).exists()
 
-    shutil.move(kept, doc)  # back: a new Create restores it afresh
+    repo.put_doc(doc, kept)  # back: a new Create restores it afresh
     daemon.docker("volume", "create", "-d", plugin.name, "-o", f"from={backup_id}", vol)
     assert tree_digest(plugin.root / "volumes" / vol) == expected

@@ -89,7 +89,12 @@ def create(doc: dict) -> dict:
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise BadRequest("field 'Tags' must be a list of strings")
     svc = _volumes()
-    store = _store()
+    svc.get(name)  # an unknown volume is an error of its own, not a failed backup
+    try:
+        store = _store()
+    except LayerfsError as exc:  # before any hook: nothing was stopped; inspect shows it
+        volumes.record_outcome(svc, name, None, str(exc), trigger="api", hooks=[])
+        raise
     try:
         record = run_backup(svc, store, name, tags, trigger="api")
     finally:
