@@ -421,13 +421,12 @@ def fmt_bytes(x: float | None) -> str:
     return human_bytes(x) if known(x) and x else NA
 
 
-def overlay_table(figs: dict[str, Figures], spec: ImageSpec) -> str:
-    """Raw figures of each system and their ratios to fuse-overlayfs."""
-    names = ["layerfs", "fuse-overlayfs", "kernel overlayfs"]
-    cols = [figs.get(n) for n in names]
-    big = spec.big_mb << 20
-    getters: list[tuple[str, Callable[[Figures], float | None], Callable]] = [
-        ("first mount (layerfs: may build its index)", lambda f: f.first_mount, fmt_secs),
+def figure_getters(
+    spec: ImageSpec, first_mount: str
+) -> list[tuple[str, Callable[[Figures], float | None], Callable]]:
+    """(label, getter, formatter) of each figure a table shows."""
+    return [
+        (first_mount, lambda f: f.first_mount, fmt_secs),
         ("mount", lambda f: f.mount.median, fmt_secs),
         ("cold find", lambda f: f.cold_find.median, fmt_secs),
         ("cold tar \\| wc -c", lambda f: f.cold_tar.median, fmt_secs),
@@ -436,8 +435,15 @@ def overlay_table(figs: dict[str, Figures], spec: ImageSpec) -> str:
         (f"warm read of the {spec.big_mb} MiB file", lambda f: f.warm_read.median, fmt_secs),
         ("peak RSS of the mount process", lambda f: f.peak_rss, fmt_bytes),
     ]
+
+
+def overlay_table(figs: dict[str, Figures], spec: ImageSpec) -> str:
+    """Raw figures of each system and their ratios to fuse-overlayfs."""
+    names = ["layerfs", "fuse-overlayfs", "kernel overlayfs"]
+    cols = [figs.get(n) for n in names]
+    big = spec.big_mb << 20
     rows = []
-    for label, get, fmt in getters:
+    for label, get, fmt in figure_getters(spec, "first mount (layerfs: may build its index)"):
         vals = [get(f) if f else None for f in cols]
         rows.append(
             [label, *(fmt(v) for v in vals)]
@@ -607,18 +613,8 @@ def measure_encryption(
 
 def encryption_report(spec: ImageSpec, figs: dict[str, Figures], reps: int, load: float) -> str:
     plain, enc = figs["unencrypted"], figs["encrypted"]
-    getters: list[tuple[str, Callable[[Figures], float | None], Callable]] = [
-        ("first mount (builds the index)", lambda f: f.first_mount, fmt_secs),
-        ("mount", lambda f: f.mount.median, fmt_secs),
-        ("cold find", lambda f: f.cold_find.median, fmt_secs),
-        ("cold tar \\| wc -c", lambda f: f.cold_tar.median, fmt_secs),
-        ("warm tar \\| wc -c", lambda f: f.warm_tar.median, fmt_secs),
-        (f"cold read of the {spec.big_mb} MiB file", lambda f: f.cold_read.median, fmt_secs),
-        (f"warm read of the {spec.big_mb} MiB file", lambda f: f.warm_read.median, fmt_secs),
-        ("peak RSS of the mount process", lambda f: f.peak_rss, fmt_bytes),
-    ]
     rows = []
-    for label, get, fmt in getters:
+    for label, get, fmt in figure_getters(spec, "first mount (builds the index)"):
         a, b = get(plain), get(enc)
         r = ratio(b, a)
         verdict = "" if r is None else ("within 10%" if r <= 1.10 else "**over 10%**")

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 
 from layerfs.errors import LayerfsError
 from layerfs.store.location import open_backend, open_raw_backend
+
+if TYPE_CHECKING:
+    from layerfs.repo.repository import EncryptedBackend
 
 
 def _new_password(path: str | None) -> bytes:
@@ -25,14 +31,18 @@ def _new_password(path: str | None) -> bytes:
     return value.encode()
 
 
-def _encrypted(store_url: str):
+@contextmanager
+def _encrypted(store_url: str) -> Iterator[EncryptedBackend]:
+    """The encrypted repository at ``store_url``, opened with the configured password."""
     from layerfs.repo.repository import EncryptedBackend
 
     backend = open_backend(store_url)
-    if not isinstance(backend, EncryptedBackend):
+    try:
+        if not isinstance(backend, EncryptedBackend):
+            raise LayerfsError(f"the repository at {store_url} is not encrypted: it has no keys")
+        yield backend
+    finally:
         backend.close()
-        raise LayerfsError(f"the repository at {store_url} is not encrypted: it has no keys")
-    return backend
 
 
 @click.command("init")
@@ -69,14 +79,8 @@ def key_group() -> None:
 @click.pass_obj
 def key_list(store_url: str, as_json: bool) -> None:
     """List the repository's keys (the one the password opened is marked *)."""
-    from layerfs.repo.repository import KEYS_PREFIX, list_keys
-
-    backend = _encrypted(store_url)
-    try:
-        current = backend.key_name[len(KEYS_PREFIX) :]
-        rows = list_keys(backend.inner)
-    finally:
-        backend.close()
+    with _encrypted(store_url) as backend:
+        current, rows = backend.key_id, backend.keys()
     if as_json:
         out = [
             {
@@ -98,18 +102,18 @@ def key_list(store_url: str, as_json: bool) -> None:
         click.echo(f"{mark} {k.id:<32}  {k.created:<20}  {k.host:<16}  {k.user}")
 
 
+_NEW_PASSWORD = click.option(
+    "--new-password-file", metavar="PATH", help="File holding the new password."
+)
+
+
 @key_group.command("add")
-@click.option("--new-password-file", metavar="PATH", help="File holding the new password.")
+@_NEW_PASSWORD
 @click.pass_obj
 def key_add(store_url: str, new_password_file: str | None) -> None:
     """Add a key: one more password that opens the repository."""
-    from layerfs.repo.repository import add_key
-
-    backend = _encrypted(store_url)
-    try:
-        key_id = add_key(backend.inner, backend._key, _new_password(new_password_file))
-    finally:
-        backend.close()
+    with _encrypted(store_url) as backend:
+        key_id = backend.add_key(_new_password(new_password_file))
     click.echo(f"added key {key_id}")
 
 
@@ -118,30 +122,19 @@ def key_add(store_url: str, new_password_file: str | None) -> None:
 @click.pass_obj
 def key_remove(store_url: str, key_id: str) -> None:
     """Remove the key KEY_ID (an id or unique prefix); the last key is never removed."""
-    from layerfs.repo.repository import remove_key
-
-    backend = _encrypted(store_url)
-    try:
-        remove_key(backend.inner, key_id, current=backend.key_name)
-    finally:
-        backend.close()
+    with _encrypted(store_url) as backend:
+        backend.remove_key(key_id)
     click.echo(f"removed key {key_id}")
 
 
 @key_group.command("passwd")
-@click.option("--new-password-file", metavar="PATH", help="File holding the new password.")
+@_NEW_PASSWORD
 @click.pass_obj
 def key_passwd(store_url: str, new_password_file: str | None) -> None:
     """Change the password: add a key for the new one, then remove the key the old one opened."""
-    from layerfs.repo.repository import KEYS_PREFIX, add_key
-
-    backend = _encrypted(store_url)
-    try:
-        key_id = add_key(backend.inner, backend._key, _new_password(new_password_file))
-        backend.inner.delete_doc(backend.key_name)
-    finally:
-        backend.close()
-    old = backend.key_name[len(KEYS_PREFIX) :]
+    with _encrypted(store_url) as backend:
+        old = backend.key_id
+        key_id = backend.change_password(_new_password(new_password_file))
     click.echo(f"password changed: key {old} replaced by {key_id}")
 
 

@@ -468,45 +468,55 @@ class EncryptedBackend(Backend):
     def close(self) -> None:
         self.inner.close()
 
+    # -- keys -----------------------------------------------------------------
+    @property
+    def key_id(self) -> str:
+        """The id of the key file the password opened."""
+        return self.key_name[len(KEYS_PREFIX) :]
 
-def add_key(backend: Backend, master: crypto.Key, password: bytes) -> str:
-    """Add a key file for ``password`` to the repository; return its id."""
-    keyfile = keys.wrap(master, password, new_key_params())
-    key_id = keys.parse(keyfile).id
-    backend.put_doc(KEYS_PREFIX + key_id, keyfile)
-    return key_id
+    def keys(self) -> list[keys.KeyFile]:
+        """The repository's key files, parsed (unreadable ones are skipped and logged)."""
+        out = []
+        for name, data in key_files(self.inner):
+            try:
+                out.append(keys.parse(data, name))
+            except keys.BadKeyFile as exc:
+                log.warning("%s", exc)
+        return out
 
+    def add_key(self, password: bytes) -> str:
+        """Add a key file for ``password``; return its id."""
+        keyfile = keys.wrap(self._key, password, new_key_params())
+        key_id = keys.parse(keyfile).id
+        self.inner.put_doc(KEYS_PREFIX + key_id, keyfile)
+        return key_id
 
-def remove_key(backend: Backend, key_id: str, current: str = "") -> None:
-    """Remove a key file by id (or unique id prefix).
+    def remove_key(self, key_id: str) -> None:
+        """Remove a key file by id or unique id prefix.
 
-    The last one is never removed, nor ``current`` (the name of the key file the
-    caller's password opened: it would lock the caller out).
-    """
-    names = backend.list_docs(KEYS_PREFIX)
-    matches = [n for n in names if n[len(KEYS_PREFIX) :].startswith(key_id)] if key_id else []
-    if not matches:
-        raise RepositoryError(f"no key {key_id!r} in {backend.url}: see `layerfs key list`")
-    if len(matches) > 1:
-        raise RepositoryError(f"key id prefix {key_id!r} is ambiguous: give more characters")
-    if len(names) == 1:
-        raise RepositoryError(
-            f"refusing to remove the last key of {backend.url}: nobody could open it any more"
-        )
-    if matches[0] == current:
-        raise RepositoryError(
-            f"refusing to remove key {key_id}: it is the one your password opened; "
-            "open the repository with another key's password, or use `layerfs key passwd`"
-        )
-    backend.delete_doc(matches[0])
+        The last one is never removed, nor the one this backend's password
+        opened (that would lock the caller out: see ``change_password``).
+        """
+        names = self.inner.list_docs(KEYS_PREFIX)
+        matches = [n for n in names if n[len(KEYS_PREFIX) :].startswith(key_id)] if key_id else []
+        if not matches:
+            raise RepositoryError(f"no key {key_id!r} in {self.url}: see `layerfs key list`")
+        if len(matches) > 1:
+            raise RepositoryError(f"key id prefix {key_id!r} is ambiguous: give more characters")
+        if len(names) == 1:
+            raise RepositoryError(
+                f"refusing to remove the last key of {self.url}: nobody could open it any more"
+            )
+        if matches[0] == self.key_name:
+            raise RepositoryError(
+                f"refusing to remove key {key_id}: it is the one your password opened; "
+                "open the repository with another key's password, or use `layerfs key passwd`"
+            )
+        self.inner.delete_doc(matches[0])
 
-
-def list_keys(backend: Backend) -> list[keys.KeyFile]:
-    """The repository's key files, parsed (unreadable ones are skipped and logged)."""
-    out = []
-    for name, data in key_files(backend):
-        try:
-            out.append(keys.parse(data, name))
-        except keys.BadKeyFile as exc:
-            log.warning("%s", exc)
-    return out
+    def change_password(self, password: bytes) -> str:
+        """Replace the key file the password opened by one for ``password``; return its id."""
+        key_id = self.add_key(password)
+        self.inner.delete_doc(self.key_name)
+        self.key_name = KEYS_PREFIX + key_id
+        return key_id

@@ -94,14 +94,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``path`` durably: temp file, fsync, rename, fsync(dir)."""
+def _durable_temp(data: bytes, tmp_dir: Path) -> str:
+    """A new file in ``tmp_dir`` holding ``data``, fsynced; its path."""
     fd, tmp = _mkstemp(tmp_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write ``data`` to ``path`` durably: temp file, fsync, rename, fsync(dir)."""
+    tmp = _durable_temp(data, tmp_dir)
+    try:
         path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         os.rename(tmp, path)
     except BaseException:
@@ -467,12 +477,9 @@ class LocalBackend(Backend):
     def create_doc(self, name: str, data: bytes) -> bool:
         """Written to a temp file and hard-linked into place: link(2) fails if the name exists."""
         path = self._doc_path(name)
-        fd, tmp = _mkstemp(self._tmp)
+        tmp = ""
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = _durable_temp(data, self._tmp)
             path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             try:
                 os.link(tmp, path)
@@ -481,7 +488,8 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise _store_error(exc, f"document {name}") from exc
         finally:
-            _unlink_quiet(tmp)
+            if tmp:
+                _unlink_quiet(tmp)
         fsync_dir(path.parent)
         return True
 
