@@ -274,3 +274,29 @@ def test_init_of_an_old_format_store_is_refused(tmp_path: Path, insecure: bool) 
     args = ["init", "--insecure-no-encryption"] if insecure else [*with_password(p1), "init"]
     refused(run(store, *args), "earlier layerfs")
     assert not (store / "docs" / "config").exists()
+
+
+def test_a_repository_that_lost_its_encryption_is_refused(s3_store_url: str, tmp_path: Path):
+    """Someone with write access replaces an encrypted repository's config by an
+    unencrypted one and deletes its keys: a host that saw it encrypted refuses to
+    write plaintext there, even when started without a password."""
+    from tests.support import ceph
+
+    p1 = password_file(tmp_path, "p1", "first password")
+    cache = {"LAYERFS_CACHE_DIR": str(tmp_path / "cache")}
+    ok(s3_store_url, *with_password(p1), "init", env=clean_env(**cache))
+    assert (
+        json.loads(ok(s3_store_url, *with_password(p1), "images", "--json", env=clean_env(**cache)))
+        == []
+    )
+    bucket, prefix = s3_store_url.removeprefix("s3://").split("/", 1)
+    client = ceph.ensure_rgw().client()
+    for obj in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/docs/keys/")["Contents"]:
+        client.delete_object(Bucket=bucket, Key=obj["Key"])
+    forged = {"format": "layerfs-repository", "version": 1, "id": "0" * 32,
+              "encryption": "none", "created": "2026-12-02T00:00:00Z"}  # fmt: skip
+    client.put_object(Bucket=bucket, Key=f"{prefix}/docs/config", Body=json.dumps(forged))
+    refused(run(s3_store_url, "images", env=clean_env(**cache)), "not encrypted any more")
+    # another host, which never saw it, has nothing to compare with: its operator decides
+    other = clean_env(LAYERFS_CACHE_DIR=str(tmp_path / "other-cache"))
+    assert json.loads(ok(s3_store_url, "images", "--json", env=other)) == []

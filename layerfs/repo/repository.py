@@ -229,6 +229,7 @@ def open_repository(
             if config is None:  # pragma: no cover - created then removed at once
                 raise
     if not config.encrypted:
+        _remember(backend, config)
         if password is not None or backend.list_docs(KEYS_PREFIX):
             raise RepositoryError(
                 f"the repository at {backend.url} is not encrypted, but a password was given "
@@ -241,7 +242,41 @@ def open_repository(
     assert password is not None
     key_name, master = unlock(backend, password)
     verify_config(config, master, backend.url)
+    _remember(backend, config)
     return EncryptedBackend(backend, master, config, key_name)
+
+
+SEEN_FILE = "repository-seen.json"
+
+
+def _remember(backend: Backend, config: RepoConfig) -> None:
+    """Trust on first use: refuse a repository that lost its encryption since this host saw it.
+
+    The first open records the repository's id and encryption in the store's
+    local cache directory (which, for an S3 store, is on this host). A later
+    config that says "none" where this host saw an encrypted repository of that
+    bucket means someone replaced it: writing plaintext there is refused.
+    """
+    path = backend.cache_dir() / SEEN_FILE
+    try:
+        seen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        seen = None
+    if isinstance(seen, dict) and seen.get("encryption") == ENCRYPTED and not config.encrypted:
+        raise RepositoryError(
+            f"the repository at {backend.url} is not encrypted any more (this host saw the "
+            f"encrypted repository {seen.get('id')} there); refusing to write plaintext: was "
+            f"its config replaced? If it was re-created on purpose, remove {path}"
+        )
+    if seen == {"id": config.id, "encryption": config.encryption}:
+        return
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{SEEN_FILE}.{os.getpid()}")
+        tmp.write_text(json.dumps({"id": config.id, "encryption": config.encryption}))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("cannot record the repository seen at %s: %s", backend.url, exc)
 
 
 def key_files(backend: Backend) -> list[tuple[str, bytes]]:
