@@ -245,21 +245,18 @@ def put_dir_tree(
     """
     if extras is not None and len(extras) != len(docs):
         raise ValueError("extras must hold one value per entry")
-    children: dict[str, list[dict]] = {}
+    # one pass groups entries (by index) per directory; each node is then built,
+    # written and dropped in turn, so only one node's copies exist at a time
+    children: dict[str, list[int]] = {}
     kinds: dict[str, str] = {}
     root_doc: dict | None = None
     for i, d in enumerate(docs):
         path = d["p"]
-        item = dict(d)
-        if extras is not None:
-            item["z"] = extras[i]
         if path == "":
-            root_doc = item
+            root_doc = dict(d) if extras is None else {**d, "z": extras[i]}
             continue
-        parent, _, name = path.rpartition("/")
-        item["p"] = name
         kinds[path] = d["k"]
-        children.setdefault(parent, []).append(item)
+        children.setdefault(path.rpartition("/")[0], []).append(i)
     for folder in children:
         if folder and kinds.get(folder) != Kind.DIR.value:
             raise ValueError(f"entries below {folder!r}, which is not a directory entry")
@@ -269,13 +266,17 @@ def put_dir_tree(
         return folder.count("/") + 1 if folder else 0
 
     for folder in sorted(children, key=depth, reverse=True):
-        for item in children[folder]:
-            full = f"{folder}/{item['p']}" if folder else item["p"]
-            if full in nodes:
-                item["n"] = nodes[full]
-        nodes[folder] = store.put_record(
-            _dumps({"format": DIR_TREE_FORMAT, "node": children[folder]})
-        )
+        items = []
+        for i in children.pop(folder):
+            d = docs[i]
+            item = {**d, "p": d["p"].rpartition("/")[2]}
+            if extras is not None:
+                item["z"] = extras[i]
+            node = nodes.pop(d["p"], None)
+            if node is not None:
+                item["n"] = node
+            items.append(item)
+        nodes[folder] = store.put_record(_dumps({"format": DIR_TREE_FORMAT, "node": items}))
     root = {"format": DIR_TREE_FORMAT, "meta": meta or {}, "root": nodes.get(""), "self": root_doc}
     return store.put_record(_dumps(root))
 
