@@ -151,6 +151,7 @@ def _where(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
     help="Where the daemon looks for plugin sockets.",
 )
 @store_option("Backup store for backups, -o from= and -o backup-schedule (default as for layerfs).")
+@password_option()
 @click.option(
     "--schedule-tick",
     envvar="VOLPLUGIN_SCHEDULE_TICK",
