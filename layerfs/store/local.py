@@ -120,6 +120,22 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _read_file(path: str) -> bytes:
+    """The whole content of a file (no pathlib: this is the path of every chunk read)."""
+    fd = os.open(path, _OPEN_READ)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) != size:  # short, or the file grew: read on to the end
+            parts = [data]
+            while chunk := os.read(fd, 1 << 20):
+                parts.append(chunk)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)
+
+
 def start_writeback(fd: int) -> None:
     """Ask the kernel to start writing ``fd``'s dirty pages now, without waiting."""
     _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
@@ -336,12 +352,11 @@ class LocalBackend(Backend):
         check_digest(digest)
         with self._mutex:
             tmp = self._pending.get(digest)
-        path = Path(tmp) if tmp else self._blob_path(digest)
         try:
-            return path.read_bytes()
+            return _read_file(tmp or self._blob_name(digest))
         except FileNotFoundError:
             if tmp:  # flushed meanwhile
-                return self._blob_path(digest).read_bytes()
+                return _read_file(self._blob_name(digest))
             raise ObjectMissing(f"object {digest} is missing from the store {self.url}") from None
 
     def read_blobs_in_order(
