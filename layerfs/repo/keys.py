@@ -30,7 +30,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from layerfs.errors import LayerfsError
@@ -264,26 +264,36 @@ def unwrap(keyfile: bytes, password: str | bytes, name: str = "") -> Key:
         raise BadKeyFile(f"key file {name or kf.id}: its master key is malformed ({e})") from None
 
 
-def find_key(keyfiles: Iterable[tuple[str, bytes]], password: str | bytes) -> tuple[str, Key]:
+def find_key(
+    keyfiles: Iterable[tuple[str, bytes]],
+    password: str | bytes,
+    *,
+    url: str = "",
+    opener: Callable[[bytes, bytes | str, str], Key] | None = None,
+) -> tuple[str, Key]:
     """The first of ``keyfiles`` (name, bytes) that ``password`` opens, as (name, master key).
 
     Malformed key files are passed over (and named if nothing opens);
-    ``WrongPassword`` when none opens, ``NoKeys`` when there are none.
+    ``WrongPassword`` when none opens, ``NoKeys`` when there are none. ``url``
+    names the repository in the messages; ``opener`` replaces ``unwrap`` (a
+    caller that remembers derived keys).
     """
+    opener = opener or unwrap
+    at = f" at {url}" if url else ""
     tried = 0
     bad: list[str] = []
     for name, data in keyfiles:
         try:
-            return name, unwrap(data, password, name)
+            return name, opener(data, password, name)
         except WrongPassword:
             tried += 1
         except BadKeyFile as e:
             bad.append(str(e))
     if not tried and not bad:
-        raise NoKeys("the repository has no key files: it cannot be opened by any password")
+        raise NoKeys(f"the repository{at} has no key files: it cannot be opened by any password")
     if not tried:
-        raise BadKeyFile("no readable key file: " + "; ".join(bad))
-    msg = f"wrong password: it opens none of the repository's {tried} key file(s)"
+        raise BadKeyFile(f"no readable key file{at}: " + "; ".join(bad))
+    msg = f"wrong password: it opens none of the repository's {tried} key file(s){at}"
     if bad:
         msg += f" ({len(bad)} more unreadable: " + "; ".join(bad) + ")"
     raise WrongPassword(msg)

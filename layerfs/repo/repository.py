@@ -285,31 +285,14 @@ def key_files(backend: Backend) -> list[tuple[str, bytes]]:
 
 
 @lru_cache(maxsize=16)
-def _unwrap(keyfile: bytes, password: bytes, name: str) -> crypto.Key:
+def _unwrap(keyfile: bytes, password: bytes | str, name: str) -> crypto.Key:
     """keys.unwrap, remembered: a process opens its store many times, the KDF costs ~0.5 s."""
     return keys.unwrap(keyfile, password, name)
 
 
 def unlock(backend: Backend, password: bytes) -> tuple[str, crypto.Key]:
     """(key file name, master key) for the first key file ``password`` opens."""
-    files = key_files(backend)
-    if not files:
-        raise keys.NoKeys(f"the repository at {backend.url} has no key files: nobody can open it")
-    tried = 0
-    bad: list[str] = []
-    for name, data in files:
-        try:
-            return name, _unwrap(data, password, name)
-        except keys.WrongPassword:
-            tried += 1
-        except keys.BadKeyFile as exc:
-            bad.append(str(exc))
-    if not tried:
-        raise keys.BadKeyFile(f"no readable key file in {backend.url}: " + "; ".join(bad))
-    raise keys.WrongPassword(
-        f"wrong password for the repository at {backend.url}: it opens none of its "
-        f"{tried} key file(s)"
-    )
+    return keys.find_key(key_files(backend), password, url=backend.url, opener=_unwrap)
 
 
 def verify_config(config: RepoConfig, master: crypto.Key, url: str) -> None:
