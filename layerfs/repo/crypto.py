@@ -15,7 +15,7 @@ time, best of 5, with the test suite running alongside)::
     ChaCha20-Poly1305 open   2,009    4,168   4,385
     HMAC-SHA256                982    1,553   1,582
     keyed BLAKE3             1,834    8,375   8,899
-    (xxh3-128, today's IDs  43,684  108,793  94,151)
+    (xxh3-128, the IDs before  43,684  108,793  94,151)
 
 - **AEAD: AES-256-GCM**, 1.5-4× ChaCha20-Poly1305 at every size (the CPU has
   AES instructions; ChaCha20 wins on CPUs without them, which this project's
