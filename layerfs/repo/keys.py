@@ -8,7 +8,7 @@ without breaking older key files. Storage-agnostic: bytes in, bytes out;
 docs/repository.md lists every field.
 
 Default KDF: Argon2id (RFC 9106, argon2-cffi's low-level API) with RFC 9106's
-second recommended parameters, which borg 2 uses too: time_cost 3, memory
+second recommended parameters (section 4): time_cost 3, memory
 64 MiB, parallelism 4. Every process that opens the repository pays one
 derivation (the CLI, each mount daemon, the plugin), so it must stay well
 under a second on a loaded host: on this project's 2-core machines with the
