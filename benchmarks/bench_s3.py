@@ -56,7 +56,7 @@ def main() -> None:
             refs = store.write_bytes(data)
             store.flush()
         w = writer.stats.snapshot()
-        objects = len(writer.pack_names()) + len(writer._list("index/"))
+        objects = len(writer.pack_names()) + len(writer.objects.list("index/"))
 
         reader = S3Backend(bucket, "bench", cache_root=work / "r")
         cold = ChunkStore(reader, cache_bytes=0)

@@ -15,6 +15,7 @@ import pytest
 from layerfs.records import get_tree
 from layerfs.store.location import open_store
 from tests.support.backuptree import allocated_bytes, describe, make_tree, volplugin
+from tests.support.blobs import corrupt_blob
 from volplugin.backup import service
 from volplugin.backup.errors import BackupError, RestoreError
 
@@ -170,10 +171,7 @@ def test_damaged_chunk_fails_restore_naming_the_file(
     store = open_store(str(store_dir))
     entries, _ = get_tree(store, record["tree"])
     big = next(e for e in entries if e.path == "data/big.bin")
-    blob = store.backend.blob_path(big.chunks[3].digest)
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    blob.write_bytes(bytes(data))
+    corrupt_blob(store.backend, big.chunks[3].digest)
     target = tmp_path / "out"
     proc = volplugin("restore", record["id"], "--to-dir", str(target), store=store_dir, check=False)
     assert proc.returncode == 1

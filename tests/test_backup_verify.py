@@ -11,6 +11,7 @@ import pytest
 from layerfs.records import get_tree
 from layerfs.store.location import open_store
 from tests.support.backuptree import volplugin
+from tests.support.blobs import corrupt_blob, lose_blob
 from volplugin.backup import service
 
 
@@ -45,7 +46,7 @@ def test_intact_backups_verify(two_backups) -> None:
 def test_missing_chunk_found_without_reading_data(two_backups) -> None:
     store_dir, ra, rb = two_backups
     digest = _chunk_of(store_dir, rb.tree, "two")
-    open_store(str(store_dir)).backend.blob_path(digest).unlink()
+    lose_blob(open_store(str(store_dir)).backend, digest)
     proc = volplugin("verify", store=store_dir, check=False)
     assert proc.returncode == 1
     assert f"backup {rb.id} (volume bk-vb)" in proc.stdout
@@ -58,10 +59,7 @@ def test_missing_chunk_found_without_reading_data(two_backups) -> None:
 def test_damaged_chunk_found_only_by_reading(two_backups) -> None:
     store_dir, ra, _rb = two_backups
     digest = _chunk_of(store_dir, ra.tree, "sub/one")
-    blob = open_store(str(store_dir)).backend.blob_path(digest)
-    data = bytearray(blob.read_bytes())
-    data[100] ^= 1
-    blob.write_bytes(bytes(data))
+    corrupt_blob(open_store(str(store_dir)).backend, digest, at=100, xor=1)
     volplugin("verify", store=store_dir)  # structure is fine
     proc = volplugin("verify", "--read-data", "--json", store=store_dir, check=False)
     assert proc.returncode == 1

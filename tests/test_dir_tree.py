@@ -16,6 +16,7 @@ import pytest
 
 from layerfs.records import BadTree, Entry, Kind, get_tree, put_dir_tree, read_tree
 from layerfs.store.location import open_store
+from tests.support.blobs import lose_blob
 from volplugin.backup import service
 
 
@@ -85,7 +86,7 @@ def test_a_missing_node_is_named(tmp_path: Path) -> None:
     read = read_tree(store, tree)
     store.flush()
     victim = read.records[-1]
-    store.backend.blob_path(victim).unlink()
+    lose_blob(store.backend, victim)
     fresh = open_store(str(tmp_path / "s"))
     with pytest.raises(Exception, match=victim):
         read_tree(fresh, tree)

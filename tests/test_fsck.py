@@ -13,13 +13,8 @@ from layerfs.catalog import Catalog
 from layerfs.records import get_tree
 from layerfs.store.location import open_store
 from tests.support.backuptree import layerfs
+from tests.support.blobs import corrupt_blob, lose_blob
 from volplugin.backup import service
-
-
-def _corrupt(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x55
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
@@ -55,7 +50,7 @@ def test_corrupt_object_names_image_backup_and_paths(imported, tmp_path: Path) -
     shutil.copy("/bin/busybox", vol / "tool")
     backup = service.create_backup(open_store(str(store_dir)), "bk-fsck", vol)
     digest = _busybox_chunk(store_dir, image.name)
-    _corrupt(open_store(str(store_dir)).backend.blob_path(digest))
+    corrupt_blob(open_store(str(store_dir)).backend, digest, at=-1, xor=0x55)
     proc = layerfs("fsck", store=store_dir, check=False)
     assert proc.returncode == 1
     assert f"damaged object {digest}: corrupt" in proc.stdout
@@ -73,9 +68,9 @@ def test_missing_tree_and_corrupt_orphan(imported) -> None:
     store = open_store(str(store_dir))
     orphan = store.write_bytes(os.urandom(50_000))[0].digest
     store.flush()
-    _corrupt(store.backend.blob_path(orphan))
+    corrupt_blob(store.backend, orphan, at=-1, xor=0x55)
     tree = image.layers[-1].tree
-    store.backend.blob_path(tree).unlink()
+    lose_blob(store.backend, tree)
     report = json.loads(layerfs("fsck", "--json", store=store_dir, check=False).stdout)
     damage = {d["digest"]: d["problem"] for d in report["damage"]}
     assert damage == {orphan: "corrupt", tree: "missing"}

@@ -17,7 +17,8 @@ from layerfs.errors import StoreError
 from layerfs.maintenance import all_roots, collect_garbage
 from layerfs.records import get_tree, read_content
 from layerfs.store.location import open_store
-from tests.support.backuptree import age, layerfs, make_image
+from tests.support.backuptree import layerfs, make_image
+from tests.support.blobs import age_blob, lose_blob
 from volplugin.backup import service
 
 
@@ -40,12 +41,11 @@ def populated(tmp_path: Path):
     backup = service.create_backup(store, "bk-gc", vol)
     referenced = set(_blobs(store_dir))
     old = store.write_bytes(os.urandom(200_000))
+    store.flush()  # a pack of their own: the fresh ones must not share its age
     fresh = store.write_bytes(os.urandom(70_000))
     store.flush()
-    for ref in old:
-        age(store.backend.blob_path(ref.digest), 7200)
-    for digest in referenced:
-        age(store.backend.blob_path(digest), 7200)
+    for digest in {ref.digest for ref in old} | referenced:
+        age_blob(store.backend, digest, 7200)
     (store_dir / "tmp" / "w-killed").write_bytes(b"half a chunk")
     (store_dir / "cache" / "maintenance").mkdir(parents=True, exist_ok=True)
     (store_dir / "cache" / "maintenance" / "liveset-killed.sqlite").write_bytes(b"x")
@@ -95,7 +95,7 @@ def test_removed_image_data_goes_once_its_layer_doc_goes(populated) -> None:
 def test_gc_stops_when_a_tree_is_unreadable(populated) -> None:
     store_dir, _image, backup, _ref, old, _fresh = populated
     store = open_store(str(store_dir))
-    store.backend.blob_path(backup.tree).unlink()
+    lose_blob(store.backend, backup.tree)
     proc = layerfs("gc", "--grace", "0", store=store_dir, check=False)
     assert proc.returncode == 1
     assert backup.id in proc.stderr and "fsck" in proc.stderr

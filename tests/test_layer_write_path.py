@@ -19,6 +19,7 @@ from layerfs.records import Entry, Kind
 from layerfs.store.backend import Backend
 from layerfs.store.chunks import ChunkRef, ChunkStore
 from layerfs.store.location import open_store
+from tests.support.blobs import lose_blob
 
 BAD_NAME = b"caf\xe9".decode("utf-8", "surrogateescape")
 
@@ -154,7 +155,7 @@ def test_missing_chunk_is_named_and_nothing_stays_open(store: ChunkStore) -> Non
     entries = [_file(store, f"f{i}", os.urandom(50_000)) for i in range(100)]
     store.flush()
     lost = entries[60].chunks[0].digest
-    os.unlink(store.backend.blob_path(lost))
+    lose_blob(store.backend, lost)
     before = _open_fds()
     with pytest.raises(ObjectMissing, match=lost):
         write_layer(entries, store)

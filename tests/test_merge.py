@@ -11,6 +11,7 @@ from layerfs.index import ImageView, MergeError, ensure_index, index_path
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.local import LocalBackend
+from tests.support.blobs import corrupt_blob
 from tests.support.synthetic import MTIME, d, f, link, make_image, opq, sym, wh
 
 
@@ -270,10 +271,7 @@ def test_a_corrupt_chunk_raises_instead_of_returning_bytes(store):
     entry = f(store, "big", data)
     v = view_of(store, [[entry]])
     victim = entry.chunks[1]
-    path = store.backend.blob_path(victim.digest)
-    blob = bytearray(path.read_bytes())
-    blob[-1] ^= 0xFF
-    path.write_bytes(bytes(blob))
+    corrupt_blob(store.backend, victim.digest, at=-1)
     node = v.lookup("big")
     assert v.read(node, 0, entry.chunks[0].size) == data[: entry.chunks[0].size]
     with pytest.raises(CorruptObject, match=victim.digest):

@@ -15,6 +15,7 @@ import pytest
 from layerfs.fs.mounting import find_mount
 from layerfs.records import Entry, Kind
 from layerfs.store.location import open_store
+from tests.support.blobs import corrupt_blob
 from tests.support.lfsmount import LAYERFS, as_nobody, layerfs, mounted, public_dir
 from tests.support.synthetic import MTIME, d, f, link, make_image, opq, sym, wh
 
@@ -193,10 +194,7 @@ def test_corrupt_chunk_gives_eio_and_a_log_line(tmp_path):
     entry = f(s, "data", data)
     make_image(s, "lfsmnt/corrupt:1", [[entry]])
     first, victim = entry.chunks[0], entry.chunks[2]
-    blob = s.backend.blob_path(victim.digest)
-    damaged = bytearray(blob.read_bytes())
-    damaged[len(damaged) // 2] ^= 0x55
-    blob.write_bytes(bytes(damaged))
+    corrupt_blob(s.backend, victim.digest, xor=0x55)
     store_dir = tmp_path / "store"
     with (
         public_dir() as base,

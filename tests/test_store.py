@@ -17,6 +17,7 @@ from layerfs.errors import CorruptObject, ObjectMissing, StoreError
 from layerfs.store import open_store
 from layerfs.store.chunks import MAX_CHUNK, chunk_offsets
 from layerfs.store.local import LocalBackend
+from tests.support.blobs import corrupt_blob
 
 
 def test_roundtrip_and_ranges(tmp_path: Path) -> None:
@@ -55,15 +56,11 @@ def test_compressible_chunks_are_compressed(tmp_path: Path) -> None:
 
 
 def test_corrupt_object_is_detected_and_named(tmp_path: Path, caplog) -> None:
-    backend = LocalBackend(tmp_path / "s")
     store = open_store(str(tmp_path / "s"))
     data = os.urandom(10_000)
     (ref,) = store.write_bytes(data)
     store.flush()
-    path = backend.blob_path(ref.digest)
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    path.write_bytes(bytes(raw))
+    corrupt_blob(store.backend, ref.digest)
     fresh = open_store(str(tmp_path / "s"))
     with caplog.at_level(logging.ERROR), pytest.raises(CorruptObject, match=ref.digest):
         fresh.get_chunk(ref.digest)
@@ -77,14 +74,14 @@ def test_missing_object(tmp_path: Path) -> None:
 
 
 def test_unflushed_blobs_are_not_visible_after_a_kill(tmp_path: Path) -> None:
-    """A writer killed before flush leaves only temp files, never a partial object."""
+    """A writer killed before flush leaves packs no index names: none of its blobs is visible."""
     root = tmp_path / "s"
     script = textwrap.dedent(
         f"""
         import os, sys
         from layerfs.store import open_store
         s = open_store({str(root)!r})
-        s.write_bytes(os.urandom(4 << 20))
+        s.write_bytes(os.urandom(40 << 20))  # full packs written, one open in memory
         print("written", flush=True)
         sys.stdin.read()
         """
@@ -96,10 +93,11 @@ def test_unflushed_blobs_are_not_visible_after_a_kill(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     backend = LocalBackend(root)
-    assert list(backend.iter_blobs()) == []
-    assert os.listdir(root / "tmp")
-    with backend.lock(exclusive=True):
-        assert backend.clean_tmp() > 0
+    assert len(backend.pack_names()) >= 1
+    assert list(backend.iter_blobs()) == [] and backend.objects.list("index/") == []
+    with backend.lock(exclusive=True):  # temp files go; the packs are too young to go
+        backend.clean_tmp()
+    assert os.listdir(root / "tmp") == [] and len(backend.pack_names()) >= 1
     store = open_store(str(root))
     data = os.urandom(1 << 20)
     refs = store.write_bytes(data)

@@ -23,6 +23,7 @@ from layerfs.store.leases import LeaseLapsed
 from layerfs.store.location import open_store
 from layerfs.store.s3 import S3Backend
 from tests.support import ceph
+from tests.support.blobs import lose_blob
 from volplugin.backup import service
 from volplugin.backup.errors import BackupError
 
@@ -196,7 +197,7 @@ def test_an_incremental_backup_reads_files_whose_chunks_are_gone(tmp_path) -> No
     store = open_store(str(tmp_path / "store"))
     first = service.create_backup(store, "fence", vol)
     lost = store.write_bytes((vol / "lost").read_bytes())[0].digest
-    store.backend.blob_path(lost).unlink()  # as a prune under a lapsed lease would have done
+    lose_blob(store.backend, lost)  # as a prune under a lapsed lease would have done
 
     second = service.create_backup(store, "fence", vol)
     assert second.parent == first.id

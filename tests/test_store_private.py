@@ -70,18 +70,18 @@ def test_store_is_private_whatever_the_umask(open_dir: Path, loose_umask: None) 
     backend = LocalBackend(root)
     _fill(backend)
     modes = _modes(root)
-    assert "objects/ab/" + DIGEST in modes and "docs/backups/one.json" in modes and "lock" in modes
+    pack = backend.blob_location(DIGEST)[0]
+    assert pack in modes and "docs/backups/one.json" in modes and "lock" in modes
     for name, mode in modes.items():
         path = root / name
         want = 0o700 if path.is_dir() else 0o600
         assert mode == want, f"{name}: {mode:o}"
 
-    blob = backend.blob_path(DIGEST)
     for argv in (
-        ["cat", str(blob)],
+        ["cat", str(backend.object_path(pack))],
         ["cat", str(root / "docs/backups/one.json")],
         ["ls", str(root)],
-        ["ls", str(root / "objects")],
+        ["ls", str(root / "packs")],
         ["flock", "--nonblock", str(root / "lock"), "true"],
         ["flock", "--nonblock", "--shared", str(root / "lock"), "true"],
     ):
@@ -92,7 +92,7 @@ def test_store_is_private_whatever_the_umask(open_dir: Path, loose_umask: None) 
 
 def test_an_old_open_store_is_made_private(open_dir: Path, loose_umask: None) -> None:
     root = open_dir / "old"
-    for sub in ("objects", "docs", "tmp", "cache"):
+    for sub in ("packs", "docs", "tmp", "cache"):
         (root / sub).mkdir(parents=True, mode=0o755)
     (root / "lock").write_bytes(b"")
     (root / "lock").chmod(0o644)
@@ -101,7 +101,7 @@ def test_an_old_open_store_is_made_private(open_dir: Path, loose_umask: None) ->
 
     LocalBackend(root)
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
-    for sub in ("objects", "docs", "tmp", "cache"):
+    for sub in ("packs", "docs", "tmp", "cache"):
         assert stat.S_IMODE((root / sub).stat().st_mode) == 0o700
     assert stat.S_IMODE((root / "lock").stat().st_mode) == 0o600
     assert _as_nobody("ls", str(root / "docs")).returncode != 0
@@ -153,10 +153,10 @@ def test_lock_notes_of_killed_holders_are_ignored_and_forgotten(tmp_path: Path) 
     holder.kill()
     holder.wait()
     backend = LocalBackend(root, lock_timeout=0.3)
-    assert backend.lock_holders() == []
+    assert backend.objects.lock_holders() == []
     assert len(os.listdir(root / "locks")) == 1
     with backend.lock(exclusive=True):
-        assert [h["pid"] for h in backend.lock_holders()] == [os.getpid()]
+        assert [h["pid"] for h in backend.objects.lock_holders()] == [os.getpid()]
     assert os.listdir(root / "locks") == []
 
 

@@ -1,36 +1,29 @@
-"""A store backend in a local directory.
+"""The local-directory object store, and the packed repository layer over it.
 
 Layout::
 
-    objects/ab/abcdef...   blobs, named by digest
+    packs/ab/<id>          pack files (layerfs.store.packs), ~16 MiB each
+    index/<id>             index objects naming the packs' blobs
     docs/images/NAME.json  named documents (an encrypted repository encrypts the
                            part after the folder: layerfs.repo.repository)
     tmp/                   files being written (never read as objects)
-    tmp/b-PID-RANDOM/      blobs being written by one writer, until its flush
     cache/                 derived state: image indexes
     lock                   flock(2) target: shared for writers, exclusive for gc
     locks/PID-RANDOM       who holds the lock: pid, host, command, mode, since
+
+``LocalObjects`` is the dumb object store: a write goes to a temp file in tmp/,
+is fsynced and renamed into place (then its directory is fsynced), so a crash
+never leaves a partial object under its final name; ``create`` hard-links the
+temp file, which fails if the name exists. Range reads are one pread. The
+packing, the index and repacking are those of every store
+(layerfs.store.packed): ``LocalBackend``. No read cache sits in front of it:
+the kernel's page cache already keeps what is read often.
 
 The store is private to its owner whatever the umask: directories are made 0700
 and files 0600, and opening an existing store makes its top directory, its
 subdirectories and the lock 0700/0600 again. Taking the lock waits at most
 ``lock_timeout`` seconds (default LAYERFS_LOCK_TIMEOUT, else 60); a caller that
 gives up gets a StoreLocked naming the processes that hold it.
-
-Blob writes are batched: each goes to tmp/ first, and ``flush`` makes the batch
-durable with one syncfs(2) before renaming it into objects/, so a crash never
-leaves a partial object under its final name and imports do not pay one fsync
-per chunk. Each temp file's writeback is started as soon as it is written
-(sync_file_range), so the disk works while the writer goes on and the syncfs
-waits for little. A writer's temp blobs share a directory of their own, made
-when needed and removed once flushed; tmp/ and objects/ ask ext4 to spread
-their subdirectories (see fsflags), which keeps file creation cheap right after
-a large delete. Put_blob is safe to call from several threads. Doc writes use
-write, fsync, rename, fsync(dir).
-
-One-pass readers that need blobs in order (layer tars) get them through
-``read_blobs_in_order``: a helper thread opens the next blobs and starts their
-reads with posix_fadvise, so many small files are read from the disk at once.
 """
 
 from __future__ import annotations
@@ -38,37 +31,32 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import itertools
 import json
 import os
 import secrets
 import shutil
 import socket
-import threading
 import time
-from collections import deque
-from collections.abc import Generator, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from layerfs.errors import ObjectMissing, StoreError
-from layerfs.store.backend import Backend, check_digest, check_doc_name
-from layerfs.store.fsflags import spread_subdirs
+from layerfs.store.objects import ObjectStats, ObjectStore
+from layerfs.store.packed import PackedBackend
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_FLUSH_COUNT = 2048
-_FLUSH_BYTES = 256 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 _OPEN_TMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _OPEN_READ = os.O_RDONLY | os.O_CLOEXEC
-OPEN_BATCH = 16  # blobs a reader's helper thread opens per job
+PACK_SIZE = 16 << 20
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 LOCK_TIMEOUT_ENV = "LAYERFS_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 60.0  # seconds lock() waits before it names the holder
 _LOCK_POLL_MAX = 0.2  # seconds between tries at the most
 _MAX_COMMAND = 300  # characters of a holder's command line recorded
+_SUBDIRS = ("packs", "index", "docs", "tmp", "cache", "locks")
 
 
 class StoreLocked(StoreError):
@@ -120,22 +108,6 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _read_file(path: str) -> bytes:
-    """The whole content of a file (no pathlib: this is the path of every chunk read)."""
-    fd = os.open(path, _OPEN_READ)
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)
-        if len(data) != size:  # short, or the file grew: read on to the end
-            parts = [data]
-            while chunk := os.read(fd, 1 << 20):
-                parts.append(chunk)
-            data = b"".join(parts)
-        return data
-    finally:
-        os.close(fd)
-
-
 def start_writeback(fd: int) -> None:
     """Ask the kernel to start writing ``fd``'s dirty pages now, without waiting."""
     _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
@@ -158,53 +130,6 @@ def read_whole(fd: int) -> bytes:
     while piece := os.read(fd, 1 << 20):
         parts.append(piece)
     return b"".join(parts)
-
-
-Opened = list[tuple[str, int | StoreError]]  # blobs a helper opened: digest, fd or error
-
-
-def _batches(items: Iterable[str], size: int) -> Iterator[tuple[str, ...]]:
-    it = iter(items)
-    while batch := tuple(itertools.islice(it, size)):
-        yield batch
-
-
-def _read_opened(opened: Opened) -> Iterator[bytes]:
-    """The bytes of each opened blob in order (closing it), or its error when its turn comes."""
-    for i, (digest, fd) in enumerate(opened):
-        try:
-            if isinstance(fd, StoreError):
-                raise fd
-            try:
-                data = read_whole(fd)
-            except OSError as exc:
-                raise StoreError(f"cannot read object {digest}: {exc.strerror}") from exc
-            finally:
-                os.close(fd)
-            yield data
-        except BaseException:  # an error, or the reader stopped (GeneratorExit)
-            _close_opened(opened[i + 1 :])
-            raise
-
-
-def _close_opened(opened: Opened) -> None:
-    for _digest, fd in opened:
-        if isinstance(fd, int):
-            os.close(fd)
-
-
-def _write_new(path: str, data: bytes, what: str) -> None:
-    """Create ``path`` with ``data`` and start its writeback; StoreError on failure."""
-    try:
-        fd = os.open(path, _OPEN_TMP, FILE_MODE)
-        try:
-            write_all(fd, data)
-            start_writeback(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        _unlink_quiet(path)
-        raise _store_error(exc, what) from exc
 
 
 def _mkstemp(tmp_dir: Path) -> tuple[int, str]:
@@ -270,275 +195,163 @@ def _store_error(exc: OSError, what: str) -> StoreError:
     return StoreError(f"cannot write {what}: {exc.strerror}")
 
 
-class LocalBackend(Backend):
-    """Blobs and docs in a directory; see the module docstring."""
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length and (more := os.pread(fd, length - got, offset + got)):
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _refuse_loose_objects(root: Path) -> None:
+    """A store of an earlier layerfs kept one file per blob under objects/: refuse it."""
+    with suppress(OSError), os.scandir(root / "objects") as entries:
+        if any(True for _ in entries):
+            raise StoreError(
+                f"the store at {root} was written by an earlier layerfs (one file per object "
+                "under objects/), whose format this version does not read; start a new store "
+                "elsewhere and import the images again"
+            )
+
+
+class LocalObjects(ObjectStore):
+    """Objects as files under a directory, and its flock; see the module docstring."""
 
     def __init__(self, root: Path, *, lock_timeout: float | None = None) -> None:
         self.root = Path(root)
         self.url = str(self.root)
+        self.stats = ObjectStats()
         self.lock_timeout = lock_timeout_default() if lock_timeout is None else lock_timeout
+        _refuse_loose_objects(self.root)
         try:
             self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             _make_private(self.root, DIR_MODE)
-            for sub in ("objects", "docs", "tmp", "cache", "locks"):
+            for sub in _SUBDIRS:
                 (self.root / sub).mkdir(mode=DIR_MODE, exist_ok=True)
                 _make_private(self.root / sub, DIR_MODE)
             _make_private(self.root / "lock", FILE_MODE)
         except OSError as exc:
             raise StoreError(f"cannot create the store at {self.root}: {exc.strerror}") from exc
         self._tmp = self.root / "tmp"
-        self._objects = str(self.root / "objects")
-        for sub in (self._tmp, self._objects):
-            spread_subdirs(sub)
-        self._writer_dir: str | None = None  # tmp/b-<pid>-<random>, made by put_blob
-        self._writing = 0  # put_blob calls writing into _writer_dir
-        self._tmp_seq = itertools.count()
-        self._pending: dict[str, str] = {}  # digest -> temp path
-        self._pending_bytes = 0
-        self._mutex = threading.Lock()
 
-    def _blob_path(self, digest: str) -> Path:
-        return Path(self._blob_name(digest))
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
 
-    def _blob_name(self, digest: str) -> str:
-        return f"{self._objects}/{digest[:2]}/{digest}"
-
-    # -- blobs -------------------------------------------------------------
-    def put_blob(self, digest: str, data: bytes) -> bool:
-        check_digest(digest)
-        with self._mutex:
-            if digest in self._pending:
-                return False
-            folder = self._writer_dir or self._make_writer_dir()
-            self._writing += 1
-        full = False
+    def get(self, rel: str, what: str, start: int | None = None, end: int | None = None) -> bytes:
         try:
-            if os.path.exists(self._blob_name(digest)):
-                return False
-            tmp = f"{folder}/{next(self._tmp_seq)}"
-            _write_new(tmp, data, f"object {digest}")
-            with self._mutex:
-                if digest in self._pending:
-                    _unlink_quiet(tmp)
-                    return False
-                self._pending[digest] = tmp
-                self._pending_bytes += len(data)
-                full = len(self._pending) >= _FLUSH_COUNT or self._pending_bytes >= _FLUSH_BYTES
+            fd = os.open(self._path(rel), _OPEN_READ)
+        except FileNotFoundError:
+            raise ObjectMissing(f"{what} is missing from the store {self.url}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {what} in {self.url}: {exc.strerror}") from exc
+        try:
+            if start is None:
+                data = read_whole(fd)
+            else:
+                if start < 0 or end is None:
+                    size = os.fstat(fd).st_size
+                    start, end = (max(size + start, 0), size) if start < 0 else (start, size)
+                data = _pread_all(fd, end - start, start)
+        except OSError as exc:
+            raise StoreError(f"cannot read {what} in {self.url}: {exc.strerror}") from exc
         finally:
-            with self._mutex:
-                self._writing -= 1
-        if full:
-            self.flush()
-        return True
+            os.close(fd)
+        self.stats.count("bytes_down", len(data))
+        return data
 
-    def _make_writer_dir(self) -> str:
-        """Create this writer's temp directory (called holding the mutex)."""
-        folder = f"{self._tmp}/b-{os.getpid()}-{secrets.token_hex(4)}"
+    def _mkdirs(self, path: Path) -> None:
+        """Create the folders above ``path`` durably (each new one's parent is fsynced)."""
+        missing = []
+        folder = path.parent
+        while not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            with suppress(FileExistsError):
+                os.mkdir(folder, DIR_MODE)
+            fsync_dir(folder.parent)
+
+    def put(self, rel: str, data: bytes, what: str) -> None:
+        path = Path(self._path(rel))
         try:
-            os.mkdir(folder, DIR_MODE)
+            self._mkdirs(path)
+            write_atomic(path, data, self._tmp)
         except OSError as exc:
-            raise _store_error(exc, "a temp directory") from exc
-        self._writer_dir = folder
-        return folder
+            raise _store_error(exc, what) from exc
+        self.stats.count("bytes_up", len(data))
 
-    def _drop_writer_dir(self) -> None:
-        """Remove the writer's temp directory once nothing is in it (holding the mutex)."""
-        if self._writer_dir is not None and not self._writing and not self._pending:
-            with suppress(OSError):
-                os.rmdir(self._writer_dir)
-            self._writer_dir = None
-
-    def get_blob(self, digest: str) -> bytes:
-        check_digest(digest)
-        with self._mutex:
-            tmp = self._pending.get(digest)
-        try:
-            return _read_file(tmp or self._blob_name(digest))
-        except FileNotFoundError:
-            if tmp:  # flushed meanwhile
-                return _read_file(self._blob_name(digest))
-            raise ObjectMissing(f"object {digest} is missing from the store {self.url}") from None
-
-    def read_blobs_in_order(
-        self, digests: Iterable[str], ahead: int = 64
-    ) -> Generator[bytes, None, None]:
-        """Blobs in order; the next ``ahead`` are open and being read by the kernel.
-
-        A helper thread opens the blobs ahead of their turn, OPEN_BATCH at a
-        time, and announces each with posix_fadvise(WILLNEED), which starts its
-        read without waiting; so the disk serves many small files at once while
-        the caller reads them in order. See Backend.read_blobs_in_order.
-        """
-        with ThreadPoolExecutor(1, thread_name_prefix="layerfs-open") as pool:
-            queued: deque[Future[Opened]] = deque()
-            try:
-                for batch in _batches(digests, OPEN_BATCH):
-                    queued.append(pool.submit(self._open_blobs, batch))
-                    if len(queued) * OPEN_BATCH >= ahead:
-                        yield from _read_opened(queued.popleft().result())
-                while queued:
-                    yield from _read_opened(queued.popleft().result())
-            finally:
-                for future in queued:
-                    if not future.cancel():
-                        _close_opened(future.result())
-
-    def _open_blobs(self, digests: tuple[str, ...]) -> Opened:
-        """Open each blob and start its read; a blob that cannot be opened gives its error."""
-        out: Opened = []
-        for digest in digests:
-            try:
-                out.append((digest, self._open_blob(digest)))
-            except StoreError as exc:
-                out.append((digest, exc))
-        return out
-
-    def _open_blob(self, digest: str) -> int:
-        """A read-only fd of a blob (pending or durable) whose read has been started."""
-        check_digest(digest)
-        with self._mutex:
-            tmp = self._pending.get(digest)
-        try:
-            try:
-                fd = os.open(tmp or self._blob_name(digest), _OPEN_READ)
-            except FileNotFoundError:
-                if not tmp:  # not pending: missing
-                    raise
-                fd = os.open(self._blob_name(digest), _OPEN_READ)  # flushed meanwhile
-        except FileNotFoundError:
-            raise ObjectMissing(f"object {digest} is missing from the store {self.url}") from None
-        except OSError as exc:
-            raise StoreError(f"cannot read object {digest}: {exc.strerror}") from exc
-        with suppress(OSError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        return fd
-
-    def has_blob(self, digest: str) -> bool:
-        with self._mutex:
-            if digest in self._pending:
-                return True
-        return os.path.exists(self._blob_name(digest))
-
-    def delete_blobs(self, digests: list[str]) -> int:
-        freed = 0
-        for digest in digests:
-            path = self._blob_path(check_digest(digest))
-            try:
-                freed += path.stat().st_size
-                path.unlink()
-            except FileNotFoundError:
-                pass
-        return freed
-
-    def iter_blobs(self) -> Iterator[tuple[str, int]]:
-        objects = self.root / "objects"
-        for sub in sorted(os.listdir(objects)):
-            subdir = objects / sub
-            try:
-                with os.scandir(subdir) as it:
-                    for e in it:
-                        yield e.name, e.stat().st_size
-            except NotADirectoryError:
-                continue
-
-    def iter_blob_times(self) -> Iterator[tuple[str, int, float | None]]:
-        objects = self.root / "objects"
-        for sub in sorted(os.listdir(objects)):
-            try:
-                with os.scandir(objects / sub) as it:
-                    for e in it:
-                        st = e.stat()
-                        yield e.name, st.st_size, st.st_mtime
-            except NotADirectoryError:
-                continue
-
-    def blob_path(self, digest: str) -> Path:
-        """Path of a durable blob (for tools that read or damage it directly)."""
-        return self._blob_path(check_digest(digest))
-
-    def flush(self) -> None:
-        with self._mutex:
-            pending, self._pending = self._pending, {}
-            self._pending_bytes = 0
-            if not pending:
-                self._drop_writer_dir()
-                return
-            try:
-                syncfs(self._tmp)
-                dirs: set[str] = set()
-                for digest, tmp in pending.items():
-                    if digest[:2] not in dirs:
-                        with suppress(FileExistsError):
-                            os.mkdir(f"{self._objects}/{digest[:2]}", DIR_MODE)
-                        dirs.add(digest[:2])
-                    os.rename(tmp, self._blob_name(digest))
-                syncfs(self._tmp)
-            except OSError as exc:
-                for tmp in pending.values():
-                    _unlink_quiet(tmp)
-                raise _store_error(exc, "objects") from exc
-            self._drop_writer_dir()
-
-    # -- docs --------------------------------------------------------------
-    def _doc_path(self, name: str) -> Path:
-        return self.root / "docs" / check_doc_name(name)
-
-    def put_doc(self, name: str, data: bytes) -> None:
-        try:
-            write_atomic(self._doc_path(name), data, self._tmp)
-        except OSError as exc:
-            raise _store_error(exc, f"document {name}") from exc
-
-    def create_doc(self, name: str, data: bytes) -> bool:
+    def create(self, rel: str, data: bytes, what: str) -> bool:
         """Written to a temp file and hard-linked into place: link(2) fails if the name exists."""
-        path = self._doc_path(name)
+        path = Path(self._path(rel))
         tmp = ""
         try:
             tmp = _durable_temp(data, self._tmp)
-            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            self._mkdirs(path)
             try:
                 os.link(tmp, path)
             except FileExistsError:
                 return False
+            fsync_dir(path.parent)
         except OSError as exc:
-            raise _store_error(exc, f"document {name}") from exc
+            raise _store_error(exc, what) from exc
         finally:
             if tmp:
                 _unlink_quiet(tmp)
-        fsync_dir(path.parent)
+        self.stats.count("bytes_up", len(data))
         return True
 
-    def holds_data(self) -> bool:
-        for sub in ("objects", "docs"):
-            with os.scandir(self.root / sub) as entries:
-                if any(True for _ in entries):
-                    return True
-        return False
-
-    def get_doc(self, name: str) -> bytes:
+    def delete(self, rels: list[str], what: str) -> None:
+        folders = set()
         try:
-            return self._doc_path(name).read_bytes()
-        except FileNotFoundError:
-            raise ObjectMissing(f"document {name} is missing from the store {self.url}") from None
+            for rel in rels:
+                with suppress(FileNotFoundError):
+                    os.unlink(self._path(rel))
+                    folders.add(os.path.dirname(self._path(rel)))
+            for folder in folders:
+                fsync_dir(Path(folder))
+        except OSError as exc:
+            raise StoreError(f"cannot delete {what} in {self.url}: {exc.strerror}") from exc
 
-    def delete_doc(self, name: str) -> None:
-        path = self._doc_path(name)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        fsync_dir(path.parent)
+    def _walk(self, prefix: str) -> Iterator[os.DirEntry]:
+        """The files whose name starts with ``prefix`` (walking its folder)."""
+        folder, _, start = prefix.rpartition("/")
+        stack = [self._path(folder) if folder else str(self.root)]
+        top = True
+        while stack:
+            try:
+                with os.scandir(stack.pop()) as it:
+                    entries = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if top and not entry.name.startswith(start):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
+                    yield entry
+            top = False
 
-    def list_docs(self, prefix: str) -> list[str]:
-        base = self.root / "docs"
-        folder = base / prefix.rstrip("/") if prefix else base
-        if not folder.is_dir():
-            return []
-        out = []
-        for dirpath, _dirs, files in os.walk(folder):
-            rel = Path(dirpath).relative_to(base)
-            out.extend(str(rel / f) if str(rel) != "." else f for f in files)
-        return sorted(out)
+    def _rel(self, entry: os.DirEntry) -> str:
+        return entry.path[len(str(self.root)) + 1 :]
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(self._rel(e) for e in self._walk(prefix))
+
+    def list_times(self, prefix: str) -> tuple[dict[str, float], float]:
+        out = {}
+        for entry in self._walk(prefix):
+            with suppress(FileNotFoundError):
+                out[self._rel(entry)] = entry.stat(follow_symlinks=False).st_mtime
+        return out, time.time()
+
+    def holds_any(self, prefixes: tuple[str, ...]) -> bool:
+        return any(next(self._walk(p), None) is not None for p in prefixes)
 
     # -- coordination ------------------------------------------------------
     @contextmanager
@@ -654,8 +467,8 @@ class LocalBackend(Backend):
         Only safe under the exclusive lock (no writer is running).
         """
         n = 0
-        with self._mutex, os.scandir(self._tmp) as entries:
-            found = [e for e in entries if e.path != self._writer_dir]  # not our own
+        with os.scandir(self._tmp) as entries:
+            found = list(entries)
         for entry in found:
             if entry.is_dir(follow_symlinks=False):
                 n += sum(len(files) for _, _, files in os.walk(entry.path)) + 1
@@ -664,3 +477,16 @@ class LocalBackend(Backend):
                 _unlink_quiet(entry.path)
                 n += 1
         return n
+
+
+class LocalBackend(PackedBackend):
+    """The packed repository layer over LocalObjects; see the module docstring."""
+
+    def __init__(self, root: Path, *, lock_timeout: float | None = None) -> None:
+        objects = LocalObjects(root, lock_timeout=lock_timeout)
+        super().__init__(objects, pack_size=PACK_SIZE, write_threads=1)
+        self.root = objects.root
+
+    def object_path(self, rel: str) -> Path:
+        """The file holding an object (for tools that read or damage it directly)."""
+        return self.root / rel
