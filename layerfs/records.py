@@ -6,10 +6,11 @@ a leading './' or '/'; the root directory is ''. Non-UTF-8 names survive as
 surrogate escapes. Two encodings, both stored as records in the
 content-addressed store (deduplicated like file content):
 
-* format 1, a *flat* tree (image layers): one JSON document holding every
-  entry in order;
-* format 2, a *directory* tree (backups; a Merkle tree, as restic and git
-  keep): one node record per directory listing its entries by name, a
+* format 1, a *flat* tree: one JSON document holding every entry in order
+  (image layers whose tar order a directory tree would not keep);
+* format 2, a *directory* tree (backups, and layers in the depth-first order
+  Docker writes; a Merkle tree, as restic and git keep): one node record per
+  directory listing its entries by name, a
   directory entry naming its own node, and a small root record naming the
   root node. Equal directories are equal nodes with equal IDs, so a backup
   after a small change writes only the nodes on the paths from the changed
@@ -372,9 +373,47 @@ def _read_dir_tree(store: ChunkStore, digest: str, head: dict) -> TreeRead:
     return TreeRead(docs, meta, records, extras)
 
 
+def keeps_order_as_dir_tree(docs: list[dict]) -> bool:
+    """Whether a directory tree of ``docs`` reads back in the same order.
+
+    So it does when the root entry (if any) comes first, every other entry's
+    parent is the root or a directory entry before it, no path repeats, and
+    each directory's entries follow it before anything outside it: the order
+    Docker and BuildKit write layer tars in (a depth-first walk).
+    """
+    open_dirs = [""]
+    seen: set[str] = set()
+    for i, d in enumerate(docs):
+        path = d["p"]
+        if path == "":
+            if i:
+                return False
+            continue
+        if path in seen:
+            return False
+        seen.add(path)
+        parent = path.rpartition("/")[0]
+        while open_dirs and open_dirs[-1] != parent:
+            open_dirs.pop()
+        if not open_dirs:
+            return False
+        if d["k"] == Kind.DIR.value:
+            open_dirs.append(path)
+    return True
+
+
 def put_tree(store: ChunkStore, entries: list[Entry], meta: dict | None = None) -> str:
-    """Store a tree record; return its digest."""
-    return store.put_record(encode_tree(entries, meta))
+    """Store a layer's entries; return the ID of the tree record.
+
+    A directory tree (format 2) when it reads back in the same order (see
+    ``keeps_order_as_dir_tree``), so equal directories of different layers and
+    images are one node; otherwise a flat record (format 1), which keeps any
+    order: a layer's export must give back its tar byte for byte.
+    """
+    docs = [e.to_json() for e in entries]
+    if keeps_order_as_dir_tree(docs):
+        return put_dir_tree(store, docs, meta)
+    return store.put_record(encode_tree_docs(docs, meta))
 
 
 def get_tree(store: ChunkStore, digest: str) -> tuple[list[Entry], dict]:

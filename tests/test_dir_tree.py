@@ -8,13 +8,26 @@ an entry a name with '/', or nest without end.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from layerfs.records import BadTree, Entry, Kind, get_tree, put_dir_tree, read_tree
+from layerfs.exporter import export_image
+from layerfs.importer import import_archive
+from layerfs.records import (
+    BadTree,
+    Entry,
+    Kind,
+    get_tree,
+    keeps_order_as_dir_tree,
+    put_dir_tree,
+    read_tree,
+)
 from layerfs.store.location import open_store
 from tests.support.blobs import lose_blob
 from volplugin.backup import service
@@ -113,3 +126,113 @@ def test_an_incremental_backup_writes_only_the_changed_directories(tmp_path: Pat
     service.restore_backup(store, second.id, out)
     assert (out / "d07" / "f03.txt").read_text() == "changed\n"
     assert (out / "d29" / "f19.txt").read_text() == "file 29 19\n" * 10
+
+
+# -- image layers ------------------------------------------------------------------------------
+
+
+def test_which_orders_a_directory_tree_keeps() -> None:
+    assert keeps_order_as_dir_tree(
+        _docs(("", "d"), ("a", "d"), ("a/x", "f"), ("a/y", "d"), ("a/y/z", "f"), ("b", "f"))
+    )
+    assert keeps_order_as_dir_tree(_docs(("a", "d"), ("a/x", "f"), ("b", "w")))
+    for refused in (
+        _docs(("a", "d"), ("b", "d"), ("a/x", "f")),  # back into a directory already left
+        _docs(
+            ("a/x", "f"),
+        ),  # no entry for the parent
+        _docs(("a", "f"), ("a/x", "f")),  # a parent that is not a directory
+        _docs(("a", "d"), ("a", "o"), ("a/x", "f")),  # a path twice (an opaque directory)
+        _docs(("a", "d"), ("", "d")),  # the root after other entries
+    ):
+        assert not keeps_order_as_dir_tree(refused), refused
+
+
+def _layer_archive(dest: Path, tag: str, names: list[str]) -> Path:
+    """A one-layer `docker save` archive whose layer tar lists ``names`` in that order
+    (a trailing '/' makes a directory)."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name.rstrip("/"))
+            info.mtime = 1_700_000_000
+            if name.endswith("/"):
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                data = name.encode() * 100
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    layer_bytes = layer.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    ).encode()
+    members = {
+        hashlib.sha256(config).hexdigest() + ".json": config,
+        "l/layer.tar": layer_bytes,
+    }
+    manifest = [{"Config": next(iter(members)), "RepoTags": [tag], "Layers": ["l/layer.tar"]}]
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(dest, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return dest
+
+
+def _root_format(store, tree: str) -> int:
+    return json.loads(store.get_record(tree))["format"]
+
+
+@pytest.mark.parametrize(
+    ("names", "fmt"),
+    [
+        (
+            [
+                "usr/",
+                "usr/bin/",
+                "usr/bin/a",
+                "usr/bin/b",
+                "usr/lib/",
+                "usr/lib/c",
+                "etc/",
+                "etc/d",
+            ],
+            2,
+        ),
+        (["usr/", "etc/", "usr/a", "etc/b"], 1),  # directories interleaved: kept flat
+    ],
+)
+def test_a_layer_is_a_directory_tree_when_its_tar_order_allows(
+    tmp_path: Path, names: list[str], fmt: int
+) -> None:
+    store = open_store(str(tmp_path / "s"))
+    archive = _layer_archive(tmp_path / "a.tar", "dt/layer:1", names)
+    image = import_archive(store, archive)
+    (layer,) = image.layers
+    assert _root_format(store, layer.tree) == fmt
+    entries, _ = get_tree(store, layer.tree)
+    assert [e.path for e in entries] == [n.rstrip("/") for n in names]
+    # layerfs writes tars its own way (headers), so the first export may change the DiffID;
+    # its archive, imported and exported again, must come back byte for byte
+    export_image(store, image, tmp_path / "out.tar")
+    again = open_store(str(tmp_path / "s2"))
+    reimported = import_archive(again, tmp_path / "out.tar")
+    assert _root_format(again, reimported.layers[0].tree) == fmt
+    assert export_image(again, reimported, tmp_path / "out2.tar").rewritten == []
+
+
+def test_equal_directories_of_two_layers_are_one_node(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "s"))
+    shared = ["usr/", "usr/share/", "usr/share/a", "usr/share/b"]
+    one = import_archive(store, _layer_archive(tmp_path / "1.tar", "dt/one:1", shared + ["x"]))
+    two = import_archive(store, _layer_archive(tmp_path / "2.tar", "dt/two:1", shared + ["y"]))
+    first = read_tree(store, one.layers[0].tree).records
+    second = read_tree(store, two.layers[0].tree).records
+    assert len(set(first) & set(second)) == 2  # the nodes of usr/ and usr/share/
