@@ -231,55 +231,90 @@ def _dumps(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
+class DirTreeWriter:
+    """Writes a directory tree (format 2) from entries given in walk order, node by node.
+
+    Entries come as ``add`` calls in the order a depth-first walk meets them:
+    the root entry '' first (if any), then each entry after its parent
+    directory's entry and each directory's entries before anything outside it
+    (``keeps_order_as_dir_tree``). A directory's node is written as soon as the
+    walk leaves it, so only the directories on the current path are in memory.
+    ``extra`` values are kept beside their entries (a backup's inode and ctime)
+    and come back from ``read_tree``. ``finish`` writes the root record.
+    """
+
+    def __init__(self, store: ChunkStore, meta: dict | None = None) -> None:
+        self.store = store
+        self.meta = meta or {}
+        self._root_doc: dict | None = None
+        self._root: str | None = None
+        # the open directories: (path, entries so far, the entry that names its node)
+        self._open: list[tuple[str, list[dict], dict | None]] = [("", [], None)]
+        self._started = False
+
+    def add(self, doc: dict, extra: object = None) -> None:
+        path = doc["p"]
+        if path == "":
+            if self._started:
+                raise ValueError("the root entry must come first")
+            self._root_doc = dict(doc) if extra is None else {**doc, "z": extra}
+            self._started = True
+            return
+        self._started = True
+        folder, _, name = path.rpartition("/")
+        while self._open and self._open[-1][0] != folder:
+            self._close()
+        if not self._open:
+            raise ValueError(
+                f"entry {path!r} is not right below an open directory: out of walk order, "
+                "or below what is not a directory"
+            )
+        item = {**doc, "p": name}
+        if extra is not None:
+            item["z"] = extra
+        self._open[-1][1].append(item)
+        if doc["k"] == Kind.DIR.value:
+            self._open.append((path, [], item))
+
+    def _close(self) -> None:
+        _path, items, owner = self._open.pop()
+        if not items:
+            return
+        node = self.store.put_record(_dumps({"format": DIR_TREE_FORMAT, "node": items}))
+        if owner is None:
+            self._root = node
+        else:
+            owner["n"] = node
+
+    def finish(self) -> str:
+        """Write the nodes still open and the root record; return the root record's ID."""
+        while self._open:
+            self._close()
+        root = {
+            "format": DIR_TREE_FORMAT,
+            "meta": self.meta,
+            "root": self._root,
+            "self": self._root_doc,
+        }
+        return self.store.put_record(_dumps(root))
+
+
 def put_dir_tree(
     store: ChunkStore,
     docs: list[dict],
     meta: dict | None = None,
     extras: list | None = None,
 ) -> str:
-    """Store entries (JSON form) as a directory tree (format 2); return its root record's ID.
+    """Store entries (JSON form, in walk order) as a directory tree; return its root's ID.
 
-    Every entry's parent directory must be among ``docs`` as a directory entry
-    (or be the root ''). ``extras``, if given, holds one JSON value per entry
-    that is kept beside it (a backup's inode and ctime) and comes back from
-    ``read_tree``. Nodes are written deepest first, so each names its children.
+    See DirTreeWriter; ``extras``, if given, holds one value per entry.
     """
     if extras is not None and len(extras) != len(docs):
         raise ValueError("extras must hold one value per entry")
-    # one pass groups entries (by index) per directory; each node is then built,
-    # written and dropped in turn, so only one node's copies exist at a time
-    children: dict[str, list[int]] = {}
-    kinds: dict[str, str] = {}
-    root_doc: dict | None = None
-    for i, d in enumerate(docs):
-        path = d["p"]
-        if path == "":
-            root_doc = dict(d) if extras is None else {**d, "z": extras[i]}
-            continue
-        kinds[path] = d["k"]
-        children.setdefault(path.rpartition("/")[0], []).append(i)
-    for folder in children:
-        if folder and kinds.get(folder) != Kind.DIR.value:
-            raise ValueError(f"entries below {folder!r}, which is not a directory entry")
-    nodes: dict[str, str] = {}
-
-    def depth(folder: str) -> int:
-        return folder.count("/") + 1 if folder else 0
-
-    for folder in sorted(children, key=depth, reverse=True):
-        items = []
-        for i in children.pop(folder):
-            d = docs[i]
-            item = {**d, "p": d["p"].rpartition("/")[2]}
-            if extras is not None:
-                item["z"] = extras[i]
-            node = nodes.pop(d["p"], None)
-            if node is not None:
-                item["n"] = node
-            items.append(item)
-        nodes[folder] = store.put_record(_dumps({"format": DIR_TREE_FORMAT, "node": items}))
-    root = {"format": DIR_TREE_FORMAT, "meta": meta or {}, "root": nodes.get(""), "self": root_doc}
-    return store.put_record(_dumps(root))
+    writer = DirTreeWriter(store, meta)
+    for i, doc in enumerate(docs):
+        writer.add(doc, None if extras is None else extras[i])
+    return writer.finish()
 
 
 @dataclass
@@ -301,6 +336,29 @@ def _load_json(store: ChunkStore, digest: str) -> dict:
     if not isinstance(doc, dict):
         raise BadTree(f"tree record {digest} is not a JSON object")
     return doc
+
+
+def read_node(store: ChunkStore, node_id: str, folder: str = "") -> list:
+    """The items of one directory node of a directory tree (not yet checked one by one)."""
+    node = _load_json(store, node_id)
+    items = node.get("node")
+    if node.get("format") != DIR_TREE_FORMAT or not isinstance(items, list):
+        raise BadTree(f"node {node_id} of {folder or 'the root'!r} is malformed")
+    return items
+
+
+def dir_tree_root(store: ChunkStore, digest: str) -> str | None:
+    """The root node's ID of the directory tree ``digest`` (None: no entries below the root).
+
+    BadTree if ``digest`` is not a directory tree's root record.
+    """
+    head = _load_json(store, digest)
+    root = head.get("root")
+    if head.get("format") != DIR_TREE_FORMAT or "node" in head:
+        raise BadTree(f"tree record {digest} is not the root of a directory tree")
+    if not (root is None or isinstance(root, str)):
+        raise BadTree(f"tree record {digest}: its root record is malformed")
+    return root
 
 
 def read_tree(store: ChunkStore, digest: str) -> TreeRead:
@@ -345,10 +403,7 @@ def _read_dir_tree(store: ChunkStore, digest: str, head: dict) -> TreeRead:
     def items_of(node_id: str, folder: str, level: int) -> Iterator[object]:
         if level > MAX_DEPTH:
             raise BadTree(f"directory {folder!r} is nested deeper than {MAX_DEPTH} levels")
-        node = _load_json(store, node_id)
-        items = node.get("node")
-        if node.get("format") != DIR_TREE_FORMAT or not isinstance(items, list):
-            raise BadTree(f"node {node_id} of {folder or 'the root'!r} is malformed")
+        items = read_node(store, node_id, folder)
         records.append(node_id)
         return iter(items)
 

@@ -25,7 +25,7 @@ from tests.support.dockerenv import BASE_IMAGE
 from tests.support.plugin import PluginProcess, remove_driver_objects
 from tests.support.waiting import wait_for
 from volplugin.backup.docs import get_backup
-from volplugin.backup.snapshot import ParentIndex, Scanner
+from volplugin.backup.snapshot import ParentTree, Scanner
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -77,10 +77,10 @@ def _swap_before(monkeypatch: pytest.MonkeyPatch, method: str, rel: str, swap) -
     """Run ``swap()`` right before Scanner.<method> handles ``rel`` (after its lstat)."""
     original = getattr(Scanner, method)
 
-    def wrapped(self, dirfd, name, child, st):  # noqa: ANN001, ANN202
+    def wrapped(self, dirfd, name, child, st, before):  # noqa: ANN001, ANN202
         if child == rel:
             swap()
-        return original(self, dirfd, name, child, st)
+        return original(self, dirfd, name, child, st, before)
 
     monkeypatch.setattr(Scanner, method, wrapped)
 
@@ -101,7 +101,7 @@ def test_directory_swapped_for_a_symlink_is_skipped_and_reported(
 
     _swap_before(monkeypatch, "_dir", "d", swap)
     with caplog.at_level(logging.WARNING, logger="volplugin.backup"):
-        result = Scanner(local, vol, ParentIndex()).scan()
+        result = Scanner(local, vol, ParentTree()).scan()
     assert result.skipped == ["d"]
     assert "'d'" in caplog.text and "not followed" in caplog.text
     paths = {doc["p"] for doc in result.docs}
@@ -143,7 +143,7 @@ def test_directory_swapped_for_another_directory_is_skipped(
         os.rename(vol / "other", vol / "d")
 
     _swap_before(monkeypatch, "_dir", "d", swap)
-    result = Scanner(local, vol, ParentIndex()).scan()
+    result = Scanner(local, vol, ParentTree()).scan()
     assert result.skipped == ["d"]
     assert not any(doc["p"].startswith("d/") for doc in result.docs)
 
@@ -172,7 +172,7 @@ def test_file_swapped_for_a_symlink_or_a_fifo_is_skipped(
         return original(self, dirfd, name, child, st)
 
     monkeypatch.setattr(Scanner, "_file", wrapped)
-    result = Scanner(local, vol, ParentIndex()).scan()
+    result = Scanner(local, vol, ParentTree()).scan()
     assert result.skipped == ["a", "b", "c"]
     assert [doc["p"] for doc in result.docs] == [""]
     assert result.files_read == 0
@@ -182,7 +182,7 @@ def test_unchanged_walk_reports_nothing(tmp_path: Path, local: ChunkStore) -> No
     vol = tmp_path / "vol"
     _volume_dir(vol / "d" / "e")
     os.symlink("/etc", vol / "link")
-    result = Scanner(local, vol, ParentIndex()).scan()
+    result = Scanner(local, vol, ParentTree()).scan()
     assert result.skipped == []
     kinds = {doc["p"]: doc["k"] for doc in result.docs}
     assert kinds["link"] == Kind.SYMLINK.value and kinds["d/e"] == Kind.DIR.value

@@ -21,6 +21,7 @@ from layerfs.exporter import export_image
 from layerfs.importer import import_archive
 from layerfs.records import (
     BadTree,
+    DirTreeWriter,
     Entry,
     Kind,
     get_tree,
@@ -31,6 +32,7 @@ from layerfs.records import (
 from layerfs.store.location import open_store
 from tests.support.blobs import lose_blob
 from volplugin.backup import service
+from volplugin.backup.snapshot import Scanner
 
 
 def _docs(*entries: tuple[str, str]) -> list[dict]:
@@ -236,3 +238,36 @@ def test_equal_directories_of_two_layers_are_one_node(tmp_path: Path) -> None:
     first = read_tree(store, one.layers[0].tree).records
     second = read_tree(store, two.layers[0].tree).records
     assert len(set(first) & set(second)) == 2  # the nodes of usr/ and usr/share/
+
+
+def test_a_backup_holds_only_the_directories_on_its_walk_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries go to the tree writer as the walk meets them; a node leaves memory when written."""
+    vol = tmp_path / "vol"
+    for d in range(30):
+        (vol / f"d{d:02}").mkdir(parents=True)
+        for f in range(30):
+            (vol / f"d{d:02}" / f"f{f:02}").write_text(f"{d}/{f}\n")
+    held: list[int] = []
+    original = DirTreeWriter.add
+
+    def add(self, doc, extra=None):  # noqa: ANN001, ANN202
+        original(self, doc, extra)
+        held.append(sum(len(items) for _, items, _ in self._open))
+
+    monkeypatch.setattr(DirTreeWriter, "add", add)
+    scans = []
+    scan = Scanner.scan
+    monkeypatch.setattr(Scanner, "scan", lambda self: scans.append(scan(self)) or scans[-1])
+    store = open_store(str(tmp_path / "s"))
+    first = service.create_backup(store, "walk", vol)
+    (vol / "d07" / "f03").write_text("changed\n")
+    second = service.create_backup(store, "walk", vol)
+    assert len(held) == 2 * (1 + 30 + 30 * 30)
+    assert [len(result.docs) for result in scans] == [0, 0]  # no list of every entry
+    assert max(held) <= 30 + 30  # the root's 30 directories and one directory's 30 files
+    entries, _ = get_tree(store, second.tree)
+    assert len(entries) == 1 + 30 + 900 and second.files_read == 1
+    changed = read_tree(store, second.tree).records
+    assert len(set(changed) - set(read_tree(store, first.tree).records)) == 3  # root, '', d07

@@ -123,9 +123,9 @@ def make_image(store, name: str, directory: Path):  # noqa: ANN001, ANN201 - tes
     """Record a one-layer image made from a directory (without the importer)."""
     from layerfs.catalog import Catalog, ImageRecord, LayerRecord
     from layerfs.records import put_tree
-    from volplugin.backup.snapshot import ParentIndex, Scanner
+    from volplugin.backup.snapshot import ParentTree, Scanner
 
-    scan = Scanner(store, directory, ParentIndex()).scan()
+    scan = Scanner(store, directory, ParentTree()).scan()
     tree = put_tree(store, scan.entries)
     store.flush()
     layer = LayerRecord(diff_id="sha256:" + hashlib.sha256(tree.encode()).hexdigest(), tree=tree)

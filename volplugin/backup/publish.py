@@ -4,54 +4,24 @@
   without reading them) are still in the store: looked up cheaply, in the S3
   store's loaded pack indexes (read again first, so indexes a prune removed are
   forgotten) or with ``has_blob`` on a local store. Files whose chunks are gone
-  are read again (``without``), so the backup is whole and the store mended.
+  are read again (``ParentTree.without``), so the backup is whole and the store mended.
 * The store lease is still good for a third of its period (S3 stores; see
   layerfs.store.leases), so no prune can have run since the data was checked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from layerfs.store.backend import Backend
 from layerfs.store.leases import LeaseLapsed
 from volplugin.backup.errors import BackupError
-from volplugin.backup.snapshot import ParentIndex
 
 
-def reused_chunks(docs: Iterable[dict], parent: ParentIndex) -> dict[str, str]:
-    """{digest: path} of the chunks of entries taken unchanged from ``parent``."""
-    out: dict[str, str] = {}
-    for doc in docs:
-        chunks = doc.get("c")
-        if not chunks:
-            continue
-        found = parent.files.get(doc["p"])
-        if found is not None and (found[0] is doc or found[0] == doc):
-            for digest, _size in chunks:
-                out.setdefault(digest, doc["p"])
-    return out
-
-
-def missing_reused(backend: Backend, docs: Iterable[dict], parent: ParentIndex) -> dict[str, str]:
-    """{digest: path} of reused chunks the store no longer has."""
-    reused = reused_chunks(docs, parent)
+def missing_reused(backend: Backend, reused: dict[str, str]) -> dict[str, str]:
+    """{digest: path} of the reused chunks (``ScanResult.reused``) the store no longer has."""
     if not reused:
         return {}
     backend.refresh()  # S3: forget indexes a prune deleted
     return {d: p for d, p in reused.items() if not backend.has_blob(d)}
-
-
-def without(parent: ParentIndex, missing: dict[str, str]) -> ParentIndex:
-    """``parent`` less the files that use a missing chunk: a new scan reads those again."""
-    gone = set(missing)
-    return ParentIndex(
-        {
-            path: found
-            for path, found in parent.files.items()
-            if not any(d in gone for d, _ in found[0].get("c", ()))
-        }
-    )
 
 
 def check_lease(backend: Backend, volume: str) -> None:

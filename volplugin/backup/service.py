@@ -19,7 +19,7 @@ from layerfs.errors import StoreError
 from layerfs.maintenance import CheckReport, GcReport, backup_roots, check_store, pins
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS, sweep_locked
 from layerfs.maintenance.roots import all_roots
-from layerfs.records import BadTree, Entry, get_tree, put_dir_tree, read_tree
+from layerfs.records import BadTree, DirTreeWriter, Entry, get_tree
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.leases import LeaseLapsed
 from volplugin.backup import publish
@@ -40,7 +40,7 @@ from volplugin.backup.restore import (
     sync_target,
 )
 from volplugin.backup.retention import Decision, Policy, apply_per_volume
-from volplugin.backup.snapshot import META_STAT, ParentIndex, Scanner
+from volplugin.backup.snapshot import ParentTree, Scanner
 from volplugin.hostid import host_id
 
 log = logging.getLogger("volplugin.backup")
@@ -49,18 +49,14 @@ BACKUP_LEVEL = 3  # zstd level of backed-up chunks: smaller buckets than imports
 WRITE_WORKERS = 2  # threads compressing and storing new chunks while the scan reads on
 
 
-def _parent_index(store: ChunkStore, parent: BackupRecord | None) -> ParentIndex:
+def _parent_tree(store: ChunkStore, parent: BackupRecord | None) -> ParentTree:
     if parent is None:
-        return ParentIndex()
+        return ParentTree()
     try:
-        read = read_tree(store, parent.tree)
-        meta = dict(read.meta)
-        if read.extras is not None:  # a directory tree keeps [ino, ctime] beside each entry
-            meta[META_STAT] = read.extras
-        return ParentIndex.from_docs(read.docs, meta)
+        return ParentTree.of(store, parent.tree)
     except (StoreError, ValueError, KeyError, TypeError) as exc:
         log.warning("parent backup %s unreadable (%s): reading every file", parent.id, exc)
-        return ParentIndex()
+        return ParentTree()
 
 
 def create_backup(
@@ -91,15 +87,15 @@ def create_backup(
         # the parent is this host's last backup: another host's inodes say nothing here
         previous = [b for b in list_backups(backend, volume) if b.host == host]
         parent = previous[-1] if previous else None
-        parent_index = _parent_index(store, parent)
+        parent_tree = _parent_tree(store, parent)
         try:
             for attempt in range(2):
                 with writer.background_writes(WRITE_WORKERS):
-                    scan = Scanner(writer, path, parent_index).scan()
-                    meta = {"type": "backup", "volume": volume}
-                    tree = put_dir_tree(writer, scan.docs, meta, extras=scan.stat)
+                    nodes = DirTreeWriter(writer, {"type": "backup", "volume": volume})
+                    scan = Scanner(writer, path, parent_tree, emit=nodes.add).scan()
+                    tree = nodes.finish()
                     writer.flush()
-                missing = publish.missing_reused(backend, scan.docs, parent_index)
+                missing = publish.missing_reused(backend, scan.reused)
                 if not missing:
                     break
                 if attempt or parent is None:
@@ -112,7 +108,7 @@ def create_backup(
                     volume,
                     *next(iter(missing.items())),
                 )
-                parent_index = publish.without(parent_index, missing)
+                parent_tree = parent_tree.without(set(missing))
             hooks = after_snapshot() if after_snapshot is not None else []
             record = BackupRecord(
                 id=secrets.token_hex(16),

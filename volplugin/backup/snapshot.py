@@ -3,11 +3,18 @@
 A regular file whose size, mtime, inode, ctime, mode and owner equal those
 recorded for the same path in the parent snapshot keeps the parent's entry as
 it is (chunks and xattrs: any change of content or xattrs moves the ctime),
-without being read or asked for its xattrs. Inode and ctime live in the tree
-record's meta (``meta["stat"]``: one ``[ino, ctime_ns]`` pair per entry, in entry
-order), so Entry's JSON stays as everyone else reads it. Entries are kept in
-their JSON form (Entry.to_json), so an unchanged file costs neither decoding nor
-encoding.
+without being read or asked for its xattrs. Inode and ctime are kept beside
+each entry of the parent's directory tree (``z``), so Entry's JSON stays as
+everyone else reads it. Entries are kept in their JSON form (Entry.to_json), so
+an unchanged file costs neither decoding nor encoding.
+
+Memory stays bounded by the directories on the walk's current path: the
+parent's tree is read one directory node at a time as the walk enters that
+directory (``ParentTree``), and each entry goes to ``emit`` as soon as it is
+made (a backup hands it to a records.DirTreeWriter, which writes a directory's
+node when the walk leaves it). What grows with the volume is the set of
+chunks taken from the parent unread (``ScanResult.reused``), which the backup
+confirms are still stored before it publishes.
 
 The walk is confined to the volume, which a container writes while we read it
 as root: every directory is held open by descriptor and its children are
@@ -24,11 +31,13 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from layerfs import confined
-from layerfs.records import Entry, Kind, kind_from_mode
+from layerfs.errors import LayerfsError
+from layerfs.records import BadTree, Entry, Kind, dir_tree_root, kind_from_mode, read_node
 from layerfs.store.chunks import ChunkStore, WriteStats
 from volplugin.backup.errors import BackupError
 
@@ -37,58 +46,106 @@ from volplugin.backup.errors import BackupError
 # with 2048, a backup after changing 100 files of 1-4 KiB in 100 directories of a
 # 200,000-file volume uploaded 4.6 MiB of nodes (benchmarks/RESULTS.md).
 INLINE_MAX = 256
-META_STAT = "stat"
 _FILE = Kind.FILE.value
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 log = logging.getLogger("volplugin.backup")
 
 
-@dataclass
-class ParentIndex:
-    """The regular files of the parent snapshot, by path: (entry JSON, ino, ctime_ns)."""
+@dataclass(frozen=True)
+class ParentDir:
+    """One directory of the parent snapshot: its regular files (item, ino, ctime_ns) and
+    the nodes of its subdirectories, by name."""
 
     files: dict[str, tuple[dict, int, int]] = field(default_factory=dict)
+    subdirs: dict[str, str] = field(default_factory=dict)
+
+
+_NO_DIR = ParentDir()
+
+
+@dataclass(frozen=True)
+class ParentTree:
+    """The parent snapshot's directory tree, read one node at a time as the walk enters it.
+
+    ``excluded`` chunks make the files using them count as changed (a new scan
+    reads those again). An empty ParentTree() has no parent: every file is read.
+    """
+
+    store: ChunkStore | None = None
+    root_node: str | None = None
+    excluded: frozenset[str] = frozenset()
 
     @classmethod
-    def from_docs(cls, docs: list[dict], meta: dict) -> ParentIndex:
-        """From a tree record's entries in JSON form (records.decode_tree_docs)."""
-        stats = meta.get(META_STAT) or []
-        if len(stats) != len(docs):
-            return cls()
-        return cls(
-            {
-                doc["p"]: (doc, ino, ctime_ns)
-                for doc, (ino, ctime_ns) in zip(docs, stats, strict=True)
-                if doc["k"] == _FILE
-            }
-        )
+    def of(cls, store: ChunkStore, tree: str) -> ParentTree:
+        """The parent whose root record is ``tree``; raises BadTree or StoreError."""
+        return cls(store, dir_tree_root(store, tree))
 
-    def unchanged(self, path: str, st: os.stat_result) -> dict | None:
-        """The parent's entry of ``path`` if the file is unchanged since, else None."""
-        found = self.files.get(path)
+    def without(self, digests: set[str]) -> ParentTree:
+        """This parent less the files that use one of ``digests``."""
+        return replace(self, excluded=self.excluded | frozenset(digests))
+
+    def root(self) -> ParentDir:
+        return self._load(self.root_node, "")
+
+    def child(self, folder: ParentDir, name: str, rel: str) -> ParentDir:
+        return self._load(folder.subdirs.get(name), rel)
+
+    def _load(self, node_id: str | None, rel: str) -> ParentDir:
+        if node_id is None or self.store is None:
+            return _NO_DIR
+        try:
+            items = read_node(self.store, node_id, rel)
+        except (LayerfsError, BadTree) as exc:
+            log.warning("parent backup's node of %r unreadable (%s): reading it all", rel, exc)
+            return _NO_DIR
+        files: dict[str, tuple[dict, int, int]] = {}
+        subdirs: dict[str, str] = {}
+        for item in items:
+            name = item.get("p") if isinstance(item, dict) else None
+            if not isinstance(name, str) or not name or "/" in name:
+                continue
+            kind, z = item.get("k"), item.get("z")
+            if kind == _FILE and isinstance(z, list) and len(z) == 2:
+                ino, ctime_ns = z
+                if isinstance(ino, int) and isinstance(ctime_ns, int):
+                    files[name] = (item, ino, ctime_ns)
+            elif kind == Kind.DIR.value and isinstance(item.get("n"), str):
+                subdirs[name] = item["n"]
+        return ParentDir(files, subdirs)
+
+    def unchanged(self, folder: ParentDir, name: str, rel: str, st: os.stat_result) -> dict | None:
+        """The parent's entry (JSON, path ``rel``) of a file unchanged since, else None."""
+        found = folder.files.get(name)
         if found is None:
             return None
-        doc, ino, ctime_ns = found
-        if (
+        item, ino, ctime_ns = found
+        if not (
             ino == st.st_ino
             and ctime_ns == st.st_ctime_ns
-            and doc.get("t", 0) == st.st_mtime_ns
-            and doc.get("s", 0) == st.st_size
-            and doc.get("m", 0) == stat.S_IMODE(st.st_mode)
-            and doc.get("u", 0) == st.st_uid
-            and doc.get("g", 0) == st.st_gid
+            and item.get("t", 0) == st.st_mtime_ns
+            and item.get("s", 0) == st.st_size
+            and item.get("m", 0) == stat.S_IMODE(st.st_mode)
+            and item.get("u", 0) == st.st_uid
+            and item.get("g", 0) == st.st_gid
         ):
-            return doc
-        return None
+            return None
+        chunks = item.get("c") or []
+        if self.excluded and any(digest in self.excluded for digest, _size in chunks):
+            return None
+        doc = {k: v for k, v in item.items() if k not in ("z", "n")}
+        doc["p"] = rel
+        return doc
 
 
 @dataclass
 class ScanResult:
-    """The entries of a snapshot (JSON form), their [ino, ctime_ns] pairs, what reading cost."""
+    """What a scan found and cost; the entries (JSON form) and their [ino, ctime_ns] pairs
+    too when the scanner was given no ``emit``."""
 
     docs: list[dict] = field(default_factory=list)
     stat: list[list[int]] = field(default_factory=list)
+    reused: dict[str, str] = field(default_factory=dict)  # chunks taken unread: digest -> path
     files: int = 0
     size: int = 0
     bytes_read: int = 0
@@ -113,11 +170,18 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
 class Scanner:
     """Walks one directory tree into entries; see the module docstring."""
 
-    def __init__(self, store: ChunkStore, root: Path, parent: ParentIndex) -> None:
+    def __init__(
+        self,
+        store: ChunkStore,
+        root: Path,
+        parent: ParentTree,
+        emit: Callable[[dict, list[int]], None] | None = None,
+    ) -> None:
         self.store = store
         self.root = Path(root)
         self.parent = parent
         self.result = ScanResult()
+        self._emit = emit or self._keep
         self._links: dict[tuple[int, int], str] = {}  # (dev, ino) -> first path
 
     def scan(self) -> ScanResult:
@@ -134,7 +198,7 @@ class Scanner:
         try:
             st = os.fstat(fd)
             self._append_entry(self._entry("", st, confined.read_xattrs(fd, fd, ".")), st)
-            self._walk(fd, "")
+            self._walk(fd, "", self.parent.root())
         finally:
             os.close(fd)
         if self.result.skipped:
@@ -150,7 +214,7 @@ class Scanner:
         log.warning("backup of %s: skipped %r: %s; not followed", self.root, rel, why)
         self.result.skipped.append(rel)
 
-    def _walk(self, dirfd: int, rel: str) -> None:
+    def _walk(self, dirfd: int, rel: str, before: ParentDir) -> None:
         try:
             with os.scandir(dirfd) as found:
                 children = sorted(found, key=lambda d: d.name)
@@ -165,15 +229,15 @@ class Scanner:
                 continue  # removed while we scan
             try:
                 if stat.S_ISDIR(st.st_mode):
-                    self._dir(dirfd, name, child, st)
+                    self._dir(dirfd, name, child, st, before)
                 else:
-                    self._add(dirfd, name, child, st)
+                    self._add(dirfd, name, child, st, before)
             except FileNotFoundError:
                 continue  # removed while we read it
             except _Changed as exc:
                 self._skip(child, str(exc))
 
-    def _dir(self, dirfd: int, name: str, rel: str, st: os.stat_result) -> None:
+    def _dir(self, dirfd: int, name: str, rel: str, st: os.stat_result, before: ParentDir) -> None:
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
         except OSError as exc:
@@ -184,7 +248,7 @@ class Scanner:
             if not _same(os.fstat(fd), st):
                 raise _Changed("the directory was replaced by another one")
             self._append_entry(self._entry(rel, st, confined.read_xattrs(fd, fd, ".")), st)
-            self._walk(fd, rel)
+            self._walk(fd, rel, self.parent.child(before, name, rel))
         finally:
             os.close(fd)
 
@@ -202,10 +266,10 @@ class Scanner:
     def _append_entry(self, entry: Entry, st: os.stat_result) -> None:
         self._append(entry.to_json(), st)
 
-    def _add(self, dirfd: int, name: str, rel: str, st: os.stat_result) -> None:
+    def _add(self, dirfd: int, name: str, rel: str, st: os.stat_result, before: ParentDir) -> None:
         """A non-directory child ``name`` of ``dirfd`` whose lstat is ``st``."""
         if stat.S_ISREG(st.st_mode):
-            if self._reuse(rel, st):
+            if self._reuse(before, name, rel, st):
                 return
             self._file(dirfd, name, rel, st)
             return
@@ -253,13 +317,15 @@ class Scanner:
         except OSError as exc:
             raise BackupError(f"cannot read {self.root / rel}: {exc.strerror}") from exc
 
-    def _reuse(self, rel: str, st: os.stat_result) -> bool:
+    def _reuse(self, before: ParentDir, name: str, rel: str, st: os.stat_result) -> bool:
         """Take the parent's entry of an unchanged file (not a second name of a link)."""
         if st.st_nlink > 1 and (st.st_dev, st.st_ino) in self._links:
             return False
-        doc = self.parent.unchanged(rel, st)
+        doc = self.parent.unchanged(before, name, rel, st)
         if doc is None:
             return False
+        for digest, _size in doc.get("c") or ():
+            self.result.reused.setdefault(digest, rel)
         if st.st_nlink > 1:
             self._links[(st.st_dev, st.st_ino)] = rel
         self.result.files += 1
@@ -268,8 +334,11 @@ class Scanner:
         return True
 
     def _append(self, doc: dict, st: os.stat_result) -> None:
+        self._emit(doc, [st.st_ino, st.st_ctime_ns])
+
+    def _keep(self, doc: dict, extra: list[int]) -> None:
         self.result.docs.append(doc)
-        self.result.stat.append([st.st_ino, st.st_ctime_ns])
+        self.result.stat.append(extra)
 
     def _content(self, fd: int, entry: Entry, st: os.stat_result) -> None:
         if st.st_size <= INLINE_MAX:
