@@ -203,19 +203,8 @@ def check_docs(docs: list[dict]) -> None:
     """Refuse entries whose paths or kinds could not be restored safely (see decode_tree_docs)."""
     leaves: set[str] = set()
     for d in docs:
-        if not isinstance(d, dict):
-            raise BadTree(f"tree entry {d!r} is not an object")
-        path, kind = d.get("p"), d.get("k")
-        try:
-            check_stored(path)  # type: ignore[arg-type]
-            if kind == Kind.HARDLINK.value:
-                check_stored(d.get("l"))  # type: ignore[arg-type]
-        except BadPath as exc:
-            raise BadTree(f"tree entry refused: {exc}") from None
-        if kind not in _KINDS:
-            raise BadTree(f"tree entry {path!r} has an unknown kind {kind!r}")
-        if kind in _LEAF_KINDS:
-            leaves.add(path)
+        if check_doc(d):
+            leaves.add(d["p"])
     if leaves:
         for d in docs:
             path = d["p"]
@@ -225,6 +214,23 @@ def check_docs(docs: list[dict]) -> None:
                     raise BadTree(
                         f"tree entry {d['p']!r} lies below {path!r}, which is not a directory"
                     )
+
+
+def check_doc(d: object) -> bool:
+    """Refuse one entry whose path, link target or kind is unsafe; return whether it is a leaf
+    (an entry that cannot have entries below it)."""
+    if not isinstance(d, dict):
+        raise BadTree(f"tree entry {d!r} is not an object")
+    path, kind = d.get("p"), d.get("k")
+    try:
+        check_stored(path)  # type: ignore[arg-type]
+        if kind == Kind.HARDLINK.value:
+            check_stored(d.get("l"))  # type: ignore[arg-type]
+    except BadPath as exc:
+        raise BadTree(f"tree entry refused: {exc}") from None
+    if kind not in _KINDS:
+        raise BadTree(f"tree entry {path!r} has an unknown kind {kind!r}")
+    return kind in _LEAF_KINDS
 
 
 def _dumps(doc: dict) -> bytes:
@@ -380,39 +386,45 @@ def read_tree(store: ChunkStore, digest: str) -> TreeRead:
     return TreeRead(docs, meta, [digest])
 
 
-def _read_dir_tree(store: ChunkStore, digest: str, head: dict) -> TreeRead:
-    meta, root, self_doc = head.get("meta", {}), head.get("root"), head.get("self")
-    if not isinstance(meta, dict) or not (root is None or isinstance(root, str)):
-        raise BadTree("its root record is malformed")
-    docs: list[dict] = []
-    extras: list = []
-    records = [digest]
+def _walk_dir_tree(
+    store: ChunkStore, head: dict, records: list[str] | None = None
+) -> Iterator[tuple[dict, object]]:
+    """(entry JSON with its full path, extra) of a directory tree, depth first.
 
-    def take(item: dict, path: str) -> str | None:
+    Checks the structure as it goes: names are one component, only a directory
+    entry names a node, no name repeats within a node, nesting stays within
+    MAX_DEPTH. The IDs of the nodes read are appended to ``records``.
+    """
+    root, self_doc = head.get("root"), head.get("self")
+    if not isinstance(head.get("meta", {}), dict) or not (root is None or isinstance(root, str)):
+        raise BadTree("its root record is malformed")
+
+    def take(item: object, path: str) -> tuple[dict, object, str | None]:
         if not isinstance(item, dict):
             raise BadTree(f"entry {item!r} is not an object")
-        item = dict(item)
-        node = item.pop("n", None)
-        extras.append(item.pop("z", None))
-        item["p"] = path
-        if node is not None and (not isinstance(node, str) or item.get("k") != Kind.DIR.value):
+        doc = dict(item)
+        node = doc.pop("n", None)
+        extra = doc.pop("z", None)
+        doc["p"] = path
+        if node is not None and (not isinstance(node, str) or doc.get("k") != Kind.DIR.value):
             raise BadTree(f"entry {path!r} names a node but is not a directory")
-        docs.append(item)
-        return node
+        return doc, extra, node
 
     def items_of(node_id: str, folder: str, level: int) -> Iterator[object]:
         if level > MAX_DEPTH:
             raise BadTree(f"directory {folder!r} is nested deeper than {MAX_DEPTH} levels")
         items = read_node(store, node_id, folder)
-        records.append(node_id)
+        if records is not None:
+            records.append(node_id)
         return iter(items)
 
     if self_doc is not None:
-        take(self_doc, "")
+        doc, extra, _ = take(self_doc, "")
+        yield doc, extra
     # depth first: a directory's entries follow its own entry, before its next sibling
-    stack = [(items_of(root, "", 1), "", 1)] if root else []
+    stack = [(items_of(root, "", 1), "", 1, set())] if root else []
     while stack:
-        items, folder, level = stack[-1]
+        items, folder, level, names = stack[-1]
         item = next(items, None)
         if item is None:
             stack.pop()
@@ -420,12 +432,47 @@ def _read_dir_tree(store: ChunkStore, digest: str, head: dict) -> TreeRead:
         name = item.get("p") if isinstance(item, dict) else None
         if not isinstance(name, str) or not name or "/" in name:
             raise BadTree(f"an entry of {folder or 'the root'!r} has no single name: {name!r}")
+        if name in names:
+            raise BadTree(f"{folder or 'the root'!r} holds {name!r} twice")
+        names.add(name)
         path = f"{folder}/{name}" if folder else name
-        child = take(item, path)  # type: ignore[arg-type]
+        doc, extra, child = take(item, path)
+        yield doc, extra
         if child is not None:
-            stack.append((items_of(child, path, level + 1), path, level + 1))
+            stack.append((items_of(child, path, level + 1), path, level + 1, set()))
+
+
+def _read_dir_tree(store: ChunkStore, digest: str, head: dict) -> TreeRead:
+    docs: list[dict] = []
+    extras: list = []
+    records = [digest]
+    for doc, extra in _walk_dir_tree(store, head, records):
+        docs.append(doc)
+        extras.append(extra)
     check_docs(docs)
-    return TreeRead(docs, meta, records, extras)
+    return TreeRead(docs, head.get("meta", {}), records, extras)
+
+
+def iter_tree(store: ChunkStore, digest: str) -> Iterator[Entry]:
+    """The entries of a tree of either format, checked one by one, in order.
+
+    A directory tree is read one node at a time, so memory follows the
+    directories on the current path, not the tree's size. Each entry is checked
+    as ``decode_tree_docs`` checks a flat tree (a directory tree's structure
+    already keeps entries below directories only); BadTree names the record.
+    """
+    head = _load_json(store, digest)
+    if head.get("format") != DIR_TREE_FORMAT:
+        yield from get_tree(store, digest)[0]
+        return
+    try:
+        for doc, _extra in _walk_dir_tree(store, head):
+            check_doc(doc)
+            yield Entry.from_json(doc)
+    except BadTree as exc:
+        raise BadTree(f"tree record {digest}: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise BadTree(f"tree record {digest}: tree entry malformed: {exc!r}") from None
 
 
 def keeps_order_as_dir_tree(docs: list[dict]) -> bool:

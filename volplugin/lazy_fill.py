@@ -146,7 +146,7 @@ class Filler:
                 continue
             self.progress.files_total += 1
             self.progress.bytes_total += e.size if e.kind is Kind.FILE else 0
-        self._restorer = Restorer(store, self.target, entries)
+        self._restorer = Restorer(store, self.target, self.by_path)
         self._done: set[str] = set()  # on disk (recorded, adopted or placed by this run)
         self._pending: list[str] = []  # placed by this run, not yet synced and recorded
         self._pending_bytes = 0

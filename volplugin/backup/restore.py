@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import secrets
 import stat
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -54,6 +56,7 @@ from volplugin.backup.errors import RestoreError
 
 _NODE_TYPES = {Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.SOCKET: stat.S_IFSOCK}
 WORKERS = 8
+BATCH = 4096  # entries a run handles at once (their content is fetched together)
 STAGING_PREFIX = ".bk-restore-"
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _REOPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -69,27 +72,21 @@ class RestoreResult:
     failed: list[str] = field(default_factory=list)
 
 
-def select_entries(entries: list[Entry], subpath: str | None) -> list[Entry]:
-    """The entries under ``subpath`` (and its parent directories), or all of them."""
+def in_subpath(entry: Entry, subpath: str | None) -> bool:
+    """Whether a restore of ``subpath`` (all if None) takes ``entry``: the entries under it
+    and the directories above it."""
     if not subpath:
-        return entries
+        return True
     sub = subpath.strip("/")
-    parents = set()
-    parts = sub.split("/")
-    for i in range(len(parts)):
-        parents.add("/".join(parts[:i]))
-    chosen = [
-        e
-        for e in entries
-        if e.path == sub
-        or e.path.startswith(sub + "/")
-        or (e.path in parents and e.kind is Kind.DIR)
-    ]
-    if not any(e.path == sub for e in chosen):
-        raise RestoreError(
-            f"the backup has no path {subpath!r}: see `volplugin diff` or restore all"
-        )
-    return chosen
+    path = entry.path
+    if path == sub or path.startswith(sub + "/"):
+        return True
+    return entry.kind is Kind.DIR and (path == "" or sub.startswith(path + "/"))
+
+
+def select_entries(entries: Iterable[Entry], subpath: str | None) -> Iterator[Entry]:
+    """The entries under ``subpath`` (and its parent directories), or all of them."""
+    return (e for e in entries if in_subpath(e, subpath))
 
 
 def check_target(target: Path, force: bool) -> bool:
@@ -256,7 +253,7 @@ class Restorer:
         self,
         store: ChunkStore,
         target: Path,
-        all_entries: list[Entry],
+        link_sources: dict[str, Entry],
         workers: int = WORKERS,
         *,
         fresh: bool = False,
@@ -265,9 +262,11 @@ class Restorer:
         self.target = Path(target)
         self.workers = workers
         self.fresh = fresh  # the target was empty: nothing to clear out of the way
-        self.by_path = {e.path: e for e in all_entries}
+        # the entries hard links name (at least): a link to a file this run does not
+        # restore gets a copy of its content
+        self.link_sources = link_sources
         self.result = RestoreResult()
-        self._restored: set[str] = set()
+        self._restored: set[str] = set()  # restored paths that are in link_sources
         self._is_root = os.geteuid() == 0
         self._run: _Run | None = None
 
@@ -276,7 +275,7 @@ class Restorer:
         assert self._run is not None
         return self._run
 
-    def run(self, entries: list[Entry]) -> RestoreResult:
+    def run(self, entries: Iterable[Entry]) -> RestoreResult:
         try:
             self.target.mkdir(parents=True, exist_ok=True)  # the host's side: trusted
             self._run = _Run(self.target)
@@ -321,9 +320,23 @@ class Restorer:
             )
         return self.result
 
-    def _passes(self, entries: list[Entry]) -> None:
-        """The three passes; an OSError comes out as _Failed naming the entry."""
+    def _passes(self, entries: Iterable[Entry]) -> None:
+        """The three passes, BATCH entries at a time; an OSError comes out as _Failed
+        naming the entry. Directory attributes wait for the end (deepest first)."""
         dirs: list[Entry] = []
+        it = iter(entries)
+        while batch := list(itertools.islice(it, BATCH)):
+            self._batch(batch, dirs)
+        current = ""
+        try:
+            self._r.drop_staging()  # before the root's mtime is set
+            for entry in reversed(dirs):
+                current = entry.path
+                apply_fd(self._dir(entry.path), _attrs(entry), owner_required=self._is_root)
+        except OSError as exc:
+            raise _Failed(current, exc) from exc
+
+    def _batch(self, entries: list[Entry], dirs: list[Entry]) -> None:
         contents: dict[str, _Content] = {}
         fill = _Fill(self._r.staging)
         current = ""
@@ -344,10 +357,6 @@ class Restorer:
                     if entry.kind not in (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE):
                         self._finish(entry, contents)
                         self.result.entries += 1
-                self._r.drop_staging()  # before the root's mtime is set
-                for entry in reversed(dirs):
-                    current = entry.path
-                    apply_fd(self._dir(entry.path), _attrs(entry), owner_required=self._is_root)
             except _WriteFailed as exc:
                 current = exc.path
                 for entry in entries:  # keep what is complete
@@ -357,6 +366,10 @@ class Restorer:
                 raise exc.error from None
         except OSError as exc:
             raise _Failed(current, exc) from exc
+
+    def _done(self, path: str) -> None:
+        if path in self.link_sources:
+            self._restored.add(path)
 
     # -- nodes ---------------------------------------------------------------------------
     def _dir(self, path: str, create: int | None = None) -> int:
@@ -384,14 +397,14 @@ class Restorer:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o700, dir_fd=parent)
             self._dir(entry.path)  # refuses a symlink put there meanwhile
-        self._restored.add(entry.path)
+        self._done(entry.path)
 
     def _prepare(self, entry: Entry, contents: dict[str, _Content], fill: _Fill) -> None:
         """Pick the temp name of a file (or of a hard link that needs its own copy)."""
         if entry.kind is Kind.HARDLINK:
             if entry.target in self._restored or entry.target in contents:
                 return  # linked in the last pass
-            source = self.by_path.get(entry.target)
+            source = self.link_sources.get(entry.target)
             if source is None or source.kind is not Kind.FILE:
                 return  # reported in the last pass
             entry = replace(
@@ -447,7 +460,7 @@ class Restorer:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=staging)
             raise
-        self._restored.add(entry.path)
+        self._done(entry.path)
 
     def _link(self, entry: Entry) -> None:
         """A hard link to an entry already restored: made in staging, renamed into place."""
@@ -469,7 +482,7 @@ class Restorer:
             raise
         finally:
             os.close(source)
-        self._restored.add(entry.path)
+        self._done(entry.path)
 
     def _place_file(self, content: _Content) -> None:
         entry = content.entry
@@ -498,7 +511,7 @@ class Restorer:
             os.close(fd)
         self._put(content.tmp, entry.path)
         content.placed = True
-        self._restored.add(entry.path)
+        self._done(entry.path)
         self.result.files += 1
         if entry.inline is None:
             self.result.bytes += entry.size

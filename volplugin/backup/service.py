@@ -19,7 +19,7 @@ from layerfs.errors import StoreError
 from layerfs.maintenance import CheckReport, GcReport, backup_roots, check_store, pins
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS, sweep_locked
 from layerfs.maintenance.roots import all_roots
-from layerfs.records import BadTree, DirTreeWriter, Entry, get_tree
+from layerfs.records import BadTree, DirTreeWriter, Entry, Kind, get_tree, iter_tree
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.leases import LeaseLapsed
 from volplugin.backup import publish
@@ -141,15 +141,46 @@ class RestorePlan:
 
     store: ChunkStore
     record: BackupRecord
-    entries: list[Entry]
-    chosen: list[Entry]
+    subpath: str | None = None
+    link_sources: dict[str, Entry] = field(default_factory=dict)
+
+    def entries(self) -> Iterator[Entry]:
+        """The entries to restore, read from the store as they are needed."""
+        return select_entries(iter_tree(self.store, self.record.tree), self.subpath)
 
     def run(self, target: Path, *, force: bool = False) -> tuple[BackupRecord, RestoreResult]:
         """Restore into ``target``; returns once the restored files are synced to disk."""
         fresh = check_target(target, force)
-        result = Restorer(self.store, target, self.entries, fresh=fresh).run(self.chosen)
+        try:
+            result = Restorer(self.store, target, self.link_sources, fresh=fresh).run(
+                self.entries()
+            )
+        except BadTree as exc:  # checked before; changed in the store since
+            raise RestoreError(f"backup {self.record.id} cannot be restored: {exc}") from None
         sync_target(target)
         return self.record, result
+
+
+def _check_tree(store: ChunkStore, record: BackupRecord, subpath: str | None) -> RestorePlan:
+    """Read the whole tree once, entry by entry: refuse a bad entry or a missing subpath
+    before anything is written, and keep the files that hard links name."""
+    targets: set[str] = set()
+    found = not subpath
+    sub = (subpath or "").strip("/")
+    for entry in iter_tree(store, record.tree):
+        if entry.kind is Kind.HARDLINK:
+            targets.add(entry.target)
+        found = found or entry.path == sub
+    if not found:
+        raise RestoreError(
+            f"the backup has no path {subpath!r}: see `volplugin diff` or restore all"
+        )
+    sources: dict[str, Entry] = {}
+    if targets:
+        for entry in iter_tree(store, record.tree):
+            if entry.path in targets and entry.kind is Kind.FILE:
+                sources[entry.path] = entry
+    return RestorePlan(store, record, subpath, sources)
 
 
 @contextmanager
@@ -165,7 +196,8 @@ def open_restore(
     The tree is pinned (``holder`` says who for; found under the store's shared
     lock, in the same hold) until the ``with`` ends, so a prune meanwhile keeps
     its data. A tree with a bad entry raises RestoreError naming the backup and
-    the path, before anything is created or written.
+    the path, before anything is created or written. The entries are read one
+    directory node at a time, never held all at once.
     """
     backend = store.backend
     with backend.lock(exclusive=False):
@@ -173,13 +205,13 @@ def open_restore(
         pin = pins.pin(backend, record.tree, holder or f"restore of backup {record.id}")
     try:
         try:
-            entries, _meta = get_tree(store, record.tree)
+            plan = _check_tree(store, record, subpath)
         except BadTree as exc:
             raise RestoreError(
                 f"backup {record.id} (volume {record.volume!r}) cannot be restored, nothing "
                 f"was written: {exc}"
             ) from None
-        yield RestorePlan(store, record, entries, select_entries(entries, subpath))
+        yield plan
     finally:
         pins.unpin(backend, pin.id)
 
