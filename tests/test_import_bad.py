@@ -175,9 +175,10 @@ def test_killed_import_leaves_a_usable_store(docker_client, store, tmp_path) -> 
     finally:
         images.remove_images(docker_client, [tag])
     env = dict(os.environ, LAYERFS_STORE=str(store))
+    packs = store / "packs"
+    before = sum(len(f) for _, _, f in os.walk(packs))
     proc = subprocess.Popen([LAYERFS, "import", str(archive)], env=env, stderr=subprocess.DEVNULL)
-    written = store / "tmp"  # temp blobs sit in a per-writer directory under it
-    while proc.poll() is None and sum(len(f) for _, _, f in os.walk(written)) < 50:
+    while proc.poll() is None and sum(len(f) for _, _, f in os.walk(packs)) - before < 2:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the import finished before it could be killed"
