@@ -8,7 +8,6 @@ an entry a name with '/', or nest without end.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,6 +30,7 @@ from layerfs.records import (
 )
 from layerfs.store.location import open_store
 from tests.support.blobs import lose_blob
+from tests.support.repos import saved_archive
 from volplugin.backup import service
 from volplugin.backup.snapshot import Scanner
 
@@ -165,27 +165,7 @@ def _layer_archive(dest: Path, tag: str, names: list[str]) -> Path:
                 data = name.encode() * 100
                 info.size, info.mode = len(data), 0o644
                 tar.addfile(info, io.BytesIO(data))
-    layer_bytes = layer.getvalue()
-    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }
-    ).encode()
-    members = {
-        hashlib.sha256(config).hexdigest() + ".json": config,
-        "l/layer.tar": layer_bytes,
-    }
-    manifest = [{"Config": next(iter(members)), "RepoTags": [tag], "Layers": ["l/layer.tar"]}]
-    members["manifest.json"] = json.dumps(manifest).encode()
-    with tarfile.open(dest, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return dest
+    return saved_archive(dest, tag, layer.getvalue())
 
 
 def _root_format(store, tree: str) -> int:

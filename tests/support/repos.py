@@ -63,7 +63,11 @@ def tiny_archive(dest: Path, tag: str, text: bytes) -> Path:
         info = tarfile.TarInfo("hello.txt")
         info.size, info.mode, info.mtime = len(text), 0o644, 1_700_000_000
         tar.addfile(info, io.BytesIO(text))
-    layer_bytes = layer.getvalue()
+    return saved_archive(dest, tag, layer.getvalue())
+
+
+def saved_archive(dest: Path, tag: str, layer_bytes: bytes) -> Path:
+    """A one-layer `docker save` archive of the layer tar ``layer_bytes``, made without Docker."""
     diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
     config = json.dumps(
         {
