@@ -137,3 +137,21 @@ def test_full_disk_gives_a_clear_error(tmp_path: Path) -> None:
             store.flush()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_writer_taking_the_lock_sees_what_a_gc_removed(tmp_path: Path) -> None:
+    """A long-lived writer's view of the indexes is read again when it takes the lock, so it
+    does not skip writing a blob that a gc in another process removed meanwhile."""
+    writer = open_store(str(tmp_path / "s"))
+    data = os.urandom(20_000)
+    (ref,) = writer.write_bytes(data)
+    writer.flush()
+    assert writer.backend.has_blob(ref.digest)
+    gc = open_store(str(tmp_path / "s"))
+    with gc.backend.lock(exclusive=True):
+        gc.backend.delete_blobs([ref.digest])
+    with writer.backend.lock(exclusive=False):
+        assert not writer.backend.has_blob(ref.digest)
+        writer.write_bytes(data)
+        writer.flush()
+    assert open_store(str(tmp_path / "s")).get_chunk(ref.digest) == data

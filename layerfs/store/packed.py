@@ -720,7 +720,12 @@ class PackedBackend(Backend):
     # -- coordination and local state ---------------------------------------------------------
     @contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:
+        """Hold the store's lock. A view of the indexes loaded before is read again first:
+        a gc may have removed blobs meanwhile, which ``has_blob`` must not report (a
+        writer would then name a blob it did not store); while the lock is held, none can."""
         with self.objects.lock(exclusive):
+            if self._loaded:
+                self.refresh()
             with self._mutex:
                 self._exclusive_depth += int(exclusive)
             try:
