@@ -381,11 +381,11 @@ class PackedBackend(Backend):
         return out
 
     def _read_place(self, digest: str, place: BlobPlace) -> bytes:
-        """Read a blob with one range GET, which also fetches (and caches) the uncached
-        blobs that follow it in the pack, up to ``readahead`` bytes in all."""
+        """Read a blob with one range read; with a cache, that also fetches (and caches)
+        the uncached blobs that follow it in the pack, up to ``readahead`` bytes in all."""
         rel = self._pack_rel(place.pack)
-        extent = self._extent(place)
-        end = extent[-1][1] + extent[-1][2]
+        extent = self._extent(place) if self.cache is not None and self.readahead else []
+        end = extent[-1][1] + extent[-1][2] if extent else place.offset + place.length
         try:
             data = self.objects.get(rel, f"pack {rel}", place.offset, end)
         except ObjectMissing:
@@ -399,10 +399,9 @@ class PackedBackend(Backend):
                 f"the pack {rel} in {self.url} is damaged: object {digest} should be "
                 f"{place.length} bytes at offset {place.offset}, the pack ends before"
             )
-        for other, offset, length in extent[1:]:
+        for other, offset, length in extent[1:]:  # only with a cache
             start = offset - place.offset
-            if self.cache is not None:
-                self.cache.put(other, data[start : start + length])
+            self.cache.put(other, data[start : start + length])  # type: ignore[union-attr]
         return data[: place.length]
 
     def read_blobs(
