@@ -151,7 +151,7 @@ def test_background_writes_store_what_plain_writes_store(tmp_path: Path) -> None
 
 
 class _FailingBackend(LocalBackend):
-    def put_blob(self, digest: str, data: bytes) -> bool:
+    def put_blob(self, digest: str, data: bytes, kind: str = "data") -> bool:
         raise StoreError("no space left on the store's disk while writing a test object")
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from layerfs.errors import CorruptObject, ObjectMissing, StoreError
 from layerfs.repo import crypto, keys
 from layerfs.repo.password import PasswordMissing, get_password
-from layerfs.store.backend import Backend, Sealer
+from layerfs.store.backend import DATA, Backend, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +371,8 @@ class EncryptedBackend(Backend):
         return f"{folder}/{self._names.encrypt(folder, rest)}"
 
     # -- blobs --------------------------------------------------------------
-    def put_blob(self, digest: str, data: bytes) -> bool:
-        return self.inner.put_blob(digest, self._seal_blob(digest, data))
+    def put_blob(self, digest: str, data: bytes, kind: str = DATA) -> bool:
+        return self.inner.put_blob(digest, self._seal_blob(digest, data), kind)
 
     def get_blob(self, digest: str) -> bytes:
         return self._open_blob(digest, self.inner.get_blob(digest))

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from layerfs.errors import StoreError
 
+DATA = "data"  # a blob of file content
+TREE = "tree"  # a metadata record (tree node, tree root)
 DEFAULT_GRACE_SECONDS = 3600.0  # gc never deletes objects younger than this (seconds)
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{16,128}$")
@@ -93,8 +95,11 @@ class Backend(ABC):
 
     # -- blobs -------------------------------------------------------------
     @abstractmethod
-    def put_blob(self, digest: str, data: bytes) -> bool:
-        """Store ``data`` under ``digest``; return False if it was already there."""
+    def put_blob(self, digest: str, data: bytes, kind: str = DATA) -> bool:
+        """Store ``data`` under ``digest``; return False if it was already there.
+
+        ``kind`` (DATA or TREE) lets a backend keep blobs read together side by side.
+        """
 
     @abstractmethod
     def get_blob(self, digest: str) -> bytes:

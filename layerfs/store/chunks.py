@@ -25,7 +25,7 @@ import zstandard
 from pyfastcdc import FastCDC
 
 from layerfs.errors import CorruptObject, StoreError
-from layerfs.store.backend import Backend, plain_id
+from layerfs.store.backend import DATA, TREE, Backend, plain_id
 from layerfs.store.background import BackgroundBatches
 
 log = logging.getLogger(__name__)
@@ -247,12 +247,18 @@ class ChunkStore:
         for digest, data, stats in batch:
             self._store_new(digest, data, stats)
 
-    def _store_new(self, digest: str, data: bytes | memoryview, stats: WriteStats | None) -> None:
+    def _store_new(
+        self,
+        digest: str,
+        data: bytes | memoryview,
+        stats: WriteStats | None,
+        kind: str = DATA,
+    ) -> None:
         """Encode and write a chunk unless the backend has it; count it in ``stats``."""
         if self.backend.has_blob(digest):
             return
         blob = self.encode(data)
-        if self.backend.put_blob(digest, blob) and stats is not None:
+        if self.backend.put_blob(digest, blob, kind) and stats is not None:
             with self._stats_mutex:
                 stats.new_chunks += 1
                 stats.bytes_new += len(data)
@@ -273,8 +279,14 @@ class ChunkStore:
         return [self.put_chunk(c.data, stats) for c in self._cdc().cut_stream(stream)]
 
     def put_record(self, data: bytes) -> str:
-        """Store a metadata record (not chunked) and return its digest."""
-        return self.put_chunk(data).digest
+        """Store a metadata record (not chunked) and return its digest.
+
+        Records go to packs of their own (kind TREE), so reading a tree fetches
+        few ranges and its read-ahead brings other records, not file data.
+        """
+        digest = self.content_id(data)
+        self._store_new(digest, data, None, TREE)
+        return digest
 
     # -- reading -------------------------------------------------------------
     def read_chunks(

@@ -7,7 +7,9 @@ Layout of the objects (see docs/repository.md)::
     docs/<name>      named documents, one object each (names and bodies encrypted
                      in an encrypted repository: layerfs.repo.repository)
 
-Blobs are appended to an in-memory pack; a full pack is written by a pool of
+Blobs are appended to an in-memory pack, one per kind (file data, and tree
+records apart from it, as restic keeps them, so reading a tree reads few ranges
+and its read-ahead brings records, not file data); a full pack is written by a pool of
 threads, and ``flush`` writes the open pack, waits for every pack write and only
 then writes the index object naming them: a blob is visible only when its pack
 and an index are both durable. Pack and index names are random, so writers in
@@ -51,7 +53,7 @@ from pathlib import Path
 
 from layerfs.errors import ObjectMissing, StoreError
 from layerfs.store import packs, s3read
-from layerfs.store.backend import Backend, Sealer, check_digest, check_doc_name
+from layerfs.store.backend import DATA, Backend, Sealer, check_digest, check_doc_name
 from layerfs.store.cache import BlobCache
 from layerfs.store.objects import ObjectStats, ObjectStore
 from layerfs.store.packs import BlobPlace, PackWriter
@@ -93,7 +95,7 @@ class PackedBackend(Backend):
         self._places: dict[str, BlobPlace] = {}
         self._pack_entries: dict[str, list[tuple[str, int, int]]] = {}
         # this process's blobs that are not yet covered by an index
-        self._open: PackWriter | None = None
+        self._open: dict[str, PackWriter] = {}  # the pack being filled, per kind of blob
         self._pending: dict[str, tuple[PackWriter, BlobPlace]] = {}
         self._uploads: list[tuple[PackWriter, Future]] = []
         self._retry: list[PackWriter] = []
@@ -195,19 +197,20 @@ class PackedBackend(Backend):
             self.refresh()
 
     # -- writing blobs -------------------------------------------------------------------
-    def put_blob(self, digest: str, data: bytes) -> bool:
+    def put_blob(self, digest: str, data: bytes, kind: str = DATA) -> bool:
         check_digest(digest)
         self._ensure_loaded()
         sealed = None
         with self._mutex:
             if digest in self._places or digest in self._pending:
                 return False
-            if self._open is None:
-                self._open = PackWriter()
-            place = self._open.add(digest, bytes(data))
-            self._pending[digest] = (self._open, place)
-            if self._open.size >= self.pack_size:
-                sealed, self._open = self._open, None
+            writer = self._open.get(kind)
+            if writer is None:
+                writer = self._open[kind] = PackWriter()
+            place = writer.add(digest, bytes(data))
+            self._pending[digest] = (writer, place)
+            if writer.size >= self.pack_size:
+                sealed = self._open.pop(kind)
         if sealed is not None:
             if self._an_upload_failed():  # the store is failing: stop now rather than at flush
                 with self._mutex:
@@ -320,9 +323,9 @@ class PackedBackend(Backend):
         with self._flush_mutex:
             self.objects.check_lease()
             with self._mutex:
-                sealed, self._open = self._open, None
+                sealed, self._open = list(self._open.values()), {}
                 retry, self._retry = self._retry, []
-            for writer in retry + ([sealed] if sealed is not None and sealed.blobs else []):
+            for writer in retry + [w for w in sealed if w.blobs]:
                 self._submit(writer)
             self._wait_uploads()
             self._commit_index()

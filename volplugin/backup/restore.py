@@ -56,7 +56,7 @@ from volplugin.backup.errors import RestoreError
 
 _NODE_TYPES = {Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.SOCKET: stat.S_IFSOCK}
 WORKERS = 8
-BATCH = 4096  # entries a run handles at once (their content is fetched together)
+BATCH = 32768  # entries a run handles at once (their content is fetched together)
 STAGING_PREFIX = ".bk-restore-"
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _REOPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
