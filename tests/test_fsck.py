@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.catalog import Catalog
-from layerfs.records import get_tree
+from layerfs.records import get_tree, read_tree
 from layerfs.store.location import open_store
 from tests.support.backuptree import layerfs
 from tests.support.blobs import corrupt_blob, lose_blob
@@ -76,3 +76,19 @@ def test_missing_tree_and_corrupt_orphan(imported) -> None:
     assert damage == {orphan: "corrupt", tree: "missing"}
     affected = {a["owner"]: a["paths"] for a in report["affected"]}
     assert affected[f"image {image.name}"] == ["(tree record)"]
+
+
+def test_a_corrupt_directory_node_names_its_backup(imported, tmp_path: Path) -> None:
+    store_dir, _image = imported
+    vol = tmp_path / "vol"
+    (vol / "sub").mkdir(parents=True)
+    (vol / "sub" / "file").write_text("in a subdirectory\n")
+    store = open_store(str(store_dir))
+    backup = service.create_backup(store, "bk-node", vol)
+    node = read_tree(store, backup.tree).records[-1]  # the node of sub/
+    corrupt_blob(store.backend, node)
+    report = json.loads(layerfs("fsck", "--json", store=store_dir, check=False).stdout)
+    damage = {d["digest"]: d["problem"] for d in report["damage"]}
+    assert damage == {node: "corrupt", backup.tree: "unreadable"}
+    affected = {a["owner"]: a["paths"] for a in report["affected"]}
+    assert affected == {f"backup {backup.id} (volume bk-node)": ["(tree record)"]}

@@ -12,24 +12,27 @@ from layerfs.catalog import Catalog, ImageRecord
 from layerfs.clitools import human_bytes
 from layerfs.errors import LayerfsError
 from layerfs.importer import import_archive, import_from_docker
-from layerfs.records import get_tree
+from layerfs.records import read_tree
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.location import open_store
 
 
 def image_blobs(store: ChunkStore, image: ImageRecord, cache: dict[str, set[str]]) -> set[str]:
-    """Digests of every blob an image references: layer tree records and file chunks."""
+    """Digests of every blob an image references: layer tree records (a directory tree's
+    nodes too) and file chunks."""
     out: set[str] = set()
     for layer in image.layers:
         blobs = cache.get(layer.tree)
         if blobs is None:
             blobs = {layer.tree}
             try:
-                entries, _meta = get_tree(store, layer.tree)
+                read = read_tree(store, layer.tree)
             except (LayerfsError, ValueError):
-                entries = []  # unreadable: fsck reports it; count the tree alone
-            for entry in entries:
-                blobs.update(ref.digest for ref in entry.chunks)
+                read = None  # unreadable: fsck reports it; count the tree alone
+            if read is not None:
+                blobs.update(read.records)
+                for doc in read.docs:
+                    blobs.update(digest for digest, _size in doc.get("c") or ())
             cache[layer.tree] = blobs
         out |= blobs
     return out
