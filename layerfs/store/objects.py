@@ -67,10 +67,6 @@ class ObjectStore(ABC):
 
     url: str
     stats: ObjectStats
-    #: whether index objects are worth a copy in cache_dir() (slow to fetch)
-    caches_indexes: bool = False
-    #: what its packs' readers should fetch in one go and keep (bytes; 0: just the blob)
-    readahead: int = 0
 
     @property
     def sealer(self) -> Sealer:

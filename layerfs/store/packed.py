@@ -75,12 +75,16 @@ class PackedBackend(Backend):
         pack_size: int,
         write_threads: int,
         cache: BlobCache | None = None,
+        readahead: int = 0,
         unindexed_grace: float = UNINDEXED_GRACE,
     ) -> None:
+        """``cache``, for stores slow to read, keeps blobs and copies of the index
+        objects in ``cache_dir()``; a read then also brings the uncached blobs that
+        follow, up to ``readahead`` bytes in all."""
         self.objects = objects
         self.url = objects.url
         self.pack_size = pack_size
-        self.readahead = objects.readahead
+        self.readahead = readahead if cache is not None else 0
         self.unindexed_grace = unindexed_grace
         self.cache = cache
         self._sealer: Sealer = objects.sealer
@@ -130,7 +134,7 @@ class PackedBackend(Backend):
 
     # -- indexes ---------------------------------------------------------------------
     def _load_index(self, index_id: str) -> dict[str, list[tuple[str, int, int]]]:
-        if not self.objects.caches_indexes:
+        if self.cache is None:
             return self._decode_index(
                 index_id, self.objects.get(f"index/{index_id}", f"index {index_id}")
             )
@@ -182,7 +186,7 @@ class PackedBackend(Backend):
                 for doc in new.values():
                     self._add_places(doc)
             self._loaded = True
-        if self.objects.caches_indexes:
+        if self.cache is not None:
             for index_id in gone:
                 (self.cache_dir() / "index" / index_id).unlink(missing_ok=True)
 
@@ -377,7 +381,7 @@ class PackedBackend(Backend):
         for digest, offset, length in entries[i + 1 :]:
             if offset != end or offset + length - place.offset > self.readahead:
                 break
-            if self.cache is None or self.cache.contains(digest):
+            if self.cache.contains(digest):  # type: ignore[union-attr]
                 break
             out.append((digest, offset, length))
             end = offset + length
@@ -387,7 +391,7 @@ class PackedBackend(Backend):
         """Read a blob with one range read; with a cache, that also fetches (and caches)
         the uncached blobs that follow it in the pack, up to ``readahead`` bytes in all."""
         rel = self._pack_rel(place.pack)
-        extent = self._extent(place) if self.cache is not None and self.readahead else []
+        extent = self._extent(place) if self.readahead else []
         end = extent[-1][1] + extent[-1][2] if extent else place.offset + place.length
         try:
             data = self.objects.get(rel, f"pack {rel}", place.offset, end)

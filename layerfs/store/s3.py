@@ -122,8 +122,6 @@ def make_client(
 class S3Objects(ObjectStore):
     """Objects under a prefix of an S3 bucket, and the bucket's leases; see the module doc."""
 
-    caches_indexes = True
-
     def __init__(
         self,
         bucket: str,
@@ -135,7 +133,6 @@ class S3Objects(ObjectStore):
         lease_ttl: float | None = None,
         lock_timeout: float = 900.0,
         lock_poll: float = 1.0,
-        readahead: int = READAHEAD,
         lease_client=None,
     ) -> None:
         if not _BUCKET_RE.match(bucket):
@@ -143,7 +140,6 @@ class S3Objects(ObjectStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.readahead = readahead
         self.stats = S3Stats()
         self.client = client or make_client(max_connections)
         self.client.meta.events.register("before-call.s3", self.stats.on_call)
@@ -397,7 +393,6 @@ class S3Backend(PackedBackend):
             lease_ttl=lease_ttl,
             lock_timeout=lock_timeout,
             lock_poll=lock_poll,
-            readahead=readahead,
             lease_client=lease_client,
         )
         super().__init__(
@@ -405,6 +400,7 @@ class S3Backend(PackedBackend):
             pack_size=pack_size,
             write_threads=upload_threads,
             cache=BlobCache(objects.cache_dir() / "blobs", cache_bytes),
+            readahead=readahead,
             unindexed_grace=unindexed_grace,
         )
         self.bucket = bucket
