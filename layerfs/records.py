@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -386,29 +386,40 @@ def read_tree(store: ChunkStore, digest: str) -> TreeRead:
     return TreeRead(docs, meta, [digest])
 
 
+def _take(item: object, path: str) -> tuple[dict, object, str | None]:
+    """(entry document at ``path``, its extra, the node it names) of a node's item."""
+    if not isinstance(item, dict):
+        raise BadTree(f"entry {item!r} is not an object")
+    doc = dict(item)
+    node = doc.pop("n", None)
+    extra = doc.pop("z", None)
+    doc["p"] = path
+    if node is not None and (not isinstance(node, str) or doc.get("k") != Kind.DIR.value):
+        raise BadTree(f"entry {path!r} names a node but is not a directory")
+    return doc, extra, node
+
+
+def _item_path(item: object, folder: str) -> str:
+    """The full path of a node's item in ``folder``; BadTree unless it names one component."""
+    name = item.get("p") if isinstance(item, dict) else None
+    if not isinstance(name, str) or not name or "/" in name:
+        raise BadTree(f"an entry of {folder or 'the root'!r} has no single name: {name!r}")
+    return f"{folder}/{name}" if folder else name
+
+
 def _walk_dir_tree(
-    store: ChunkStore, head: dict, records: list[str] | None = None
+    store: ChunkStore, head: dict, records: list[str] | None = None, folder: str = ""
 ) -> Iterator[tuple[dict, object]]:
     """(entry JSON with its full path, extra) of a directory tree, depth first.
 
     Checks the structure as it goes: names are one component, only a directory
     entry names a node, no name repeats within a node, nesting stays within
-    MAX_DEPTH. The IDs of the nodes read are appended to ``records``.
+    MAX_DEPTH. The IDs of the nodes read are appended to ``records``. A walk
+    below directory ``folder`` starts from a head of just its node (``root``).
     """
     root, self_doc = head.get("root"), head.get("self")
     if not isinstance(head.get("meta", {}), dict) or not (root is None or isinstance(root, str)):
         raise BadTree("its root record is malformed")
-
-    def take(item: object, path: str) -> tuple[dict, object, str | None]:
-        if not isinstance(item, dict):
-            raise BadTree(f"entry {item!r} is not an object")
-        doc = dict(item)
-        node = doc.pop("n", None)
-        extra = doc.pop("z", None)
-        doc["p"] = path
-        if node is not None and (not isinstance(node, str) or doc.get("k") != Kind.DIR.value):
-            raise BadTree(f"entry {path!r} names a node but is not a directory")
-        return doc, extra, node
 
     def items_of(node_id: str, folder: str, level: int) -> Iterator[object]:
         if level > MAX_DEPTH:
@@ -419,24 +430,22 @@ def _walk_dir_tree(
         return iter(items)
 
     if self_doc is not None:
-        doc, extra, _ = take(self_doc, "")
+        doc, extra, _ = _take(self_doc, "")
         yield doc, extra
     # depth first: a directory's entries follow its own entry, before its next sibling
-    stack = [(items_of(root, "", 1), "", 1, set())] if root else []
+    start = folder.count("/") + 2 if folder else 1
+    stack = [(items_of(root, folder, start), folder, start, set())] if root else []
     while stack:
         items, folder, level, names = stack[-1]
         item = next(items, None)
         if item is None:
             stack.pop()
             continue
-        name = item.get("p") if isinstance(item, dict) else None
-        if not isinstance(name, str) or not name or "/" in name:
-            raise BadTree(f"an entry of {folder or 'the root'!r} has no single name: {name!r}")
-        if name in names:
-            raise BadTree(f"{folder or 'the root'!r} holds {name!r} twice")
-        names.add(name)
-        path = f"{folder}/{name}" if folder else name
-        doc, extra, child = take(item, path)
+        path = _item_path(item, folder)
+        if path in names:
+            raise BadTree(f"{folder or 'the root'!r} holds {item['p']!r} twice")
+        names.add(path)
+        doc, extra, child = _take(item, path)
         yield doc, extra
         if child is not None:
             stack.append((items_of(child, path, level + 1), path, level + 1, set()))
@@ -465,10 +474,105 @@ def iter_tree(store: ChunkStore, digest: str) -> Iterator[Entry]:
     if head.get("format") != DIR_TREE_FORMAT:
         yield from get_tree(store, digest)[0]
         return
+    yield from _checked(_walk_dir_tree(store, head), f"tree record {digest}")
+
+
+def iter_below(store: ChunkStore, node_id: str, folder: str) -> Iterator[Entry]:
+    """The entries below directory ``folder`` of a directory tree, given its node, as
+    ``iter_tree`` gives them (full paths, depth first, checked)."""
+    walk = _walk_dir_tree(store, {"root": node_id}, folder=folder)
+    yield from _checked(walk, f"node {node_id} of {folder or 'the root'!r}")
+
+
+def _checked(walk: Iterator[tuple[dict, object]], what: str) -> Iterator[Entry]:
     try:
-        for doc, _extra in _walk_dir_tree(store, head):
+        for doc, _extra in walk:
             check_doc(doc)
             yield Entry.from_json(doc)
+    except BadTree as exc:
+        raise BadTree(f"{what}: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise BadTree(f"{what}: tree entry malformed: {exc!r}") from None
+
+
+def node_entries(store: ChunkStore, node_id: str, folder: str) -> list[tuple[Entry, str | None]]:
+    """The entries of one directory node (full paths, checked) with the node each
+    subdirectory names (None for other entries); BadTree names the node."""
+    out: list[tuple[Entry, str | None]] = []
+    names: set[str] = set()
+    try:
+        for item in read_node(store, node_id, folder):
+            path = _item_path(item, folder)
+            if path in names:
+                raise BadTree(f"{folder or 'the root'!r} holds {item['p']!r} twice")
+            names.add(path)
+            doc, _extra, child = _take(item, path)
+            check_doc(doc)
+            out.append((Entry.from_json(doc), child))
+    except BadTree as exc:
+        raise BadTree(f"node {node_id}: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise BadTree(f"node {node_id}: tree entry malformed: {exc!r}") from None
+    return out
+
+
+def find_entry(store: ChunkStore, digest: str, path: str) -> Entry | None:
+    """The entry at ``path`` of tree ``digest`` (None if it has none), reading only the
+    directory nodes on the way to it (a flat tree is read whole)."""
+    head = _load_json(store, digest)
+    if head.get("format") != DIR_TREE_FORMAT:
+        return next((e for e in get_tree(store, digest)[0] if e.path == path), None)
+    if not path:
+        return next(iter_tree(store, digest), None) if head.get("self") is not None else None
+    node, folder = head.get("root"), ""
+    if not (node is None or isinstance(node, str)):
+        raise BadTree(f"tree record {digest}: its root record is malformed")
+    entry = None
+    for name in path.split("/"):
+        if node is None:
+            return None
+        found = next((ec for ec in node_entries(store, node, folder) if ec[0].name == name), None)
+        if found is None:
+            return None
+        entry, node = found
+        folder = entry.path
+    return entry
+
+
+def new_records(
+    store: ChunkStore, digest: str, is_new: Callable[[str, str | None], bool]
+) -> Iterator[list[Entry]]:
+    """The entries of tree ``digest`` one record at a time, skipping records seen before.
+
+    ``is_new(id, path)`` is asked for the tree record (path None), then for each
+    directory node (path: the directory it lists) just before it is read. A
+    record it answers False for is not read, and neither is anything below it:
+    equal IDs are equal subtrees, so a walk over many backups of one volume reads
+    each distinct directory once (how gc marks). Entries carry their full path.
+    BadTree names the tree; a failure is in the record ``is_new`` was last asked
+    about and answered True.
+    """
+    if not is_new(digest, None):
+        return
+    head = _load_json(store, digest)
+    try:
+        if head.get("format") != DIR_TREE_FORMAT:
+            yield get_tree(store, digest)[0]
+            return
+        root, self_doc = head.get("root"), head.get("self")
+        if not (root is None or isinstance(root, str)):
+            raise BadTree("its root record is malformed")
+        yield [] if self_doc is None else [Entry.from_json(_take(self_doc, "")[0])]
+        stack = [(root, "", 1)] if root else []
+        while stack:
+            node_id, folder, level = stack.pop()
+            if level > MAX_DEPTH:
+                raise BadTree(f"directory {folder!r} is nested deeper than {MAX_DEPTH} levels")
+            if not is_new(node_id, folder):
+                continue
+            found = node_entries(store, node_id, folder)
+            stack.extend((child, e.path, level + 1) for e, child in found if child is not None)
+            yield [e for e, _child in found]
     except BadTree as exc:
         raise BadTree(f"tree record {digest}: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError) as exc:

@@ -18,12 +18,16 @@ import pytest
 
 from layerfs.exporter import export_image
 from layerfs.importer import import_archive
+from layerfs.maintenance import backup_roots
+from layerfs.maintenance.liveset import DigestSets
+from layerfs.maintenance.mark import mark_roots
 from layerfs.records import (
     BadTree,
     DirTreeWriter,
     Entry,
     Kind,
     get_tree,
+    iter_tree,
     keeps_order_as_dir_tree,
     put_dir_tree,
     read_tree,
@@ -32,6 +36,7 @@ from layerfs.store.location import open_store
 from tests.support.blobs import lose_blob
 from tests.support.repos import saved_archive
 from volplugin.backup import service
+from volplugin.backup.diff import diff_entries, diff_trees
 from volplugin.backup.snapshot import Scanner
 
 
@@ -128,6 +133,65 @@ def test_an_incremental_backup_writes_only_the_changed_directories(tmp_path: Pat
     service.restore_backup(store, second.id, out)
     assert (out / "d07" / "f03.txt").read_text() == "changed\n"
     assert (out / "d29" / "f19.txt").read_text() == "file 29 19\n" * 10
+
+
+def test_marking_reads_each_distinct_directory_once(tmp_path: Path) -> None:
+    """gc and fsck mark a node shared by many backups once, and still keep all of it."""
+    vol = tmp_path / "vol"
+    for d in range(10):
+        (vol / f"d{d}").mkdir(parents=True)
+        (vol / f"d{d}" / "f").write_bytes(os.urandom(3000))
+    store = open_store(str(tmp_path / "s"))
+    backups = []
+    for i in range(4):
+        (vol / "top").write_text(f"change {i}\n")
+        backups.append(service.create_backup(store, "v", vol))
+    distinct = set().union(*(read_tree(store, b.tree).records for b in backups))
+    assert len(distinct) == 4 * 2 + 10  # a head and root node each; the ten nodes shared
+    reads: list[str] = []
+    real_get = store.get_record
+    store.get_record = lambda digest: reads.append(digest) or real_get(digest)  # type: ignore
+    with DigestSets(tmp_path / "work") as sets:
+        assert mark_roots(store, backup_roots(store.backend), sets) == []
+        assert sorted(reads) == sorted(distinct)
+        for b in backups:
+            for entry in iter_tree(store, b.tree):
+                assert all(sets.is_live(ref.digest) for ref in entry.chunks)
+
+
+def test_diff_walks_nodes_and_agrees_with_the_whole_tree_diff(tmp_path: Path) -> None:
+    """diff_trees (node by node) gives what comparing the whole entry lists gives,
+    including a hard link in an unchanged directory whose target changed."""
+    vol = tmp_path / "vol"
+    for d in ("a/x", "a/y", "b", "c/deep/er", "gone/sub"):
+        (vol / d).mkdir(parents=True)
+        (vol / d / "f").write_text(f"in {d}\n")
+    (vol / "b" / "target").write_text("before\n")
+    os.link(vol / "b" / "target", vol / "c" / "deep" / "er" / "link")
+    os.symlink("../b", vol / "a" / "sym")
+    store = open_store(str(tmp_path / "s"))
+    first = service.create_backup(store, "v", vol)
+    (vol / "b" / "target").write_text("after, longer\n")  # same inode: the link too
+    (vol / "a" / "x" / "f").write_text("changed\n")
+    os.chmod(vol / "a" / "y", 0o700)
+    for f in (vol / "gone").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    (vol / "gone" / "sub").rmdir()
+    (vol / "gone").rmdir()
+    (vol / "gone").write_text("now a file\n")
+    (vol / "new" / "dir").mkdir(parents=True)
+    (vol / "new" / "dir" / "g").write_text("new\n")
+    second = service.create_backup(store, "v", vol)
+    walked = diff_trees(store, first.tree, second.tree)
+    whole = diff_entries(get_tree(store, first.tree)[0], get_tree(store, second.tree)[0])
+    assert walked == whole
+    by_path = {c.path: c for c in walked}
+    assert "content" in by_path["c/deep/er/link"].what
+    assert by_path["gone/sub/f"].change == "-" and by_path["new/dir/g"].change == "+"
+    assert by_path["gone"].what == ("type",)
+    assert "c/deep/er/f" not in by_path and "a/sym" not in by_path
+    assert diff_trees(store, second.tree, second.tree) == []
 
 
 # -- image layers ------------------------------------------------------------------------------

@@ -78,17 +78,24 @@ def test_missing_tree_and_corrupt_orphan(imported) -> None:
     assert affected[f"image {image.name}"] == ["(tree record)"]
 
 
-def test_a_corrupt_directory_node_names_its_backup(imported, tmp_path: Path) -> None:
+def test_a_corrupt_directory_node_names_every_backup_that_shares_it(
+    imported, tmp_path: Path
+) -> None:
+    """Marking reads a node two backups share once; fsck still names both, and the
+    directory whose node is damaged."""
     store_dir, _image = imported
     vol = tmp_path / "vol"
     (vol / "sub").mkdir(parents=True)
     (vol / "sub" / "file").write_text("in a subdirectory\n")
     store = open_store(str(store_dir))
-    backup = service.create_backup(store, "bk-node", vol)
-    node = read_tree(store, backup.tree).records[-1]  # the node of sub/
+    first = service.create_backup(store, "bk-node", vol)
+    (vol / "top").write_text("a change outside sub/\n")
+    second = service.create_backup(store, "bk-node", vol)
+    node = read_tree(store, first.tree).records[-1]  # the node of sub/
+    assert node in read_tree(store, second.tree).records
     corrupt_blob(store.backend, node)
     report = json.loads(layerfs("fsck", "--json", store=store_dir, check=False).stdout)
     damage = {d["digest"]: d["problem"] for d in report["damage"]}
-    assert damage == {node: "corrupt", backup.tree: "unreadable"}
+    assert damage == {node: "corrupt"}
     affected = {a["owner"]: a["paths"] for a in report["affected"]}
-    assert affected == {f"backup {backup.id} (volume bk-node)": ["(tree record)"]}
+    assert affected == {f"backup {b.id} (volume bk-node)": ["sub"] for b in (first, second)}

@@ -55,7 +55,7 @@ def test_the_merge_never_follows_a_symlink(backup, tmp_path: Path) -> None:
     url, record, _volume = backup
     entries = _entries(url, record)
     dirs = LazyDirs(tmp_path / "lazy")
-    prepare(open_store(url), dirs, record.tree, entries)
+    prepare(open_store(url), dirs, record.tree)
     host = tmp_path / "host"
     host.mkdir()
     (host / "keep").write_text("host file\n")

@@ -66,7 +66,7 @@ def test_merge_gives_the_tree_the_mount_showed(backup, tmp_path: Path) -> None:
     url, record, volume = backup
     entries = _entries(url, record)
     dirs = LazyDirs(tmp_path / "lazy")
-    prepare(open_store(url), dirs, record.tree, entries)
+    prepare(open_store(url), dirs, record.tree)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     mount(url, dirs, mnt, "lazy-unit")

@@ -204,7 +204,7 @@ class LazyVolumes:
             dirs = self.dirs(name)
             if dirs.base.exists():
                 shutil.rmtree(dirs.base)  # leftovers of a create that crashed
-            prepare(store, dirs, backup.tree, entries)
+            prepare(store, dirs, backup.tree)
         finally:
             store.backend.close()
         totals = Filler(store, entries, dirs.fill).progress
@@ -297,7 +297,7 @@ class LazyVolumes:
         try:
             backend = store.backend
             with backend.lock(exclusive=False):
-                get_tree(store, lazy.tree)  # raises if a prune took it already
+                store.get_record(lazy.tree)  # raises if a prune took it already
                 held = pin(backend, lazy.tree, f"lazy volume {lazy.name} from backup {lazy.backup}")
                 self.state.set_pin(lazy.name, held.id)
         finally:

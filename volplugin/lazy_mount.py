@@ -27,7 +27,7 @@ from layerfs.fs.mounting import MountError, find_mount, unmount
 from layerfs.fs.upper import UpperDirs, reset_tmp
 from layerfs.fs.writemount import SUBTYPE, is_stale, recover_stale
 from layerfs.index.build import build_index
-from layerfs.records import Entry, Kind
+from layerfs.records import Kind, find_entry
 from layerfs.store.chunks import ChunkStore
 
 FSTYPE = f"fuse.{SUBTYPE}"
@@ -57,7 +57,7 @@ class LazyDirs:
         return self.base / "mount.log"
 
 
-def prepare(store: ChunkStore, dirs: LazyDirs, tree: str, entries: list[Entry]) -> None:
+def prepare(store: ChunkStore, dirs: LazyDirs, tree: str) -> None:
     """Build the index and an empty upper tree whose root has the backup root's attributes."""
     dirs.base.mkdir(parents=True, exist_ok=True)
     image = ImageRecord(name=f"backup-tree-{tree[:12]}", id=tree, config={}, layers=[])
@@ -68,8 +68,8 @@ def prepare(store: ChunkStore, dirs: LazyDirs, tree: str, entries: list[Entry]) 
     upper.tree.mkdir(exist_ok=True)
     upper.work.mkdir(exist_ok=True)
     dirs.fill.mkdir(exist_ok=True)
-    root = next((e for e in entries if e.path == "" and e.kind is Kind.DIR), None)
-    if root is not None:
+    root = find_entry(store, tree, "")
+    if root is not None and root.kind is Kind.DIR:
         os.chown(upper.tree, root.uid, root.gid)
         os.chmod(upper.tree, root.mode & 0o7777)
         for name, value in root.xattrs.items():

@@ -89,8 +89,7 @@ def check_store(
     with DigestSets(backend.cache_dir() / "maintenance") as sets:
         roots = list_counted(roots_factory(), report)
         for bad in mark_roots(store, roots, sets):
-            problem = "missing" if bad.missing else "unreadable"
-            damage[bad.digest] = Damage(bad.digest, problem, bad.reason)
+            damage[bad.digest] = Damage(bad.digest, bad.problem, bad.reason)
         report.referenced = sets.live_count()
         sets.add_present(backend.iter_blob_times())
         for digest in sets.missing():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from layerfs.errors import StoreError
 from layerfs.maintenance.roots import Root
-from layerfs.records import get_tree
+from layerfs.records import new_records
 from layerfs.store.chunks import ChunkStore
 
 TREE_PATH = "(tree record)"
@@ -25,8 +25,10 @@ class Use:
 def find_users(store: ChunkStore, roots: Iterable[Root], digests: set[str]) -> list[Use]:
     """Every (owner, path) whose content or tree record is one of ``digests``.
 
-    A tree record that cannot be read is itself reported when it is in ``digests``
-    and skipped otherwise (its damage is reported by whoever found it).
+    A tree's head record in ``digests`` is reported as TREE_PATH, a directory
+    node as the directory it lists; nothing below either is read. Another record
+    that cannot be read ends that tree's walk (its damage is reported by whoever
+    found it). Each tree is walked one node at a time.
     """
     if not digests:
         return []
@@ -34,16 +36,20 @@ def find_users(store: ChunkStore, roots: Iterable[Root], digests: set[str]) -> l
     for root in roots:
         uses.extend(Use(root.owner, "(object)", d) for d in root.blobs if d in digests)
         for tree in root.trees:
-            if tree in digests:
-                uses.append(Use(root.owner, TREE_PATH, tree))
-                continue
+
+            def is_new(record: str, path: str | None, owner: str = root.owner) -> bool:
+                if record not in digests:
+                    return True
+                uses.append(Use(owner, TREE_PATH if path is None else path or "/", record))
+                return False
+
             try:
-                entries, _meta = get_tree(store, tree)
+                for entries in new_records(store, tree, is_new):
+                    for entry in entries:
+                        for ref in entry.chunks:
+                            if ref.digest in digests:
+                                uses.append(Use(root.owner, entry.path or "/", ref.digest))
+                                break
             except (StoreError, ValueError, KeyError):
                 continue
-            for entry in entries:
-                for ref in entry.chunks:
-                    if ref.digest in digests:
-                        uses.append(Use(root.owner, entry.path or "/", ref.digest))
-                        break
     return uses

@@ -19,11 +19,11 @@ from layerfs.errors import StoreError
 from layerfs.maintenance import CheckReport, GcReport, backup_roots, check_store, pins
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS, sweep_locked
 from layerfs.maintenance.roots import all_roots
-from layerfs.records import BadTree, DirTreeWriter, Entry, Kind, get_tree, iter_tree
+from layerfs.records import BadTree, DirTreeWriter, Entry, Kind, iter_tree
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.leases import LeaseLapsed
 from volplugin.backup import publish
-from volplugin.backup.diff import Change, diff_entries
+from volplugin.backup.diff import Change, diff_trees
 from volplugin.backup.docs import (
     BackupRecord,
     delete_backup,
@@ -234,7 +234,7 @@ def restore_backup(
 def diff_backups(store: ChunkStore, ref_a: str, ref_b: str) -> list[Change]:
     a = get_backup(store.backend, ref_a)
     b = get_backup(store.backend, ref_b)
-    return diff_entries(get_tree(store, a.tree)[0], get_tree(store, b.tree)[0])
+    return diff_trees(store, a.tree, b.tree)
 
 
 @dataclass
