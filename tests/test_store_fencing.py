@@ -186,7 +186,7 @@ def test_a_chunk_may_not_decode_to_more_than_its_size(tmp_path) -> None:
         store.read([ChunkRef(digest, 1000)], [0], 0, 10)
 
 
-# -- reused chunks are confirmed before a backup is published ----------------------------------
+# -- an unchanged file is reused only while the store has its chunks ---------------------------
 
 
 def test_an_incremental_backup_reads_files_whose_chunks_are_gone(tmp_path) -> None:

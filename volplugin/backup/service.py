@@ -73,9 +73,10 @@ def create_backup(
     ``after_snapshot`` runs once the data is in the store and before the record is
     written; what it returns is kept in the record's ``hooks`` (see backup/hooks.py).
     The parent is the last backup of ``volume`` by this host (``host``, by default
-    the configured host id). Before the record is written, the chunks taken from
-    the parent are confirmed to be in the store (files whose chunks are gone are
-    read again) and the store lease to be good (see backup/publish.py); else
+    the configured host id). An unchanged file is taken from the parent only if
+    the store (its index as of taking the lock) still has its chunks; else it is
+    read again. Before the record is written the store lease is confirmed to be
+    good (see backup/publish.py), so no prune can have run meanwhile; else
     nothing is published.
     """
     backend = store.backend
@@ -89,26 +90,19 @@ def create_backup(
         parent = previous[-1] if previous else None
         parent_tree = _parent_tree(store, parent)
         try:
-            for attempt in range(2):
-                with writer.background_writes(WRITE_WORKERS):
-                    nodes = DirTreeWriter(writer, {"type": "backup", "volume": volume})
-                    scan = Scanner(writer, path, parent_tree, emit=nodes.add).scan()
-                    tree = nodes.finish()
-                    writer.flush()
-                missing = publish.missing_reused(backend, scan.reused)
-                if not missing:
-                    break
-                if attempt or parent is None:
-                    raise publish.missing_error(volume, parent.id if parent else "?", missing)
+            with writer.background_writes(WRITE_WORKERS):
+                nodes = DirTreeWriter(writer, {"type": "backup", "volume": volume})
+                scan = Scanner(writer, path, parent_tree, emit=nodes.add).scan()
+                tree = nodes.finish()
+                writer.flush()
+            if parent is not None and parent_tree.gone:
                 log.warning(
-                    "%d chunk(s) that backup %s of %s names are missing from the store "
-                    "(first %s of %r): reading those files again",
-                    len(missing),
-                    parent.id,
+                    "%d unchanged file(s) of %s were read again: backup %s names chunks of "
+                    "theirs that are no longer in the store (damaged, or pruned meanwhile)",
+                    parent_tree.gone,
                     volume,
-                    *next(iter(missing.items())),
+                    parent.id,
                 )
-                parent_tree = parent_tree.without(set(missing))
             hooks = after_snapshot() if after_snapshot is not None else []
             record = BackupRecord(
                 id=secrets.token_hex(16),

@@ -12,9 +12,9 @@ Memory stays bounded by the directories on the walk's current path: the
 parent's tree is read one directory node at a time as the walk enters that
 directory (``ParentTree``), and each entry goes to ``emit`` as soon as it is
 made (a backup hands it to a records.DirTreeWriter, which writes a directory's
-node when the walk leaves it). What grows with the volume is the set of
-chunks taken from the parent unread (``ScanResult.reused``), which the backup
-confirms are still stored before it publishes.
+node when the walk leaves it). An unchanged file's entry is taken only if the
+store's index still lists every chunk it names (a damaged or pruned parent);
+otherwise the file is read again, so the backup is whole and the store mended.
 
 The walk is confined to the volume, which a container writes while we read it
 as root: every directory is held open by descriptor and its children are
@@ -32,7 +32,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfs import confined
@@ -64,26 +64,23 @@ class ParentDir:
 _NO_DIR = ParentDir()
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParentTree:
     """The parent snapshot's directory tree, read one node at a time as the walk enters it.
 
-    ``excluded`` chunks make the files using them count as changed (a new scan
-    reads those again). An empty ParentTree() has no parent: every file is read.
+    An empty ParentTree() has no parent: every file is read. ``gone`` counts the
+    unchanged files that were read again because a chunk of theirs is no longer
+    in the store.
     """
 
     store: ChunkStore | None = None
     root_node: str | None = None
-    excluded: frozenset[str] = frozenset()
+    gone: int = 0
 
     @classmethod
     def of(cls, store: ChunkStore, tree: str) -> ParentTree:
         """The parent whose root record is ``tree``; raises BadTree or StoreError."""
         return cls(store, dir_tree_root(store, tree))
-
-    def without(self, digests: set[str]) -> ParentTree:
-        """This parent less the files that use one of ``digests``."""
-        return replace(self, excluded=self.excluded | frozenset(digests))
 
     def root(self) -> ParentDir:
         return self._load(self.root_node, "")
@@ -130,8 +127,9 @@ class ParentTree:
             and item.get("g", 0) == st.st_gid
         ):
             return None
-        chunks = item.get("c") or []
-        if self.excluded and any(digest in self.excluded for digest, _size in chunks):
+        has_blob = self.store.backend.has_blob  # type: ignore[union-attr]
+        if not all(has_blob(digest) for digest, _size in item.get("c") or ()):
+            self.gone += 1
             return None
         doc = {k: v for k, v in item.items() if k not in ("z", "n")}
         doc["p"] = rel
@@ -145,7 +143,6 @@ class ScanResult:
 
     docs: list[dict] = field(default_factory=list)
     stat: list[list[int]] = field(default_factory=list)
-    reused: dict[str, str] = field(default_factory=dict)  # chunks taken unread: digest -> path
     files: int = 0
     size: int = 0
     bytes_read: int = 0
@@ -324,8 +321,6 @@ class Scanner:
         doc = self.parent.unchanged(before, name, rel, st)
         if doc is None:
             return False
-        for digest, _size in doc.get("c") or ():
-            self.result.reused.setdefault(digest, rel)
         if st.st_nlink > 1:
             self._links[(st.st_dev, st.st_ino)] = rel
         self.result.files += 1
