@@ -4,7 +4,10 @@ Each image is a doc ``images/<name>.json``; each imported layer is a doc
 ``layers/<diffid-hex>.json`` pointing at the layer's tree record, so a layer
 shared by several images is imported and stored once. Docs are written only
 after every blob they reference is durable, so a killed import leaves nothing
-listed.
+listed. Images own their layers' trees (gc's roots); a layer doc only lets an
+import reuse a layer, and goes with the last image that uses it. An import that
+reused a layer doc meanwhile still writes its image (the tree is there until a
+gc, which waits for the import's lock); a later import stores the layer again.
 """
 
 from __future__ import annotations
@@ -97,7 +100,16 @@ class Catalog:
             return matches[0]
         raise ImageNotFound(f"no image named {name_or_id!r} in the store {self.backend.url}")
 
-    def remove_image(self, name: str) -> ImageRecord:
+    def remove_image(self, name: str) -> tuple[ImageRecord, list[str]]:
+        """Remove an image, and the docs of its layers no other image uses.
+
+        Returns the image and the DiffIDs of the layers removed with it; their
+        objects stay until a gc.
+        """
         image = self.get_image(name)
         self.backend.delete_doc(_image_doc(image.name))
-        return image
+        used = {layer.diff_id for other in self.images() for layer in other.layers}
+        gone = sorted({layer.diff_id for layer in image.layers} - used)
+        for diff_id in gone:
+            self.backend.delete_doc(_layer_doc(diff_id))
+        return image, gone

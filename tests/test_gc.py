@@ -17,6 +17,7 @@ from layerfs.errors import StoreError
 from layerfs.maintenance import all_roots, collect_garbage
 from layerfs.records import get_tree, read_content
 from layerfs.store.location import open_store
+from tests.support import dockerenv, images
 from tests.support.backuptree import layerfs, make_image
 from tests.support.blobs import age_blob, lose_blob
 from volplugin.backup import service
@@ -78,18 +79,50 @@ def test_gc_frees_orphans_only(populated, tmp_path: Path) -> None:
     assert set(_blobs(store_dir)) == referenced
 
 
-def test_removed_image_data_goes_once_its_layer_doc_goes(populated) -> None:
+def test_rmi_then_gc_frees_the_image(populated) -> None:
     store_dir, image, _backup, referenced, _old, _fresh = populated
+    layerfs("rmi", image.name, store=store_dir)
     store = open_store(str(store_dir))
-    Catalog(store.backend).remove_image(image.name)
-    layerfs("gc", "--grace", "0", store=store_dir)
-    assert image.layers[0].tree in _blobs(store_dir)  # the layer doc still holds it
-    store.backend.delete_doc("layers/" + image.layers[0].diff_id.replace(":", "-") + ".json")
+    assert store.backend.list_docs("layers/") == []  # its last image is gone
     layerfs("gc", "--grace", "0", store=store_dir)
     left = set(_blobs(store_dir))
     assert image.layers[0].tree not in left
     assert left < referenced
     layerfs("fsck", store=store_dir)
+
+
+def test_rmi_keeps_layers_other_images_use_and_gc_frees_the_rest(
+    docker_client, tmp_path: Path
+) -> None:
+    """Two real images sharing busybox's layer: removing one frees only its own layer,
+    removing both frees everything, and a new import stores the layers again."""
+    base = dockerenv.ensure_busybox_image(docker_client)
+    small = images.build_small_image(docker_client)
+    base_tar = images.docker_save(base, tmp_path / "base.tar")
+    small_tar = images.docker_save(small, tmp_path / "small.tar")
+    store_dir = tmp_path / "store"
+    layerfs("import", str(base_tar), store=store_dir)
+    layerfs("import", str(small_tar), store=store_dir)
+    catalog = Catalog(open_store(str(store_dir)).backend)
+    base_rec, small_rec = catalog.get_image(base), catalog.get_image(small)
+    shared = {layer.diff_id for layer in base_rec.layers}
+    assert shared < {layer.diff_id for layer in small_rec.layers}
+    full = _blobs(store_dir)
+    out = layerfs("rmi", small, store=store_dir).stdout
+    assert f"and {len(small_rec.layers) - len(shared)} of its" in out
+    assert len(catalog.backend.list_docs("layers/")) == len(shared)
+    layerfs("gc", "--grace", "0", store=store_dir)
+    after_one = _blobs(store_dir)
+    assert set(after_one) < set(full)
+    assert all(layer.tree in after_one for layer in base_rec.layers)
+    layerfs("fsck", store=store_dir)
+    layerfs("rmi", base, store=store_dir)
+    layerfs("gc", "--grace", "0", store=store_dir)
+    assert _blobs(store_dir) == {}
+    layerfs("import", str(small_tar), store=store_dir)
+    layerfs("fsck", store=store_dir)
+    again = Catalog(open_store(str(store_dir)).backend).get_image(small)
+    assert all(layer.tree in _blobs(store_dir) for layer in again.layers)
 
 
 def test_gc_stops_when_a_tree_is_unreadable(populated) -> None:

@@ -107,10 +107,14 @@ def images_command(store_url: str, as_json: bool) -> None:
 @click.argument("name")
 @click.pass_obj
 def rmi_command(store_url: str, name: str) -> None:
-    """Remove the image NAME from the catalog (`layerfs gc` frees its objects)."""
+    """Remove the image NAME and its layers no other image uses (`layerfs gc` frees
+    their objects)."""
     store = open_store(store_url)
-    image = Catalog(store.backend).remove_image(name)
-    click.echo(f"removed {image.name}")
+    image, layers = Catalog(store.backend).remove_image(name)
+    click.echo(
+        f"removed {image.name} and {len(layers)} of its {len(image.layers)} layer(s) "
+        "(the others are used by other images); `layerfs gc` frees their space"
+    )
 
 
 COMMANDS = [import_command, images_command, rmi_command]

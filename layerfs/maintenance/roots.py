@@ -1,8 +1,10 @@
 """The roots of the live set: everything that keeps store objects alive.
 
-A root names an owner (an image, a layer, a backup, a writable upper...) and the
-tree records and plain objects it references. Built-in roots come from the
-store's docs: ``images/``, ``layers/`` and ``backups/``. Other parts of the
+A root names an owner (an image, a backup, a pin...) and the tree records and
+plain objects it references. Built-in roots come from the store's docs:
+``images/``, ``backups/`` and ``pins/``. Layer docs (``layers/``) are no roots:
+they only let an import reuse a layer, and a layer goes with the last image that
+uses it (``Catalog.remove_image``). Other parts of the
 system add roots without touching this module, either by passing providers to
 ``all_roots`` or by declaring an entry point in the ``layerfs.roots`` group (a
 callable taking the Backend and returning Roots).
@@ -25,11 +27,17 @@ ENTRY_POINT_GROUP = "layerfs.roots"
 
 @dataclass(frozen=True, slots=True)
 class Root:
-    """An owner of store objects: tree records (walked) and objects referenced directly."""
+    """An owner of store objects: tree records (walked) and objects referenced directly.
+
+    ``owner`` is what reports show; ``kind`` and ``id`` identify the owner for code
+    (e.g. kind "backup" and the backup's id).
+    """
 
     owner: str
     trees: tuple[str, ...] = ()
     blobs: tuple[str, ...] = ()
+    kind: str = ""
+    id: str = ""
 
 
 RootProvider = Callable[[Backend], Iterable[Root]]
@@ -47,14 +55,8 @@ def _load_doc(backend: Backend, name: str) -> dict:
 def image_roots(backend: Backend) -> Iterator[Root]:
     """One root per image: the tree records of its layers."""
     for image in Catalog(backend).images():
-        yield Root(f"image {image.name}", tuple(layer.tree for layer in image.layers))
-
-
-def layer_roots(backend: Backend) -> Iterator[Root]:
-    """One root per imported layer doc (layers may outlive their images until removed)."""
-    for name in backend.list_docs("layers/"):
-        doc = _load_doc(backend, name)
-        yield Root(f"layer {doc.get('diff_id', name)}", (doc["tree"],))
+        trees = tuple(layer.tree for layer in image.layers)
+        yield Root(f"image {image.name}", trees, kind="image", id=image.name)
 
 
 def backup_roots(backend: Backend, volume: str | None = None) -> Iterator[Root]:
@@ -65,16 +67,17 @@ def backup_roots(backend: Backend, volume: str | None = None) -> Iterator[Root]:
         doc = _load_doc(backend, name)
         if volume is not None and doc.get("volume") != volume:
             continue
-        yield Root(f"backup {doc['id']} (volume {doc.get('volume', '?')})", (doc["tree"],))
+        label = f"backup {doc['id']} (volume {doc.get('volume', '?')})"
+        yield Root(label, (doc["tree"],), kind="backup", id=doc["id"])
 
 
 def pin_roots(backend: Backend) -> Iterator[Root]:
     """One root per pin (maintenance.pins): trees a restore or a lazy volume still reads."""
     for p in list_pins(backend):
-        yield Root(f"pin {p.id} ({p.holder} on {p.host})", (p.tree,))
+        yield Root(f"pin {p.id} ({p.holder} on {p.host})", (p.tree,), kind="pin", id=p.id)
 
 
-BUILTIN_PROVIDERS: tuple[RootProvider, ...] = (image_roots, layer_roots, backup_roots, pin_roots)
+BUILTIN_PROVIDERS: tuple[RootProvider, ...] = (image_roots, backup_roots, pin_roots)
 
 
 def plugin_providers() -> list[RootProvider]:

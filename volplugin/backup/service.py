@@ -287,11 +287,7 @@ def prune_backups(
         if not dry_run:
             for backup_id in sorted(gone):
                 delete_backup(backend, backup_id)
-        roots = (
-            r
-            for r in all_roots(backend)
-            if not any(r.owner.startswith(f"backup {i} ") for i in gone)
-        )
+        roots = (r for r in all_roots(backend) if not (r.kind == "backup" and r.id in gone))
         report.gc = sweep_locked(store, roots, grace_seconds=grace_seconds, dry_run=dry_run)
     return report
 
