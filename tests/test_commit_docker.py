@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.fs.mountinfo import MountInfo, remove_mountinfo, save_mountinfo
+from layerfs.fs.mountinfo import MountInfo, forget_mount, save_mountinfo
 from layerfs.imageconfig import chain_ids
 from layerfs.importer import import_from_docker
 from layerfs.store.location import open_store
@@ -129,7 +129,7 @@ def _kernel_overlay(store_dir: Path, lower_tag: str, tmp: Path):
         try:
             yield mnt
         finally:
-            remove_mountinfo(store.backend, mnt)
+            forget_mount(store.backend, mnt, os.getpid())
 
 
 @contextlib.contextmanager

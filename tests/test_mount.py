@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from layerfs.errors import LayerfsError
+from layerfs.fs.mountinfo import load_mountinfo
 from layerfs.fs.mounting import find_mount
 from layerfs.records import Entry, Kind
 from layerfs.store.location import open_store
 from tests.support.blobs import corrupt_blob
 from tests.support.lfsmount import LAYERFS, as_nobody, layerfs, mounted, public_dir
+from tests.support.repos import clean_env
 from tests.support.synthetic import MTIME, d, f, link, make_image, opq, sym, wh
 
 pytestmark = pytest.mark.fuse
@@ -265,6 +268,31 @@ def test_foreground_mount_stays_attached_until_unmounted(image_store):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.parametrize("how", ["layerfs umount", "umount"])
+def test_unmounting_needs_no_store_or_password_and_drops_the_record(image_store, how):
+    """The mount's own process drops its record once unmounted, whoever unmounts it:
+    `layerfs umount` with no --store and no password, or the system's umount."""
+    with public_dir() as base:
+        m = base / "m"
+        m.mkdir()
+        layerfs(image_store, "mount", "lfsmnt/feature:1", str(m))
+        backend = open_store(str(image_store)).backend
+        assert load_mountinfo(backend, m).alive
+        cmd = [LAYERFS, "umount", str(m)] if how == "layerfs umount" else ["umount", str(m)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd="/")
+        assert proc.returncode == 0, proc.stderr
+        assert find_mount(m) is None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                load_mountinfo(backend, m)
+            except LayerfsError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the mount's record outlived the mount")
 
 
 def test_errors_are_one_line_and_leave_nothing_mounted(image_store):

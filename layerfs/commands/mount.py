@@ -105,7 +105,7 @@ def mount_command(
 
         recover_stale(mountpoint)
     from layerfs.catalog import Catalog
-    from layerfs.fs.mountinfo import record_mount
+    from layerfs.fs.mountinfo import forget_mount, record_mount
     from layerfs.fs.mounting import mount_operations
     from layerfs.fs.readonly import ReadOnlyOperations
     from layerfs.index import ImageView, ensure_index
@@ -123,11 +123,21 @@ def mount_command(
         daemon_store = ChunkStore(open_backend(store_url), cache_bytes=DAEMON_CHUNK_CACHE)
         return ReadOnlyOperations(ImageView(daemon_store, index, read_ahead=True))
 
+    def forget() -> None:  # in the mount's process, once it is unmounted
+        forget_mount(store.backend, mountpoint, os.getpid())
+
     if upper is not None:
         from layerfs.fs.writemount import serve_image
 
         pid = serve_image(
-            store_url, record, index, mountpoint, upper, foreground=foreground, log_file=log_file
+            store_url,
+            record,
+            index,
+            mountpoint,
+            upper,
+            foreground=foreground,
+            log_file=log_file,
+            on_unmount=forget,
         )
     else:
         pid = mount_operations(
@@ -138,6 +148,7 @@ def mount_command(
             options=READ_ONLY_OPTIONS,
             foreground=foreground,
             log_file=log_file,
+            on_unmount=forget,
         )
     if not foreground:
         record_mount(
@@ -171,12 +182,11 @@ def _is_stale(mountpoint: str) -> bool:
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.pass_obj
 def umount_command(store_url: str, mountpoint: str) -> None:
-    """Unmount a layerfs image mount at MOUNTPOINT."""
-    from layerfs.fs.mountinfo import remove_mountinfo
+    """Unmount a layerfs mount at MOUNTPOINT (its process drops its record; no store or
+    password is needed)."""
     from layerfs.fs.mounting import unmount
 
     unmount(mountpoint, f"fuse.{SUBTYPE}")
-    remove_mountinfo(open_store(store_url).backend, os.path.realpath(mountpoint))
 
 
 COMMANDS = [mount_command, umount_command]

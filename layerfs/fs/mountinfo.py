@@ -2,7 +2,9 @@
 
 One JSON document per mount under ``backend.cache_dir()/mounts/``, named by the
 mountpoint's absolute path (percent-encoded). It is written when the mount
-answers and removed on umount; a record whose pid is gone is stale.
+answers and removed by the mount's own process once it is unmounted, so
+`layerfs umount` needs neither the store nor its password. A record whose pid
+is gone is stale (a killed daemon): its upper can still be committed.
 """
 
 from __future__ import annotations
@@ -93,8 +95,15 @@ def load_mountinfo(backend: Backend, mountpoint: str | Path) -> MountInfo:
         raise LayerfsError(f"the mount record of {mountpoint} is damaged ({exc})") from exc
 
 
-def remove_mountinfo(backend: Backend, mountpoint: str | Path) -> None:
-    _file(backend, mountpoint).unlink(missing_ok=True)
+def forget_mount(backend: Backend, mountpoint: str | Path, pid: int) -> None:
+    """Remove the record of the mount at ``mountpoint`` if process ``pid`` served it
+    (a newer mount at the same place keeps its own)."""
+    path = _file(backend, os.path.realpath(mountpoint))
+    try:
+        if MountInfo(**json.loads(path.read_text())).pid == pid:
+            path.unlink(missing_ok=True)
+    except (OSError, ValueError, TypeError):
+        return
 
 
 def list_mountinfo(backend: Backend) -> list[MountInfo]:

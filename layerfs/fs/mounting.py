@@ -116,13 +116,15 @@ def mount_operations(
     foreground: bool,
     log_file: Path,
     timeout: float = 60.0,
+    on_unmount: Callable[[], None] | None = None,
 ) -> int:
     """Mount the filesystem ``make_ops`` builds at ``mountpoint``.
 
     ``options`` are fusepy keyword options (e.g. ``ro=True``, ``attr_timeout=60``).
     In the foreground this serves until unmounted. Otherwise it forks a daemon
     and returns its pid once the mount is listed as ``fuse.<subtype>``; if the
-    daemon dies first, MountError points at ``log_file``.
+    daemon dies first, MountError points at ``log_file``. ``on_unmount`` runs in
+    the serving process once the mount is gone (e.g. to drop its record).
     """
     mountpoint = os.path.realpath(mountpoint)
     if not os.path.isdir(mountpoint):
@@ -133,6 +135,8 @@ def mount_operations(
     if foreground:
         logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
         _serve(make_ops, mountpoint, options)
+        if on_unmount is not None:
+            on_unmount()
         return os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -153,6 +157,8 @@ def mount_operations(
             _serve(make_ops, mountpoint, options, lambda: os.write(write_end, _READY))
             logging.getLogger(__name__).info("unmounted %s", mountpoint)
             status = 0
+            if on_unmount is not None:
+                on_unmount()
         except BaseException as exc:  # report to the waiting parent, then exit
             logging.getLogger(__name__).exception("mount of %s failed", mountpoint)
             os.write(write_end, str(exc).encode(errors="replace")[:4000])

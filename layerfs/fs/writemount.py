@@ -102,6 +102,7 @@ def serve_writable(
     foreground: bool,
     log_file: Path,
     on_exit: Callable[[], None] | None = None,
+    on_unmount: Callable[[], None] | None = None,
 ) -> int:
     """Mount a writable union of the view ``make_view`` builds and ``dirs``; return the pid."""
     recover_stale(mountpoint)
@@ -123,6 +124,7 @@ def serve_writable(
         options=WRITABLE_OPTIONS,
         foreground=foreground,
         log_file=log_file,
+        on_unmount=on_unmount,
     )
 
 
@@ -135,6 +137,7 @@ def serve_overlay(
     foreground: bool,
     log_file: Path,
     readonly: bool = False,
+    on_unmount: Callable[[], None] | None = None,
 ) -> int:
     """Mount lower directories (top first) with an overlay-style upper, or read-only."""
     DirStack(lowerdirs).close()  # check the lower directories before forking
@@ -151,6 +154,7 @@ def serve_overlay(
             options={**READ_ONLY_OPTIONS},
             foreground=foreground,
             log_file=log_file,
+            on_unmount=on_unmount,
         )
     if workdir is None:
         raise MountError("an overlay mount with upperdir also needs workdir=DIR")
@@ -163,6 +167,7 @@ def serve_overlay(
         fsname=fsname,
         foreground=foreground,
         log_file=log_file,
+        on_unmount=on_unmount,
     )
 
 
@@ -175,6 +180,7 @@ def serve_image(
     *,
     foreground: bool,
     log_file: Path,
+    on_unmount: Callable[[], None] | None = None,
 ) -> int:
     """Mount an image writable, keeping its changes in the upper DIR; return the pid."""
     from layerfs.index import ImageView
@@ -189,6 +195,7 @@ def serve_image(
         fsname=record.name,
         foreground=foreground,
         log_file=log_file,
+        on_unmount=on_unmount,
     )
 
 
@@ -202,8 +209,9 @@ def mount_overlay_recorded(
     foreground: bool,
     readonly: bool = False,
 ) -> int:
-    """serve_overlay, logging to the store's mount log and recording the mount (MountInfo)."""
-    from layerfs.fs.mountinfo import record_mount
+    """serve_overlay, logging to the store's mount log and recording the mount (MountInfo)
+    until it is unmounted."""
+    from layerfs.fs.mountinfo import forget_mount, record_mount
     from layerfs.store import open_backend
 
     backend = open_backend(store_url)
@@ -217,6 +225,7 @@ def mount_overlay_recorded(
         foreground=foreground,
         log_file=log_file,
         readonly=readonly,
+        on_unmount=lambda: forget_mount(backend, mountpoint, os.getpid()),
     )
     if not foreground:
         upper = None if readonly else upperdir
