@@ -19,7 +19,7 @@ import pytest
 
 from layerfs.index import ImageView
 from layerfs.maintenance.pins import list_pins, pin, unpin
-from layerfs.records import Kind, get_tree
+from layerfs.records import Kind, get_tree, iter_tree
 from layerfs.store.location import open_store
 from tests.support.backuptree import backed_up, describe
 from tests.support.waiting import wait_for
@@ -53,7 +53,6 @@ def _pins(url: str) -> list:
 def test_the_merge_never_follows_a_symlink(backup, tmp_path: Path) -> None:
     """Symlinks made through the mount, or held by the filled tree, are entries, not ways out."""
     url, record, _volume = backup
-    entries = _entries(url, record)
     dirs = LazyDirs(tmp_path / "lazy")
     prepare(open_store(url), dirs, record.tree)
     host = tmp_path / "host"
@@ -73,7 +72,7 @@ def test_the_merge_never_follows_a_symlink(backup, tmp_path: Path) -> None:
         seen = describe(mnt)
     finally:
         assert release(mnt)
-    assert Filler(open_store(url), entries, dirs.fill).run()
+    assert Filler(open_store(url), record.tree, dirs.fill).run()
     # the filled tree holds a symlink to the host where the upper has a directory
     os.unlink(dirs.fill / "sym")
     os.symlink(str(host), dirs.fill / "sym")
@@ -102,7 +101,7 @@ def _stopped_fill(url: str, record, target: Path, journal: MemoryJournal) -> Non
         if progress.files_done >= 3:
             stop.set()
 
-    filler = Filler(open_store(url), _entries(url, record), target, stop=stop, journal=journal)
+    filler = Filler(open_store(url), record.tree, target, stop=stop, journal=journal)
     filler.on_progress, filler.report_every = stop_after_three, 0
     assert filler.run() is False
 
@@ -128,7 +127,7 @@ def test_after_a_host_restart_the_fill_trusts_only_what_it_recorded(backup, tmp_
     (target / "data" / ".bk-restore-0123456789ab").write_bytes(b"temp of a killed run")
 
     journal.boot = "an-earlier-boot"
-    assert Filler(open_store(url), _entries(url, record), target, journal=journal).run()
+    assert Filler(open_store(url), record.tree, target, journal=journal).run()
     assert describe(target) == describe(volume)
     assert {p: os.lstat(target / p).st_ino for p in recorded} == inodes
     assert journal.boot == boot_id()
@@ -142,7 +141,7 @@ def test_after_a_plugin_restart_the_fill_adopts_what_it_placed(backup, tmp_path:
     placed = sorted(journal.paths)
     journal.paths.clear()  # killed before it recorded them; same boot
     inodes = {p: os.lstat(target / p).st_ino for p in placed}
-    assert Filler(open_store(url), _entries(url, record), target, journal=journal).run()
+    assert Filler(open_store(url), record.tree, target, journal=journal).run()
     assert describe(target) == describe(volume)
     assert {p: os.lstat(target / p).st_ino for p in placed} == inodes
 
@@ -162,10 +161,11 @@ def test_the_lazy_state_of_an_older_version_gains_its_new_columns(tmp_path: Path
         assert state.get("v").pin is None
         journal = state.journal("v")
         journal.record(["a", os.fsdecode(b"caf\xe9")], "boot-1")
-        assert journal.completed() == {"a", os.fsdecode(b"caf\xe9")}
+        assert journal.done("a") and journal.done(os.fsdecode(b"caf\xe9"))
+        assert not journal.done("b")
         assert journal.last_boot() == "boot-1"
         state.delete("v")
-        assert state.filled_paths("v") == set()
+        assert not state.journal("v").done("a")
     finally:
         state.close()
 
@@ -213,7 +213,8 @@ def test_a_lazy_volume_pins_its_backup_until_the_switch(
         assert describe(path) == describe(volume)
         assert _pins(url) == []
         assert main.state.get("v").pin is None
-        assert main.state.filled_paths("v") == set()
+        journal = main.state.journal("v")
+        assert not any(journal.done(e.path) for e in iter_tree(open_store(url), record.tree))
         svc.remove("v")
     finally:
         main.close()

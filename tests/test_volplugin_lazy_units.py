@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from layerfs.index import ImageView
-from layerfs.records import get_tree
 from layerfs.store.location import open_store
 from tests.support.backuptree import backed_up, describe
 from tests.support.waiting import wait_for
@@ -31,8 +30,39 @@ def backup(tmp_path: Path):
     return backed_up(tmp_path, "lazy-unit")
 
 
-def _entries(url: str, record):
-    return get_tree(open_store(url), record.tree)[0]
+def test_the_fill_holds_the_directories_not_the_entries(tmp_path: Path) -> None:
+    """A fill reads the tree one node at a time: while it fills, the entries alive are
+    the directories and the current node's, not the whole list."""
+    import gc
+
+    from layerfs.records import Entry
+    from volplugin.backup import service
+
+    vol = tmp_path / "vol"
+    for d in range(30):
+        for f in range(30):
+            path = vol / f"d{d:02}" / f"f{f:02}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{d} {f}\n")
+    store = open_store(str(tmp_path / "s"))
+    record = service.create_backup(store, "v", vol)
+    filler = Filler(store, record.tree, tmp_path / "fill")
+    alive: list[int] = []
+    calls = 0
+    real_fill = filler._fill
+
+    def counting(entry):  # noqa: ANN001, ANN202 - wraps Filler._fill
+        nonlocal calls
+        calls += 1
+        if calls % 29 == 0:
+            alive.append(sum(isinstance(o, Entry) for o in gc.get_objects()))
+        return real_fill(entry)
+
+    filler._fill = counting  # type: ignore[method-assign]
+    assert filler.run()
+    assert calls == 900
+    assert max(alive) < 100, alive  # the 31 directories and the one being filled; not 931
+    assert describe(tmp_path / "fill") == describe(vol)
 
 
 def test_fill_stops_and_resumes_without_fetching_again(backup, tmp_path: Path) -> None:
@@ -45,14 +75,14 @@ def test_fill_stops_and_resumes_without_fetching_again(backup, tmp_path: Path) -
             stop.set()
 
     journal = MemoryJournal()
-    first = Filler(open_store(url), _entries(url, record), target, stop=stop, journal=journal)
+    first = Filler(open_store(url), record.tree, target, stop=stop, journal=journal)
     first.on_progress, first.report_every = stop_after_three, 0
     assert first.run() is False
     done_before = {p: os.lstat(p).st_ino for p in target.rglob("*") if p.is_file()}
     assert done_before, "the first run wrote nothing"
     assert journal.paths, "the first run recorded nothing"
 
-    second = Filler(open_store(url), _entries(url, record), target, journal=journal)
+    second = Filler(open_store(url), record.tree, target, journal=journal)
     assert second.run() is True
     assert second.progress.files_done == second.progress.files_total
     assert second.progress.bytes_done == second.progress.bytes_total == record.size
@@ -64,7 +94,6 @@ def test_fill_stops_and_resumes_without_fetching_again(backup, tmp_path: Path) -
 
 def test_merge_gives_the_tree_the_mount_showed(backup, tmp_path: Path) -> None:
     url, record, volume = backup
-    entries = _entries(url, record)
     dirs = LazyDirs(tmp_path / "lazy")
     prepare(open_store(url), dirs, record.tree)
     mnt = tmp_path / "mnt"
@@ -88,7 +117,7 @@ def test_merge_gives_the_tree_the_mount_showed(backup, tmp_path: Path) -> None:
     finally:
         assert release(mnt)
     assert not is_mounted(mnt)
-    assert Filler(open_store(url), entries, dirs.fill).run()
+    assert Filler(open_store(url), record.tree, dirs.fill).run()
     view = ImageView(open_store(url), dirs.index)
     assert merge_upper(dirs.upper.tree, dirs.fill, view) > 0
     # redoing the merge (after a crash during the switch) gives the same tree

@@ -46,7 +46,7 @@ from layerfs import confined
 from layerfs.errors import LayerfsError
 from layerfs.index import ImageView
 from layerfs.maintenance.pins import pin, unpin
-from layerfs.records import get_tree
+from layerfs.records import iter_tree
 from layerfs.store.location import default_store_url, open_store
 from volplugin.backup.docs import get_backup
 from volplugin.errors import BadOption, VolpluginError
@@ -198,7 +198,8 @@ class LazyVolumes:
             backend = store.backend
             with backend.lock(exclusive=False):  # no prune between the look-up and the pin
                 backup = get_backup(backend, ref)
-                entries, _meta = get_tree(store, backup.tree)
+                for _entry in iter_tree(store, backup.tree):  # refuse a bad tree before anything
+                    pass
                 held = pin(backend, backup.tree, f"lazy volume {name} from backup {backup.id}")
                 self.state.add(name, backup.id, backup.tree, held.id)  # on_remove unpins
             dirs = self.dirs(name)
@@ -207,7 +208,7 @@ class LazyVolumes:
             prepare(store, dirs, backup.tree)
         finally:
             store.backend.close()
-        totals = Filler(store, entries, dirs.fill).progress
+        totals = Filler(store, backup.tree, dirs.fill).progress
         self.state.set_progress(name, 0, totals.files_total, 0, totals.bytes_total)
         mount(self.store_url, dirs, path, name)
         log.info("volume %s: serving backup %s lazily; filling in the background", name, ref)
@@ -346,10 +347,9 @@ class LazyVolumes:
 
         store = open_store(self.store_url)
         try:
-            entries, _meta = get_tree(store, lazy.tree)
             filler = Filler(
                 store,
-                entries,
+                lazy.tree,
                 self.dirs(lazy.name).fill,
                 journal=self.state.journal(lazy.name),
                 rate=self.rate,

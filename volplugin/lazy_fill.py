@@ -21,6 +21,11 @@ only what was synced counts: everything else is removed before the journal takes
 new boot. Anything else in the staging directory (temp files
 of an interrupted run) is removed at start.
 
+Memory. The tree is read again for each pass, one directory node at a time
+(``records.iter_tree``); what stays in memory are the directory entries (their
+attributes are set last), the entries hard links name, and the paths placed since
+the last commit. Whether a path is done is asked of the journal.
+
 ``rate`` (bytes per second, 0 for no limit) throttles the fill, for tests and for hosts
 that must keep bandwidth for the reads of running containers: each fetched file takes
 at least its size divided by the rate, however slow the fetches before it were.
@@ -34,14 +39,14 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from layerfs import confined
 from layerfs.confined import DirFds, Escape, lstat_at, remove_at, split
-from layerfs.records import S_IFMT_OF, Entry, Kind
+from layerfs.records import S_IFMT_OF, Entry, Kind, dir_tree_root, iter_tree, node_entries
 from layerfs.store.chunks import ChunkStore
 from volplugin.backup.restore import Restorer
 
@@ -51,6 +56,7 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 COMMIT_BYTES = 64 << 20  # sync and record at least this often ...
 COMMIT_SECONDS = 2.0  # ... or this often, whichever comes first
 _NOT_CONTENT = (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE)
+_ADOPT_BATCH = 10000  # adopted paths recorded at once
 
 
 @dataclass
@@ -69,7 +75,7 @@ ProgressSink = Callable[[Progress], None]
 class Journal(Protocol):
     """Where a fill records the paths that are on disk (synced before they are recorded)."""
 
-    def completed(self) -> set[str]: ...
+    def done(self, path: str) -> bool: ...
 
     def last_boot(self) -> str | None: ...
 
@@ -82,6 +88,9 @@ class MemoryJournal:
 
     paths: set[str] = field(default_factory=set)
     boot: str | None = None
+
+    def done(self, path: str) -> bool:
+        return path in self.paths
 
     def completed(self) -> set[str]:
         return set(self.paths)
@@ -122,7 +131,7 @@ class Filler:
     def __init__(
         self,
         store: ChunkStore,
-        entries: list[Entry],
+        tree: str,
         target: Path,
         *,
         journal: Journal | None = None,
@@ -132,28 +141,42 @@ class Filler:
         report_every: float = 0.5,
     ) -> None:
         self.store = store
-        self.entries = entries
+        self.tree = tree
         self.target = Path(target)
         self.journal: Journal = journal if journal is not None else MemoryJournal()
         self.rate = rate
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
         self.report_every = report_every
-        self.by_path = {e.path: e for e in entries}
         self.progress = Progress()
-        for e in entries:
+        targets: set[str] = set()
+        for e in self._entries():
             if e.kind in _NOT_CONTENT:
                 continue
             self.progress.files_total += 1
             self.progress.bytes_total += e.size if e.kind is Kind.FILE else 0
-        self._restorer = Restorer(store, self.target, self.by_path)
-        self._done: set[str] = set()  # on disk (recorded, adopted or placed by this run)
+            if e.kind is Kind.HARDLINK:
+                targets.add(e.target)
+        # what hard links name: a link whose target is not there yet gets a copy
+        sources = {e.path: e for e in self._entries() if e.path in targets} if targets else {}
+        self._restorer = Restorer(store, self.target, sources)
         self._pending: list[str] = []  # placed by this run, not yet synced and recorded
+        self._placed: set[str] = set()  # the same, for look-ups
         self._pending_bytes = 0
         self._committed = 0.0
         self._due = 0.0
         self._reported = 0.0
         self._fds: DirFds | None = None
+
+    def _entries(self) -> Iterator[Entry]:
+        return iter_tree(self.store, self.tree)
+
+    def _content(self) -> Iterator[Entry]:
+        return (e for e in self._entries() if e.kind not in _NOT_CONTENT)
+
+    def _done(self, path: str) -> bool:
+        """Whether ``path`` is on disk: recorded in the journal, or placed by this run."""
+        return path in self._placed or self.journal.done(path)
 
     # -- run -----------------------------------------------------------------------------
 
@@ -170,31 +193,27 @@ class Filler:
     def _run(self, root: int) -> bool:
         boot = boot_id()
         self.progress.files_done = self.progress.bytes_done = 0
-        dirs = [e for e in self.entries if e.kind is Kind.DIR]
+        dirs = [e for e in self._entries() if e.kind is Kind.DIR]
         self._restorer.run(dirs)
-        self._sweep(dirs)
-        self._done = self.journal.completed() & self.by_path.keys()
+        self._sweep()
         if self.journal.last_boot() == boot:
             self._adopt(root, boot)
         else:  # what is not recorded may have lost its bytes: fetch it again
             self._discard_unrecorded()
             self.journal.record([], boot)  # from now on this boot's page cache counts
-        todo = []
-        for entry in self.entries:  # count what earlier runs left, so progress never drops
-            if entry.kind in _NOT_CONTENT:
-                continue
-            if entry.path in self._done:
+        for entry in self._content():  # count what earlier runs left, so progress never drops
+            if self._done(entry.path):
                 self._count(entry)
-            else:
-                todo.append(entry)
         self._report(force=True)
         self._committed = time.monotonic()
-        for entry in todo:
+        for entry in self._content():
             if self.stop.is_set():
                 break
+            if self._done(entry.path):
+                continue
             started = time.monotonic()
             fetched = self._fill(entry)
-            self._done.add(entry.path)
+            self._placed.add(entry.path)
             self._pending.append(entry.path)
             self._pending_bytes += fetched
             self._count(entry)
@@ -219,6 +238,7 @@ class Filler:
         confined.syncfs(root)
         self.journal.record(self._pending, boot)
         self._pending = []
+        self._placed = set()
         self._pending_bytes = 0
         self._committed = time.monotonic()
 
@@ -228,36 +248,45 @@ class Filler:
 
     # -- what is there already -----------------------------------------------------------
 
-    def _sweep(self, dirs: list[Entry]) -> None:
-        """Remove names that are no path of the tree (temp files of an interrupted run)."""
+    def _sweep(self) -> None:
+        """Remove names that are no path of the tree (temp files of an interrupted run),
+        comparing each directory with its node of the tree."""
         assert self._fds is not None
-        for entry in dirs:
+        stack: list[tuple[str, str | None]] = [("", dir_tree_root(self.store, self.tree))]
+        while stack:
+            path, node = stack.pop()
+            children = node_entries(self.store, node, path) if node is not None else []
+            stack.extend((e.path, child) for e, child in children if e.kind is Kind.DIR)
+            names = {e.name for e, _child in children}
             try:
-                fd = self._fds.get(entry.path)
+                fd = self._fds.get(path)
             except (Escape, FileNotFoundError):
                 continue  # the restorer reports it when it fills below
             for name in os.listdir(fd):
-                rel = f"{entry.path}/{name}" if entry.path else name
-                if rel not in self.by_path:
+                if name not in names:
                     remove_at(fd, name)
 
     def _adopt(self, root: int, boot: str) -> None:
         """Take what an earlier run of this boot placed but did not record (after a sync)."""
         confined.syncfs(root)
-        adopted = []
-        content = [e for e in self.entries if e.kind not in _NOT_CONTENT]
-        for entry in sorted(content, key=lambda e: e.kind is Kind.HARDLINK):  # links last
-            if entry.path not in self._done and self._complete(entry):
-                self._done.add(entry.path)
-                adopted.append(entry.path)
+        adopted: set[str] = set()  # not recorded yet
+        for links in (False, True):  # links last: they need their target adopted
+            for entry in self._content():
+                if (entry.kind is Kind.HARDLINK) is not links or self._done(entry.path):
+                    continue
+                if self._complete(entry, adopted):
+                    adopted.add(entry.path)
+                    if len(adopted) >= _ADOPT_BATCH:
+                        self.journal.record(sorted(adopted), boot)
+                        adopted = set()
         if adopted:
-            self.journal.record(adopted, boot)
+            self.journal.record(sorted(adopted), boot)
 
     def _discard_unrecorded(self) -> None:
         """Remove every entry the journal does not name (they may have lost their bytes)."""
         assert self._fds is not None
-        for entry in self.entries:
-            if entry.kind in _NOT_CONTENT or entry.path in self._done:
+        for entry in self._content():
+            if self._done(entry.path):
                 continue
             parent, name = split(entry.path)
             try:
@@ -273,15 +302,16 @@ class Filler:
         except (Escape, FileNotFoundError):
             return None
 
-    def _complete(self, entry: Entry) -> bool:
-        """Whether an earlier run of this boot put ``entry`` in place (see the docstring)."""
+    def _complete(self, entry: Entry, adopted: set[str]) -> bool:
+        """Whether an earlier run of this boot put ``entry`` in place (see the docstring);
+        ``adopted`` lists what was adopted but not recorded yet."""
         st = self._lstat(entry.path)
         if st is None or stat.S_IFMT(st.st_mode) != S_IFMT_OF[entry.kind]:
             return False
         if entry.kind is Kind.FILE:
             return st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns
         if entry.kind is Kind.HARDLINK:
-            if entry.target not in self._done:
+            if not (self._done(entry.target) or entry.target in adopted):
                 return False
             other = self._lstat(entry.target)
             return other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
@@ -291,7 +321,7 @@ class Filler:
 
     def _fill(self, entry: Entry) -> int:
         """Materialize one entry; return the bytes fetched."""
-        if entry.kind is Kind.HARDLINK and entry.target in self._done:
+        if entry.kind is Kind.HARDLINK and self._done(entry.target):
             self._link(entry.target, entry.path)
             return 0
         self._restorer.run([entry])

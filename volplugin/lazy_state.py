@@ -184,10 +184,12 @@ class LazyState:
         """The fill journal of ``name`` (see volplugin.lazy_fill.Journal)."""
         return StateJournal(self, name)
 
-    def filled_paths(self, name: str) -> set[str]:
+    def is_filled(self, name: str, path: str) -> bool:
         with self._lock:
-            rows = self._db.execute("SELECT path FROM lazy_filled WHERE name = ?", (name,))
-            return {os.fsdecode(row[0]) for row in rows.fetchall()}
+            row = self._db.execute(
+                "SELECT 1 FROM lazy_filled WHERE name = ? AND path = ?", (name, os.fsencode(path))
+            ).fetchone()
+            return row is not None
 
     def add_filled(self, name: str, paths: list[str], boot: str) -> None:
         """Record ``paths`` as on disk (the caller synced them first), in one transaction."""
@@ -216,8 +218,8 @@ class StateJournal:
     state: LazyState
     name: str
 
-    def completed(self) -> set[str]:
-        return self.state.filled_paths(self.name)
+    def done(self, path: str) -> bool:
+        return self.state.is_filled(self.name, path)
 
     def last_boot(self) -> str | None:
         record = self.state.get(self.name)
