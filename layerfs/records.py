@@ -66,6 +66,9 @@ S_IFMT_OF: dict[str, int] = {
 }
 
 
+_KIND_OF = {k.value: k for k in Kind}  # Kind by its JSON value, without Enum's lookup
+
+
 def kind_from_mode(mode: int) -> Kind:
     """The Kind of an st_mode (regular files are FILE)."""
     for kind, fmt in S_IFMT_OF.items():
@@ -124,20 +127,25 @@ class Entry:
 
     @classmethod
     def from_json(cls, d: dict) -> Entry:
-        """The entry of a document in ``to_json``'s form (checked by ``decode_tree_docs``)."""
+        """The entry of a document in ``to_json``'s form (checked by ``decode_tree_docs``).
+
+        Every tree read goes through here, once per entry: fields are passed in
+        order, and absent ones cost no allocation.
+        """
+        x, c, i, r = d.get("x"), d.get("c"), d.get("i"), d.get("d")
         return cls(
-            path=d["p"],
-            kind=Kind(d["k"]),
-            mode=d.get("m", 0),
-            uid=d.get("u", 0),
-            gid=d.get("g", 0),
-            mtime_ns=d.get("t", 0),
-            size=d.get("s", 0),
-            target=d.get("l", ""),
-            rdev=tuple(d["d"]) if "d" in d else (0, 0),  # type: ignore[arg-type]
-            xattrs={k: _unb64(v) for k, v in d.get("x", {}).items()},
-            chunks=[ChunkRef(c[0], c[1]) for c in d.get("c", [])],
-            inline=_unb64(d["i"]) if "i" in d else None,
+            d["p"],
+            _KIND_OF[d["k"]],
+            d.get("m", 0),
+            d.get("u", 0),
+            d.get("g", 0),
+            d.get("t", 0),
+            d.get("s", 0),
+            d.get("l", ""),
+            (0, 0) if r is None else tuple(r),
+            {} if x is None else {k: _unb64(v) for k, v in x.items()},
+            [] if c is None else [ChunkRef(digest, size) for digest, size in c],
+            None if i is None else _unb64(i),
         )
 
 
