@@ -25,6 +25,7 @@ import base64
 import json
 import stat
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -367,12 +368,31 @@ def dir_tree_root(store: ChunkStore, digest: str) -> str | None:
     BadTree if ``digest`` is not a directory tree's root record.
     """
     head = _load_json(store, digest)
-    root = head.get("root")
     if head.get("format") != DIR_TREE_FORMAT or "node" in head:
         raise BadTree(f"tree record {digest} is not the root of a directory tree")
-    if not (root is None or isinstance(root, str)):
-        raise BadTree(f"tree record {digest}: its root record is malformed")
+    try:
+        return _head_root(head)
+    except BadTree as exc:
+        raise BadTree(f"tree record {digest}: {exc}") from None
+
+
+def _head_root(head: dict) -> str | None:
+    """The root node a directory tree's root record names; BadTree if it is malformed."""
+    root = head.get("root")
+    if not isinstance(head.get("meta", {}), dict) or not (root is None or isinstance(root, str)):
+        raise BadTree("its root record is malformed")
     return root
+
+
+@contextmanager
+def _naming(what: str) -> Iterator[None]:
+    """Turn what a malformed record raises into BadTree naming ``what``."""
+    try:
+        yield
+    except BadTree as exc:
+        raise BadTree(f"{what}: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise BadTree(f"{what}: tree entry malformed: {exc!r}") from None
 
 
 def read_tree(store: ChunkStore, digest: str) -> TreeRead:
@@ -415,24 +435,39 @@ def _item_path(item: object, folder: str) -> str:
     return f"{folder}/{name}" if folder else name
 
 
+_Item = tuple[dict, object, str | None]  # entry JSON (full path), extra, the node it names
+
+
+def _node_items(store: ChunkStore, node_id: str, folder: str) -> list[_Item]:
+    """(entry JSON with its full path, extra, the node it names) of each item of the
+    node of directory ``folder``; BadTree unless every name is one component, only
+    directories name nodes, and no name repeats."""
+    out: list[_Item] = []
+    names: set[str] = set()
+    for item in read_node(store, node_id, folder):
+        path = _item_path(item, folder)
+        if path in names:
+            raise BadTree(f"{folder or 'the root'!r} holds {item['p']!r} twice")
+        names.add(path)
+        out.append(_take(item, path))
+    return out
+
+
 def _walk_dir_tree(
     store: ChunkStore, head: dict, records: list[str] | None = None, folder: str = ""
 ) -> Iterator[tuple[dict, object]]:
     """(entry JSON with its full path, extra) of a directory tree, depth first.
 
-    Checks the structure as it goes: names are one component, only a directory
-    entry names a node, no name repeats within a node, nesting stays within
-    MAX_DEPTH. The IDs of the nodes read are appended to ``records``. A walk
+    Checks the structure as it goes (``_node_items``; nesting stays within
+    MAX_DEPTH). The IDs of the nodes read are appended to ``records``. A walk
     below directory ``folder`` starts from a head of just its node (``root``).
     """
-    root, self_doc = head.get("root"), head.get("self")
-    if not isinstance(head.get("meta", {}), dict) or not (root is None or isinstance(root, str)):
-        raise BadTree("its root record is malformed")
+    root, self_doc = _head_root(head), head.get("self")
 
-    def items_of(node_id: str, folder: str, level: int) -> Iterator[object]:
+    def items_of(node_id: str, folder: str, level: int) -> Iterator[_Item]:
         if level > MAX_DEPTH:
             raise BadTree(f"directory {folder!r} is nested deeper than {MAX_DEPTH} levels")
-        items = read_node(store, node_id, folder)
+        items = _node_items(store, node_id, folder)
         if records is not None:
             records.append(node_id)
         return iter(items)
@@ -442,21 +477,17 @@ def _walk_dir_tree(
         yield doc, extra
     # depth first: a directory's entries follow its own entry, before its next sibling
     start = folder.count("/") + 2 if folder else 1
-    stack = [(items_of(root, folder, start), folder, start, set())] if root else []
+    stack = [(items_of(root, folder, start), start)] if root else []
     while stack:
-        items, folder, level, names = stack[-1]
-        item = next(items, None)
-        if item is None:
+        items, level = stack[-1]
+        found = next(items, None)
+        if found is None:
             stack.pop()
             continue
-        path = _item_path(item, folder)
-        if path in names:
-            raise BadTree(f"{folder or 'the root'!r} holds {item['p']!r} twice")
-        names.add(path)
-        doc, extra, child = _take(item, path)
+        doc, extra, child = found
         yield doc, extra
         if child is not None:
-            stack.append((items_of(child, path, level + 1), path, level + 1, set()))
+            stack.append((items_of(child, doc["p"], level + 1), level + 1))
 
 
 def _read_dir_tree(store: ChunkStore, digest: str, head: dict) -> TreeRead:
@@ -493,35 +524,27 @@ def iter_below(store: ChunkStore, node_id: str, folder: str) -> Iterator[Entry]:
 
 
 def _checked(walk: Iterator[tuple[dict, object]], what: str) -> Iterator[Entry]:
-    try:
+    with _naming(what):
         for doc, _extra in walk:
-            check_doc(doc)
-            yield Entry.from_json(doc)
-    except BadTree as exc:
-        raise BadTree(f"{what}: {exc}") from None
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise BadTree(f"{what}: tree entry malformed: {exc!r}") from None
+            yield _entry(doc)
+
+
+def _entry(doc: dict) -> Entry:
+    check_doc(doc)
+    return Entry.from_json(doc)
 
 
 def node_entries(store: ChunkStore, node_id: str, folder: str) -> list[tuple[Entry, str | None]]:
     """The entries of one directory node (full paths, checked) with the node each
     subdirectory names (None for other entries); BadTree names the node."""
-    out: list[tuple[Entry, str | None]] = []
-    names: set[str] = set()
-    try:
-        for item in read_node(store, node_id, folder):
-            path = _item_path(item, folder)
-            if path in names:
-                raise BadTree(f"{folder or 'the root'!r} holds {item['p']!r} twice")
-            names.add(path)
-            doc, _extra, child = _take(item, path)
-            check_doc(doc)
-            out.append((Entry.from_json(doc), child))
-    except BadTree as exc:
-        raise BadTree(f"node {node_id}: {exc}") from None
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise BadTree(f"node {node_id}: tree entry malformed: {exc!r}") from None
-    return out
+    with _naming(f"node {node_id}"):
+        return [(_entry(doc), child) for doc, _extra, child in _node_items(store, node_id, folder)]
+
+
+def _root_entry(head: dict) -> Entry | None:
+    """The entry of a directory tree's root directory, if its root record has one."""
+    self_doc = head.get("self")
+    return None if self_doc is None else _entry(_take(self_doc, "")[0])
 
 
 def find_entry(store: ChunkStore, digest: str, path: str) -> Entry | None:
@@ -530,21 +553,20 @@ def find_entry(store: ChunkStore, digest: str, path: str) -> Entry | None:
     head = _load_json(store, digest)
     if head.get("format") != DIR_TREE_FORMAT:
         return next((e for e in get_tree(store, digest)[0] if e.path == path), None)
-    if not path:
-        return next(iter_tree(store, digest), None) if head.get("self") is not None else None
-    node, folder = head.get("root"), ""
-    if not (node is None or isinstance(node, str)):
-        raise BadTree(f"tree record {digest}: its root record is malformed")
-    entry = None
-    for name in path.split("/"):
-        if node is None:
-            return None
-        found = next((ec for ec in node_entries(store, node, folder) if ec[0].name == name), None)
-        if found is None:
-            return None
-        entry, node = found
-        folder = entry.path
-    return entry
+    with _naming(f"tree record {digest}"):
+        if not path:
+            return _root_entry(head)
+        node, entry = _head_root(head), None
+        for name in path.split("/"):
+            if node is None:
+                return None
+            folder = entry.path if entry is not None else ""
+            children = node_entries(store, node, folder)
+            found = next((ec for ec in children if ec[0].name == name), None)
+            if found is None:
+                return None
+            entry, node = found
+        return entry
 
 
 def new_records(
@@ -563,14 +585,12 @@ def new_records(
     if not is_new(digest, None):
         return
     head = _load_json(store, digest)
-    try:
-        if head.get("format") != DIR_TREE_FORMAT:
-            yield get_tree(store, digest)[0]
-            return
-        root, self_doc = head.get("root"), head.get("self")
-        if not (root is None or isinstance(root, str)):
-            raise BadTree("its root record is malformed")
-        yield [] if self_doc is None else [Entry.from_json(_take(self_doc, "")[0])]
+    if head.get("format") != DIR_TREE_FORMAT:
+        yield get_tree(store, digest)[0]
+        return
+    with _naming(f"tree record {digest}"):
+        root, self_entry = _head_root(head), _root_entry(head)
+        yield [] if self_entry is None else [self_entry]
         stack = [(root, "", 1)] if root else []
         while stack:
             node_id, folder, level = stack.pop()
@@ -581,10 +601,6 @@ def new_records(
             found = node_entries(store, node_id, folder)
             stack.extend((child, e.path, level + 1) for e, child in found if child is not None)
             yield [e for e, _child in found]
-    except BadTree as exc:
-        raise BadTree(f"tree record {digest}: {exc}") from None
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise BadTree(f"tree record {digest}: tree entry malformed: {exc!r}") from None
 
 
 def keeps_order_as_dir_tree(docs: list[dict]) -> bool:
