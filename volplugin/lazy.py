@@ -46,7 +46,6 @@ from layerfs import confined
 from layerfs.errors import LayerfsError
 from layerfs.index import ImageView
 from layerfs.maintenance.pins import pin, unpin
-from layerfs.records import iter_tree
 from layerfs.store.location import default_store_url, open_store
 from volplugin.backup.docs import get_backup
 from volplugin.errors import BadOption, VolpluginError
@@ -198,17 +197,16 @@ class LazyVolumes:
             backend = store.backend
             with backend.lock(exclusive=False):  # no prune between the look-up and the pin
                 backup = get_backup(backend, ref)
-                for _entry in iter_tree(store, backup.tree):  # refuse a bad tree before anything
-                    pass
+                dirs = self.dirs(name)
+                # reads every entry, checked: a bad tree is refused before anything is made
+                totals = Filler(store, backup.tree, dirs.fill).progress
                 held = pin(backend, backup.tree, f"lazy volume {name} from backup {backup.id}")
                 self.state.add(name, backup.id, backup.tree, held.id)  # on_remove unpins
-            dirs = self.dirs(name)
             if dirs.base.exists():
                 shutil.rmtree(dirs.base)  # leftovers of a create that crashed
             prepare(store, dirs, backup.tree)
         finally:
             store.backend.close()
-        totals = Filler(store, backup.tree, dirs.fill).progress
         self.state.set_progress(name, 0, totals.files_total, 0, totals.bytes_total)
         mount(self.store_url, dirs, path, name)
         log.info("volume %s: serving backup %s lazily; filling in the background", name, ref)
