@@ -51,15 +51,20 @@ from typing import BinaryIO
 from layerfs import confined
 from layerfs.catalog import LayerRecord
 from layerfs.formats.layertar import INLINE_MAX
-from layerfs.fs.upper import X_METACOPY, X_OVL_METACOPY, read_metacopy
+from layerfs.fs.upper import X_METACOPY, read_metacopy
 from layerfs.metacontent import metacopy_bytes, store_metacopy
 from layerfs.records import Entry, Kind, get_tree, kind_from_mode
 from layerfs.store.chunks import ChunkRef, ChunkStore, WriteStats
+from layerfs.union.vocab import (
+    OPAQUE_VALUE,
+    UNCOMMITTED_XATTR_PREFIXES,
+    XATTR_METACOPY,
+    XATTR_OPAQUE,
+    XATTR_REDIRECT,
+    is_whiteout_stat,
+)
 
-OPAQUE_XATTR = "trusted.overlay.opaque"
-REDIRECT_XATTR = "trusted.overlay.redirect"
 PREFETCH_MAX = 1 << 20  # larger files get the kernel's sequential read-ahead anyway
-_HIDDEN_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.layerfs.", "trusted.layerfs.")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PREFETCH_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -137,10 +142,6 @@ def _fgetxattr(fd: int, name: str) -> bytes | None:
         return None
 
 
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
 def _open_subdir(dirfd: int, name: str) -> int | None:
     """The directory ``name`` in ``dirfd``, or None if it is no directory (any more)."""
     try:
@@ -169,8 +170,8 @@ def scan_upper(upper: Path | Tree, mountpoint: Path | Tree) -> list[UpperItem]:
                     if subdir is not None:
                         walk(subdir, child, True)
                 elif subdir is not None:
-                    redirect = _fgetxattr(subdir, REDIRECT_XATTR) is not None
-                    opaque = redirect or _fgetxattr(subdir, OPAQUE_XATTR) == b"y"
+                    redirect = _fgetxattr(subdir, XATTR_REDIRECT) is not None
+                    opaque = redirect or _fgetxattr(subdir, XATTR_OPAQUE) == OPAQUE_VALUE
                     items.append(UpperItem(child, opaque=opaque))
                     if redirect:
                         mount_dir = _open_subdir(*mount.at(child))
@@ -185,7 +186,7 @@ def scan_upper(upper: Path | Tree, mountpoint: Path | Tree) -> list[UpperItem]:
                     items.append(UpperItem(child))
                 else:
                     try:
-                        whiteout = _is_whiteout(dirent.stat(follow_symlinks=False))
+                        whiteout = is_whiteout_stat(dirent.stat(follow_symlinks=False))
                     except FileNotFoundError:
                         continue
                     items.append(UpperItem(child, whiteout=whiteout))
@@ -223,9 +224,9 @@ def _read_entry(tree: Tree, path: str) -> tuple[Entry, os.stat_result, bool]:
         entry.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
     xattrs = confined.read_xattrs(None, dirfd, name)
     for key, value in xattrs.items():
-        if not key.startswith(_HIDDEN_XATTR_PREFIXES):
+        if not key.startswith(UNCOMMITTED_XATTR_PREFIXES):
             entry.xattrs[key] = value
-    return entry, st, X_METACOPY in xattrs or X_OVL_METACOPY in xattrs
+    return entry, st, X_METACOPY in xattrs or XATTR_METACOPY in xattrs
 
 
 def _ancestors(path: str) -> Iterable[str]:
@@ -428,7 +429,7 @@ def _upper_content(
             return data
         os.lseek(fd, 0, os.SEEK_SET)
     meta = read_metacopy(fd)
-    if meta is None and _fgetxattr(fd, X_OVL_METACOPY) is None:
+    if meta is None and _fgetxattr(fd, XATTR_METACOPY) is None:
         with os.fdopen(fd, "rb", closefd=False) as f:
             return _file_content(store, f, size, write_stats)
     origin = lower.get(meta.origin) if meta is not None else None

@@ -24,21 +24,24 @@ from pathlib import Path
 from layerfs.errors import LayerfsError
 from layerfs.records import kind_from_mode
 from layerfs.treedir import TreeDir
+from layerfs.union.vocab import (
+    OPAQUE_MARKER,
+    OPAQUE_VALUE,
+    OVERLAY_XATTR_PREFIX,
+    WHITEOUT_PREFIX,
+    XATTR_OPAQUE,
+    NameKind,
+    is_whiteout_stat,
+    parse_member_name,
+    whiteout_name,
+)
 from layerfs.view import FsStats, Node
 
-WH_PREFIX = ".wh."
-WH_OPAQUE = ".wh..wh..opq"
-X_OPAQUE = "trusted.overlay.opaque"
-_HIDDEN_XATTRS = ("trusted.overlay.",)
 LAYER_SHIFT = 48
 
 
 class DirStackError(LayerfsError):
     """A lower directory of an overlay mount cannot be used."""
-
-
-def _whiteout_st(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _join(parent: str, name: str) -> str:
@@ -47,11 +50,11 @@ def _join(parent: str, name: str) -> str:
 
 def _opaque(tree: TreeDir, rel: str) -> bool:
     try:
-        if tree.xattr(os.getxattr, rel, X_OPAQUE) == b"y":
+        if tree.xattr(os.getxattr, rel, XATTR_OPAQUE) == OPAQUE_VALUE:
             return True
     except OSError:
         pass
-    return tree.lexists(_join(rel, WH_OPAQUE))
+    return tree.lexists(_join(rel, OPAQUE_MARKER))
 
 
 class DirStack:
@@ -88,17 +91,17 @@ class DirStack:
 
     def _entry(self, parent: str, name: str) -> list[tuple[int, str, os.stat_result]]:
         """Layers showing ``name`` in directory ``parent``: the top one, plus merged dirs."""
-        if name.startswith(WH_PREFIX):
+        if name.startswith(WHITEOUT_PREFIX):
             return []
         out: list[tuple[int, str, os.stat_result]] = []
         for index, pdir in self._dirs(parent):
             tree = self._trees[index]
             real = _join(pdir, name)
             st = tree.lstat(real)
-            if st is not None and _whiteout_st(st):
+            if st is not None and is_whiteout_stat(st):
                 break
             if st is None:
-                if tree.lexists(_join(pdir, WH_PREFIX + name)):
+                if tree.lexists(_join(pdir, whiteout_name(name))):
                     break
             elif not out:
                 out.append((index, real, st))
@@ -150,14 +153,15 @@ class DirStack:
                 with self._trees[index].scandir(real) as (_fd, entries):
                     for e in entries:
                         name = e.name
-                        if name.startswith(WH_PREFIX):
-                            if name != WH_OPAQUE:
-                                hidden.append(name[len(WH_PREFIX) :])
+                        marked = parse_member_name(name)
+                        if marked.kind is not NameKind.PLAIN:
+                            if marked.kind is NameKind.WHITEOUT:
+                                hidden.append(marked.hidden)
                             continue
                         if name in seen:
                             continue
                         plain = e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
-                        if not plain and _whiteout_st(e.stat(follow_symlinks=False)):
+                        if not plain and is_whiteout_stat(e.stat(follow_symlinks=False)):
                             hidden.append(name)
                             continue
                         seen.add(name)
@@ -195,7 +199,7 @@ class DirStack:
                 return {}
             raise
         for name in names:
-            if name.startswith(_HIDDEN_XATTRS):
+            if name.startswith(OVERLAY_XATTR_PREFIX):
                 continue
             try:
                 out[name] = tree.xattr(os.getxattr, rel, name)

@@ -22,14 +22,13 @@ from typing import BinaryIO
 from layerfs.errors import CorruptObject
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore
+from layerfs.union.vocab import OPAQUE_MARKER, whiteout_name
 
 BLOCK = 512
 _ZEROS = bytes(2 * BLOCK)
 SMALL_WRITE = 64 << 10  # writes below this are gathered before they go to the hashing thread
 BATCH_BYTES = 1 << 20  # bytes handed to the hashing thread at once
 QUEUED_BATCHES = 8  # batches waiting for the hashing thread (bounds memory)
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
 _REG = tarfile.REGTYPE
 _MAX7 = 8**7  # numbers below these fit 8- and 12-byte octal fields
 _MAX11 = 8**11
@@ -139,7 +138,7 @@ def _join(parent: str, name: str) -> str:
 def tar_info(entry: Entry) -> tarfile.TarInfo | None:
     """The tar header of one entry, or None for entries a tar cannot hold."""
     if entry.kind is Kind.WHITEOUT:
-        info = tarfile.TarInfo(_join(entry.parent, WHITEOUT_PREFIX + entry.name))
+        info = tarfile.TarInfo(_join(entry.parent, whiteout_name(entry.name)))
         info.mode = 0o600
         return info
     if entry.kind is Kind.OPAQUE:
@@ -177,7 +176,7 @@ def tar_header(entry: Entry) -> bytes | None:
     """
     kind = entry.kind
     if kind is Kind.WHITEOUT:
-        name, typeflag, mode = _join(entry.parent, WHITEOUT_PREFIX + entry.name), _REG, 0o600
+        name, typeflag, mode = _join(entry.parent, whiteout_name(entry.name)), _REG, 0o600
         uid = gid = mtime = size = 0
     elif kind is Kind.OPAQUE:
         name, typeflag, mode = _join(entry.path, OPAQUE_MARKER), _REG, 0o600

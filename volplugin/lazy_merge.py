@@ -37,7 +37,8 @@ from layerfs.confined import (
     read_xattrs,
     remove_at,
 )
-from layerfs.fs.upper import X_OPAQUE, MetaCopy, is_private_xattr, is_whiteout, read_metacopy
+from layerfs.fs.upper import MetaCopy, read_metacopy
+from layerfs.union.vocab import OPAQUE_VALUE, XATTR_OPAQUE, is_private_xattr, is_whiteout_stat
 from layerfs.view import View
 
 log = logging.getLogger("volplugin.lazy")
@@ -87,7 +88,7 @@ class _Merger:
         st = lstat_at(upfd, name)
         if st is None:
             return
-        if is_whiteout(st):
+        if is_whiteout_stat(st):
             remove_at(dstfd, name)
             self.applied += 1
             return
@@ -183,7 +184,7 @@ class _Merger:
 
 def _opaque(fd: int) -> bool:
     try:
-        return os.getxattr(fd, X_OPAQUE) == b"y"
+        return os.getxattr(fd, XATTR_OPAQUE) == OPAQUE_VALUE
     except OSError:
         return False
 

@@ -23,11 +23,10 @@ from layerfs.formats.readahead import LayerReader
 from layerfs.formats.streams import ForwardReader
 from layerfs.records import Entry, Kind
 from layerfs.store.chunks import ChunkStore, WriteStats
+from layerfs.union.vocab import NameKind, parse_member_name
 
 INLINE_MAX = 1024
 WHOLE_READ_MAX = 4 << 20  # members up to this size are read into memory whole
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
 _XATTR_PREFIX = "SCHILY.xattr."
 _STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError)
 
@@ -103,12 +102,13 @@ def _entry(
     except BadPath as exc:
         raise _reject(label, m.name, f"{exc}; refusing an unsafe archive") from None
     parent, _, base = path.rpartition("/")
-    if base.startswith(WHITEOUT_PREFIX):
-        if base == OPAQUE_MARKER:
+    marked = parse_member_name(base)
+    if marked.kind is not NameKind.PLAIN:
+        if marked.kind is NameKind.OPAQUE:
             return Entry(parent, Kind.OPAQUE)
-        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+        if marked.kind is NameKind.META:
             return None  # other whiteout metadata: never visible
-        hidden = base[len(WHITEOUT_PREFIX) :]
+        hidden = marked.hidden
         return Entry(f"{parent}/{hidden}" if parent else hidden, Kind.WHITEOUT)
     entry = Entry(
         path,

@@ -19,18 +19,16 @@ from collections.abc import Callable
 
 from layerfs.fs.upper import (
     X_INO,
-    X_OVL_METACOPY,
-    X_OVL_REDIRECT,
     MetaCopy,
     UpperDirs,
     clear_metacopy,
     is_opaque_at,
-    is_whiteout,
     set_opaque_at,
     write_metacopy,
 )
 from layerfs.records import Kind
 from layerfs.treedir import TreeDir
+from layerfs.union.vocab import XATTR_METACOPY, XATTR_REDIRECT, is_whiteout_stat
 from layerfs.view import Node, View
 
 LowerAt = Callable[[str], "Node | None"]
@@ -85,8 +83,8 @@ class CopyUp:
         try:
             write_metacopy(fd, MetaCopy(origin))
             if self.overlay:
-                os.setxattr(fd, X_OVL_METACOPY, b"")
-                os.setxattr(fd, X_OVL_REDIRECT, ("/" + origin).encode())
+                os.setxattr(fd, XATTR_METACOPY, b"")
+                os.setxattr(fd, XATTR_REDIRECT, ("/" + origin).encode())
         except OSError as exc:
             if exc.errno not in _XATTR_TOO_BIG:
                 raise
@@ -231,7 +229,7 @@ class CopyUp:
                     self.copy_up_tree(child)
         with self.tree.scandir(up) as (dfd, it):  # whiteouts hide nothing in an opaque dir
             for e in it:
-                if not e.is_dir(follow_symlinks=False) and is_whiteout(
+                if not e.is_dir(follow_symlinks=False) and is_whiteout_stat(
                     e.stat(follow_symlinks=False)
                 ):
                     os.unlink(e.name, dir_fd=dfd)

@@ -46,9 +46,13 @@ In the upper tree:
   its old path, and the old path gets a whiteout. No redirect xattrs are used
   for directories.
 * ``trusted.layerfs.*`` and ``trusted.overlay.*`` xattrs are never shown
-  through the mount. Temporary files of copy-up live in ``WORKDIR/work/`` and
-  are moved into place with rename(2), so a crash or full disk never leaves a
-  half-copied entry in the tree.
+  through the mount (layerfs.union.vocab.is_private_xattr). Temporary files
+  of copy-up live in ``WORKDIR/work/`` and are moved into place with
+  rename(2), so a crash or full disk never leaves a half-copied entry in the
+  tree.
+
+The overlayfs names above (whiteouts, ``trusted.overlay.*``) are defined once,
+in layerfs.union.vocab.
 """
 
 from __future__ import annotations
@@ -57,21 +61,24 @@ import contextlib
 import json
 import os
 import shutil
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfs.errors import LayerfsError
 from layerfs.treedir import TreeDir
+from layerfs.union.vocab import (
+    OPAQUE_VALUE,
+    WHITEOUT_MODE,
+    WHITEOUT_RDEV,
+    XATTR_METACOPY,
+    XATTR_OPAQUE,
+    XATTR_REDIRECT,
+)
 
 FORMAT = 1
 META_FILE = "layerfs.json"
-X_OPAQUE = "trusted.overlay.opaque"
 X_METACOPY = "trusted.layerfs.metacopy"
 X_INO = "trusted.layerfs.ino"
-X_OVL_METACOPY = "trusted.overlay.metacopy"
-X_OVL_REDIRECT = "trusted.overlay.redirect"
-PRIVATE_PREFIXES = ("trusted.layerfs.", "trusted.overlay.")
 
 
 class UpperError(LayerfsError):
@@ -147,38 +154,34 @@ def reset_tmp(dirs: UpperDirs) -> None:
 # -- whiteouts and opaque directories ------------------------------------------------
 
 
-def is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
 def make_whiteout(path: str) -> None:
-    os.mknod(path, stat.S_IFCHR | 0o000, 0)
+    os.mknod(path, WHITEOUT_MODE, WHITEOUT_RDEV)
 
 
 def is_opaque(path: str) -> bool:
     try:
-        return os.getxattr(path, X_OPAQUE, follow_symlinks=False) == b"y"
+        return os.getxattr(path, XATTR_OPAQUE, follow_symlinks=False) == OPAQUE_VALUE
     except OSError:
         return False
 
 
 def set_opaque(path: str) -> None:
-    os.setxattr(path, X_OPAQUE, b"y", follow_symlinks=False)
+    os.setxattr(path, XATTR_OPAQUE, OPAQUE_VALUE, follow_symlinks=False)
 
 
 def make_whiteout_at(tree: TreeDir, rel: str) -> None:
-    os.mknod(rel, stat.S_IFCHR | 0o000, 0, dir_fd=tree.fd)
+    os.mknod(rel, WHITEOUT_MODE, WHITEOUT_RDEV, dir_fd=tree.fd)
 
 
 def is_opaque_at(tree: TreeDir, rel: str) -> bool:
     try:
-        return tree.xattr(os.getxattr, rel, X_OPAQUE) == b"y"
+        return tree.xattr(os.getxattr, rel, XATTR_OPAQUE) == OPAQUE_VALUE
     except OSError:
         return False
 
 
 def set_opaque_at(tree: TreeDir, rel: str) -> None:
-    tree.xattr(os.setxattr, rel, X_OPAQUE, b"y")
+    tree.xattr(os.setxattr, rel, XATTR_OPAQUE, OPAQUE_VALUE)
 
 
 # -- metacopy files ---------------------------------------------------------------
@@ -248,7 +251,7 @@ def write_metacopy(fd: int, meta: MetaCopy) -> None:
 
 
 def clear_metacopy(path_or_fd: str | int) -> None:
-    for name in (X_METACOPY, X_OVL_METACOPY, X_OVL_REDIRECT):
+    for name in (X_METACOPY, XATTR_METACOPY, XATTR_REDIRECT):
         with contextlib.suppress(OSError):
             os.removexattr(path_or_fd, name)
 
@@ -273,7 +276,3 @@ def read_ino(path: str) -> int | None:
         return int(os.getxattr(path, X_INO, follow_symlinks=False))
     except (OSError, ValueError):
         return None
-
-
-def is_private_xattr(name: str) -> bool:
-    return name.startswith(PRIVATE_PREFIXES)

@@ -41,11 +41,8 @@ from layerfs.fs.copyup import CopyUp
 from layerfs.fs.lowlevel import LinkInvalidation
 from layerfs.fs.metafile import MetaFile
 from layerfs.fs.upper import (
-    PRIVATE_PREFIXES,
     UpperDirs,
     is_opaque_at,
-    is_private_xattr,
-    is_whiteout,
     make_whiteout_at,
     read_ino_at,
     read_metacopy_at,
@@ -55,6 +52,7 @@ from layerfs.fs.utimes import utimens_at
 from layerfs.records import Kind
 from layerfs.store.chunks import AVG_CHUNK
 from layerfs.treedir import PATH_MAX, TreeDir
+from layerfs.union.vocab import PRIVATE_XATTR_PREFIXES, is_private_xattr, is_whiteout_stat
 from layerfs.view import Node, View
 
 log = logging.getLogger(__name__)
@@ -63,7 +61,7 @@ UPPER_INO_TAG = 1 << 60  # st_ino of entries made in the upper tree
 _ACCMODE = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 _OPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
 _CREATE = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC
-_PRIVATE_PREFIXES = tuple(os.fsencode(p) for p in PRIVATE_PREFIXES)
+_PRIVATE_PREFIXES = tuple(os.fsencode(p) for p in PRIVATE_XATTR_PREFIXES)
 _CAPS = b"security.capability"
 _NO_CAPS_MAX = 1 << 16
 
@@ -176,7 +174,7 @@ class WritableOperations(Operations):
         """(upper stat or None, visible lower node or None); both None if absent."""
         up = self._up(path)
         st = self._ulstat(up)
-        if st is not None and is_whiteout(st):
+        if st is not None and is_whiteout_stat(st):
             return None, None
         if st is not None and not stat.S_ISDIR(st.st_mode):
             return st, None  # lower is only needed for directories and removals
@@ -225,7 +223,7 @@ class WritableOperations(Operations):
         """Copy the entry at ``path`` up (metadata only) if needed; return its upper path."""
         up = self._up(path)
         st = self._ulstat(up)
-        if st is not None and not is_whiteout(st):
+        if st is not None and not is_whiteout_stat(st):
             return up
         if st is not None:
             raise _err(errno.ENOENT)
@@ -253,7 +251,7 @@ class WritableOperations(Operations):
             except FileExistsError:
                 pass  # a whiteout (of an entry no longer shown), or an upper entry
         st = self._ulstat(up)
-        if st is None or not is_whiteout(st):
+        if st is None or not is_whiteout_stat(st):
             raise _err(errno.EEXIST)
         os.unlink(up, dir_fd=self._fd)
         return make(up), up, True
@@ -298,7 +296,7 @@ class WritableOperations(Operations):
             if node is None:
                 raise _err(errno.ENOENT)
             return up, None, node
-        if is_whiteout(st):
+        if is_whiteout_stat(st):
             raise _err(errno.ENOENT)
         mode = st.st_mode
         self._attrs.answer(stat.S_ISDIR(mode) or (self._cache_files and st.st_nlink == 1))
@@ -332,7 +330,7 @@ class WritableOperations(Operations):
         if st is None:
             node = self._lower_shown(text[1:])
             return pack_stat(node) if node is not None else None
-        if is_whiteout(st):
+        if is_whiteout_stat(st):
             return None
         return self._packed(st, up)
 
@@ -375,7 +373,7 @@ class WritableOperations(Operations):
             with self.tree.scandir(up) as (_fd, it):
                 for e in it:
                     plain = e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)
-                    if not plain and is_whiteout(e.stat(follow_symlinks=False)):
+                    if not plain and is_whiteout_stat(e.stat(follow_symlinks=False)):
                         hidden.add(e.name)
                         continue
                     hidden.add(e.name)
@@ -467,7 +465,7 @@ class WritableOperations(Operations):
         up = self._up(path)
         st = self._ulstat(up)  # (the kernel asks for security.capability before every write)
         if st is not None:
-            if is_whiteout(st):
+            if is_whiteout_stat(st):
                 raise _err(errno.ENOENT)
             return self.tree.xattr(os.getxattr, up, name)
         node = self._lower_at(path[1:])
@@ -584,7 +582,7 @@ class WritableOperations(Operations):
         up = self._up(path)
         raw = self._ulstat(up)
         under = self._lower_at(path[1:])
-        if raw is not None and is_whiteout(raw):
+        if raw is not None and is_whiteout_stat(raw):
             raise _err(errno.ENOENT)
         if raw is None and under is None:
             raise _err(errno.ENOENT)
@@ -652,7 +650,7 @@ class WritableOperations(Operations):
             self.copier.ensure_parents(new[1:])
             raw_new = self._ulstat(up_new)
             if raw_new is not None:
-                if is_whiteout(raw_new) and is_dir:
+                if is_whiteout_stat(raw_new) and is_dir:
                     os.unlink(up_new, dir_fd=self._fd)
                 elif stat.S_ISDIR(raw_new.st_mode):
                     self._clear_whiteouts(up_new)
@@ -729,7 +727,7 @@ class WritableOperations(Operations):
         writing = (flags & _ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         up = self._up(path)
         st = self._ulstat(up)
-        if st is not None and not is_whiteout(st):
+        if st is not None and not is_whiteout_stat(st):
             with self._lock:
                 return self._open_upper(up, flags), False
         node = self._lower_at(path[1:]) if st is None else None

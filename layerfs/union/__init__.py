@@ -1,0 +1,5 @@
+"""The union model shared by every layer of layerfs.
+
+* :mod:`layerfs.union.vocab` - the names overlayfs and OCI layer tars use for
+  whiteouts, opaque directories, redirects and metacopy files.
+"""
