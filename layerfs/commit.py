@@ -65,8 +65,17 @@ def locate(store: ChunkStore, mountpoint: Path) -> MountChanges:
     """The upper tree and image of the active layerfs mount at ``mountpoint``."""
     from layerfs.fs.mountinfo import load_mountinfo
     from layerfs.fs.mounting import find_mount
+    from layerfs.fs.service import find_image_mount
     from layerfs.fs.writemount import SUBTYPE
 
+    mounted = find_image_mount(mountpoint)
+    if mounted is not None:  # a kernel overlay: its changes are read through the mount
+        if mounted.upper is None:
+            raise NotCommittable(
+                f"{mountpoint} is a read-only mount: remount it with --upper DIR to record changes"
+            )
+        image = Catalog(store.backend).get_image(mounted.view.image_id)
+        return MountChanges(Path(mounted.mountpoint), mounted.upper, image)
     info = load_mountinfo(store.backend, mountpoint)
     if not info.upper_dir:
         raise NotCommittable(

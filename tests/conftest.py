@@ -23,6 +23,8 @@ def repository_password(tmp_path_factory) -> str:
     path.chmod(0o600)
     os.environ["LAYERFS_PASSWORD_FILE"] = str(path)
     os.environ["LAYERFS_TESTONLY_WEAKEN_KDF"] = "1"
+    # image views left by a test whose mounts were removed forcibly go within seconds
+    os.environ["LAYERFS_VIEW_IDLE"] = "2"
     return str(path)
 
 

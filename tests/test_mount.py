@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.errors import LayerfsError
-from layerfs.fs.mountinfo import load_mountinfo
 from layerfs.fs.mounting import find_mount
+from layerfs.fs.overlay import find_overlay
+from layerfs.fs.views import ViewInfo
 from layerfs.records import Entry, Kind
 from layerfs.store.location import open_store
 from tests.support.blobs import corrupt_blob
@@ -77,12 +77,17 @@ def mnt(image_store):
         yield m
 
 
-def test_listed_as_fuse_layerfs_with_cache_friendly_options(mnt):
+def test_listed_as_a_read_only_kernel_overlay_over_the_images_view(mnt):
     info = find_mount(mnt)
-    assert info is not None and info.fstype == "fuse.layerfs"
-    assert info.source == "lfsmnt/feature:1"
+    assert info is not None and (info.fstype, info.source) == ("overlay", "layerfs")
+    overlay = find_overlay(mnt)
+    assert overlay is not None and overlay.readonly and overlay.upper is None
+    view = find_mount(overlay.lowers[0])
+    assert view is not None and view.fstype == "fuse.layerfs-view"
+    assert view.source == "lfsmnt/feature:1"
+    assert overlay.data_layers == [ViewInfo.load(overlay.lowers[0]).data_dir]
     with open("/proc/mounts") as fh:
-        line = next(ln for ln in fh if ln.split()[1] == str(mnt))
+        line = next(ln for ln in fh if ln.split()[1] == overlay.lowers[0])
     opts = line.split()[3].split(",")
     assert "ro" in opts and "allow_other" in opts and "default_permissions" in opts
 
@@ -246,53 +251,48 @@ def test_chroot_runs_a_shell(tmp_path):
     assert out.stdout == "from the upper layer\n42\n"
 
 
-def test_foreground_mount_stays_attached_until_unmounted(image_store):
+def test_foreground_is_refused_for_an_image_mount(image_store):
     with public_dir() as base:
-        m = base / "m"
-        m.mkdir()
-        proc = subprocess.Popen(
-            [LAYERFS, "--store", str(image_store), "mount", "-f", "lfsmnt/feature:1", str(m)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while find_mount(m) is None and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert find_mount(m) is not None, proc.stderr.read() if proc.poll() else "not mounted"
-            assert proc.poll() is None
-            assert (m / "etc/hello").read_bytes() == b"hello world\n"
-            layerfs(image_store, "umount", str(m))
-            assert proc.wait(timeout=60) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        (base / "m").mkdir()
+        proc = layerfs(image_store, "mount", "-f", "lfsmnt/feature:1", str(base / "m"), check=False)
+        assert proc.returncode == 2 and "kernel overlay" in proc.stderr
+        assert find_mount(base / "m") is None
 
 
 @pytest.mark.parametrize("how", ["layerfs umount", "umount"])
-def test_unmounting_needs_no_store_or_password_and_drops_the_record(image_store, how):
-    """The mount's own process drops its record once unmounted, whoever unmounts it:
-    `layerfs umount` with no --store and no password, or the system's umount."""
+def test_unmounting_needs_no_store_or_password_and_releases_the_view(image_store, how):
+    """`layerfs umount` (no --store, no password) takes the view down with the last
+    mount over it; after the system's umount the view finds itself unused and goes."""
     with public_dir() as base:
-        m = base / "m"
+        m, m2 = base / "m", base / "m2"
         m.mkdir()
+        m2.mkdir()
         layerfs(image_store, "mount", "lfsmnt/feature:1", str(m))
-        backend = open_store(str(image_store)).backend
-        assert load_mountinfo(backend, m).alive
-        cmd = [LAYERFS, "umount", str(m)] if how == "layerfs umount" else ["umount", str(m)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd="/")
-        assert proc.returncode == 0, proc.stderr
-        assert find_mount(m) is None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                load_mountinfo(backend, m)
-            except LayerfsError:
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the mount's record outlived the mount")
+        layerfs(image_store, "mount", "lfsmnt/feature:1", str(m2))
+        view = find_overlay(m).lowers[0]
+        assert find_overlay(m2).lowers[0] == view  # one view for every mount of an image
+        pid = ViewInfo.load(view).pid
+        for target in (m, m2):
+            cmd = [LAYERFS, "umount", str(target)] if how == "layerfs umount" else ["umount"]
+            if how == "umount":
+                cmd.append(str(target))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd="/")
+            assert proc.returncode == 0, proc.stderr
+            assert find_mount(target) is None
+            if target == m:
+                assert find_mount(view) is not None  # m2 still uses it
+        deadline = time.monotonic() + 60
+        while (find_mount(view) is not None or _alive(pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert find_mount(view) is None and not _alive(pid)
+        assert not os.path.exists(view)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_errors_are_one_line_and_leave_nothing_mounted(image_store):

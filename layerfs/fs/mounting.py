@@ -1,6 +1,8 @@
-"""Mount any fusepy Operations object, in the foreground or as a daemon, and unmount.
+"""Run a FUSE mount's server in the foreground or as a daemon; find and remove mounts.
 
-``mount_operations`` takes a factory rather than an Operations object so that
+``mount_daemon`` runs any serving function (fusepy's or pyfuse3's) that way;
+``mount_operations`` does it for a fusepy Operations object. Both take
+factories rather than filesystem objects so that
 everything the filesystem opens (database connections, threads) is created in
 the process that serves the mount, after any fork. The daemon is a fork of the
 caller, so it imports nothing again. In the background the caller returns as
@@ -19,12 +21,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from fuse import Operations
+from typing import TYPE_CHECKING
 
 from layerfs.errors import LayerfsError
-from layerfs.fs.fastfuse import FastFUSE
-from layerfs.fs.names import register_fs_encoding
+
+if TYPE_CHECKING:
+    from fuse import Operations
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
 _READY = b"ready\n"
@@ -41,6 +43,7 @@ class KernelMount:
     mountpoint: str
     fstype: str
     source: str
+    options: str = ""  # the filesystem's own options (e.g. overlay's lowerdir=...)
 
 
 def _unescape(field: str) -> str:
@@ -50,17 +53,26 @@ def _unescape(field: str) -> str:
     return out
 
 
-def find_mount(mountpoint: str | Path) -> KernelMount | None:
-    """The topmost mount at ``mountpoint`` (a real path), or None."""
-    target = os.path.realpath(mountpoint)
-    found = None
+def kernel_mounts() -> list[KernelMount]:
+    """Every mount this process sees, in /proc/self/mountinfo order."""
+    out = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields = left.split()
-            if _unescape(fields[4]) == target:
-                fstype, source = right.split()[:2]
-                found = KernelMount(target, fstype, _unescape(source))
+            fstype, source, *rest = right.split()
+            options = rest[0] if rest else ""
+            out.append(KernelMount(_unescape(fields[4]), fstype, _unescape(source), options))
+    return out
+
+
+def find_mount(mountpoint: str | Path) -> KernelMount | None:
+    """The topmost mount at ``mountpoint`` (a real path), or None."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    for mount in kernel_mounts():
+        if mount.mountpoint == target:
+            found = mount
     return found
 
 
@@ -74,6 +86,9 @@ def _serve(
     options: dict,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
+    from layerfs.fs.fastfuse import FastFUSE
+    from layerfs.fs.names import register_fs_encoding
+
     ops = make_ops()
     if on_ready is not None:
         _call_after_init(ops, on_ready)
@@ -118,23 +133,57 @@ def mount_operations(
     timeout: float = 60.0,
     on_unmount: Callable[[], None] | None = None,
 ) -> int:
-    """Mount the filesystem ``make_ops`` builds at ``mountpoint``.
+    """Mount the fusepy filesystem ``make_ops`` builds at ``mountpoint``.
 
     ``options`` are fusepy keyword options (e.g. ``ro=True``, ``attr_timeout=60``).
-    In the foreground this serves until unmounted. Otherwise it forks a daemon
-    and returns its pid once the mount is listed as ``fuse.<subtype>``; if the
-    daemon dies first, MountError points at ``log_file``. ``on_unmount`` runs in
-    the serving process once the mount is gone (e.g. to drop its record).
+    The rest is as for ``mount_daemon``; the mount is listed as ``fuse.<subtype>``.
+    """
+    mountpoint = os.path.realpath(mountpoint)
+    options = dict(options, subtype=subtype, fsname=_safe_option(fsname))
+
+    def serve(on_ready: Callable[[], None] | None) -> None:
+        _serve(make_ops, mountpoint, options, on_ready)
+
+    return mount_daemon(
+        serve,
+        mountpoint,
+        fstype=f"fuse.{subtype}",
+        label=fsname,
+        foreground=foreground,
+        log_file=log_file,
+        timeout=timeout,
+        on_unmount=on_unmount,
+    )
+
+
+def mount_daemon(
+    serve: Callable[[Callable[[], None] | None], None],
+    mountpoint: str | Path,
+    *,
+    fstype: str,
+    label: str,
+    foreground: bool,
+    log_file: Path,
+    timeout: float = 60.0,
+    on_unmount: Callable[[], None] | None = None,
+) -> int:
+    """Run ``serve`` (which mounts at ``mountpoint`` and answers until unmounted).
+
+    ``serve`` is given a function to call once the mount exists (None in the
+    foreground). In the foreground this serves until unmounted. Otherwise it
+    forks a daemon in its own session and returns its pid once the mount is
+    listed as ``fstype``; if the daemon dies first, MountError points at
+    ``log_file``. ``on_unmount`` runs in the serving process once the mount is
+    gone (e.g. to drop its record).
     """
     mountpoint = os.path.realpath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory: create it first")
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point: unmount it first")
-    options = dict(options, subtype=subtype, fsname=_safe_option(fsname))
     if foreground:
         logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-        _serve(make_ops, mountpoint, options)
+        serve(None)
         if on_unmount is not None:
             on_unmount()
         return os.getpid()
@@ -153,8 +202,8 @@ def mount_operations(
         try:
             os.chdir("/")
             _setup_daemon_logging(log_file)
-            logging.getLogger(__name__).info("mounting %s at %s", fsname, mountpoint)
-            _serve(make_ops, mountpoint, options, lambda: os.write(write_end, _READY))
+            logging.getLogger(__name__).info("mounting %s at %s", label, mountpoint)
+            serve(lambda: os.write(write_end, _READY))
             logging.getLogger(__name__).info("unmounted %s", mountpoint)
             status = 0
             if on_unmount is not None:
@@ -167,7 +216,7 @@ def mount_operations(
     os.close(write_end)
     os.waitpid(pid, 0)
     try:
-        return _wait_mounted(read_end, mountpoint, f"fuse.{subtype}", log_file, timeout)
+        return _wait_mounted(read_end, mountpoint, fstype, log_file, timeout)
     finally:
         os.close(read_end)
 

@@ -99,8 +99,10 @@ class UpperDirs:
         return self.work / "work"
 
 
-def image_upper(base: Path, image: str, image_id: str) -> UpperDirs:
-    """Create or reopen the image-mode upper DIR for an image; refuse another image's DIR."""
+def image_upper(base: Path, image: str, image_id: str, upper_format: int = FORMAT) -> UpperDirs:
+    """Create or reopen the image-mode upper DIR for an image; refuse another image's DIR,
+    and one whose upper tree has another format (``upper_format``: this module's
+    FORMAT, or layerfs.fs.service's for kernel overlay uppers)."""
     base = Path(base).absolute()
     meta = base / META_FILE
     try:
@@ -112,8 +114,14 @@ def image_upper(base: Path, image: str, image_id: str) -> UpperDirs:
                     f"upper directory {base} holds changes to image {doc.get('image')} "
                     f"({doc.get('image_id')}), not {image}: use another --upper directory"
                 )
+            if doc.get("format", FORMAT) != upper_format:
+                raise UpperError(
+                    f"upper directory {base} was written in upper format {doc.get('format')}, "
+                    f"not {upper_format}: commit it with an older layerfs, or start a new "
+                    "--upper directory"
+                )
         else:
-            doc = {"format": FORMAT, "image": image, "image_id": image_id}
+            doc = {"format": upper_format, "image": image, "image_id": image_id}
             tmp = base / (META_FILE + ".tmp")
             tmp.write_text(json.dumps(doc, indent=1) + "\n")
             os.replace(tmp, meta)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -234,6 +235,57 @@ class ImageView:
 
     def statfs(self) -> FsStats:
         return self._stats
+
+    # -- by inode number (the image view daemon, layerfs.fs.imageview) -------------
+    def node(self, ino: int) -> Node | None:
+        """The node with inode number ``ino``, or None."""
+        row = (
+            self._db()
+            .execute(f"SELECT {_NODE_COLUMNS} FROM inodes i WHERE i.ino = ?", (ino,))
+            .fetchone()
+        )
+        return _node(row) if row is not None else None
+
+    def child(self, parent: int, name: bytes) -> Node | None:
+        """The node named ``name`` in directory ``parent``, or None."""
+        row = (
+            self._db()
+            .execute(
+                f"SELECT {_NODE_COLUMNS} FROM dirents d JOIN inodes i ON i.ino = d.ino "
+                "WHERE d.parent = ? AND d.name = ?",
+                (parent, name),
+            )
+            .fetchone()
+        )
+        return _node(row) if row is not None else None
+
+    def children(self, parent: int) -> list[tuple[bytes, Node]]:
+        """The entries of directory ``parent`` as (name, node), sorted by name."""
+        rows = self._db().execute(
+            f"SELECT d.name, {_NODE_COLUMNS} FROM dirents d JOIN inodes i ON i.ino = d.ino "
+            "WHERE d.parent = ? ORDER BY d.name",
+            (parent,),
+        )
+        return [(row[0], _node(row[1:])) for row in rows]
+
+    def stored_content(self, ino: int) -> tuple[bytes | None, bytes | None]:
+        """What the index records for a file's content: (inline bytes, packed chunk list)."""
+        row = self._db().execute("SELECT inline, chunks FROM inodes WHERE ino = ?", (ino,))
+        found = row.fetchone()
+        return (found[0], found[1]) if found is not None else (None, None)
+
+    def file_contents(self) -> Iterator[tuple[int, int, bytes | None, bytes | None]]:
+        """Every non-empty regular file as (ino, size, inline bytes, packed chunk list),
+        read lazily (for one thread's long walk)."""
+        rows = self._db().execute(
+            "SELECT ino, size, inline, chunks FROM inodes WHERE kind = ? AND size > 0 ORDER BY ino",
+            (Kind.FILE.value,),
+        )
+        yield from rows
+
+    def content_refs(self, packed: bytes) -> list[ChunkRef]:
+        """A packed chunk list (as ``stored_content`` gives it) as chunk references."""
+        return unpack_chunks(packed)
 
     def close(self) -> None:
         """Stop fetching ahead; close this thread's connection (others close with their threads)."""

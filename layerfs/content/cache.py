@@ -1,0 +1,160 @@
+"""ContentCache: files' plain bytes on local disk, named by content ID, bounded and evictable.
+
+Layout under the cache's root directory:
+
+* ``data/XX/ID``: the plain bytes of one content, read-only (mode 0444). ID is
+  64 hex digits, XX its first two. ``data/`` is the data-only lower layer of
+  every overlay mount of an image; a file of the image view points here with
+  ``trusted.overlay.redirect`` = ``/XX/ID``.
+* ``tmp/``: contents being written. A content appears under ``data/`` only
+  whole: it is written in ``tmp/``, synced and renamed into place, so a crash
+  leaves at most a temp file (named after the writer's pid), which the next
+  ``clean_temp`` removes once that process is gone.
+
+A content ID is a BLAKE3 hash of what the index records for a file: its list
+of chunk IDs (themselves keyed hashes of the plain bytes) or, for a small file
+kept inline, its bytes. Equal content in different images shares one file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerfs.errors import StoreError
+
+_CHUNKS_DOMAIN = b"layerfs content chunks v1\0"
+_INLINE_DOMAIN = b"layerfs content inline v1\0"
+
+
+def content_id(packed_chunks: bytes | None, inline: bytes | None) -> str:
+    """The content ID of a file from its index row (packed chunk list, or inline bytes)."""
+    import blake3
+
+    if inline is not None:
+        return blake3.blake3(_INLINE_DOMAIN + inline).hexdigest()
+    return blake3.blake3(_CHUNKS_DOMAIN + (packed_chunks or b"")).hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """What the cache holds: number of contents and bytes on disk."""
+
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ContentCache:
+    """The content cache rooted at ``root`` (created on first use)."""
+
+    root: Path
+
+    @property
+    def data_dir(self) -> Path:
+        """The directory overlay mounts use as their data-only lower layer."""
+        return self.root / "data"
+
+    def redirect(self, cid: str) -> bytes:
+        """The ``trusted.overlay.redirect`` value that points at a content."""
+        return f"/{cid[:2]}/{cid}".encode()
+
+    def path(self, cid: str) -> Path:
+        return self.data_dir / cid[:2] / cid
+
+    def has(self, cid: str) -> bool:
+        return os.path.exists(self.path(cid))
+
+    def put(self, cid: str, size: int, parts: Iterable[bytes | memoryview]) -> Path:
+        """Write a content from its bytes in order and return its path.
+
+        The bytes must add up to ``size``; otherwise nothing is kept and
+        StoreError says so. Writing a content that is already there is harmless.
+        """
+        target = self.path(cid)
+        tmp_dir = self.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f"{os.getpid()}.{cid[:16]}.")
+        try:
+            written = 0
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    n = os.write(fd, view)
+                    written += n
+                    view = view[n:]
+            if written != size:
+                raise StoreError(f"content {cid} came out {written} bytes long, not {size}")
+            os.fchmod(fd, 0o444)
+            os.fdatasync(fd)
+            os.close(fd)
+            fd = -1
+            os.rename(tmp, target)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            os.unlink(tmp)
+            raise
+        return target
+
+    def clean_temp(self) -> int:
+        """Remove temp files left by writers that died (their name starts with the
+        writer's pid); return how many."""
+        tmp_dir = self.root / "tmp"
+        removed = 0
+        if tmp_dir.is_dir():
+            for entry in os.scandir(tmp_dir):
+                pid = entry.name.partition(".")[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def _contents(self) -> Iterator[os.DirEntry[str]]:
+        if not self.data_dir.is_dir():
+            return
+        for sub in os.scandir(self.data_dir):
+            if sub.is_dir(follow_symlinks=False):
+                yield from os.scandir(sub.path)
+
+    def usage(self) -> CacheUsage:
+        files = total = 0
+        for entry in self._contents():
+            files += 1
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+        return CacheUsage(files, total)
+
+    def evict(self, max_bytes: int, keep: set[str]) -> CacheUsage:
+        """Remove the least recently used contents not in ``keep`` until at most
+        ``max_bytes`` are used; return what was removed."""
+        found = []
+        total = 0
+        for entry in self._contents():
+            st = entry.stat(follow_symlinks=False)
+            used = st.st_blocks * 512
+            total += used
+            if entry.name not in keep:
+                found.append((st.st_atime_ns, used, entry.path))
+        found.sort()
+        files = freed = 0
+        for _atime, used, path in found:
+            if total - freed <= max_bytes:
+                break
+            os.unlink(path)
+            files += 1
+            freed += used
+        return CacheUsage(files, freed)

@@ -1,0 +1,100 @@
+"""CacheFiller: puts every file of an image into the content cache, files being read first.
+
+One background thread walks the image's regular files in inode order and
+writes each content the cache lacks; a file someone opens before the walk
+reaches it is asked for with ``want`` and written next. Until its content is
+in the cache a file's bytes are served from the store (by the image view).
+A content that cannot be read (a missing or corrupt chunk) is logged with the
+object it names and skipped; reads of that file then fail the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from layerfs.content.cache import ContentCache, content_id
+from layerfs.errors import LayerfsError
+from layerfs.index.view import ImageView
+from layerfs.store.chunks import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+class CacheFiller:
+    """Fills ``cache`` with the contents of ``view``'s files on its own thread."""
+
+    def __init__(self, view: ImageView, store: ChunkStore, cache: ContentCache) -> None:
+        self.view = view
+        self.store = store
+        self.cache = cache
+        self._wanted: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.written = 0  # contents this filler wrote
+        self.failed = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cache-fill", daemon=True)
+        self._thread.start()
+
+    def want(self, ino: int) -> None:
+        """Ask for a file's content ahead of the walk (it is being read)."""
+        self._wanted.put(ino)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wanted.put(0)
+        if self._thread is not None:
+            self._thread.join()
+
+    def fill(self, ino: int, size: int, inline: bytes | None, packed: bytes | None) -> None:
+        """Write one file's content unless the cache has it."""
+        cid = content_id(packed, inline)
+        if self.cache.has(cid):
+            return
+        if inline is not None:
+            parts: object = [inline]
+        else:
+            parts = self.store.stream_content(self.view.content_refs(packed or b""))
+        try:
+            self.cache.put(cid, size, parts)  # type: ignore[arg-type]
+        except (LayerfsError, OSError) as exc:
+            self.failed += 1
+            log.error("cannot cache the content of inode %d (%s): %s", ino, cid, exc)
+            return
+        self.written += 1
+
+    def _fill_wanted(self, block: bool) -> None:
+        while True:
+            try:
+                ino = self._wanted.get(block=block, timeout=1.0 if block else None)
+            except queue.Empty:
+                return
+            if self._stop.is_set():
+                return
+            node = self.view.node(ino)
+            if node is not None:
+                inline, packed = self.view.stored_content(ino)
+                self.fill(ino, node.size, inline, packed)
+            block = False
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        self.cache.clean_temp()
+        for ino, size, inline, packed in self.view.file_contents():
+            self._fill_wanted(block=False)
+            if self._stop.is_set():
+                return
+            self.fill(ino, size, inline, packed)
+        log.info(
+            "content cache filled for %s in %.1f s: %d written, %d failed",
+            self.view.index.name,
+            time.monotonic() - started,
+            self.written,
+            self.failed,
+        )
+        while not self._stop.is_set():
+            self._fill_wanted(block=True)

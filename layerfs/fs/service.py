@@ -1,0 +1,100 @@
+"""The mount service: assembles a mount of an image, finds it again, takes it apart.
+
+A mount of an image is a kernel overlay (layerfs.fs.overlay) over the image's
+shared view (layerfs.fs.views) and the content cache; with an upper DIR it is
+writable and the kernel keeps every change in ``DIR/upper`` (overlayfs'
+format, ``DIR/work`` its workdir, ``DIR/layerfs.json`` the image it belongs
+to). Nothing else is recorded: the kernel's mount table says what is mounted
+where, and the view's record says which image it shows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerfs.catalog import ImageRecord
+from layerfs.errors import LayerfsError
+from layerfs.fs.mounting import MountError
+from layerfs.fs.overlay import find_overlay, mount_overlay, unmount_overlay
+from layerfs.fs.views import VIEW_CHUNK_CACHE, ViewInfo, open_view, release_view, view_path
+from layerfs.store.chunks import ChunkStore
+
+# layerfs.json "format" of an upper DIR whose upper tree is kernel overlayfs'
+KERNEL_UPPER_FORMAT = 2
+
+
+def mount_log_file(cache_dir: Path) -> Path:
+    """Where the view daemons of a store write their log."""
+    return cache_dir / "logs" / "mount.log"
+
+
+@dataclass(frozen=True)
+class ImageMount:
+    """A mounted image as the kernel and its view describe it."""
+
+    mountpoint: str
+    view: ViewInfo
+    upper_dir: Path | None  # DIR of --upper (None: read-only)
+    upper: Path | None  # the upper tree (DIR/upper)
+
+
+def mount_image(
+    store_url: str, store: ChunkStore, record: ImageRecord, mountpoint: Path, upper: Path | None
+) -> ImageMount:
+    """Mount ``record`` at ``mountpoint``, read-only or writable into ``upper``."""
+    from layerfs.fs.upper import image_upper
+    from layerfs.index import ensure_index
+    from layerfs.store.location import open_backend
+
+    index = Path(os.path.abspath(ensure_index(store, record)))
+    dirs = None
+    if upper is not None:
+        dirs = image_upper(upper, record.name, record.id, upper_format=KERNEL_UPPER_FORMAT)
+
+    def make_store() -> ChunkStore:
+        return ChunkStore(open_backend(store_url), cache_bytes=VIEW_CHUNK_CACHE)
+
+    log_file = mount_log_file(store.backend.cache_dir())
+    try:
+        with open_view(store, record, index, make_store, log_file) as view:
+            data = [Path(view.data_dir)] if view.redirects else []
+            mount_overlay(
+                mountpoint,
+                [Path(view.path)],
+                data,
+                upper=dirs.tree if dirs else None,
+                work=dirs.work if dirs else None,
+            )
+    except MountError:
+        release_view(view_path(store, index))
+        raise
+    return ImageMount(
+        os.path.realpath(mountpoint),
+        view,
+        Path(upper).absolute() if upper else None,
+        dirs.tree if dirs else None,
+    )
+
+
+def find_image_mount(mountpoint: str | Path) -> ImageMount | None:
+    """The image mounted at ``mountpoint``, or None if it is no layerfs image mount."""
+    found = find_overlay(mountpoint)
+    if found is None or not found.lowers:
+        return None
+    view = ViewInfo.load(found.lowers[0])
+    if view is None:
+        raise LayerfsError(
+            f"{found.mountpoint} is a layerfs overlay whose view {found.lowers[0]} has no "
+            "record: unmount it and mount the image again"
+        )
+    upper = Path(found.upper) if found.upper else None
+    return ImageMount(found.mountpoint, view, upper.parent if upper else None, upper)
+
+
+def unmount_image(mountpoint: str | Path) -> None:
+    """Unmount an image mount, and its view once no other mount uses it."""
+    found = unmount_overlay(mountpoint)
+    for lower in found.lowers[:1]:
+        release_view(lower)

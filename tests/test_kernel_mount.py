@@ -1,0 +1,191 @@
+"""Image mounts as kernel overlays: bytes from the content cache, writes in a kernel upper.
+
+Through the real `layerfs` command, real FUSE (the image view) and kernel overlayfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from layerfs.fs.overlay import find_overlay
+from layerfs.fs.views import ViewInfo
+from layerfs.store.location import open_store
+from tests.support.lfsmount import layerfs, mounted, public_dir
+from tests.support.synthetic import d, f, make_image
+
+pytestmark = pytest.mark.fuse
+
+BIG = os.urandom(6_000_000)
+IMAGE = "kmount/base:1"
+
+
+@pytest.fixture(scope="module")
+def image_store(tmp_path_factory) -> Path:
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        pytest.skip("needs /dev/fuse and root")
+    root = tmp_path_factory.mktemp("kmount-store")
+    s = open_store(str(root))
+    layer = [d(""), d("data"), f(s, "data/big", BIG), f(s, "data/small", b"small\n")]
+    layer += [d("etc"), f(s, "etc/conf", b"a=1\n", mode=0o640), d("tree"), d("tree/sub")]
+    layer += [f(s, "tree/sub/leaf", b"leaf\n")]
+    make_image(s, IMAGE, [layer])
+    return root
+
+
+def _view(mnt: Path) -> ViewInfo:
+    overlay = find_overlay(mnt)
+    assert overlay is not None
+    info = ViewInfo.load(overlay.lowers[0])
+    assert info is not None
+    return info
+
+
+def _rchar(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar line")
+
+
+def _wait_cached(view: ViewInfo, rel: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.getxattr(Path(view.path) / rel, "trusted.overlay.redirect")
+            return
+        except OSError as exc:
+            assert exc.errno == errno.ENODATA
+        time.sleep(0.05)
+    raise AssertionError(f"{rel} was not cached within 60 s")
+
+
+def test_file_bytes_come_from_the_content_cache_not_the_view(image_store):
+    with public_dir("kmount-") as base, mounted(image_store, IMAGE, base / "m") as m:
+        view = _view(m)
+        _wait_cached(view, "data/big")
+        redirect = os.getxattr(Path(view.path) / "data/big", "trusted.overlay.redirect")
+        cached = Path(view.data_dir) / redirect.decode().lstrip("/")
+        assert cached.read_bytes() == BIG
+        assert stat.S_IMODE(cached.stat().st_mode) == 0o444
+        # a fresh mount looks the file up again, now as a metacopy file
+        with mounted(image_store, IMAGE, base / "m2") as m2:
+            assert _view(m2).path == view.path
+            before = _rchar(view.pid)
+            assert (m2 / "data/big").read_bytes() == BIG
+            assert _rchar(view.pid) - before < len(BIG) // 10
+            st = os.stat(m2 / "data/big")
+            assert st.st_size == len(BIG) and stat.S_IMODE(st.st_mode) == 0o644
+        # the image's own xattrs show, the overlay's private ones never do
+        assert "trusted.overlay.redirect" not in os.listxattr(m / "data/big")
+
+
+def test_reads_are_served_by_the_view_while_the_cache_cannot_be_written(image_store, tmp_path):
+    """A cache that cannot take content (here: its temp directory is a file, as on a
+    broken or full disk) leaves every file readable through the view itself."""
+    cache = open_store(str(image_store)).backend.cache_dir() / "content"
+    saved = tmp_path / "saved"
+    if cache.exists():
+        cache.rename(saved)
+    cache.mkdir(parents=True)
+    (cache / "tmp").write_text("not a directory")
+    try:
+        with public_dir("kmount-") as base, mounted(image_store, IMAGE, base / "m") as m:
+            assert (m / "data/big").read_bytes() == BIG
+            assert (m / "tree/sub/leaf").read_bytes() == b"leaf\n"
+            view = _view(m)
+            with pytest.raises(OSError):
+                os.getxattr(Path(view.path) / "data/big", "trusted.overlay.redirect")
+    finally:
+        import shutil
+
+        time.sleep(3)  # the view goes once unused
+        shutil.rmtree(cache)
+        if saved.exists():
+            saved.rename(cache)
+
+
+def test_a_writable_mount_keeps_changes_in_a_kernel_upper_and_commits_them(image_store):
+    with public_dir("kmount-") as base:
+        upper = base / "changes"
+        (base / "m").mkdir()
+        layerfs(image_store, "mount", IMAGE, str(base / "m"), "--upper", str(upper))
+        m = base / "m"
+        try:
+            (m / "new").write_bytes(b"new file\n")
+            os.chmod(m / "data/big", 0o600)  # metadata only: no bytes copied up
+            os.rename(m / "tree", m / "moved")  # a lower directory renamed (redirect_dir)
+            os.unlink(m / "etc/conf")
+            with open(m / "data/small", "ab") as fh:
+                fh.write(b"more\n")
+            tree = upper / "upper"
+            assert os.getxattr(tree / "data/big", "trusted.overlay.metacopy") is not None
+            assert os.stat(tree / "data/big").st_blocks * 512 < 64 * 1024  # xattrs only
+            gone = os.lstat(tree / "etc/conf")
+            assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+            assert os.getxattr(tree / "moved", "trusted.overlay.redirect") == b"tree"
+            diff = layerfs(image_store, "diff", str(m)).stdout.splitlines()
+            for line in ("A /new", "C /data/big", "D /etc/conf", "A /moved/sub/leaf", "D /tree"):
+                assert line in diff
+            layerfs(image_store, "commit", str(m), "-t", "kmount/changed:1")
+        finally:
+            layerfs(image_store, "umount", str(m))
+        with mounted(image_store, "kmount/changed:1", base / "c") as c:
+            assert (c / "new").read_bytes() == b"new file\n"
+            assert (c / "data/big").read_bytes() == BIG
+            assert stat.S_IMODE(os.stat(c / "data/big").st_mode) == 0o600
+            assert (c / "data/small").read_bytes() == b"small\nmore\n"
+            assert (c / "moved/sub/leaf").read_bytes() == b"leaf\n"
+            assert not (c / "tree").exists() and not (c / "etc/conf").exists()
+
+
+def test_sigkill_of_the_view_leaves_the_upper_intact_and_committable(image_store):
+    with public_dir("kmount-") as base:
+        upper = base / "changes"
+        m = base / "m"
+        m.mkdir()
+        layerfs(image_store, "mount", IMAGE, str(m), "--upper", str(upper))
+        (m / "kept").write_bytes(b"written before the kill\n")
+        pid = _view(m).pid
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(OSError) as exc:
+            os.listdir(m / "data")
+        assert exc.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        layerfs(image_store, "umount", str(m))
+        # mounted again with the same upper: a new view, the change still there
+        layerfs(image_store, "mount", IMAGE, str(m), "--upper", str(upper))
+        try:
+            assert _view(m).pid != pid
+            assert (m / "kept").read_bytes() == b"written before the kill\n"
+            assert (m / "data/big").read_bytes() == BIG
+            layerfs(image_store, "commit", str(m), "-t", "kmount/kept:1")
+        finally:
+            layerfs(image_store, "umount", str(m))
+        with mounted(image_store, "kmount/kept:1", base / "c") as c:
+            assert (c / "kept").read_bytes() == b"written before the kill\n"
+
+
+def test_an_upper_of_the_fuse_engine_is_refused_with_a_clear_message(image_store):
+    with public_dir("kmount-") as base:
+        upper = base / "old"
+        upper.mkdir()
+        info = open_store(str(image_store))
+        from layerfs.catalog import Catalog
+
+        record = Catalog(info.backend).get_image(IMAGE)
+        (upper / "layerfs.json").write_text(
+            f'{{"format": 1, "image": "{record.name}", "image_id": "{record.id}"}}'
+        )
+        (base / "m").mkdir()
+        proc = layerfs(
+            image_store, "mount", IMAGE, str(base / "m"), "--upper", str(upper), check=False
+        )
+        assert proc.returncode == 1 and "upper format 1, not 2" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert find_overlay(base / "m") is None
