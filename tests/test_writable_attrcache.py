@@ -66,7 +66,8 @@ def test_a_second_name_shows_the_files_changes_at_once(m):
         assert first.read_bytes().endswith(b"more")
 
 
-def test_repeated_stats_of_a_file_are_answered_by_the_kernel(m, store):
+def test_repeated_stats_of_a_file_are_answered_by_the_kernel(fm, store):
+    m = fm
     p = m.path / "data" / "keep"
     os.stat(p)
     before = _daemon_requests(store, m)
@@ -75,7 +76,8 @@ def test_repeated_stats_of_a_file_are_answered_by_the_kernel(m, store):
     assert _daemon_requests(store, m) - before < 10
 
 
-def test_absent_names_are_remembered_until_made_through_the_mount(m, store):
+def test_absent_names_are_remembered_until_made_through_the_mount(fm, store):
+    m = fm
     p = m.path / "data" / "not-yet"
     for _ in range(2):
         assert not p.exists()

@@ -1,4 +1,4 @@
-"""Faults of writable mounts: a full upper disk, and a mount process killed with SIGKILL."""
+"""Faults of writable mounts: a full upper disk, and an image view killed with SIGKILL."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.fs.mountinfo import load_mountinfo
 from layerfs.fs.mounting import find_mount
-from layerfs.store.local import LocalBackend
+from layerfs.fs.overlay import find_overlay
+from layerfs.fs.views import ViewInfo
 from tests.support.lfsmount import force_unmount, layerfs, public_dir
 from tests.support.writable import (
     BIG,
@@ -63,7 +63,7 @@ def _fill(path: Path) -> OSError:
 
 def test_full_upper_gives_enospc_and_stays_consistent(store, small_disk):
     base, disk = small_disk
-    middle = len(BIG) // 2
+    middle = len(BIG) // 2  # BIG does not fit on the disk: copying it up fails
     with image_mount(store, base / "m", disk / "c") as m:
         assert _fill(m.path / "filler").errno == errno.ENOSPC
         with pytest.raises(OSError) as exc:
@@ -76,13 +76,12 @@ def test_full_upper_gives_enospc_and_stays_consistent(store, small_disk):
         assert (m.path / "big").read_bytes() == BIG  # still the lower bytes, not holes
         assert (m.path / "etc" / "hello").read_bytes() == FILES["etc/hello"]
         os.unlink(m.path / "filler")
-        with open(m.path / "big", "r+b") as fh:
-            fh.seek(middle)
+        with open(m.path / "etc" / "hello", "r+b") as fh:
             fh.write(b"!")
-    want = bytearray(BIG)
-    want[middle] = ord("!")
+    want = b"!" + FILES["etc/hello"][1:]
     with image_mount(store, base / "m", disk / "c") as m:
-        assert (m.path / "big").read_bytes() == want
+        assert (m.path / "etc" / "hello").read_bytes() == want
+        assert (m.path / "big").read_bytes() == BIG
         assert not os.path.exists(m.path / "filler")
     assert os.listdir(disk / "c" / "work" / "work") == []
 
@@ -102,12 +101,13 @@ def test_sigkill_loses_nothing_fsynced_and_mount_recovers(store):
             os.fsync(fd)
             os.close(fd)
             os.unlink(mnt / "etc" / "hello")
-            pid = load_mountinfo(LocalBackend(store), mnt).pid
-            os.kill(pid, signal.SIGKILL)
+            view = find_overlay(mnt).lowers[0]
+            os.kill(ViewInfo.load(view).pid, signal.SIGKILL)  # the mount's only process
             with pytest.raises(OSError) as exc:
                 for _ in range(200):  # the kernel notices the dead daemon at the next request
-                    os.listdir(mnt)  # (a stat may be answered from cached attributes)
+                    os.listdir(mnt / "data" / "d1")  # (a lower directory not read so far)
             assert exc.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+            # mounting again at the same place replaces the mount whose view died
             layerfs(store, "mount", IMAGE, str(mnt), "--upper", str(changes))
             assert (mnt / "synced").read_bytes() == b"durable"
             assert (mnt / "big").read_bytes() == BIG[:1000] + b"KILLED" + BIG[1006:]

@@ -26,6 +26,7 @@ from layerfs.fs.mounting import MountError, find_mount, kernel_mounts
 FSTYPE = "overlay"
 SOURCE = "layerfs"  # the source column of every layerfs overlay mount
 MS_RDONLY = 1
+MNT_DETACH = 2
 
 
 def data_only_layers_supported(release: str | None = None) -> bool:
@@ -80,7 +81,9 @@ def mount_overlay(
     lowerdir = ":".join(_check_path(p) for p in lowers)
     if data_layers:
         lowerdir += "::" + "::".join(_check_path(p) for p in data_layers)
-    options = [f"lowerdir={lowerdir}", "metacopy=on"]
+    # xino: one st_dev for the whole mount, and inode numbers that stay the same across
+    # copy-up and remount (the layers are on different filesystems)
+    options = [f"lowerdir={lowerdir}", "metacopy=on", "xino=on"]
     flags = 0
     if upper is None:
         options.append("redirect_dir=follow")
@@ -140,9 +143,10 @@ def unmount_overlay(mountpoint: str | Path) -> OverlayMount:
     return found
 
 
-def umount(path: str) -> None:
-    """umount(2) of ``path``; MountError with the reason if the kernel refuses."""
+def umount(path: str, lazy: bool = False) -> None:
+    """umount(2) of ``path`` (``lazy``: detach it now, let it go once unused);
+    MountError with the reason if the kernel refuses."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.umount2(os.fsencode(path), 0) != 0:
+    if libc.umount2(os.fsencode(path), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
         raise MountError(f"cannot unmount {path}: {os.strerror(err)}")

@@ -10,6 +10,7 @@ where, and the view's record says which image it shows.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,18 @@ from pathlib import Path
 from layerfs.catalog import ImageRecord
 from layerfs.errors import LayerfsError
 from layerfs.fs.mounting import MountError
-from layerfs.fs.overlay import find_overlay, mount_overlay, unmount_overlay
-from layerfs.fs.views import VIEW_CHUNK_CACHE, ViewInfo, open_view, release_view, view_path
+from layerfs.fs.overlay import find_overlay, mount_overlay, umount, unmount_overlay
+from layerfs.fs.views import (
+    VIEW_CHUNK_CACHE,
+    ViewInfo,
+    open_view,
+    release_view,
+    view_answers,
+    view_path,
+)
 from layerfs.store.chunks import ChunkStore
+
+log = logging.getLogger(__name__)
 
 # layerfs.json "format" of an upper DIR whose upper tree is kernel overlayfs'
 KERNEL_UPPER_FORMAT = 2
@@ -48,6 +58,10 @@ def mount_image(
     from layerfs.index import ensure_index
     from layerfs.store.location import open_backend
 
+    stale = find_overlay(mountpoint)
+    if stale is not None and stale.lowers and not view_answers(stale.lowers[0]):
+        log.warning("replacing the mount at %s, whose image view died", stale.mountpoint)
+        umount(stale.mountpoint, lazy=True)
     index = Path(os.path.abspath(ensure_index(store, record)))
     dirs = None
     if upper is not None:

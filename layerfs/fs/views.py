@@ -28,6 +28,7 @@ from pathlib import Path
 from layerfs.catalog import ImageRecord
 from layerfs.content.cache import ContentCache
 from layerfs.fs.mounting import find_mount, mount_daemon
+from layerfs.fs.overlay import data_only_layers_supported, layerfs_overlays, umount
 from layerfs.store.chunks import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,16 @@ def view_path(store: ChunkStore, index: Path) -> Path:
     return run_dir() / "views" / key
 
 
-def _answers(path: Path) -> bool:
+def view_answers(path: str | Path) -> bool:
+    """Whether the view mounted at ``path`` still has its daemon (opening asks it;
+    a stat may be answered from cached attributes)."""
     try:
-        os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             return False
         raise
+    os.close(fd)
     return True
 
 
@@ -108,7 +112,6 @@ def open_view(
     The view cannot stop while the ``with`` block runs (mount over it there).
     ``make_store`` opens the store again in the view's own process.
     """
-    from layerfs.fs.overlay import data_only_layers_supported
 
     path = view_path(store, index)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,11 +129,11 @@ def open_view(
     with _locked(path) as lock:
         mounted = find_mount(path)
         if mounted is not None and mounted.fstype == VIEW_FSTYPE:
-            if _answers(path):
+            if view_answers(path):
                 yield ViewInfo.load(path) or info
                 return
             log.warning("the view at %s lost its daemon: starting a new one", path)
-            _detach(path)
+            umount(str(path), lazy=True)
         path.mkdir(exist_ok=True)
         cache.data_dir.mkdir(parents=True, exist_ok=True)
         Path(f"{path}.json").write_text(json.dumps(asdict(info)) + "\n")
@@ -189,16 +192,8 @@ def idle_seconds() -> float:
     return float(os.environ.get("LAYERFS_VIEW_IDLE") or 30)
 
 
-def _detach(path: str | Path) -> None:
-    import subprocess
-
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 def release_view(view: str | Path) -> bool:
     """Unmount the view at ``view`` if no layerfs overlay uses it; whether it was."""
-    from layerfs.fs.overlay import layerfs_overlays
-
     target = os.path.realpath(view)
     with _locked(target):
         if any(target in m.lowers for m in layerfs_overlays()):
@@ -206,8 +201,6 @@ def release_view(view: str | Path) -> bool:
         mounted = find_mount(target)
         if mounted is None or mounted.fstype != VIEW_FSTYPE:
             return False
-        from layerfs.fs.overlay import umount
-
         umount(target)
         os.rmdir(target)
         Path(f"{target}.json").unlink(missing_ok=True)

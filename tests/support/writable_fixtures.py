@@ -1,8 +1,11 @@
 """The `store` and `m` fixtures shared by the writable-mount test modules.
 
 A test module uses them by naming this module in its `pytest_plugins`.
-`m` runs each test on both mount modes ("image" and "overlay", see
-tests.support.writable.mounted_as) over one store per module.
+`m` runs each test on both mount modes ("image": a kernel overlay over the
+image's view; "overlay": the FUSE engine over plain directories, see
+tests.support.writable.mounted_as) over one store per module; `fm` only on
+the FUSE engine, for what only it promises (its own caching, its upper format,
+hard links kept whole across copy-up).
 """
 
 from __future__ import annotations
@@ -22,4 +25,10 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(params=["image", "overlay"])
 def m(request, store):
     with mounted_as(request.param, store) as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def fm(store):
+    with mounted_as("overlay", store) as mnt:
         yield mnt
