@@ -63,6 +63,19 @@ def password_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     )
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A size such as 512, 100M, 20G or 1.5T (powers of 1024; an optional B or iB) in bytes."""
+    import re
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if found is None:
+        raise ValueError(f"{text!r} is not a size (e.g. 512, 100M, 20G)")
+    return int(float(found[1]) * _SIZE_UNITS[found[2].upper()])
+
+
 def human_bytes(n: float) -> str:
     """``1536`` → ``'1.5 KiB'``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

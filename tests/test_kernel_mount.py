@@ -189,3 +189,37 @@ def test_an_upper_of_the_fuse_engine_is_refused_with_a_clear_message(image_store
         assert proc.returncode == 1 and "upper format 1, not 2" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
         assert find_overlay(base / "m") is None
+
+
+def _cached_ids(image_store: Path) -> set[str]:
+    data = open_store(str(image_store)).backend.cache_dir() / "content" / "data"
+    return {p.name for p in data.glob("*/*")}
+
+
+def test_the_cache_evicts_only_what_no_mounted_image_uses(image_store, monkeypatch):
+    s = open_store(str(image_store))
+    make_image(s, "kmount/other:1", [[d(""), f(s, "other", b"other content\n" * 1000)]])
+    with public_dir("kmount-") as base:
+        with mounted(image_store, IMAGE, base / "m") as m:
+            for rel in ("data/big", "data/small", "etc/conf", "tree/sub/leaf"):
+                _wait_cached(_view(m), rel)
+            mine = _cached_ids(image_store)
+            assert len(mine) >= 4  # big, small, conf, leaf (and other tests' leftovers)
+            out = layerfs(image_store, "cache", "prune").stdout
+            assert out.startswith("evicted ") and "; 4 left" in out
+            used = _cached_ids(image_store)  # exactly the mounted image's 4 contents
+            assert len(used) == 4 and used <= mine
+            assert (m / "data/big").read_bytes() == BIG
+        # a bound: the next view's fill evicts what no mounted image uses
+        monkeypatch.setenv("LAYERFS_CACHE_MAX", "1K")
+        with mounted(image_store, "kmount/other:1", base / "o") as o:
+            _wait_cached(_view(o), "other")
+            deadline = time.monotonic() + 30
+            while _cached_ids(image_store) & used and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left = _cached_ids(image_store)
+            assert not left & used  # the unmounted image's contents went
+            assert len(left) == 1  # the mounted one's stayed, over the bound
+            assert (o / "other").read_bytes() == b"other content\n" * 1000
+    usage = layerfs(image_store, "cache", "usage").stdout
+    assert ": 1 contents, " in usage and "mounted:" not in usage

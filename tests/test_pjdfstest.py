@@ -66,3 +66,42 @@ def test_pjdfstest_passes_where_fuse_overlayfs_passes(suite: Path, tmp_path: Pat
     assert len(ours.files) == len(baseline.files) > 200
     regressions = sorted(baseline.passed - ours.passed)
     assert not regressions, f"pass on fuse-overlayfs but fail on layerfs: {regressions}"
+
+
+@pytest.mark.timeout(3000)
+def test_pjdfstest_passes_in_a_writable_image_mount_at_its_root_and_deeper(
+    suite: Path, tmp_path: Path, capsys
+) -> None:
+    """An image mount is kernel overlayfs over the image view: no file of the suite may
+    fail, at the mount's root or in a subdirectory (where paths near PATH_MAX gain a
+    component, which a daemon that rebuilds whole paths gets wrong)."""
+    from layerfs.store.location import open_store
+    from tests.support.synthetic import d, f, make_image
+
+    store = tmp_path / "store"
+    s = open_store(str(store))
+    make_image(s, "pjd/base:1", [[d(""), d("etc"), f(s, "etc/hello", b"hello\n")]])
+    mounts = []
+    for name in ("root", "deep"):
+        mnt = tmp_path / name / "mnt"
+        mnt.mkdir(parents=True)
+        cmd = [str(LAYERFS), "--store", str(store), "mount", "pjd/base:1", str(mnt)]
+        subprocess.run([*cmd, "--upper", str(tmp_path / name / "changes")], check=True)
+        mounts.append(mnt)
+    root, deep = mounts
+    (deep / "a" / "deeper").mkdir(parents=True)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            at_root = pool.submit(pjdfstest.run, root)
+            below = pool.submit(pjdfstest.run, deep / "a" / "deeper")
+            results = {"at the root": at_root.result(), "in a subdirectory": below.result()}
+    finally:
+        for mnt in mounts:
+            subprocess.run([str(LAYERFS), "umount", str(mnt)], check=False)
+    with capsys.disabled():
+        for where, result in results.items():
+            print(f"\n== pjdfstest in a writable image mount, {where} ==")
+            print(f"files: {len(result.files)}, failed: {sorted(result.failed)}")
+    for where, result in results.items():
+        assert len(result.files) > 200, where
+        assert not result.failed, f"{where}: {result.summary}"

@@ -21,6 +21,7 @@ MODULES: list[str] = [
     "layerfs.commands.changes",
     "layerfs.commands.images",
     "layerfs.commands.keys",
+    "layerfs.commands.cache",
 ]
 OWNERS: dict[str, str] = {
     "mount": "layerfs.commands.mount",

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from layerfs.content.cache import ContentCache, content_id
 from layerfs.errors import LayerfsError
@@ -26,8 +27,15 @@ log = logging.getLogger(__name__)
 class CacheFiller:
     """Fills ``cache`` with the contents of ``view``'s files on its own thread."""
 
-    def __init__(self, view: ImageView, store: ChunkStore, cache: ContentCache) -> None:
+    def __init__(
+        self,
+        view: ImageView,
+        store: ChunkStore,
+        cache: ContentCache,
+        on_filled: Callable[[], None] | None = None,
+    ) -> None:
         self.view = view
+        self.on_filled = on_filled  # called once the walk is done (e.g. to trim the cache)
         self.store = store
         self.cache = cache
         self._wanted: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -96,5 +104,10 @@ class CacheFiller:
             self.written,
             self.failed,
         )
+        if self.on_filled is not None:
+            try:
+                self.on_filled()
+            except (LayerfsError, OSError) as exc:
+                log.error("after filling the content cache: %s", exc)
         while not self._stop.is_set():
             self._fill_wanted(block=True)

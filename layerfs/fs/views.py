@@ -70,6 +70,56 @@ class ViewInfo:
             return None
 
 
+def live_views(cache_dir: str | Path) -> list[ViewInfo]:
+    """The views of the store whose cache directory is ``cache_dir`` that are mounted."""
+    folder = run_dir() / "views"
+    out = []
+    if folder.is_dir():
+        for record in sorted(folder.glob("*.json")):
+            info = ViewInfo.load(record.with_suffix(""))
+            mounted = find_mount(record.with_suffix("")) if info is not None else None
+            if (
+                info is not None
+                and info.cache_dir == str(cache_dir)
+                and mounted is not None
+                and mounted.fstype == VIEW_FSTYPE
+            ):
+                out.append(info)
+    return out
+
+
+def contents_in_use(cache_dir: str | Path) -> set[str]:
+    """Content IDs of every file of every mounted view of a store (never evicted)."""
+    from layerfs.content.cache import content_id
+    from layerfs.index.view import file_contents
+
+    used: set[str] = set()
+    for info in live_views(cache_dir):
+        for _ino, _size, inline, packed in file_contents(Path(info.index)):
+            used.add(content_id(packed, inline))
+    return used
+
+
+def cache_limit() -> int:
+    """The content cache's bound in bytes ($LAYERFS_CACHE_MAX, e.g. 20G; default 20 GiB)."""
+    from layerfs.clitools import parse_size
+
+    return parse_size(os.environ.get("LAYERFS_CACHE_MAX") or "20G")
+
+
+def trim_cache(cache: ContentCache, cache_dir: str | Path, limit: int) -> None:
+    """Evict unused contents, least recently used first, until ``limit`` bytes are used."""
+    if cache.usage().bytes <= limit:
+        return
+    removed = cache.evict(limit, contents_in_use(cache_dir))
+    log.info(
+        "content cache over %d bytes: evicted %d contents (%d bytes)",
+        limit,
+        removed.files,
+        removed.bytes,
+    )
+
+
 def view_path(store: ChunkStore, index: Path) -> Path:
     key = hashlib.sha256(f"{store.backend.cache_dir()}\0{index}".encode()).hexdigest()[:32]
     return run_dir() / "views" / key
@@ -176,7 +226,9 @@ def _serve_view(
 
     store = make_store()
     view = ImageView(store, index, read_ahead=True)
-    filler = CacheFiller(view, store, cache)
+    cache_dir = store.backend.cache_dir()
+    limit = cache_limit()
+    filler = CacheFiller(view, store, cache, on_filled=lambda: trim_cache(cache, cache_dir, limit))
     if redirects:
         filler.start()
     try:

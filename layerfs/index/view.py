@@ -76,6 +76,22 @@ def _node(row: tuple) -> Node:
     )
 
 
+def _file_contents(db: sqlite3.Connection) -> Iterator[tuple[int, int, bytes | None, bytes | None]]:
+    yield from db.execute(
+        "SELECT ino, size, inline, chunks FROM inodes WHERE kind = ? AND size > 0 ORDER BY ino",
+        (Kind.FILE.value,),
+    )
+
+
+def file_contents(index: Path) -> Iterator[tuple[int, int, bytes | None, bytes | None]]:
+    """ImageView.file_contents of an index, without a store (e.g. to list what it uses)."""
+    db = sqlite3.connect(f"file:{index}?mode=ro&immutable=1", uri=True)
+    try:
+        yield from _file_contents(db)
+    finally:
+        db.close()
+
+
 class ImageView:
     """A layerfs.view.View over an image index built by layerfs.index.build."""
 
@@ -277,11 +293,7 @@ class ImageView:
     def file_contents(self) -> Iterator[tuple[int, int, bytes | None, bytes | None]]:
         """Every non-empty regular file as (ino, size, inline bytes, packed chunk list),
         read lazily (for one thread's long walk)."""
-        rows = self._db().execute(
-            "SELECT ino, size, inline, chunks FROM inodes WHERE kind = ? AND size > 0 ORDER BY ino",
-            (Kind.FILE.value,),
-        )
-        yield from rows
+        yield from _file_contents(self._db())
 
     def content_refs(self, packed: bytes) -> list[ChunkRef]:
         """A packed chunk list (as ``stored_content`` gives it) as chunk references."""

@@ -1,0 +1,156 @@
+"""What the benchmarks need to know about layerfs image mounts and the processes behind them.
+
+A layerfs image mount is a kernel overlay over the image's view (a FUSE mount
+under /run/layerfs/views, one per image, served by a daemon whose pid its
+record keeps) and the store's content cache, which the view fills in the
+background. Here: the view and its daemon behind a mountpoint, waiting until
+the content cache holds every file of an image, the cache's disk use, and the
+resident memory (RSS, PSS, peak) of a set of processes read from /proc.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import BenchError, pids_with_arg, process_tree
+from layerfs.content.cache import ContentCache
+from layerfs.fs.overlay import find_overlay
+from layerfs.fs.views import ViewInfo
+
+REDIRECT_XATTR = "trusted.overlay.redirect"
+
+
+def content_cache_root(store: Path) -> Path:
+    """The content cache of a local store (``STORE/cache/content``)."""
+    return store / "cache" / "content"
+
+
+def cache_allocated(store: Path) -> int:
+    """Bytes the content cache of ``store`` takes on disk (allocated blocks)."""
+    return ContentCache(content_cache_root(store)).usage().bytes
+
+
+def view_of(mountpoint: str | Path) -> ViewInfo:
+    """The record of the view under the layerfs mount at ``mountpoint``."""
+    overlay = find_overlay(mountpoint)
+    if overlay is None or not overlay.lowers:
+        raise BenchError(f"{mountpoint} is not a layerfs image mount")
+    info = ViewInfo.load(overlay.lowers[0])
+    if info is None:
+        raise BenchError(f"the view {overlay.lowers[0]} under {mountpoint} has no record")
+    return info
+
+
+def view_pids(mountpoints: Iterable[str | Path]) -> list[int]:
+    """The view daemons (with any children) serving the given layerfs mounts."""
+    roots = {view_of(m).pid for m in mountpoints}
+    if 0 in roots:
+        raise BenchError("a view record has no daemon pid")
+    return sorted({p for root in roots for p in process_tree(root)})
+
+
+def pids_by_mountpoint(mountpoints: Iterable[str | Path]) -> list[int]:
+    """Processes found the older way, by a mountpoint in their command line, with children."""
+    roots = {p for m in mountpoints for p in pids_with_arg(str(m))}
+    return sorted({p for root in roots for p in process_tree(root)})
+
+
+def _uncached_files(view: Path, paths: Iterable[Path] | None) -> list[Path]:
+    """Regular non-empty files of the view whose content is not cached yet.
+
+    The view answers ``trusted.overlay.redirect`` for a file once its content
+    is in the cache, and ENODATA before.
+    """
+    if paths is None:
+        paths = []
+        for dirpath, _dirs, files in os.walk(view):
+            for name in files:
+                path = Path(dirpath, name)
+                st = os.lstat(path)
+                if st.st_size > 0 and (st.st_mode & 0o170000) == 0o100000:
+                    paths.append(path)
+    missing = []
+    for path in paths:
+        try:
+            os.getxattr(path, REDIRECT_XATTR, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+            missing.append(path)
+    return missing
+
+
+def wait_content_cached(mountpoint: str | Path, timeout: float = 600.0) -> float:
+    """Wait until the view under ``mountpoint`` has every file in the content cache.
+
+    Returns the seconds waited. Raises BenchError when the view serves bytes
+    itself (a kernel without data-only overlay layers) or the fill takes longer
+    than ``timeout``.
+    """
+    info = view_of(mountpoint)
+    if not info.redirects:
+        raise BenchError("the view serves file bytes itself (no data-only overlay layers)")
+    start = time.monotonic()
+    missing = _uncached_files(Path(info.path), None)
+    while missing:
+        if time.monotonic() - start > timeout:
+            raise BenchError(
+                f"{len(missing)} files of {info.image} were still not in the content cache "
+                f"after {timeout:.0f} s (first: {missing[0]})"
+            )
+        time.sleep(0.1)
+        missing = _uncached_files(Path(info.path), missing)
+    return time.monotonic() - start
+
+
+# -- memory -------------------------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    """Resident memory of a set of processes (bytes, summed over them)."""
+
+    processes: int = 0
+    rss: int = 0  # VmRSS: every page a process maps, shared pages counted in each
+    pss: int = 0  # Pss: shared pages split among the processes sharing them
+    peak_rss: int = 0  # VmHWM: each process's own peak
+
+
+def _kib_field(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_of(pids: Iterable[int]) -> Memory:
+    """RSS, PSS (from /proc/PID/smaps_rollup) and peak RSS summed over ``pids``."""
+    mem = Memory()
+    for pid in pids:
+        rss = _kib_field(f"/proc/{pid}/status", "VmRSS")
+        if not rss:
+            continue  # gone, or a kernel thread
+        mem.processes += 1
+        mem.rss += rss
+        mem.pss += _kib_field(f"/proc/{pid}/smaps_rollup", "Pss")
+        mem.peak_rss += _kib_field(f"/proc/{pid}/status", "VmHWM")
+    return mem
+
+
+def wait_gone(pids: Iterable[int], timeout: float = 30.0) -> None:
+    """Wait until none of ``pids`` runs any more (a daemon exiting after its unmount)."""
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if os.path.exists(f"/proc/{p}")]
+        if left:
+            time.sleep(0.01)
