@@ -2,11 +2,19 @@
 
 Builds (once, then cached) a Debian minbase image plus layers that delete, replace
 and add files, including one large random file; then, side by side on the same
-image: mount time, cold `find`, cold and warm `tar cf - . | wc -c`, cold and warm
-sequential read of the large file, peak RSS of the mount process, and
-`layerfs import` vs `docker load` into an empty second daemon, with the bytes
-each stores. The overlay mounts use the daemon's own overlay2 layer directories
-read-only (lowerdir=UPPER:LOWER..., no upperdir).
+image: mount time (and of a second mount while one is mounted), cold `find`, cold
+and warm `tar cf - . | wc -c`, cold and warm sequential read of the large file,
+peak RSS of the process serving the mount, and `layerfs import` vs `docker load`
+into an empty second daemon, with the bytes each stores. The overlay mounts use
+the daemon's own overlay2 layer directories read-only (lowerdir=UPPER:LOWER...,
+no upperdir).
+
+A layerfs mount is a kernel overlay over the image's view (a FUSE daemon shared
+by every mount of the image) and the store's content cache, which the view fills
+in the background. layerfs is measured with that cache full, as it stays on disk
+once filled; the first read after import, with the cache still empty, and the
+time the view takes to fill the cache are figures of their own. The report also
+sets the content cache's disk use beside Docker's overlay2 directories.
 
 "Cold" means a fresh mount and dropped kernel caches before each sample, so FUSE
 daemons start without their userspace caches too. Every timing is the median of a
@@ -41,8 +49,7 @@ from benchmarks.common import (
     force_unmount_under,
     human_bytes,
     markdown_table,
-    mount_daemon_peak_rss,
-    pids_with_arg,
+    peak_rss_bytes,
     require_root,
     require_tools,
     run,
@@ -52,6 +59,15 @@ from benchmarks.common import (
     tree_size,
     wait_mounted,
     write_section,
+)
+from benchmarks.layerfs_views import (
+    cache_allocated,
+    content_cache_root,
+    pids_by_mountpoint,
+    stop_views,
+    view_pids,
+    wait_content_cached,
+    wait_gone,
 )
 from tests.support.private_dockerd import PrivateDockerd
 
@@ -195,15 +211,19 @@ def ensure_archive(tag: str, work: Path) -> Path:
     return archive
 
 
-def overlay_lowerdirs(tag: str) -> str:
-    """The image's overlay2 layer dirs as a read-only lowerdir= value (top first)."""
+def overlay_dirs(tag: str) -> list[str]:
+    """The image's overlay2 layer dirs (GraphDriver.Data UpperDir, then LowerDir), top first."""
     out = run(["docker", "image", "inspect", "-f", "{{json .GraphDriver}}", tag]).stdout
     driver = json.loads(out)
     if driver.get("Name") != "overlay2":
         raise BenchError(f"the Docker storage driver is {driver.get('Name')}, not overlay2")
     data = driver["Data"]
-    dirs = [data["UpperDir"]] + [d for d in data.get("LowerDir", "").split(":") if d]
-    return ":".join(dirs)
+    return [data["UpperDir"]] + [d for d in data.get("LowerDir", "").split(":") if d]
+
+
+def overlay_lowerdirs(tag: str) -> str:
+    """The image's overlay2 layer dirs as a read-only lowerdir= value (top first)."""
+    return ":".join(overlay_dirs(tag))
 
 
 def count_entries(root: Path) -> int:
@@ -222,6 +242,7 @@ class System:
     mount_cmd: Callable[[Path], list[str]]
     umount_cmd: Callable[[Path], list[str]]
     fuse: bool = True
+    store: Path | None = None  # layerfs: the store whose content cache the mounts read
 
     def mount(self, mnt: Path) -> float:
         """Mount; return seconds until the mountpoint answers."""
@@ -231,11 +252,19 @@ class System:
         os.stat(mnt)
         return time.perf_counter() - start
 
-    def umount(self, mnt: Path) -> None:
+    def daemons(self, mnt: Path) -> list[int]:
+        """The processes serving the mount at ``mnt``: layerfs's image view (found from
+        its record), fuse-overlayfs's daemon (by its mountpoint argument), or none."""
+        if self.store is not None:
+            return view_pids([mnt])
+        return pids_by_mountpoint([mnt]) if self.fuse else []
+
+    def umount(self, mnt: Path, last: bool = True) -> None:
+        """Unmount; unless another mount shares its daemon (``last`` False), wait for the
+        daemon to exit before the next sample."""
+        daemons = self.daemons(mnt) if last else []
         run(self.umount_cmd(mnt))
-        deadline = time.monotonic() + 30
-        while self.fuse and pids_with_arg(str(mnt)) and time.monotonic() < deadline:
-            time.sleep(0.01)  # let the daemon exit before the next sample
+        wait_gone(daemons)
 
 
 def kernel_overlay(lowerdirs: str) -> System:
@@ -260,6 +289,7 @@ def layerfs(store: Path, tag: str) -> System:
         "layerfs",
         lambda m: [*LAYERFS, "--store", str(store), "mount", tag, str(m)],
         lambda m: [*LAYERFS, "--store", str(store), "umount", str(m)],
+        store=store,
     )
 
 
@@ -278,12 +308,19 @@ class Figures:
 
     first_mount: float = float("nan")
     mount: Samples = field(default_factory=Samples)
+    second_mount: Samples = field(default_factory=Samples)  # while one mount stays
     cold_find: Samples = field(default_factory=Samples)
     cold_tar: Samples = field(default_factory=Samples)
     warm_tar: Samples = field(default_factory=Samples)
     cold_read: Samples = field(default_factory=Samples)
     warm_read: Samples = field(default_factory=Samples)
+    # layerfs only: the big file's cold read with the content cache empty, the time
+    # from a mount with an empty cache until every file is in it, and its disk use
+    empty_cache_read: Samples = field(default_factory=Samples)
+    cache_fill: float | None = None
+    cache_bytes: int | None = None
     peak_rss: int | None = None
+    daemon_pids: str = ""  # how the processes behind peak_rss were found
     tar_bytes: int = 0
     entries: int = 0
     warm_lost: int = 0  # warm samples retaken because someone dropped the page cache
@@ -307,16 +344,50 @@ def find_tree(root: Path) -> None:
     run(["find", str(root)])
 
 
+def measure_empty_cache(system: System, mnt: Path, big: str, reps: int, fig: Figures) -> None:
+    """layerfs with its content cache empty, as right after import: the big file's cold
+    read, then how long the view takes to fill the cache. Leaves the cache full."""
+    assert system.store is not None
+    cache = content_cache_root(system.store)
+    for _ in range(reps):
+        shutil.rmtree(cache, ignore_errors=True)  # nothing is mounted: no view uses it
+        system.mount(mnt)
+        drop_caches()
+        fig.empty_cache_read.add(time_call(lambda: read_file(mnt / big)))
+        system.umount(mnt)
+    shutil.rmtree(cache, ignore_errors=True)
+    drop_caches()
+    start = time.perf_counter()
+    system.mount(mnt)
+    wait_content_cached(mnt)
+    fig.cache_fill = time.perf_counter() - start
+    fig.cache_bytes = cache_allocated(system.store)
+    system.umount(mnt)
+
+
 def measure(system: System, mnt: Path, big: str, reps: int) -> Figures:
-    """All figures of one system; leaves nothing mounted."""
+    """All figures of one system; leaves nothing mounted.
+
+    For layerfs, every figure but the empty-cache ones is taken with the content
+    cache full (measure_empty_cache fills it and checks that every file is in it).
+    """
     fig = Figures()
     mnt.mkdir(parents=True, exist_ok=True)
+    mnt2 = mnt.with_name(mnt.name + "-second")
+    mnt2.mkdir(exist_ok=True)
     try:
         fig.first_mount = system.mount(mnt)
         fig.entries = count_entries(mnt)
         system.umount(mnt)
+        if system.store is not None:
+            measure_empty_cache(system, mnt, big, reps, fig)
         for _ in range(reps):
             fig.mount.add(system.mount(mnt))
+            system.umount(mnt)
+        for _ in range(reps):
+            system.mount(mnt)
+            fig.second_mount.add(system.mount(mnt2))
+            system.umount(mnt2, last=system.store is None)
             system.umount(mnt)
 
         def cold(samples: Samples, action: Callable[[], object]) -> None:
@@ -344,10 +415,18 @@ def measure(system: System, mnt: Path, big: str, reps: int) -> Figures:
                 samples.add(seconds)
                 fig.warm_lost += lost
         if system.fuse:
-            fig.peak_rss, _ = mount_daemon_peak_rss(mnt)
+            pids = system.daemons(mnt)
+            fig.peak_rss = peak_rss_bytes(pids)
+            by_arg = pids_by_mountpoint([mnt])
+            fig.daemon_pids = f"{len(pids)} process(es)" + (
+                ", the same found by the mountpoint argument"
+                if by_arg == pids
+                else f"; by the mountpoint argument: {len(by_arg)} ({by_arg} vs {pids})"
+            )
         system.umount(mnt)
     finally:
         force_unmount_under(mnt)
+        force_unmount_under(mnt2)
     return fig
 
 
@@ -428,30 +507,59 @@ def figure_getters(
     return [
         (first_mount, lambda f: f.first_mount, fmt_secs),
         ("mount", lambda f: f.mount.median, fmt_secs),
+        ("second mount while one is mounted", lambda f: f.second_mount.median, fmt_secs),
         ("cold find", lambda f: f.cold_find.median, fmt_secs),
         ("cold tar \\| wc -c", lambda f: f.cold_tar.median, fmt_secs),
         ("warm tar \\| wc -c", lambda f: f.warm_tar.median, fmt_secs),
         (f"cold read of the {spec.big_mb} MiB file", lambda f: f.cold_read.median, fmt_secs),
         (f"warm read of the {spec.big_mb} MiB file", lambda f: f.warm_read.median, fmt_secs),
-        ("peak RSS of the mount process", lambda f: f.peak_rss, fmt_bytes),
+        ("peak RSS of the mount daemon", lambda f: f.peak_rss, fmt_bytes),
     ]
 
 
+NAMES = ["layerfs", "fuse-overlayfs", "kernel overlayfs"]
+
+
 def overlay_table(figs: dict[str, Figures], spec: ImageSpec) -> str:
-    """Raw figures of each system and their ratios to fuse-overlayfs."""
-    names = ["layerfs", "fuse-overlayfs", "kernel overlayfs"]
-    cols = [figs.get(n) for n in names]
+    """Raw figures of each system and their ratios to kernel overlayfs and fuse-overlayfs."""
+    cols = [figs.get(n) for n in NAMES]
     big = spec.big_mb << 20
     rows = []
-    for label, get, fmt in figure_getters(spec, "first mount (layerfs: may build its index)"):
-        vals = [get(f) if f else None for f in cols]
+
+    def row(label: str, vals: list[float | None], fmt: Callable) -> list[str]:
+        lfs, fov, kov = vals
+        return [
+            label,
+            *(fmt(v) for v in vals),
+            fmt_ratio(ratio(lfs, kov)),
+            fmt_ratio(ratio(lfs, fov)),
+            fmt_ratio(ratio(kov, fov)),
+        ]
+
+    for label, get, fmt in figure_getters(spec, "first mount (layerfs: builds its index)"):
+        rows.append(row(label, [get(f) if f else None for f in cols], fmt))
+    lfs = cols[0]
+    if lfs is not None:
+        # the peers have no empty cache: their ratios are to their own cold read
+        first = lfs.empty_cache_read.median
+        vals = [first, *(f.cold_read.median if f else None for f in cols[1:])]
         rows.append(
-            [label, *(fmt(v) for v in vals)]
-            + [fmt_ratio(ratio(vals[0], vals[1])), fmt_ratio(ratio(vals[2], vals[1]))]
+            row(
+                f"cold read of the {spec.big_mb} MiB file, layerfs's content cache empty "
+                "(peers: their cold read)",
+                vals,
+                fmt_secs,
+            )
         )
     speeds = [f"{big / f.cold_read.median / 2**20:.0f} MiB/s" if f else NA for f in cols]
-    rows.append(["cold read throughput", *speeds, "", ""])
-    headers = ["figure", *names, "layerfs ÷ fuse-overlayfs", "kernel ÷ fuse-overlayfs"]
+    rows.append(["cold read throughput", *speeds, "", "", ""])
+    headers = [
+        "figure",
+        *NAMES,
+        "layerfs ÷ kernel overlayfs",
+        "layerfs ÷ fuse-overlayfs",
+        "kernel ÷ fuse-overlayfs",
+    ]
     return markdown_table(headers, rows)
 
 
@@ -484,36 +592,97 @@ def import_table(imports: ImportFigures, archive_size: int) -> str:
     )
 
 
-def targets_table(figs: dict[str, Figures], imports: ImportFigures) -> str:
-    """The issue's targets for layerfs, met or missed."""
-    lfs, fov = figs.get("layerfs"), figs["fuse-overlayfs"]
-    rss_mib = lfs.peak_rss / 2**20 if lfs and lfs.peak_rss else None
-    checks = [
-        (
-            "warm tar ÷ fuse-overlayfs",
-            1.0,
-            lfs and ratio(lfs.warm_tar.median, fov.warm_tar.median),
-            fmt_ratio,
-        ),
-        (
-            "cold find ÷ fuse-overlayfs",
-            2.0,
-            lfs and ratio(lfs.cold_find.median, fov.cold_find.median),
-            fmt_ratio,
-        ),
-        ("mount time", 0.3, lfs and lfs.mount.median, fmt_secs),
-        ("mount peak RSS (MiB)", 100.0, rss_mib, lambda x: f"{x:.0f} MiB" if known(x) else NA),
-        (
-            "import ÷ docker load",
-            1.0,
-            ratio(imports.layerfs.median, imports.docker_load.median),
-            fmt_ratio,
-        ),
+@dataclass
+class DiskUse:
+    """Allocated bytes layerfs keeps for the image, beside Docker's overlay2 dirs of it."""
+
+    packs: int  # STORE/packs: the image's data and tree records
+    other_store: int  # the rest outside STORE/cache (documents, locks, keys)
+    index: int  # STORE/cache without the content cache: the image index, logs
+    content_cache: int  # STORE/cache/content: every file's plain bytes
+    docker: int  # the image's overlay2 layer dirs (GraphDriver UpperDir + LowerDir)
+    docker_dirs: int
+
+
+def disk_use(store: Path, tag: str) -> DiskUse:
+    cache = tree_size(store / "cache").allocated
+    content = tree_size(content_cache_root(store)).allocated
+    packs = tree_size(store / "packs").allocated if (store / "packs").is_dir() else 0
+    dirs = overlay_dirs(tag)
+    return DiskUse(
+        packs=packs,
+        other_store=tree_size(store).allocated - cache - packs,
+        index=cache - content,
+        content_cache=content,
+        docker=sum(tree_size(d).allocated for d in dirs),
+        docker_dirs=len(dirs),
+    )
+
+
+def disk_table(use: DiskUse) -> str:
+    """The content cache and the store beside Docker's overlay2 dirs, allocated bytes."""
+    total = use.packs + use.other_store + use.index + use.content_cache
+    rows = [
+        ["store packs (`STORE/packs`)", fmt_bytes(use.packs), "", ""],
+        ["rest of the store (documents, keys)", fmt_bytes(use.other_store), "", ""],
+        ["image index and logs (`STORE/cache` but content)", fmt_bytes(use.index), "", ""],
+        [
+            "content cache (`STORE/cache/content`)",
+            fmt_bytes(use.content_cache),
+            fmt_bytes(use.docker),
+            fmt_ratio(ratio(use.content_cache, use.docker)),
+        ],
+        [
+            "store packs + content cache",
+            fmt_bytes(use.packs + use.content_cache),
+            fmt_bytes(use.docker),
+            fmt_ratio(ratio(use.packs + use.content_cache, use.docker)),
+        ],
+        ["all of it", fmt_bytes(total), fmt_bytes(use.docker), fmt_ratio(ratio(total, use.docker))],
     ]
+    headers = [
+        "disk use (allocated)",
+        "layerfs",
+        f"Docker overlay2 ({use.docker_dirs} layer dirs)",
+        "layerfs ÷ Docker",
+    ]
+    return markdown_table(headers, rows)
+
+
+def targets_table(figs: dict[str, Figures], spec: ImageSpec) -> str:
+    """The issue's targets for layerfs, met or missed: ratios to kernel overlayfs over
+    Docker's overlay2 dirs, to fuse-overlayfs, and the mount times."""
+    lfs, fov, kov = (figs.get(n) for n in NAMES)
+    if lfs is None:
+        return "not measured (no layerfs)"
+    big = f"the {spec.big_mb} MiB file"
+    speed: list[tuple[str, Callable[[Figures], float], float]] = [
+        ("cold find", lambda f: f.cold_find.median, 1.5),
+        ("cold tar", lambda f: f.cold_tar.median, 1.5),
+        ("warm tar", lambda f: f.warm_tar.median, 1.1),
+        (f"cold read of {big}", lambda f: f.cold_read.median, 1.2),
+    ]
+    checks: list[tuple[str, float, float | None, Callable]] = []
+    for label, get, limit in speed:
+        checks.append((f"{label} ÷ kernel overlayfs", limit, ratio(get(lfs), get(kov)), fmt_ratio))
+    first = lfs.empty_cache_read.median
+    checks.append(
+        (
+            f"cold read of {big} with the content cache empty ÷ kernel overlayfs' cold read",
+            3.0,
+            ratio(first, kov.cold_read.median),
+            fmt_ratio,
+        )
+    )
+    for label, get, _ in speed:
+        checks.append((f"{label} ÷ fuse-overlayfs", 1.0, ratio(get(lfs), get(fov)), fmt_ratio))
+    checks.append(("mount (from the CLI)", 0.3, lfs.mount.median, fmt_secs))
+    checks.append(("second mount while one is mounted", 0.1, lfs.second_mount.median, fmt_secs))
     rows = []
     for label, limit, value, fmt in checks:
         verdict = "not measured" if not known(value) else "met" if value <= limit else "**missed**"
-        rows.append([label, f"≤ {limit:g}", fmt(value), verdict])
+        unit = " s" if fmt is fmt_secs else "×"
+        rows.append([label, f"≤ {limit:g}{unit}", fmt(value), verdict])
     return markdown_table(["target", "limit", "layerfs", "verdict"], rows)
 
 
@@ -522,6 +691,7 @@ def report(
     archive: Path,
     figs: dict[str, Figures],
     imports: ImportFigures,
+    disk: DiskUse | None,
     reps: int,
     load_at_start: float,
 ) -> str:
@@ -531,9 +701,36 @@ def report(
     tar_check = ", ".join(f"{name} {f.tar_bytes}" for name, f in figs.items())
     lost = ", ".join(f"{name} {f.warm_lost}" for name, f in figs.items())
     spread = "; ".join(
-        f"{name}: cold find {f.cold_find.spread()}, warm tar {f.warm_tar.spread()}"
+        f"{name}: mount {f.mount.spread()}, second mount {f.second_mount.spread()}, "
+        f"cold find {f.cold_find.spread()}, cold tar {f.cold_tar.spread()}, "
+        f"warm tar {f.warm_tar.spread()}, cold read {f.cold_read.spread()}"
+        + (
+            f", cold read with the content cache empty {f.empty_cache_read.spread()}"
+            if f.empty_cache_read.values
+            else ""
+        )
         for name, f in figs.items()
     )
+    daemons = "; ".join(f"{name}: {f.daemon_pids}" for name, f in figs.items() if f.daemon_pids)
+    lfs = figs.get("layerfs")
+    layerfs_notes = []
+    if lfs is not None:
+        layerfs_notes = [
+            "- layerfs: a kernel overlay (`lowerdir=VIEW::STORE/cache/content/data`) over the"
+            " image's view, a FUSE daemon shared by every mount of the image, which fills the"
+            " content cache in the background. All layerfs figures but the empty-cache read"
+            " are taken with the content cache full: before them the benchmark mounts once and"
+            " waits until the view answers `trusted.overlay.redirect` for every non-empty"
+            " regular file (the cache stays on disk between mounts; each mount starts a new"
+            " view, as the last unmount stops it).",
+            f"- Content cache empty (`STORE/cache/content` removed while nothing is mounted,"
+            " then mount, drop caches, read; median of"
+            f" {len(lfs.empty_cache_read.values)}): the first read after import. From a mount"
+            f" with the cache empty until every file was in it: {fmt_secs(lfs.cache_fill)}"
+            f" ({fmt_bytes(lfs.cache_bytes)} allocated).",
+            "- Second mount: one mount stays while a second one of the same image is timed"
+            " (layerfs: both over the one view).",
+        ]
     intro = [
         "## Read-only mounts: layerfs vs fuse-overlayfs vs kernel overlayfs",
         "",
@@ -545,17 +742,30 @@ def report(
         f"- Entries seen through each mount: {entries}.",
         f"- Median of {reps} sample(s) per timing. Cold = fresh mount and"
         " `echo 3 > /proc/sys/vm/drop_caches` before each sample. Peak RSS = VmHWM of the"
-        " mount daemon's process tree after find, tar and reads on one mount.",
+        " process tree serving the mount (layerfs: the view daemon, by the pid its record"
+        " keeps) after find, tar and reads on one mount.",
         "- Overlay mounts use the daemon's overlay2 layer dirs read-only"
         " (`lowerdir=UPPER:LOWER...`).",
+        *layerfs_notes,
     ]
+    parts = [
+        "\n".join(intro),
+        overlay_table(figs, spec),
+        import_table(imports, archive.stat().st_size),
+    ]
+    if disk is not None:
+        parts.append(
+            "Disk use for the image, allocated bytes, after the run (the content cache full):"
+            "\n\n" + disk_table(disk)
+        )
     return "\n\n".join(
         [
-            "\n".join(intro),
-            overlay_table(figs, spec),
-            import_table(imports, archive.stat().st_size),
-            "Targets (layerfs):\n\n" + targets_table(figs, imports),
+            *parts,
+            "Targets (layerfs; the speed figures against kernel overlayfs over Docker's"
+            " overlay2 dirs and against fuse-overlayfs, the content cache full unless"
+            " said; mount times from the CLI, as measured above):\n\n" + targets_table(figs, spec),
             f"Spread (min–max): {spread}.",
+            f"Processes behind the peak RSS: {daemons or 'none'}.",
             "Warm samples retaken because another process dropped the page cache meanwhile"
             f" (/proc/vmstat drop_pagecache): {lost}.",
             f"Bytes of `tar cf - .` (equal when the trees match): {tar_check}.",
@@ -580,6 +790,7 @@ def _layerfs_with(store: Path, tag: str, name: str, password: Path | None) -> Sy
         name,
         lambda m: [*prefix, *LAYERFS, "--store", str(store), "mount", tag, str(m)],
         lambda m: [*prefix, *LAYERFS, "--store", str(store), "umount", str(m)],
+        store=store,
     )
 
 
@@ -607,6 +818,7 @@ def measure_encryption(
         try:
             figs[name] = measure(system, work / "mnt", spec.big_path, reps)
         finally:
+            stop_views(store)
             shutil.rmtree(store, ignore_errors=True)
     return figs
 
@@ -680,13 +892,18 @@ def main(
         if with_layerfs:
             systems.insert(0, layerfs(store, tag))
         figs: dict[str, Figures] = {}
+        disk = None
         try:
             for system in systems:
                 say(f"measuring {system.name}")
                 figs[system.name] = measure(system, work / "mnt", spec.big_path, reps)
+                if system.store is not None:
+                    disk = disk_use(system.store, tag)
         finally:
+            if with_layerfs:
+                stop_views(store)
             shutil.rmtree(store, ignore_errors=True)  # the archive and images stay cached
-        text = report(spec, archive, figs, imports, reps, load_at_start)
+        text = report(spec, archive, figs, imports, disk, reps, load_at_start)
     except BenchError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 from benchmarks.common import BenchError, pids_with_arg, process_tree
 from layerfs.content.cache import ContentCache
 from layerfs.fs.overlay import find_overlay
-from layerfs.fs.views import ViewInfo
+from layerfs.fs.views import ViewInfo, release_view, run_dir
 
 REDIRECT_XATTR = "trusted.overlay.redirect"
 
@@ -108,6 +109,25 @@ def wait_content_cached(mountpoint: str | Path, timeout: float = 600.0) -> float
     return time.monotonic() - start
 
 
+def stop_views(store: Path) -> None:
+    """Unmount every view of ``store``'s images (cleanup after a failure; the overlays
+    over them must be gone already) and wait for their daemons to exit."""
+    cache_dir = os.path.realpath(store / "cache")
+    pids = []
+    for record in sorted((run_dir() / "views").glob("*.json")):
+        info = ViewInfo.load(record.with_suffix(""))
+        if info is None or os.path.realpath(info.cache_dir) != cache_dir:
+            continue
+        try:
+            if not release_view(info.path):
+                subprocess.run(["umount", "-l", info.path], capture_output=True)
+        except Exception:  # noqa: BLE001 - best effort: unmount it lazily then
+            subprocess.run(["umount", "-l", info.path], capture_output=True)
+        if info.pid:
+            pids.append(info.pid)
+    wait_gone(pids, strict=False)
+
+
 # -- memory -------------------------------------------------------------------------
 
 
@@ -146,11 +166,17 @@ def memory_of(pids: Iterable[int]) -> Memory:
     return mem
 
 
-def wait_gone(pids: Iterable[int], timeout: float = 30.0) -> None:
-    """Wait until none of ``pids`` runs any more (a daemon exiting after its unmount)."""
+def wait_gone(pids: Iterable[int], timeout: float = 60.0, strict: bool = True) -> None:
+    """Wait until none of ``pids`` runs any more (a daemon exiting after its unmount).
+
+    ``strict``: raise BenchError if one still runs after ``timeout``.
+    """
     deadline = time.monotonic() + timeout
-    left = list(pids)
-    while left and time.monotonic() < deadline:
+    left = [p for p in pids if os.path.exists(f"/proc/{p}")]
+    while left:
+        if time.monotonic() > deadline:
+            if strict:
+                raise BenchError(f"processes {left} still run {timeout:.0f} s after the unmount")
+            return
+        time.sleep(0.01)
         left = [p for p in left if os.path.exists(f"/proc/{p}")]
-        if left:
-            time.sleep(0.01)

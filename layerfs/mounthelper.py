@@ -1,10 +1,11 @@
 """`mount.fuse.layerfs`: the helper mount(8) runs for `mount -t fuse.layerfs SOURCE DIR -o OPTS`.
 
 mount(8) calls ``mount.fuse.layerfs SOURCE MOUNTPOINT [-n] [-s] [-f] [-v] -o OPTIONS``.
-With ``lowerdir=A:B`` in OPTIONS the mount is overlay-style (SOURCE is only a
-label): ``upperdir=U,workdir=W`` make it writable, ``ro`` or no upperdir make
-it read-only. Without lowerdir, SOURCE names an image of the store (option
-``store=PATH``, else the default store), writable with ``upper=DIR``.
+With ``lowerdir=A:B`` in OPTIONS the directories are mounted with kernel
+overlayfs (SOURCE is only a label): ``upperdir=U,workdir=W`` make it writable,
+``ro`` or no upperdir make it read-only. Without lowerdir, SOURCE names an
+image of the store (option ``store=PATH``, else the default store), writable
+with ``upper=DIR``.
 Generic mount options (rw, defaults, noatime, dev, suid, ...) are accepted and
 ignored. The helper returns once the mount answers; errors go to stderr as one
 line with exit status 32 (mount failure), as mount(8) expects.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from layerfs.errors import LayerfsError
 
@@ -74,23 +76,20 @@ def parse_args(argv: list[str]) -> HelperArgs:
 
 def run(args: HelperArgs) -> None:
     """Mount what ``args`` describe; LayerfsError on failure."""
-    from layerfs.fs.writemount import mount_overlay_recorded
-
     opts = args.options
     store = opts.get("store")
     if "lowerdir" in opts:
+        from layerfs.fs.service import mount_dirs
+
         upperdir = None if args.readonly else opts.get("upperdir")
         workdir = None if args.readonly else opts.get("workdir")
         if (upperdir is None) != (workdir is None):
             raise LayerfsError("overlay mount: upperdir and workdir go together")
-        mount_overlay_recorded(
-            store,
-            opts["lowerdir"].split(":"),
-            upperdir,
-            workdir,
-            args.mountpoint,
-            foreground=False,
-            readonly=upperdir is None,
+        mount_dirs(
+            [Path(p) for p in opts["lowerdir"].split(":")],
+            Path(args.mountpoint),
+            Path(upperdir) if upperdir else None,
+            Path(workdir) if workdir else None,
         )
         return
     from layerfs.cli import cli

@@ -61,10 +61,13 @@ def mount_command(
             raise click.UsageError("with --lowerdir give only MOUNTPOINT (no IMAGE, no --upper)")
         if (upperdir is None) != (workdir is None):
             raise click.UsageError("--upperdir and --workdir go together")
-        from layerfs.fs.writemount import mount_overlay_recorded
+        from layerfs.fs.service import mount_dirs
 
-        mount_overlay_recorded(
-            store_url, lowerdir.split(":"), upperdir, workdir, image, foreground=foreground
+        mount_dirs(
+            [Path(p) for p in lowerdir.split(":")],
+            Path(image),
+            Path(upperdir) if upperdir else None,
+            Path(workdir) if workdir else None,
         )
         return
     if mountpoint is None:

@@ -1,10 +1,11 @@
-"""The mount service: assembles a mount of an image, finds it again, takes it apart.
+"""The mount service: assembles every layerfs mount, finds it again, takes it apart.
 
 A mount of an image is a kernel overlay (layerfs.fs.overlay) over the image's
 shared view (layerfs.fs.views) and the content cache; with an upper DIR it is
 writable and the kernel keeps every change in ``DIR/upper`` (overlayfs'
 format, ``DIR/work`` its workdir, ``DIR/layerfs.json`` the image it belongs
-to). Nothing else is recorded: the kernel's mount table says what is mounted
+to). Plain directories are mounted as overlayfs would (``mount_dirs``).
+Nothing else is recorded: the kernel's mount table says what is mounted
 where, and the view's record says which image it shows.
 """
 
@@ -24,6 +25,7 @@ from layerfs.fs.views import (
     ViewInfo,
     open_view,
     release_view,
+    run_dir,
     view_answers,
     view_path,
 )
@@ -107,8 +109,31 @@ def find_image_mount(mountpoint: str | Path) -> ImageMount | None:
     return ImageMount(found.mountpoint, view, upper.parent if upper else None, upper)
 
 
+def mount_dirs(
+    lowers: list[Path], mountpoint: Path, upper: Path | None = None, work: Path | None = None
+) -> None:
+    """Mount plain directories (top first) the way overlayfs does: with overlayfs.
+
+    Read-only without ``upper``; ``upper`` and ``work`` go together, on one
+    filesystem. Whiteouts and opaque directories follow overlayfs (character
+    devices 0/0, ``trusted.overlay.opaque``); OCI ``.wh.*`` files are plain files
+    here (an OCI layer tar is imported with `layerfs import` instead).
+    """
+    if (upper is None) != (work is None):
+        raise MountError("upperdir and workdir go together")
+    for path in [*lowers, *([upper, work] if upper and work else [])]:
+        if not Path(path).is_dir():
+            raise MountError(f"{path} is not a directory")
+    if len(lowers) == 1 and upper is None:  # overlayfs wants two lower layers then
+        empty = run_dir() / "empty"
+        empty.mkdir(mode=0o755, parents=True, exist_ok=True)
+        lowers = [*lowers, empty]
+    mount_overlay(mountpoint, lowers, [], upper=upper, work=work)
+
+
 def unmount_image(mountpoint: str | Path) -> None:
-    """Unmount an image mount, and its view once no other mount uses it."""
+    """Unmount a layerfs overlay, and its image's view once no other mount uses it."""
     found = unmount_overlay(mountpoint)
     for lower in found.lowers[:1]:
-        release_view(lower)
+        if ViewInfo.load(lower) is not None:
+            release_view(lower)

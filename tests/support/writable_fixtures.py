@@ -2,10 +2,8 @@
 
 A test module uses them by naming this module in its `pytest_plugins`.
 `m` runs each test on both mount modes ("image": a kernel overlay over the
-image's view; "overlay": the FUSE engine over plain directories, see
-tests.support.writable.mounted_as) over one store per module; `fm` only on
-the FUSE engine, for what only it promises (its own caching, its upper format,
-hard links kept whole across copy-up).
+image's view; "overlay": plain directories mounted with kernel overlayfs, see
+tests.support.writable.mounted_as) over one store per module.
 """
 
 from __future__ import annotations
@@ -25,10 +23,4 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(params=["image", "overlay"])
 def m(request, store):
     with mounted_as(request.param, store) as mnt:
-        yield mnt
-
-
-@pytest.fixture
-def fm(store):
-    with mounted_as("overlay", store) as mnt:
         yield mnt
