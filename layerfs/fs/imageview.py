@@ -1,6 +1,15 @@
-"""ImageViewFS: an image's merged tree served read-only through FUSE (pyfuse3, low level).
+"""ImageViewFS: the merged trees of a store's images served read-only through FUSE (pyfuse3).
 
-The tree never changes, so every answer (entries, missing names, attributes,
+One mount serves every image of a store mounted on this machine: its root
+holds one directory per image index (layerfs.fs.views names them and writes
+their records); an image is opened when the kernel first looks its directory
+up. Inode numbers are the index's own with the image's slot in the high bits
+(``slot << 40 | ino``), so hard links share one and nothing collides. The slot
+comes from the directory's name (the next free one if two names meet), so an
+image keeps its inode numbers across remounts and daemon restarts; numbers
+stay below 2**60, as overlayfs' xino needs.
+
+The trees never change, so every answer (entries, missing names, attributes,
 pages) may stay in the kernel's caches for as long as it likes. Requests are
 answered by inode number straight from the index, so path length never
 matters; they run as concurrent trio tasks, and reads of content that is not
@@ -10,9 +19,10 @@ For kernel overlayfs above it, a regular file whose content is in the content
 cache (layerfs.content) answers ``trusted.overlay.metacopy`` (empty) and
 ``trusted.overlay.redirect`` (the content's path in the cache): overlayfs then
 reads the bytes from the cache, a data-only lower layer, and never asks this
-daemon. A file not yet cached is read through this daemon, from the store,
-and asked for ahead of the background fill. Overlay xattrs the image itself
-carries are never shown: only this daemon decides where bytes come from.
+daemon. Each image fills the cache in the background once opened; a file not
+yet cached is read through this daemon, from the store, and asked for ahead
+of the fill. Overlay xattrs the image itself carries are never shown: only
+this daemon decides where bytes come from.
 
 A store error while reading (a corrupt or missing chunk) is logged with the
 object it names and answered with EIO, never with wrong bytes.
@@ -21,11 +31,14 @@ object it names and answered with EIO, never with wrong bytes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -33,30 +46,42 @@ import trio
 from layerfs.content.cache import ContentCache, content_id
 from layerfs.content.fill import CacheFiller
 from layerfs.errors import LayerfsError
-from layerfs.index.build import fs_bytes
+from layerfs.index.build import ROOT_INO, fs_bytes
 from layerfs.index.view import ImageView
 from layerfs.records import Kind
+from layerfs.store.chunks import ChunkStore
 from layerfs.union.vocab import XATTR_METACOPY, XATTR_REDIRECT, is_private_xattr
 from layerfs.view import Node
 
 log = logging.getLogger(__name__)
 
-# The tree never changes: let the kernel keep what it learned (seconds).
+# The trees never change: let the kernel keep what it learned (seconds).
 FOREVER = 365 * 86400.0
+SLOT_SHIFT = 40  # an image's inode numbers: slot << SLOT_SHIFT | the index's own
+SLOT_BITS = 20
 _METACOPY = XATTR_METACOPY.encode()
 _REDIRECT = XATTR_REDIRECT.encode()
 
 
 @dataclass
+class _Image:
+    slot: int
+    name: str  # its directory's name
+    view: ImageView
+    filler: CacheFiller
+
+
+@dataclass
 class _OpenFile:
+    image: _Image
     node: Node
     cid: str
     fd: int = -1  # the cached content, once there
 
 
-def _attrs(node: Node) -> pyfuse3.EntryAttributes:
+def _attrs(node: Node, slot: int) -> pyfuse3.EntryAttributes:
     attr = pyfuse3.EntryAttributes()
-    attr.st_ino = node.ino
+    attr.st_ino = slot << SLOT_SHIFT | node.ino
     attr.generation = 0
     attr.entry_timeout = FOREVER
     attr.attr_timeout = FOREVER
@@ -80,109 +105,190 @@ def _missing() -> pyfuse3.EntryAttributes:
     return attr
 
 
+def _root_attrs() -> pyfuse3.EntryAttributes:
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = pyfuse3.ROOT_INODE
+    attr.st_mode = stat.S_IFDIR | 0o755
+    attr.st_nlink = 2
+    attr.attr_timeout = 1.0  # images come and go
+    return attr
+
+
 class ImageViewFS(pyfuse3.Operations):
-    """pyfuse3 operations over an ImageView, with overlay redirects into ``cache``."""
+    """pyfuse3 operations over the images recorded in ``records`` (a directory of
+    layerfs.fs.views ImageInfo files), with overlay redirects into ``cache``."""
 
     def __init__(
-        self, view: ImageView, cache: ContentCache, filler: CacheFiller, redirects: bool = True
+        self,
+        store: ChunkStore,
+        records: Path,
+        cache: ContentCache,
+        redirects: bool,
+        on_filled: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        self.view = view
+        self.store = store
+        self.records = records
         self.cache = cache
-        self.filler = filler
         self.redirects = redirects  # False: no data-only layer below, serve every byte
+        self.on_filled = on_filled  # after an image's fill (e.g. to trim the cache)
+        self._images: dict[int, _Image] = {}
+        self._by_name: dict[str, _Image] = {}
         self._files: dict[int, _OpenFile] = {}
-        self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        self._dirs: dict[int, tuple[_Image, list[tuple[bytes, Node]]]] = {}
         self._handles = itertools.count(1)
 
-    def _node(self, ino: int) -> Node:
-        node = self.view.node(ino)
+    def close(self) -> None:
+        for image in self._images.values():
+            image.filler.close()
+            image.view.close()
+
+    # -- images ---------------------------------------------------------------
+    def _open_image(self, name: str) -> _Image | None:
+        from layerfs.fs.views import ImageInfo
+
+        found = self._by_name.get(name)
+        if found is not None:
+            return found
+        info = ImageInfo.load(self.records, name)
+        if info is None:
+            return None
+        try:
+            view = ImageView(self.store, Path(info.index), read_ahead=True)
+        except LayerfsError as exc:
+            log.error("cannot open the index of %s: %s", info.image, exc)
+            return None
+        filler = CacheFiller(view, self.store, self.cache, on_filled=self.on_filled)
+        image = _Image(self._free_slot(name), name, view, filler)
+        if self.redirects:
+            filler.start()
+        self._images[image.slot] = image
+        self._by_name[name] = image
+        log.info("serving %s (%s) as %s", info.image, info.image_id, name)
+        return image
+
+    def _free_slot(self, name: str) -> int:
+        slot = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % ((1 << SLOT_BITS) - 1) + 1
+        while slot in self._images:
+            slot = slot % ((1 << SLOT_BITS) - 1) + 1
+        return slot
+
+    def _split(self, inode: int) -> tuple[_Image, int]:
+        image = self._images.get(inode >> SLOT_SHIFT)
+        if image is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return image, inode & ((1 << SLOT_SHIFT) - 1)
+
+    def _node(self, inode: int) -> tuple[_Image, Node]:
+        image, ino = self._split(inode)
+        node = image.view.node(ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return node
+        return image, node
 
-    def _cid(self, node: Node) -> str:
-        inline, packed = self.view.stored_content(node.ino)
+    def _cid(self, image: _Image, node: Node) -> str:
+        inline, packed = image.view.stored_content(node.ino)
         return content_id(packed, inline)
 
     # -- metadata -------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
-        if name == b".":
-            return _attrs(self._node(parent_inode))
         if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOENT)
-        node = self.view.child(parent_inode, name)
-        return _attrs(node) if node is not None else _missing()
+        if parent_inode == pyfuse3.ROOT_INODE:
+            if name == b".":
+                return _root_attrs()
+            image = self._open_image(os.fsdecode(name))
+            if image is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)  # not cached: it may come later
+            root = image.view.node(ROOT_INO)
+            assert root is not None
+            return _attrs(root, image.slot)
+        image, ino = self._split(parent_inode)
+        if name == b".":
+            return _attrs(self._node(parent_inode)[1], image.slot)
+        node = image.view.child(ino, name)
+        return _attrs(node, image.slot) if node is not None else _missing()
 
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
-        return _attrs(self._node(inode))
+        if inode == pyfuse3.ROOT_INODE:
+            return _root_attrs()
+        image, node = self._node(inode)
+        return _attrs(node, image.slot)
 
     async def readlink(self, inode: int, ctx=None) -> bytes:
-        node = self._node(inode)
+        _image, node = self._node(inode)
         if node.kind is not Kind.SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return fs_bytes(node.target)
 
     async def opendir(self, inode: int, ctx=None) -> int:
-        node = self._node(inode)
+        fh = next(self._handles)
+        if inode == pyfuse3.ROOT_INODE:
+            return fh  # lists nothing: images are reached by name
+        image, node = self._node(inode)
         if node.kind is not Kind.DIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        fh = next(self._handles)
-        self._dirs[fh] = self.view.children(inode)
+        self._dirs[fh] = (image, image.view.children(node.ino))
         return fh
 
     async def readdir(self, fh: int, start_id: int, token) -> None:
-        listing = self._dirs.get(fh, [])
+        image, listing = self._dirs.get(fh, (None, []))
         for position in range(start_id, len(listing)):
             name, node = listing[position]
-            if not pyfuse3.readdir_reply(token, name, _attrs(node), position + 1):
+            assert image is not None
+            if not pyfuse3.readdir_reply(token, name, _attrs(node, image.slot), position + 1):
                 return
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
     async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
-        stats = self.view.statfs()
         out = pyfuse3.StatvfsData()
-        out.f_bsize = out.f_frsize = stats.bsize
-        out.f_blocks = stats.blocks
-        out.f_bfree = out.f_bavail = 0
-        out.f_files = stats.files
-        out.f_ffree = out.f_favail = 0
-        out.f_namemax = stats.namemax
+        out.f_bsize = out.f_frsize = 4096
+        out.f_blocks = out.f_files = 0
+        for image in self._images.values():
+            stats = image.view.statfs()
+            out.f_blocks += stats.blocks * stats.bsize // 4096
+            out.f_files += stats.files
+        out.f_bfree = out.f_bavail = out.f_ffree = out.f_favail = 0
+        out.f_namemax = 255
         return out
 
     # -- xattrs ---------------------------------------------------------------
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        image, node = self._node(inode)
         if name in (_METACOPY, _REDIRECT):
-            node = self._node(inode)
             if self.redirects and node.kind is Kind.FILE and node.size > 0:
-                cid = self._cid(node)
+                cid = self._cid(image, node)
                 if self.cache.has(cid):
                     return b"" if name == _METACOPY else self.cache.redirect(cid)
             raise pyfuse3.FUSEError(errno.ENODATA)
         text = os.fsdecode(name)
         if is_private_xattr(text):
             raise pyfuse3.FUSEError(errno.ENODATA)
-        value = self.view.xattrs(self._node(inode)).get(text)
+        value = image.view.xattrs(node).get(text)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value
 
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
-        names = self.view.xattrs(self._node(inode))
-        return [os.fsencode(name) for name in names if not is_private_xattr(name)]
+        if inode == pyfuse3.ROOT_INODE:
+            return []
+        image, node = self._node(inode)
+        return [os.fsencode(n) for n in image.view.xattrs(node) if not is_private_xattr(n)]
 
     # -- content --------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
-        node = self._node(inode)
+        image, node = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = next(self._handles)
-        handle = _OpenFile(node, self._cid(node) if node.kind is Kind.FILE else "")
+        handle = _OpenFile(image, node, self._cid(image, node) if node.kind is Kind.FILE else "")
         cacheable = self.redirects and node.kind is Kind.FILE and node.size > 0
         if cacheable and not self._try_cached(handle):
-            self.filler.want(inode)
+            image.filler.want(node.ino)
         self._files[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -201,13 +307,13 @@ class ImageViewFS(pyfuse3.Operations):
             self._try_cached(handle)
         if handle.fd >= 0:
             return await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
-        return await trio.to_thread.run_sync(self._read_store, handle.node, off, size)
+        return await trio.to_thread.run_sync(self._read_store, handle, off, size)
 
-    def _read_store(self, node: Node, off: int, size: int) -> bytes:
+    def _read_store(self, handle: _OpenFile, off: int, size: int) -> bytes:
         try:
-            return self.view.read(node, off, size)
+            return handle.image.view.read(handle.node, off, size)
         except LayerfsError as exc:
-            log.error("read of inode %d failed: %s", node.ino, exc)
+            log.error("read of %s inode %d failed: %s", handle.image.name, handle.node.ino, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
 
     async def release(self, fh: int) -> None:
@@ -216,22 +322,20 @@ class ImageViewFS(pyfuse3.Operations):
             os.close(handle.fd)
 
 
-def serve(
+def serve_views(
     ops: ImageViewFS,
     mountpoint: str,
-    fsname: str,
     on_ready: Callable[[], None] | None,
     release_if_unused: Callable[[], bool],
     idle_seconds: float,
 ) -> None:
     """Mount ``ops`` at ``mountpoint`` and answer until it is unmounted.
 
-    Every ``idle_seconds`` the view calls ``release_if_unused`` (on a worker
-    thread), which unmounts it when no mount uses it any more.
+    Every ``idle_seconds`` the daemon calls ``release_if_unused`` (on a worker
+    thread), which unmounts it when no mount uses any of its images any more.
     """
     options = set(pyfuse3.default_options)
-    label = "".join(c if c.isprintable() and c not in ", \\" else "_" for c in fsname)
-    options |= {f"fsname={label}", "subtype=layerfs-view", "ro", "allow_other", "dev", "suid"}
+    options |= {"fsname=layerfs", "subtype=layerfs-view", "ro", "allow_other", "dev", "suid"}
     pyfuse3.init(ops, mountpoint, options)
     if on_ready is not None:
         on_ready()

@@ -23,11 +23,11 @@ from layerfs.fs.overlay import find_overlay, mount_overlay, umount, unmount_over
 from layerfs.fs.views import (
     VIEW_CHUNK_CACHE,
     ViewInfo,
+    daemon_dir,
     open_view,
     release_view,
     run_dir,
     view_answers,
-    view_path,
 )
 from layerfs.store.chunks import ChunkStore
 
@@ -84,7 +84,7 @@ def mount_image(
                 work=dirs.work if dirs else None,
             )
     except MountError:
-        release_view(view_path(store, index))
+        release_view(daemon_dir(store.backend.cache_dir()))
         raise
     return ImageMount(
         os.path.realpath(mountpoint),

@@ -1,15 +1,26 @@
-"""Image views shared by every mount of an image: where they live, starting and stopping them.
+"""The image views of a store: one FUSE mount serving every mounted image, where it lives.
 
-One view daemon (layerfs.fs.imageview) serves an image's index at
-``RUN/views/KEY/``, where RUN is ``$LAYERFS_RUN_DIR`` or ``/run/layerfs`` and
-KEY names the store's cache directory and the index. Beside it,
-``RUN/views/KEY.json`` records what it serves (image, index, store cache),
-so commands that find a view in an overlay's ``lowerdir`` know its image
-without opening the store. A view runs in its own session and outlives the
-command that started it; it is unmounted when the last overlay over it goes
-(``release_view``), or found unused by the view itself, which checks every
-``idle_seconds()``. /run is emptied at boot, and a view whose daemon died is
-found disconnected and replaced on the next mount.
+Each store (named by its cache directory) has one view daemon
+(layerfs.fs.imageview) mounted at ``RUN/views/STORE/``, where RUN is
+``$LAYERFS_RUN_DIR`` or ``/run/layerfs``. Every image mounted from that store
+is a directory of it, ``RUN/views/STORE/INDEX/`` (INDEX names the image's
+index, so images with the same layers share one), and that directory is the
+first lower layer of each overlay mount of the image. One process serves any
+number of images and mounts.
+
+Records, so that commands know what a view shows without opening the store:
+
+* ``RUN/views/STORE.json``: the daemon (its pid, the store's cache directory,
+  the content cache's data directory, whether files redirect into it);
+* ``RUN/views/STORE.d/INDEX.json``: one image (name, id, index file), written
+  before the image is first looked up: the daemon opens an image when the
+  kernel first asks for its directory.
+
+The daemon runs in its own session and outlives the command that started it.
+It is unmounted when the last overlay over any of its images goes
+(``release_view``), or found unused by the daemon itself, which checks every
+``idle_seconds()``. /run is emptied at boot, and a daemon that died is found
+disconnected and replaced on the next mount.
 """
 
 from __future__ import annotations
@@ -20,9 +31,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from layerfs.catalog import ImageRecord
@@ -48,11 +60,59 @@ def content_cache(store: ChunkStore) -> ContentCache:
     return ContentCache(store.backend.cache_dir() / "content")
 
 
+def daemon_dir(cache_dir: str | Path) -> Path:
+    """Where the view daemon of the store with this cache directory is mounted."""
+    key = hashlib.sha256(str(cache_dir).encode()).hexdigest()[:24]
+    return run_dir() / "views" / key
+
+
+def index_name(index: Path) -> str:
+    """The directory name of an image's index in its store's view."""
+    return hashlib.sha256(str(index).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    """One store's view daemon; kept in ``RUN/views/STORE.json``."""
+
+    cache_dir: str
+    data_dir: str  # the content cache's data-only layer
+    redirects: bool  # whether files point into the content cache
+    pid: int = 0
+
+    @staticmethod
+    def load(mount_dir: Path) -> DaemonInfo | None:
+        try:
+            return DaemonInfo(**json.loads(Path(f"{mount_dir}.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One image a view daemon serves; kept in ``RUN/views/STORE.d/INDEX.json``."""
+
+    image: str
+    image_id: str
+    index: str
+
+    @staticmethod
+    def load(records: Path, name: str) -> ImageInfo | None:
+        try:
+            return ImageInfo(**json.loads((records / f"{name}.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def records_dir(mount_dir: Path) -> Path:
+    return mount_dir.with_name(f"{mount_dir.name}.d")
+
+
 @dataclass(frozen=True)
 class ViewInfo:
-    """What a view serves; kept in ``RUN/views/KEY.json``."""
+    """One image's view: its directory in the store's view, and what it shows."""
 
-    path: str  # the view's mountpoint
+    path: str  # the image's directory: an overlay's first lower layer
     image: str
     image_id: str
     index: str
@@ -63,33 +123,38 @@ class ViewInfo:
 
     @staticmethod
     def load(view_path: str | Path) -> ViewInfo | None:
-        try:
-            fields = json.loads(Path(f"{os.path.realpath(view_path)}.json").read_text())
-            return ViewInfo(**fields)
-        except (OSError, ValueError, TypeError):
+        """The view whose directory is ``view_path`` (as an overlay lists it), or None."""
+        path = Path(os.path.realpath(view_path))
+        daemon = DaemonInfo.load(path.parent)
+        image = ImageInfo.load(records_dir(path.parent), path.name)
+        if daemon is None or image is None:
             return None
+        return ViewInfo(str(path), **asdict(image), **asdict(daemon))
+
+
+def _mounted_images(mount_dir: Path) -> set[str]:
+    """Names of the images of a view daemon that some overlay mount uses."""
+    prefix = f"{mount_dir}/"
+    return {
+        m.lowers[0][len(prefix) :]
+        for m in layerfs_overlays()
+        if m.lowers and m.lowers[0].startswith(prefix)
+    }
 
 
 def live_views(cache_dir: str | Path) -> list[ViewInfo]:
-    """The views of the store whose cache directory is ``cache_dir`` that are mounted."""
-    folder = run_dir() / "views"
+    """The views of a store's images that some mount uses."""
+    mount_dir = daemon_dir(cache_dir)
     out = []
-    if folder.is_dir():
-        for record in sorted(folder.glob("*.json")):
-            info = ViewInfo.load(record.with_suffix(""))
-            mounted = find_mount(record.with_suffix("")) if info is not None else None
-            if (
-                info is not None
-                and info.cache_dir == str(cache_dir)
-                and mounted is not None
-                and mounted.fstype == VIEW_FSTYPE
-            ):
-                out.append(info)
+    for name in sorted(_mounted_images(mount_dir)):
+        info = ViewInfo.load(mount_dir / name)
+        if info is not None:
+            out.append(info)
     return out
 
 
 def contents_in_use(cache_dir: str | Path) -> set[str]:
-    """Content IDs of every file of every mounted view of a store (never evicted)."""
+    """Content IDs of every file of every mounted image of a store (never evicted)."""
     from layerfs.content.cache import content_id
     from layerfs.index.view import file_contents
 
@@ -120,14 +185,9 @@ def trim_cache(cache: ContentCache, cache_dir: str | Path, limit: int) -> None:
     )
 
 
-def view_path(store: ChunkStore, index: Path) -> Path:
-    key = hashlib.sha256(f"{store.backend.cache_dir()}\0{index}".encode()).hexdigest()[:32]
-    return run_dir() / "views" / key
-
-
 def view_answers(path: str | Path) -> bool:
-    """Whether the view mounted at ``path`` still has its daemon (opening asks it;
-    a stat may be answered from cached attributes)."""
+    """Whether the view mounted at ``path`` (or a directory of it) still has its daemon
+    (opening asks it; a stat may be answered from cached attributes)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
@@ -139,14 +199,20 @@ def view_answers(path: str | Path) -> bool:
 
 
 @contextmanager
-def _locked(path: str | Path) -> Iterator[int]:
-    """Hold the view's lock (starting, stopping and mounting over it take it)."""
-    fd = os.open(f"{path}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _locked(mount_dir: Path) -> Iterator[int]:
+    """Hold the view daemon's lock (starting, stopping and mounting over it take it)."""
+    fd = os.open(f"{mount_dir}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
     finally:
         os.close(fd)
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc) + "\n")
+    os.replace(tmp, path)
 
 
 @contextmanager
@@ -157,103 +223,104 @@ def open_view(
     make_store: Callable[[], ChunkStore],
     log_file: Path,
 ) -> Iterator[ViewInfo]:
-    """The running view of ``record``'s index, started first if there is none.
+    """The view of ``record``'s index, its store's daemon started first if none runs.
 
-    The view cannot stop while the ``with`` block runs (mount over it there).
-    ``make_store`` opens the store again in the view's own process.
+    The daemon cannot stop while the ``with`` block runs (mount over it there).
+    ``make_store`` opens the store again in the daemon's own process.
     """
-
-    path = view_path(store, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cache = content_cache(store)
-    redirects = data_only_layers_supported()
-    info = ViewInfo(
-        path=str(path),
-        image=record.name,
-        image_id=record.id,
-        index=str(index),
-        cache_dir=str(store.backend.cache_dir()),
-        data_dir=str(cache.data_dir),
-        redirects=redirects,
-    )
-    with _locked(path) as lock:
-        mounted = find_mount(path)
-        if mounted is not None and mounted.fstype == VIEW_FSTYPE:
-            if view_answers(path):
-                yield ViewInfo.load(path) or info
-                return
-            log.warning("the view at %s lost its daemon: starting a new one", path)
-            umount(str(path), lazy=True)
-        path.mkdir(exist_ok=True)
-        cache.data_dir.mkdir(parents=True, exist_ok=True)
-        Path(f"{path}.json").write_text(json.dumps(asdict(info)) + "\n")
-        if not redirects:
-            log.warning(
-                "this kernel (%s) has no data-only overlay layers (Linux 6.5): "
-                "the view serves file bytes itself",
-                os.uname().release,
-            )
-
-        def serve(on_ready: Callable[[], None] | None) -> None:
-            os.close(lock)  # the daemon's copy of it would hold the lock
-            _serve_view(make_store, index, cache, str(path), record.name, redirects, on_ready)
-
-        pid = mount_daemon(
-            serve,
-            path,
-            fstype=VIEW_FSTYPE,
-            label=record.name,
-            foreground=False,
-            log_file=log_file,
-        )
-        info = replace(info, pid=pid)
-        Path(f"{path}.json").write_text(json.dumps(asdict(info)) + "\n")
-        yield info
-
-
-def _serve_view(
-    make_store: Callable[[], ChunkStore],
-    index: Path,
-    cache: ContentCache,
-    path: str,
-    name: str,
-    redirects: bool,
-    on_ready: Callable[[], None] | None,
-) -> None:
-    from layerfs.content.fill import CacheFiller
-    from layerfs.fs.imageview import ImageViewFS, serve
-    from layerfs.index.view import ImageView
-
-    store = make_store()
-    view = ImageView(store, index, read_ahead=True)
     cache_dir = store.backend.cache_dir()
+    mount_dir = daemon_dir(cache_dir)
+    mount_dir.parent.mkdir(parents=True, exist_ok=True)
+    cache = content_cache(store)
+    with _locked(mount_dir) as lock:
+        daemon = _running_daemon(mount_dir)
+        if daemon is None:
+            daemon = _start_daemon(make_store, mount_dir, cache, log_file, lock)
+        name = index_name(index)
+        image = ImageInfo(record.name, record.id, str(index))
+        _write_json(records_dir(mount_dir) / f"{name}.json", asdict(image))
+        yield ViewInfo(str(mount_dir / name), **asdict(image), **asdict(daemon))
+
+
+def _running_daemon(mount_dir: Path) -> DaemonInfo | None:
+    mounted = find_mount(mount_dir)
+    if mounted is None or mounted.fstype != VIEW_FSTYPE:
+        return None
+    if view_answers(mount_dir):
+        return DaemonInfo.load(mount_dir)
+    log.warning("the view at %s lost its daemon: starting a new one", mount_dir)
+    umount(str(mount_dir), lazy=True)
+    return None
+
+
+def _start_daemon(
+    make_store: Callable[[], ChunkStore],
+    mount_dir: Path,
+    cache: ContentCache,
+    log_file: Path,
+    lock: int,
+) -> DaemonInfo:
+    redirects = data_only_layers_supported()
+    if not redirects:
+        log.warning(
+            "this kernel (%s) has no data-only overlay layers (Linux 6.5): "
+            "the view serves file bytes itself",
+            os.uname().release,
+        )
+    mount_dir.mkdir(exist_ok=True)
+    records = records_dir(mount_dir)
+    if records.exists():  # images of a daemon that died: looked up again from the new one
+        shutil.rmtree(records)
+    records.mkdir()
+    cache.data_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = cache.root.parent
     limit = cache_limit()
-    filler = CacheFiller(view, store, cache, on_filled=lambda: trim_cache(cache, cache_dir, limit))
-    if redirects:
-        filler.start()
-    try:
-        ops = ImageViewFS(view, cache, filler, redirects=redirects)
-        serve(ops, path, name, on_ready, lambda: release_view(path), idle_seconds())
-    finally:
-        filler.close()
-        view.close()
+
+    def serve(on_ready: Callable[[], None] | None) -> None:
+        os.close(lock)  # the daemon's copy of it would hold the lock
+        from layerfs.fs.imageview import ImageViewFS, serve_views
+
+        store = make_store()
+        ops = ImageViewFS(
+            store, records, cache, redirects, lambda: trim_cache(cache, cache_dir, limit)
+        )
+        try:
+            serve_views(
+                ops, str(mount_dir), on_ready, lambda: release_view(mount_dir), idle_seconds()
+            )
+        finally:
+            ops.close()
+
+    daemon = DaemonInfo(str(cache_dir), str(cache.data_dir), redirects)
+    _write_json(Path(f"{mount_dir}.json"), asdict(daemon))
+    pid = mount_daemon(
+        serve, mount_dir, fstype=VIEW_FSTYPE, label="layerfs", foreground=False, log_file=log_file
+    )
+    daemon = DaemonInfo(daemon.cache_dir, daemon.data_dir, redirects, pid)
+    _write_json(Path(f"{mount_dir}.json"), asdict(daemon))
+    return daemon
 
 
 def idle_seconds() -> float:
-    """How often a view checks whether any mount still uses it ($LAYERFS_VIEW_IDLE)."""
+    """How often a view daemon checks whether any mount still uses it ($LAYERFS_VIEW_IDLE)."""
     return float(os.environ.get("LAYERFS_VIEW_IDLE") or 30)
 
 
 def release_view(view: str | Path) -> bool:
-    """Unmount the view at ``view`` if no layerfs overlay uses it; whether it was."""
-    target = os.path.realpath(view)
-    with _locked(target):
-        if any(target in m.lowers for m in layerfs_overlays()):
+    """Unmount the view daemon serving ``view`` (its mount or an image's directory in it)
+    if no layerfs overlay uses any of its images; return whether it was."""
+    path = Path(os.path.realpath(view))
+    mount_dir = path if DaemonInfo.load(path) is not None else path.parent
+    if DaemonInfo.load(mount_dir) is None:
+        return False
+    with _locked(mount_dir):
+        if _mounted_images(mount_dir):
             return False
-        mounted = find_mount(target)
+        mounted = find_mount(mount_dir)
         if mounted is None or mounted.fstype != VIEW_FSTYPE:
             return False
-        umount(target)
-        os.rmdir(target)
-        Path(f"{target}.json").unlink(missing_ok=True)
+        umount(str(mount_dir))
+        os.rmdir(mount_dir)
+        shutil.rmtree(records_dir(mount_dir), ignore_errors=True)
+        Path(f"{mount_dir}.json").unlink(missing_ok=True)
     return True
