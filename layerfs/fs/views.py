@@ -200,8 +200,10 @@ def view_answers(path: str | Path) -> bool:
 
 @contextmanager
 def _locked(mount_dir: Path) -> Iterator[int]:
-    """Hold the view daemon's lock (starting, stopping and mounting over it take it)."""
-    fd = os.open(f"{mount_dir}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Hold the views' lock (starting and stopping a daemon, and mounting over one,
+    take it). One lock for all stores' daemons: a file per store would pile up in
+    /run, and none can be removed safely while someone may wait on it."""
+    fd = os.open(mount_dir.parent / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
