@@ -11,11 +11,11 @@ import pytest
 from fuse import c_stat, set_st_attrs
 
 from layerfs.fs.attrs import pack_stat, stat_of
-from layerfs.fs.mountinfo import load_mountinfo
+from layerfs.fs.overlay import find_overlay
+from layerfs.fs.views import ViewInfo
 from layerfs.index.readahead import ReadAhead
 from layerfs.records import Kind
 from layerfs.store.chunks import ChunkRef, chunk_offsets
-from layerfs.store.local import LocalBackend
 from layerfs.store.location import open_store
 from layerfs.view import Node
 from tests.support.lfsmount import LAYERFS, mounted, public_dir
@@ -106,8 +106,8 @@ def image_store(tmp_path_factory) -> Path:
 
 
 def _daemon_reads(store: Path, mnt: Path) -> int:
-    """Bytes the mount daemon has read from files so far (its /proc io counter)."""
-    pid = load_mountinfo(LocalBackend(store), mnt).pid
+    """Bytes the image's view daemon has read from files so far (its /proc io counter)."""
+    pid = ViewInfo.load(find_overlay(mnt).lowers[0]).pid
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
         if line.startswith("rchar:"):
             return int(line.split()[1])

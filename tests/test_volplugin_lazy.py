@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.fs.mounting import find_mount
+from layerfs.fs.overlay import find_overlay
+from layerfs.fs.service import find_image_mount
 from tests.support.dockerenv import BASE_IMAGE
 from tests.support.plugin import PluginProcess, remove_driver_objects
 from tests.support.s3backup import cli, fill_random
@@ -84,7 +85,8 @@ def test_lazy_volume_is_usable_at_once_and_survives_a_plugin_kill(
             "volume", "create", "-d", name, "-o", f"from={backup_id}", "-o", "lazy=true", vol
         )
         volume_dir = root / "volumes" / vol
-        assert find_mount(volume_dir).fstype == "fuse.layerfs"
+        mounted = find_image_mount(volume_dir)  # a kernel overlay over the backup's view
+        assert mounted is not None and mounted.upper == root / "lazy" / vol / "upper"
         first = _lazy(plugin, vol)
         assert first["Phase"] == "filling"
         assert first["BytesTotal"] == FILES * FILE_SIZE + 22 + 7
@@ -123,13 +125,14 @@ def test_lazy_volume_is_usable_at_once_and_survives_a_plugin_kill(
             "the switch",
             timeout=300,
         )
+        assert "mounting it again" not in plugin.log()  # it was found mounted
         done = [p["BytesDone"] for p in progress if p["Phase"] in ("filling", "filled")]
         assert done == sorted(done)
         assert progress[-1]["Progress"] == "100.0%"
         assert progress[-1]["BytesDone"] == progress[-1]["BytesTotal"]
 
         # an ordinary volume now: a plain directory with the backup plus the writes
-        assert find_mount(volume_dir) is None or find_mount(volume_dir).fstype != "fuse.layerfs"
+        assert find_overlay(volume_dir) is None
         assert not (root / "lazy" / vol).exists()
         for blob, ino in kept.items():
             if blob != "blob000":

@@ -1,7 +1,9 @@
-"""Lazy restore parts on a local store with a real FUSE mount: fill, resume, merge, options."""
+"""Lazy restore parts on a local store with the real mount (kernel overlay, FUSE image view):
+fill, resume, merge, options."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -9,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.index import ImageView
+from layerfs.fs.service import find_image_mount
 from layerfs.store.location import open_store
-from tests.support.backuptree import backed_up, describe
+from layerfs.union.vocab import XATTR_REDIRECT
+from tests.support.backuptree import backed_up, describe, visible_links
 from tests.support.waiting import wait_for
 from volplugin import options
 from volplugin.errors import BadOption
@@ -101,33 +104,39 @@ def test_merge_gives_the_tree_the_mount_showed(backup, tmp_path: Path) -> None:
     prepare(open_store(url), dirs, record.tree)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    mount(url, dirs, mnt, "lazy-unit")
+    mount(url, dirs, mnt, "lazy-unit", record.tree)
     try:
+        mounted = find_image_mount(mnt)
+        assert mounted is not None and mounted.upper == dirs.upper
+        assert json.loads(dirs.meta.read_text())["format"] == 2
         assert describe(mnt) == describe(volume)
         (mnt / "new.txt").write_text("written while lazy\n")
-        with open(mnt / "data/big.bin", "r+b") as f:  # a metacopy file with one range
+        with open(mnt / "data/big.bin", "r+b") as f:  # the kernel copies the bytes up
             f.seek(1 << 20)
             f.write(b"X" * 1000)
         with open(mnt / "data/text.log", "ab") as f:
             f.write(b"appended\n")
         os.unlink(mnt / "data/small.txt")
-        os.rename(mnt / "shared", mnt / "shared2")
+        os.rename(mnt / "shared", mnt / "shared2")  # a directory renamed
+        os.rename(mnt / "suid", mnt / "data/suid-moved")  # a file moved: metacopy, redirect
         os.chmod(mnt / "tmp", 0o700)
-        os.truncate(mnt / "sparse.img", 1 << 20)
+        os.chmod(mnt / "sparse.img", 0o600)  # metadata only: a metacopy file
+        os.truncate(mnt / "data/empty", 1 << 20)
         os.mkdir(mnt / "data/sub")
         (mnt / "data/sub/f").write_bytes(b"f")
         seen = describe(mnt)
     finally:
         assert release(mnt)
     assert not is_mounted(mnt)
+    assert os.getxattr(dirs.upper / "shared2", XATTR_REDIRECT) == b"shared"
+    assert os.getxattr(dirs.upper / "data/suid-moved", XATTR_REDIRECT) == b"/suid"
     assert Filler(open_store(url), record.tree, dirs.fill).run()
-    view = ImageView(open_store(url), dirs.index)
-    assert merge_upper(dirs.upper.tree, dirs.fill, view) > 0
+    assert merge_upper(dirs.upper, dirs.fill, dirs.stage) > 0
     # redoing the merge (after a crash during the switch) gives the same tree
-    merge_upper(dirs.upper.tree, dirs.fill, view)
-    view.close()
-    shutil.rmtree(dirs.upper.tree)  # as the switch does: upper files were linked, not copied
-    assert describe(dirs.fill) == seen
+    merge_upper(dirs.upper, dirs.fill, dirs.stage)
+    shutil.rmtree(dirs.base / "merge")  # as the switch does, with the upper tree
+    shutil.rmtree(dirs.upper)
+    assert visible_links(describe(dirs.fill)) == visible_links(seen)
 
 
 def test_lazy_option_needs_from() -> None:

@@ -1,11 +1,12 @@
 """Lazy restore: `-o from=BACKUP -o lazy=true` gives a volume that is usable at once.
 
-At Create the backup's tree is indexed and a writable layerfs mount (see
-volplugin.lazy_mount) is put on the volume's own directory ROOT/volumes/NAME, so Mount
-and Path answer as for any volume and containers see the backup at once: file content
-is fetched from the store on first read and cached locally, and writes go to an upper
-tree. Meanwhile a background thread fills ROOT/lazy/NAME/fill with the whole backup
-(volplugin.lazy_fill); Status shows the progress under ``Lazy``.
+At Create the backup's tree is indexed and mounted writable by layerfs' mount service
+(a kernel overlay over the tree's image view, see volplugin.lazy_mount) on the volume's
+own directory ROOT/volumes/NAME, so Mount and Path answer as for any volume and
+containers see the backup at once: file content is fetched from the store on first read
+and cached locally, and the kernel keeps writes in an upper tree. Meanwhile a
+background thread fills ROOT/lazy/NAME/fill with the whole backup (volplugin.lazy_fill);
+Status shows the progress under ``Lazy``.
 
 The switch. When the fill is complete and no container holds the volume (at once, or
 at the last Unmount), the mount is released and the upper tree is merged onto the
@@ -15,8 +16,9 @@ While containers hold the mount, new Mounts get the mount too, so every containe
 a volume always sees the same tree; the switch waits for the last of them.
 
 Durability. The fill syncs what it wrote before it records it and before the volume
-is marked filled (volplugin.lazy_fill); the merge syncs before the upper tree is
-deleted, and the renames that put the filled directory in place are synced before the
+is marked filled (volplugin.lazy_fill); the merge can be redone after a crash and syncs
+before it returns (its state and the upper tree stay until the filled directory is in
+place), and the renames that put the filled directory in place are synced before the
 volume is marked done.
 
 Prune. From Create until the switch is over (or the volume is removed) the backup's
@@ -26,10 +28,12 @@ lazy state), so neither a prune nor the volume's own ``backup-keep`` removes dat
 mount and the fill still read, even if the backup itself is forgotten meanwhile.
 
 Restarts. Phases and progress are in the state database (volplugin.lazy_state). The
-mount process runs in its own session and outlives the plugin; at start the plugin
-remounts only a mount whose process died, restarts unfinished fills (which skip
-what is already local) and redoes an interrupted switch; pins that outlived their
-volume or its switch are removed.
+overlay is the kernel's and its image view a daemon in its own session: both outlive
+the plugin; at start the plugin remounts only a mount that is gone or whose view died,
+restarts unfinished fills (which skip what is already local) and redoes an interrupted
+switch; pins that outlived their volume or its switch are removed. A volume made by an
+earlier version, whose changes are in the retired FUSE engine's format, is left as it
+is, with an error in its Status (volplugin.lazy_mount.check_layout).
 """
 
 from __future__ import annotations
@@ -44,14 +48,22 @@ from pathlib import Path
 
 from layerfs import confined
 from layerfs.errors import LayerfsError
-from layerfs.index import ImageView
 from layerfs.maintenance.pins import pin, unpin
 from layerfs.store.location import default_store_url, open_store
 from volplugin.backup.docs import get_backup
 from volplugin.errors import BadOption, VolpluginError
 from volplugin.lazy_fill import RATE_ENV, Filler, Progress, parse_rate
 from volplugin.lazy_merge import merge_upper
-from volplugin.lazy_mount import LazyDirs, force_release, is_mounted, mount, prepare, release
+from volplugin.lazy_mount import (
+    LazyDirs,
+    LegacyLayout,
+    check_layout,
+    force_release,
+    is_mounted,
+    mount,
+    prepare,
+    release,
+)
 from volplugin.lazy_state import LazyRecord, LazyState
 from volplugin.state import VolumeRecord
 from volplugin.volumes import VolumeService
@@ -208,7 +220,7 @@ class LazyVolumes:
         finally:
             store.backend.close()
         self.state.set_progress(name, 0, totals.files_total, 0, totals.bytes_total)
-        mount(self.store_url, dirs, path, name)
+        mount(self.store_url, dirs, path, name, backup.tree)
         log.info("volume %s: serving backup %s lazily; filling in the background", name, ref)
         self._start_fill(name)
 
@@ -270,6 +282,9 @@ class LazyVolumes:
                 continue
             try:
                 self._resume(lazy)
+            except LegacyLayout as exc:
+                log.error("volume %s: %s", name, exc)
+                self.state.set_error(name, str(exc))
             except (LayerfsError, OSError) as exc:
                 log.error("volume %s: cannot resume the lazy restore: %s", name, exc)
                 self.state.set_error(name, f"{exc}; restart the plugin to retry")
@@ -284,7 +299,7 @@ class LazyVolumes:
         if lazy.phase in ("filling", "filled"):
             if not is_mounted(path):
                 log.warning("volume %s: its lazy mount is gone; mounting it again", lazy.name)
-                mount(self.store_url, self.dirs(lazy.name), path, lazy.name)
+                mount(self.store_url, self.dirs(lazy.name), path, lazy.name, lazy.tree)
             self._start_fill(lazy.name)
         elif lazy.phase == "switching":
             with self.service.lock:
@@ -385,6 +400,12 @@ class LazyVolumes:
             return True
         path = self.service.path_of(name)
         dirs = self.dirs(name)
+        try:
+            check_layout(dirs, name)
+        except LegacyLayout as exc:
+            log.error("volume %s: cannot switch: %s", name, exc)
+            self.state.set_error(name, str(exc))
+            return True
         if not release(path):
             log.warning("volume %s: the lazy mount is busy; switching later", name)
             return False
@@ -410,13 +431,7 @@ class LazyVolumes:
         return True
 
     def _merge(self, name: str, dirs: LazyDirs) -> None:
-        store = open_store(self.store_url)
-        view = ImageView(store, dirs.index)
-        try:
-            applied = merge_upper(dirs.upper.tree, dirs.fill, view)
-        finally:
-            view.close()
-            store.backend.close()
+        applied = merge_upper(dirs.upper, dirs.fill, dirs.stage)
         log.info("volume %s: merged %d changed entries made during the lazy phase", name, applied)
 
 

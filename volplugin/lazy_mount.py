@@ -1,20 +1,31 @@
-"""The FUSE side of a lazy volume: the backup's index, its upper tree, the mount daemon.
+"""The mount of a lazy volume: the backup as an image, mounted writable by layerfs' mount service.
 
-A backup tree is one layer without whiteouts, so its index is built by layerfs' image
-index builder (one-layer ImageRecord) and served by ImageView: chunks are fetched from
-the store on first read and kept in the store's local cache. The writable mount keeps
-changes in an image-mode upper tree (layerfs.fs.upper) and runs as its own process in
-its own session (``python -m volplugin.lazy_mount``), so it outlives the plugin: a
-plugin restart finds the mount still serving; only a mount whose process died is made
-again.
+A backup tree is one layer without whiteouts: a one-layer ImageRecord named after it
+(``backup_image``) is mounted by layerfs.fs.service like any image, with the store's
+shared index of that tree (layerfs.index.ensure_index, built at ``prepare``): a kernel
+overlay on the volume's directory over the tree's read-only image view (file bytes from
+the store's content cache, fetched on first read), writable into the volume's upper
+DIR. The kernel keeps every change in DIR/upper in overlayfs' format
+(layerfs.union.upper), DIR/work is its workdir and DIR/layerfs.json names the tree
+(upper format 2).
 
-Layout under ROOT/lazy/NAME/: ``index.sqlite``, ``upper/`` (the upper tree),
-``work/`` (copy-up temp files), ``fill/`` (the background fill), ``mount.log``.
+The overlay outlives the plugin (it is the kernel's) and so does the view (its own
+daemon, in its own session): a plugin restart finds the volume still mounted
+(``is_mounted``), and only a mount whose view died is made again (the mount service
+replaces it). The mount is made by a short-lived process (``python -m
+volplugin.lazy_mount``), so that the view daemon is forked from it and not from the
+plugin's threads.
+
+Layout under ROOT/lazy/NAME/ (the upper DIR): ``layerfs.json``, ``upper/``, ``work/``,
+``fill/`` (the background fill) and ``merge/`` (the merge's state, volplugin.lazy_merge).
+A volume made by an earlier version (``index.sqlite`` and an upper tree in the retired
+FUSE engine's format, no layerfs.json) is refused with ``LegacyLayout``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -23,73 +34,120 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerfs.catalog import ImageRecord, LayerRecord
-from layerfs.fs.mounting import MountError, find_mount, unmount
-from layerfs.fs.upper import UpperDirs, reset_tmp
-from layerfs.fs.writemount import SUBTYPE, is_stale, recover_stale
-from layerfs.index.build import build_index
+from layerfs.errors import LayerfsError
+from layerfs.fs.mounting import MountError, find_mount
+from layerfs.fs.overlay import find_overlay, umount
+from layerfs.fs.service import KERNEL_UPPER_FORMAT, find_image_mount, unmount_image
+from layerfs.fs.upper import META_FILE, image_upper
+from layerfs.fs.views import release_view, view_answers
+from layerfs.index import ensure_index
 from layerfs.records import Kind, find_entry
 from layerfs.store.chunks import ChunkStore
 
-FSTYPE = f"fuse.{SUBTYPE}"
 MOUNT_TIMEOUT = 120.0
+LEGACY_FSTYPE = "fuse.layerfs"  # the mounts of the retired FUSE engine
+
+
+class LegacyLayout(MountError):
+    """A lazy volume made by an earlier version, whose upper tree this one cannot use."""
 
 
 @dataclass(frozen=True)
 class LazyDirs:
-    """Where one lazy volume keeps its parts."""
+    """Where one lazy volume keeps its parts (``base`` is the mount's upper DIR)."""
 
     base: Path
 
     @property
-    def index(self) -> Path:
-        return self.base / "index.sqlite"
+    def upper(self) -> Path:
+        return self.base / "upper"
 
     @property
-    def upper(self) -> UpperDirs:
-        return UpperDirs(self.base / "upper", self.base / "work")
+    def work(self) -> Path:
+        return self.base / "work"
+
+    @property
+    def meta(self) -> Path:
+        return self.base / META_FILE
 
     @property
     def fill(self) -> Path:
         return self.base / "fill"
 
     @property
-    def log(self) -> Path:
-        return self.base / "mount.log"
+    def stage(self) -> Path:
+        return self.base / "merge"
+
+
+def backup_image(tree: str) -> ImageRecord:
+    """The one-layer image a backup tree is mounted as."""
+    image = ImageRecord(name=f"backup-tree-{tree[:12]}", id=tree, config={}, layers=[])
+    image.layers.append(LayerRecord(diff_id=tree, tree=tree))
+    return image
+
+
+def check_layout(dirs: LazyDirs, name: str) -> None:
+    """Refuse a volume whose upper tree is not the kernel's (made by an earlier version)."""
+    fmt = None
+    if dirs.meta.exists():
+        try:
+            fmt = json.loads(dirs.meta.read_text()).get("format")
+        except (OSError, ValueError) as exc:
+            raise LegacyLayout(f"cannot read {dirs.meta}: {exc}") from exc
+    elif not dirs.upper.exists():
+        return  # nothing made yet
+    if fmt == KERNEL_UPPER_FORMAT:
+        return
+    raise LegacyLayout(
+        f"the lazy volume {name!r} was made by an earlier volplugin: the changes made "
+        f"through its mount ({dirs.upper}) are in the format of the retired FUSE mount "
+        "engine, which this version can neither mount nor merge. Copy its data out while "
+        "its earlier mount still serves it (or with the earlier volplugin), then remove "
+        "the volume and restore it again"
+    )
 
 
 def prepare(store: ChunkStore, dirs: LazyDirs, tree: str) -> None:
-    """Build the index and an empty upper tree whose root has the backup root's attributes."""
-    dirs.base.mkdir(parents=True, exist_ok=True)
-    image = ImageRecord(name=f"backup-tree-{tree[:12]}", id=tree, config={}, layers=[])
-    image.layers.append(LayerRecord(diff_id=tree, tree=tree))
-    if not dirs.index.exists():
-        build_index(store, image, dirs.index)
-    upper = dirs.upper
-    upper.tree.mkdir(exist_ok=True)
-    upper.work.mkdir(exist_ok=True)
+    """Build the tree's index, and the upper DIR whose root has the backup root's attributes."""
+    image = backup_image(tree)
+    ensure_index(store, image)
+    upper = image_upper(dirs.base, image.name, image.id, upper_format=KERNEL_UPPER_FORMAT)
     dirs.fill.mkdir(exist_ok=True)
     root = find_entry(store, tree, "")
     if root is not None and root.kind is Kind.DIR:
         os.chown(upper.tree, root.uid, root.gid)
         os.chmod(upper.tree, root.mode & 0o7777)
-        for name, value in root.xattrs.items():
-            os.setxattr(upper.tree, name, value)
+        for key, value in root.xattrs.items():
+            os.setxattr(upper.tree, key, value)
         os.utime(upper.tree, ns=(root.mtime_ns, root.mtime_ns))
 
 
 def is_mounted(mountpoint: Path) -> bool:
-    """Whether a live lazy mount serves ``mountpoint``."""
-    info = find_mount(mountpoint)
-    return info is not None and info.fstype == FSTYPE and not is_stale(mountpoint)
+    """Whether a lazy volume's overlay is mounted at ``mountpoint`` and its view serves."""
+    try:
+        found = find_image_mount(mountpoint)
+    except LayerfsError:  # an overlay whose view left no record: stale
+        return False
+    if found is None or found.upper is None:
+        return False
+    try:
+        return view_answers(found.view.path)
+    except OSError:
+        return False
 
 
-def mount(store_url: str, dirs: LazyDirs, mountpoint: Path, name: str) -> None:
-    """Start the mount process for a lazy volume and wait until it serves; no-op if it does."""
+def mount(store_url: str, dirs: LazyDirs, mountpoint: Path, name: str, tree: str) -> None:
+    """Mount a lazy volume and return once it serves; no-op if it does already.
+
+    A mount whose view died is replaced (by the mount service).
+    """
+    check_layout(dirs, name)
     if is_mounted(mountpoint):
         return
-    recover_stale(mountpoint)
+    if "://" not in store_url:  # the view daemon runs in /
+        store_url = os.path.abspath(store_url)
     cmd = [sys.executable, "-m", "volplugin.lazy_mount", "--store", store_url]
-    cmd += ["--base", str(dirs.base), "--name", name, str(mountpoint)]
+    cmd += ["--base", str(dirs.base), "--tree", tree, "--name", name, str(mountpoint)]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL
     )
@@ -97,59 +155,57 @@ def mount(store_url: str, dirs: LazyDirs, mountpoint: Path, name: str) -> None:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise MountError(
             f"cannot mount the lazy volume {name!r} at {mountpoint}: "
-            f"{detail[-1] if detail else 'the mount process failed'} (see {dirs.log})"
+            f"{detail[-1] if detail else 'the mount process failed'}"
         )
 
 
 def release(mountpoint: Path, attempts: int = 20) -> bool:
-    """Unmount a lazy mount; False if it stays busy. A stale mount is cleaned up."""
-    if recover_stale(mountpoint):
-        return True
-    for _ in range(attempts):
-        info = find_mount(mountpoint)
-        if info is None or info.fstype != FSTYPE:
+    """Unmount a lazy volume's overlay (and its view, if no other mount uses it);
+    False if it stays busy. A mount whose view died is unmounted all the same."""
+    for attempt in range(attempts):
+        if find_overlay(mountpoint) is None:
             return True
         try:
-            unmount(mountpoint, FSTYPE)
+            unmount_image(mountpoint)
             return True
         except MountError:
-            time.sleep(0.1)
+            if attempt + 1 < attempts:
+                time.sleep(0.1)
     return False
 
 
 def force_release(mountpoint: Path) -> None:
-    """Detach a lazy mount even if busy (for Remove): users keep it until they close."""
+    """Detach a lazy volume's mount even if busy (for Remove): users keep it until they
+    close. Also detaches the FUSE mount of a volume made by an earlier version."""
+    legacy = find_mount(mountpoint)
+    if legacy is not None and legacy.fstype == LEGACY_FSTYPE:
+        umount(legacy.mountpoint, lazy=True)
+        return
     if release(mountpoint, attempts=3):
         return
-    subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    found = find_overlay(mountpoint)
+    if found is not None:
+        umount(found.mountpoint, lazy=True)
+        for lower in found.lowers[:1]:
+            release_view(lower)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry of the mount process: serve the writable mount in the background and return."""
-    from layerfs.fs.writemount import serve_writable
-    from layerfs.index import ImageView
+    """Entry of the mount process: mount the volume (the view daemon stays) and return."""
+    from layerfs.fs.service import mount_image
     from layerfs.store import open_store
 
     parser = argparse.ArgumentParser(prog="python -m volplugin.lazy_mount")
     parser.add_argument("--store", required=True)
     parser.add_argument("--base", required=True, type=Path)
+    parser.add_argument("--tree", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("mountpoint", type=Path)
     args = parser.parse_args(argv)
-    dirs = LazyDirs(args.base)
-    upper = dirs.upper
-    reset_tmp(upper)
     try:
-        serve_writable(
-            lambda: ImageView(open_store(args.store), dirs.index),
-            upper,
-            args.mountpoint,
-            overlay=False,
-            fsname=f"volplugin-lazy:{args.name}",
-            foreground=False,
-            log_file=dirs.log,
-        )
-    except MountError as exc:
+        store = open_store(args.store)
+        mount_image(args.store, store, backup_image(args.tree), args.mountpoint, args.base)
+    except (LayerfsError, OSError) as exc:
         print(f"lazy mount: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -96,6 +96,24 @@ def describe(root: Path) -> dict[bytes, tuple]:
     return out
 
 
+def visible_links(described: dict[bytes, tuple]) -> dict[bytes, tuple]:
+    """``describe``'s listing with link groups counted by the names listed: a name whose
+    inode has other names only outside the tree (or hidden by a mount) is in no group.
+
+    A kernel overlay (without index=on) shows a lower file's own link count even once
+    its other name was copied up or deleted; merged onto a plain directory, the name
+    left is alone.
+    """
+    members: dict[bytes, int] = {}
+    for fields in described.values():
+        if fields[-1] is not None:
+            members[fields[-1]] = members.get(fields[-1], 0) + 1
+    return {
+        path: (*fields[:-1], fields[-1] if members.get(fields[-1], 0) > 1 else None)
+        for path, fields in described.items()
+    }
+
+
 def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
