@@ -26,7 +26,7 @@ from tests.support.waiting import wait_for
 from volplugin.lazy import LazyVolumes
 from volplugin.lazy_fill import Filler, MemoryJournal, boot_id
 from volplugin.lazy_merge import merge_upper
-from volplugin.lazy_mount import LazyDirs, is_mounted, mount, prepare, release
+from volplugin.lazy_mount import LazyDirs, LegacyLayout, is_mounted, mount, prepare, release
 from volplugin.lazy_state import LazyState
 from volplugin.volumes import VolumeService
 
@@ -274,3 +274,47 @@ def test_a_lazy_volume_of_a_version_without_pins_is_pinned_at_start(
         main.close()
         svc.state.close()
         release(root / "volumes" / "v")
+
+
+def test_a_lazy_volume_of_the_retired_fuse_engine_is_refused_and_left_as_it_is(
+    backup, tmp_path: Path
+) -> None:
+    """A volume made by a version whose mount was the FUSE engine (no layerfs.json, an
+    upper tree in that engine's format): neither mounted nor switched, with an error
+    saying why; its parts stay until the volume is removed."""
+    url, record, _volume = backup
+    root = tmp_path / "root"
+    svc = VolumeService.open(root, "vp-lazy")
+    worker = LazyVolumes.attach(svc, url, background=False)
+    try:
+        svc.create("v", {"from": record.id, "lazy": "true"})
+        path = svc.path_of("v")
+        assert release(path)
+        dirs = worker.dirs("v")
+        dirs.meta.unlink()  # the earlier layout: index.sqlite, upper/, work/, fill/
+        (dirs.base / "index.sqlite").write_bytes(b"")
+        (dirs.upper / "changed").write_text("made through the old mount\n")
+        worker.state.set_phase("v", "filled")
+    finally:
+        worker.close()
+        svc.state.close()
+    svc = VolumeService.open(root, "vp-lazy")
+    main = LazyVolumes.attach(svc, url)
+    try:
+        lazy = main.state.get("v")
+        assert lazy.phase == "filled"
+        assert "made by an earlier volplugin" in lazy.error
+        assert "retired FUSE mount engine" in lazy.error
+        assert not is_mounted(path)
+        with svc.lock:
+            assert main._switch_locked("v")  # refused, nothing left to try
+        assert main.state.get("v").phase == "filled"
+        assert (dirs.upper / "changed").read_text() == "made through the old mount\n"
+        with pytest.raises(LegacyLayout, match="can neither mount nor merge"):
+            mount(url, dirs, path, "v", record.tree)
+        svc.remove("v")
+        assert not dirs.base.exists()
+        assert _pins(url) == []
+    finally:
+        main.close()
+        svc.state.close()

@@ -297,6 +297,7 @@ class LazyVolumes:
             except (LayerfsError, OSError) as exc:  # serve what is local and cached anyway
                 log.warning("volume %s: cannot pin its backup's tree: %s", lazy.name, exc)
         if lazy.phase in ("filling", "filled"):
+            check_layout(self.dirs(lazy.name), lazy.name)
             if not is_mounted(path):
                 log.warning("volume %s: its lazy mount is gone; mounting it again", lazy.name)
                 mount(self.store_url, self.dirs(lazy.name), path, lazy.name, lazy.tree)

@@ -24,12 +24,14 @@ run again from the start and gives the same result; the caller keeps ``stage``
 (a directory on the filled directory's filesystem) until the merged directory
 is in place, then removes it with the upper tree.
 
-1. *Stage* (the filled directory is read, not changed): every renamed directory
-   gets a copy of its origin in ``stage`` (directories recreated, everything else
+1. *Stage* (no name in the filled directory changes): every renamed directory gets
+   a copy of its origin in ``stage`` (directories recreated, everything else
    hard-linked), every metacopy file its bytes and attributes there: the filled
-   file itself when the backup gives it no other name (its inode is reused: the
-   mount hid that name), else a copy. Then ``syncfs`` and a ``ready`` marker. A
-   run that finds no marker empties ``stage`` and stages again.
+   file itself, given the upper file's attributes, when the backup gives it no other
+   name (the mount showed its bytes only through the metacopy file), else a copy.
+   Then ``syncfs`` and a ``ready`` marker. A run that finds no marker empties
+   ``stage`` and stages again (the same files are reused: their link counts are
+   back to one, and only their bytes are read).
 2. *Apply*, top down: whiteouts remove, staged directories are renamed into
    place (one that is no longer in ``stage`` was placed by an earlier run),
    upper and staged files are linked in through a temp name in ``stage`` and
