@@ -14,8 +14,8 @@ them with file types and xattrs:
 
 * a character device 0/0 is a whiteout of its own name;
 * ``trusted.overlay.opaque`` = ``y`` on a directory makes it opaque;
-* ``trusted.overlay.redirect`` = ``/PATH`` names the lower entry a renamed one
-  came from;
+* ``trusted.overlay.redirect`` = ``/PATH`` (from the root) or ``NAME`` (in the
+  parent's lower directory) names the lower entry a renamed one came from;
 * ``trusted.overlay.metacopy`` marks a file whose upper copy holds only
   metadata, its bytes still being those of the lower file;
 * ``trusted.overlay.origin`` is the kernel's handle of the lower entry an upper
