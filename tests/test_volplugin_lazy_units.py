@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
@@ -189,3 +190,24 @@ def test_a_lazy_volume_created_in_a_worker_is_filled_by_the_main_process(
         for svc in (worker_svc, main_svc):
             svc.state.close()
         release(root / "volumes" / "v")
+
+
+def test_a_mount_whose_view_died_is_found_and_replaced(backup, tmp_path: Path) -> None:
+    url, record, volume = backup
+    dirs = LazyDirs(tmp_path / "lazy")
+    prepare(open_store(url), dirs, record.tree)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount(url, dirs, mnt, "lazy-unit", record.tree)
+    try:
+        (mnt / "kept").write_text("written before the view died\n")
+        first = find_image_mount(mnt)
+        os.kill(first.view.pid, signal.SIGKILL)
+        wait_for(lambda: not is_mounted(mnt), "the dead view to be noticed", 10)
+        mount(url, dirs, mnt, "lazy-unit", record.tree)  # replaces the mount
+        again = find_image_mount(mnt)
+        assert is_mounted(mnt) and again.view.pid != first.view.pid
+        assert (mnt / "kept").read_text() == "written before the view died\n"
+        assert (mnt / "data/big.bin").read_bytes() == (volume / "data/big.bin").read_bytes()
+    finally:
+        assert release(mnt)
