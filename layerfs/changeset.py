@@ -1,17 +1,17 @@
 """What a writable mount changed: its upper directory turned into OCI changeset entries.
 
-The upper directory (overlayfs conventions, see layerfs.fs.upper) only says
-*which* paths changed: a character device 0/0 is a whiteout, a directory with
+The upper directory (overlayfs' format, layerfs.union.vocab) says *which*
+paths changed: a character device 0/0 is a whiteout, a directory with
 ``trusted.overlay.opaque=y`` replaced its lower namesake, anything else was
-added or modified (files whose content still lives in the lower carry a hidden
-``*.layerfs.*`` xattr and may be empty stubs). By default content and metadata
-are read through the mountpoint, which shows the merged tree, so stubs need no
-special handling. For a layerfs mount (``upper_exact``) the upper tree itself
-is read: its entries carry exactly the metadata the mount shows, and a layerfs
-metacopy file keeps the lower file's chunk references for every chunk it did
-not rewrite (layerfs.metacontent), so nothing unchanged is read or re-chunked.
-A directory carrying ``trusted.overlay.redirect`` (a rename kept as a pointer)
-is treated as opaque and its children are listed through the mount.
+added or modified (a metacopy file, ``trusted.overlay.metacopy``, holds only
+metadata: its bytes are still the lower file's). By default metadata and
+content are read through the mountpoint, which shows the merged tree. With
+``upper_exact`` (a mount of layerfs, where the upper tree holds exactly what
+the mount shows for its entries) they are read from the upper tree itself,
+and a metacopy file takes its lower file's inline bytes or chunk references,
+so a chmod of a large file reads nothing. A directory carrying
+``trusted.overlay.redirect`` (a rename kept as a pointer) is treated as
+opaque and its children are listed and read through the mount.
 
 Files of at most INLINE_MAX bytes are kept inline in their entry, as an
 import keeps them, not stored as chunks; larger files' new chunks are
@@ -51,8 +51,6 @@ from typing import BinaryIO
 from layerfs import confined
 from layerfs.catalog import LayerRecord
 from layerfs.formats.layertar import INLINE_MAX
-from layerfs.fs.upper import X_METACOPY, read_metacopy
-from layerfs.metacontent import metacopy_bytes, store_metacopy
 from layerfs.records import Entry, Kind, get_tree, kind_from_mode
 from layerfs.store.chunks import ChunkRef, ChunkStore, WriteStats
 from layerfs.union.vocab import (
@@ -226,7 +224,7 @@ def _read_entry(tree: Tree, path: str) -> tuple[Entry, os.stat_result, bool]:
     for key, value in xattrs.items():
         if not key.startswith(UNCOMMITTED_XATTR_PREFIXES):
             entry.xattrs[key] = value
-    return entry, st, X_METACOPY in xattrs or XATTR_METACOPY in xattrs
+    return entry, st, XATTR_METACOPY in xattrs
 
 
 def _ancestors(path: str) -> Iterable[str]:
@@ -385,7 +383,7 @@ def _store_content(
     if upper is not None:
         fd = upper.open_file(entry.path)
         try:
-            content = _upper_content(store, fd, size, metacopy, lower, write_stats)
+            content = _upper_content(store, entry.path, fd, size, metacopy, lower, write_stats)
         finally:
             os.close(fd)
     if content is None:
@@ -412,33 +410,38 @@ def _file_content(
 
 def _upper_content(
     store: ChunkStore,
+    path: str,
     fd: int,
     size: int,
     metacopy: bool,
     lower: dict[str, Entry],
     write_stats: WriteStats | None,
 ) -> bytes | list[ChunkRef] | None:
-    """Content of the upper file open as ``fd``; a metacopy file reuses its origin's chunks.
+    """Content of the upper file open as ``fd``; a metacopy file reuses its lower file's.
 
-    None: only the mount shows its content (a kernel overlayfs metacopy file, or
-    a metacopy file whose origin the lower layers do not hold).
+    An overlayfs metacopy file holds metadata only: its bytes are those of the
+    lower file at the same path (unless it was renamed: it then carries a
+    redirect), so the lower entry's inline bytes or chunks are taken as they
+    are, nothing read. None: only the mount shows its content (a renamed
+    metacopy file, or one whose lower file the lower layers do not hold).
     """
-    if not metacopy and size <= INLINE_MAX:  # most new files: one read, no file object
-        data = os.read(fd, INLINE_MAX + 1)
-        if len(data) <= INLINE_MAX:
-            return data
-        os.lseek(fd, 0, os.SEEK_SET)
-    meta = read_metacopy(fd)
-    if meta is None and _fgetxattr(fd, XATTR_METACOPY) is None:
+    if not metacopy:
+        if size <= INLINE_MAX:  # most new files: one read, no file object
+            data = os.read(fd, INLINE_MAX + 1)
+            if len(data) <= INLINE_MAX:
+                return data
+            os.lseek(fd, 0, os.SEEK_SET)
         with os.fdopen(fd, "rb", closefd=False) as f:
             return _file_content(store, f, size, write_stats)
-    origin = lower.get(meta.origin) if meta is not None else None
-    if meta is None or origin is None or origin.kind is not Kind.FILE:
+    origin = lower.get(path)
+    if (
+        _fgetxattr(fd, XATTR_REDIRECT) is not None
+        or origin is None
+        or origin.kind is not Kind.FILE
+        or origin.size != size
+    ):
         return None
-    size = os.fstat(fd).st_size
-    if size <= INLINE_MAX:
-        return metacopy_bytes(store, fd, size, meta, origin)
-    return store_metacopy(store, fd, size, meta, origin, write_stats)
+    return origin.inline if origin.inline is not None else list(origin.chunks)
 
 
 def lower_entries(store: ChunkStore, layers: Iterable[LayerRecord]) -> dict[str, Entry]:

@@ -26,8 +26,6 @@ from layerfs.layertar import write_layer
 from layerfs.records import Kind, put_tree
 from layerfs.store.chunks import ChunkStore, WriteStats
 
-UPPER_META = "layerfs.json"
-
 
 class NothingToCommit(LayerfsError):
     """The mount has no changes."""
@@ -44,7 +42,7 @@ class MountChanges:
     mountpoint: Path
     upper: Path  # the upper tree itself
     image: ImageRecord
-    upper_exact: bool = False  # a layerfs mount: read the upper tree, not the mount
+    upper_exact: bool = False  # read entries from the upper tree, not through the mount
 
 
 @dataclass
@@ -62,36 +60,21 @@ def normalize_tag(tag: str) -> str:
 
 
 def locate(store: ChunkStore, mountpoint: Path) -> MountChanges:
-    """The upper tree and image of the active layerfs mount at ``mountpoint``."""
-    from layerfs.fs.mountinfo import load_mountinfo
-    from layerfs.fs.mounting import find_mount
+    """The upper tree and image of the writable layerfs mount at ``mountpoint``."""
     from layerfs.fs.service import find_image_mount
-    from layerfs.fs.writemount import SUBTYPE
 
     mounted = find_image_mount(mountpoint)
-    if mounted is not None:  # a kernel overlay: its changes are read through the mount
-        if mounted.upper is None:
-            raise NotCommittable(
-                f"{mountpoint} is a read-only mount: remount it with --upper DIR to record changes"
-            )
-        image = Catalog(store.backend).get_image(mounted.view.image_id)
-        return MountChanges(Path(mounted.mountpoint), mounted.upper, image)
-    info = load_mountinfo(store.backend, mountpoint)
-    if not info.upper_dir:
+    if mounted is None:
+        raise NotCommittable(
+            f"{mountpoint} is not a layerfs mount of an image: mount one with "
+            "layerfs mount IMAGE MNT --upper DIR"
+        )
+    if mounted.upper is None:
         raise NotCommittable(
             f"{mountpoint} is a read-only mount: remount it with --upper DIR to record changes"
         )
-    if not info.image_id:
-        raise NotCommittable(
-            f"{mountpoint} is an overlay-mode mount of plain directories, not of an image: "
-            "only image mounts (layerfs mount IMAGE MNT --upper DIR) can be committed"
-        )
-    base = Path(info.upper_dir)
-    upper = base / "upper" if (base / UPPER_META).exists() else base
-    image = Catalog(store.backend).get_image(info.image_id)
-    kernel = find_mount(info.mountpoint)
-    exact = kernel is not None and kernel.fstype == f"fuse.{SUBTYPE}"
-    return MountChanges(Path(info.mountpoint), upper, image, upper_exact=exact)
+    image = Catalog(store.backend).get_image(mounted.view.image_id)
+    return MountChanges(Path(mounted.mountpoint), mounted.upper, image, upper_exact=True)
 
 
 def diff(store: ChunkStore, changes: MountChanges) -> list[tuple[str, str]]:

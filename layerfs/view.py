@@ -1,18 +1,12 @@
-"""The read-only tree a union filesystem shows, whatever it comes from.
+"""Records of the read-only tree an image view shows: a node and the totals statfs reports.
 
-A *view* answers lookups by path and reads content. Two kinds exist:
-an image index (the merged layers of an imported image, see layerfs.index) and
-a stack of plain directories with overlayfs whiteout conventions (see
-layerfs.dirstack). The FUSE layer (layerfs.fs) only talks to this interface,
-so a writable mount works the same over either.
-
-Paths are relative and '/'-separated; the root is ''.
+An image index (layerfs.index) answers with these; the image view
+(layerfs.fs.imageview) turns them into what the kernel asks for.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 from layerfs.records import Kind
 
@@ -48,22 +42,3 @@ class FsStats:
     files: int
     bsize: int = 4096
     namemax: int = 255
-
-
-class View(Protocol):
-    """A read-only tree: lookups by path, directory listings, content, xattrs."""
-
-    def lookup(self, path: str) -> Node | None:
-        """The node at ``path``, or None if there is none."""
-
-    def listdir(self, path: str) -> list[str]:
-        """Names of the children of the directory at ``path`` (no '.' or '..')."""
-
-    def read(self, node: Node, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes of a regular file's content at ``offset``."""
-
-    def xattrs(self, node: Node) -> dict[str, bytes]:
-        """Extended attributes of a node."""
-
-    def statfs(self) -> FsStats:
-        """Totals of the view for statfs(2)."""

@@ -7,7 +7,7 @@ cd "$here"
 
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc make
-  libfuse2 fuse3 libfuse3-dev pkg-config fuse-overlayfs attr
+  fuse3 libfuse3-dev pkg-config fuse-overlayfs attr
   docker.io docker-compose skopeo busybox-static debootstrap
   ceph-mon ceph-osd radosgw ceph-common
   restic fio hyperfine zstd pigz curl

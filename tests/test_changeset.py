@@ -192,8 +192,9 @@ def test_link_to_unchanged_lower_file_brings_the_lower_name(tmp_path: Path) -> N
 
 def test_small_files_are_kept_inline(tmp_path: Path) -> None:
     """Files up to INLINE_MAX bytes go into the record itself, as an import keeps them;
-    larger ones are chunked. A layerfs metacopy file is read from its origin: a small
-    one into the record, a large one by its origin's chunks, none read again."""
+    larger ones are chunked. An overlayfs metacopy file takes its lower file's content:
+    a small one's bytes, a large one's chunks, nothing read again; a renamed one (with a
+    redirect) is read through the mount."""
     store = open_store(str(tmp_path / "store"))
     upper = tmp_path / "upper"
     _write(upper / "small", "s" * 10)
@@ -201,31 +202,34 @@ def test_small_files_are_kept_inline(tmp_path: Path) -> None:
     (upper / "over").write_bytes(b"o" * (INLINE_MAX + 1))
     (upper / "empty").write_bytes(b"")
     with open(upper / "meta", "wb") as f:
-        f.truncate(8)
-        f.seek(5)
-        f.write(b"!!!")
-    os.setxattr(
-        upper / "meta", "trusted.layerfs.metacopy", b'{"origin": "orig", "ranges": [[5, 8]]}'
-    )
+        f.truncate(5)
+    os.setxattr(upper / "meta", "trusted.overlay.metacopy", b"")
     big = os.urandom(300_000)
     with open(upper / "bigmeta", "wb") as f:
         f.truncate(len(big))
-    os.setxattr(upper / "bigmeta", "trusted.layerfs.metacopy", b'{"origin": "bigorig"}')
+    os.setxattr(upper / "bigmeta", "trusted.overlay.metacopy", b"")
+    with open(upper / "moved", "wb") as f:
+        f.truncate(5)
+    os.setxattr(upper / "moved", "trusted.overlay.metacopy", b"")
+    os.setxattr(upper / "moved", "trusted.overlay.redirect", b"/meta")
+    mount = tmp_path / "mount"  # what the mount shows for the renamed one
+    _write(mount / "moved", "hello")
     lower = {
-        "orig": Entry("orig", Kind.FILE, size=5, inline=b"hello"),
-        "bigorig": Entry("bigorig", Kind.FILE, size=len(big), chunks=store.write_bytes(big)),
+        "meta": Entry("meta", Kind.FILE, size=5, inline=b"hello"),
+        "bigmeta": Entry("bigmeta", Kind.FILE, size=len(big), chunks=store.write_bytes(big)),
     }
     stats = WriteStats()
-    entries = build_changeset(store, upper, tmp_path / "unused", lower, stats, upper_exact=True)
+    entries = build_changeset(store, upper, mount, lower, stats, upper_exact=True)
     e = {x.path: x for x in entries}
     assert (e["small"].inline, e["edge"].inline, e["empty"].inline) == (b"s" * 10, b"e" * 1024, b"")
-    assert e["meta"].inline == b"hello!!!" and e["meta"].size == 8
+    assert e["meta"].inline == b"hello" and e["meta"].size == 5
+    assert e["moved"].inline == b"hello"
     assert e["over"].inline is None and read_content(store, e["over"]) == b"o" * 1025
-    assert e["bigmeta"].chunks == lower["bigorig"].chunks and e["bigmeta"].size == len(big)
+    assert e["bigmeta"].chunks == lower["bigmeta"].chunks and e["bigmeta"].size == len(big)
     assert not any(x.chunks for x in entries if x.inline is not None)
     assert stats.chunks == 1, "only the one large new file was chunked"
     buf = io.BytesIO()
     write_layer(entries, store, buf)
     with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
-        assert tar.extractfile("meta").read() == b"hello!!!"
+        assert tar.extractfile("meta").read() == b"hello"
         assert tar.extractfile("bigmeta").read() == big

@@ -75,7 +75,7 @@ def test_mount_directory_swapped_for_a_symlink_stops_the_commit(
     upper, merged = tmp_path / "upper", tmp_path / "merged"
     _fill(upper / "a", b"")
     for name in NAMES:
-        os.setxattr(upper / "a" / name, "trusted.layerfs.metacopy", b'{"origin":"x"}')
+        os.setxattr(upper / "a" / name, "trusted.overlay.metacopy", b"")  # bytes: the mount's
     _fill(merged / "a", b"mine")
     _swap_after_scan(monkeypatch, merged / "a", host)
     with pytest.raises(confined.Escape, match="'a'"):

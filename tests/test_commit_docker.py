@@ -2,10 +2,8 @@
 mount (chroot, then `layerfs commit` + `layerfs export` + `docker load`) gives the same tree,
 and `layerfs diff` lists what `docker diff` lists.
 
-Two writable mounts are tried: `layerfs mount IMAGE MNT --upper DIR`, and kernel overlayfs
-over the image's root tree recorded as a layerfs mount (its upper dir has the format
-layerfs.fs.upper documents). The script leaves hardlinked lower files alone: kernel
-overlayfs (and so Docker) breaks such links on copy-up, while layerfs keeps them.
+The writable mount is `layerfs mount IMAGE MNT --upper DIR`: kernel overlayfs over the
+image's view, as Docker's overlay2 is kernel overlayfs over its layer directories.
 """
 
 from __future__ import annotations
@@ -19,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.fs.mountinfo import MountInfo, forget_mount, save_mountinfo
 from layerfs.imageconfig import chain_ids
-from layerfs.importer import import_from_docker
-from layerfs.store.location import open_store
 from tests.support.dockerenv import docker_build
 from tests.support.lfscommit import (
     docker_export,
-    extract_rootfs,
-    overlay_mount,
     tar_tree,
     unique,
 )
@@ -114,25 +107,6 @@ def docker_side(busybox_image, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def _kernel_overlay(store_dir: Path, lower_tag: str, tmp: Path):
-    """Kernel overlayfs over the image's root tree, recorded as a layerfs image mount."""
-    store = open_store(str(store_dir))
-    image = import_from_docker(store, lower_tag)
-    extract_rootfs(docker_export(lower_tag), tmp / "rootfs")
-    changes = tmp / "changes"
-    changes.mkdir()
-    meta = {"format": 1, "image": image.name, "image_id": image.id}
-    (changes / "layerfs.json").write_text(json.dumps(meta))
-    with overlay_mount(tmp / "rootfs", changes) as (mnt, _upper):
-        info = MountInfo(str(mnt), image.name, image.id, str(changes), pid=os.getpid())
-        save_mountinfo(store.backend, info)
-        try:
-            yield mnt
-        finally:
-            forget_mount(store.backend, mnt, os.getpid())
-
-
-@contextlib.contextmanager
 def _layerfs_mount(store_dir: Path, lower_tag: str, tmp: Path):
     """The real thing: `layerfs mount IMAGE MNT --upper DIR`."""
     proc = _layerfs(store_dir, "import", "--from-docker", lower_tag)
@@ -148,7 +122,7 @@ def _layerfs_mount(store_dir: Path, lower_tag: str, tmp: Path):
             _run("umount", "-l", str(mnt))
 
 
-MOUNTS = {"kernel-overlay": _kernel_overlay, "layerfs-mount": _layerfs_mount}
+MOUNTS = {"layerfs-mount": _layerfs_mount}
 
 
 @pytest.fixture(scope="module", params=sorted(MOUNTS))

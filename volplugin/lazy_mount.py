@@ -37,8 +37,8 @@ from layerfs.catalog import ImageRecord, LayerRecord
 from layerfs.errors import LayerfsError
 from layerfs.fs.mounting import MountError, find_mount
 from layerfs.fs.overlay import find_overlay, umount
-from layerfs.fs.service import KERNEL_UPPER_FORMAT, find_image_mount, unmount_image
-from layerfs.fs.upper import META_FILE, image_upper
+from layerfs.fs.service import find_image_mount, unmount_image
+from layerfs.fs.upper import FORMAT, META_FILE, image_upper
 from layerfs.fs.views import release_view, view_answers
 from layerfs.index import ensure_index
 from layerfs.records import Kind, find_entry
@@ -96,7 +96,7 @@ def check_layout(dirs: LazyDirs, name: str) -> None:
             raise LegacyLayout(f"cannot read {dirs.meta}: {exc}") from exc
     elif not dirs.upper.exists():
         return  # nothing made yet
-    if fmt == KERNEL_UPPER_FORMAT:
+    if fmt == FORMAT:
         return
     raise LegacyLayout(
         f"the lazy volume {name!r} was made by an earlier volplugin: the changes made "
@@ -111,7 +111,7 @@ def prepare(store: ChunkStore, dirs: LazyDirs, tree: str) -> None:
     """Build the tree's index, and the upper DIR whose root has the backup root's attributes."""
     image = backup_image(tree)
     ensure_index(store, image)
-    upper = image_upper(dirs.base, image.name, image.id, upper_format=KERNEL_UPPER_FORMAT)
+    upper = image_upper(dirs.base, image.name, image.id)
     dirs.fill.mkdir(exist_ok=True)
     root = find_entry(store, tree, "")
     if root is not None and root.kind is Kind.DIR:

@@ -2,8 +2,7 @@
 
 An image mount is assembled by layerfs.fs.service (a kernel overlay over the
 image's shared view). A mount is on the start-up path of containers, so this
-module imports only what such a mount needs; overlay-style mounts of plain
-directories load layerfs.fs.writemount when asked for.
+module imports only what such a mount needs.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from pathlib import Path
 import click
 
 from layerfs.store import open_store
-
-SUBTYPE = "layerfs"
 
 
 @click.command("mount")
@@ -105,16 +102,9 @@ def umount_command(store_url: str, mountpoint: str) -> None:
     """Unmount a layerfs mount at MOUNTPOINT (no store or password is needed).
 
     An image's view is unmounted too once no other mount uses it."""
-    from layerfs.fs.overlay import find_overlay
+    from layerfs.fs.service import unmount_image
 
-    if find_overlay(mountpoint) is not None:
-        from layerfs.fs.service import unmount_image
-
-        unmount_image(mountpoint)
-        return
-    from layerfs.fs.mounting import unmount
-
-    unmount(mountpoint, f"fuse.{SUBTYPE}")
+    unmount_image(mountpoint)
 
 
 COMMANDS = [mount_command, umount_command]

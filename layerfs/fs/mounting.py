@@ -1,14 +1,11 @@
-"""Run a FUSE mount's server in the foreground or as a daemon; find and remove mounts.
+"""Run a FUSE mount's server in the foreground or as a daemon; list the kernel's mounts.
 
-``mount_daemon`` runs any serving function (fusepy's or pyfuse3's) that way;
-``mount_operations`` does it for a fusepy Operations object. Both take
-factories rather than filesystem objects so that
+``mount_daemon`` takes a serving function rather than a filesystem object so that
 everything the filesystem opens (database connections, threads) is created in
 the process that serves the mount, after any fork. The daemon is a fork of the
 caller, so it imports nothing again. In the background the caller returns as
-soon as the kernel has handed the daemon its first request (FUSE ``init``),
-which the daemon reports through a pipe; the daemon writes its log (and
-libfuse's messages) to the log file it is given.
+soon as the daemon reports through a pipe that its mount exists; the daemon
+writes its log (and libfuse's messages) to the log file it is given.
 """
 
 from __future__ import annotations
@@ -21,12 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from layerfs.errors import LayerfsError
-
-if TYPE_CHECKING:
-    from fuse import Operations
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
 _READY = b"ready\n"
@@ -76,37 +69,6 @@ def find_mount(mountpoint: str | Path) -> KernelMount | None:
     return found
 
 
-def _safe_option(value: str) -> str:
-    return "".join(c if c.isprintable() and c not in ", \\" else "_" for c in value)
-
-
-def _serve(
-    make_ops: Callable[[], Operations],
-    mountpoint: str,
-    options: dict,
-    on_ready: Callable[[], None] | None = None,
-) -> None:
-    from layerfs.fs.fastfuse import FastFUSE
-    from layerfs.fs.names import register_fs_encoding
-
-    ops = make_ops()
-    if on_ready is not None:
-        _call_after_init(ops, on_ready)
-    FastFUSE(ops, mountpoint, foreground=True, encoding=register_fs_encoding(), **options)
-
-
-def _call_after_init(ops: Operations, on_ready: Callable[[], None]) -> None:
-    """Make ``ops.init`` (run once the kernel talks to the daemon) call ``on_ready`` too."""
-    init = ops.init
-
-    def init_then_report(path: str):
-        result = init(path)
-        on_ready()
-        return result
-
-    ops.init = init_then_report  # type: ignore[method-assign]
-
-
 def _setup_daemon_logging(log_file: Path) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -119,41 +81,6 @@ def _setup_daemon_logging(log_file: Path) -> None:
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True)
-
-
-def mount_operations(
-    make_ops: Callable[[], Operations],
-    mountpoint: str | Path,
-    *,
-    subtype: str,
-    fsname: str,
-    options: dict,
-    foreground: bool,
-    log_file: Path,
-    timeout: float = 60.0,
-    on_unmount: Callable[[], None] | None = None,
-) -> int:
-    """Mount the fusepy filesystem ``make_ops`` builds at ``mountpoint``.
-
-    ``options`` are fusepy keyword options (e.g. ``ro=True``, ``attr_timeout=60``).
-    The rest is as for ``mount_daemon``; the mount is listed as ``fuse.<subtype>``.
-    """
-    mountpoint = os.path.realpath(mountpoint)
-    options = dict(options, subtype=subtype, fsname=_safe_option(fsname))
-
-    def serve(on_ready: Callable[[], None] | None) -> None:
-        _serve(make_ops, mountpoint, options, on_ready)
-
-    return mount_daemon(
-        serve,
-        mountpoint,
-        fstype=f"fuse.{subtype}",
-        label=fsname,
-        foreground=foreground,
-        log_file=log_file,
-        timeout=timeout,
-        on_unmount=on_unmount,
-    )
 
 
 def mount_daemon(
@@ -247,23 +174,3 @@ def _wait_mounted(fd: int, mountpoint: str, fstype: str, log_file: Path, timeout
                 + f" (see {log_file})"
             )
         received += data
-
-
-def unmount(mountpoint: str | Path, fstype: str) -> None:
-    """Unmount a FUSE mount of type ``fstype``; refuse anything else."""
-    path = os.path.realpath(mountpoint)
-    info = find_mount(path)
-    if info is None or info.fstype != fstype:
-        raise MountError(f"{path} is not a {fstype} mount")
-    import shutil
-    import subprocess
-
-    if os.geteuid() == 0 and shutil.which("umount"):
-        cmd = ["umount", path]
-    elif shutil.which("fusermount3"):
-        cmd = ["fusermount3", "-u", path]
-    else:
-        cmd = ["fusermount", "-u", path]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise MountError(f"cannot unmount {path}: {proc.stderr.strip() or proc.stdout.strip()}")

@@ -33,9 +33,6 @@ from layerfs.store.chunks import ChunkStore
 
 log = logging.getLogger(__name__)
 
-# layerfs.json "format" of an upper DIR whose upper tree is kernel overlayfs'
-KERNEL_UPPER_FORMAT = 2
-
 
 def mount_log_file(cache_dir: Path) -> Path:
     """Where the view daemons of a store write their log."""
@@ -67,7 +64,7 @@ def mount_image(
     index = Path(os.path.abspath(ensure_index(store, record)))
     dirs = None
     if upper is not None:
-        dirs = image_upper(upper, record.name, record.id, upper_format=KERNEL_UPPER_FORMAT)
+        dirs = image_upper(upper, record.name, record.id)
 
     def make_store() -> ChunkStore:
         return ChunkStore(open_backend(store_url), cache_bytes=VIEW_CHUNK_CACHE)

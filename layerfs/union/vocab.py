@@ -1,15 +1,14 @@
 """The names overlayfs and OCI layer tars use to mark deletions, opaque directories, redirects
 and metacopy files.
 
-OCI layer tars (and plain lower directories merged the way overlayfs merges
-them, layerfs.dirstack) mark changes with file names:
+OCI layer tars mark changes with file names:
 
 * ``DIR/.wh.NAME`` deletes ``DIR/NAME`` from the layers below (a *whiteout*);
 * ``DIR/.wh..wh..opq`` makes ``DIR`` *opaque*: no lower child shows through it;
 * any other ``.wh..wh.*`` name is metadata of the tool that wrote the layer
   (aufs' ``.wh..wh.plnk``, ...): it is skipped, never shown.
 
-An overlayfs upper directory (and a layerfs upper tree, layerfs.fs.upper) marks
+An overlayfs upper directory (a writable mount's, layerfs.fs.upper) marks
 them with file types and xattrs:
 
 * a character device 0/0 is a whiteout of its own name;
