@@ -305,7 +305,7 @@ def test_errors_are_one_line_and_leave_nothing_mounted(image_store):
         assert len(proc.stderr.strip().splitlines()) == 1
         assert find_mount(base / "m") is None
         proc = layerfs(image_store, "umount", str(base / "m"), check=False)
-        assert proc.returncode == 1 and "not a fuse.layerfs mount" in proc.stderr
+        assert proc.returncode == 1 and "is not a layerfs mount" in proc.stderr
         proc = layerfs(image_store, "mount", "lfsmnt/feature:1", str(base / "nodir"), check=False)
         assert proc.returncode == 1 and "not a directory" in proc.stderr
 
