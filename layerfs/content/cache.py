@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerfs.errors import StoreError
+from layerfs.store.local import pid_alive
 
 _CHUNKS_DOMAIN = b"layerfs content chunks v1\0"
 _INLINE_DOMAIN = b"layerfs content inline v1\0"
@@ -37,16 +38,6 @@ def content_id(packed_chunks: bytes | None, inline: bytes | None) -> str:
     if inline is not None:
         return blake3.blake3(_INLINE_DOMAIN + inline).hexdigest()
     return blake3.blake3(_CHUNKS_DOMAIN + (packed_chunks or b"")).hexdigest()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -119,7 +110,7 @@ class ContentCache:
         if tmp_dir.is_dir():
             for entry in os.scandir(tmp_dir):
                 pid = entry.name.partition(".")[0]
-                if pid.isdigit() and not _alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     os.unlink(entry.path)
                     removed += 1
         return removed

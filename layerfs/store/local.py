@@ -174,7 +174,8 @@ def _own_command() -> str:
     return text if len(text) <= _MAX_COMMAND else text[:_MAX_COMMAND] + "..."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this host)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -433,7 +434,7 @@ class LocalObjects(ObjectStore):
                 pid = int(doc["pid"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if doc.get("host") == here and not _pid_alive(pid):
+            if doc.get("host") == here and not pid_alive(pid):
                 if forget_dead:
                     _unlink_quiet(self.root / "locks" / name)
                 continue
