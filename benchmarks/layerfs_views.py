@@ -1,8 +1,8 @@
 """What the benchmarks need to know about layerfs image mounts and the processes behind them.
 
-A layerfs image mount is a kernel overlay over the image's view (a FUSE mount
-under /run/layerfs/views, one per image, served by a daemon whose pid its
-record keeps) and the store's content cache, which the view fills in the
+A layerfs image mount is a kernel overlay over the image's view (a directory
+of a FUSE mount under /run/layerfs/views, served by a view daemon whose pid
+its record keeps) and the store's content cache, which the view fills in the
 background. Here: the view and its daemon behind a mountpoint, waiting until
 the content cache holds every file of an image, the cache's disk use, and the
 resident memory (RSS, PSS, peak) of a set of processes read from /proc.
@@ -11,6 +11,7 @@ resident memory (RSS, PSS, peak) of a set of processes read from /proc.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.common import BenchError, pids_with_arg, process_tree
 from layerfs.content.cache import ContentCache
+from layerfs.fs.mounting import find_mount
 from layerfs.fs.overlay import find_overlay
 from layerfs.fs.views import ViewInfo, release_view, run_dir
 
@@ -110,21 +112,30 @@ def wait_content_cached(mountpoint: str | Path, timeout: float = 600.0) -> float
 
 
 def stop_views(store: Path) -> None:
-    """Unmount every view of ``store``'s images (cleanup after a failure; the overlays
-    over them must be gone already) and wait for their daemons to exit."""
+    """Unmount the view daemon(s) of ``store`` (cleanup after a failure; the overlays
+    over them must be gone already) and wait for them to exit.
+
+    Found by the records beside the views' mounts (``RUN/views/*.json`` naming the
+    store's cache directory and the daemon's pid).
+    """
     cache_dir = os.path.realpath(store / "cache")
     pids = []
     for record in sorted((run_dir() / "views").glob("*.json")):
-        info = ViewInfo.load(record.with_suffix(""))
-        if info is None or os.path.realpath(info.cache_dir) != cache_dir:
-            continue
         try:
-            if not release_view(info.path):
-                subprocess.run(["umount", "-l", info.path], capture_output=True)
+            doc = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict) or os.path.realpath(doc.get("cache_dir", "")) != cache_dir:
+            continue
+        mount_dir = str(record.with_suffix(""))
+        try:
+            released = release_view(mount_dir)
         except Exception:  # noqa: BLE001 - best effort: unmount it lazily then
-            subprocess.run(["umount", "-l", info.path], capture_output=True)
-        if info.pid:
-            pids.append(info.pid)
+            released = False
+        if not released and find_mount(mount_dir) is not None:
+            subprocess.run(["umount", "-l", mount_dir], capture_output=True)
+        if doc.get("pid"):
+            pids.append(int(doc["pid"]))
     wait_gone(pids, strict=False)
 
 
