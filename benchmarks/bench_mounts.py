@@ -338,8 +338,10 @@ def report(cases: list[Case], index_mount: float, big_tag: str, small: list[str]
             f"Machine: {environment_summary(load)}.",
             f"- One image: `{big_tag}`, mounted {cases[0].mounts} times, each writable with its "
             f"own upper dir (`layerfs mount IMAGE DIR --upper U`). Different images: "
-            f"{len(small)} images `{small[0]}` … `{small[-1]}` (the Debian base plus one "
-            "layer of 300 small files each), one writable mount each. All in one store.\n"
+            f"{len(small)} images `{small[0]}` … `{small[-1]}` (the "
+            + ("busybox" if small[0].endswith(":busybox") else "Debian minbase")
+            + " base plus one layer of 300 small files each), one writable mount each. All"
+            " in one store.\n"
             "- Memory: the view daemons serving the mounts (pids from the views' records; "
             "the `layerfs mount` commands exit once mounted), summed over them: RSS, PSS "
             '(`/proc/PID/smaps_rollup`) and peak RSS (VmHWM). "After use": after `find` on '
