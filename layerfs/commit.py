@@ -62,6 +62,7 @@ def normalize_tag(tag: str) -> str:
 def locate(store: ChunkStore, mountpoint: Path) -> MountChanges:
     """The upper tree and image of the writable layerfs mount at ``mountpoint``."""
     from layerfs.fs.service import find_image_mount
+    from layerfs.fs.upper import upper_image_id
 
     mounted = find_image_mount(mountpoint)
     if mounted is None:
@@ -73,7 +74,10 @@ def locate(store: ChunkStore, mountpoint: Path) -> MountChanges:
         raise NotCommittable(
             f"{mountpoint} is a read-only mount: remount it with --upper DIR to record changes"
         )
-    image = Catalog(store.backend).get_image(mounted.view.image_id)
+    image_id = mounted.view.image_id  # images with the same layers share one view: the
+    if mounted.upper_dir is not None:  # upper DIR's own record says which it belongs to
+        image_id = upper_image_id(mounted.upper_dir) or image_id
+    image = Catalog(store.backend).get_image(image_id)
     return MountChanges(Path(mounted.mountpoint), mounted.upper, image, upper_exact=True)
 
 

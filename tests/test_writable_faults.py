@@ -6,13 +6,14 @@ import errno
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from layerfs.fs.mounting import find_mount
 from layerfs.fs.overlay import find_overlay
-from layerfs.fs.views import ViewInfo
+from layerfs.fs.views import ViewInfo, view_answers
 from tests.support.lfsmount import force_unmount, layerfs, public_dir
 from tests.support.writable import (
     BIG,
@@ -101,12 +102,16 @@ def test_sigkill_loses_nothing_fsynced_and_mount_recovers(store):
             os.fsync(fd)
             os.close(fd)
             os.unlink(mnt / "etc" / "hello")
-            view = find_overlay(mnt).lowers[0]
-            os.kill(ViewInfo.load(view).pid, signal.SIGKILL)  # the mount's only process
-            with pytest.raises(OSError) as exc:
-                for _ in range(200):  # the kernel notices the dead daemon at the next request
-                    os.listdir(mnt / "data" / "d1")  # (a lower directory not read so far)
-            assert exc.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+            view = ViewInfo.load(find_overlay(mnt).lowers[0])
+            os.kill(view.pid, signal.SIGKILL)  # the mount's only process
+            # metadata and cached contents are local files: the mount goes on, and a
+            # content the cache lacked fails, never reads wrong
+            for _ in range(200):
+                if not view_answers(view.daemon):
+                    break
+                time.sleep(0.05)
+            assert not view_answers(view.daemon)
+            assert sorted(os.listdir(mnt / "data" / "d1")) == ["a", "sub"]
             # mounting again at the same place replaces the mount whose view died
             layerfs(store, "mount", IMAGE, str(mnt), "--upper", str(changes))
             assert (mnt / "synced").read_bytes() == b"durable"

@@ -131,7 +131,7 @@ def is_mounted(mountpoint: Path) -> bool:
     if found is None or found.upper is None:
         return False
     try:
-        return view_answers(found.view.path)
+        return view_answers(found.view.daemon)
     except OSError:
         return False
 

@@ -1,10 +1,16 @@
 """ImageViewFS: the merged trees of a store's images served read-only through FUSE (pyfuse3).
 
-One mount serves every image of a store mounted on this machine: its root
-holds one directory per image index (layerfs.fs.views names them and writes
-their records); an image is opened when the kernel first looks its directory
-up. Inode numbers are the index's own with the image's slot in the high bits
-(``slot << 40 | ino``), so hard links share one and nothing collides. The slot
+One mount serves every image of a store mounted on this machine. Its root
+holds two namespaces: ``XX/ID``, every file content of the images by content
+ID, the last data-only layer of every overlay mount (below the content cache,
+so overlayfs finds a content here only while the cache lacks it; the image's
+metadata tree, layerfs.content.metatree, points at it); and one directory per
+image index, the merged tree itself, the only lower layer on kernels without
+data-only layers. layerfs.fs.views names the images and writes their records;
+an image is opened when the kernel first asks for its directory or for a
+content no opened image has. Inode numbers are the index's own with the
+image's slot in the high bits (``slot << 40 | ino``), so hard links share one
+and nothing collides (a content's inode is that of a file holding it). The slot
 comes from the directory's name (the next free one if two names meet), so an
 image keeps its inode numbers across remounts and daemon restarts; numbers
 stay below 2**60, as overlayfs' xino needs.
@@ -15,14 +21,10 @@ answered by inode number straight from the index, so path length never
 matters; they run as concurrent trio tasks, and reads of content that is not
 cached yet run on worker threads, so a slow chunk blocks only its own reader.
 
-For kernel overlayfs above it, a regular file whose content is in the content
-cache (layerfs.content) answers ``trusted.overlay.metacopy`` (empty) and
-``trusted.overlay.redirect`` (the content's path in the cache): overlayfs then
-reads the bytes from the cache, a data-only lower layer, and never asks this
-daemon. Each image fills the cache in the background once opened; a file not
-yet cached is read through this daemon, from the store, and asked for ahead
-of the fill. Overlay xattrs the image itself carries are never shown: only
-this daemon decides where bytes come from.
+Each image fills the content cache (layerfs.content) in the background once
+opened; a content read here before that is read from the store, from the
+cache file as soon as it is there, and asked for ahead of the fill. Overlay
+xattrs an image itself carries are never shown.
 
 A store error while reading (a corrupt or missing chunk) is logged with the
 object it names and answered with EIO, never with wrong bytes.
@@ -50,7 +52,7 @@ from layerfs.index.build import ROOT_INO, fs_bytes
 from layerfs.index.view import ImageView
 from layerfs.records import Kind
 from layerfs.store.chunks import ChunkStore
-from layerfs.union.vocab import XATTR_METACOPY, XATTR_REDIRECT, is_private_xattr
+from layerfs.union.vocab import is_private_xattr
 from layerfs.view import Node
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,7 @@ log = logging.getLogger(__name__)
 FOREVER = 365 * 86400.0
 SLOT_SHIFT = 40  # an image's inode numbers: slot << SLOT_SHIFT | the index's own
 SLOT_BITS = 20
-_METACOPY = XATTR_METACOPY.encode()
-_REDIRECT = XATTR_REDIRECT.encode()
+_HEX = frozenset(b"0123456789abcdef")
 
 
 @dataclass
@@ -69,6 +70,23 @@ class _Image:
     name: str  # its directory's name
     view: ImageView
     filler: CacheFiller
+    contents: dict[str, int]  # content ID -> the inode of a file with that content
+
+
+def _content_dir(name: bytes) -> int | None:
+    """The inode number of the content directory ``XX`` (2 to 257), or None."""
+    if len(name) == 2 and set(name) <= _HEX:
+        return 2 + int(name, 16)
+    return None
+
+
+def _dir_attrs(ino: int) -> pyfuse3.EntryAttributes:
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = ino
+    attr.st_mode = stat.S_IFDIR | 0o755
+    attr.st_nlink = 2
+    attr.entry_timeout = attr.attr_timeout = FOREVER
+    return attr
 
 
 @dataclass
@@ -159,7 +177,10 @@ class ImageViewFS(pyfuse3.Operations):
             log.error("cannot open the index of %s: %s", info.image, exc)
             return None
         filler = CacheFiller(view, self.store, self.cache, on_filled=self.on_filled)
-        image = _Image(self._free_slot(name), name, view, filler)
+        contents = {
+            content_id(packed, inline): ino for ino, _size, inline, packed in view.file_contents()
+        }
+        image = _Image(self._free_slot(name), name, view, filler, contents)
         if self.redirects:
             filler.start()
         self._images[image.slot] = image
@@ -172,6 +193,20 @@ class ImageViewFS(pyfuse3.Operations):
         while slot in self._images:
             slot = slot % ((1 << SLOT_BITS) - 1) + 1
         return slot
+
+    def _content(self, cid: str) -> tuple[_Image, int] | None:
+        """An opened image holding content ``cid`` and its file's inode; the images
+        registered since are opened first if none does."""
+        for attempt in range(2):
+            for image in self._images.values():
+                ino = image.contents.get(cid)
+                if ino is not None:
+                    return image, ino
+            if attempt == 0:
+                for record in self.records.glob("*.json"):
+                    if record.stem not in self._by_name:
+                        self._open_image(record.stem)
+        return None
 
     def _split(self, inode: int) -> tuple[_Image, int]:
         image = self._images.get(inode >> SLOT_SHIFT)
@@ -197,12 +232,23 @@ class ImageViewFS(pyfuse3.Operations):
         if parent_inode == pyfuse3.ROOT_INODE:
             if name == b".":
                 return _root_attrs()
+            content_dir = _content_dir(name)
+            if content_dir is not None:
+                return _dir_attrs(content_dir)
             image = self._open_image(os.fsdecode(name))
             if image is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)  # not cached: it may come later
             root = image.view.node(ROOT_INO)
             assert root is not None
             return _attrs(root, image.slot)
+        if parent_inode < 1 << SLOT_SHIFT:  # a content directory XX: its contents
+            found = self._content(os.fsdecode(name))
+            if found is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)  # not cached: it may come later
+            image, ino = found
+            node = image.view.node(ino)
+            assert node is not None
+            return _attrs(node, image.slot)
         image, ino = self._split(parent_inode)
         if name == b".":
             return _attrs(self._node(parent_inode)[1], image.slot)
@@ -212,6 +258,8 @@ class ImageViewFS(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
         if inode == pyfuse3.ROOT_INODE:
             return _root_attrs()
+        if inode < 1 << SLOT_SHIFT:
+            return _dir_attrs(inode)
         image, node = self._node(inode)
         return _attrs(node, image.slot)
 
@@ -223,8 +271,8 @@ class ImageViewFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx=None) -> int:
         fh = next(self._handles)
-        if inode == pyfuse3.ROOT_INODE:
-            return fh  # lists nothing: images are reached by name
+        if inode < 1 << SLOT_SHIFT:
+            return fh  # the root and content directories list nothing: reached by name
         image, node = self._node(inode)
         if node.kind is not Kind.DIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -256,15 +304,9 @@ class ImageViewFS(pyfuse3.Operations):
 
     # -- xattrs ---------------------------------------------------------------
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
-        if inode == pyfuse3.ROOT_INODE:
+        if inode < 1 << SLOT_SHIFT:
             raise pyfuse3.FUSEError(errno.ENODATA)
         image, node = self._node(inode)
-        if name in (_METACOPY, _REDIRECT):
-            if self.redirects and node.kind is Kind.FILE and node.size > 0:
-                cid = self._cid(image, node)
-                if self.cache.has(cid):
-                    return b"" if name == _METACOPY else self.cache.redirect(cid)
-            raise pyfuse3.FUSEError(errno.ENODATA)
         text = os.fsdecode(name)
         if is_private_xattr(text):
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -274,7 +316,7 @@ class ImageViewFS(pyfuse3.Operations):
         return value
 
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
-        if inode == pyfuse3.ROOT_INODE:
+        if inode < 1 << SLOT_SHIFT:
             return []
         image, node = self._node(inode)
         return [os.fsencode(n) for n in image.view.xattrs(node) if not is_private_xattr(n)]

@@ -19,7 +19,13 @@ from pathlib import Path
 from layerfs.catalog import ImageRecord
 from layerfs.errors import LayerfsError
 from layerfs.fs.mounting import MountError
-from layerfs.fs.overlay import find_overlay, mount_overlay, umount, unmount_overlay
+from layerfs.fs.overlay import (
+    OverlayMount,
+    find_overlay,
+    mount_overlay,
+    umount,
+    unmount_overlay,
+)
 from layerfs.fs.views import (
     VIEW_CHUNK_CACHE,
     ViewInfo,
@@ -58,7 +64,7 @@ def mount_image(
     from layerfs.store.location import open_backend
 
     stale = find_overlay(mountpoint)
-    if stale is not None and stale.lowers and not view_answers(stale.lowers[0]):
+    if stale is not None and stale.lowers and not _answers(stale):
         log.warning("replacing the mount at %s, whose image view died", stale.mountpoint)
         umount(stale.mountpoint, lazy=True)
     index = Path(os.path.abspath(ensure_index(store, record)))
@@ -72,11 +78,10 @@ def mount_image(
     log_file = mount_log_file(store.backend.cache_dir())
     try:
         with open_view(store, record, index, make_store, log_file) as view:
-            data = [Path(view.data_dir)] if view.redirects else []
             mount_overlay(
                 mountpoint,
                 [Path(view.path)],
-                data,
+                view.data_layers,
                 upper=dirs.tree if dirs else None,
                 work=dirs.work if dirs else None,
             )
@@ -89,6 +94,12 @@ def mount_image(
         Path(upper).absolute() if upper else None,
         dirs.tree if dirs else None,
     )
+
+
+def _answers(overlay: OverlayMount) -> bool:
+    """Whether every FUSE layer of an overlay still has its daemon."""
+    layers = [*overlay.lowers[:1], *overlay.data_layers[1:]]
+    return all(view_answers(layer) for layer in layers)
 
 
 def find_image_mount(mountpoint: str | Path) -> ImageMount | None:
@@ -131,6 +142,6 @@ def mount_dirs(
 def unmount_image(mountpoint: str | Path) -> None:
     """Unmount a layerfs overlay, and its image's view once no other mount uses it."""
     found = unmount_overlay(mountpoint)
-    for lower in found.lowers[:1]:
-        if ViewInfo.load(lower) is not None:
-            release_view(lower)
+    view = ViewInfo.load(found.lowers[0]) if found.lowers else None
+    if view is not None:
+        release_view(view.daemon)

@@ -68,3 +68,12 @@ def image_upper(base: Path, image: str, image_id: str) -> UpperDirs:
     except (OSError, ValueError) as exc:
         raise UpperError(f"cannot use {base} as upper directory: {exc}") from exc
     return UpperDirs(base / "upper", base / "work", image, image_id)
+
+
+def upper_image_id(base: Path) -> str | None:
+    """The id of the image an upper DIR holds changes to, from its record (None if unreadable)."""
+    try:
+        value = json.loads((Path(base) / META_FILE).read_text()).get("image_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

@@ -1,12 +1,14 @@
-"""The image views of a store: one FUSE mount serving every mounted image, where it lives.
+"""The image views of a store: its metadata trees and one FUSE mount serving their contents.
 
-Each store (named by its cache directory) has one view daemon
-(layerfs.fs.imageview) mounted at ``RUN/views/STORE/``, where RUN is
-``$LAYERFS_RUN_DIR`` or ``/run/layerfs``. Every image mounted from that store
-is a directory of it, ``RUN/views/STORE/INDEX/`` (INDEX names the image's
-index, so images with the same layers share one), and that directory is the
-first lower layer of each overlay mount of the image. One process serves any
-number of images and mounts.
+An overlay mount of an image stands on the image's metadata tree
+(layerfs.content.metatree, built once per index under ``STORE-CACHE/meta/``,
+its record beside it as ``INDEX.json``), then on two data-only layers: the
+content cache, and the store's view daemon (layerfs.fs.imageview) mounted at
+``RUN/views/STORE/`` (RUN is ``$LAYERFS_RUN_DIR`` or ``/run/layerfs``), which
+serves the contents the cache lacks yet and fills it. One process serves any
+number of images and mounts. On a kernel without data-only layers the
+image's directory in the view, ``RUN/views/STORE/INDEX/``, is the only lower
+layer instead.
 
 Records, so that commands know what a view shows without opening the store:
 
@@ -17,7 +19,7 @@ Records, so that commands know what a view shows without opening the store:
   kernel first asks for its directory.
 
 The daemon runs in its own session and outlives the command that started it.
-It is unmounted when the last overlay over any of its images goes
+It is unmounted when the last overlay using it goes
 (``release_view``), or found unused by the daemon itself, which checks every
 ``idle_seconds()``. /run is emptied at boot, and a daemon that died is found
 disconnected and replaced on the next mount.
@@ -110,35 +112,46 @@ def records_dir(mount_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class ViewInfo:
-    """One image's view: its directory in the store's view, and what it shows."""
+    """What an overlay mount of an image stands on: its first lower layer (the image's
+    metadata tree, or on an old kernel its directory in the view), and what it shows."""
 
-    path: str  # the image's directory: an overlay's first lower layer
+    path: str  # the overlay's first lower layer
     image: str
     image_id: str
     index: str
+    daemon: str  # the store's view daemon's mount
     cache_dir: str  # the store's cache directory
     data_dir: str  # the content cache's data-only layer
     redirects: bool  # whether files point into the content cache
     pid: int = 0  # the view daemon
 
+    @property
+    def data_layers(self) -> list[Path]:
+        """The overlay's data-only layers: the content cache, then the view's contents."""
+        return [Path(self.data_dir), Path(self.daemon)] if self.redirects else []
+
     @staticmethod
     def load(view_path: str | Path) -> ViewInfo | None:
-        """The view whose directory is ``view_path`` (as an overlay lists it), or None."""
+        """The view an overlay lists as its first lower layer ``view_path``, or None."""
         path = Path(os.path.realpath(view_path))
-        daemon = DaemonInfo.load(path.parent)
-        image = ImageInfo.load(records_dir(path.parent), path.name)
+        try:  # a metadata tree has its record beside it
+            doc = json.loads(Path(f"{path}.json").read_text())
+            image, mount_dir = ImageInfo(doc["image"], doc["image_id"], doc["index"]), doc["daemon"]
+        except (OSError, ValueError, TypeError, KeyError):
+            image, mount_dir = ImageInfo.load(records_dir(path.parent), path.name), path.parent
+        daemon = DaemonInfo.load(Path(mount_dir))
         if daemon is None or image is None:
             return None
-        return ViewInfo(str(path), **asdict(image), **asdict(daemon))
+        return ViewInfo(str(path), **asdict(image), daemon=str(mount_dir), **asdict(daemon))
 
 
 def _mounted_images(mount_dir: Path) -> set[str]:
-    """Names of the images of a view daemon that some overlay mount uses."""
+    """First lower layers of the overlay mounts that use a view daemon."""
     prefix = f"{mount_dir}/"
     return {
-        m.lowers[0][len(prefix) :]
+        m.lowers[0]
         for m in layerfs_overlays()
-        if m.lowers and m.lowers[0].startswith(prefix)
+        if m.lowers and (str(mount_dir) in m.data_layers or m.lowers[0].startswith(prefix))
     }
 
 
@@ -146,8 +159,8 @@ def live_views(cache_dir: str | Path) -> list[ViewInfo]:
     """The views of a store's images that some mount uses."""
     mount_dir = daemon_dir(cache_dir)
     out = []
-    for name in sorted(_mounted_images(mount_dir)):
-        info = ViewInfo.load(mount_dir / name)
+    for path in sorted(_mounted_images(mount_dir)):
+        info = ViewInfo.load(path)
         if info is not None:
             out.append(info)
     return out
@@ -230,10 +243,16 @@ def open_view(
     The daemon cannot stop while the ``with`` block runs (mount over it there).
     ``make_store`` opens the store again in the daemon's own process.
     """
+    from layerfs.content.metatree import ensure_meta_tree
+
     cache_dir = store.backend.cache_dir()
     mount_dir = daemon_dir(cache_dir)
     mount_dir.parent.mkdir(parents=True, exist_ok=True)
     cache = content_cache(store)
+    cache.data_dir.mkdir(parents=True, exist_ok=True)
+    meta = None
+    if data_only_layers_supported():
+        meta = ensure_meta_tree(index, cache, cache_dir / "meta")
     with _locked(mount_dir) as lock:
         daemon = _running_daemon(mount_dir)
         if daemon is None:
@@ -241,7 +260,12 @@ def open_view(
         name = index_name(index)
         image = ImageInfo(record.name, record.id, str(index))
         _write_json(records_dir(mount_dir) / f"{name}.json", asdict(image))
-        yield ViewInfo(str(mount_dir / name), **asdict(image), **asdict(daemon))
+        path = mount_dir / name
+        os.stat(path)  # the daemon opens the image now and starts filling the cache
+        if meta is not None and daemon.redirects:
+            _write_json(Path(f"{meta}.json"), {**asdict(image), "daemon": str(mount_dir)})
+            path = meta
+        yield ViewInfo(str(path), **asdict(image), daemon=str(mount_dir), **asdict(daemon))
 
 
 def _running_daemon(mount_dir: Path) -> DaemonInfo | None:
