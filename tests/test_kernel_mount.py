@@ -227,3 +227,17 @@ def test_the_cache_evicts_only_what_no_mounted_image_uses(image_store, monkeypat
             assert (o / "other").read_bytes() == b"other content\n" * 1000
     usage = layerfs(image_store, "cache", "usage").stdout
     assert ": 1 contents, " in usage and "mounted:" not in usage
+
+
+def test_overlay_xattrs_an_image_carries_cannot_redirect_its_files(image_store):
+    """A layer may carry trusted.overlay.* xattrs of its own; the metadata tree never
+    copies them, so a file cannot be pointed at another image's content."""
+    s = open_store(str(image_store))
+    hostile = f(s, "stolen", b"mine\n", xattrs={"trusted.overlay.redirect": b"/ab/" + b"c" * 64})
+    hostile.xattrs["trusted.overlay.metacopy"] = b""
+    make_image(s, "kmount/hostile:1", [[d(""), hostile]])
+    with public_dir("kmount-") as base, mounted(image_store, "kmount/hostile:1", base / "h") as h:
+        assert (h / "stolen").read_bytes() == b"mine\n"
+        tree = Path(_view(h).path)
+        redirect = os.getxattr(tree / "stolen", "trusted.overlay.redirect")
+        assert redirect != b"/ab/" + b"c" * 64 and redirect.startswith(b"/")
