@@ -61,6 +61,7 @@ from benchmarks.common import (
 from benchmarks.layerfs_views import (
     Memory,
     memory_of,
+    mount_log_summary,
     pids_by_mountpoint,
     stop_views,
     view_of,
@@ -319,7 +320,14 @@ def targets_table(cases: list[Case]) -> str:
     return markdown_table(["target", "limit", "layerfs", "verdict"], rows)
 
 
-def report(cases: list[Case], index_mount: float, big_tag: str, small: list[str], load: float):
+def report(
+    cases: list[Case],
+    index_mount: float,
+    big_tag: str,
+    small: list[str],
+    load: float,
+    log_note: str,
+) -> str:
     notes = []
     for case in cases:
         per = case.per_process_pss
@@ -354,6 +362,7 @@ def report(cases: list[Case], index_mount: float, big_tag: str, small: list[str]
             mount_table(cases, index_mount),
             "Targets:\n\n" + targets_table(cases),
             "\n".join(notes),
+            f"The store's mount log (`STORE/cache/logs/mount.log`): {log_note}.",
         ]
     )
 
@@ -391,7 +400,8 @@ def main() -> None:
     finally:
         force_unmount_under(work)
         stop_views(store)
-    text = report(cases, index_mount, big_tag, small, load_at_start)
+    log_note = mount_log_summary(store, WORK_DIR / "logs" / "mounts-mount.log")
+    text = report(cases, index_mount, big_tag, small, load_at_start, log_note)
     print(text)
     if not args.no_write:
         write_section(SECTION, text)

@@ -63,6 +63,8 @@ from benchmarks.common import (
 from benchmarks.layerfs_views import (
     cache_allocated,
     content_cache_root,
+    mount_layers,
+    mount_log_summary,
     pids_by_mountpoint,
     stop_views,
     view_pids,
@@ -319,6 +321,8 @@ class Figures:
     empty_cache_read: Samples = field(default_factory=Samples)
     cache_fill: float | None = None
     cache_bytes: int | None = None
+    layers: str = ""  # layerfs: the overlay's layers, as mounted
+    mount_log: str = ""  # layerfs: what the store's mount log says
     peak_rss: int | None = None
     daemon_pids: str = ""  # how the processes behind peak_rss were found
     tar_bytes: int = 0
@@ -378,6 +382,8 @@ def measure(system: System, mnt: Path, big: str, reps: int) -> Figures:
     try:
         fig.first_mount = system.mount(mnt)
         fig.entries = count_entries(mnt)
+        if system.store is not None:
+            fig.layers = mount_layers(mnt, system.store)
         system.umount(mnt)
         if system.store is not None:
             measure_empty_cache(system, mnt, big, reps, fig)
@@ -598,21 +604,29 @@ class DiskUse:
 
     packs: int  # STORE/packs: the image's data and tree records
     other_store: int  # the rest outside STORE/cache (documents, locks, keys)
-    index: int  # STORE/cache without the content cache: the image index, logs
+    index: int  # STORE/cache/index: the image's index
+    meta: int  # STORE/cache/meta: the image's metadata tree, if the mounts use one
+    other_cache: int  # the rest of STORE/cache (logs)
     content_cache: int  # STORE/cache/content: every file's plain bytes
     docker: int  # the image's overlay2 layer dirs (GraphDriver UpperDir + LowerDir)
     docker_dirs: int
 
 
 def disk_use(store: Path, tag: str) -> DiskUse:
-    cache = tree_size(store / "cache").allocated
-    content = tree_size(content_cache_root(store)).allocated
-    packs = tree_size(store / "packs").allocated if (store / "packs").is_dir() else 0
+    def allocated(path: Path) -> int:
+        return tree_size(path).allocated if path.is_dir() else 0
+
+    cache = allocated(store / "cache")
+    content = allocated(content_cache_root(store))
+    index, meta = allocated(store / "cache" / "index"), allocated(store / "cache" / "meta")
+    packs = allocated(store / "packs")
     dirs = overlay_dirs(tag)
     return DiskUse(
         packs=packs,
-        other_store=tree_size(store).allocated - cache - packs,
-        index=cache - content,
+        other_store=allocated(store) - cache - packs,
+        index=index,
+        meta=meta,
+        other_cache=cache - content - index - meta,
         content_cache=content,
         docker=sum(tree_size(d).allocated for d in dirs),
         docker_dirs=len(dirs),
@@ -621,11 +635,14 @@ def disk_use(store: Path, tag: str) -> DiskUse:
 
 def disk_table(use: DiskUse) -> str:
     """The content cache and the store beside Docker's overlay2 dirs, allocated bytes."""
-    total = use.packs + use.other_store + use.index + use.content_cache
+    total = use.packs + use.other_store + use.index + use.meta + use.other_cache
+    total += use.content_cache
     rows = [
         ["store packs (`STORE/packs`)", fmt_bytes(use.packs), "", ""],
         ["rest of the store (documents, keys)", fmt_bytes(use.other_store), "", ""],
-        ["image index and logs (`STORE/cache` but content)", fmt_bytes(use.index), "", ""],
+        ["image index (`STORE/cache/index`)", fmt_bytes(use.index), "", ""],
+        ["metadata tree (`STORE/cache/meta`)", fmt_bytes(use.meta) if use.meta else "none", "", ""],
+        ["rest of the cache dir (logs)", fmt_bytes(use.other_cache), "", ""],
         [
             "content cache (`STORE/cache/content`)",
             fmt_bytes(use.content_cache),
@@ -716,13 +733,14 @@ def report(
     layerfs_notes = []
     if lfs is not None:
         layerfs_notes = [
-            "- layerfs: a kernel overlay (`lowerdir=VIEW::STORE/cache/content/data`) over the"
-            " image's view, a FUSE daemon shared by every mount of the image, which fills the"
-            " content cache in the background. All layerfs figures but the empty-cache read"
-            " are taken with the content cache full: before them the benchmark mounts once and"
-            " waits until the view answers `trusted.overlay.redirect` for every non-empty"
-            " regular file (the cache stays on disk between mounts; each mount starts a new"
-            " view, as the last unmount stops it).",
+            f"- layerfs: a kernel overlay, as mounted `{lfs.layers}`; the store's view daemon"
+            " (a FUSE mount under RUN=/run/layerfs/views, shared by every mount) fills the"
+            " content cache (`STORE/cache/content/data`) in the background. All layerfs"
+            " figures but the empty-cache read are taken with the content cache full: before"
+            " them the benchmark mounts once and waits until the content named by every"
+            " non-empty regular file's `trusted.overlay.redirect` is in the cache (it stays"
+            " on disk between mounts; each mount starts the view daemon again, as the last"
+            " unmount stops it).",
             f"- Content cache empty (`STORE/cache/content` removed while nothing is mounted,"
             " then mount, drop caches, read; median of"
             f" {len(lfs.empty_cache_read.values)}): the first read after import. From a mount"
@@ -766,6 +784,11 @@ def report(
             " said; mount times from the CLI, as measured above):\n\n" + targets_table(figs, spec),
             f"Spread (min–max): {spread}.",
             f"Processes behind the peak RSS: {daemons or 'none'}.",
+            *(
+                [f"layerfs's mount log (`STORE/cache/logs/mount.log`): {lfs.mount_log}."]
+                if lfs is not None and lfs.mount_log
+                else []
+            ),
             "Warm samples retaken because another process dropped the page cache meanwhile"
             f" (/proc/vmstat drop_pagecache): {lost}.",
             f"Bytes of `tar cf - .` (equal when the trees match): {tar_check}.",
@@ -899,6 +922,9 @@ def main(
                 figs[system.name] = measure(system, work / "mnt", spec.big_path, reps)
                 if system.store is not None:
                     disk = disk_use(system.store, tag)
+                    figs[system.name].mount_log = mount_log_summary(
+                        system.store, WORK_DIR / "logs" / "readonly-mount.log"
+                    )
         finally:
             if with_layerfs:
                 stop_views(store)

@@ -56,7 +56,14 @@ from benchmarks.common import (
     wait_mounted,
     write_section,
 )
-from benchmarks.layerfs_views import stop_views, view_pids, wait_content_cached, wait_gone
+from benchmarks.layerfs_views import (
+    mount_layers,
+    mount_log_summary,
+    stop_views,
+    view_pids,
+    wait_content_cached,
+    wait_gone,
+)
 
 LAYERFS = [str(REPO_DIR / ".venv" / "bin" / "layerfs")]
 TAG = "bench/writable:latest"
@@ -218,9 +225,9 @@ def one_round(system: System, base: Path, mnt: Path, tree_tar: Path) -> dict[str
     return out
 
 
-def warm_content_cache(tag: str, store: Path, work: Path) -> float:
-    """Mount the image once and wait until its view has every file in the content cache;
-    return the seconds from the mount until then."""
+def warm_content_cache(tag: str, store: Path, work: Path) -> tuple[float, str]:
+    """Mount the image once and wait until every file's content is in the content cache;
+    return the seconds from the mount until then, and the overlay's layers."""
     mnt = work / "mnt-fill"
     mnt.mkdir()
     start = time.perf_counter()
@@ -229,17 +236,20 @@ def warm_content_cache(tag: str, store: Path, work: Path) -> float:
         wait_content_cached(mnt)
         seconds = time.perf_counter() - start
         daemons = view_pids([mnt])
+        layers = mount_layers(mnt, store)
     finally:
         run([*LAYERFS, "--store", str(store), "umount", str(mnt)])
     wait_gone(daemons)
     mnt.rmdir()
-    return seconds
+    return seconds, layers
 
 
 @dataclass
 class Results:
     rounds: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     cache_fill: float | None = None  # seconds from a first mount to a full content cache
+    layers: str = ""  # layerfs's overlay layers, as mounted (read-only)
+    mount_log: str = ""  # what the store's mount log says after the rounds
 
     def median(self, system: str, step: str) -> float:
         values = sorted(r[step] for r in self.rounds[system])
@@ -303,7 +313,9 @@ def report(results: Results, quick: bool, load_at_start: float) -> str:
             f"caches dropped before every step; sizes {size}. Each round mounts the image "
             "afresh with an empty upper directory: layerfs with `layerfs mount IMAGE DIR "
             "--upper U` (a kernel overlay over the image's view and the content cache), the "
-            "overlays over Docker's overlay2 layer dirs. layerfs's content cache was filled "
+            f"overlays over Docker's overlay2 layer dirs (layerfs read-only: `{results.layers}`,"
+            " plus `upperdir=U/upper,workdir=U/work` when writable). layerfs's content cache"
+            " was filled "
             f"before the rounds ({fill} from a first mount until the view had every file in "
             "it) and stays full for all of them.",
             "",
@@ -312,6 +324,8 @@ def report(results: Results, quick: bool, load_at_start: float) -> str:
             note,
             "",
             f"Spread (min–max, ms): {spread}.",
+            "",
+            f"layerfs's mount log (`STORE/cache/logs/mount.log`): {results.mount_log}.",
             "",
             "Targets (layerfs, the content cache full):",
             "",
@@ -342,7 +356,7 @@ def main() -> None:
     systems = overlay_systems(tag, store)
     try:
         say("filling layerfs's content cache")
-        results.cache_fill = warm_content_cache(tag, store, work)
+        results.cache_fill, results.layers = warm_content_cache(tag, store, work)
         for i in range(1 if args.quick else args.rounds):
             for system in systems:
                 base = work / f"{system.name.replace(' ', '-')}-{i}"
@@ -357,6 +371,7 @@ def main() -> None:
     finally:
         force_unmount_under(work)
         stop_views(store)
+    results.mount_log = mount_log_summary(store, WORK_DIR / "logs" / "writable-mount.log")
     text = report(results, args.quick, load_at_start)
     print(text)
     print(json.dumps(results.rounds, indent=1))

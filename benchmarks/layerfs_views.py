@@ -1,11 +1,20 @@
 """What the benchmarks need to know about layerfs image mounts and the processes behind them.
 
-A layerfs image mount is a kernel overlay over the image's view (a directory
-of a FUSE mount under /run/layerfs/views, served by a view daemon whose pid
-its record keeps) and the store's content cache, which the view fills in the
-background. Here: the view and its daemon behind a mountpoint, waiting until
-the content cache holds every file of an image, the cache's disk use, and the
-resident memory (RSS, PSS, peak) of a set of processes read from /proc.
+A layerfs image mount is a kernel overlay whose first lower layer shows the
+image's tree, each regular file a metacopy stub whose
+``trusted.overlay.redirect`` names its content in the store's content cache
+(``STORE/cache/content/data/XX/ID``), a data-only layer below. The store's view
+daemon (a FUSE mount under /run/layerfs/views, whose pid its record keeps)
+fills that cache in the background and serves what it lacks yet. The first
+lower layer is the image's metadata tree on local disk
+(``STORE/cache/meta/INDEX``) since commit c645a2c, and the image's directory
+in the view daemon's mount before it (whose files showed the redirect only
+once their content was cached); the helpers here work with both.
+
+Here: the view and its daemon behind a mountpoint, the layers of a mount,
+waiting until the content cache holds every file of an image, the cache's
+disk use, the store's mount log, and the resident memory (RSS, PSS, peak) of
+a set of processes read from /proc.
 """
 
 from __future__ import annotations
@@ -63,15 +72,25 @@ def pids_by_mountpoint(mountpoints: Iterable[str | Path]) -> list[int]:
     return sorted({p for root in roots for p in process_tree(root)})
 
 
-def _uncached_files(view: Path, paths: Iterable[Path] | None) -> list[Path]:
-    """Regular non-empty files of the view whose content is not cached yet.
+def mount_layers(mountpoint: str | Path, store: Path) -> str:
+    """The overlay's layers at ``mountpoint`` as `lowerdir=...::...`, with the store's
+    path and the run directory shortened to STORE and RUN."""
+    overlay = find_overlay(mountpoint)
+    if overlay is None:
+        return "not a layerfs overlay"
+    text = ":".join(overlay.lowers) + "".join(f"::{d}" for d in overlay.data_layers)
+    text = text.replace(os.path.realpath(store), "STORE")
+    return "lowerdir=" + text.replace(str(run_dir()), "RUN")
 
-    The view answers ``trusted.overlay.redirect`` for a file once its content
-    is in the cache, and ENODATA before.
+
+def _uncached_files(first_lower: Path, data_dir: Path, paths: Iterable[Path] | None) -> list[Path]:
+    """Regular non-empty files of an image's first lower layer whose content is not
+    in the cache yet: without ``trusted.overlay.redirect`` (the FUSE view answered it
+    only for cached contents), or whose redirect names no file under ``data_dir``.
     """
     if paths is None:
         paths = []
-        for dirpath, _dirs, files in os.walk(view):
+        for dirpath, _dirs, files in os.walk(first_lower):
             for name in files:
                 path = Path(dirpath, name)
                 st = os.lstat(path)
@@ -80,10 +99,13 @@ def _uncached_files(view: Path, paths: Iterable[Path] | None) -> list[Path]:
     missing = []
     for path in paths:
         try:
-            os.getxattr(path, REDIRECT_XATTR, follow_symlinks=False)
+            redirect = os.getxattr(path, REDIRECT_XATTR, follow_symlinks=False)
         except OSError as exc:
             if exc.errno != errno.ENODATA:
                 raise
+            missing.append(path)
+            continue
+        if not os.path.exists(os.path.join(data_dir, os.fsdecode(redirect).lstrip("/"))):
             missing.append(path)
     return missing
 
@@ -99,7 +121,8 @@ def wait_content_cached(mountpoint: str | Path, timeout: float = 600.0) -> float
     if not info.redirects:
         raise BenchError("the view serves file bytes itself (no data-only overlay layers)")
     start = time.monotonic()
-    missing = _uncached_files(Path(info.path), None)
+    first, data = Path(info.path), Path(info.data_dir)
+    missing = _uncached_files(first, data, None)
     while missing:
         if time.monotonic() - start > timeout:
             raise BenchError(
@@ -107,7 +130,7 @@ def wait_content_cached(mountpoint: str | Path, timeout: float = 600.0) -> float
                 f"after {timeout:.0f} s (first: {missing[0]})"
             )
         time.sleep(0.1)
-        missing = _uncached_files(Path(info.path), missing)
+        missing = _uncached_files(first, data, missing)
     return time.monotonic() - start
 
 
@@ -137,6 +160,25 @@ def stop_views(store: Path) -> None:
         if doc.get("pid"):
             pids.append(int(doc["pid"]))
     wait_gone(pids, strict=False)
+
+
+def mount_log_summary(store: Path, keep_as: Path) -> str:
+    """Copy the store's mount log (``STORE/cache/logs/mount.log``) to ``keep_as`` and say
+    how many lines it has and how many are errors and warnings, quoting the first."""
+    log = store / "cache" / "logs" / "mount.log"
+    if not log.exists():
+        return "no mount log"
+    keep_as.parent.mkdir(parents=True, exist_ok=True)
+    keep_as.write_bytes(log.read_bytes())
+    lines = log.read_text(errors="replace").splitlines()
+    errors = [line for line in lines if " ERROR: " in line or "Traceback" in line]
+    warnings = [line for line in lines if " WARNING: " in line]
+    text = f"{len(lines)} lines, {len(errors)} errors, {len(warnings)} warnings"
+    for kind, found in (("error", errors), ("warning", warnings)):
+        if found:
+            first = found[0].split(": ", 1)[-1].replace(os.path.realpath(store), "STORE")
+            text += f"; first {kind}: `{first[:300]}`"
+    return text
 
 
 # -- memory -------------------------------------------------------------------------
