@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerfs.errors import StoreError
-from layerfs.store.local import pid_alive
 
 _CHUNKS_DOMAIN = b"layerfs content chunks v1\0"
 _INLINE_DOMAIN = b"layerfs content inline v1\0"
@@ -105,6 +104,8 @@ class ContentCache:
     def clean_temp(self) -> int:
         """Remove temp files left by writers that died (their name starts with the
         writer's pid); return how many."""
+        from layerfs.store.local import pid_alive
+
         tmp_dir = self.root / "tmp"
         removed = 0
         if tmp_dir.is_dir():
