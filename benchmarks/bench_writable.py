@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -42,7 +43,6 @@ from pathlib import Path
 
 from benchmarks.bench_readonly import image_id, overlay_lowerdirs
 from benchmarks.common import (
-    REPO_DIR,
     WORK_DIR,
     BenchError,
     command_line,
@@ -65,7 +65,7 @@ from benchmarks.layerfs_views import (
     wait_gone,
 )
 
-LAYERFS = [str(REPO_DIR / ".venv" / "bin" / "layerfs")]
+LAYERFS = [str(Path(sys.executable).with_name("layerfs"))]  # the venv's entry point
 TAG = "bench/writable:latest"
 DOCKERFILE = """\
 FROM {base}
