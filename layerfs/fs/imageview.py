@@ -70,7 +70,16 @@ class _Image:
     name: str  # its directory's name
     view: ImageView
     filler: CacheFiller
-    contents: dict[str, int]  # content ID -> the inode of a file with that content
+    contents: dict[str, int] | None = None  # content ID -> a file's inode; made when needed
+
+    def find(self, cid: str) -> int | None:
+        """The inode of a file of this image whose content is ``cid``, or None."""
+        if self.contents is None:  # one pass over the index, at the first miss only
+            self.contents = {
+                content_id(packed, inline): ino
+                for ino, _size, inline, packed in self.view.file_contents()
+            }
+        return self.contents.get(cid)
 
 
 def _content_dir(name: bytes) -> int | None:
@@ -177,10 +186,7 @@ class ImageViewFS(pyfuse3.Operations):
             log.error("cannot open the index of %s: %s", info.image, exc)
             return None
         filler = CacheFiller(view, self.store, self.cache, on_filled=self.on_filled)
-        contents = {
-            content_id(packed, inline): ino for ino, _size, inline, packed in view.file_contents()
-        }
-        image = _Image(self._free_slot(name), name, view, filler, contents)
+        image = _Image(self._free_slot(name), name, view, filler)
         if self.redirects:
             filler.start()
         self._images[image.slot] = image
@@ -199,7 +205,7 @@ class ImageViewFS(pyfuse3.Operations):
         registered since are opened first if none does."""
         for attempt in range(2):
             for image in self._images.values():
-                ino = image.contents.get(cid)
+                ino = image.find(cid)
                 if ino is not None:
                     return image, ino
             if attempt == 0:

@@ -15,7 +15,6 @@ is the only lower layer and serves the bytes itself.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import re
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ def _check_path(path: Path) -> str:
 
 
 def _mount_syscall(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the C library this process runs on
     result = libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags, data.encode())
     if result != 0:
         err = ctypes.get_errno()
@@ -146,7 +145,7 @@ def unmount_overlay(mountpoint: str | Path) -> OverlayMount:
 def umount(path: str, lazy: bool = False) -> None:
     """umount(2) of ``path`` (``lazy``: detach it now, let it go once unused);
     MountError with the reason if the kernel refuses."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the C library this process runs on
     if libc.umount2(os.fsencode(path), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
         raise MountError(f"cannot unmount {path}: {os.strerror(err)}")
