@@ -312,11 +312,10 @@ def report(results: Results, quick: bool, load_at_start: float) -> str:
             f"Rounds: {len(next(iter(results.rounds.values())))} per system, median shown; "
             f"caches dropped before every step; sizes {size}. Each round mounts the image "
             "afresh with an empty upper directory: layerfs with `layerfs mount IMAGE DIR "
-            "--upper U` (a kernel overlay over the image's view and the content cache), the "
-            f"overlays over Docker's overlay2 layer dirs (layerfs read-only: `{results.layers}`,"
-            " plus `upperdir=U/upper,workdir=U/work` when writable). layerfs's content cache"
-            " was filled "
-            f"before the rounds ({fill} from a first mount until the view had every file in "
+            "--upper U` (a kernel overlay: read-only it is "
+            f"`{results.layers}`, writable `upperdir=U/upper,workdir=U/work` on top), the "
+            "overlays over Docker's overlay2 layer dirs. layerfs's content cache was filled "
+            f"before the rounds ({fill} from a first mount until every file's content was in "
             "it) and stays full for all of them.",
             "",
             markdown_table(headers, rows),
