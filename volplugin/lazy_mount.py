@@ -39,7 +39,7 @@ from layerfs.fs.mounting import MountError, find_mount
 from layerfs.fs.overlay import find_overlay, umount
 from layerfs.fs.service import find_image_mount, unmount_image
 from layerfs.fs.upper import FORMAT, META_FILE, image_upper
-from layerfs.fs.views import release_view, view_answers
+from layerfs.fs.views import release_view, view_serves
 from layerfs.index import ensure_index
 from layerfs.records import Kind, find_entry
 from layerfs.store.chunks import ChunkStore
@@ -128,12 +128,7 @@ def is_mounted(mountpoint: Path) -> bool:
         found = find_image_mount(mountpoint)
     except LayerfsError:  # an overlay whose view left no record: stale
         return False
-    if found is None or found.upper is None:
-        return False
-    try:
-        return view_answers(found.view.daemon)
-    except OSError:
-        return False
+    return found is not None and found.upper is not None and view_serves(found.view)
 
 
 def mount(store_url: str, dirs: LazyDirs, mountpoint: Path, name: str, tree: str) -> None:

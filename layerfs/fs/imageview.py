@@ -333,9 +333,9 @@ class ImageViewFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = next(self._handles)
-        handle = _OpenFile(image, node, self._cid(image, node) if node.kind is Kind.FILE else "")
-        cacheable = self.redirects and node.kind is Kind.FILE and node.size > 0
-        if cacheable and not self._try_cached(handle):
+        cacheable = node.kind is Kind.FILE and node.size > 0
+        handle = _OpenFile(image, node, self._cid(image, node) if cacheable else "")
+        if cacheable and not self._try_cached(handle) and self.redirects:
             image.filler.want(node.ino)
         self._files[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)

@@ -20,7 +20,6 @@ from layerfs.catalog import ImageRecord
 from layerfs.errors import LayerfsError
 from layerfs.fs.mounting import MountError
 from layerfs.fs.overlay import (
-    OverlayMount,
     find_overlay,
     mount_overlay,
     umount,
@@ -33,7 +32,7 @@ from layerfs.fs.views import (
     open_view,
     release_view,
     run_dir,
-    view_answers,
+    view_serves,
 )
 from layerfs.store.chunks import ChunkStore
 
@@ -64,7 +63,8 @@ def mount_image(
     from layerfs.store.location import open_backend
 
     stale = find_overlay(mountpoint)
-    if stale is not None and stale.lowers and not _answers(stale):
+    view = ViewInfo.load(stale.lowers[0]) if stale is not None and stale.lowers else None
+    if stale is not None and (view is None or not view_serves(view)):
         log.warning("replacing the mount at %s, whose image view died", stale.mountpoint)
         umount(stale.mountpoint, lazy=True)
     index = Path(os.path.abspath(ensure_index(store, record)))
@@ -94,12 +94,6 @@ def mount_image(
         Path(upper).absolute() if upper else None,
         dirs.tree if dirs else None,
     )
-
-
-def _answers(overlay: OverlayMount) -> bool:
-    """Whether every FUSE layer of an overlay still has its daemon."""
-    layers = [*overlay.lowers[:1], *overlay.data_layers[1:]]
-    return all(view_answers(layer) for layer in layers)
 
 
 def find_image_mount(mountpoint: str | Path) -> ImageMount | None:

@@ -211,6 +211,14 @@ def view_answers(path: str | Path) -> bool:
     return True
 
 
+def view_serves(view: ViewInfo) -> bool:
+    """Whether the daemon of a mount's view still serves (else the mount is stale)."""
+    try:
+        return view_answers(view.daemon)
+    except OSError:
+        return False
+
+
 @contextmanager
 def _locked(mount_dir: Path) -> Iterator[int]:
     """Hold the views' lock (starting and stopping a daemon, and mounting over one,
