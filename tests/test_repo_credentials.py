@@ -76,7 +76,7 @@ def encrypted_s3(s3_store_url: str, tmp_path: Path) -> str:
 
 @contextlib.contextmanager
 def serving(root: Path, env: dict[str, str], store: str) -> Iterator[PluginProcess]:
-    plugin = PluginProcess(root, env=env, args=("--store", store, "--workers", "1"))
+    plugin = PluginProcess(root, env=env, args=("--store", store))
     plugin.start(timeout=60)
     try:
         yield plugin
@@ -150,7 +150,7 @@ def serve_refused(tmp_path: Path, env: dict[str, str], store: str) -> subprocess
     plugins.mkdir(exist_ok=True)
     cmd = [str(BIN / "volplugin"), "serve", "--name", "vp-cred", "--root", str(tmp_path / "root")]
     proc = subprocess.run(
-        [*cmd, "--plugin-dir", str(plugins), "--store", store, "--workers", "1"],
+        [*cmd, "--plugin-dir", str(plugins), "--store", store],
         capture_output=True,
         text=True,
         env=env,

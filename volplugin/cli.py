@@ -18,14 +18,12 @@ from typing import TYPE_CHECKING
 import click
 
 from layerfs.clitools import OneLineErrors, password_option, store_option
-from volplugin.affinity import CHECK_SECONDS, MODES
 from volplugin.defaults import (
     DEFAULT_NAME,
     DEFAULT_ROOT,
     DEFAULT_THREADS,
     DEFAULT_TICK,
     PLUGIN_DIR,
-    default_workers,
 )
 from volplugin.errors import BadRequest
 from volplugin.hostid import ENV as HOST_ID_ENV
@@ -109,17 +107,6 @@ def where(fn):
     )(fn)
 
 
-cpu_check_option = click.option(
-    "--cpu-check",
-    envvar="VOLPLUGIN_CPU_CHECK",
-    type=click.FloatRange(min=0.05),
-    default=CHECK_SECONDS,
-    show_default=True,
-    hidden=True,
-    help="Seconds between looks at a serving process's CPU (volplugin.affinity).",
-)
-
-
 def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
     """Name and root for `serve`: the name given, else the default one."""
     return name or obj["name"] or DEFAULT_NAME, Path(root or obj["root"])
@@ -133,16 +120,7 @@ def _where(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
 
 @cli.command("serve")
 @where
-@click.option(
-    "--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads per process."
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=default_workers,
-    show_default="one per core, at most 4",
-    help="Processes answering requests (the first also runs scheduled backups and lazy fills).",
-)
+@click.option("--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads.")
 @click.option(
     "--plugin-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -160,15 +138,6 @@ def _where(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
     show_default=True,
     help="Seconds between looks for due scheduled backups.",
 )
-@click.option(
-    "--cpu-affinity",
-    type=click.Choice(MODES),
-    default="auto",
-    show_default=True,
-    help="auto: each serving process keeps to a CPU of its own while that CPU has room; "
-    "off: the kernel places them.",
-)
-@cpu_check_option
 @host_id_option
 @click.pass_obj
 def serve_cmd(
@@ -176,12 +145,9 @@ def serve_cmd(
     cmd_name: str | None,
     cmd_root: Path | None,
     threads: int,
-    workers: int,
     plugin_dir: Path,
     store: str | None,
     schedule_tick: float,
-    cpu_affinity: str,
-    cpu_check: float,
     host_id: str | None,
 ) -> None:
     """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM.
@@ -191,49 +157,9 @@ def serve_cmd(
     from volplugin.server import serve
 
     name, root = _pick(obj, cmd_name, cmd_root)
-    use_host_id(host_id)  # its worker processes inherit it
+    use_host_id(host_id)
     serve(
-        name,
-        root,
-        plugin_dir=plugin_dir,
-        threads=threads,
-        workers=workers,
-        store=store,
-        schedule_tick=schedule_tick,
-        cpu_affinity=cpu_affinity,
-        cpu_check=cpu_check,
-    )
-
-
-@cli.command("serve-worker", hidden=True)
-@where
-@click.option("--fd", type=int, required=True, help="Inherited listening socket.")
-@click.option("--parent", type=int, required=True, help="PID of the main server process.")
-@click.option("--slot", type=int, required=True, help="This process's load-board slot.")
-@click.option("--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads.")
-@click.option("--cpus", help="CPUs to keep to by slot, comma-separated (serve --cpu-affinity).")
-@cpu_check_option
-@store_option("Backup store (as given to serve).")
-@click.pass_obj
-def serve_worker_cmd(
-    obj: dict,
-    cmd_name: str | None,
-    cmd_root: Path | None,
-    fd: int,
-    parent: int,
-    slot: int,
-    threads: int,
-    cpus: str | None,
-    cpu_check: float,
-    store: str | None,
-) -> None:
-    """One of `serve`'s request-serving processes (started by `serve` itself)."""
-    from volplugin.server import serve_worker
-
-    name, root = _pick(obj, cmd_name, cmd_root)
-    pinned = [int(cpu) for cpu in cpus.split(",")] if cpus else None
-    serve_worker(
-        name, root, fd, parent, slot, threads=threads, store=store, cpus=pinned, cpu_check=cpu_check
+        name, root, plugin_dir=plugin_dir, threads=threads, store=store, schedule_tick=schedule_tick
     )
 
 

@@ -4,12 +4,6 @@ It holds each volume's options, creation time, backup information and the set of
 IDs the daemon gave us. One State object is shared by the server's threads; writes run
 in `BEGIN IMMEDIATE` transactions so that other processes (the CLI, backups) can use the
 same file safely.
-
-SQLite copies its write-ahead log into the database (a checkpoint, with an fsync of
-both files) in whichever commit finds the log long enough: every hundred-odd Mounts,
-a request would wait for the disk, and so would every thread queued behind it on the
-State's lock. The serving processes turn that off and let `checkpoint_in_background`
-do it from a thread and a connection of its own.
 """
 
 from __future__ import annotations
@@ -27,7 +21,6 @@ from pathlib import Path
 from volplugin.errors import StateError
 
 DB_NAME = "state.db"
-CHECKPOINT_SECONDS = 1.0  # how often the serving main process checkpoints the log
 
 log = logging.getLogger("volplugin.state")
 
@@ -92,12 +85,8 @@ class VolumeRecord:
 class State:
     """Access to the state database; safe to share between threads."""
 
-    def __init__(self, path: Path, *, create: bool = True, autocheckpoint: bool = True) -> None:
-        """Open (or with `create`, make) the database at `path`.
-
-        Without `autocheckpoint` this connection's commits never checkpoint the log:
-        for processes whose log `checkpoint_in_background` keeps short.
-        """
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        """Open (or with `create`, make) the database at `path`."""
         self.path = Path(path)
         if not create and not self.path.exists():
             raise StateError(
@@ -113,8 +102,6 @@ class State:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            if not autocheckpoint:
-                self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.executescript(_VOLUMES + _MOUNTS.format(table="mounts"))
             self._rebuild_old_mounts()
         except sqlite3.Error as exc:
@@ -149,8 +136,8 @@ class State:
             raise
 
     @classmethod
-    def under(cls, root: Path, *, create: bool = True, autocheckpoint: bool = True) -> State:
-        return cls(Path(root) / DB_NAME, create=create, autocheckpoint=autocheckpoint)
+    def under(cls, root: Path, *, create: bool = True) -> State:
+        return cls(Path(root) / DB_NAME, create=create)
 
     def close(self) -> None:
         with self._lock:
@@ -363,28 +350,3 @@ class State:
 def _encode(options: dict[str, str]) -> str:
     """Options as the volumes table stores them."""
     return json.dumps(options, sort_keys=True)
-
-
-def checkpoint_in_background(
-    path: Path, stop: threading.Event, interval: float = CHECKPOINT_SECONDS
-) -> threading.Thread:
-    """Checkpoint the database at `path` every `interval` seconds until `stop` is set.
-
-    A passive checkpoint on a connection of its own: it waits for no reader or writer
-    and holds no lock they need, and SQLite lets go of the interpreter while it syncs.
-    """
-
-    def run() -> None:
-        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        try:
-            while not stop.wait(interval):
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:
-                    log.warning("checkpoint of the state database %s failed: %s", path, exc)
-        finally:
-            db.close()
-
-    thread = threading.Thread(target=run, name="state-checkpoint", daemon=True)
-    thread.start()
-    return thread

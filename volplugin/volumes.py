@@ -5,7 +5,6 @@ Layout of the root:
     volumes/NAME/            a volume's data, the mountpoint handed to containers
     trash/UUID/              volumes being removed (emptied again at start); named by a
                              uuid alone, so that any volume name fits (a name may be 255 bytes)
-    ops.lock                 serialises changes across server processes (volplugin.oplock)
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,14 +26,12 @@ from volplugin.backup.status import backup_status
 from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import VolpluginError, VolumeExists, VolumeInUse, VolumeNotFound
 from volplugin.names import check_name
-from volplugin.oplock import OpLock
 from volplugin.state import State, VolumeRecord
 
 log = logging.getLogger("volplugin.volumes")
 
 PATH_CACHE = 4096  # volume paths kept by VolumeService.path_of
 
-OPS_LOCK = "ops.lock"  # see volplugin.oplock
 
 Hook = Callable[[VolumeRecord, Path], None]
 
@@ -85,20 +83,20 @@ class VolumeService:
         self.sizes = sizes
         self.volumes_dir = self.root / "volumes"
         self.trash_dir = self.root / "trash"
-        self.lock = OpLock(self.root / OPS_LOCK)
+        self.lock = threading.Lock()  # Create, Remove, Mount, Unmount: one at a time
         self._paths: dict[str, Path] = {}  # path_of's answers, by name
         self._plain: dict[str, dict[str, str]] = {}  # unmanaged volumes' options (see mount)
 
     @classmethod
-    def open(cls, root: Path, driver: str, *, autocheckpoint: bool = True, **kw) -> VolumeService:
-        """The service of `root`, made if new; `autocheckpoint` as for State."""
+    def open(cls, root: Path, driver: str, **kw) -> VolumeService:
+        """The service of `root`, made if new."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
         (root / "volumes").mkdir(exist_ok=True)
         (root / "trash").mkdir(exist_ok=True)
         kw.setdefault("sizes", SizeCache())
-        return cls(root, driver, State.under(root, autocheckpoint=autocheckpoint), **kw)
+        return cls(root, driver, State.under(root), **kw)
 
     def empty_trash(self) -> None:
         """Finish removals interrupted by a crash."""

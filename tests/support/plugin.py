@@ -14,7 +14,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -76,24 +75,6 @@ def without_docker(tmp_path: Path) -> dict[str, str]:
     return dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
 
 
-def worker_pids(pid: int) -> list[int]:
-    """PIDs of the `volplugin serve-worker` processes whose parent is `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if ppid == pid and b"serve-worker" in cmd:
-            found.append(int(entry))
-    return sorted(found)
-
-
 class PluginProcess:
     """A `volplugin serve` subprocess."""
 
@@ -117,7 +98,6 @@ class PluginProcess:
     def start(self, timeout: float = 30.0) -> PluginProcess:
         self.root.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        offset = len(self.log())
         self.proc = subprocess.Popen(
             [VOLPLUGIN, "serve", "--name", self.name, "--root", str(self.root)]
             + ["--plugin-dir", str(self.plugin_dir), *self.args],
@@ -133,16 +113,10 @@ class PluginProcess:
                 raise RuntimeError(f"volplugin serve exited {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError):
                 status, _ = post(str(self.socket), "Plugin.Activate")
-                if status == 200 and self._all_processes_serve(offset):
+                if status == 200:
                     return self
             time.sleep(0.05)
         raise RuntimeError(f"volplugin serve did not answer within {timeout} s:\n{self.log()}")
-
-    def _all_processes_serve(self, offset: int) -> bool:
-        """Whether the main process and every worker logged that they serve (since `offset`)."""
-        text = self.log()[offset:]
-        found = re.search(r"serving driver \S+ on .*, (\d+) process\(es\)", text)
-        return found is not None and text.count("serving driver") >= int(found[1])
 
     def call(self, endpoint: str, body: bytes | dict | None = None) -> tuple[int, dict]:
         return post(str(self.socket), endpoint, body)
