@@ -241,7 +241,7 @@ def test_kill_during_backup_then_verify_and_next_backup(store_dir: Path, tmp_pat
 
 
 def test_volume_resolved_through_plugin_state(store_dir: Path, tmp_path: Path) -> None:
-    volumes = pytest.importorskip("volplugin.volumes")
+    volumes = pytest.importorskip("volplugin.volumes.service")
     root = tmp_path / "plugin"
     svc = volumes.VolumeService.open(root, "bk-driver")
     svc.create("bk-named", {})

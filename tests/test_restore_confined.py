@@ -208,7 +208,7 @@ def test_crafted_backup_into_a_new_volume_creates_no_volume(tmp_path: Path) -> N
 
 def test_a_restore_into_a_new_volume_killed_midway_leaves_no_volume(tmp_path: Path) -> None:
     """The new volume exists only once its restore is complete; the kill leaves trash."""
-    from volplugin.volumes import VolumeService
+    from volplugin.volumes.service import VolumeService
 
     store_dir = tmp_path / "store"
     src = _megabyte_files(tmp_path / "src")

@@ -10,16 +10,17 @@ from datetime import UTC, datetime, timedelta
 import docker
 import pytest
 
-from volplugin import options
 from volplugin.backup import hooks, schedule
 from volplugin.backup.retention import Policy
+from volplugin.backup.scheduler import Scheduler
+from volplugin.backup.status import attach as attach_status
 from volplugin.backup.status import backup_status, human_age
 from volplugin.backup.volumes import record_outcome
-from volplugin.containers import ContainerRef
 from volplugin.errors import BadOption
-from volplugin.scheduler import Scheduler
-from volplugin.state import BackupInfo
-from volplugin.volumes import VolumeService
+from volplugin.volumes import options
+from volplugin.volumes.containers import ContainerRef
+from volplugin.volumes.service import VolumeService
+from volplugin.volumes.state import BackupInfo
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -87,7 +88,7 @@ def test_next_run_reads_cron_in_utc_with_optional_seconds():
 
 @pytest.fixture
 def svc(tmp_path):
-    service = VolumeService.open(tmp_path / "root", "vpbk-unit")
+    service = attach_status(VolumeService.open(tmp_path / "root", "vpbk-unit"))
     yield service
     service.state.close()
 

@@ -30,9 +30,9 @@ from volplugin.backup.errors import BackupError
 from volplugin.backup.hooks import MAX_OUTPUT, Quiesce, Target, read_tail
 from volplugin.backup.retention import Policy
 from volplugin.backup.volumes import record_outcome
-from volplugin.containers import ContainerRef
 from volplugin.errors import BadName
-from volplugin.volumes import VolumeService
+from volplugin.volumes.containers import ContainerRef
+from volplugin.volumes.service import VolumeService
 
 
 @pytest.fixture

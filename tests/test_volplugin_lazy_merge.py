@@ -1,7 +1,7 @@
 """The lazy merge of a kernel overlay upper tree, on changes made through the real mount.
 
 A backup in a local store is mounted as a lazy volume (kernel overlay over its FUSE
-image view), changed through the mount, filled and merged (volplugin.lazy_merge):
+image view), changed through the mount, filled and merged (volplugin.lazy.merge):
 metacopy files (chmod only) take the filled bytes, reusing the filled file when the
 backup gives it no other name; a merge killed with SIGKILL at any point, in its own
 process, is redone to the same tree; a switch killed in its merge is finished by the
@@ -26,11 +26,11 @@ from layerfs.union.upper import read_upper
 from layerfs.union.vocab import XATTR_METACOPY
 from tests.support.backuptree import backed_up, describe, visible_links
 from volplugin.backup import service
-from volplugin.lazy import LazyVolumes
-from volplugin.lazy_fill import Filler
-from volplugin.lazy_merge import MergeError, merge_upper
-from volplugin.lazy_mount import LazyDirs, mount, prepare, release
-from volplugin.volumes import VolumeService
+from volplugin.lazy.fill import Filler
+from volplugin.lazy.merge import MergeError, merge_upper
+from volplugin.lazy.mount import LazyDirs, mount, prepare, release
+from volplugin.lazy.volumes import LazyVolumes
+from volplugin.volumes.service import VolumeService
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, devices, mounts)")
 
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, d
 KILLER = r"""
 import os, shutil, signal, sys
 from pathlib import Path
-from volplugin.lazy_merge import merge_upper
+from volplugin.lazy.merge import merge_upper
 
 limit, count = int(sys.argv[4]), 0
 

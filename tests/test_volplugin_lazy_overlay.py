@@ -30,7 +30,7 @@ from tests.support.plugin import PluginProcess, remove_driver_objects
 from tests.support.waiting import wait_for
 from tests.test_volplugin_lazy import _lazy, _umount_below
 from volplugin.backup import service
-from volplugin.lazy_state import LazyState
+from volplugin.lazy.state import LazyState
 
 pytestmark = [pytest.mark.docker]
 

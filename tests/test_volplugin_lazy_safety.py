@@ -23,12 +23,12 @@ from layerfs.records import Kind, get_tree, iter_tree
 from layerfs.store.location import open_store
 from tests.support.backuptree import backed_up, describe, visible_links
 from tests.support.waiting import wait_for
-from volplugin.lazy import LazyVolumes
-from volplugin.lazy_fill import Filler, MemoryJournal, boot_id
-from volplugin.lazy_merge import merge_upper
-from volplugin.lazy_mount import LazyDirs, LegacyLayout, is_mounted, mount, prepare, release
-from volplugin.lazy_state import LazyState
-from volplugin.volumes import VolumeService
+from volplugin.lazy.fill import Filler, MemoryJournal, boot_id
+from volplugin.lazy.merge import merge_upper
+from volplugin.lazy.mount import LazyDirs, LegacyLayout, is_mounted, mount, prepare, release
+from volplugin.lazy.state import LazyState
+from volplugin.lazy.volumes import LazyVolumes
+from volplugin.volumes.service import VolumeService
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, devices, FUSE)")
 

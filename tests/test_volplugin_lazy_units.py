@@ -17,13 +17,13 @@ from layerfs.store.location import open_store
 from layerfs.union.vocab import XATTR_REDIRECT
 from tests.support.backuptree import backed_up, describe, visible_links
 from tests.support.waiting import wait_for
-from volplugin import options
 from volplugin.errors import BadOption
-from volplugin.lazy import LazyVolumes
-from volplugin.lazy_fill import Filler, MemoryJournal, parse_rate
-from volplugin.lazy_merge import merge_upper
-from volplugin.lazy_mount import LazyDirs, is_mounted, mount, prepare, release
-from volplugin.volumes import VolumeService
+from volplugin.lazy.fill import Filler, MemoryJournal, parse_rate
+from volplugin.lazy.merge import merge_upper
+from volplugin.lazy.mount import LazyDirs, is_mounted, mount, prepare, release
+from volplugin.lazy.volumes import LazyVolumes
+from volplugin.volumes import options
+from volplugin.volumes.service import VolumeService
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (owners, devices, FUSE)")
 

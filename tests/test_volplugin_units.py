@@ -15,13 +15,13 @@ import time
 import docker
 import pytest
 
-from volplugin import options
-from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import BadName, BadOption, VolumeExists, VolumeInUse, VolumeNotFound
-from volplugin.names import check_name
-from volplugin.reconcile import reconcile, reconcile_in_background, try_reconcile
-from volplugin.state import BackupInfo, State
-from volplugin.volumes import VolumeService
+from volplugin.volumes import options
+from volplugin.volumes.diskusage import SizeCache, disk_usage
+from volplugin.volumes.names import check_name
+from volplugin.volumes.reconcile import reconcile, reconcile_in_background, try_reconcile
+from volplugin.volumes.service import VolumeService
+from volplugin.volumes.state import BackupInfo, State
 
 DRIVER = "vp-unit"
 

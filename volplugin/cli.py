@@ -32,7 +32,7 @@ from volplugin.pluginrecord import resolve_name
 from volplugin.text import printable
 
 if TYPE_CHECKING:
-    from volplugin.volumes import VolumeService
+    from volplugin.volumes.service import VolumeService
 
 
 class _Group(OneLineErrors):
@@ -164,11 +164,12 @@ def serve_cmd(
 
 
 def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:
-    from volplugin.state import State
-    from volplugin.volumes import VolumeService
+    from volplugin.backup import status
+    from volplugin.volumes.service import VolumeService
+    from volplugin.volumes.state import State
 
     name, root = _where(obj, cmd_name, cmd_root)
-    return VolumeService(root, name, State.under(root, create=False))
+    return status.attach(VolumeService(root, name, State.under(root, create=False)))
 
 
 @cli.command("ls")

@@ -25,8 +25,8 @@ from flask import Flask
 from waitress.server import BaseWSGIServer
 
 from layerfs.store.location import default_store_url
-from volplugin.app import create_app
-from volplugin.backup import seed
+from volplugin.backup import seed, status
+from volplugin.backup.scheduler import Scheduler
 from volplugin.defaults import (
     DEFAULT_NAME,
     DEFAULT_ROOT,
@@ -35,12 +35,12 @@ from volplugin.defaults import (
     PLUGIN_DIR,
 )
 from volplugin.errors import StateError
-from volplugin.lazy import LazyVolumes
-from volplugin.names import check_name
+from volplugin.lazy.volumes import LazyVolumes
 from volplugin.pluginrecord import write_record
-from volplugin.reconcile import reconcile_in_background, try_reconcile
-from volplugin.scheduler import Scheduler
-from volplugin.volumes import VolumeService
+from volplugin.protocol.app import create_app
+from volplugin.volumes.names import check_name
+from volplugin.volumes.reconcile import reconcile_in_background, try_reconcile
+from volplugin.volumes.service import VolumeService
 
 SCHEDULER_GRACE = 120.0  # seconds a stopping server waits for a scheduled backup
 STALE_GRACE = 2.0  # seconds a socket may go on answering before it counts as live
@@ -129,7 +129,7 @@ def serve(
     check_repository(store)
     with root_lock(root):
         stop = threading.Event()
-        service = VolumeService.open(root, name)
+        service = status.attach(VolumeService.open(root, name))
         seed.attach(service, store)
         write_record(root, name, store or default_store_url())  # for the CLI (pluginrecord)
         service.empty_trash()

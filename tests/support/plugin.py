@@ -130,7 +130,7 @@ class PluginProcess:
     def access_records(self, endpoint: str, count: int, timeout: float = 10.0) -> list[dict]:
         """The access-log records of `endpoint`, once at least `count` of them are written.
 
-        The server writes its access log in batches (volplugin.accesslog), so a record
+        The server writes its access log in batches (volplugin.protocol.accesslog), so a record
         shows up a moment after its answer.
         """
 

@@ -21,13 +21,13 @@ from layerfs.errors import LayerfsError
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.location import open_store
-from volplugin.app import body, field, reply
 from volplugin.backup import service, volumes
 from volplugin.backup.errors import BackupError
 from volplugin.backup.retention import Policy
 from volplugin.backup.runner import run_backup
 from volplugin.errors import BadRequest, VolpluginError
-from volplugin.volumes import VolumeService
+from volplugin.protocol.app import body, field, reply
+from volplugin.volumes.service import VolumeService
 
 blueprint = Blueprint("backup", __name__)
 

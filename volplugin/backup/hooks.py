@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 
 import docker
 
-from volplugin import containers
 from volplugin.backup.errors import BackupError
-from volplugin.containers import ContainerRef
+from volplugin.volumes import containers
+from volplugin.volumes.containers import ContainerRef
 
 log = logging.getLogger("volplugin.backup.hooks")
 

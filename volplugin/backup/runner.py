@@ -19,7 +19,7 @@ from volplugin.backup.docs import BackupRecord
 from volplugin.backup.hooks import Quiesce, hook_client
 from volplugin.backup.retention import Policy
 from volplugin.hostid import host_id
-from volplugin.volumes import VolumeService
+from volplugin.volumes.service import VolumeService
 
 log = logging.getLogger("volplugin.backup.runner")
 

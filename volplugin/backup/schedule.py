@@ -1,7 +1,7 @@
 """The values of the backup options: `from`, `backup-schedule` (cron) and `backup-keep`.
 
 Each parser returns the value's normal form or raises ValueError whose text completes
-"expected ...", as volplugin.options wants. Schedules are cron expressions read in UTC by
+"expected ...", as volplugin.volumes.options wants. Schedules are cron expressions read in UTC by
 croniter: five fields (minute hour day-of-month month day-of-week), or one of the @-names
 (@hourly, @daily, ...); at most one backup a minute. croniter's sixth field of seconds is
 refused (`* * * * * *` would stop a volume's containers every second), unless the server

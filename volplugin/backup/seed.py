@@ -30,8 +30,8 @@ from layerfs.store.location import open_store
 from volplugin.backup import service
 from volplugin.backup.errors import BackupError
 from volplugin.errors import StateError, VolpluginError
-from volplugin.state import VolumeRecord
-from volplugin.volumes import Hook, VolumeService, apply_root_options
+from volplugin.volumes.service import Hook, VolumeService, apply_root_options
+from volplugin.volumes.state import VolumeRecord
 
 log = logging.getLogger("volplugin.seed")
 
@@ -143,7 +143,7 @@ def restore_from_option(store_url: str | None, seeds: SeedState) -> Hook:
     """An on_create hook restoring the backup named by the volume's `from` option."""
 
     def hook(record: VolumeRecord, path: Path) -> None:
-        if not seeded(record.options):  # lazy volumes: volplugin.lazy serves those
+        if not seeded(record.options):  # lazy volumes: volplugin.lazy.volumes serves those
             return
         _restore(store_url, record.name, record.options["from"], path, seeds)
 

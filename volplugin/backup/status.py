@@ -1,7 +1,8 @@
-"""The backup part of a volume's Status: the last backup's age, trigger and hooks, the schedule.
+"""The backup part of a volume's Status: the last backup, its age, trigger and hooks, the schedule.
 
-Added to the `Backup` object of `docker volume inspect` next to LastID, LastTime, Outcome
-and Detail. Everything here is computed from the state record, so Get stays fast.
+`attach` adds it to a VolumeService's status hooks, so `docker volume inspect` shows it
+as the `Backup` object. Everything here is computed from the state record, so Get
+stays fast.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from volplugin.backup.schedule import next_run
-from volplugin.state import VolumeRecord
+from volplugin.volumes.service import VolumeService
+from volplugin.volumes.state import VolumeRecord
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -49,6 +51,10 @@ def backup_status(record: VolumeRecord, now: datetime | None = None) -> dict:
     schedule = record.options.get("backup-schedule")
     upcoming = next_run(schedule, schedule_base(record)) if schedule else None
     return {
+        "LastID": info.last_id if info else None,
+        "LastTime": info.last_time if info else None,
+        "Outcome": info.outcome if info else None,
+        "Detail": info.detail if info else None,
         "Age": human_age(age) if age is not None else None,
         "AgeSeconds": int(age) if age is not None else None,
         "Trigger": info.trigger if info else None,
@@ -58,3 +64,9 @@ def backup_status(record: VolumeRecord, now: datetime | None = None) -> dict:
         "Keep": record.options.get("backup-keep"),
         "NextRun": upcoming.isoformat().replace("+00:00", "Z") if upcoming else None,
     }
+
+
+def attach(volumes: VolumeService) -> VolumeService:
+    """Show the backup status in `volumes`' Status, under `Backup`."""
+    volumes.hooks.status.append(lambda record: {"Backup": backup_status(record)})
+    return volumes

@@ -9,16 +9,18 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from volplugin.backup import status
 from volplugin.backup.restore import RestoreResult
 from volplugin.backup.service import RestorePlan
 from volplugin.errors import VolpluginError
-from volplugin.state import BackupInfo, State
-from volplugin.volumes import VolumeService
+from volplugin.volumes.service import VolumeService
+from volplugin.volumes.state import BackupInfo, State
 
 
 def open_service(root: Path, driver: str) -> VolumeService:
     """The plugin's volumes under ``root``, read through its state database."""
-    return VolumeService(root, driver, State.under(root, create=False), size_budget=None)
+    volumes = VolumeService(root, driver, State.under(root, create=False), size_budget=None)
+    return status.attach(volumes)
 
 
 def volume_dir(service: VolumeService, volume: str) -> Path:

@@ -68,7 +68,7 @@ from layerfs.errors import LayerfsError
 from layerfs.union.upper import UpperDir, UpperEntry, UpperKind, open_upper, walk
 from layerfs.union.vocab import is_private_xattr
 
-log = logging.getLogger("volplugin.lazy")
+log = logging.getLogger("volplugin.lazy.volumes")
 
 READY = "ready"  # in the stage: staging is complete and synced
 TMP = "tmp"  # in the stage: temp names of entries being linked into place

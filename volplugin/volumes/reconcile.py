@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import docker
 
-from volplugin import containers
-from volplugin.volumes import VolumeService
+from volplugin.volumes import containers
+from volplugin.volumes.service import VolumeService
 
-log = logging.getLogger("volplugin.reconcile")
+log = logging.getLogger("volplugin.volumes.reconcile")
 
 
 @dataclass

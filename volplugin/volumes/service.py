@@ -1,7 +1,7 @@
 """The volume operations behind the protocol: directories under the root plus their state.
 
 Layout of the root:
-    state.db, state.db-wal   the state database (see volplugin.state)
+    state.db, state.db-wal   the state database (see volplugin.volumes.state)
     volumes/NAME/            a volume's data, the mountpoint handed to containers
     trash/UUID/              volumes being removed (emptied again at start); named by a
                              uuid alone, so that any volume name fits (a name may be 255 bytes)
@@ -21,14 +21,13 @@ from pathlib import Path
 
 import docker
 
-from volplugin import containers, options
-from volplugin.backup.status import backup_status
-from volplugin.diskusage import SizeCache, disk_usage
 from volplugin.errors import VolpluginError, VolumeExists, VolumeInUse, VolumeNotFound
-from volplugin.names import check_name
-from volplugin.state import State, VolumeRecord
+from volplugin.volumes import containers, options
+from volplugin.volumes.diskusage import SizeCache, disk_usage
+from volplugin.volumes.names import check_name
+from volplugin.volumes.state import State, VolumeRecord
 
-log = logging.getLogger("volplugin.volumes")
+log = logging.getLogger("volplugin.volumes.service")
 
 PATH_CACHE = 4096  # volume paths kept by VolumeService.path_of
 
@@ -310,7 +309,6 @@ class VolumeService:
 
     def _status(self, record: VolumeRecord, path: str) -> dict:
         usage = self.sizes.usage(path) if self.sizes else disk_usage(path, None)
-        backup = record.backup
         extra: dict = {}
         for hook in self.hooks.status:
             extra.update(hook(record))
@@ -320,13 +318,6 @@ class VolumeService:
             "SizeBytes": usage.bytes,
             "Containers": record.mount_count,
             "Options": dict(record.options),
-            "Backup": {
-                "LastID": backup.last_id if backup else None,
-                "LastTime": backup.last_time if backup else None,
-                "Outcome": backup.outcome if backup else None,
-                "Detail": backup.detail if backup else None,
-                **backup_status(record),
-            },
             **extra,
         }
 

@@ -1,22 +1,22 @@
 """Lazy restore: `-o from=BACKUP -o lazy=true` gives a volume that is usable at once.
 
 At Create the backup's tree is indexed and mounted writable by layerfs' mount service
-(a kernel overlay over the tree's image view, see volplugin.lazy_mount) on the volume's
+(a kernel overlay over the tree's image view, see volplugin.lazy.mount) on the volume's
 own directory ROOT/volumes/NAME, so Mount and Path answer as for any volume and
 containers see the backup at once: file content is fetched from the store on first read
 and cached locally, and the kernel keeps writes in an upper tree. Meanwhile a
-background thread fills ROOT/lazy/NAME/fill with the whole backup (volplugin.lazy_fill);
+background thread fills ROOT/lazy/NAME/fill with the whole backup (volplugin.lazy.fill);
 Status shows the progress under ``Lazy``.
 
 The switch. When the fill is complete and no container holds the volume (at once, or
 at the last Unmount), the mount is released and the upper tree is merged onto the
-filled directory (volplugin.lazy_merge), which then replaces the volume's directory:
+filled directory (volplugin.lazy.merge), which then replaces the volume's directory:
 from then on the volume is an ordinary one, with every write made through the mount.
 While containers hold the mount, new Mounts get the mount too, so every container of
 a volume always sees the same tree; the switch waits for the last of them.
 
 Durability. The fill syncs what it wrote before it records it and before the volume
-is marked filled (volplugin.lazy_fill); the merge can be redone after a crash and syncs
+is marked filled (volplugin.lazy.fill); the merge can be redone after a crash and syncs
 before it returns (its state and the upper tree stay until the filled directory is in
 place), and the renames that put the filled directory in place are synced before the
 volume is marked done.
@@ -27,13 +27,13 @@ store's shared lock in the same hold that found the backup, and its id is kept i
 lazy state), so neither a prune nor the volume's own ``backup-keep`` removes data the
 mount and the fill still read, even if the backup itself is forgotten meanwhile.
 
-Restarts. Phases and progress are in the state database (volplugin.lazy_state). The
+Restarts. Phases and progress are in the state database (volplugin.lazy.state). The
 overlay is the kernel's and its image view a daemon in its own session: both outlive
 the plugin; at start the plugin remounts only a mount that is gone or whose view died,
 restarts unfinished fills (which skip what is already local) and redoes an interrupted
 switch; pins that outlived their volume or its switch are removed. A volume made by an
 earlier version, whose changes are in the retired FUSE engine's format, is left as it
-is, with an error in its Status (volplugin.lazy_mount.check_layout).
+is, with an error in its Status (volplugin.lazy.mount.check_layout).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ from layerfs.maintenance.pins import pin, unpin
 from layerfs.store.location import default_store_url, open_store
 from volplugin.backup.docs import get_backup
 from volplugin.errors import BadOption, VolpluginError
-from volplugin.lazy_fill import RATE_ENV, Filler, Progress, parse_rate
-from volplugin.lazy_merge import merge_upper
-from volplugin.lazy_mount import (
+from volplugin.lazy.fill import RATE_ENV, Filler, Progress, parse_rate
+from volplugin.lazy.merge import merge_upper
+from volplugin.lazy.mount import (
     LazyDirs,
     LegacyLayout,
     check_layout,
@@ -64,11 +64,11 @@ from volplugin.lazy_mount import (
     prepare,
     release,
 )
-from volplugin.lazy_state import LazyRecord, LazyState
-from volplugin.state import VolumeRecord
-from volplugin.volumes import VolumeService
+from volplugin.lazy.state import LazyRecord, LazyState
+from volplugin.volumes.service import VolumeService
+from volplugin.volumes.state import VolumeRecord
 
-log = logging.getLogger("volplugin.lazy")
+log = logging.getLogger("volplugin.lazy.volumes")
 
 RETRY_SECONDS = 5.0
 WATCH_SECONDS = 1.0  # how often the main process looks for fills to start

@@ -22,7 +22,7 @@ from volplugin.errors import StateError
 
 DB_NAME = "state.db"
 
-log = logging.getLogger("volplugin.state")
+log = logging.getLogger("volplugin.volumes.state")
 
 PAGE_SIZE = 1024  # bytes; set when the database is made (see State.__init__)
 

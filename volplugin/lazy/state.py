@@ -10,7 +10,7 @@ state.db as the volumes, in its own table, written through its own connection.
 A row also keeps the id of the store pin (layerfs.maintenance.pins) that protects the
 backup's tree from prune until the switch is over, and the fill's journal: the paths
 known to be on disk (synced before they were recorded, in ``lazy_filled``) and the
-boot during which the fill last wrote (see volplugin.lazy_fill).
+boot during which the fill last wrote (see volplugin.lazy.fill).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class LazyState:
             self._db.execute("UPDATE lazy_volumes SET pin = ? WHERE name = ?", (pin, name))
 
     def journal(self, name: str) -> StateJournal:
-        """The fill journal of ``name`` (see volplugin.lazy_fill.Journal)."""
+        """The fill journal of ``name`` (see volplugin.lazy.fill.Journal)."""
         return StateJournal(self, name)
 
     def is_filled(self, name: str, path: str) -> bool:

@@ -13,11 +13,11 @@ The overlay outlives the plugin (it is the kernel's) and so does the view (its o
 daemon, in its own session): a plugin restart finds the volume still mounted
 (``is_mounted``), and only a mount whose view died is made again (the mount service
 replaces it). The mount is made by a short-lived process (``python -m
-volplugin.lazy_mount``), so that the view daemon is forked from it and not from the
+volplugin.lazy.mount``), so that the view daemon is forked from it and not from the
 plugin's threads.
 
 Layout under ROOT/lazy/NAME/ (the upper DIR): ``layerfs.json``, ``upper/``, ``work/``,
-``fill/`` (the background fill) and ``merge/`` (the merge's state, volplugin.lazy_merge).
+``fill/`` (the background fill) and ``merge/`` (the merge's state, volplugin.lazy.merge).
 A volume made by an earlier version (``index.sqlite`` and an upper tree in the retired
 FUSE engine's format, no layerfs.json) is refused with ``LegacyLayout``.
 """
@@ -141,7 +141,7 @@ def mount(store_url: str, dirs: LazyDirs, mountpoint: Path, name: str, tree: str
         return
     if "://" not in store_url:  # the view daemon runs in /
         store_url = os.path.abspath(store_url)
-    cmd = [sys.executable, "-m", "volplugin.lazy_mount", "--store", store_url]
+    cmd = [sys.executable, "-m", "volplugin.lazy.mount", "--store", store_url]
     cmd += ["--base", str(dirs.base), "--tree", tree, "--name", name, str(mountpoint)]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from layerfs.fs.service import mount_image
     from layerfs.store import open_store
 
-    parser = argparse.ArgumentParser(prog="python -m volplugin.lazy_mount")
+    parser = argparse.ArgumentParser(prog="python -m volplugin.lazy.mount")
     parser.add_argument("--store", required=True)
     parser.add_argument("--base", required=True, type=Path)
     parser.add_argument("--tree", required=True)

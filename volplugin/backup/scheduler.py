@@ -22,10 +22,10 @@ from volplugin.backup.schedule import next_run, parse_keep
 from volplugin.backup.status import schedule_base
 from volplugin.backup.volumes import record_outcome
 from volplugin.defaults import DEFAULT_TICK
-from volplugin.state import VolumeRecord
-from volplugin.volumes import VolumeService
+from volplugin.volumes.service import VolumeService
+from volplugin.volumes.state import VolumeRecord
 
-log = logging.getLogger("volplugin.scheduler")
+log = logging.getLogger("volplugin.backup.scheduler")
 
 
 class Scheduler:

@@ -2,7 +2,7 @@
 
 Every endpoint takes a JSON POST and answers JSON; any failure is HTTP 500 with
 {"Err": "..."}, which the daemon shows to the user. Each request is logged as one JSON
-line (endpoint, volume, duration, outcome, process) by volplugin.accesslog.AccessLog,
+line (endpoint, volume, duration, outcome, process) by volplugin.protocol.accesslog.AccessLog,
 which wraps the app. The backup feature's blueprint is registered here too; its views
 find the VolumeService at `current_app.config["VOLPLUGIN"]`.
 """
@@ -16,15 +16,15 @@ from collections.abc import Callable
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from volplugin.accesslog import ERROR_KEY, VOLUME_KEY, AccessLog
 from volplugin.errors import BadRequest, VolpluginError
-from volplugin.volumes import VolumeService
+from volplugin.protocol.accesslog import ERROR_KEY, VOLUME_KEY, AccessLog
+from volplugin.volumes.service import VolumeService
 
 MAX_BODY = 64 * 1024
 MAX_ID = 1024
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 
-log = logging.getLogger("volplugin.app")
+log = logging.getLogger("volplugin.protocol.app")
 
 
 def reply(doc: dict, status: int = 200) -> Response:

@@ -1,0 +1,1 @@
+"""Lazy volumes: usable at once from a backup, filled in the background."""

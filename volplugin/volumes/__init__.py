@@ -1,0 +1,1 @@
+"""Volumes: directories under the root, their state database, options and users."""
