@@ -241,3 +241,37 @@ def test_overlay_xattrs_an_image_carries_cannot_redirect_its_files(image_store):
         tree = Path(_view(h).path)
         redirect = os.getxattr(tree / "stolen", "trusted.overlay.redirect")
         assert redirect != b"/ab/" + b"c" * 64 and redirect.startswith(b"/")
+
+
+def test_rmi_frees_the_index_and_metadata_tree_no_other_image_or_mount_uses(tmp_path):
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        pytest.skip("needs /dev/fuse and root")
+    from layerfs.catalog import Catalog
+    from layerfs.index import index_path
+
+    root = tmp_path / "store"
+    s = open_store(str(root))
+    make_image(s, "rmi/a:1", [[d(""), f(s, "a", b"a\n")]])
+    make_image(s, "rmi/a:twin", [[d(""), f(s, "a", b"a\n")]])  # the same layers
+    make_image(s, "rmi/b:1", [[d(""), f(s, "b", b"b\n")]])
+    with public_dir("kmount-rmi-") as base:
+        for image in ("rmi/a:1", "rmi/b:1"):
+            with mounted(root, image, base / "m"):
+                pass
+        catalog = Catalog(s.backend)
+        index_a = index_path(s, catalog.get_image("rmi/a:1"))
+        index_b = index_path(s, catalog.get_image("rmi/b:1"))
+        meta = root / "cache" / "meta"
+        assert s.backend.cache_dir() / "meta" == meta
+        assert index_a.exists() and (meta / index_a.stem).is_dir()
+        # its twin has the same index: nothing is freed
+        out = layerfs(root, "rmi", "rmi/a:1").stdout
+        assert "freed" not in out
+        assert index_a.exists() and (meta / index_a.stem).is_dir()
+        layerfs(root, "rmi", "rmi/a:twin")
+        assert not index_a.exists() and not (meta / index_a.stem).exists()
+        # a mounted image keeps them until it is mounted no more
+        with mounted(root, "rmi/b:1", base / "m"):
+            layerfs(root, "rmi", "rmi/b:1")
+            assert index_b.exists() and (meta / index_b.stem).is_dir()
+            assert (base / "m" / "b").read_bytes() == b"b\n"

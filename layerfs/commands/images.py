@@ -109,11 +109,15 @@ def images_command(store_url: str, as_json: bool) -> None:
 def rmi_command(store_url: str, name: str) -> None:
     """Remove the image NAME and its layers no other image uses (`layerfs gc` frees
     their objects)."""
+    from layerfs.fs.views import forget_image
+
     store = open_store(store_url)
     image, layers = Catalog(store.backend).remove_image(name)
+    freed = forget_image(store, image)
     click.echo(
         f"removed {image.name} and {len(layers)} of its {len(image.layers)} layer(s) "
         "(the others are used by other images); `layerfs gc` frees their space"
+        + (f"; {human_bytes(freed)} of local index and metadata tree freed" if freed else "")
     )
 
 

@@ -178,6 +178,46 @@ def contents_in_use(cache_dir: str | Path) -> set[str]:
     return used
 
 
+def forget_image(store: ChunkStore, record: ImageRecord) -> int:
+    """Remove the index and metadata tree this host built for ``record``, an image
+    just removed from the store; return the bytes freed.
+
+    Both are kept while another image of the store has the same layers (and so
+    the same index) or a mount uses them; they are only local caches, made
+    again at the next mount if needed.
+    """
+    from layerfs.catalog import Catalog
+    from layerfs.content.metatree import meta_tree_path
+    from layerfs.index import index_path
+
+    index = index_path(store, record)
+    cache_dir = store.backend.cache_dir()
+    others = {index_path(store, image) for image in Catalog(store.backend).images()}
+    mounted = {Path(view.index).resolve() for view in live_views(cache_dir)}
+    if index in others or index.resolve() in mounted:
+        return 0
+    freed = 0
+    meta = meta_tree_path(cache_dir / "meta", index)
+    if meta.is_dir():
+        freed += _disk_usage(meta)
+        shutil.rmtree(meta)
+    for path in (index, index.with_name(index.name + "-wal"), index.with_name(index.name + "-shm")):
+        try:
+            freed += path.stat().st_blocks * 512
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    return freed
+
+
+def _disk_usage(root: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
 def cache_limit() -> int:
     """The content cache's bound in bytes ($LAYERFS_CACHE_MAX, e.g. 20G; default 20 GiB)."""
     from layerfs.clitools import parse_size
