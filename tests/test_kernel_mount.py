@@ -275,3 +275,35 @@ def test_rmi_frees_the_index_and_metadata_tree_no_other_image_or_mount_uses(tmp_
             layerfs(root, "rmi", "rmi/b:1")
             assert index_b.exists() and (meta / index_b.stem).is_dir()
             assert (base / "m" / "b").read_bytes() == b"b\n"
+
+
+def test_after_a_reboot_the_image_mounts_again_with_its_upper(image_store, monkeypatch):
+    """A reboot: no clean unmount, every mount gone, /run emptied; the store's
+    cache (index, metadata tree, contents) and the upper directory stay."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    run = Path(tempfile.mkdtemp(prefix="kmount-run-"))
+    monkeypatch.setenv("LAYERFS_RUN_DIR", str(run))
+    with public_dir("kmount-") as base:
+        upper, m = base / "changes", base / "m"
+        m.mkdir()
+        layerfs(image_store, "mount", IMAGE, str(m), "--upper", str(upper))
+        (m / "kept").write_bytes(b"written before the reboot\n")
+        view = _view(m)
+        assert view.daemon.startswith(f"{run}/")
+        os.sync()
+        os.kill(view.pid, signal.SIGKILL)
+        subprocess.run(["umount", "-l", str(m)], check=True)
+        subprocess.run(["umount", "-l", view.daemon], check=True)
+        shutil.rmtree(run)
+        layerfs(image_store, "mount", IMAGE, str(m), "--upper", str(upper))
+        try:
+            assert _view(m).pid != view.pid
+            assert (m / "kept").read_bytes() == b"written before the reboot\n"
+            assert (m / "data/big").read_bytes() == BIG
+            assert (m / "etc/conf").read_bytes() == b"a=1\n"
+        finally:
+            layerfs(image_store, "umount", str(m))
+    shutil.rmtree(run, ignore_errors=True)
