@@ -53,7 +53,6 @@ from benchmarks.common import (
     require_root,
     require_tools,
     run,
-    run_shell,
     time_call,
     time_warm,
     tree_size,
@@ -71,11 +70,12 @@ from benchmarks.layerfs_views import (
     wait_content_cached,
     wait_gone,
 )
+from tests.support.debian import DEBIAN_IMAGE, ensure_debian_image, image_id
 from tests.support.private_dockerd import PrivateDockerd
 
 PREFIX = "bench"
 SECTION = "readonly"
-BASE_TAG = f"{PREFIX}/readonly-base:bookworm"
+BASE_TAG = DEBIAN_IMAGE
 LAYERFS = [str(Path(sys.executable).with_name("layerfs"))]  # the venv's entry point
 
 
@@ -118,51 +118,15 @@ RUN set -e; mkdir -p /opt/bench/small; \\
 """
 
 
-def debian_mirror(suite: str = "bookworm") -> str:
-    """The mirror apt uses here for ``suite`` (deb822 .sources or one-line .list files)."""
-    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in sources:
-        if not path.is_file() or path.suffix not in (".list", ".sources"):
-            continue  # apt itself ignores other names (e.g. *.disabled)
-        text = path.read_text()
-        if path.suffix == ".sources":
-            for stanza in text.split("\n\n"):
-                fields = dict(
-                    line.split(":", 1) for line in stanza.splitlines() if ":" in line[:20]
-                )
-                if suite in fields.get("Suites", "").split() and "deb" in fields.get("Types", ""):
-                    return fields["URIs"].split()[0]
-        else:
-            for line in text.splitlines():
-                words = [w for w in line.split() if not w.startswith("[")]
-                if words[:1] == ["deb"] and len(words) > 2 and words[2] == suite:
-                    return words[1]
-    return "http://deb.debian.org/debian"
-
-
-def image_id(tag: str) -> str | None:
-    proc = subprocess.run(
-        ["docker", "image", "inspect", "-f", "{{.Id}}", tag], capture_output=True, text=True
-    )
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
 def ensure_debian_base(work: Path) -> str:
-    """`debootstrap --variant=minbase bookworm` imported as BASE_TAG (once)."""
-    if image_id(BASE_TAG):
-        return BASE_TAG
-    require_tools("debootstrap")
-    rootfs = work / "rootfs"
-    shutil.rmtree(rootfs, ignore_errors=True)
-    mirror = debian_mirror()
-    say(f"debootstrap minbase bookworm from {mirror} (about a minute)")
+    """`debootstrap --variant=minbase bookworm` imported into the daemon (once; shared
+    with the tests)."""
+    if not image_id(BASE_TAG):
+        say("debootstrap minbase bookworm (about a minute)")
     try:
-        run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror])
-        run_shell(f"tar --numeric-owner --xattrs -C {rootfs} -cf - . | docker import - {BASE_TAG}")
-    finally:
-        force_unmount_under(rootfs)
-        shutil.rmtree(rootfs, ignore_errors=True)
-    return BASE_TAG
+        return ensure_debian_image(BASE_TAG)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def ensure_image(spec: ImageSpec, work: Path) -> str:

@@ -36,6 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from volplugin.affinity import CHECK_SECONDS  # noqa: E402
+from volplugin.workers import default_workers  # noqa: E402
+
 from benchmarks.common import (  # noqa: E402
     BenchError,
     command_line,
@@ -55,9 +58,7 @@ from tests.support.dockerenv import BASE_IMAGE  # noqa: E402
 from tests.support.plugin import PluginProcess, post, remove_driver_objects  # noqa: E402
 from tests.support.private_dockerd import private_dockerd  # noqa: E402
 from tests.support.waiting import wait_for  # noqa: E402
-from volplugin.affinity import CHECK_SECONDS  # noqa: E402
 from volplugin.server import DEFAULT_THREADS  # noqa: E402
-from volplugin.workers import default_workers  # noqa: E402
 
 
 def docker_rounds(daemon, drivers: list[str], rounds: int) -> dict[str, float]:
