@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default store (a local directory): build a small
 # image with the Docker daemon, import it into layerfs, mount it read-only, show
-# its tree, unmount.
+# its tree, run a real container (runc, the runtime under Docker and containerd)
+# on a writable mount of it, show what the container changed, unmount.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -11,8 +12,11 @@ export PATH="$here/.venv/bin:$PATH"
 work=$(mktemp -d /tmp/layerfs-demo.XXXXXX)
 mnt="$work/mnt"
 mkdir -p "$mnt"
+bundle="$work/bundle"
 cleanup() {
+  runc delete -f "layerfs-demo-$$" >/dev/null 2>&1 || true
   mountpoint -q "$mnt" && layerfs umount "$mnt" || true
+  mountpoint -q "$bundle/rootfs" && layerfs umount "$bundle/rootfs" || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -40,8 +44,31 @@ echo "== tree of /srv in the mount"
 find "$mnt/srv" -exec ls -ldi {} +
 echo "== cat $mnt/srv/app/hello.txt"
 cat "$mnt/srv/app/hello.txt"
-echo "== chroot $mnt /bin/sh -c 'ls /bin | wc -l'"
-chroot "$mnt" /bin/sh -c 'ls /bin | wc -l'
 echo "== layerfs umount $mnt"
 layerfs umount "$mnt"
+
+echo "== a container on layerfs: layerfs mount layerfs-demo:latest $bundle/rootfs --upper $work/changes"
+mkdir -p "$bundle/rootfs"
+layerfs mount layerfs-demo:latest "$bundle/rootfs" --upper "$work/changes"
+(cd "$bundle" && runc spec)
+python - "$bundle/config.json" <<'PY'
+import json, sys
+path = sys.argv[1]
+spec = json.load(open(path))
+spec["process"]["terminal"] = False
+spec["process"]["args"] = [
+    "/bin/sh", "-c",
+    "echo \"in the container: $(cat /srv/app/hello.txt), pid $$, $(ls /bin | wc -l) programs\"; "
+    "echo written-in-the-container > /srv/app/new.txt; rm /srv/app/link",
+]
+spec["root"]["readonly"] = False
+spec["hostname"] = "layerfs-demo"
+json.dump(spec, open(path, "w"), indent=2)
+PY
+echo "== runc run (namespaces, cgroup, the image's own /bin/sh)"
+(cd "$bundle" && runc run "layerfs-demo-$$")
+echo "== what the container changed, kept in $work/changes/upper (a kernel overlayfs upper)"
+(cd "$work/changes/upper" && find . -mindepth 1 -exec ls -ld {} +)
+echo "== layerfs umount $bundle/rootfs"
+layerfs umount "$bundle/rootfs"
 echo "demo: done"
