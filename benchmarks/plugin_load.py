@@ -1,38 +1,22 @@
-"""Closed-loop request load on a plugin socket, and what the server spent answering it.
+"""A closed-loop request load straight on a plugin socket, and the server's CPU for it.
 
-Three load generators post the same calls (per client: Get, Mount, Unmount, List, again
-and again, in order, on one keep-alive connection each). A client's next call waits
-for the answer to its last, as the daemon's Unmount of a container waits for its Mount.
-
-- `asyncio_load`: one process holding all the clients' connections, like the Docker
-  daemon's plugin client (one process, a pool of connections). It speaks just enough
-  HTTP/1.1 for the plugin's answers and costs the least CPU per request of the three,
-  so it leaves the most of a small machine's cores to the server it measures.
-- `curl_load`: one curl process per client: a compiled client, but twenty processes
-  (`curl --parallel` would send a client's calls at once, in any order).
-- `python_load`: CLIENTS Python processes using http.client. Each costs about as much
-  CPU per request as the server, so on a small machine it measures the two together.
-
-Each result carries the server's CPU time and the load generator's.
+`asyncio_load`: CLIENTS clients in one process (one keep-alive connection and one
+coroutine each, speaking just the HTTP/1.1 the plugin answers), each posting Get, Mount,
+Unmount, List ROUNDS times in order, a call only once the last one is answered, as the
+daemon's Unmount of a container waits for its Mount. One process holding a pool of
+connections is how the Docker daemon's plugin client talks to a plugin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import os
-import resource
-import statistics
-import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from benchmarks.common import BenchError, process_tree, require_tools
-from tests.support.plugin import UnixHTTPConnection
+from benchmarks.common import BenchError, process_tree
 
 VOLUME = "vp-bench-lat"
 Call = tuple[str, dict]
@@ -53,6 +37,7 @@ def client_calls(client: int, rounds: int) -> list[Call]:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
+    """The `q` quantile (0..1) of `values`, nearest rank."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -71,12 +56,9 @@ class LoadResult:
         return [x for values in self.by_endpoint.values() for x in values]
 
     def p(self, q: float, endpoint: str | None = None) -> float:
+        """The `q` quantile in milliseconds, of one endpoint or of all."""
         values = self.by_endpoint[endpoint] if endpoint else self.samples
         return percentile(values, q) * 1000
-
-    @property
-    def mean_ms(self) -> float:
-        return statistics.mean(self.samples) * 1000
 
     @property
     def per_second(self) -> float:
@@ -85,10 +67,6 @@ class LoadResult:
     @property
     def cpu_ms_per_request(self) -> float:
         return self.server_cpu / len(self.samples) * 1000
-
-    @property
-    def client_cpu_ms_per_request(self) -> float:
-        return self.client_cpu / len(self.samples) * 1000
 
     def add(self, endpoint: str, seconds: float) -> None:
         self.by_endpoint.setdefault(endpoint, []).append(seconds)
@@ -106,12 +84,6 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / tick
     return total
-
-
-def children_cpu() -> float:
-    """User + system CPU seconds of this process's waited-for children."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _request(endpoint: str, body: dict) -> bytes:
@@ -170,95 +142,4 @@ def asyncio_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadR
     result.wall = time.perf_counter() - start
     result.server_cpu = cpu_seconds(server_pid) - cpu_before
     result.client_cpu = time.process_time() - mine_before
-    return result
-
-
-def _curl_config(sock: str, calls: list[Call]) -> str:
-    """A curl config file running `calls` one after another, on one kept-alive connection."""
-    return "next\n".join(
-        f'url = "http://localhost/{endpoint}"\n'
-        f'unix-socket = "{sock}"\n'
-        f"data = {json.dumps(json.dumps(body))}\n"
-        'write-out = "%{http_code} %{time_total} %{url_effective}\\n"\n'
-        'output = "/dev/null"\n'
-        for endpoint, body in calls
-    )
-
-
-def curl_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadResult:
-    """Each client's calls, in order, through its own curl process; all clients at once.
-
-    A client's Mount must be answered before its Unmount is sent, as with the daemon,
-    so each client is one curl running its calls one after another (`curl --parallel`
-    would send a client's Mount and Unmount together, in either order).
-    """
-    require_tools("curl")
-    with tempfile.TemporaryDirectory(prefix="vp-load-") as tmp:
-        configs = []
-        for n in range(clients):
-            config = Path(tmp) / f"client-{n}.curl"
-            config.write_text(_curl_config(sock, client_calls(n, rounds)))
-            configs.append(config)
-        cpu_before, clients_before = cpu_seconds(server_pid), children_cpu()
-        start = time.perf_counter()
-        procs = [
-            subprocess.Popen(
-                ["curl", "-sS", "-K", str(config)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for config in configs
-        ]
-        outs = [(proc.communicate(), proc.returncode) for proc in procs]
-        wall = time.perf_counter() - start
-        server_cpu = cpu_seconds(server_pid) - cpu_before
-    result = LoadResult(
-        wall=wall, server_cpu=server_cpu, client_cpu=children_cpu() - clients_before
-    )
-    for (stdout, stderr), returncode in outs:
-        if returncode != 0:
-            raise BenchError(f"curl failed ({returncode}): {stderr.strip()}")
-        for line in stdout.splitlines():
-            code, seconds, url = line.split()
-            if code != "200":
-                raise BenchError(f"{url} answered HTTP {code}")
-            result.add(url.rsplit("/", 1)[1], float(seconds))
-    expected = clients * len(client_calls(0, rounds))
-    if len(result.samples) != expected:
-        raise BenchError(f"curl reported {len(result.samples)} answers for {expected} calls")
-    return result
-
-
-def _python_client(args: tuple[str, int, int]) -> dict[str, list[float]]:
-    sock, client, rounds = args
-    conn = UnixHTTPConnection(sock)
-    seen: dict[str, list[float]] = {}
-    for endpoint, body in client_calls(client, rounds):
-        start = time.perf_counter()
-        conn.request("POST", "/" + endpoint, body=json.dumps(body).encode())
-        resp = conn.getresponse()
-        doc = json.loads(resp.read())
-        seen.setdefault(endpoint, []).append(time.perf_counter() - start)
-        if resp.status != 200 or doc.get("Err"):
-            raise BenchError(f"{endpoint} failed: {doc}")
-    conn.close()
-    return seen
-
-
-def python_load(sock: str, server_pid: int, clients: int, rounds: int) -> LoadResult:
-    """The same calls from `clients` Python processes, one connection each."""
-    clients_before = children_cpu()
-    with multiprocessing.Pool(clients) as pool:
-        cpu_before, start = cpu_seconds(server_pid), time.perf_counter()
-        parts = pool.map(_python_client, [(sock, n, rounds) for n in range(clients)])
-        wall = time.perf_counter() - start
-        server_cpu = cpu_seconds(server_pid) - cpu_before
-    # the pool's processes were started before the clock and are reaped after it
-    result = LoadResult(
-        wall=wall, server_cpu=server_cpu, client_cpu=children_cpu() - clients_before
-    )
-    for part in parts:
-        for endpoint, values in part.items():
-            result.by_endpoint.setdefault(endpoint, []).extend(values)
     return result
