@@ -130,8 +130,8 @@ class PluginProcess:
     def access_records(self, endpoint: str, count: int, timeout: float = 10.0) -> list[dict]:
         """The access-log records of `endpoint`, once at least `count` of them are written.
 
-        The server writes its access log in batches (volplugin.protocol.accesslog), so a record
-        shows up a moment after its answer.
+        The server logs a request as it ends (volplugin.protocol.accesslog), so a record
+        may show up a moment after its answer.
         """
 
         def records() -> list[dict]:
