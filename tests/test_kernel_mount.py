@@ -307,3 +307,29 @@ def test_after_a_reboot_the_image_mounts_again_with_its_upper(image_store, monke
         finally:
             layerfs(image_store, "umount", str(m))
     shutil.rmtree(run, ignore_errors=True)
+
+
+def test_without_data_only_layers_the_view_serves_the_bytes(image_store, monkeypatch):
+    """As on a kernel before 6.5: the overlay's only lower is the image's view."""
+    monkeypatch.setenv("LAYERFS_DATA_ONLY_LAYERS", "off")
+    monkeypatch.setenv("LAYERFS_RUN_DIR", str(image_store / "run-without-data-only"))
+    with public_dir("kmount-") as base:
+        upper, m = base / "changes", base / "m"
+        m.mkdir()
+        layerfs(image_store, "mount", IMAGE, str(m), "--upper", str(upper))
+        try:
+            overlay = find_overlay(m)
+            assert overlay is not None and overlay.data_layers == []
+            view = _view(m)
+            assert not view.redirects and view.path.startswith(view.daemon + "/")
+            assert (m / "data/big").read_bytes() == BIG
+            assert (m / "tree/sub/leaf").read_bytes() == b"leaf\n"
+            with open(m / "etc/conf", "ab") as conf:  # a copy-up reads the whole file
+                conf.write(b"b=2\n")
+            assert (m / "etc/conf").read_bytes() == b"a=1\nb=2\n"
+            assert (upper / "upper/etc/conf").read_bytes() == b"a=1\nb=2\n"
+            assert oct(stat.S_IMODE((m / "etc/conf").stat().st_mode)) == oct(0o640)
+            log = (image_store / "cache/logs/mount.log").read_text()
+            assert "has no data-only overlay layers" in log
+        finally:
+            layerfs(image_store, "umount", str(m))

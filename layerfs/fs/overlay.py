@@ -29,7 +29,13 @@ MNT_DETACH = 2
 
 
 def data_only_layers_supported(release: str | None = None) -> bool:
-    """Whether the running kernel (or ``release``) has data-only lower layers (6.5)."""
+    """Whether the running kernel (or ``release``) has data-only lower layers (6.5).
+
+    ``LAYERFS_DATA_ONLY_LAYERS=off`` says no for the running kernel: image
+    views then serve file bytes themselves, as on an older kernel.
+    """
+    if release is None and os.environ.get("LAYERFS_DATA_ONLY_LAYERS", "").lower() == "off":
+        return False
     found = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
     return found is not None and (int(found[1]), int(found[2])) >= (6, 5)
 

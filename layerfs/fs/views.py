@@ -335,12 +335,6 @@ def _start_daemon(
     lock: int,
 ) -> DaemonInfo:
     redirects = data_only_layers_supported()
-    if not redirects:
-        log.warning(
-            "this kernel (%s) has no data-only overlay layers (Linux 6.5): "
-            "the view serves file bytes itself",
-            os.uname().release,
-        )
     mount_dir.mkdir(exist_ok=True)
     records = records_dir(mount_dir)
     if records.exists():  # images of a daemon that died: looked up again from the new one
@@ -354,6 +348,12 @@ def _start_daemon(
         os.close(lock)  # the daemon's copy of it would hold the lock
         from layerfs.fs.imageview import ImageViewFS, serve_views
 
+        if not redirects:  # in the daemon: its log is the store's mount log
+            log.warning(
+                "this kernel (%s) has no data-only overlay layers (Linux 6.5), or "
+                "LAYERFS_DATA_ONLY_LAYERS=off: the view serves file bytes itself",
+                os.uname().release,
+            )
         store = make_store()
         ops = ImageViewFS(
             store, records, cache, redirects, lambda: trim_cache(cache, cache_dir, limit)
