@@ -333,3 +333,44 @@ def test_without_data_only_layers_the_view_serves_the_bytes(image_store, monkeyp
             assert "has no data-only overlay layers" in log
         finally:
             layerfs(image_store, "umount", str(m))
+
+
+def test_without_prefetch_the_view_caches_only_what_is_read(tmp_path):
+    """As for a lazy volume, whose own fill copies every file out."""
+    import subprocess
+    import sys
+    import textwrap
+
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        pytest.skip("needs /dev/fuse and root")
+    image_store = tmp_path / "store"  # a content cache of its own, empty
+    s = open_store(str(image_store))
+    layer = [d(""), d("data"), f(s, "data/big", BIG), f(s, "data/small", b"small\n")]
+    layer += [d("etc"), f(s, "etc/conf", b"a=1\n"), d("tree"), d("tree/sub")]
+    make_image(s, IMAGE, [layer + [f(s, "tree/sub/leaf", b"leaf\n")]])
+    with public_dir("kmount-") as base:
+        m = base / "m"
+        m.mkdir()
+        script = textwrap.dedent(
+            f"""
+            from pathlib import Path
+            from layerfs.catalog import Catalog
+            from layerfs.fs.service import mount_image
+            from layerfs.store.location import open_store
+            store = open_store({str(image_store)!r})
+            record = Catalog(store.backend).get_image({IMAGE!r})
+            mount_image({str(image_store)!r}, store, record, Path({str(m)!r}), None,
+                        prefetch=False)
+            """
+        )
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+        try:
+            view = _view(m)
+            assert view.prefetch is False
+            assert (m / "etc/conf").read_bytes() == b"a=1\n"
+            _wait_cached(view, "etc/conf")
+            time.sleep(1)  # with prefetch, the walk would have cached the rest by now
+            for rel in ("data/big", "data/small", "tree/sub/leaf"):
+                assert not _cache_file(view, rel).exists(), rel
+        finally:
+            layerfs(image_store, "umount", str(m))

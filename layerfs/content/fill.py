@@ -2,7 +2,8 @@
 
 One background thread walks the image's regular files in inode order and
 writes each content the cache lacks; a file someone opens before the walk
-reaches it is asked for with ``want`` and written next. Until its content is
+reaches it is asked for with ``want`` and written next. Without ``walk`` only
+the files asked for are written. Until its content is
 in the cache a file's bytes are served from the store (by the image view).
 A content that cannot be read (a missing or corrupt chunk) is logged with the
 object it names and skipped; reads of that file then fail the same way.
@@ -33,8 +34,11 @@ class CacheFiller:
         store: ChunkStore,
         cache: ContentCache,
         on_filled: Callable[[], None] | None = None,
+        *,
+        walk: bool = True,
     ) -> None:
         self.view = view
+        self.walk = walk  # False: write only the files asked for with want()
         self.on_filled = on_filled  # called once the walk is done (e.g. to trim the cache)
         self.store = store
         self.cache = cache
@@ -92,6 +96,10 @@ class CacheFiller:
     def _run(self) -> None:
         started = time.monotonic()
         self.cache.clean_temp()
+        if not self.walk:
+            while not self._stop.is_set():
+                self._fill_wanted(block=True)
+            return
         for ino, size, inline, packed in self.view.file_contents():
             self._fill_wanted(block=False)
             if self._stop.is_set():

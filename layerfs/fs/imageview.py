@@ -185,7 +185,9 @@ class ImageViewFS(pyfuse3.Operations):
         except LayerfsError as exc:
             log.error("cannot open the index of %s: %s", info.image, exc)
             return None
-        filler = CacheFiller(view, self.store, self.cache, on_filled=self.on_filled)
+        filler = CacheFiller(
+            view, self.store, self.cache, on_filled=self.on_filled, walk=info.prefetch
+        )
         image = _Image(self._free_slot(name), name, view, filler)
         if self.redirects:
             filler.start()

@@ -55,9 +55,20 @@ class ImageMount:
 
 
 def mount_image(
-    store_url: str, store: ChunkStore, record: ImageRecord, mountpoint: Path, upper: Path | None
+    store_url: str,
+    store: ChunkStore,
+    record: ImageRecord,
+    mountpoint: Path,
+    upper: Path | None,
+    *,
+    prefetch: bool = True,
 ) -> ImageMount:
-    """Mount ``record`` at ``mountpoint``, read-only or writable into ``upper``."""
+    """Mount ``record`` at ``mountpoint``, read-only or writable into ``upper``.
+
+    With ``prefetch`` the image's view fills the content cache with every file
+    in the background; without, only with the files that are read (for a
+    tree that something else copies out whole, as a lazy volume's fill does).
+    """
     from layerfs.fs.upper import image_upper
     from layerfs.index import ensure_index
     from layerfs.store.location import open_backend
@@ -77,7 +88,7 @@ def mount_image(
 
     log_file = mount_log_file(store.backend.cache_dir())
     try:
-        with open_view(store, record, index, make_store, log_file) as view:
+        with open_view(store, record, index, make_store, log_file, prefetch=prefetch) as view:
             mount_overlay(
                 mountpoint,
                 [Path(view.path)],

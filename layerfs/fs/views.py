@@ -97,6 +97,7 @@ class ImageInfo:
     image: str
     image_id: str
     index: str
+    prefetch: bool = True  # fill the content cache with every file, not only those read
 
     @staticmethod
     def load(records: Path, name: str) -> ImageInfo | None:
@@ -124,6 +125,7 @@ class ViewInfo:
     data_dir: str  # the content cache's data-only layer
     redirects: bool  # whether files point into the content cache
     pid: int = 0  # the view daemon
+    prefetch: bool = True  # as for ImageInfo
 
     @property
     def data_layers(self) -> list[Path]:
@@ -136,7 +138,10 @@ class ViewInfo:
         path = Path(os.path.realpath(view_path))
         try:  # a metadata tree has its record beside it
             doc = json.loads(Path(f"{path}.json").read_text())
-            image, mount_dir = ImageInfo(doc["image"], doc["image_id"], doc["index"]), doc["daemon"]
+            image = ImageInfo(
+                doc["image"], doc["image_id"], doc["index"], bool(doc.get("prefetch", True))
+            )
+            mount_dir = doc["daemon"]
         except (OSError, ValueError, TypeError, KeyError):
             image, mount_dir = ImageInfo.load(records_dir(path.parent), path.name), path.parent
         daemon = DaemonInfo.load(Path(mount_dir))
@@ -285,11 +290,14 @@ def open_view(
     index: Path,
     make_store: Callable[[], ChunkStore],
     log_file: Path,
+    *,
+    prefetch: bool = True,
 ) -> Iterator[ViewInfo]:
     """The view of ``record``'s index, its store's daemon started first if none runs.
 
     The daemon cannot stop while the ``with`` block runs (mount over it there).
-    ``make_store`` opens the store again in the daemon's own process.
+    ``make_store`` opens the store again in the daemon's own process. Without
+    ``prefetch`` the daemon caches only the contents that are read.
     """
     from layerfs.content.metatree import ensure_meta_tree
 
@@ -306,7 +314,7 @@ def open_view(
         if daemon is None:
             daemon = _start_daemon(make_store, mount_dir, cache, log_file, lock)
         name = index_name(index)
-        image = ImageInfo(record.name, record.id, str(index))
+        image = ImageInfo(record.name, record.id, str(index), prefetch)
         _write_json(records_dir(mount_dir) / f"{name}.json", asdict(image))
         path = mount_dir / name
         os.stat(path)  # the daemon opens the image now and starts filling the cache

@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         store = open_store(args.store)
-        mount_image(args.store, store, backup_image(args.tree), args.mountpoint, args.base)
+        # The volume's fill copies every file out: the view caches only what is read.
+        mount_image(
+            args.store, store, backup_image(args.tree), args.mountpoint, args.base, prefetch=False
+        )
     except (LayerfsError, OSError) as exc:
         print(f"lazy mount: {exc}", file=sys.stderr)
         return 1
