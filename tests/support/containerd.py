@@ -119,7 +119,9 @@ class Containerd:
     ) -> subprocess.CompletedProcess:
         """Run ctr against this containerd; on failure the assertion shows its output."""
         cmd = ["ctr", "--address", str(self.address), "--namespace", NAMESPACE, *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, errors="surrogateescape", timeout=timeout
+        )
         if check and done.returncode != 0:
             raise AssertionError(
                 f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
