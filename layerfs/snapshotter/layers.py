@@ -28,6 +28,7 @@ from pathlib import Path
 from layerfs.catalog import ImageRecord, LayerRecord
 from layerfs.errors import LayerfsError
 from layerfs.fs.views import ViewInfo
+from layerfs.store.chunks import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def chain_record(name: str, layers: list[LayerRecord]) -> ImageRecord:
 
 
 def commit_upper(
-    store_url: str, upper: Path, mountpoint: Path, lowers: list[LayerRecord], holder: str
+    store: ChunkStore, upper: Path, mountpoint: Path, lowers: list[LayerRecord], holder: str
 ) -> tuple[LayerRecord, str]:
     """Store the changes in ``upper`` (seen merged at ``mountpoint``) over ``lowers`` as a
     layer; return it and the id of the pin that keeps it."""
@@ -55,9 +56,7 @@ def commit_upper(
     from layerfs.maintenance.pins import pin
     from layerfs.records import Kind, put_tree
     from layerfs.store.chunks import WriteStats
-    from layerfs.store.location import open_store
 
-    store = open_store(store_url)
     with store.backend.lock(exclusive=False):
         started = time.monotonic()
         lower = lower_entries(store, lowers)
@@ -85,11 +84,10 @@ def commit_upper(
         return layer, pin(store.backend, tree, holder).id
 
 
-def unpin_layer(store_url: str, pin_id: str) -> None:
+def unpin_layer(store: ChunkStore, pin_id: str) -> None:
     from layerfs.maintenance.pins import unpin
-    from layerfs.store.location import open_backend
 
-    unpin(open_backend(store_url), pin_id)
+    unpin(store.backend, pin_id)
 
 
 def mounted_view(mountpoint: Path) -> ViewInfo | None:

@@ -37,6 +37,7 @@ from layerfs.snapshotter.metadata import (
     NotFound,
     Snapshot,
 )
+from layerfs.store.chunks import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,15 @@ class Snapshotter:
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.meta = Metadata(self.root / "metadata.db")
         self._store_lock = threading.Lock()  # commits, removals and chain mounts, one at a time
+        self._store: ChunkStore | None = None  # opened on first use, under _store_lock
+
+    def store(self) -> ChunkStore:
+        """The layerfs store (call with _store_lock held)."""
+        if self._store is None:
+            from layerfs.store.location import open_store
+
+            self._store = open_store(self.store_url)
+        return self._store
 
     @property
     def snapshots_dir(self) -> Path:
@@ -168,7 +178,7 @@ class Snapshotter:
                 mounted = True
             try:
                 holder = f"containerd snapshot {name} (layerfs snapshotter {self.root})"
-                layer, pin_id = commit_upper(self.store_url, upper, mountpoint, lowers, holder)
+                layer, pin_id = commit_upper(self.store(), upper, mountpoint, lowers, holder)
             finally:
                 if mounted:
                     umount(str(mountpoint))
@@ -176,7 +186,7 @@ class Snapshotter:
             try:
                 done = self.meta.commit(snap, name, labels, layer, pin_id)
             except BaseException:
-                unpin_layer(self.store_url, pin_id)
+                unpin_layer(self.store(), pin_id)
                 raise
         for part in ("fs", "work"):  # the layer is in the store now
             shutil.rmtree(base / part, ignore_errors=True)
@@ -192,7 +202,7 @@ class Snapshotter:
             if snap.kind is Kind.COMMITTED:
                 unmount_chain(base / "ro")
                 if snap.pin:
-                    unpin_layer(self.store_url, snap.pin)
+                    unpin_layer(self.store(), snap.pin)
             self._remove_dir(base)
 
     def _remove_dir(self, path: Path) -> None:
