@@ -18,7 +18,7 @@ from google.protobuf import field_mask_pb2
 
 from layerfs.snapshotter.api import snapshots_pb2 as pb
 from layerfs.snapshotter.api import snapshots_pb2_grpc
-from tests.support.containerd import Snapshotter, _unmount_below
+from tests.support.containerd import Snapshotter, _unmount_below, stop_views
 
 pytestmark = pytest.mark.fuse
 
@@ -33,6 +33,7 @@ def server():
     finally:
         sn.stop()
         _unmount_below(base)
+        stop_views(base)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -190,6 +190,24 @@ def _unmount_below(path: Path) -> None:
                 umount(m.mountpoint, lazy=True)
 
 
+def stop_views(base: Path) -> None:
+    """Unmount the view daemons of stores below ``base`` and wait for them to exit
+    (they fill the content cache in the background until then)."""
+    from layerfs.fs.views import DaemonInfo, run_dir, view_answers
+
+    for record in (run_dir() / "views").glob("*.json"):
+        mount_dir = record.with_suffix("")
+        info = DaemonInfo.load(mount_dir)
+        if info is None or not info.cache_dir.startswith(f"{base}/"):
+            continue
+        with contextlib.suppress(Exception):
+            if view_answers(mount_dir):
+                subprocess.run(["umount", "-l", str(mount_dir)], check=False)
+        if info.pid:
+            gone = Path(f"/proc/{info.pid}")
+            wait_for(lambda gone=gone: not gone.exists(), "a view daemon to exit")
+
+
 @contextlib.contextmanager
 def private_containerd() -> Iterator[Containerd]:
     """A store, a snapshotter and a containerd using it; everything removed afterwards."""
@@ -213,4 +231,5 @@ def private_containerd() -> Iterator[Containerd]:
         finally:
             snapshotter.stop()
             _unmount_below(base)
+            stop_views(base)
             shutil.rmtree(base, ignore_errors=True)
