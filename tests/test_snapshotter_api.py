@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,8 +18,11 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from layerfs.records import get_tree, read_content
 from layerfs.snapshotter.api import snapshots_pb2 as pb
 from layerfs.snapshotter.api import snapshots_pb2_grpc
+from layerfs.snapshotter.metadata import Metadata
+from layerfs.store.location import open_store
 from tests.support.containerd import Snapshotter, _unmount_below, stop_views
 
 pytestmark = pytest.mark.fuse
@@ -163,6 +168,24 @@ def test_hostile_keys_stay_inside_the_root(api, server):
     assert not (server.root.parent.parent / "escape").exists()
     api.Remove(pb.RemoveSnapshotRequest(key=key))
     assert not source.exists()
+
+
+def test_gc_keeps_committed_layers(api, server):
+    data = os.urandom(2_000_000)
+    upper = Path(_prepare(api, "gc-active")[0].source)
+    (upper / "data").write_bytes(data)
+    api.Commit(pb.CommitSnapshotRequest(name="gc-kept", key="gc-active"))
+    gc = subprocess.run(
+        [sys.executable, "-c", "from layerfs.cli import main; main()",
+         "--store", str(server.store), "gc", "--grace", "0"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert gc.returncode == 0, gc.stderr
+    layer = Metadata(server.root / "metadata.db").get("gc-kept").layer
+    store = open_store(str(server.store))
+    entries = {e.path: e for e in get_tree(store, layer.tree)[0]}
+    assert read_content(store, entries["data"]) == data  # from the store, not a cache
+    api.Remove(pb.RemoveSnapshotRequest(key="gc-kept"))
 
 
 def test_restart_and_cleanup(api, server):
