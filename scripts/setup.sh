@@ -8,7 +8,7 @@ cd "$here"
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc make
   fuse3 libfuse3-dev pkg-config fuse-overlayfs attr
-  docker.io docker-compose skopeo busybox-static debootstrap
+  docker.io docker-compose skopeo busybox-static debootstrap containerd
   ceph-mon ceph-osd radosgw ceph-common
   restic fio hyperfine zstd pigz curl
   autoconf automake perl

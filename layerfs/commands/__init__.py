@@ -22,10 +22,12 @@ MODULES: list[str] = [
     "layerfs.commands.images",
     "layerfs.commands.keys",
     "layerfs.commands.cache",
+    "layerfs.commands.snapshotter",
 ]
 OWNERS: dict[str, str] = {
     "mount": "layerfs.commands.mount",
     "umount": "layerfs.commands.mount",
+    "snapshotter": "layerfs.commands.snapshotter",
 }
 COMMANDS: list[click.Command] = []
 

@@ -70,6 +70,32 @@ def _mount_syscall(source: str, target: str, fstype: str, flags: int, data: str)
         )
 
 
+def overlay_options(
+    lowers: list[Path],
+    data_layers: list[Path],
+    upper: Path | None = None,
+    work: Path | None = None,
+) -> list[str]:
+    """The overlay options of a layerfs mount (lower layers top first); read-only without
+    ``upper`` (the caller adds MS_RDONLY or "ro")."""
+    lowerdir = ":".join(_check_path(p) for p in lowers)
+    if data_layers:
+        lowerdir += "::" + "::".join(_check_path(p) for p in data_layers)
+    # xino: one st_dev for the whole mount, and inode numbers that stay the same across
+    # copy-up and remount (the layers are on different filesystems)
+    options = [f"lowerdir={lowerdir}", "metacopy=on", "xino=on"]
+    if upper is None:
+        return [*options, "redirect_dir=follow"]
+    if work is None:
+        raise MountError("a writable overlay needs a work directory")
+    return [
+        *options,
+        f"upperdir={_check_path(upper)}",
+        f"workdir={_check_path(work)}",
+        "redirect_dir=on",
+    ]
+
+
 def mount_overlay(
     mountpoint: str | Path,
     lowers: list[Path],
@@ -83,24 +109,8 @@ def mount_overlay(
         raise MountError(f"mount point {target} is not a directory: create it first")
     if os.path.ismount(target):
         raise MountError(f"{target} is already a mount point: unmount it first")
-    lowerdir = ":".join(_check_path(p) for p in lowers)
-    if data_layers:
-        lowerdir += "::" + "::".join(_check_path(p) for p in data_layers)
-    # xino: one st_dev for the whole mount, and inode numbers that stay the same across
-    # copy-up and remount (the layers are on different filesystems)
-    options = [f"lowerdir={lowerdir}", "metacopy=on", "xino=on"]
-    flags = 0
-    if upper is None:
-        options.append("redirect_dir=follow")
-        flags |= MS_RDONLY
-    else:
-        if work is None:
-            raise MountError("a writable overlay needs a work directory")
-        options += [
-            f"upperdir={_check_path(upper)}",
-            f"workdir={_check_path(work)}",
-            "redirect_dir=on",
-        ]
+    options = overlay_options(lowers, data_layers, upper, work)
+    flags = MS_RDONLY if upper is None else 0
     _mount_syscall(SOURCE, target, FSTYPE, flags, ",".join(options))
 
 

@@ -1,0 +1,270 @@
+"""The snapshots service containerd calls: snapshots, their directories and their mounts.
+
+Under the snapshotter's ROOT (0700):
+
+```
+metadata.db                 every snapshot (layerfs.snapshotter.metadata)
+snapshots/ID/fs             an active snapshot's upper directory (a view's: empty)
+snapshots/ID/work           its overlay workdir
+snapshots/ID/ro             a committed snapshot's chain, mounted read-only once used
+snapshots/ID/commit         while committing: the upper over its parent, read-only
+```
+
+Mounts containerd gets: an active snapshot without parent is a bind of its
+``fs``; with a parent it is a kernel overlay (source ``layerfs``) whose lower
+layers are the parent chain's metadata tree and the store's content layers
+(the same lowers as the parent's ``ro`` mount), ``fs`` its upper. A view is a
+read-only bind of its parent's ``ro`` mount (or of an empty directory).
+Commit stores the upper as a layer (layerfs.snapshotter.layers) and removes
+it. None of these mounts depends on this process: it can be killed or
+restarted while containers run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerfs.fs.mounting import kernel_mounts
+from layerfs.snapshotter.metadata import (
+    FailedPrecondition,
+    Kind,
+    Metadata,
+    NotFound,
+    Snapshot,
+)
+from layerfs.store.chunks import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """One mount as containerd's API carries it."""
+
+    type: str
+    source: str
+    options: list[str]
+
+
+@dataclass(frozen=True)
+class Usage:
+    size: int
+    inodes: int
+
+
+class Snapshotter:
+    """containerd's snapshotter operations over a ROOT directory and a layerfs store."""
+
+    def __init__(self, root: Path, store_url: str) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.store_url = store_url
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+        self.meta = Metadata(self.root / "metadata.db")
+        self._store_lock = threading.Lock()  # commits, removals and chain mounts, one at a time
+        self._store: ChunkStore | None = None  # opened on first use, under _store_lock
+
+    def store(self) -> ChunkStore:
+        """The layerfs store (call with _store_lock held)."""
+        if self._store is None:
+            from layerfs.store.location import open_store
+
+            self._store = open_store(self.store_url)
+        return self._store
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    def dir_of(self, snap: Snapshot) -> Path:
+        return self.snapshots_dir / str(snap.id)
+
+    def close(self) -> None:
+        self.meta.close()
+
+    # -- creating -------------------------------------------------------------------
+    def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
+        return self._create(key, parent, labels, Kind.ACTIVE)
+
+    def view(self, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
+        return self._create(key, parent, labels, Kind.VIEW)
+
+    def _create(self, key: str, parent: str, labels: dict[str, str], kind: Kind) -> list[MountSpec]:
+        snap = self.meta.create(key, parent, kind, labels)
+        base = self.dir_of(snap)
+        try:
+            if base.exists():  # left by a snapshot whose removal was cut short
+                self._remove_dir(base)
+            base.mkdir(mode=0o755)
+            (base / "fs").mkdir(mode=0o755)
+            if kind is Kind.ACTIVE:
+                (base / "work").mkdir(mode=0o700)
+            return self._mounts(snap)
+        except BaseException:
+            self.meta.remove(key)
+            self._remove_dir(base)
+            raise
+
+    # -- mounts ---------------------------------------------------------------------
+    def mounts(self, key: str) -> list[MountSpec]:
+        snap = self.meta.get(key)
+        if snap.kind is Kind.COMMITTED:
+            raise FailedPrecondition(f"snapshot {key} is committed: it has no mounts")
+        return self._mounts(snap)
+
+    def _mounts(self, snap: Snapshot) -> list[MountSpec]:
+        from layerfs.fs.overlay import overlay_options
+
+        base = self.dir_of(snap)
+        if snap.kind is Kind.VIEW:
+            source = self._chain_mount(snap.parent) if snap.parent else base / "fs"
+            return [MountSpec("bind", str(source), ["ro", "rbind"])]
+        if not snap.parent:
+            return [MountSpec("bind", str(base / "fs"), ["rw", "rbind"])]
+        view = self._chain_view(snap.parent)
+        options = overlay_options(
+            [Path(view.path)], view.data_layers, upper=base / "fs", work=base / "work"
+        )
+        return [MountSpec("overlay", "layerfs", options)]
+
+    def _chain_mount(self, name: str) -> Path:
+        """The read-only mount of the committed snapshot ``name``'s chain (made if needed)."""
+        self._chain_view(name)
+        return self.dir_of(self.meta.get(name)) / "ro"
+
+    def _chain_view(self, name: str):  # -> ViewInfo
+        from layerfs.snapshotter.layers import ensure_chain_mount, mounted_view
+
+        chain = self.meta.chain(name)
+        top = chain[-1]
+        mountpoint = self.dir_of(top) / "ro"
+        view = mounted_view(mountpoint)
+        if view is not None:
+            return view
+        with self._store_lock:
+            layers = [s.layer for s in chain if s.layer is not None]
+            return ensure_chain_mount(self.store_url, top.key, layers, mountpoint)
+
+    # -- commit ---------------------------------------------------------------------
+    def commit(self, name: str, key: str, labels: dict[str, str]) -> Snapshot:
+        from layerfs.fs.overlay import mount_overlay, umount
+        from layerfs.snapshotter.layers import commit_upper, unpin_layer
+
+        snap = self.meta.check_committable(key, name)
+        base = self.dir_of(snap)
+        upper = base / "fs"
+        lowers = []
+        with self._store_lock:
+            mountpoint = upper
+            mounted = False
+            if snap.parent:
+                chain = self.meta.chain(snap.parent)
+                lowers = [s.layer for s in chain if s.layer is not None]
+                from layerfs.snapshotter.layers import ensure_chain_mount
+
+                view = ensure_chain_mount(
+                    self.store_url, chain[-1].key, lowers, self.dir_of(chain[-1]) / "ro"
+                )
+                mountpoint = base / "commit"
+                mountpoint.mkdir(mode=0o700, exist_ok=True)
+                # the upper over its lowers, read-only: what the snapshot shows
+                mount_overlay(mountpoint, [upper, Path(view.path)], view.data_layers)
+                mounted = True
+            try:
+                holder = f"containerd snapshot {name} (layerfs snapshotter {self.root})"
+                layer, pin_id = commit_upper(self.store(), upper, mountpoint, lowers, holder)
+            finally:
+                if mounted:
+                    umount(str(mountpoint))
+                    mountpoint.rmdir()
+            try:
+                done = self.meta.commit(snap, name, labels, layer, pin_id)
+            except BaseException:
+                unpin_layer(self.store(), pin_id)
+                raise
+        for part in ("fs", "work"):  # the layer is in the store now
+            shutil.rmtree(base / part, ignore_errors=True)
+        return done
+
+    # -- removal --------------------------------------------------------------------
+    def remove(self, key: str) -> None:
+        from layerfs.snapshotter.layers import unmount_chain, unpin_layer
+
+        with self._store_lock:
+            snap = self.meta.remove(key)
+            base = self.dir_of(snap)
+            if snap.kind is Kind.COMMITTED:
+                unmount_chain(base / "ro")
+                if snap.pin:
+                    unpin_layer(self.store(), snap.pin)
+            self._remove_dir(base)
+
+    def _remove_dir(self, path: Path) -> None:
+        """Remove a snapshot's directory; never while anything is mounted below it."""
+        prefix = f"{path}/"
+        busy = [m.mountpoint for m in kernel_mounts() if m.mountpoint.startswith(prefix)]
+        if busy:
+            log.warning("not removing %s yet: %s is mounted (Cleanup retries)", path, busy[0])
+            return
+        shutil.rmtree(path, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """Remove what no snapshot uses: directories of removed snapshots, and the upper
+        and work directories left in committed ones."""
+        from layerfs.snapshotter.layers import unmount_chain
+
+        with self._store_lock:
+            known = {str(s.id): s for s in self.meta.all()}
+            for entry in sorted(os.listdir(self.snapshots_dir)):
+                path = self.snapshots_dir / entry
+                snap = known.get(entry)
+                if snap is None:
+                    unmount_chain(path / "ro")
+                    self._remove_dir(path)
+                elif snap.kind is Kind.COMMITTED:
+                    for part in ("fs", "work"):
+                        shutil.rmtree(path / part, ignore_errors=True)
+
+    # -- information ----------------------------------------------------------------
+    def stat(self, key: str) -> Snapshot:
+        return self.meta.get(key)
+
+    def usage(self, key: str) -> Usage:
+        snap = self.meta.get(key)
+        if snap.kind is Kind.COMMITTED:
+            layer = snap.layer
+            return Usage(layer.apparent_size, layer.entries) if layer else Usage(0, 0)
+        if snap.kind is Kind.VIEW:
+            return Usage(0, 0)
+        return disk_usage(self.dir_of(snap) / "fs")
+
+    def list(self, filters: list[str]) -> list[Snapshot]:
+        from layerfs.snapshotter.filters import parse_filters
+
+        match = parse_filters(filters)
+        return [s for s in self.meta.all() if match(s)]
+
+
+def disk_usage(path: Path) -> Usage:
+    """Blocks and inodes below ``path`` (hard links counted once), as containerd's du does."""
+    if not path.is_dir():
+        raise NotFound(f"{path} is gone")
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [*dirnames, *filenames]:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            size += st.st_blocks * 512
+    return Usage(size, len(seen))

@@ -1,0 +1,235 @@
+"""A private containerd with the layerfs snapshotter as a proxy plugin, both subprocesses.
+
+The containerd has its own root, state, sockets and config, so the containerd
+dockerd uses is never touched; ctr calls go to its socket in the namespace
+``layerfs-test`` (runc state under /run/containerd/runc/layerfs-test). Paths
+are short: unix socket paths are limited to 108 bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.waiting import wait_for
+
+NAMESPACE = "layerfs-test"
+CONFIG = """\
+version = 2
+root = "{base}/root"
+state = "{base}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{base}/containerd.sock"
+
+[ttrpc]
+  address = "{base}/containerd.sock.ttrpc"
+
+[debug]
+  address = "{base}/debug.sock"
+
+[metrics]
+  address = ""
+
+[proxy_plugins.layerfs]
+  type = "snapshot"
+  address = "{snapshotter}"
+"""
+
+
+@dataclass
+class Snapshotter:
+    """A `layerfs snapshotter serve` subprocess."""
+
+    store: Path
+    root: Path
+    address: Path
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-c", "from layerfs.cli import main; main()",
+                    "--store", str(self.store), "snapshotter", "serve",
+                    "--address", str(self.address), "--root", str(self.root),
+                ],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_for(
+            lambda: self.address.is_socket() and _answers(self.address),
+            f"the snapshotter socket {self.address} (log {self.log})",
+            timeout=60,
+            guard=lambda: self.proc is not None and self.proc.poll() is None,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _answers(address: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(address))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Containerd:
+    """A private containerd whose proxy snapshotter ``layerfs`` is ``snapshotter``."""
+
+    base: Path
+    snapshotter: Snapshotter
+    proc: subprocess.Popen | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> Path:
+        return self.base / "containerd.sock"
+
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess:
+        """Run ctr against this containerd; on failure the assertion shows its output."""
+        cmd = ["ctr", "--address", str(self.address), "--namespace", NAMESPACE, *args]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, errors="surrogateescape", timeout=timeout
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+                f"\n--- snapshotter log:\n{tail(self.snapshotter.log)}"
+            )
+        return done
+
+    def start(self) -> None:
+        config = self.base / "config.toml"
+        config.write_text(CONFIG.format(base=self.base, snapshotter=self.snapshotter.address))
+        with open(self.base / "containerd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(
+            lambda: (
+                self.address.is_socket()
+                and subprocess.run(
+                    ["ctr", "--address", str(self.address), "version"], capture_output=True
+                ).returncode
+                == 0
+            ),
+            f"containerd on {self.address} (log {self.base}/containerd.log)",
+            timeout=60,
+            guard=lambda: self.proc is not None and self.proc.poll() is None,
+        )
+
+    def stop(self) -> None:
+        """Remove every task and container of the namespace, then stop containerd."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        tasks = self.ctr("task", "ls", "-q", check=False).stdout.split()
+        for task in tasks:
+            self.ctr("task", "kill", "-s", "SIGKILL", task, check=False)
+        for task in tasks:
+            for _ in range(100):
+                if self.ctr("task", "rm", "-f", task, check=False).returncode == 0:
+                    break
+                time.sleep(0.1)
+        for container in self.ctr("containers", "ls", "-q", check=False).stdout.split():
+            self.ctr("containers", "rm", container, check=False)
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _unmount_below(path: Path) -> None:
+    """Unmount everything mounted below ``path`` (deepest first, lazily)."""
+    from layerfs.fs.mounting import kernel_mounts
+    from layerfs.fs.overlay import umount
+
+    prefix = f"{os.path.realpath(path)}/"
+    for m in sorted(kernel_mounts(), key=lambda m: -len(m.mountpoint)):
+        if m.mountpoint.startswith(prefix):
+            with contextlib.suppress(Exception):
+                umount(m.mountpoint, lazy=True)
+
+
+def stop_views(base: Path) -> None:
+    """Unmount the view daemons of stores below ``base`` and wait for them to exit
+    (they fill the content cache in the background until then)."""
+    from layerfs.fs.views import DaemonInfo, run_dir, view_answers
+
+    for record in (run_dir() / "views").glob("*.json"):
+        mount_dir = record.with_suffix("")
+        info = DaemonInfo.load(mount_dir)
+        if info is None or not info.cache_dir.startswith(f"{base}/"):
+            continue
+        with contextlib.suppress(Exception):
+            if view_answers(mount_dir):
+                subprocess.run(["umount", "-l", str(mount_dir)], check=False)
+        if info.pid:
+            gone = Path(f"/proc/{info.pid}")
+            wait_for(lambda gone=gone: not gone.exists(), "a view daemon to exit")
+
+
+@contextlib.contextmanager
+def private_containerd() -> Iterator[Containerd]:
+    """A store, a snapshotter and a containerd using it; everything removed afterwards."""
+    if shutil.which("containerd") is None or shutil.which("ctr") is None:
+        raise AssertionError("containerd and ctr are not installed: run scripts/setup.sh")
+    base = Path(tempfile.mkdtemp(prefix="lfsctd-", dir="/tmp"))
+    snapshotter = Snapshotter(
+        store=base / "store",
+        root=base / "sn",
+        address=base / "layerfs.sock",
+        log=base / "snapshotter.log",
+    )
+    ctd = Containerd(base, snapshotter)
+    try:
+        snapshotter.start()
+        ctd.start()
+        yield ctd
+    finally:
+        try:
+            ctd.stop()
+        finally:
+            snapshotter.stop()
+            _unmount_below(base)
+            stop_views(base)
+            shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,216 @@
+"""containerd's snapshots API as the layerfs snapshotter answers it, over real gRPC calls.
+
+A `layerfs snapshotter serve` subprocess and a gRPC client: bad requests get
+containerd's error codes and change nothing; labels, filters, usage, cleanup
+and a restart keep every snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from layerfs.records import get_tree, read_content
+from layerfs.snapshotter.api import snapshots_pb2 as pb
+from layerfs.snapshotter.api import snapshots_pb2_grpc
+from layerfs.snapshotter.metadata import Metadata
+from layerfs.store.location import open_store
+from tests.support.containerd import Snapshotter, _unmount_below, stop_views
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture(scope="module")
+def server():
+    base = Path(tempfile.mkdtemp(prefix="lfssn-", dir="/tmp"))
+    sn = Snapshotter(base / "store", base / "sn", base / "sn.sock", base / "sn.log")
+    sn.start()
+    try:
+        yield sn
+    finally:
+        sn.stop()
+        _unmount_below(base)
+        stop_views(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def api(server):
+    with grpc.insecure_channel(f"unix://{server.address}") as channel:
+        yield snapshots_pb2_grpc.SnapshotsStub(channel)
+
+
+def _code(call, *args, **kwargs) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(*args, **kwargs)
+    return caught.value.code()
+
+
+def _names(api, *filters: str) -> set[str]:
+    found = set()
+    for response in api.List(pb.ListSnapshotsRequest(filters=list(filters))):
+        found |= {info.name for info in response.info}
+    return found
+
+
+def _prepare(api, key: str, parent: str = "") -> list:
+    return list(api.Prepare(pb.PrepareSnapshotRequest(key=key, parent=parent)).mounts)
+
+
+def test_unknown_keys_are_not_found(api):
+    for call, request in [
+        (api.Stat, pb.StatSnapshotRequest(key="nope")),
+        (api.Mounts, pb.MountsRequest(key="nope")),
+        (api.Remove, pb.RemoveSnapshotRequest(key="nope")),
+        (api.Usage, pb.UsageRequest(key="nope")),
+        (api.Commit, pb.CommitSnapshotRequest(name="n", key="nope")),
+    ]:
+        assert _code(call, request) == grpc.StatusCode.NOT_FOUND
+    assert _code(api.Prepare, pb.PrepareSnapshotRequest(key="")) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+def test_bad_requests_keep_every_snapshot(api, server):
+    # a parent that does not exist: nothing is created
+    assert _code(_prepare, api, "orphan", "missing") == grpc.StatusCode.NOT_FOUND
+    assert _code(api.Stat, pb.StatSnapshotRequest(key="orphan")) == grpc.StatusCode.NOT_FOUND
+
+    mounts = _prepare(api, "base")
+    assert mounts[0].type == "bind" and "rw" in mounts[0].options
+    upper = Path(mounts[0].source)
+    (upper / "etc").mkdir()
+    (upper / "etc/hello").write_text("hello\n")
+    (upper / "big").write_bytes(os.urandom(300_000))
+    assert _code(_prepare, api, "base") == grpc.StatusCode.ALREADY_EXISTS
+    # an active snapshot is no parent
+    assert _code(_prepare, api, "child", "base") == grpc.StatusCode.INVALID_ARGUMENT
+    usage = api.Usage(pb.UsageRequest(key="base"))
+    assert usage.size >= 300_000 and usage.inodes == 3
+
+    api.Commit(pb.CommitSnapshotRequest(name="layer1", key="base"))
+    # committing twice: the active key is gone
+    again = pb.CommitSnapshotRequest(name="layer1-again", key="base")
+    assert _code(api.Commit, again) == grpc.StatusCode.NOT_FOUND
+    # a name that exists: refused, the active snapshot and its files untouched
+    other = Path(_prepare(api, "other")[0].source)
+    (other / "mine").write_text("mine\n")
+    taken = pb.CommitSnapshotRequest(name="layer1", key="other")
+    assert _code(api.Commit, taken) == grpc.StatusCode.ALREADY_EXISTS
+    assert api.Stat(pb.StatSnapshotRequest(key="other")).info.kind == pb.ACTIVE
+    assert (other / "mine").read_text() == "mine\n"
+    info = api.Stat(pb.StatSnapshotRequest(key="layer1")).info
+    assert info.kind == pb.COMMITTED and info.parent == ""
+    assert _code(api.Mounts, pb.MountsRequest(key="layer1")) == grpc.StatusCode.FAILED_PRECONDITION
+    usage = api.Usage(pb.UsageRequest(key="layer1"))
+    assert usage.size == 300_006 and usage.inodes >= 3
+
+    # a child over the committed layer sees its files through the kernel overlay
+    child = _prepare(api, "child", "layer1")
+    assert child[0].type == "overlay" and child[0].source == "layerfs"
+    options = {o.partition("=")[0]: o.partition("=")[2] for o in child[0].options}
+    assert options["upperdir"].startswith(str(server.root))
+    view = list(api.View(pb.ViewSnapshotRequest(key="look", parent="layer1")).mounts)
+    assert view[0].type == "bind" and "ro" in view[0].options
+    assert (Path(view[0].source) / "etc/hello").read_text() == "hello\n"
+    assert _code(api.Commit, pb.CommitSnapshotRequest(name="v", key="look")) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    # removing a snapshot with children: refused, nothing lost
+    for key in ("layer1",):
+        assert _code(api.Remove, pb.RemoveSnapshotRequest(key=key)) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+    assert (Path(view[0].source) / "big").stat().st_size == 300_000
+    assert {"layer1", "child", "look", "other"} <= _names(api)
+
+    # the store pins the layer until the snapshot goes
+    pins = server.store / "docs" / "pins"
+    assert len(list(pins.iterdir())) == 1
+    for key in ("child", "look", "layer1", "other"):
+        api.Remove(pb.RemoveSnapshotRequest(key=key))
+    assert not list(pins.iterdir())
+    assert not {"layer1", "child", "look", "other"} & _names(api)
+
+
+def test_labels_filters_and_field_paths(api):
+    api.Prepare(pb.PrepareSnapshotRequest(key="lab", labels={"a": "1", "b": "2"}))
+    info = pb.Info(name="lab", labels={"a": "10", "c": "3"})
+    mask = field_mask_pb2.FieldMask(paths=["labels.a", "labels.b"])
+    updated = api.Update(pb.UpdateSnapshotRequest(info=info, update_mask=mask)).info
+    assert dict(updated.labels) == {"a": "10"}  # b removed (absent from info), c not asked
+    bad = field_mask_pb2.FieldMask(paths=["parent"])
+    request = pb.UpdateSnapshotRequest(info=info, update_mask=bad)
+    assert _code(api.Update, request) == grpc.StatusCode.INVALID_ARGUMENT
+    missing = pb.UpdateSnapshotRequest(info=pb.Info(name="nope"), update_mask=mask)
+    assert _code(api.Update, missing) == grpc.StatusCode.NOT_FOUND
+    assert _names(api, "labels.a==10") == {"lab"}
+    assert _names(api, 'labels."a"', "kind==committed") == {"lab"}
+    assert "lab" not in _names(api, "kind==view")
+    with pytest.raises(grpc.RpcError) as caught:
+        _names(api, "colour==red")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    api.Remove(pb.RemoveSnapshotRequest(key="lab"))
+
+
+def test_hostile_keys_stay_inside_the_root(api, server):
+    key = "../../../escape"
+    source = Path(_prepare(api, key)[0].source)
+    assert source.resolve().is_relative_to(server.root.resolve())
+    assert not (server.root.parent.parent / "escape").exists()
+    api.Remove(pb.RemoveSnapshotRequest(key=key))
+    assert not source.exists()
+
+
+def test_gc_keeps_committed_layers(api, server):
+    data = os.urandom(2_000_000)
+    upper = Path(_prepare(api, "gc-active")[0].source)
+    (upper / "data").write_bytes(data)
+    api.Commit(pb.CommitSnapshotRequest(name="gc-kept", key="gc-active"))
+    gc = subprocess.run(
+        [sys.executable, "-c", "from layerfs.cli import main; main()",
+         "--store", str(server.store), "gc", "--grace", "0"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert gc.returncode == 0, gc.stderr
+    layer = Metadata(server.root / "metadata.db").get("gc-kept").layer
+    store = open_store(str(server.store))
+    entries = {e.path: e for e in get_tree(store, layer.tree)[0]}
+    assert read_content(store, entries["data"]) == data  # from the store, not a cache
+    api.Remove(pb.RemoveSnapshotRequest(key="gc-kept"))
+
+
+def test_restart_and_cleanup(api, server):
+    upper = Path(_prepare(api, "keep")[0].source)
+    (upper / "f").write_text("f\n")
+    api.Commit(pb.CommitSnapshotRequest(name="kept", key="keep", labels={"x": "y"}))
+    _prepare(api, "active-after", "kept")
+    before = {
+        (i.name, i.parent, i.kind) for r in api.List(pb.ListSnapshotsRequest()) for i in r.info
+    }
+    server.kill()
+    server.start()
+    with grpc.insecure_channel(f"unix://{server.address}") as channel:
+        again = snapshots_pb2_grpc.SnapshotsStub(channel)
+        after = {
+            (i.name, i.parent, i.kind)
+            for r in again.List(pb.ListSnapshotsRequest())
+            for i in r.info
+        }
+        assert after == before
+        assert dict(again.Stat(pb.StatSnapshotRequest(key="kept")).info.labels) == {"x": "y"}
+        orphan = server.root / "snapshots" / "9999"
+        (orphan / "fs").mkdir(parents=True)
+        again.Cleanup(pb.CleanupRequest())
+        assert not orphan.exists()
+        assert again.Stat(pb.StatSnapshotRequest(key="active-after")).info.kind == pb.ACTIVE
+        again.Remove(pb.RemoveSnapshotRequest(key="active-after"))
+        again.Remove(pb.RemoveSnapshotRequest(key="kept"))

@@ -1,0 +1,173 @@
+"""The layerfs snapshotter under a real (private) containerd, with runc containers.
+
+Images are the busybox-based test images, as `docker save` archives (legacy)
+and OCI archives (skopeo), imported with `ctr image import --snapshotter
+layerfs`; containerd's own overlayfs snapshotter is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.containerd import private_containerd, tail
+from tests.support.images import FEATURE_IMAGE, build_feature_image, docker_save, skopeo_copy
+from tests.support.waiting import wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.fuse]
+
+REF = f"docker.io/{FEATURE_IMAGE}"
+OCI_REF = "docker.io/lfsimp/feature-oci:latest"
+# every entry below the image's test tree and /bin: path, mode, owner, size, target,
+# checksum. No link counts: overlayfs shows a lower file's own count (/feat/hl/link1: 3,
+# though its other names were copied up or removed), the layerfs image view the names
+# the merged tree has (1); hardlinks are checked by name below.
+LISTING = (
+    "cd / && find feat bin | sort | while read -r p; do "
+    'stat -c "%n %f %u:%g %s" "$p"; '
+    '[ -L "$p" ] && readlink "$p"; '
+    '[ -f "$p" ] && ! [ -L "$p" ] && md5sum "$p"; '
+    "done; echo end-of-listing"
+)
+
+
+@pytest.fixture(scope="module")
+def archives(docker_client, busybox_image, tmp_path_factory) -> dict[str, Path]:
+    build_feature_image(docker_client)
+    out = tmp_path_factory.mktemp("ctd-archives")
+    legacy = docker_save(FEATURE_IMAGE, out / "feature-docker.tar")
+    oci = out / "feature-oci.tar"
+    skopeo_copy(f"docker-daemon:{FEATURE_IMAGE}", f"oci-archive:{oci}:{OCI_REF}")
+    return {"legacy": legacy, "oci": oci}
+
+
+@pytest.fixture(scope="module")
+def ctd(archives):
+    with private_containerd() as c:
+        c.ctr("image", "import", "--snapshotter", "layerfs", str(archives["legacy"]))
+        yield c
+
+
+def _snapshots(ctd, snapshotter: str = "layerfs") -> list[list[str]]:
+    out = ctd.ctr("snapshots", "--snapshotter", snapshotter, "ls").stdout.splitlines()[1:]
+    return sorted(line.split() for line in out if line.strip())
+
+
+def _run(ctd, snapshotter: str, ref: str, name: str, script: str) -> str:
+    done = ctd.ctr("run", "--rm", "--snapshotter", snapshotter, ref, name, "sh", "-c", script)
+    return done.stdout
+
+
+def test_import_stores_layers_and_runs_like_overlayfs(ctd, archives, docker_client):
+    layers = _snapshots(ctd)
+    assert len(layers) == 4  # busybox, two RUN layers, an ADD layer
+    assert all(row[-1] == "Committed" for row in layers)
+    # the committed layers are in the layerfs store, pinned, their uppers gone
+    root = ctd.snapshotter.root / "snapshots"
+    assert not list(root.glob("*/fs")), "committed snapshots keep no upper directory"
+    pins = list((ctd.snapshotter.store / "docs" / "pins").iterdir())
+    assert len(pins) == 4
+
+    ours = _run(ctd, "layerfs", REF, "list-layerfs", LISTING)
+    links = _run(ctd, "layerfs", REF, "links", "stat -c '%i %h' /feat/hl/orig /feat/hl/upper")
+    first, second = links.splitlines()
+    assert first == second and first.endswith(" 2")
+    ctd.ctr("image", "import", "--snapshotter", "overlayfs", str(archives["legacy"]))
+    reference = _run(ctd, "overlayfs", REF, "list-overlayfs", LISTING)
+    assert ours.endswith("end-of-listing\n") and "feat/hl/orig" in ours
+    assert ours == reference
+    docker_out = docker_client.containers.run(
+        FEATURE_IMAGE, ["sh", "-c", LISTING], remove=True
+    ).decode(errors="replace")
+    # Docker's log driver replaces a name's bytes that are not UTF-8 (U+FFFD)
+    assert ours.encode(errors="surrogateescape").decode(errors="replace") == docker_out
+
+
+def test_oci_archive_imports_and_runs(ctd, archives):
+    ctd.ctr("image", "import", "--snapshotter", "layerfs", str(archives["oci"]))
+    out = _run(ctd, "layerfs", OCI_REF, "oci-run", "cat /feat/hl/link1; ls /feat/opq")
+    assert out == "hello-hardlink\nz\n"
+    assert len(_snapshots(ctd)) == 4  # the same layers: nothing unpacked twice
+
+
+def test_container_writes_into_its_upper_and_commits(ctd):
+    name = "writer"
+    ctd.ctr(
+        "run", "--snapshotter", "layerfs", REF, name, "sh", "-c",
+        "echo written > /feat/new; rm /feat/del/b; chmod 600 /feat/data/big; "
+        "mkdir -p /feat/made/deep; echo d > /feat/made/deep/f; cat /feat/new",
+    )  # fmt: skip
+    info = json.loads(ctd.ctr("containers", "info", name).stdout)
+    key = info["SnapshotKey"]
+    usage = ctd.ctr("snapshots", "--snapshotter", "layerfs", "usage", key).stdout
+    assert key in usage
+    ctd.ctr("snapshots", "--snapshotter", "layerfs", "commit", "writer-commit", key)
+    ctd.ctr("containers", "rm", name)
+    view = ctd.ctr(
+        "snapshots", "--snapshotter", "layerfs", "view", "--mounts", "writer-view", "writer-commit"
+    ).stdout
+    mounts = json.loads(view)
+    assert mounts[0]["Type"] == "bind" and "ro" in mounts[0]["Options"]
+    tree = Path(mounts[0]["Source"])
+    assert (tree / "feat/new").read_text() == "written\n"
+    assert (tree / "feat/made/deep/f").read_text() == "d\n"
+    assert not (tree / "feat/del/b").exists() and (tree / "feat/del/keep").exists()
+    assert (tree / "feat/data/big").stat().st_mode & 0o777 == 0o600
+    assert (tree / "feat/data/big").stat().st_size == 1536 * 1024
+    tree_text = ctd.ctr("snapshots", "--snapshotter", "layerfs", "tree").stdout
+    assert "writer-commit" in tree_text and "writer-view" in tree_text
+    ctd.ctr("snapshots", "--snapshotter", "layerfs", "rm", "writer-view")
+    ctd.ctr("snapshots", "--snapshotter", "layerfs", "rm", "writer-commit")
+    assert "writer-commit" not in ctd.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout
+
+
+def test_snapshotter_killed_while_a_container_runs(ctd):
+    before = _snapshots(ctd)
+    ctd.ctr(
+        "run", "-d", "--snapshotter", "layerfs", REF, "survivor", "sh", "-c",
+        "while true; do cat /bin/busybox /feat/data/big >/dev/null && echo x >> /tmp/f; "
+        "sleep 0.2; done",
+    )  # fmt: skip
+
+    def lines() -> int:
+        done = ctd.ctr("task", "exec", "--exec-id", f"e{time.monotonic_ns()}", "survivor",
+                       "sh", "-c", "wc -l < /tmp/f", check=False)  # fmt: skip
+        return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
+
+    wait_for(lambda: lines() > 0, "the container's first write")
+    ctd.snapshotter.kill()
+    after_kill = lines()
+    wait_for(lambda: lines() > after_kill + 3, "writes after the snapshotter was killed")
+    reads = ctd.ctr("task", "exec", "--exec-id", "md5", "survivor", "md5sum", "/feat/data/big")
+    assert "/feat/data/big" in reads.stdout
+    status = ctd.ctr("task", "ls").stdout
+    assert "survivor" in status and "RUNNING" in status
+
+    ctd.snapshotter.start()
+
+    # containerd redials the socket with a backoff of at most 3 s
+    def listing() -> str | None:
+        done = ctd.ctr("snapshots", "--snapshotter", "layerfs", "ls", check=False)
+        return done.stdout if done.returncode == 0 else None
+
+    running = wait_for(
+        listing,
+        "containerd to reach the restarted snapshotter",
+        timeout=30,
+        interval=0.5,
+    )
+    assert "survivor" in running
+    assert [row for row in _snapshots(ctd) if row[0] != "survivor"] == before
+    out = _run(ctd, "layerfs", REF, "second", "cat /feat/hl/orig")
+    assert out == "hello-hardlink\n", tail(ctd.snapshotter.log)
+    ctd.ctr("task", "kill", "-s", "SIGKILL", "survivor")
+    wait_for(
+        lambda: ctd.ctr("task", "rm", "survivor", check=False).returncode == 0,
+        "the killed task to go",
+        timeout=30,
+    )
+    ctd.ctr("containers", "rm", "survivor")
+    assert "survivor" not in ctd.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout
