@@ -104,6 +104,11 @@ class SidekickSockets:
                 return
             path = self.path_of(record.name)
             self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                # docker makes a missing bind-mount source a directory: a sidekick
+                # started before its volume left one
+                with contextlib.suppress(OSError):
+                    path.rmdir()
             sock = bind_socket(path)
             try:
                 uid, gid = int(record.options.get("uid", 0)), int(record.options.get("gid", 0))
