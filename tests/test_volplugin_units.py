@@ -449,3 +449,23 @@ def test_sidekick_socket_paths_fit_a_unix_socket_and_never_collide(tmp_path):
         check_name(long.stem)
     with pytest.raises(StateError, match="--sidekick-dir"):
         socket_path(tmp_path / ("d" * 90), "y" * 255)
+
+
+def test_job_counts_read_a_jobs_table_when_there_is_one(tmp_path):
+    from volplugin.metrics.collector import job_counts
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE volumes (name TEXT)")
+    db.commit()
+    assert job_counts(path) is None  # no jobs table: no job metrics
+    db.execute("CREATE TABLE jobs (id TEXT, kind TEXT, volume TEXT, state TEXT)")
+    db.executemany(
+        "INSERT INTO jobs VALUES (?, ?, ?, ?)",
+        [("j-1", "backup", "a", "running"), ("j-2", "backup", "b", "running"),
+         ("j-3", "prune", None, "failed")],
+    )  # fmt: skip
+    db.commit()
+    db.close()
+    assert job_counts(path) == {("backup", "running"): 2, ("prune", "failed"): 1}
+    assert job_counts(tmp_path / "missing.db") is None

@@ -50,7 +50,10 @@ class AccessLog:
             if logging_on or self.observers:
                 line = self._line(environ, statuses, (time.perf_counter() - start) * 1000)
                 for observe in self.observers:
-                    observe(line)
+                    try:
+                        observe(line)
+                    except Exception:  # a metric must never fail the request it measures
+                        self.logger.exception("access-log observer %r failed", observe)
                 if logging_on:
                     self._log(line)
 
