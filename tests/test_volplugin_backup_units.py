@@ -315,3 +315,23 @@ def test_without_a_daemon_only_an_unmounted_volume_is_backed_up():
 def test_container_refs_carry_labels():
     ref = ContainerRef("i", "n", "running", {"a": "b"})
     assert ref == ContainerRef("i", "n", "running") and ref.labels == {"a": "b"}
+
+
+def test_a_failure_keeps_the_last_success_and_counts(svc):
+    svc.create("vol", {})
+    # a record written before the success fields existed: its ok outcome is the success
+    svc.state.set_backup(
+        "vol", BackupInfo(last_id="b0", last_time="2026-03-01T12:00:00Z", outcome="ok")
+    )
+    record_outcome(svc, "vol", None, "store unreachable", trigger="api")
+    info = svc.get("vol").backup
+    assert info.outcome == "failed" and info.failures == 1
+    assert info.success_time() == "2026-03-01T12:00:00Z"
+    record_outcome(svc, "vol", None, "again", trigger="api")
+    assert svc.get("vol").backup.failures == 2
+    st = backup_status(svc.get("vol"))
+    assert st["LastSuccessTime"] == "2026-03-01T12:00:00Z" and st["Failures"] == 2
+    record_outcome(svc, "vol", "b1", trigger="api")
+    info = svc.get("vol").backup
+    assert info.last_success_id == "b1" and info.success_time() == info.last_time
+    assert info.failures == 2 and info.detail is None

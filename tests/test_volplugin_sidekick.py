@@ -1,11 +1,13 @@
 """Sidekicks on a volplugin volume with the real daemon: a control socket in a shared
-/var/run restarts the service's worker, by hand and with the shipped compose example.
+/var/run restarts the service's worker, by hand and with the shipped compose example,
+whose sidekick also backs the volume up through the volume's scoped plugin socket.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -47,12 +49,16 @@ def image(daemon, example_dir) -> str:
 
 @pytest.fixture
 def plugin(daemon, tmp_path):
-    p = PluginProcess(tmp_path / "root", env=daemon.env).start()
+    sidekicks = Path(tempfile.mkdtemp(prefix="vpsk-", dir="/tmp")) / "volumes"  # short paths
+    args = ("--store", str(tmp_path / "store"), "--sidekick-dir", str(sidekicks))
+    p = PluginProcess(tmp_path / "root", env=daemon.env, args=args).start()
+    p.sidekick_dir = sidekicks
     yield p
     if p.proc is None:
         p.start()
     remove_driver_objects(daemon.env, p.name)
     p.cleanup()
+    shutil.rmtree(sidekicks.parent, ignore_errors=True)
 
 
 def read(path: Path) -> str:
@@ -92,14 +98,23 @@ def test_sidekick_restarts_worker_through_socket(daemon, plugin, image):
     d("volume", "rm", vol)
 
 
+def backups(plugin, vol: str) -> list[dict]:
+    code, doc = plugin.call("Backup.List", {"Volume": vol})
+    assert code == 200, doc
+    return doc["Backups"]
+
+
 def test_compose_example_up_and_down(daemon, plugin, example_dir, image):
     project = f"vp-compose-{uuid.uuid4().hex[:6]}"
+    vol = f"{project}_ctl"
     env = dict(
         daemon.env,
         VOLPLUGIN_DRIVER=plugin.name,
         BASE_IMAGE=BASE_IMAGE,
         EXAMPLE_IMAGE=image,
         COMPOSE_PROJECT_NAME=project,
+        CTL_VOLUME=vol,
+        SIDEKICK_DIR=str(plugin.sidekick_dir),
     )
 
     def compose(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -114,7 +129,6 @@ def test_compose_example_up_and_down(daemon, plugin, example_dir, image):
             raise AssertionError(f"docker-compose {args} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    vol = f"{project}_ctl"
     try:
         compose("up", "-d")
         sidekick = f"{project}_sidekick_1"
@@ -128,17 +142,22 @@ def test_compose_example_up_and_down(daemon, plugin, example_dir, image):
         assert daemon.docker("inspect", "-f", "{{.State.ExitCode}}", sidekick).stdout == "0\n"
         logs = compose("logs", "--no-color", "sidekick").stdout
         assert "ok restart" in logs and "worker generation 2" in logs
+        assert f"backed up {vol}" in logs
         assert mounts(plugin, vol) == 1
         code, doc = plugin.call("VolumeDriver.Get", {"Name": vol})
-        assert doc["Volume"]["Status"]["Options"] == {"mode": "0755"}
+        assert doc["Volume"]["Status"]["Options"] == {"mode": "0755", "sidekick-socket": "true"}
+        assert doc["Volume"]["Status"]["SidekickSocket"] == str(plugin.sidekick_dir / f"{vol}.sock")
+        assert [b["tags"] for b in backups(plugin, vol)] == [["sidekick"]]
 
         again = compose("run", "--rm", "sidekick").stdout
-        assert "worker generation 3" in again
+        assert "worker generation 3" in again and f"backed up {vol}" in again
         assert mounts(plugin, vol) == 1
+        assert len(backups(plugin, vol)) == 2
     finally:
         down = compose("down", "-v", check=False)
     assert down.returncode == 0, down.stderr
     assert vol not in daemon.docker("volume", "ls", "-q").stdout.split()
     assert not (plugin.root / "volumes" / vol).exists()
+    assert not (plugin.sidekick_dir / f"{vol}.sock").exists()
     code, doc = plugin.call("VolumeDriver.List")
     assert doc["Volumes"] == []

@@ -85,7 +85,7 @@ def test_good_names_pass():
 def test_options_normalise_and_name_the_bad_one():
     assert options.normalize({"mode": "755", "uid": "0010"}) == {"mode": "0755", "uid": "10"}
     assert options.normalize(None) == {}
-    with pytest.raises(BadOption, match=r"unknown option 'size'.*gid, lazy, mode, uid"):
+    with pytest.raises(BadOption, match=r"unknown option 'size'.*lazy, mode, sidekick-socket, uid"):
         options.normalize({"size": "1G"})
     with pytest.raises(BadOption, match=r"'mode'.*octal"):
         options.normalize({"mode": "rwx"})
@@ -427,3 +427,45 @@ def test_a_new_volume_of_the_same_name_is_not_mounted_with_the_old_ones_options(
     with pytest.raises(VolumeNotFound):
         svc.mount("v", "m2")
     other.state.close()
+
+
+def test_sidekick_socket_option_is_a_boolean():
+    assert options.normalize({"sidekick-socket": "yes"}) == {"sidekick-socket": "true"}
+    assert options.normalize({"sidekick-socket": "0"}) == {"sidekick-socket": "false"}
+    with pytest.raises(BadOption, match=r"'sidekick-socket'.*true or false"):
+        options.normalize({"sidekick-socket": "maybe"})
+
+
+def test_sidekick_socket_paths_fit_a_unix_socket_and_never_collide(tmp_path):
+    from volplugin.errors import StateError
+    from volplugin.sidekick.paths import SIDEKICK_DIR, socket_path
+
+    assert socket_path(SIDEKICK_DIR, "db") == SIDEKICK_DIR / "db.sock"
+    long = socket_path(SIDEKICK_DIR, "y" * 255)
+    assert len(os.fsencode(long)) < 108 and long.name.startswith("_")
+    assert socket_path(SIDEKICK_DIR, "y" * 254) != long
+    # a file name starting with "_" is no volume's name
+    with pytest.raises(BadName):
+        check_name(long.stem)
+    with pytest.raises(StateError, match="--sidekick-dir"):
+        socket_path(tmp_path / ("d" * 90), "y" * 255)
+
+
+def test_job_counts_read_a_jobs_table_when_there_is_one(tmp_path):
+    from volplugin.metrics.collector import job_counts
+
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE volumes (name TEXT)")
+    db.commit()
+    assert job_counts(path) is None  # no jobs table: no job metrics
+    db.execute("CREATE TABLE jobs (id TEXT, kind TEXT, volume TEXT, state TEXT)")
+    db.executemany(
+        "INSERT INTO jobs VALUES (?, ?, ?, ?)",
+        [("j-1", "backup", "a", "running"), ("j-2", "backup", "b", "running"),
+         ("j-3", "prune", None, "failed")],
+    )  # fmt: skip
+    db.commit()
+    db.close()
+    assert job_counts(path) == {("backup", "running"): 2, ("prune", "failed"): 1}
+    assert job_counts(tmp_path / "missing.db") is None

@@ -29,6 +29,7 @@ from volplugin.errors import BadRequest
 from volplugin.hostid import ENV as HOST_ID_ENV
 from volplugin.hostid import check_host_id, use_host_id
 from volplugin.pluginrecord import resolve_name
+from volplugin.sidekick.paths import SIDEKICK_DIR
 from volplugin.text import printable
 
 if TYPE_CHECKING:
@@ -139,6 +140,24 @@ def _where(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
     help="Seconds between looks for due scheduled backups.",
 )
 @host_id_option
+@click.option(
+    "--sidekick-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=SIDEKICK_DIR,
+    show_default=True,
+    help="Where volumes created with -o sidekick-socket=true get their scoped sockets.",
+)
+@click.option(
+    "--metrics-address",
+    metavar="HOST:PORT",
+    default=None,
+    help="Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101). Default: off.",
+)
+@click.option(
+    "--metrics-allow-remote",
+    is_flag=True,
+    help="Allow a --metrics-address that is not a loopback address.",
+)
 @click.pass_obj
 def serve_cmd(
     obj: dict,
@@ -149,6 +168,9 @@ def serve_cmd(
     store: str | None,
     schedule_tick: float,
     host_id: str | None,
+    sidekick_dir: Path,
+    metrics_address: str | None,
+    metrics_allow_remote: bool,
 ) -> None:
     """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM.
 
@@ -159,7 +181,15 @@ def serve_cmd(
     name, root = _pick(obj, cmd_name, cmd_root)
     use_host_id(host_id)
     serve(
-        name, root, plugin_dir=plugin_dir, threads=threads, store=store, schedule_tick=schedule_tick
+        name,
+        root,
+        plugin_dir=plugin_dir,
+        threads=threads,
+        store=store,
+        schedule_tick=schedule_tick,
+        sidekick_dir=sidekick_dir,
+        metrics_address=metrics_address,
+        metrics_allow_remote=metrics_allow_remote,
     )
 
 

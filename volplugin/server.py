@@ -36,8 +36,11 @@ from volplugin.defaults import (
 )
 from volplugin.errors import StateError
 from volplugin.lazy.volumes import LazyVolumes
+from volplugin.metrics.server import Metrics, parse_address
 from volplugin.pluginrecord import write_record
 from volplugin.protocol.app import create_app
+from volplugin.sidekick.paths import SIDEKICK_DIR, check_directory
+from volplugin.sidekick.sockets import SidekickSockets
 from volplugin.volumes.names import check_name
 from volplugin.volumes.reconcile import reconcile_in_background, try_reconcile
 from volplugin.volumes.service import VolumeService
@@ -117,15 +120,22 @@ def serve(
     threads: int = DEFAULT_THREADS,
     store: str | None = None,
     schedule_tick: float = DEFAULT_TICK,
+    sidekick_dir: Path = SIDEKICK_DIR,
+    metrics_address: str | None = None,
+    metrics_allow_remote: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT; remove the socket on the way out.
 
     `store` is the backup store URL (None: the layerfs default); scheduled backups are
     looked for every `schedule_tick` seconds. One process answers requests with
-    `threads` waitress threads and runs the background work.
+    `threads` waitress threads and runs the background work. Volumes with
+    `sidekick-socket` get scoped sockets in `sidekick_dir`; `metrics_address` serves
+    Prometheus metrics.
     """
     root = Path(root).absolute()
     path = socket_path(name, plugin_dir)
+    metrics_at = parse_address(metrics_address, metrics_allow_remote) if metrics_address else None
+    check_directory(sidekick_dir)
     check_repository(store)
     with root_lock(root):
         stop = threading.Event()
@@ -139,7 +149,9 @@ def serve(
         lazy = LazyVolumes.attach(service, store, background=True)
         app = create_app(service)
         app.config["LAYERFS_STORE"] = store
+        metrics = Metrics.serve(service, app, metrics_at) if metrics_at else None
         sock = bind_socket(path)
+        sidekicks = SidekickSockets.attach(service, app, store, sidekick_dir)
         scheduler = Scheduler(service, store, tick=schedule_tick).start(stop)
         try:
             server = waitress_server(app, sock, threads)
@@ -153,6 +165,9 @@ def serve(
                 server.close()
                 scheduler.join(SCHEDULER_GRACE)  # a running backup restarts its containers
         finally:
+            sidekicks.close()
+            if metrics:
+                metrics.close()
             lazy.close()
             sock.close()
             with contextlib.suppress(FileNotFoundError):

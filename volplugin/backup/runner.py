@@ -72,5 +72,6 @@ def run_backup(
         trigger=trigger,
         hooks=quiesce.summary(),
         retention=retention,
+        backup=backup,
     )
     return backup

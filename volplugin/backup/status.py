@@ -54,6 +54,8 @@ def backup_status(record: VolumeRecord, now: datetime | None = None) -> dict:
         "LastID": info.last_id if info else None,
         "LastTime": info.last_time if info else None,
         "Outcome": info.outcome if info else None,
+        "LastSuccessTime": info.success_time() if info else None,
+        "Failures": info.failures if info else 0,
         "Detail": info.detail if info else None,
         "Age": human_age(age) if age is not None else None,
         "AgeSeconds": int(age) if age is not None else None,

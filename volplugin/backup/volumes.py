@@ -6,10 +6,12 @@ import contextlib
 import os
 import shutil
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from volplugin.backup import status
+from volplugin.backup.docs import BackupRecord
 from volplugin.backup.restore import RestoreResult
 from volplugin.backup.service import RestorePlan
 from volplugin.errors import VolpluginError
@@ -70,19 +72,40 @@ def record_outcome(
     trigger: str | None = None,
     hooks: list[str] | None = None,
     retention: str | None = None,
+    backup: BackupRecord | None = None,
 ) -> None:
     """Note the last backup's outcome in the volume's state (shown by `inspect`).
 
-    ``error`` marks a failed backup; ``detail`` is a note on a successful one.
+    ``error`` marks a failed backup; ``detail`` is a note on a successful one, whose
+    record ``backup`` gives its duration and bytes. A failure keeps the last success's
+    time and figures and counts one more failure (what metrics report).
     """
-    info = BackupInfo(
-        last_id=backup_id,
-        last_time=datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
-        outcome="failed" if error else "ok",
-        detail=error or detail,
-        trigger=trigger,
-        hooks=hooks or None,
-        retention=retention,
-    )
+    now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+    def change(old: BackupInfo | None) -> BackupInfo:
+        old = old or BackupInfo()
+        outcome = {
+            "last_id": backup_id,
+            "last_time": now,
+            "outcome": "failed" if error else "ok",
+            "detail": error or detail,
+            "trigger": trigger,
+            "hooks": hooks or None,
+            "retention": retention,
+        }
+        if error:
+            return replace(
+                old, **outcome, last_success_time=old.success_time(), failures=old.failures + 1
+            )
+        return replace(
+            old,
+            **outcome,
+            last_success_id=backup_id,
+            last_success_time=now,
+            duration=backup.duration if backup else None,
+            bytes_read=backup.bytes_read if backup else None,
+            bytes_stored=backup.bytes_stored if backup else None,
+        )
+
     with contextlib.suppress(VolpluginError):  # the backup itself is what matters
-        service.state.set_backup(volume, info)
+        service.state.update_backup(volume, change)

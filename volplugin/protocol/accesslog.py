@@ -1,4 +1,8 @@
-"""The access log: one JSON line per request on the `volplugin.access` logger."""
+"""The access log: one JSON line per request on the `volplugin.access` logger.
+
+Observers (e.g. the request-latency metric) get the same line as a dict, whether or
+not the logger is enabled.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ from typing import Any
 ACCESS_LOGGER = "volplugin.access"
 VOLUME_KEY = "volplugin.volume"  # WSGI environ keys the app fills in for its log line
 ERROR_KEY = "volplugin.error"
+SCOPE_KEY = "volplugin.scope"  # the volume of the scoped (sidekick) socket a request came by
+
+Observer = Callable[[dict], None]  # gets each request's line: endpoint, duration_ms, outcome...
 
 
 class AccessLog:
@@ -18,11 +25,15 @@ class AccessLog:
 
     It wraps the app from outside, so a line costs no hooks or context lookups of the
     framework: the app leaves the volume's name and any error in the WSGI environ.
+    `observers` is a list shared with whoever adds to it later (see create_app).
     """
 
-    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+    def __init__(
+        self, app: Callable[..., Iterable[bytes]], observers: list[Observer] | None = None
+    ) -> None:
         self.app = app
         self.logger = logging.getLogger(ACCESS_LOGGER)
+        self.observers: list[Observer] = observers if observers is not None else []
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         start = time.perf_counter()
@@ -35,10 +46,18 @@ class AccessLog:
         try:
             return self.app(environ, recording)
         finally:
-            if self.logger.isEnabledFor(logging.INFO):
-                self._log(environ, statuses, (time.perf_counter() - start) * 1000)
+            logging_on = self.logger.isEnabledFor(logging.INFO)
+            if logging_on or self.observers:
+                line = self._line(environ, statuses, (time.perf_counter() - start) * 1000)
+                for observe in self.observers:
+                    try:
+                        observe(line)
+                    except Exception:  # a metric must never fail the request it measures
+                        self.logger.exception("access-log observer %r failed", observe)
+                if logging_on:
+                    self._log(line)
 
-    def _log(self, environ: dict, statuses: list[str], elapsed: float) -> None:
+    def _line(self, environ: dict, statuses: list[str], elapsed: float) -> dict:
         error = environ.get(ERROR_KEY)
         line = {
             "endpoint": environ.get("PATH_INFO", ""),
@@ -47,8 +66,14 @@ class AccessLog:
             "status": int(statuses[-1][:3]) if statuses else 500,
             "outcome": "error" if error or not statuses else "ok",
         }
+        scope = environ.get(SCOPE_KEY)
+        if scope is not None:
+            line["scope"] = scope
         if error:
             line["error"] = error
+        return line
+
+    def _log(self, line: dict) -> None:
         # makeRecord, not info(): info() walks the stack to find its caller.
         record = self.logger.makeRecord(
             ACCESS_LOGGER, logging.INFO, __file__, 0, json.dumps(line), None, None

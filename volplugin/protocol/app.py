@@ -3,8 +3,9 @@
 Every endpoint takes a JSON POST and answers JSON; any failure is HTTP 500 with
 {"Err": "..."}, which the daemon shows to the user. Each request is logged as one JSON
 line (endpoint, volume, duration, outcome, process) by volplugin.protocol.accesslog.AccessLog,
-which wraps the app. The backup feature's blueprint is registered here too; its views
-find the VolumeService at `current_app.config["VOLPLUGIN"]`.
+which wraps the app (kept at ``app.extensions[ACCESS_EXTENSION]``, where metrics add
+observers). The backup feature's blueprint is registered here too; its views find the
+VolumeService at `current_app.config["VOLPLUGIN"]`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from volplugin.volumes.service import VolumeService
 MAX_BODY = 64 * 1024
 MAX_ID = 1024
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+ACCESS_EXTENSION = "volplugin.access"  # app.extensions key of the app's AccessLog
 
 log = logging.getLogger("volplugin.protocol.app")
 
@@ -66,7 +68,9 @@ def create_app(service: VolumeService) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.config["VOLPLUGIN"] = service
-    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
+    access = AccessLog(app.wsgi_app)
+    app.wsgi_app = access  # type: ignore[method-assign]
+    app.extensions[ACCESS_EXTENSION] = access  # its observers: e.g. the latency metric
     _install_errors(app)
     _install_routes(app, service)
     from volplugin.backup.api import blueprint

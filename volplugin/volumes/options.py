@@ -62,6 +62,11 @@ OPTIONS: dict[str, Option] = {
         Option("backup-schedule", "back the volume up at these times (cron)", schedule.parse_cron),
         Option("backup-keep", "retention after each scheduled backup", schedule.normal_keep),
         Option("lazy", "with from: usable at once, filled in the background", _parse_bool),
+        Option(
+            "sidekick-socket",
+            "serve a plugin socket scoped to this volume, for sidekick containers",
+            _parse_bool,
+        ),
     )
 }
 

@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,13 +58,27 @@ class BackupInfo:
     trigger: str | None = None  # what started it: cli, api, schedule
     hooks: list[str] | None = None  # consistency actions, e.g. "stop db: ok"
     retention: str | None = None  # what the volume's backup-keep did afterwards
+    # The last successful backup, kept when later attempts fail (what metrics alert on);
+    # a record written before these fields has only `last_time` with outcome "ok".
+    last_success_id: str | None = None
+    last_success_time: str | None = None
+    duration: float | None = None  # seconds the last successful backup took
+    bytes_read: int | None = None  # bytes of files it read
+    bytes_stored: int | None = None  # stored (compressed) bytes of new chunks it wrote
+    failures: int = 0  # failed backups of this volume since it was created
 
     @classmethod
     def from_json(cls, text: str | None) -> BackupInfo | None:
         if not text:
             return None
         data = json.loads(text)
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if data.get(k) is not None})
+
+    def success_time(self) -> str | None:
+        """When the volume was last backed up successfully (ISO 8601), None if never."""
+        if self.last_success_time:
+            return self.last_success_time
+        return self.last_time if self.outcome == "ok" else None
 
 
 @dataclass(frozen=True)
@@ -221,6 +235,23 @@ class State:
         text = json.dumps(asdict(info)) if info is not None else None
         with self._write() as db:
             db.execute("UPDATE volumes SET backup = ? WHERE name = ?", (text, name))
+
+    def update_backup(
+        self, name: str, change: Callable[[BackupInfo | None], BackupInfo]
+    ) -> BackupInfo | None:
+        """Replace a volume's backup information by `change(current)`, in one transaction.
+
+        Return what was written, None if there is no such volume.
+        """
+        with self._write() as db:
+            row = db.execute("SELECT backup FROM volumes WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            info = change(BackupInfo.from_json(row[0]))
+            db.execute(
+                "UPDATE volumes SET backup = ? WHERE name = ?", (json.dumps(asdict(info)), name)
+            )
+            return info
 
     # -- mounts --------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Least-privilege sockets for sidekicks: one plugin socket per volume, scoped to it."""
