@@ -4,13 +4,13 @@ Commands talk to the running plugin over its socket (volplugin.client); with --r
 they work on that root directly (volplugin.where), so `ls` and `inspect` also read a
 root while `serve` is down. Heavy libraries (flask, waitress, the docker SDK, boto3,
 rich) are imported by the commands that use them, so that --help and socket calls start
-fast. The backup feature adds its commands from volplugin.backup.commands.COMMANDS.
+fast. The backup feature's commands (volplugin.backup.commands.COMMANDS) are imported
+when one of them runs or --help lists them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import click
 
 from layerfs.clitools import OneLineErrors, password_option, store_option
-from volplugin.client import PluginError
 from volplugin.defaults import (
     DEFAULT_NAME,
     DEFAULT_ROOT,
@@ -29,16 +28,33 @@ from volplugin.defaults import (
 from volplugin.errors import BadRequest
 from volplugin.hostid import ENV as HOST_ID_ENV
 from volplugin.hostid import check_host_id, use_host_id
-from volplugin.jobtext import failure, progress_text, summary, what
 from volplugin.text import printable
-from volplugin.where import Where, where_options
+from volplugin.where import Where, log_here, where_options
 
 if TYPE_CHECKING:
     from volplugin.volumes.service import VolumeService
 
 
 class _Group(OneLineErrors):
+    """The command group; the backup commands are imported when one of them is asked for."""
+
     prog = "volplugin"
+
+    def _load_backup_commands(self) -> None:
+        from volplugin.backup.commands import COMMANDS
+
+        for command in COMMANDS:
+            if command.name not in self.commands:
+                self.add_command(command)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._load_backup_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_backup_commands()
+        return super().list_commands(ctx)
 
 
 def _host_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -99,14 +115,7 @@ def cli(
     makes them work on that root directly.
     """
     use_host_id(host_id)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="volplugin: %(levelname)s: %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not verbose:  # botocore's INFO lines (where credentials were found) are noise here
-        logging.getLogger("botocore").setLevel(logging.WARNING)
-    ctx.obj = {"root": root, "name": name, "plugin_dir": plugin_dir}
+    ctx.obj = {"root": root, "name": name, "plugin_dir": plugin_dir, "verbose": verbose}
 
 
 @cli.command("serve")
@@ -154,6 +163,7 @@ def serve_cmd(
     """
     from volplugin.server import serve
 
+    log_here()
     use_host_id(host_id)
     serve(
         cmd_name or obj["name"] or DEFAULT_NAME,
@@ -171,6 +181,7 @@ def _service(where: Where) -> VolumeService:
     from volplugin.volumes.state import State
 
     assert where.root is not None
+    log_here()
     root = where.root
     return status.attach(VolumeService(root, where.root_name(), State.under(root, create=False)))
 
@@ -180,6 +191,8 @@ def _described(where: Where) -> list[dict]:
     if where.direct:
         svc = _service(where)
         return [svc.describe(r) for r in svc.list()]
+    from volplugin.client import PluginError
+
     client = where.client()
     docs = []
     for listed in client.call("VolumeDriver.List")["Volumes"]:
@@ -248,6 +261,8 @@ def inspect_cmd(where: Where, volume: str, as_json: bool) -> None:
     if backup.get("Schedule"):
         click.echo(f"Schedule:    {p(backup['Schedule'])} (next {p(backup['NextRun'])})")
     if st.get("Job"):
+        from volplugin.jobtext import summary
+
         click.echo(f"Job:         {summary(st['Job'])}")
 
 
@@ -258,6 +273,8 @@ def inspect_cmd(where: Where, volume: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def jobs_cmd(where: Where, volume: str | None, all_jobs: bool, as_json: bool) -> None:
     """List the plugin's jobs, newest first: queued, running and recently finished ones."""
+    from volplugin.jobtext import progress_text
+
     doc: dict = {"All": all_jobs}
     if volume:
         doc["Volume"] = volume
@@ -290,6 +307,7 @@ def job_cmd(where: Where, job_id: str, wait: bool, cancel: bool, as_json: bool) 
     cancelled).
     """
     from volplugin.follow import follow, get
+    from volplugin.jobtext import failure, what
 
     client = where.plugin("job")
     if cancel:
@@ -315,6 +333,7 @@ def job_cmd(where: Where, job_id: str, wait: bool, cancel: bool, as_json: bool) 
 
 def _show_job(job: dict) -> None:
     from volplugin.backup.render import result_lines
+    from volplugin.jobtext import progress_text
 
     p = printable
     click.echo(f"ID:        {p(job.get('ID'))}")
@@ -329,16 +348,6 @@ def _show_job(job: dict) -> None:
     if job.get("Result"):
         for i, line in enumerate(result_lines(job)):
             click.echo(f"{'Result:' if i == 0 else '':<10} {line}")
-
-
-def _register() -> None:
-    from volplugin.backup.commands import COMMANDS
-
-    for command in COMMANDS:
-        cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

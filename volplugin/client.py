@@ -7,11 +7,11 @@ or dead socket PluginUnreachable, each with one line saying what to do.
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from volplugin.defaults import DEFAULT_NAME, PLUGIN_DIR
 from volplugin.errors import VolpluginError
@@ -19,6 +19,9 @@ from volplugin.text import printable
 
 CONTENT_TYPE = "application/json"
 SHORT_TIMEOUT = 60.0  # seconds for calls that answer at once (a Get waits for a size walk)
+
+if TYPE_CHECKING:
+    import http.client
 
 
 class PluginUnreachable(VolpluginError):
@@ -33,22 +36,23 @@ class PluginError(VolpluginError):
         self.answer = answer or {}
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a unix socket."""
+def _connection(path: Path, timeout: float | None) -> http.client.HTTPConnection:
+    """An HTTP/1.1 connection over the unix socket `path` (http.client is imported here:
+    it costs a start that only prints --help)."""
+    import http.client
 
-    def __init__(self, path: Path, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(str(path))
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(str(self.unix_path))
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+    return UnixConnection("localhost", timeout=timeout)
 
 
 def socket_path(name: str, plugin_dir: Path = PLUGIN_DIR) -> Path:
@@ -76,8 +80,10 @@ class PluginClient:
 
         `timeout` (seconds, None: none) bounds each wait for the plugin.
         """
+        import http.client
+
         path = self.path
-        conn = _UnixConnection(path, timeout)
+        conn = _connection(path, timeout)
         try:
             try:
                 conn.request(

@@ -10,17 +10,20 @@ The options are accepted before the command (`volplugin --name N ls`) and after 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from volplugin.client import PluginClient
 from volplugin.defaults import DEFAULT_NAME, PLUGIN_DIR
 from volplugin.errors import BadOption
 from volplugin.pluginrecord import resolve_name
+
+if TYPE_CHECKING:
+    from volplugin.client import PluginClient
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Where:
         return self.root is not None
 
     def client(self) -> PluginClient:
+        from volplugin.client import PluginClient  # not for --help
+
         return PluginClient(self.name or DEFAULT_NAME, self.plugin_dir)
 
     def plugin(self, command: str) -> PluginClient:
@@ -51,6 +56,25 @@ class Where:
         """The plugin name for direct work on the root: given, else recorded by serve."""
         assert self.root is not None
         return resolve_name(self.root, self.name, required=required)
+
+
+def log_here() -> None:
+    """Log to stderr (`volplugin: LEVEL: logger: message`) for work done in this process.
+
+    Calls through the socket log nothing (the plugin logs its own work), so they need
+    no logging set up; -v (the group's --verbose) logs debug messages.
+    """
+    import logging
+
+    ctx = click.get_current_context(silent=True)
+    verbose = bool(ctx and (ctx.find_root().obj or {}).get("verbose"))
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="volplugin: %(levelname)s: %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:  # botocore's INFO lines (where credentials were found) are noise here
+        logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 def where_options(fn: Callable[..., Any]) -> Callable[..., Any]:

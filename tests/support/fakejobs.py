@@ -4,11 +4,11 @@
         volplugin("--plugin-dir", str(fake.plugin_dir), "--name", fake.name, "backup", "v1")
 
 It serves /Backup.Create, /Backup.Restore, /Backup.Prune (each starts a job, refused
-while the volume has one), /Jobs.List, /Jobs.Get (long polls), /Jobs.Cancel and
-/VolumeDriver.Get (with the volume's job in Status) as docs/jobs contract says. A job
-runs in a thread: `steps` steps of `step_delay` seconds, each adding one file and
-`step_bytes` bytes, then it succeeds with a result (or fails with `fail`). Every
-request is recorded in `requests` as (endpoint, body).
+while the volume has one), /Jobs.List, /Jobs.Get (long polls), /Jobs.Cancel,
+/VolumeDriver.List and /VolumeDriver.Get (with the volume's job in Status) as the jobs
+API contract says. A job runs in a thread: `steps` steps of `step_delay` seconds, each
+adding one file and `step_bytes` bytes, then it succeeds with a result (or fails with
+`fail`). Every request is recorded in `requests` as (endpoint, body).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class FakePlugin:
     totals: bool = True  # whether the jobs know TotalFiles/TotalBytes
     fail: str | None = None  # the Error of every job, if they should fail
     hold: bool = False  # jobs stay running (never finish) until cancelled
+    volumes: tuple[str, ...] = ("v1", "v2")  # what VolumeDriver.List lists
     jobs: dict[str, dict] = field(default_factory=dict)
     requests: list[tuple[str, dict]] = field(default_factory=list)
 
@@ -110,6 +111,9 @@ class FakePlugin:
                 return 200, {"Job": self._wait(doc["ID"], float(doc.get("Wait") or 0)), "Err": ""}
             if endpoint == "Jobs.Cancel":
                 return 200, {"Job": self._cancel_job(doc["ID"]), "Err": ""}
+            if endpoint == "VolumeDriver.List":
+                listed = [{"Name": v, "Mountpoint": f"/fake/volumes/{v}"} for v in self.volumes]
+                return 200, {"Volumes": listed, "Err": ""}
             if endpoint == "VolumeDriver.Get":
                 return 200, {"Volume": self._volume(doc["Name"]), "Err": ""}
             return 500, {"Err": f"POST /{endpoint}: Not Found"}

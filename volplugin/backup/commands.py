@@ -28,22 +28,12 @@ from layerfs.clitools import store_option
 from layerfs.errors import LayerfsError
 from layerfs.store.backend import DEFAULT_GRACE_SECONDS
 from volplugin.backup.errors import BackupError, DamageFound
-from volplugin.backup.render import (
-    backup_lines,
-    backups_lines,
-    diff_lines,
-    prune_lines,
-    restore_lines,
-    verify_lines,
-)
-from volplugin.client import PluginError
 from volplugin.defaults import DEFAULT_ROOT
-from volplugin.direct import unserved_root
 from volplugin.errors import BadOption, VolpluginError
 from volplugin.hostid import host_id
 from volplugin.pluginrecord import resolve_store
 from volplugin.text import printable
-from volplugin.where import Where, where_options
+from volplugin.where import Where, log_here, where_options
 
 if TYPE_CHECKING:
     from layerfs.store.chunks import ChunkStore
@@ -64,6 +54,7 @@ def _open_store(where: Where, store: str | None) -> ChunkStore:
     """The store for in-process work: --store, else the one serve recorded in the root."""
     from layerfs.store.location import open_store
 
+    log_here()
     return open_store(resolve_store(Path(where.root or DEFAULT_ROOT), store))
 
 
@@ -181,6 +172,8 @@ def backup_cmd(
 
         _refuse_no_wait(no_wait)
         assert where.root is not None
+        from volplugin.direct import unserved_root
+
         with unserved_root(where.root, "backup"):
             opened = _open_store(where, store)
             svc = volumes.open_service(where.root, where.root_name(required=True))
@@ -194,7 +187,9 @@ def backup_cmd(
     if as_json:
         click.echo(json.dumps(record))
     else:
-        _echo(backup_lines(record))
+        from volplugin.backup import render
+
+        _echo(render.backup_lines(record))
 
 
 @click.command("backups")
@@ -219,7 +214,9 @@ def backups_cmd(
     if as_json:
         click.echo(json.dumps(summaries))
     else:
-        _echo(backups_lines(summaries))
+        from volplugin.backup import render
+
+        _echo(render.backups_lines(summaries))
 
 
 @click.command("restore")
@@ -263,7 +260,9 @@ def restore_cmd(
     if as_json:
         click.echo(json.dumps(doc))
     else:
-        _echo(restore_lines(doc))
+        from volplugin.backup import render
+
+        _echo(render.restore_lines(doc))
 
 
 def _restore_here(
@@ -277,6 +276,7 @@ def _restore_here(
 ) -> dict:
     """Restore in-process into `to_dir`, or into `to_volume` of the root."""
     from volplugin.backup import service, volumes
+    from volplugin.direct import unserved_root
 
     with contextlib.ExitStack() as stack:
         if to_dir is None:
@@ -318,7 +318,9 @@ def diff_cmd(where: Where, backup_a: str, backup_b: str, as_json: bool, store: s
     if as_json:
         click.echo(json.dumps(changes))
     else:
-        _echo(diff_lines(changes))
+        from volplugin.backup import render
+
+        _echo(render.diff_lines(changes))
 
 
 @click.command("prune")
@@ -372,6 +374,7 @@ def prune_cmd(
     if where.direct or store is not None:
         from volplugin.backup import service
         from volplugin.backup.retention import Policy
+        from volplugin.direct import unserved_root
 
         _refuse_no_wait(no_wait)
         with contextlib.ExitStack() as stack:
@@ -398,7 +401,9 @@ def prune_cmd(
     if as_json:
         click.echo(json.dumps(report))
     else:
-        _echo(prune_lines(report))
+        from volplugin.backup import render
+
+        _echo(render.prune_lines(report))
 
 
 @click.command("verify")
@@ -428,6 +433,8 @@ def verify_cmd(
             _open_store(where, store), read_data=read_data, subset_percent=subset, volume=volume
         ).to_json()
     else:
+        from volplugin.client import PluginError
+
         doc: dict = {"ReadData": read_data, "Subset": subset}
         if volume:
             doc["Volume"] = volume
@@ -440,7 +447,9 @@ def verify_cmd(
     if as_json:
         click.echo(json.dumps(report))
     else:
-        _echo(verify_lines(report))
+        from volplugin.backup import render
+
+        _echo(render.verify_lines(report))
     if not report["ok"]:
         if as_json:
             sys.exit(1)
