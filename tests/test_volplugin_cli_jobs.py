@@ -336,3 +336,19 @@ def test_permission_denied_on_the_socket_is_one_line(tmp_path: Path) -> None:
         "run this command as root"
     )
     assert fake.requests == []
+
+
+def test_jobs_and_no_wait_belong_to_the_plugin(tmp_path: Path) -> None:
+    with FakePlugin(tmp_path / "plugins") as fake:
+        for args in (["jobs"], ["job", "j-000000000000"]):
+            line = error_line(run(fake, *args, "--root", str(tmp_path / "root")))
+            assert "asks the running plugin (its jobs live there): drop --root" in line
+        src = tmp_path / "src"
+        src.mkdir()
+        for args in (
+            ["backup", "v1", "--path", str(src), "--no-wait"],
+            ["restore", "abc", "--to-dir", str(tmp_path / "out"), "--no-wait"],
+        ):
+            line = error_line(run(fake, *args, "--store", str(tmp_path / "store")))
+            assert "--no-wait starts a job in the plugin" in line
+        assert fake.requests == []

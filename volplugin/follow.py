@@ -127,6 +127,8 @@ def succeeded(job: dict) -> dict:
 
 @dataclass
 class _Follower:
+    """The job as last seen, polled until it ends."""
+
     client: PluginClient
     job: dict
 
