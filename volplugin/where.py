@@ -20,7 +20,6 @@ import click
 
 from volplugin.defaults import DEFAULT_NAME, PLUGIN_DIR
 from volplugin.errors import BadOption
-from volplugin.pluginrecord import resolve_name
 
 if TYPE_CHECKING:
     from volplugin.client import PluginClient
@@ -54,6 +53,8 @@ class Where:
 
     def root_name(self, *, required: bool = False) -> str:
         """The plugin name for direct work on the root: given, else recorded by serve."""
+        from volplugin.pluginrecord import resolve_name
+
         assert self.root is not None
         return resolve_name(self.root, self.name, required=required)
 
