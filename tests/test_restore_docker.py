@@ -42,9 +42,9 @@ def start_plugin(daemon, base: Path, store: Path) -> PluginProcess:
 
 
 def cli(plugin: PluginProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`volplugin --root ROOT --name NAME ARGS` against the plugin's store."""
+    """`volplugin --name NAME ARGS`: through the plugin's socket, with its store."""
     proc = subprocess.run(
-        [VOLPLUGIN, "--root", str(plugin.root), "--name", plugin.name, *args],
+        [VOLPLUGIN, "--name", plugin.name, *args],
         capture_output=True,
         text=True,
         env=plugin.env,

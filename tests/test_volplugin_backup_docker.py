@@ -134,12 +134,14 @@ def test_stop_during_backup_restarts_the_service_for_endpoint_and_cli(d, plugin,
     assert st["LastID"] == record["id"] and st["Outcome"] == "ok" and st["Trigger"] == "api"
     assert st["Hooks"] == [f"stop {svc}: ok", f"start {svc}: ok"]
 
+    # The CLI given only the plugin's name backs up through the plugin's socket: its hooks
+    # find the service by the plugin's own driver name, and the store is the plugin's.
+    env = {k: v for k, v in plugin.env.items() if k != "LAYERFS_STORE"}
     cli = subprocess.run(
-        [VOLPLUGIN, "--root", str(plugin.root), "--name", plugin.name, "backup", vol, "--json"]
-        + ["--store", store],
+        [VOLPLUGIN, "--name", plugin.name, "backup", vol, "--json"],
         capture_output=True,
         text=True,
-        env=plugin.env,
+        env=env,
     )
     assert cli.returncode == 0, cli.stderr
     by_cli = json.loads(cli.stdout)
@@ -150,20 +152,19 @@ def test_stop_during_backup_restarts_the_service_for_endpoint_and_cli(d, plugin,
     (info,) = json.loads(d("volume", "inspect", vol).stdout)
     shown = info["Status"]["Backup"]
     assert shown["LastID"] == by_cli["id"] and shown["Outcome"] == "ok"
-    assert shown["Trigger"] == "cli" and shown["Age"].endswith("s") and shown["AgeSeconds"] >= 0
+    assert shown["Age"].endswith("s") and shown["AgeSeconds"] >= 0
     assert backup_ids(plugin, vol) == [record["id"], by_cli["id"]]
 
-    # Given only --root, the CLI takes the plugin's name and store from ROOT/plugin.json
-    # (serve records them): the hooks find the service, not a guessed driver's nothing.
-    env = {k: v for k, v in plugin.env.items() if k != "LAYERFS_STORE"}
-    found = subprocess.run(
+    # Working on the served root directly is refused: no second backup beside the plugin's.
+    refused = subprocess.run(
         [VOLPLUGIN, "--root", str(plugin.root), "backup", vol, "--json"],
         capture_output=True,
         text=True,
         env=env,
     )
-    assert found.returncode == 0, found.stderr
-    assert hook_steps(json.loads(found.stdout)) == [("stop", svc, True), ("start", svc, True)]
+    assert refused.returncode == 1, refused.stdout
+    assert f"a `volplugin serve` is running on the root {plugin.root}" in refused.stderr
+    assert backup_ids(plugin, vol) == [record["id"], by_cli["id"]]
     assert inspect(d, svc, "{{.State.Status}}") == "running"
 
 

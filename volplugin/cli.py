@@ -1,16 +1,16 @@
-"""The `volplugin` command line: serve the plugin, and read volume state (ls, inspect).
+"""The `volplugin` command line: serve the plugin; volumes (ls, inspect) and jobs (jobs, job).
 
-`ls` and `inspect` read the state database directly, so they work while `serve` is down.
-Without --name, commands on a root use the name `serve` recorded there (pluginrecord).
-Heavy libraries (flask, waitress, the docker SDK, boto3) are imported by the commands
-that use them, so that --help and small commands start fast.
-The backup feature adds its commands from volplugin.backup.commands.COMMANDS.
+Commands talk to the running plugin over its socket (volplugin.client); with --root DIR
+they work on that root directly (volplugin.where), so `ls` and `inspect` also read a
+root while `serve` is down. Heavy libraries (flask, waitress, the docker SDK, boto3,
+rich) are imported by the commands that use them, so that --help and socket calls start
+fast. The backup feature's commands (volplugin.backup.commands.COMMANDS) are imported
+when one of them runs or --help lists them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,16 +28,34 @@ from volplugin.defaults import (
 from volplugin.errors import BadRequest
 from volplugin.hostid import ENV as HOST_ID_ENV
 from volplugin.hostid import check_host_id, use_host_id
-from volplugin.pluginrecord import resolve_name
 from volplugin.sidekick.paths import SIDEKICK_DIR
 from volplugin.text import printable
+from volplugin.where import Where, log_here, where_options
 
 if TYPE_CHECKING:
     from volplugin.volumes.service import VolumeService
 
 
 class _Group(OneLineErrors):
+    """The command group; the backup commands are imported when one of them is asked for."""
+
     prog = "volplugin"
+
+    def _load_backup_commands(self) -> None:
+        from volplugin.backup.commands import COMMANDS
+
+        for command in COMMANDS:
+            if command.name not in self.commands:
+                self.add_command(command)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._load_backup_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_backup_commands()
+        return super().list_commands(ctx)
 
 
 def _host_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -63,72 +81,61 @@ host_id_option = click.option(
     "--root",
     envvar="VOLPLUGIN_ROOT",
     type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_ROOT,
-    show_default=True,
-    help="Directory holding the volumes and their state.",
+    default=None,
+    help=f"Root directory of the volumes and their state. For serve (default {DEFAULT_ROOT}): "
+    "the one to serve; for other commands: work on it directly instead of through the plugin.",
 )
 @click.option(
     "--name",
     envvar="VOLPLUGIN_NAME",
     default=None,
-    help="Plugin name: the driver name for docker and the socket's name. Default: for "
-    f"serve {DEFAULT_NAME}; for other commands the name serve recorded in ROOT/plugin.json.",
+    help=f"Plugin name (default {DEFAULT_NAME}): the driver name for docker and the socket "
+    "PLUGIN_DIR/NAME.sock that commands talk to; with --root, the name serve recorded there.",
+)
+@click.option(
+    "--plugin-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help=f"Where plugin sockets are (default {PLUGIN_DIR}).",
 )
 @host_id_option
 @password_option()
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
-def cli(ctx: click.Context, root: Path, name: str, host_id: str | None, verbose: bool) -> None:
-    """A Docker volume plugin: volumes are directories under ROOT, state in SQLite."""
+def cli(
+    ctx: click.Context,
+    root: Path | None,
+    name: str | None,
+    plugin_dir: Path | None,
+    host_id: str | None,
+    verbose: bool,
+) -> None:
+    """A Docker volume plugin: volumes are directories under a root, state in SQLite.
+
+    Commands other than serve talk to the running plugin over its socket; --root DIR
+    makes them work on that root directly.
+    """
     use_host_id(host_id)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="volplugin: %(levelname)s: %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not verbose:  # botocore's INFO lines (where credentials were found) are noise here
-        logging.getLogger("botocore").setLevel(logging.WARNING)
-    ctx.obj = {"root": root, "name": name}
-
-
-def where(fn):
-    """Add --name and --root to a command; they override the group's values."""
-    fn = click.option(
-        "--root",
-        "cmd_root",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help=f"Root directory (default {DEFAULT_ROOT}).",
-    )(fn)
-    return click.option(
-        "--name",
-        "cmd_name",
-        default=None,
-        help=f"Plugin name (default: as recorded by serve in the root, else {DEFAULT_NAME}).",
-    )(fn)
-
-
-def _pick(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
-    """Name and root for `serve`: the name given, else the default one."""
-    return name or obj["name"] or DEFAULT_NAME, Path(root or obj["root"])
-
-
-def _where(obj: dict, name: str | None, root: Path | None) -> tuple[str, Path]:
-    """Name and root for a command on a root: the name given, else the recorded one."""
-    path = Path(root or obj["root"])
-    return resolve_name(path, name or obj["name"]), path
+    ctx.obj = {"root": root, "name": name, "plugin_dir": plugin_dir, "verbose": verbose}
 
 
 @cli.command("serve")
-@where
-@click.option("--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads.")
+@click.option("--name", "cmd_name", default=None, help=f"Plugin name (default {DEFAULT_NAME}).")
+@click.option(
+    "--root",
+    "cmd_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help=f"Root directory (default {DEFAULT_ROOT}).",
+)
 @click.option(
     "--plugin-dir",
+    "cmd_plugin_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=PLUGIN_DIR,
-    show_default=True,
-    help="Where the daemon looks for plugin sockets.",
+    default=None,
+    help=f"Where the daemon looks for plugin sockets (default {PLUGIN_DIR}).",
 )
+@click.option("--threads", default=DEFAULT_THREADS, show_default=True, help="Request threads.")
 @store_option("Backup store for backups, -o from= and -o backup-schedule (default as for layerfs).")
 @password_option()
 @click.option(
@@ -163,8 +170,8 @@ def serve_cmd(
     obj: dict,
     cmd_name: str | None,
     cmd_root: Path | None,
+    cmd_plugin_dir: Path | None,
     threads: int,
-    plugin_dir: Path,
     store: str | None,
     schedule_tick: float,
     host_id: str | None,
@@ -174,16 +181,16 @@ def serve_cmd(
 ) -> None:
     """Serve the volume plugin protocol on PLUGIN_DIR/NAME.sock until SIGTERM.
 
-    The name and store are recorded in ROOT/plugin.json for the other commands.
+    The name and store are recorded in ROOT/plugin.json for direct commands (--root).
     """
     from volplugin.server import serve
 
-    name, root = _pick(obj, cmd_name, cmd_root)
+    log_here()
     use_host_id(host_id)
     serve(
-        name,
-        root,
-        plugin_dir=plugin_dir,
+        cmd_name or obj["name"] or DEFAULT_NAME,
+        Path(cmd_root or obj["root"] or DEFAULT_ROOT),
+        plugin_dir=cmd_plugin_dir or obj["plugin_dir"] or PLUGIN_DIR,
         threads=threads,
         store=store,
         schedule_tick=schedule_tick,
@@ -193,23 +200,48 @@ def serve_cmd(
     )
 
 
-def _service(obj: dict, cmd_name: str | None, cmd_root: Path | None) -> VolumeService:
+def _service(where: Where) -> VolumeService:
     from volplugin.backup import status
     from volplugin.volumes.service import VolumeService
     from volplugin.volumes.state import State
 
-    name, root = _where(obj, cmd_name, cmd_root)
-    return status.attach(VolumeService(root, name, State.under(root, create=False)))
+    assert where.root is not None
+    log_here()
+    root = where.root
+    return status.attach(VolumeService(root, where.root_name(), State.under(root, create=False)))
+
+
+def _described(where: Where) -> list[dict]:
+    """Every volume as VolumeDriver.Get describes it, from the plugin or the root."""
+    if where.direct:
+        svc = _service(where)
+        return [svc.describe(r) for r in svc.list()]
+    from volplugin.client import PluginError
+
+    client = where.client()
+    docs = []
+    for listed in client.call("VolumeDriver.List")["Volumes"]:
+        try:
+            docs.append(client.call("VolumeDriver.Get", {"Name": listed["Name"]})["Volume"])
+        except PluginError as exc:
+            if "no such volume" not in str(exc):
+                raise  # a volume removed since the listing is no longer listed
+    return docs
+
+
+def _volume(where: Where, volume: str) -> dict:
+    if where.direct:
+        svc = _service(where)
+        return svc.describe(svc.get(volume))
+    return where.client().call("VolumeDriver.Get", {"Name": volume})["Volume"]
 
 
 @cli.command("ls")
-@where
+@where_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_obj
-def ls_cmd(obj: dict, cmd_name: str | None, cmd_root: Path | None, as_json: bool) -> None:
+def ls_cmd(where: Where, as_json: bool) -> None:
     """List volumes with their size, users and creation time."""
-    svc = _service(obj, cmd_name, cmd_root)
-    docs = [svc.describe(r) for r in svc.list()]
+    docs = _described(where)
     if as_json:
         click.echo(json.dumps(docs, indent=2))
         return
@@ -217,22 +249,18 @@ def ls_cmd(obj: dict, cmd_name: str | None, cmd_root: Path | None, as_json: bool
     for doc in docs:
         st = doc["Status"]
         click.echo(
-            f"{printable(doc['Name']):<32} {st['Size']:>12} {st['Containers']:>10}  "
-            f"{printable(st['Created'])}"
+            f"{printable(doc['Name']):<32} {printable(st['Size']):>12} "
+            f"{printable(st['Containers']):>10}  {printable(st['Created'])}"
         )
 
 
 @cli.command("inspect")
-@where
+@where_options
 @click.argument("volume")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_obj
-def inspect_cmd(
-    obj: dict, cmd_name: str | None, cmd_root: Path | None, volume: str, as_json: bool
-) -> None:
-    """Show one volume: mountpoint, size, users, options, last backup."""
-    svc = _service(obj, cmd_name, cmd_root)
-    doc = svc.describe(svc.get(volume))
+def inspect_cmd(where: Where, volume: str, as_json: bool) -> None:
+    """Show one volume: mountpoint, size, users, options, last backup, running job."""
+    doc = _volume(where, volume)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -241,32 +269,110 @@ def inspect_cmd(
     click.echo(f"Name:        {p(doc['Name'])}")
     click.echo(f"Mountpoint:  {p(doc['Mountpoint'])}")
     click.echo(f"Created:     {p(st['Created'])}")
-    click.echo(f"Size:        {st['Size']}")
-    click.echo(f"Containers:  {st['Containers']}")
+    click.echo(f"Size:        {p(st['Size'])}")
+    click.echo(f"Containers:  {p(st['Containers'])}")
     opts = ", ".join(f"{p(k)}={p(v)}" for k, v in st["Options"].items()) or "(none)"
     click.echo(f"Options:     {opts}")
-    backup = st["Backup"]
-    if backup["LastTime"]:
+    backup = st.get("Backup") or {}
+    if backup.get("LastTime"):
         click.echo(
             f"Last backup: {p(backup['LastID'] or '-')} at {p(backup['LastTime'])} "
             f"({p(backup['Age'])} ago, {p(backup['Outcome'])})"
         )
-        if backup["Detail"]:
+        if backup.get("Detail"):
             click.echo(f"             {p(backup['Detail'])}")
     else:
         click.echo("Last backup: never")
-    if backup["Schedule"]:
+    if backup.get("Schedule"):
         click.echo(f"Schedule:    {p(backup['Schedule'])} (next {p(backup['NextRun'])})")
+    if st.get("Job"):
+        from volplugin.jobtext import summary
+
+        click.echo(f"Job:         {summary(st['Job'])}")
 
 
-def _register() -> None:
-    from volplugin.backup.commands import COMMANDS
+@cli.command("jobs")
+@where_options
+@click.option("--volume", help="Only this volume's jobs.")
+@click.option("--all", "all_jobs", is_flag=True, help="Every job, not only the last finished.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def jobs_cmd(where: Where, volume: str | None, all_jobs: bool, as_json: bool) -> None:
+    """List the plugin's jobs, newest first: queued, running and recently finished ones."""
+    from volplugin.jobtext import progress_text
 
-    for command in COMMANDS:
-        cli.add_command(command)
+    doc: dict = {"All": all_jobs}
+    if volume:
+        doc["Volume"] = volume
+    jobs = where.plugin("jobs").call("Jobs.List", doc)["Jobs"]
+    if as_json:
+        click.echo(json.dumps(jobs))
+        return
+    p = printable
+    click.echo(f"{'ID':<14} {'KIND':<8} {'VOLUME':<24} {'STATE':<11} {'CREATED':<20}  PROGRESS")
+    for job in jobs:
+        progress = progress_text(job)
+        if job.get("Error"):
+            progress = f"{progress}: {p(job['Error'])}" if progress else p(job["Error"])
+        click.echo(
+            f"{p(job.get('ID')):<14} {p(job.get('Kind')):<8} {p(job.get('Volume') or '-'):<24} "
+            f"{p(job.get('State')):<11} {p(job.get('Created')):<20}  {progress}"
+        )
 
 
-_register()
+@cli.command("job")
+@where_options
+@click.argument("job_id", metavar="ID")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends, with its progress.")
+@click.option("--cancel", is_flag=True, help="Ask the job to stop (then --wait for it to).")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+def job_cmd(where: Where, job_id: str, wait: bool, cancel: bool, as_json: bool) -> None:
+    """Show one job of the plugin; --wait follows it to its end, --cancel stops it.
+
+    With --wait the exit status is 1 unless the job succeeded (or, with --cancel, was
+    cancelled).
+    """
+    from volplugin.follow import follow, get
+    from volplugin.jobtext import failure, what
+
+    client = where.plugin("job")
+    if cancel:
+        job = client.call("Jobs.Cancel", {"ID": job_id})["Job"]
+        if not wait and not as_json:
+            click.echo(f"asked {what(job)} job {printable(job.get('ID'))} to stop", err=True)
+    else:
+        job = get(client, job_id)
+    failed = None
+    if wait:
+        job = follow(client, job)
+        if not (cancel and job.get("State") == "cancelled"):
+            failed = failure(job)
+    if as_json:
+        click.echo(json.dumps(job))
+    else:
+        _show_job(job)
+    if failed is not None:
+        if not as_json:
+            click.echo(f"volplugin: error: {failed}", err=True)
+        sys.exit(1)
+
+
+def _show_job(job: dict) -> None:
+    from volplugin.backup.render import result_lines
+    from volplugin.jobtext import progress_text
+
+    p = printable
+    click.echo(f"ID:        {p(job.get('ID'))}")
+    click.echo(f"Kind:      {p(job.get('Kind'))}")
+    click.echo(f"Volume:    {p(job.get('Volume') or '(every volume)')}")
+    click.echo(f"State:     {p(job.get('State'))}")
+    for key in ("Created", "Started", "Finished"):
+        click.echo(f"{key + ':':<10} {p(job.get(key) or '-')}")
+    click.echo(f"Progress:  {progress_text(job) or '-'}")
+    if job.get("Error"):
+        click.echo(f"Error:     {p(job['Error'])}")
+    if job.get("Result"):
+        for i, line in enumerate(result_lines(job)):
+            click.echo(f"{'Result:' if i == 0 else '':<10} {line}")
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 
 from volplugin.errors import BadRequest
 
@@ -31,6 +30,8 @@ def check_host_id(value: str) -> str:
 
 def host_id() -> str:
     """The configured host id, else the machine's hostname."""
+    import socket
+
     return os.environ.get(ENV) or socket.gethostname()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,8 @@ def absolute_store(store: str | None) -> str | None:
 
 def write_record(root: Path, name: str, store: str | None) -> Path:
     """Record `name` and `store` in ROOT/plugin.json (replaced atomically, mode 0600)."""
+    import tempfile
+
     path = record_path(root)
     doc = {"name": name, "store": absolute_store(store), "pid": os.getpid()}
     fd, tmp = tempfile.mkstemp(prefix=".plugin.", suffix=".tmp", dir=path.parent)

@@ -246,15 +246,15 @@ class PruneReport:
     def to_json(self) -> dict:
         return {
             "dry_run": self.dry_run,
-            "keep": [
-                {"id": d.backup.id, "volume": d.backup.volume, "reasons": d.reasons}
-                for d in self.decisions
-                if d.keep
-            ],
-            "remove": [{"id": b.id, "volume": b.volume} for b in self.removed],
+            "keep": [{**_brief(d.backup), "reasons": d.reasons} for d in self.decisions if d.keep],
+            "remove": [_brief(b) for b in self.removed],
             "objects_removed": self.gc.removed if self.gc else 0,
             "bytes_freed": self.gc.freed_bytes if self.gc else 0,
         }
+
+
+def _brief(record: BackupRecord) -> dict:
+    return {"id": record.id, "volume": record.volume, "time": record.time_iso, "host": record.host}
 
 
 def prune_backups(
