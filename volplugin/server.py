@@ -12,6 +12,7 @@ to put their containers back.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import logging
@@ -21,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import waitress
@@ -155,7 +156,7 @@ def serve(
         scheduler = Scheduler(service, store, tick=schedule_tick, jobs=jobs).start(stop)
         try:
             server = waitress_server(app, sock, threads)
-            _exit_on_signals(jobs.request_stop)
+            _exit_on_signals(jobs)
             # Starting a container mounts its volumes through us: so once we serve.
             put_back_then_run(jobs, stop)
             log.info("serving driver %s on %s, root %s, %d thread(s)", name, path, root, threads)
@@ -166,7 +167,7 @@ def serve(
                 stop.set()
                 server.close()
                 scheduler.join(SCHEDULER_GRACE)
-                jobs.shutdown(STOP_GRACE)  # running backups put their containers back
+                jobs.shutdown(STOP_GRACE)  # done already, unless the loop ended otherwise
         finally:
             lazy.close()
             sock.close()
@@ -227,17 +228,32 @@ def waitress_server(app: Flask, sock: socket.socket, threads: int) -> BaseWSGISe
     )
 
 
-def _exit_on_signals(on_stop: Callable[[str], None]) -> None:
-    """SIGTERM and SIGINT: tell `on_stop` (which only sets flags) and leave the server loop;
-    a second signal while stopping is ignored (the shutdown is bounded)."""
+def _exit_on_signals(jobs: JobRunner) -> None:
+    """SIGTERM and SIGINT: cancel the jobs, wait for them (STOP_GRACE) in a thread, then
+    leave the server loop.
+
+    Requests are served meanwhile: a cancelled backup starts the containers it stopped,
+    and the daemon mounts their volumes through us. More signals meanwhile are ignored.
+    """
+    stopped = threading.Event()
     stopping: list[str] = []
 
+    def wind_down() -> None:
+        log.info("%s: stopping", stopping[0])
+        try:
+            jobs.shutdown(STOP_GRACE)
+        finally:
+            stopped.set()
+            _thread.interrupt_main(signal.SIGINT)  # runs `handler` in the main thread
+
     def handler(signum: int, frame: object) -> None:
+        if stopped.is_set():
+            sys.exit(0)  # leaves waitress' loop
         if stopping:
             return
         stopping.append(signal.Signals(signum).name)
-        on_stop(stopping[0])
-        sys.exit(0)
+        jobs.request_stop(stopping[0])
+        threading.Thread(target=wind_down, name="volplugin-stop", daemon=True).start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

@@ -106,6 +106,7 @@ class JobRunner:
         self._running: dict[str, JobContext] = {}  # queued or running here, by job ID
         self._threads: list[threading.Thread] = []
         self._stopping = ""  # why every job is being cancelled ("" while serving)
+        self._shut = False  # shutdown was called
 
     @classmethod
     def open(cls, root: Path, workers: int = WORKERS) -> JobRunner:
@@ -234,11 +235,20 @@ class JobRunner:
         if self._stopping:
             return
         self._stopping = why
-        for ctx in list(self._running.values()):
+        with self._lock:
+            running = list(self._running.values())
+        for ctx in running:
             ctx.cancel(f"cancelled: the plugin was stopping ({why})")
 
     def shutdown(self, grace: float = STOP_GRACE) -> None:
-        """Cancel every job, wait up to `grace` s; put back what jobs still running quieted."""
+        """Cancel every job, wait up to `grace` s; put back what jobs still running quieted.
+
+        Once only: a later call returns at once.
+        """
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
         self.request_stop(self._stopping or "stop")
         with self._lock:
             busy = sorted(self._running)
