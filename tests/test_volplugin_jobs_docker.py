@@ -40,20 +40,29 @@ def uniq(what: str) -> str:
     return f"vpjob-{what}-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture
-def plugin(daemon, tmp_path):
-    env = dict(
+def start_plugin(daemon, base: Path, **env: str) -> PluginProcess:
+    full = dict(
         os.environ,
         DOCKER_HOST=daemon.host,
-        LAYERFS_STORE=str(tmp_path / "store"),
-        LAYERFS_CACHE_DIR=str(tmp_path / "cache"),
+        LAYERFS_STORE=str(base / "store"),
+        LAYERFS_CACHE_DIR=str(base / "cache"),
+        **env,
     )
-    p = PluginProcess(tmp_path / "root", name=uniq("drv"), env=env).start()
+    return PluginProcess(base / "root", name=uniq("drv"), env=full).start()
+
+
+def stop_plugin(daemon, plugin: PluginProcess) -> None:
+    if plugin.proc is None:
+        plugin.start()
+    remove_driver_objects(daemon.env, plugin.name)
+    plugin.cleanup()
+
+
+@pytest.fixture
+def plugin(daemon, tmp_path):
+    p = start_plugin(daemon, tmp_path)
     yield p
-    if p.proc is None:
-        p.start()
-    remove_driver_objects(daemon.env, p.name)
-    p.cleanup()
+    stop_plugin(daemon, p)
 
 
 def state(daemon, container: str) -> str:
@@ -74,13 +83,14 @@ def backup_ids(plugin: PluginProcess, vol: str) -> list[str]:
     return [b["id"] for b in ok(plugin, "Backup.List", {"Volume": vol})["Backups"]]
 
 
-def gated_volume(daemon, plugin: PluginProcess) -> tuple[str, str, str]:
+def gated_volume(daemon, plugin: PluginProcess, *opts: str) -> tuple[str, str, str]:
     """A volume with a writer labelled stop-during-backup and a gate container; its name,
     the writer's, the gate's."""
     vol = uniq("vol")
-    daemon.docker("volume", "create", "-d", plugin.name, vol)
+    daemon.docker("volume", "create", "-d", plugin.name, *opts, vol)
     writer, gate = uniq("writer"), uniq("gate")
-    for name, labels, script in ((writer, [STOP], WRITER), (gate, [GATE], IDLE)):
+    # the gate first: a backup that finds the writer running finds the gate too
+    for name, labels, script in ((gate, [GATE], IDLE), (writer, [STOP], WRITER)):
         args = [a for label in labels for a in ("--label", label)]
         daemon.docker(
             "run", "-d", "--name", name, *args, "-v", f"{vol}:/data", BASE_IMAGE, "sh", "-c", script
@@ -236,6 +246,10 @@ def test_jobs_get_list_and_cancel(daemon, plugin):
     ]
     assert ok(plugin, "Jobs.List", {"Volume": uniq("none")})["Jobs"] == []
 
+    code, doc = plugin.call("Backup.Create", {"Volume": vol, "Wait": "yes"})
+    assert code == 500 and doc["Err"] == "field 'Wait' must be true or false", doc
+    assert len(ok(plugin, "Jobs.List", {"Volume": vol})["Jobs"]) == 2  # it made no job
+
     # A restore job into a new volume, with its totals known from the backup.
     code, doc = plugin.job(
         "Backup.Restore", {"Backup": second["Result"]["Backup"]["id"], "Volume": uniq("copy")}
@@ -246,3 +260,32 @@ def test_jobs_get_list_and_cancel(daemon, plugin):
     assert progress["Files"] == progress["TotalFiles"], progress
     assert doc["Restore"]["files"] == progress["Files"]
     assert Path(doc["Restore"]["target"], "counter").is_file()
+
+
+def test_a_scheduled_backup_is_a_job_that_holds_its_volume(daemon, tmp_path):
+    plugin = start_plugin(
+        daemon, tmp_path, VOLPLUGIN_CRON_SECONDS="1", VOLPLUGIN_SCHEDULE_TICK="0.5"
+    )
+    try:
+        vol, writer, _gate = gated_volume(daemon, plugin, "-o", "backup-schedule=* * * * * */2")
+
+        # The gate runs before the writer starts, so a job that stops the writer is held.
+        wait_for(lambda: state(daemon, writer) == "exited", "a scheduled backup to stop it")
+        jobs = ok(plugin, "Jobs.List", {"Volume": vol})["Jobs"]
+        (job,) = [j for j in jobs if j["State"] == "running"]
+        assert job["Kind"] == "backup" and job["Volume"] == vol
+        code, doc = plugin.call("Backup.Create", {"Volume": vol})
+        assert code == 500 and BUSY.match(doc["Err"]).groups() == (vol, job["ID"]), doc
+        status = ok(plugin, "VolumeDriver.Get", {"Name": vol})["Volume"]["Status"]
+        assert status["Job"]["ID"] == job["ID"]
+
+        open_gate(plugin, vol)
+        done = get_job(plugin, job["ID"], wait=60)
+        assert done["State"] == "succeeded", done
+        assert done["Result"]["Backup"]["tags"] == ["scheduled"]
+        assert done["Result"]["Backup"]["id"] in backup_ids(plugin, vol)
+        wait_for(lambda: state(daemon, writer) == "running", "the writer started again")
+        # the scheduler saw its own job under way on every tick: nothing was skipped
+        assert "scheduled backup skipped" not in plugin.log()
+    finally:
+        stop_plugin(daemon, plugin)

@@ -93,6 +93,7 @@ def endpoint(path: str) -> Callable[[Callable[[dict], dict]], Callable[[], Respo
 @blueprint.route("/Backup.Create", methods=["POST"])
 def create() -> Response:
     doc = body()
+    wait = jobs_api.wait_flag(doc)
     name = field(doc, "Volume")
     tags = doc.get("Tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
@@ -101,7 +102,7 @@ def create() -> Response:
     svc.get(name)  # an unknown volume is an error of its own, not a failed backup
     work = tasks.backup_job(svc, _store_url(), name, tags, trigger="api")
     job = jobs_api.runner().submit("backup", name, work, {"Volume": name, "Tags": tags})
-    return jobs_api.started(job, doc.get("Wait"))
+    return jobs_api.started(job, wait)
 
 
 @endpoint("/Backup.List")
@@ -113,6 +114,7 @@ def list_(doc: dict) -> dict:
 @blueprint.route("/Backup.Restore", methods=["POST"])
 def restore() -> Response:
     doc = body()
+    wait = jobs_api.wait_flag(doc)
     ref, name = field(doc, "Backup"), field(doc, "Volume")
     subpath, force = _optional_str(doc, "Path"), bool(doc.get("Force", False))
     svc = _volumes()
@@ -120,7 +122,7 @@ def restore() -> Response:
     work = tasks.restore_job(svc, _store_url(), ref, name, subpath=subpath, force=force)
     request = {"Backup": ref, "Volume": name, "Path": subpath, "Force": force}
     job = jobs_api.runner().submit("restore", name, work, request)
-    return jobs_api.started(job, doc.get("Wait"))
+    return jobs_api.started(job, wait)
 
 
 @endpoint("/Backup.Diff")
@@ -132,6 +134,7 @@ def diff(doc: dict) -> dict:
 @blueprint.route("/Backup.Prune", methods=["POST"])
 def prune() -> Response:
     doc = body()
+    wait = jobs_api.wait_flag(doc)
     policy = Policy(
         last=_int(doc, "KeepLast"),
         hourly=_int(doc, "KeepHourly"),
@@ -155,7 +158,7 @@ def prune() -> Response:
     )
     request = {**vars(policy), "Volume": volume, "DryRun": dry_run, "Grace": grace}
     job = jobs_api.runner().submit("prune", volume, work, {**request, "AllHosts": all_hosts})
-    return jobs_api.started(job, doc.get("Wait"))
+    return jobs_api.started(job, wait)
 
 
 @endpoint("/Backup.Verify")

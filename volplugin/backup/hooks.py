@@ -15,6 +15,9 @@ pre-backup command (or a failed stop/pause) aborts the backup: the containers ar
 back and nothing else runs. Every action is recorded, for the backup document. A
 command's output is read as a stream of which only the last 64 KiB are held, and the
 last 2000 characters are kept (`volplugin inspect` escapes its control characters).
+A backup job gives a journal (volplugin/jobs/journal.py) in which each container is
+recorded before it is stopped or paused, so that a plugin killed meanwhile puts it back
+at its next start, and a cancel check run between the steps.
 """
 
 from __future__ import annotations

@@ -36,13 +36,17 @@ def answer(job: Job, status_on_error: bool = True) -> Response:
     return reply({"Job": job.to_json(), "Err": err}, 500 if failed else 200)
 
 
-def started(job: Job, wait: object) -> Response:
-    """The answer to a request that started `job`: at once, or (Wait) once it has ended."""
-    if wait is not None and not isinstance(wait, bool):
+def wait_flag(doc: dict) -> bool:
+    """The `Wait` of a request that starts a job (checked before the job is made)."""
+    wait = doc.get("Wait", False)
+    if not isinstance(wait, bool):
         raise BadRequest("field 'Wait' must be true or false")
-    if not wait:
-        return answer(job)
-    return answer(runner().wait(job.id))
+    return wait
+
+
+def started(job: Job, wait: bool) -> Response:
+    """The answer to a request that started `job`: at once, or (`wait`) once it has ended."""
+    return answer(runner().wait(job.id)) if wait else answer(job)
 
 
 def _optional_str(doc: dict, key: str) -> str | None:

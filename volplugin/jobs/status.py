@@ -1,7 +1,7 @@
 """The job part of a volume's Status: its queued or running job (or null), under `Job`.
 
-`attach` adds it to a VolumeService's status hooks, so `docker volume inspect` and
-`volplugin inspect` show it; one indexed query of the jobs table, so Get stays fast.
+`attach` adds it to a VolumeService's status hooks, so VolumeDriver.Get (`docker volume
+inspect`) shows it; one indexed query of the jobs table, so Get stays fast.
 """
 
 from __future__ import annotations
