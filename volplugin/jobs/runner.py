@@ -161,6 +161,8 @@ class JobRunner:
             job_id, body = item
             with self._lock:
                 ctx = self._running.get(job_id)
+            if ctx is not None and self._stopping:  # queued as the stop began
+                ctx.cancel(f"cancelled: the plugin was stopping ({self._stopping})")
             try:
                 if ctx is not None and not ctx.cancelled and self.table.start(job_id):
                     self._run(ctx, body)
