@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.plugin import job_call
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the plugin server runs as root")
 
 
@@ -44,6 +46,14 @@ class Plugin:
         assert status == 200 and answer["Err"] == "", answer
         return answer
 
+    def job(self, endpoint: str, doc: dict) -> tuple[int, dict]:
+        return job_call(self.call, endpoint, doc)
+
+    def job_ok(self, endpoint: str, doc: dict) -> dict:
+        status, answer = self.job(endpoint, doc)
+        assert status == 200 and answer["Err"] == "", answer
+        return answer
+
 
 @pytest.fixture
 def plugin(tmp_path: Path):
@@ -70,15 +80,15 @@ def test_backup_list_restore_diff_verify_prune(plugin: Plugin) -> None:
     plugin.ok("/VolumeDriver.Create", {"Name": "bk-src"})
     src = Path(plugin.ok("/VolumeDriver.Path", {"Name": "bk-src"})["Mountpoint"])
     (src / "notes.txt").write_text("one\n")
-    first = plugin.ok("/Backup.Create", {"Volume": "bk-src", "Tags": ["nightly"]})["Backup"]
+    first = plugin.job_ok("/Backup.Create", {"Volume": "bk-src", "Tags": ["nightly"]})["Backup"]
     assert first["volume"] == "bk-src" and first["files"] == 1
     (src / "notes.txt").write_text("two\n")
-    second = plugin.ok("/Backup.Create", {"Volume": "bk-src"})["Backup"]
+    second = plugin.job_ok("/Backup.Create", {"Volume": "bk-src"})["Backup"]
     listed = plugin.ok("/Backup.List", {"Volume": "bk-src"})["Backups"]
     assert [b["id"] for b in listed] == [first["id"], second["id"]]
     assert listed[0]["tags"] == ["nightly"]
 
-    restored = plugin.ok("/Backup.Restore", {"Backup": first["id"], "Volume": "bk-dst"})
+    restored = plugin.job_ok("/Backup.Restore", {"Backup": first["id"], "Volume": "bk-dst"})
     dst = Path(plugin.ok("/VolumeDriver.Path", {"Name": "bk-dst"})["Mountpoint"])
     assert restored["Restore"]["target"] == str(dst)
     assert (dst / "notes.txt").read_text() == "one\n"
@@ -86,7 +96,7 @@ def test_backup_list_restore_diff_verify_prune(plugin: Plugin) -> None:
     changes = plugin.ok("/Backup.Diff", {"A": first["id"], "B": second["id"]})["Changes"]
     assert changes == [{"change": "M", "path": "notes.txt", "what": ["content", "mtime"]}]
     assert plugin.ok("/Backup.Verify", {"ReadData": True})["Verify"]["ok"]
-    pruned = plugin.ok("/Backup.Prune", {"KeepLast": 1, "Grace": 0})["Prune"]
+    pruned = plugin.job_ok("/Backup.Prune", {"KeepLast": 1, "Grace": 0})["Prune"]
     assert [r["id"] for r in pruned["remove"]] == [first["id"]]
     assert [b["id"] for b in plugin.ok("/Backup.List")["Backups"]] == [second["id"]]
     status = plugin.ok("/VolumeDriver.Get", {"Name": "bk-src"})["Volume"]["Status"]
@@ -94,12 +104,13 @@ def test_backup_list_restore_diff_verify_prune(plugin: Plugin) -> None:
 
 
 def test_errors_are_500_with_err(plugin: Plugin) -> None:
-    status, answer = plugin.call("/Backup.Restore", {"Backup": "0123abcd", "Volume": "bk-x"})
+    status, answer = plugin.job("/Backup.Restore", {"Backup": "0123abcd", "Volume": "bk-x"})
     assert status == 500 and "no backup" in answer["Err"]
+    assert answer["Job"]["State"] == "failed" and answer["Job"]["Error"] == answer["Err"]
     status, answer = plugin.call("/VolumeDriver.Get", {"Name": "bk-x"})
     assert status == 500, "a failed restore must not create its volume"
-    status, answer = plugin.call("/Backup.Create", {"Volume": "bk-nothing"})
-    assert status == 500 and "bk-nothing" in answer["Err"]
+    status, answer = plugin.call("/Backup.Create", {"Volume": "bk-nothing", "Wait": True})
+    assert status == 500 and "bk-nothing" in answer["Err"] and "Job" not in answer
     status, answer = plugin.call("/Backup.Create", {})
     assert status == 500 and "Volume" in answer["Err"]
     status, answer = plugin.call("/Backup.Prune", {})

@@ -231,7 +231,7 @@ def test_racing_container_never_gets_host_files_into_a_backup(
 
         ids = []
         for _ in range(20):
-            code, doc = plugin.call("Backup.Create", {"Volume": vol})
+            code, doc = plugin.job("Backup.Create", {"Volume": vol})
             assert code == 200, doc
             ids.append(doc["Backup"]["id"])
 

@@ -22,7 +22,7 @@ import pytest
 from layerfs.repo.repository import open_repository
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.s3 import PACK_SIZE, S3Backend
-from tests.support.plugin import PluginProcess, UnixHTTPConnection
+from tests.support.plugin import PluginProcess, UnixHTTPConnection, job_call
 from tests.support.s3backup import cli, fill_random, start_cli, store_fixture
 from tests.support.waiting import wait_for
 from volplugin.backup import service
@@ -134,15 +134,17 @@ def test_sigkill_of_the_plugin_serving_backup_create(store, tmp_path: Path) -> N
         plugin.kill()
         caller.join(60)
         assert answers and isinstance(answers[0], OSError), answers  # no answer: it was killed
+        killed = [j for j in _jobs_after_restart(plugin) if j["Volume"] == "bks3-pvol"]
 
         assert _listed(store) == [first]
         cli("verify", "--read-data", store=store.url)
         indexed = _indexed_bytes(store, tmp_path / "cache-count")
 
-        plugin.start()
         status, answer = _call(plugin, "/Backup.Create")
         assert status == 200 and answer["Err"] == "", answer
         second = answer["Backup"]
+        assert [j["State"] for j in killed] == ["succeeded", "interrupted"], killed
+        assert "the plugin stopped" in killed[1]["Error"], killed
         assert second["parent"] == first
         assert second["bytes_new"] <= total - indexed + PACK_SIZE, (second, indexed)
         cli("verify", "--read-data", store=store.url)
@@ -150,15 +152,27 @@ def test_sigkill_of_the_plugin_serving_backup_create(store, tmp_path: Path) -> N
         plugin.cleanup()
 
 
-def _call(plugin: PluginProcess, endpoint: str) -> tuple[int, dict]:
-    """POST {"Volume": "bks3-pvol"}, waiting as long as a large backup takes."""
+def _post(plugin: PluginProcess, endpoint: str, body: dict) -> tuple[int, dict]:
     conn = UnixHTTPConnection(str(plugin.socket), timeout=600)
     try:
-        conn.request("POST", endpoint, body=json.dumps({"Volume": "bks3-pvol"}))
+        conn.request("POST", endpoint, body=json.dumps(body))
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
     finally:
         conn.close()
+
+
+def _call(plugin: PluginProcess, endpoint: str) -> tuple[int, dict]:
+    """Run a job {"Volume": "bks3-pvol"} to its end, waiting as long as a large backup takes."""
+    return job_call(lambda e, b: _post(plugin, e, b), endpoint, {"Volume": "bks3-pvol"})
+
+
+def _jobs_after_restart(plugin: PluginProcess) -> list[dict]:
+    """Start the killed plugin again; its jobs, oldest first."""
+    plugin.start()
+    status, doc = plugin.call("/Jobs.List", {"Volume": "bks3-pvol"})
+    assert status == 200, doc
+    return doc["Jobs"][::-1]
 
 
 def _call_quietly(plugin: PluginProcess, endpoint: str) -> object:

@@ -85,7 +85,9 @@ def serving(root: Path, env: dict[str, str], store: str) -> Iterator[PluginProce
 
 
 def ok(plugin: PluginProcess, endpoint: str, doc: dict) -> dict:
-    status, answer = plugin.call(endpoint, doc)
+    """A call that succeeded; a job (/Backup.Create, .Restore) is run to its end."""
+    jobs = ("/Backup.Create", "/Backup.Restore", "/Backup.Prune")
+    status, answer = plugin.job(endpoint, doc) if endpoint in jobs else plugin.call(endpoint, doc)
     assert status == 200 and answer.get("Err") == "", (endpoint, status, answer, plugin.log())
     return answer
 

@@ -92,7 +92,8 @@ def run_service(d, plugin, vol: str, *labels: str, script: str = WRITER) -> str:
 
 
 def backup(plugin, vol: str) -> tuple[int, dict]:
-    return plugin.call("Backup.Create", {"Volume": vol})
+    """A backup job through the endpoint, run to its end (its Result, Err and Job)."""
+    return plugin.job("Backup.Create", {"Volume": vol})
 
 
 def backup_ids(plugin, vol: str) -> list[str]:
@@ -327,7 +328,7 @@ def test_schedule_backs_up_with_hooks_and_applies_keep(daemon, store, tmp_path):
         assert inspect(d, svc, "{{.State.StartedAt}}") != first_start
         assert inspect(d, svc, "{{.State.Status}}") == "running"
 
-        sched.stop()  # lets a running scheduled backup finish, with its retention
+        sched.stop()  # cancels a running scheduled backup (nothing published) or lets it end
         listing = subprocess.run(
             [VOLPLUGIN, "backups", vol, "--json", "--store", store],
             capture_output=True,

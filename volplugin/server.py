@@ -3,11 +3,16 @@
 The socket is /run/docker/plugins/NAME.sock with mode 0600 (root only). One server runs
 per root (an flock on ROOT/serve.lock); a stale socket of a killed server is replaced.
 One process serves requests (waitress threads) and runs the background work: the
-backup schedule, lazy fills, reconciliation with the daemon.
+backup schedule, lazy fills, reconciliation with the daemon, and the jobs (backups,
+restores, prunes) in a small pool (volplugin/jobs). At start, jobs a dead server left
+are marked interrupted and the containers they had stopped or paused are put back before
+any job runs; SIGTERM or SIGINT cancels the running jobs and waits (STOP_GRACE) for them
+to put their containers back.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import logging
@@ -35,17 +40,22 @@ from volplugin.defaults import (
     PLUGIN_DIR,
 )
 from volplugin.errors import StateError
+from volplugin.jobs import status as job_status
+from volplugin.jobs.journal import put_back
+from volplugin.jobs.runner import STOP_GRACE, JobRunner
 from volplugin.lazy.volumes import LazyVolumes
 from volplugin.metrics.server import Metrics, parse_address
 from volplugin.pluginrecord import write_record
 from volplugin.protocol.app import create_app
 from volplugin.sidekick.paths import SIDEKICK_DIR, check_directory
 from volplugin.sidekick.sockets import SidekickSockets
+from volplugin.volumes.containers import docker_client
 from volplugin.volumes.names import check_name
 from volplugin.volumes.reconcile import reconcile_in_background, try_reconcile
 from volplugin.volumes.service import VolumeService
 
-SCHEDULER_GRACE = 120.0  # seconds a stopping server waits for a scheduled backup
+SCHEDULER_GRACE = 5.0  # seconds a stopping server waits for its scheduler (it only starts jobs)
+RECOVERY_RETRY = 5.0  # seconds between tries to put back containers while dockerd is away
 STALE_GRACE = 2.0  # seconds a socket may go on answering before it counts as live
 
 log = logging.getLogger("volplugin.server")
@@ -144,18 +154,23 @@ def serve(
         write_record(root, name, store or default_store_url())  # for the CLI (pluginrecord)
         service.empty_trash()
         seed.resume_interrupted(service, store)  # before serving: never half restored
+        jobs = JobRunner.open(root)  # marks the jobs of a dead server interrupted
+        job_status.attach(service, jobs.table)
         if not try_reconcile(service):
             reconcile_in_background(service, stop)
         lazy = LazyVolumes.attach(service, store, background=True)
         app = create_app(service)
         app.config["LAYERFS_STORE"] = store
+        app.config["VOLPLUGIN_JOBS"] = jobs
         metrics = Metrics.serve(service, app, metrics_at) if metrics_at else None
         sock = bind_socket(path)
         sidekicks = SidekickSockets.attach(service, app, store, sidekick_dir)
-        scheduler = Scheduler(service, store, tick=schedule_tick).start(stop)
+        scheduler = Scheduler(service, store, tick=schedule_tick, jobs=jobs).start(stop)
         try:
             server = waitress_server(app, sock, threads)
-            _exit_on_signals()
+            _exit_on_signals(jobs)
+            # Starting a container mounts its volumes through us: so once we serve.
+            put_back_then_run(jobs, stop)
             log.info("serving driver %s on %s, root %s, %d thread(s)", name, path, root, threads)
             try:
                 with contextlib.suppress(SystemExit):
@@ -163,7 +178,8 @@ def serve(
             finally:
                 stop.set()
                 server.close()
-                scheduler.join(SCHEDULER_GRACE)  # a running backup restarts its containers
+                scheduler.join(SCHEDULER_GRACE)
+                jobs.shutdown(STOP_GRACE)  # done already, unless the loop ended otherwise
         finally:
             sidekicks.close()
             if metrics:
@@ -172,8 +188,26 @@ def serve(
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+            jobs.close()
             service.state.close()
             log.info("stopped")
+
+
+def put_back_then_run(jobs: JobRunner, stop: threading.Event) -> threading.Thread:
+    """In a thread: put back the containers a dead server's jobs left stopped or paused,
+    then start the job pool. While the daemon cannot be reached the pool starts anyway and
+    the containers are tried again every RECOVERY_RETRY seconds."""
+
+    def run() -> None:
+        while not put_back(jobs.journal, lambda: docker_client(timeout=60)):
+            jobs.start()
+            if stop.wait(RECOVERY_RETRY):
+                return
+        jobs.start()
+
+    thread = threading.Thread(target=run, name="volplugin-put-back", daemon=True)
+    thread.start()
+    return thread
 
 
 def check_repository(store: str | None) -> None:
@@ -209,9 +243,32 @@ def waitress_server(app: Flask, sock: socket.socket, threads: int) -> BaseWSGISe
     )
 
 
-def _exit_on_signals() -> None:
+def _exit_on_signals(jobs: JobRunner) -> None:
+    """SIGTERM and SIGINT: cancel the jobs, wait for them (STOP_GRACE) in a thread, then
+    leave the server loop.
+
+    Requests are served meanwhile: a cancelled backup starts the containers it stopped,
+    and the daemon mounts their volumes through us. More signals meanwhile are ignored.
+    """
+    stopped = threading.Event()
+    stopping: list[str] = []
+
+    def wind_down() -> None:
+        log.info("%s: stopping", stopping[0])
+        try:
+            jobs.shutdown(STOP_GRACE)
+        finally:
+            stopped.set()
+            _thread.interrupt_main(signal.SIGINT)  # runs `handler` in the main thread
+
     def handler(signum: int, frame: object) -> None:
-        sys.exit(0)
+        if stopped.is_set():
+            sys.exit(0)  # leaves waitress' loop
+        if stopping:
+            return
+        stopping.append(signal.Signals(signum).name)
+        jobs.request_stop(stopping[0])
+        threading.Thread(target=wind_down, name="volplugin-stop", daemon=True).start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +62,24 @@ def post(sock_path: str, endpoint: str, body: bytes | dict | None = None) -> tup
         return resp.status, json.loads(raw) if raw else {}
     finally:
         conn.close()
+
+
+def job_call(
+    call: Callable[[str, dict], tuple[int, dict]], endpoint: str, body: dict
+) -> tuple[int, dict]:
+    """Start a job (/Backup.Create, .Restore, .Prune) with Wait and read its Result.
+
+    Returns (HTTP status, the job's Result with "Err" and the whole JOB under "Job"), so
+    `doc["Backup"]` reads like the synchronous answer of old.
+    """
+    status, doc = call(endpoint, {**body, "Wait": True})
+    job = doc.get("Job")
+    assert job is not None or status == 500, doc  # refused before any job: an Err alone
+    if job is not None:
+        assert job["State"] not in ("queued", "running"), job  # Wait answers once it ended
+        assert (status == 200) == (job["State"] == "succeeded"), (status, job)
+    result = dict(job["Result"] or {}) if job else {}
+    return status, {**result, "Err": doc.get("Err", ""), "Job": job}
 
 
 def without_docker(tmp_path: Path) -> dict[str, str]:
@@ -120,6 +138,10 @@ class PluginProcess:
 
     def call(self, endpoint: str, body: bytes | dict | None = None) -> tuple[int, dict]:
         return post(str(self.socket), endpoint, body)
+
+    def job(self, endpoint: str, body: dict) -> tuple[int, dict]:
+        """Run a job to its end (see `job_call`)."""
+        return job_call(self.call, endpoint, body)
 
     def log(self) -> str:
         try:

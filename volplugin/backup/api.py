@@ -1,13 +1,17 @@
 """Backup endpoints served on the plugin socket, as a Flask blueprint.
 
-JSON POSTs like the volume protocol: /Backup.Create {Volume, Tags}, /Backup.List
-{Volume?}, /Backup.Restore {Backup, Volume, Path?, Force?}, /Backup.Diff {A, B},
-/Backup.Prune {KeepLast, KeepHourly, KeepDaily, KeepWeekly, KeepMonthly,
-KeepYearly, Volume?, DryRun?, Grace?, AllHosts?} and /Backup.Verify {ReadData?, Subset?,
-Volume?}. Failures answer HTTP 500 with {"Err": message}; so does a verify that
-finds damage (with its report under "Verify"). The views find the
-plugin's VolumeService at ``current_app.config["VOLPLUGIN"]`` and the store URL
-at ``current_app.config["LAYERFS_STORE"]`` (default: as for layerfs).
+JSON POSTs like the volume protocol. /Backup.Create {Volume, Tags?, Wait?},
+/Backup.Restore {Backup, Volume, Path?, Force?, Wait?} and /Backup.Prune {KeepLast,
+KeepHourly, KeepDaily, KeepWeekly, KeepMonthly, KeepYearly, Volume?, DryRun?, Grace?,
+AllHosts?, Wait?} check their request, start a job (backup/tasks.py, run by
+volplugin/jobs) and answer {"Job": JOB} at once, or with Wait once the job has ended
+(HTTP 500 with its Error as Err if it did not succeed); a volume with a queued or running
+job refuses another one. /Backup.List {Volume?}, /Backup.Diff {A, B} and /Backup.Verify
+{ReadData?, Subset?, Volume?} answer synchronously. Failures answer HTTP 500 with
+{"Err": message}; so does a verify that finds damage (with its report under "Verify").
+The views find the plugin's VolumeService at ``current_app.config["VOLPLUGIN"]``, the
+job runner at ``current_app.config["VOLPLUGIN_JOBS"]`` and the store URL at
+``current_app.config["LAYERFS_STORE"]`` (default: as for layerfs).
 """
 
 from __future__ import annotations
@@ -21,19 +25,23 @@ from layerfs.errors import LayerfsError
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.location import open_store
-from volplugin.backup import service, volumes
+from volplugin.backup import service, tasks
 from volplugin.backup.errors import BackupError
-from volplugin.backup.retention import Policy
-from volplugin.backup.runner import run_backup
+from volplugin.backup.retention import Policy, apply_per_volume
 from volplugin.errors import BadRequest, VolpluginError
+from volplugin.jobs import api as jobs_api
 from volplugin.protocol.app import body, field, reply
 from volplugin.volumes.service import VolumeService
 
 blueprint = Blueprint("backup", __name__)
 
 
+def _store_url() -> str | None:
+    return current_app.config.get("LAYERFS_STORE")
+
+
 def _store() -> ChunkStore:
-    return open_store(current_app.config.get("LAYERFS_STORE"))
+    return open_store(_store_url())
 
 
 def _volumes() -> VolumeService:
@@ -82,24 +90,19 @@ def endpoint(path: str) -> Callable[[Callable[[dict], dict]], Callable[[], Respo
     return register
 
 
-@endpoint("/Backup.Create")
-def create(doc: dict) -> dict:
+@blueprint.route("/Backup.Create", methods=["POST"])
+def create() -> Response:
+    doc = body()
+    wait = jobs_api.wait_flag(doc)
     name = field(doc, "Volume")
     tags = doc.get("Tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise BadRequest("field 'Tags' must be a list of strings")
     svc = _volumes()
     svc.get(name)  # an unknown volume is an error of its own, not a failed backup
-    try:
-        store = _store()
-    except LayerfsError as exc:  # before any hook: nothing was stopped; inspect shows it
-        volumes.record_outcome(svc, name, None, str(exc), trigger="api", hooks=[])
-        raise
-    try:
-        record = run_backup(svc, store, name, tags, trigger="api")
-    finally:
-        store.backend.close()
-    return {"Backup": record.to_json()}
+    work = tasks.backup_job(svc, _store_url(), name, tags, trigger="api")
+    job = jobs_api.runner().submit("backup", name, work, {"Volume": name, "Tags": tags})
+    return jobs_api.started(job, wait)
 
 
 @endpoint("/Backup.List")
@@ -108,25 +111,18 @@ def list_(doc: dict) -> dict:
     return {"Backups": [r.summary() for r in records]}
 
 
-@endpoint("/Backup.Restore")
-def restore(doc: dict) -> dict:
-    store = _store()
-    with service.open_restore(
-        store, field(doc, "Backup"), subpath=_optional_str(doc, "Path")
-    ) as plan:  # the backup is found and checked before a volume is created
-        target, result = volumes.restore_into_volume(
-            _volumes(), field(doc, "Volume"), plan, force=bool(doc.get("Force", False))
-        )
-        record = plan.record
-    return {
-        "Restore": {
-            "id": record.id,
-            "target": str(target),
-            "entries": result.entries,
-            "files": result.files,
-            "bytes": result.bytes,
-        }
-    }
+@blueprint.route("/Backup.Restore", methods=["POST"])
+def restore() -> Response:
+    doc = body()
+    wait = jobs_api.wait_flag(doc)
+    ref, name = field(doc, "Backup"), field(doc, "Volume")
+    subpath, force = _optional_str(doc, "Path"), bool(doc.get("Force", False))
+    svc = _volumes()
+    svc.path_of(name)  # a bad name is refused now, not by the job
+    work = tasks.restore_job(svc, _store_url(), ref, name, subpath=subpath, force=force)
+    request = {"Backup": ref, "Volume": name, "Path": subpath, "Force": force}
+    job = jobs_api.runner().submit("restore", name, work, request)
+    return jobs_api.started(job, wait)
 
 
 @endpoint("/Backup.Diff")
@@ -135,8 +131,10 @@ def diff(doc: dict) -> dict:
     return {"Changes": [c.to_json() for c in changes]}
 
 
-@endpoint("/Backup.Prune")
-def prune(doc: dict) -> dict:
+@blueprint.route("/Backup.Prune", methods=["POST"])
+def prune() -> Response:
+    doc = body()
+    wait = jobs_api.wait_flag(doc)
     policy = Policy(
         last=_int(doc, "KeepLast"),
         hourly=_int(doc, "KeepHourly"),
@@ -145,15 +143,22 @@ def prune(doc: dict) -> dict:
         monthly=_int(doc, "KeepMonthly"),
         yearly=_int(doc, "KeepYearly"),
     )
-    report = service.prune_backups(
-        _store(),
+    apply_per_volume([], policy)  # an empty or negative policy is refused now
+    grace = _number(doc, "Grace", DEFAULT_GRACE_SECONDS)
+    service.check_grace(grace)
+    volume = _optional_str(doc, "Volume")
+    dry_run, all_hosts = bool(doc.get("DryRun", False)), bool(doc.get("AllHosts", False))
+    work = tasks.prune_job(
+        _store_url(),
         policy,
-        volume=_optional_str(doc, "Volume"),
-        dry_run=bool(doc.get("DryRun", False)),
-        grace_seconds=_number(doc, "Grace", DEFAULT_GRACE_SECONDS),
-        all_hosts=bool(doc.get("AllHosts", False)),
+        volume=volume,
+        dry_run=dry_run,
+        grace_seconds=grace,
+        all_hosts=all_hosts,
     )
-    return {"Prune": report.to_json()}
+    request = {**vars(policy), "Volume": volume, "DryRun": dry_run, "Grace": grace}
+    job = jobs_api.runner().submit("prune", volume, work, {**request, "AllHosts": all_hosts})
+    return jobs_api.started(job, wait)
 
 
 @endpoint("/Backup.Verify")

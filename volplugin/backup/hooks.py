@@ -15,6 +15,9 @@ pre-backup command (or a failed stop/pause) aborts the backup: the containers ar
 back and nothing else runs. Every action is recorded, for the backup document. A
 command's output is read as a stream of which only the last 64 KiB are held, and the
 last 2000 characters are kept (`volplugin inspect` escapes its control characters).
+A backup job gives a journal (volplugin/jobs/journal.py) in which each container is
+recorded before it is stopped or paused, so that a plugin killed meanwhile puts it back
+at its next start, and a cancel check run between the steps.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import docker
 
@@ -133,19 +137,32 @@ def read_tail(chunks: Iterable[bytes], limit: int = MAX_READ) -> bytes:
     return b"..." + tail if cut else tail
 
 
+class Journal(Protocol):
+    """Where a container is recorded before it is stopped or paused (volplugin/jobs/journal.py)."""
+
+    def record(self, container: str, name: str, action: str, volume: str) -> None: ...
+
+    def clear(self, container: str) -> None: ...
+
+
 @dataclass
 class Quiesce:
     """Context manager around a snapshot; `release()` ends the quiet period early.
 
     `mounted` says whether the plugin's state shows the volume mounted: when the
     daemon cannot be asked who uses the volume, a mounted volume is not backed up
-    (its users might be writing), an unmounted one is.
+    (its users might be writing), an unmounted one is. With a `journal`, each container
+    is recorded there before it is stopped or paused and cleared once it is put back, so
+    a plugin that dies meanwhile puts it back at its next start. `check` runs before each
+    step (it raises to abort the backup, e.g. when its job is cancelled).
     """
 
     client_factory: Callable[[], docker.DockerClient]
     volume: str
     driver: str
     mounted: bool = True
+    journal: Journal | None = None
+    check: Callable[[], None] | None = None
     actions: list[HookAction] = field(default_factory=list)
     _targets: list[Target] = field(default_factory=list)
     _quiet: list[Target] = field(default_factory=list)
@@ -157,10 +174,13 @@ class Quiesce:
         self._targets = self._find()
         try:
             for target in self._targets:
+                self._check()
                 if target.pre:
                     self._pre(target)
+                    self._check()
                 if target.quiesce:
                     self._quiesce(target)
+            self._check()
         except BaseException:
             self._aborted = True
             self.release()
@@ -191,6 +211,10 @@ class Quiesce:
         return [str(a) for a in self.actions if not a.ok]
 
     # -- steps ---------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.check is not None:
+            self.check()
 
     def _find(self) -> list[Target]:
         try:
@@ -229,12 +253,17 @@ class Quiesce:
             self._note(target, target.quiesce or "", True, f"already {target.ref.state}")
             return
         api = self._api()
+        if self.journal is not None:  # before: a crash right after the stop must find it
+            done = "stopped" if target.quiesce == "stop" else "paused"
+            self.journal.record(target.ref.id, target.ref.name, done, self.volume)
         try:
             if target.quiesce == "stop":
                 api.stop(target.ref.id)
             else:
                 api.pause(target.ref.id)
         except docker.errors.DockerException as exc:
+            if self.journal is not None:
+                self.journal.clear(target.ref.id)
             self._note(target, target.quiesce or "", False, str(exc))
             raise HookFailed(
                 f"cannot {target.quiesce} container {target.ref.name} ({exc}); "
@@ -254,7 +283,9 @@ class Quiesce:
         except docker.errors.DockerException as exc:
             log.error("volume %s: cannot %s %s: %s", self.volume, action, target.ref.name, exc)
             self._note(target, action, False, str(exc))
-            return
+            return  # a journal record stays: the next start of the plugin tries again
+        if self.journal is not None:
+            self.journal.clear(target.ref.id)
         self._note(target, action, True)
 
     def _exec(self, target: Target, which: str, command: str) -> HookAction:

@@ -22,7 +22,9 @@ nodes are made the same way. Directory attributes are applied last, deepest
 first, on their descriptors. When the disk fills up, the files that were
 complete are still put in place before the error.
 
-A run does not sync; ``sync_target`` does (syncfs), once a restore is whole.
+A run does not sync; ``sync_target`` does (syncfs), once a restore is whole. A
+``progress`` callback gets (files, bytes) restored after each entry; it may raise to
+stop the restore between entries (a cancelled job).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -257,8 +259,10 @@ class Restorer:
         workers: int = WORKERS,
         *,
         fresh: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.store = store
+        self.progress = progress
         self.target = Path(target)
         self.workers = workers
         self.fresh = fresh  # the target was empty: nothing to clear out of the way
@@ -266,6 +270,7 @@ class Restorer:
         # restore gets a copy of its content
         self.link_sources = link_sources
         self.result = RestoreResult()
+        self._inline_bytes = 0  # of files placed (result.bytes counts the others)
         self._restored: set[str] = set()  # restored paths that are in link_sources
         self._is_root = os.geteuid() == 0
         self._run: _Run | None = None
@@ -344,6 +349,7 @@ class Restorer:
             try:
                 for entry in entries:
                     current = entry.path
+                    self._report()
                     if entry.kind is Kind.DIR:
                         self._make_dir(entry)
                         self.result.entries += 1
@@ -354,9 +360,11 @@ class Restorer:
                 self.store.read_chunks(fill.sizes, fill.consume, fill.fail, self.workers)
                 for entry in entries:
                     current = entry.path
+                    self._report()
                     if entry.kind not in (Kind.DIR, Kind.WHITEOUT, Kind.OPAQUE):
                         self._finish(entry, contents)
                         self.result.entries += 1
+                self._report()
             except _WriteFailed as exc:
                 current = exc.path
                 for entry in entries:  # keep what is complete
@@ -366,6 +374,10 @@ class Restorer:
                 raise exc.error from None
         except OSError as exc:
             raise _Failed(current, exc) from exc
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.result.files, self.result.bytes + self._inline_bytes)
 
     def _done(self, path: str) -> None:
         if path in self.link_sources:
@@ -515,6 +527,8 @@ class Restorer:
         self.result.files += 1
         if entry.inline is None:
             self.result.bytes += entry.size
+        else:
+            self._inline_bytes += len(entry.inline)
 
 
 class _Failed(Exception):

@@ -16,7 +16,7 @@ from layerfs.errors import LayerfsError
 from layerfs.store.chunks import ChunkStore
 from volplugin.backup import service, volumes
 from volplugin.backup.docs import BackupRecord
-from volplugin.backup.hooks import Quiesce, hook_client
+from volplugin.backup.hooks import Journal, Quiesce, hook_client
 from volplugin.backup.retention import Policy
 from volplugin.hostid import host_id
 from volplugin.volumes.service import VolumeService
@@ -33,11 +33,25 @@ def run_backup(
     trigger: str,
     keep: Policy | None = None,
     docker_factory: Callable[[], docker.DockerClient] = hook_client,
+    journal: Journal | None = None,
+    check: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> BackupRecord:
-    """Back up `volume` with its consistency hooks; record the outcome; apply `keep`."""
+    """Back up `volume` with its consistency hooks; record the outcome; apply `keep`.
+
+    A job passes its `journal` (containers quieted, for crash recovery), its cancel
+    `check` (run between hook steps and before publishing) and `progress` (the scan's).
+    """
     record = svc.get(volume)
     directory = volumes.volume_dir(svc, volume)
-    quiesce = Quiesce(docker_factory, volume, svc.driver, mounted=record.mount_count > 0)
+    quiesce = Quiesce(
+        docker_factory,
+        volume,
+        svc.driver,
+        mounted=record.mount_count > 0,
+        journal=journal,
+        check=check,
+    )
     try:
         with quiesce:
             backup = service.create_backup(
@@ -47,6 +61,8 @@ def run_backup(
                 list(tags),
                 host=host_id(),
                 after_snapshot=quiesce.release,
+                progress=progress,
+                before_publish=check,
             )
     except LayerfsError as exc:
         volumes.record_outcome(

@@ -67,6 +67,8 @@ def create_backup(
     *,
     host: str | None = None,
     after_snapshot: Callable[[], list[dict]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    before_publish: Callable[[], None] | None = None,
 ) -> BackupRecord:
     """Snapshot ``path`` as a backup of ``volume``; incremental against its last backup.
 
@@ -77,7 +79,9 @@ def create_backup(
     the store (its index as of taking the lock) still has its chunks; else it is
     read again. Before the record is written the store lease is confirmed to be
     good (see backup/publish.py), so no prune can have run meanwhile; else
-    nothing is published.
+    nothing is published. ``progress`` gets (files, bytes) as the scan goes (see
+    Scanner); it and ``before_publish`` (run once the data is stored, before the
+    hooks' end) may raise to stop the backup with nothing published.
     """
     backend = store.backend
     host = host or host_id()
@@ -92,7 +96,7 @@ def create_backup(
         try:
             with writer.background_writes(WRITE_WORKERS):
                 nodes = DirTreeWriter(writer, {"type": "backup", "volume": volume})
-                scan = Scanner(writer, path, parent_tree, emit=nodes.add).scan()
+                scan = Scanner(writer, path, parent_tree, emit=nodes.add, progress=progress).scan()
                 tree = nodes.finish()
                 writer.flush()
             if parent is not None and parent_tree.gone:
@@ -103,6 +107,8 @@ def create_backup(
                     volume,
                     parent.id,
                 )
+            if before_publish is not None:
+                before_publish()
             hooks = after_snapshot() if after_snapshot is not None else []
             record = BackupRecord(
                 id=secrets.token_hex(16),
@@ -142,13 +148,19 @@ class RestorePlan:
         """The entries to restore, read from the store as they are needed."""
         return select_entries(iter_tree(self.store, self.record.tree), self.subpath)
 
-    def run(self, target: Path, *, force: bool = False) -> tuple[BackupRecord, RestoreResult]:
+    def run(
+        self,
+        target: Path,
+        *,
+        force: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[BackupRecord, RestoreResult]:
         """Restore into ``target``; returns once the restored files are synced to disk."""
         fresh = check_target(target, force)
         try:
-            result = Restorer(self.store, target, self.link_sources, fresh=fresh).run(
-                self.entries()
-            )
+            result = Restorer(
+                self.store, target, self.link_sources, fresh=fresh, progress=progress
+            ).run(self.entries())
         except BadTree as exc:  # checked before; changed in the store since
             raise RestoreError(f"backup {self.record.id} cannot be restored: {exc}") from None
         sync_target(target)
@@ -257,6 +269,15 @@ def _brief(record: BackupRecord) -> dict:
     return {"id": record.id, "volume": record.volume, "time": record.time_iso, "host": record.host}
 
 
+def check_grace(grace_seconds: float) -> None:
+    """Refuse a grace period that is not a finite number of seconds, 0 or more."""
+    if not isinstance(grace_seconds, int | float) or not 0 <= grace_seconds < math.inf:
+        raise BackupError(
+            f"the grace period (--grace, Grace) is {grace_seconds!r}: "
+            "give a finite number of seconds, 0 or more"
+        )
+
+
 def prune_backups(
     store: ChunkStore,
     policy: Policy,
@@ -266,17 +287,18 @@ def prune_backups(
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
     host: str | None = None,
     all_hosts: bool = False,
+    before_forget: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PruneReport:
     """Forget backups the policy does not keep, then remove data nothing references.
 
     The policy applies to each (host, volume) group; only the backups of ``host`` (default:
     this host's id, volplugin.hostid) are looked at, those of every host with ``all_hosts``.
+    ``before_forget`` gets the number of backups to forget before the first goes (it may
+    raise to stop the prune with nothing changed); ``progress`` gets (forgotten, 0) after
+    each one.
     """
-    if not isinstance(grace_seconds, int | float) or not 0 <= grace_seconds < math.inf:
-        raise BackupError(
-            f"the grace period (--grace, Grace) is {grace_seconds!r}: "
-            "give a finite number of seconds, 0 or more"
-        )
+    check_grace(grace_seconds)
     backend = store.backend
     report = PruneReport(dry_run=dry_run)
     mine = None if all_hosts else host or host_id()
@@ -284,9 +306,13 @@ def prune_backups(
         backups = [b for b in list_backups(backend, volume) if mine is None or b.host == mine]
         report.decisions = apply_per_volume(backups, policy)
         gone = {b.id for b in report.removed}
+        if before_forget is not None:
+            before_forget(len(gone))
         if not dry_run:
-            for backup_id in sorted(gone):
+            for done, backup_id in enumerate(sorted(gone), 1):
                 delete_backup(backend, backup_id)
+                if progress is not None:
+                    progress(done, 0)
         roots = (r for r in all_roots(backend) if not (r.kind == "backup" and r.id in gone))
         report.gc = sweep_locked(store, roots, grace_seconds=grace_seconds, dry_run=dry_run)
     return report

@@ -23,6 +23,9 @@ never through a joined path. A subdirectory or file is opened only if it is
 still the inode (st_dev, st_ino) that its lstat saw; one that turned into a
 symlink or was swapped for something else between the two is skipped, logged
 and counted in ``ScanResult.skipped``, never followed.
+
+A ``progress`` callback gets (files, bytes) after each regular file; it may raise to
+stop the scan (a cancelled job).
 """
 
 from __future__ import annotations
@@ -173,8 +176,10 @@ class Scanner:
         root: Path,
         parent: ParentTree,
         emit: Callable[[dict, list[int]], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.store = store
+        self._progress = progress
         self.root = Path(root)
         self.parent = parent
         self.result = ScanResult()
@@ -302,6 +307,8 @@ class Scanner:
         self.result.files += 1
         self.result.size += entry.size
         self._append(entry.to_json(), st)
+        if self._progress is not None:
+            self._progress(self.result.files, self.result.size)
 
     def _open_file(self, dirfd: int, name: str, rel: str, st: os.stat_result) -> int:
         """A read descriptor of the regular file ``name``, if it is still the lstat's inode."""
@@ -326,6 +333,8 @@ class Scanner:
         self.result.files += 1
         self.result.size += st.st_size
         self._append(doc, st)
+        if self._progress is not None:
+            self._progress(self.result.files, self.result.size)
         return True
 
     def _append(self, doc: dict, st: os.stat_result) -> None:

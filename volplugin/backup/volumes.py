@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,12 @@ def volume_dir(service: VolumeService, volume: str) -> Path:
 
 
 def restore_into_volume(
-    service: VolumeService, volume: str, plan: RestorePlan, *, force: bool = False
+    service: VolumeService,
+    volume: str,
+    plan: RestorePlan,
+    *,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, RestoreResult]:
     """Restore ``plan`` into ``volume``: (the volume's directory, what was written).
 
@@ -40,15 +46,16 @@ def restore_into_volume(
     trash, and becomes a volume (that directory renamed into place, then adopted by
     Create) only once the restore is complete and synced: a restore killed midway
     leaves no volume behind, and its directory goes with the trash at the next start.
+    ``progress`` is handed to the restorer (backup/restore.py).
     """
     if service.state.get(volume) is not None:
         path = volume_dir(service, volume)
-        return path, plan.run(path, force=force)[1]
+        return path, plan.run(path, force=force, progress=progress)[1]
     path = service.path_of(volume)  # validates the name
     service.trash_dir.mkdir(exist_ok=True)
     staging = service.trash_dir / f"restoring-{uuid.uuid4().hex}"
     try:
-        result = plan.run(staging)[1]
+        result = plan.run(staging, progress=progress)[1]
         try:
             os.rename(staging, path)
         except OSError as exc:

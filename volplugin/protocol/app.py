@@ -4,8 +4,9 @@ Every endpoint takes a JSON POST and answers JSON; any failure is HTTP 500 with
 {"Err": "..."}, which the daemon shows to the user. Each request is logged as one JSON
 line (endpoint, volume, duration, outcome, process) by volplugin.protocol.accesslog.AccessLog,
 which wraps the app (kept at ``app.extensions[ACCESS_EXTENSION]``, where metrics add
-observers). The backup feature's blueprint is registered here too; its views find the
-VolumeService at `current_app.config["VOLPLUGIN"]`.
+observers). The blueprints of the backup feature and of jobs are registered here too;
+their views find the VolumeService at `current_app.config["VOLPLUGIN"]` and the job
+runner at `current_app.config["VOLPLUGIN_JOBS"]` (set by the server).
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def create_app(service: VolumeService) -> Flask:
     _install_errors(app)
     _install_routes(app, service)
     from volplugin.backup.api import blueprint
+    from volplugin.jobs.api import blueprint as jobs_blueprint
 
     app.register_blueprint(blueprint)
+    app.register_blueprint(jobs_blueprint)
     return app
 
 

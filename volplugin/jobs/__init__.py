@@ -1,0 +1,1 @@
+"""Durable jobs of `volplugin serve`: backups, restores and prunes run in the background."""
