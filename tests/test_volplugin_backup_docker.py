@@ -251,7 +251,9 @@ def test_pre_backup_dump_is_in_the_backup_and_post_backup_cleans_up(d, plugin):
         d,
         plugin,
         vol,
-        'volplugin.pre-backup=echo "dump at $(cat /data/counter)" > /data/dump.sql && echo dumped',
+        # the writer truncates the counter before each write: read until it has a value
+        'volplugin.pre-backup=c=; while [ -z "$c" ]; do c=$(cat /data/counter); done; '
+        'echo "dump at $c" > /data/dump.sql && echo dumped',
         "volplugin.post-backup=rm /data/dump.sql",
     )
     code, doc = backup(plugin, vol)

@@ -86,7 +86,9 @@ def test_backup_metrics_follow_the_state_and_survive_a_restart(plugin):
     assert of(before, SUCCESS, volume="m-data") == 0  # never backed up
     assert of(before, "volplugin_backup_failures_total", volume="m-data") == 0
 
-    backup = ok(plugin, "Backup.Create", {"Volume": "m-data"})["Backup"]
+    code, done = plugin.job("Backup.Create", {"Volume": "m-data"})
+    assert code == 200, done
+    backup = done["Backup"]
     after = scrape(plugin)
     when = state_success(plugin, "m-data")
     assert of(after, SUCCESS, volume="m-data") == when > 0
@@ -107,7 +109,7 @@ def test_backup_metrics_follow_the_state_and_survive_a_restart(plugin):
     # A failed backup counts, and keeps the last success's time and figures.
     shutil.move(plugin.store, plugin.store.with_name("store.away"))
     plugin.store.write_text("not a store\n")
-    code, answer = plugin.call("Backup.Create", {"Volume": "m-data"})
+    code, answer = plugin.job("Backup.Create", {"Volume": "m-data"})
     assert code == 500, answer
     failed = scrape(plugin)
     assert of(failed, "volplugin_backup_failures_total", volume="m-data") == 1
@@ -139,7 +141,7 @@ def test_sidekick_requests_are_labelled_by_their_socket(plugin, tmp_path):
 
     ok(plugin, "VolumeDriver.Create", {"Name": "m-sk", "Opts": {"sidekick-socket": "true"}})
     sock = str(tmp_path / "sk" / "m-sk.sock")
-    assert post(sock, "Backup.Create", {"Volume": "m-sk"})[0] == 200
+    assert post(sock, "Backup.Create", {"Volume": "m-sk", "Wait": True})[0] == 200
     assert post(sock, "Backup.Prune", {"KeepLast": 1})[0] == 500
     samples = scrape(plugin)
     count = "volplugin_request_duration_seconds_count"

@@ -122,7 +122,7 @@ def test_sidekick_backs_up_lists_and_restores_its_own_volume_and_nothing_else(
     d("volume", "create", "-d", plugin.name, plain)
     d("run", "--rm", "-v", f"{vol}:/data", image, "sh", "-c", "echo mine-1 > /data/f")
     d("run", "--rm", "-v", f"{other}:/data", image, "sh", "-c", "echo theirs > /data/f")
-    code, doc = plugin.call("Backup.Create", {"Volume": other})
+    code, doc = plugin.job("Backup.Create", {"Volume": other})
     assert code == 200, doc
     theirs = doc["Backup"]["id"]
 
@@ -144,17 +144,20 @@ def test_sidekick_backs_up_lists_and_restores_its_own_volume_and_nothing_else(
     # The sidekick shares the volume (as with --volumes-from) and has only its socket.
     sk = start_sidekick(d, image, sock, "-v", f"{vol}:/data")
     assert post(d, sk, "/Plugin.Activate", {})[0] == 0
-    code, doc = post(d, sk, "/Backup.Create", {"Volume": vol, "Tags": ["sidekick"]})
+    code, doc = post(d, sk, "/Backup.Create", {"Volume": vol, "Tags": ["sidekick"], "Wait": True})
     assert code == 0, doc
-    mine = doc["Backup"]["id"]
-    assert doc["Backup"]["volume"] == vol and doc["Backup"]["tags"] == ["sidekick"]
+    backup = doc["Job"]["Result"]["Backup"]
+    mine = backup["id"]
+    assert backup["volume"] == vol and backup["tags"] == ["sidekick"]
     code, doc = post(d, sk, "/Backup.List", {})
     assert code == 0 and [b["id"] for b in doc["Backups"]] == [mine], doc
 
     d("exec", sk, "sh", "-c", "echo changed > /data/f; echo extra > /data/g")
-    code, doc = post(d, sk, "/Backup.Restore", {"Backup": mine[:8], "Volume": vol, "Force": True})
+    code, doc = post(
+        d, sk, "/Backup.Restore", {"Backup": mine[:8], "Volume": vol, "Force": True, "Wait": True}
+    )
     assert code == 0, doc
-    assert doc["Restore"]["id"] == mine
+    assert doc["Job"]["Result"]["Restore"]["id"] == mine
     assert d("exec", sk, "cat", "/data/f").stdout == "mine-1\n"
 
     # Everything else is refused, naming the scope.
@@ -232,8 +235,8 @@ def test_long_volume_name_gets_a_hashed_socket_name(daemon, plugin, image, sidek
     assert sock.parent == sidekick_dir and sock.name.startswith("_") and sock.exists()
     assert len(os.fsencode(sock)) < 108
     sk = start_sidekick(d, image, sock)
-    code, doc = post(d, sk, "/Backup.Create", {"Volume": vol})
-    assert code == 0 and doc["Backup"]["volume"] == vol, doc
+    code, doc = post(d, sk, "/Backup.Create", {"Volume": vol, "Wait": True})
+    assert code == 0 and doc["Job"]["Result"]["Backup"]["volume"] == vol, doc
     refused(d, sk, "/Backup.Create", {"Volume": vol[:-1]})
     d("rm", "-f", sk)
     d("volume", "rm", vol)

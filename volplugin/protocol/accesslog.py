@@ -59,12 +59,13 @@ class AccessLog:
 
     def _line(self, environ: dict, statuses: list[str], elapsed: float) -> dict:
         error = environ.get(ERROR_KEY)
+        status = int(statuses[-1][:3]) if statuses else 500
         line = {
             "endpoint": environ.get("PATH_INFO", ""),
             "volume": environ.get(VOLUME_KEY),
             "duration_ms": round(elapsed, 2),
-            "status": int(statuses[-1][:3]) if statuses else 500,
-            "outcome": "error" if error or not statuses else "ok",
+            "status": status,
+            "outcome": "error" if error or status >= 400 else "ok",
         }
         scope = environ.get(SCOPE_KEY)
         if scope is not None:
