@@ -153,15 +153,17 @@ def test_direct_changes_of_a_served_root_are_refused(plugin: PluginProcess, tmp_
 
 
 @pytest.mark.s3
-def test_backups_lists_the_plugins_s3_store(s3_store_url: str, tmp_path: Path) -> None:
+def test_backup_and_backups_through_a_plugin_with_an_s3_store(
+    s3_store_url: str, tmp_path: Path
+) -> None:
     env = dict(without_docker(tmp_path), LAYERFS_STORE=s3_store_url)
     plugin = PluginProcess(tmp_path / "root", env=env).start()
     try:
         ok(plugin, "VolumeDriver.Create", {"Name": "s3vol"})
         (plugin.root / "volumes" / "s3vol" / "data").write_text("in the bucket\n")
-        answer = ok(plugin, "Backup.Create", {"Volume": "s3vol", "Wait": True})
-        record = answer.get("Backup") or answer["Job"]["Result"]["Backup"]
         assert "AWS_SECRET_ACCESS_KEY" not in cli_env()  # only the plugin can read the bucket
+        record = json.loads(volplugin("--name", plugin.name, "backup", "s3vol", "--json").stdout)
+        assert record["volume"] == "s3vol" and record["files"] == 1
         listed = json.loads(volplugin("--name", plugin.name, "backups", "--json").stdout)
         assert [(b["id"], b["volume"]) for b in listed] == [(record["id"], "s3vol")]
         table = volplugin("--name", plugin.name, "backups", "s3vol").stdout
