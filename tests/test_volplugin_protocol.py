@@ -164,7 +164,7 @@ def test_state_survives_sigkill_and_stale_socket_is_replaced(plugin):
 
 def test_sigterm_removes_socket_and_second_server_on_root_is_refused(plugin, tmp_path):
     other = PluginProcess(plugin.root, env=plugin.env)
-    with pytest.raises(RuntimeError, match="already uses the root"):
+    with pytest.raises(RuntimeError, match="is in use by another `volplugin serve`"):
         other.start()
     other.cleanup()
     assert plugin.stop() == 0

@@ -75,7 +75,8 @@ def root_lock(root: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StateError(
-                f"another `volplugin serve` already uses the root {root}: stop it first"
+                f"the root {root} is in use by another `volplugin serve` or by a direct "
+                "command (`volplugin --root ...` backup, restore or prune): stop it first"
             ) from None
         yield
     finally:
