@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from layerfs.fs.mounting import kernel_mounts
+from layerfs.imageconfig import chain_ids
+from layerfs.snapshotter.metadata import Kind, Metadata
 from tests.support.containerd import private_containerd, tail
 from tests.support.images import FEATURE_IMAGE, build_feature_image, docker_save, skopeo_copy
 from tests.support.waiting import wait_for
@@ -70,6 +73,21 @@ def test_import_stores_layers_and_runs_like_overlayfs(ctd, archives, docker_clie
     assert not list(root.glob("*/fs")), "committed snapshots keep no upper directory"
     pins = list((ctd.snapshotter.store / "docs" / "pins").iterdir())
     assert len(pins) == 4
+    # each is recorded under its chain ID (those of the image's DiffIDs), and no layer
+    # tar was regenerated for it: only the bottom layer's DiffID (its chain ID) is known
+    meta = Metadata(ctd.snapshotter.root / "metadata.db")
+    committed = [s for s in meta.all() if s.kind is Kind.COMMITTED]
+    meta.close()
+    diff_ids = docker_client.images.get(FEATURE_IMAGE).attrs["RootFS"]["Layers"]
+    assert sorted(s.chain_id for s in committed) == sorted(chain_ids(diff_ids))
+    assert all(s.key.endswith("/" + s.chain_id) for s in committed)
+    assert sorted(s.layer.diff_id for s in committed) == ["", "", "", diff_ids[0]]
+    # every committed chain is mounted after its commit, before any container asks
+    wait_for(
+        lambda: len([m for m in kernel_mounts() if m.mountpoint.startswith(f"{root}/")]) == 4,
+        "the committed chains' ro mounts",
+    )
+    assert {Path(m.mountpoint).name for m in kernel_mounts() if str(root) in m.mountpoint} == {"ro"}
 
     ours = _run(ctd, "layerfs", REF, "list-layerfs", LISTING)
     links = _run(ctd, "layerfs", REF, "links", "stat -c '%i %h' /feat/hl/orig /feat/hl/upper")
