@@ -185,6 +185,46 @@ class Metadata:
             snap_id = cur.lastrowid
         return Snapshot(snap_id, key, parent, kind, dict(labels), now, now)
 
+    def add_committed(
+        self,
+        key: str,
+        parent: str,
+        labels: dict[str, str],
+        layer: LayerRecord,
+        pin: str,
+        chain_id: str,
+    ) -> Snapshot:
+        """A committed snapshot made straight from a layer the store holds (no upper)."""
+        now = time.time_ns()
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
+                raise AlreadyExists(f"snapshot {key} already exists")
+            if parent:
+                row = db.execute("SELECT kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
+                if row is None:
+                    raise NotFound(f"parent snapshot {parent} does not exist")
+                if row[0] != Kind.COMMITTED.value:
+                    raise InvalidArgument(f"parent {parent} is not a committed snapshot")
+            cur = db.execute(
+                "INSERT INTO snapshots(key, parent, kind, labels, created_ns, updated_ns, layer, "
+                "pin, chain_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    parent,
+                    Kind.COMMITTED.value,
+                    json.dumps(labels),
+                    now,
+                    now,
+                    json.dumps(layer.__dict__),
+                    pin,
+                    chain_id,
+                ),
+            )
+            snap_id = cur.lastrowid
+        return Snapshot(
+            snap_id, key, parent, Kind.COMMITTED, dict(labels), now, now, layer, pin, chain_id
+        )
+
     def check_committable(self, key: str, name: str) -> Snapshot:
         """The active snapshot ``key``, if it can be committed as ``name``."""
         snap = self.get(key)

@@ -31,10 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerfs.catalog import LayerRecord
 from layerfs.errors import LayerfsError
 from layerfs.fs.mounting import kernel_mounts
-from layerfs.snapshotter.chains import unpacked_chain_id
+from layerfs.snapshotter.chains import SNAPSHOT_REF, store_layers, unpacked_chain_id
 from layerfs.snapshotter.metadata import (
+    AlreadyExists,
     FailedPrecondition,
     Kind,
     Metadata,
@@ -97,7 +99,72 @@ class Snapshotter:
 
     # -- creating -------------------------------------------------------------------
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
+        target = labels.get(SNAPSHOT_REF, "")
+        if target:
+            self._provide(parent, labels, target)  # AlreadyExists if the store holds it
         return self._create(key, parent, labels, Kind.ACTIVE)
+
+    # -- layers the store already holds -----------------------------------------------
+    def _provide(self, parent: str, labels: dict[str, str], target: str) -> None:
+        """containerd's remote-snapshot protocol: a Prepare labelled
+        ``containerd.io/snapshot.ref`` = CHAINID asks for the layer of that chain ID
+        over ``parent``. If a committed snapshot already is that layer, or the store
+        holds it (a layer of one of its images, or one committed here before), it is
+        committed at once under the chain ID (pinned, no upper, nothing copied) and
+        AlreadyExists is raised: containerd then finds it by its label and parent.
+        Otherwise nothing happens and the layer is unpacked as usual."""
+        from layerfs.maintenance.pins import pin
+        from layerfs.snapshotter.layers import unpin_layer
+
+        for snap in self.meta.all():
+            if (
+                snap.kind is Kind.COMMITTED
+                and snap.parent == parent
+                and snap.labels.get(SNAPSHOT_REF) == target
+            ):
+                raise AlreadyExists(f"snapshot {target} already exists as {snap.key}")
+        parent_chain = ""
+        if parent:
+            above = self.meta.find(parent)
+            if above is None or above.kind is not Kind.COMMITTED or not above.chain_id:
+                return  # the usual path answers (or unpacks over a parent of unknown chain)
+            parent_chain = above.chain_id
+        name = target if self.meta.find(target) is None else f"{target} over {parent or '-'}"
+        if self.meta.find(name) is not None:
+            return
+        with self._store_lock:
+            store = self.store()
+            with store.backend.lock(exclusive=False):  # no gc between finding and pinning
+                layer = self._held_layer(store, target, parent_chain)
+                if layer is None:
+                    return
+                holder = f"containerd snapshot {name} (layerfs snapshotter {self.root})"
+                pin_id = pin(store.backend, layer.tree, holder).id
+            try:
+                self.meta.add_committed(name, parent, labels, layer, pin_id, target)
+            except BaseException:
+                unpin_layer(store, pin_id)
+                raise
+        log.info("snapshot %s: layer %s of the store, committed without unpacking", name, target)
+        self._mounter.submit(self._mount_committed, name)
+        raise AlreadyExists(f"snapshot {target} is held by the store: committed as {name}")
+
+    def _held_layer(self, store: ChunkStore, target: str, parent_chain: str) -> LayerRecord | None:
+        """The layer whose chain ID is ``target`` over ``parent_chain``, if held: one
+        committed here before, or a layer of one of the store's images."""
+        chains = {s.key: s.chain_id for s in self.meta.all() if s.kind is Kind.COMMITTED}
+        for snap in self.meta.all():
+            if (
+                snap.kind is Kind.COMMITTED
+                and snap.chain_id == target
+                and snap.layer is not None
+                and chains.get(snap.parent, "") == parent_chain
+            ):
+                return snap.layer
+        found = store_layers(store).get(target)
+        if found is not None and found.parent_chain_id == parent_chain:
+            return found.layer
+        return None
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
         return self._create(key, parent, labels, Kind.VIEW)
