@@ -11,6 +11,9 @@
    answers AlreadyExists, and containerd records the snapshot in the namespace.
    A Prepare that succeeds instead means the snapshotter lacks the layer: it is
    removed again and the import fails, naming the layer;
+   Then a view of the top layer, removed at once, waits until the snapshotter
+   has mounted its chain (index and metadata tree), so that the image's first
+   container starts as fast as the next ones;
 3. ``ctr images import --snapshotter NAME`` of an OCI archive holding only the
    index, the manifest and the config: containerd's own importer writes those
    blobs, creates the image and sets its gc labels, and its unpack finds every
@@ -186,6 +189,15 @@ def _provide_layers(
             raise RegisterError(
                 f"containerd's snapshotter {snapshotter!r} does not hold layer {i + 1} of "
                 f"{image.name} ({chain}): is it `layerfs snapshotter serve` on this store?"
+            )
+        if chains:  # a view of the top layer waits for its chain's mount: the image is ready
+            key = f"layerfs-ready-{time.time_ns()}"
+            view = pb.ViewSnapshotRequest(snapshotter=snapshotter, key=key, parent=chains[-1])
+            stub.View(view, metadata=header, timeout=600)
+            stub.Remove(
+                pb.RemoveSnapshotRequest(snapshotter=snapshotter, key=key),
+                metadata=header,
+                timeout=60,
             )
 
 

@@ -278,6 +278,8 @@ class Snapshotter:
         leaves that work to the first use."""
         started = time.monotonic()
         try:
+            if self.meta.children(name):
+                return  # a chain above it is mounted instead (or was, by a Prepare over it)
             self._chain_view(name)
         except NotFound:
             return  # removed meanwhile
