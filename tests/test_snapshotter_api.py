@@ -214,3 +214,66 @@ def test_restart_and_cleanup(api, server):
         assert again.Stat(pb.StatSnapshotRequest(key="active-after")).info.kind == pb.ACTIVE
         again.Remove(pb.RemoveSnapshotRequest(key="active-after"))
         again.Remove(pb.RemoveSnapshotRequest(key="kept"))
+
+
+REF = "containerd.io/snapshot.ref"
+
+
+def _chain_of(filler: str) -> str:
+    return "sha256:" + (filler * 64)[:64]
+
+
+def test_layers_committed_before_are_given_by_chain_id(api, server):
+    """containerd's remote-snapshot protocol: a Prepare labelled with a chain ID the
+    snapshotter holds is answered AlreadyExists, and a committed snapshot of that
+    layer (found by containerd's own filter) stands in for the unpack."""
+    bottom, top = _chain_of("a"), _chain_of("b")
+    # an unpack as `ctr image import` makes it: key and name carry the chain ID
+    upper = Path(_prepare(api, f"ns1/1/extract-1-x {bottom}")[0].source)
+    (upper / "hello").write_text("from the first unpack\n")
+    api.Commit(pb.CommitSnapshotRequest(name=f"ns1/2/{bottom}", key=f"ns1/1/extract-1-x {bottom}"))
+    over = f"ns1/3/extract-2-y {top}"
+    options = _prepare(api, over, f"ns1/2/{bottom}")[0].options
+    upperdir = next(o.removeprefix("upperdir=") for o in options if o.startswith("upperdir="))
+    (Path(upperdir) / "top").write_text("top\n")  # as containerd applies into the upper
+    api.Commit(pb.CommitSnapshotRequest(name=f"ns1/4/{top}", key=over))
+    meta = Metadata(server.root / "metadata.db")
+    assert meta.get(f"ns1/2/{bottom}").chain_id == bottom
+    assert meta.get(f"ns1/4/{top}").chain_id == top
+    assert meta.get(f"ns1/2/{bottom}").layer.diff_id == bottom  # a bottom layer's DiffID
+    assert meta.get(f"ns1/4/{top}").layer.diff_id == ""  # not known: no tar was made
+
+    # another namespace asks for both layers by chain ID, as containerd's unpacker does
+    ask = pb.PrepareSnapshotRequest(key=f"ns2/1/extract-3-z {bottom}", labels={REF: bottom})
+    assert _code(api.Prepare, ask) == grpc.StatusCode.ALREADY_EXISTS
+    found = _names(api, f'labels."{REF}"=={bottom},parent==""')
+    assert found == {bottom}
+    assert _code(api.Stat, pb.StatSnapshotRequest(key=f"ns2/1/extract-3-z {bottom}")) == (
+        grpc.StatusCode.NOT_FOUND  # no active snapshot was made
+    )
+    ask = pb.PrepareSnapshotRequest(
+        key=f"ns2/2/extract-4-w {top}", parent=bottom, labels={REF: top}
+    )
+    assert _code(api.Prepare, ask) == grpc.StatusCode.ALREADY_EXISTS
+    assert _names(api, f'labels."{REF}"=={top},parent=="{bottom}"') == {top}
+    assert _code(api.Prepare, ask) == grpc.StatusCode.ALREADY_EXISTS  # asked again: the same
+    assert len(_names(api, f'labels."{REF}"=={top}')) == 1
+    view = list(api.View(pb.ViewSnapshotRequest(key="see", parent=top)).mounts)
+    tree = Path(view[0].source)
+    assert (tree / "hello").read_text() == "from the first unpack\n"
+    assert (tree / "top").read_text() == "top\n"
+
+    # a chain ID it does not hold, or over a parent of another chain: unpacked as usual
+    unknown = pb.PrepareSnapshotRequest(key="ns2/5/extract-5 x", labels={REF: _chain_of("c")})
+    assert api.Prepare(unknown).mounts[0].type == "bind"
+    wrong_parent = pb.PrepareSnapshotRequest(key="ns2/6/extract-6 y", parent=top, labels={REF: top})
+    assert api.Prepare(wrong_parent).mounts[0].type == "overlay"
+    for key in ("ns2/5/extract-5 x", "ns2/6/extract-6 y", "see", top, bottom):
+        api.Remove(pb.RemoveSnapshotRequest(key=key))
+    # the layers committed first are still whole
+    again = list(api.View(pb.ViewSnapshotRequest(key="see2", parent=f"ns1/4/{top}")).mounts)
+    assert (Path(again[0].source) / "hello").read_text() == "from the first unpack\n"
+    for key in ("see2", f"ns1/4/{top}", f"ns1/2/{bottom}"):
+        api.Remove(pb.RemoveSnapshotRequest(key=key))
+    assert not list((server.store / "docs" / "pins").iterdir())
+    meta.close()

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.containerd import private_containerd, tail
+from layerfs.fs.mounting import kernel_mounts
+from layerfs.imageconfig import chain_ids
+from layerfs.snapshotter.metadata import Kind, Metadata
+from tests.support.containerd import NAMESPACE, private_containerd, tail
 from tests.support.images import FEATURE_IMAGE, build_feature_image, docker_save, skopeo_copy
+from tests.support.lfsmount import layerfs
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.fuse]
@@ -70,6 +74,21 @@ def test_import_stores_layers_and_runs_like_overlayfs(ctd, archives, docker_clie
     assert not list(root.glob("*/fs")), "committed snapshots keep no upper directory"
     pins = list((ctd.snapshotter.store / "docs" / "pins").iterdir())
     assert len(pins) == 4
+    # each is recorded under its chain ID (those of the image's DiffIDs), and no layer
+    # tar was regenerated for it: only the bottom layer's DiffID (its chain ID) is known
+    meta = Metadata(ctd.snapshotter.root / "metadata.db")
+    committed = [s for s in meta.all() if s.kind is Kind.COMMITTED]
+    meta.close()
+    diff_ids = docker_client.images.get(FEATURE_IMAGE).attrs["RootFS"]["Layers"]
+    assert sorted(s.chain_id for s in committed) == sorted(chain_ids(diff_ids))
+    assert all(s.key.endswith("/" + s.chain_id) for s in committed)
+    assert sorted(s.layer.diff_id for s in committed) == ["", "", "", diff_ids[0]]
+    # every committed chain is mounted after its commit, before any container asks
+    wait_for(
+        lambda: len([m for m in kernel_mounts() if m.mountpoint.startswith(f"{root}/")]) == 4,
+        "the committed chains' ro mounts",
+    )
+    assert {Path(m.mountpoint).name for m in kernel_mounts() if str(root) in m.mountpoint} == {"ro"}
 
     ours = _run(ctd, "layerfs", REF, "list-layerfs", LISTING)
     links = _run(ctd, "layerfs", REF, "links", "stat -c '%i %h' /feat/hl/orig /feat/hl/upper")
@@ -171,3 +190,54 @@ def test_snapshotter_killed_while_a_container_runs(ctd):
     )
     ctd.ctr("containers", "rm", "survivor")
     assert "survivor" not in ctd.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout
+
+
+def test_an_image_of_the_store_runs_without_its_layers_reaching_containerd(archives, docker_client):
+    """`layerfs import --from-docker`, then `layerfs containerd import`: containerd gets
+    the manifest and the config only, and runs the image on the store's layers."""
+    with private_containerd() as ctd:
+        store = ctd.snapshotter.store
+        layerfs(store, "import", "--from-docker", FEATURE_IMAGE)
+        # a store that lacks the image's layers: refused, nothing left in containerd
+        other = ctd.base / "other-store"
+        layerfs(other, "import", "--from-docker", FEATURE_IMAGE)
+        args = ["--address", str(ctd.address), "--namespace", NAMESPACE]
+        refused = layerfs(store, "containerd", "import", "lfsimp/small", *args, check=False)
+        assert refused.returncode == 1 and "no image named" in refused.stderr
+        layerfs(other, "rmi", FEATURE_IMAGE)
+        layerfs(store, "rmi", FEATURE_IMAGE)  # the snapshotter's store lacks it now
+        layerfs(other, "import", "--from-docker", FEATURE_IMAGE)
+        missing = layerfs(other, "containerd", "import", FEATURE_IMAGE, *args, check=False)
+        assert missing.returncode == 1, missing.stdout
+        assert "does not hold layer 1 of lfsimp/feature:latest" in missing.stderr
+        assert REF not in ctd.ctr("images", "ls", "-q").stdout
+        assert _snapshots(ctd) == []
+        assert ctd.ctr("content", "ls", "-q").stdout.split() == []
+
+        layerfs(store, "import", "--from-docker", FEATURE_IMAGE)
+        done = layerfs(store, "containerd", "import", FEATURE_IMAGE, *args)
+        assert done.stdout.startswith(f"{REF} (sha256:")
+        diff_ids = docker_client.images.get(FEATURE_IMAGE).attrs["RootFS"]["Layers"]
+        layers = _snapshots(ctd)
+        assert sorted(row[0] for row in layers) == sorted(chain_ids(diff_ids))
+        assert all(row[-1] == "Committed" for row in layers)
+        # containerd's content store: the manifest and the config, no layer
+        blobs = ctd.ctr("content", "ls", "-q").stdout.split()
+        config = docker_client.images.get(FEATURE_IMAGE).id
+        assert len(blobs) == 2 and config in blobs
+        assert not set(blobs) & set(diff_ids)
+        labels = ctd.ctr("content", "ls").stdout
+        assert f"containerd.io/gc.ref.snapshot.layerfs={chain_ids(diff_ids)[-1]}" in labels
+
+        ours = _run(ctd, "layerfs", REF, "from-store", LISTING)
+        docker_out = docker_client.containers.run(
+            FEATURE_IMAGE, ["sh", "-c", LISTING], remove=True
+        ).decode(errors="replace")
+        assert ours.encode(errors="surrogateescape").decode(errors="replace") == docker_out
+        # registering again changes nothing; containerd's gc keeps what the image uses
+        layerfs(store, "containerd", "import", FEATURE_IMAGE, *args)
+        assert _snapshots(ctd) == layers
+        ctd.ctr("images", "rm", "--sync", REF)
+        wait_for(lambda: _snapshots(ctd) == [], "containerd's gc to remove the snapshots")
+        assert not list((store / "docs" / "pins").iterdir())
+        assert "lfsimp/feature" in layerfs(store, "images").stdout  # the store keeps its image

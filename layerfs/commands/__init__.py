@@ -28,6 +28,7 @@ OWNERS: dict[str, str] = {
     "mount": "layerfs.commands.mount",
     "umount": "layerfs.commands.mount",
     "snapshotter": "layerfs.commands.snapshotter",
+    "containerd": "layerfs.commands.snapshotter",
 }
 COMMANDS: list[click.Command] = []
 

@@ -47,27 +47,37 @@ def chain_record(name: str, layers: list[LayerRecord]) -> ImageRecord:
 
 
 def commit_upper(
-    store: ChunkStore, upper: Path, mountpoint: Path, lowers: list[LayerRecord], holder: str
+    store: ChunkStore,
+    upper: Path,
+    mountpoint: Path,
+    lowers: list[LayerRecord],
+    holder: str,
+    chain_id: str = "",
 ) -> tuple[LayerRecord, str]:
     """Store the changes in ``upper`` (seen merged at ``mountpoint``) over ``lowers`` as a
-    layer; return it and the id of the pin that keeps it."""
+    layer; return it and the id of the pin that keeps it.
+
+    No layer tar is made: containerd checked the DiffID of what it applied, and
+    names the layer by its chain ID. The layer's DiffID is recorded only when it
+    is known: for a bottom layer it is its chain ID (else "").
+    """
     from layerfs.changeset import build_changeset, lower_entries
-    from layerfs.layertar import write_layer
     from layerfs.maintenance.pins import pin
     from layerfs.records import Kind, put_tree
     from layerfs.store.chunks import WriteStats
 
+    diff_id = chain_id if not lowers else ""
     with store.backend.lock(exclusive=False):
         started = time.monotonic()
         lower = lower_entries(store, lowers)
         stats = WriteStats()
         entries = build_changeset(store, upper, mountpoint, lower, stats, upper_exact=True)
         changes = time.monotonic()
-        digest = write_layer(entries, store)
-        tree = put_tree(store, entries, {"diff_id": digest.diff_id, "tar_size": digest.size})
+        meta = {"chain_id": chain_id} if chain_id else {}
+        tree = put_tree(store, entries, {**meta, **({"diff_id": diff_id} if diff_id else {})})
         store.flush()  # every chunk and the tree record are durable before the pin names them
         log.info(
-            "%s: %d entries, %d bytes stored; changes read in %.2f s, layer written in %.2f s",
+            "%s: %d entries, %d bytes stored; changes read in %.2f s, tree stored in %.2f s",
             holder,
             len(entries),
             stats.bytes_stored,
@@ -75,7 +85,7 @@ def commit_upper(
             time.monotonic() - changes,
         )
         layer = LayerRecord(
-            diff_id=digest.diff_id,
+            diff_id=diff_id,
             tree=tree,
             entries=len(entries),
             apparent_size=sum(e.size for e in entries if e.kind is Kind.FILE),

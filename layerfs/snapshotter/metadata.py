@@ -65,6 +65,7 @@ class Snapshot:
     updated_ns: int = 0
     layer: LayerRecord | None = None  # committed: its layer in the store
     pin: str = ""  # committed: the store pin keeping the layer's tree
+    chain_id: str = ""  # committed by an unpack: the layer's chain ID ("sha256:..."), else ""
 
 
 SCHEMA = """
@@ -77,10 +78,11 @@ CREATE TABLE IF NOT EXISTS snapshots(
     created_ns INTEGER NOT NULL,
     updated_ns INTEGER NOT NULL,
     layer TEXT,
-    pin TEXT NOT NULL DEFAULT '');
+    pin TEXT NOT NULL DEFAULT '',
+    chain_id TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
 """
-_COLUMNS = "id, key, parent, kind, labels, created_ns, updated_ns, layer, pin"
+_COLUMNS = "id, key, parent, kind, labels, created_ns, updated_ns, layer, pin, chain_id"
 
 
 def _row(row: tuple) -> Snapshot:
@@ -95,6 +97,7 @@ def _row(row: tuple) -> Snapshot:
         updated_ns=row[6],
         layer=LayerRecord(**layer) if layer else None,
         pin=row[8],
+        chain_id=row[9],
     )
 
 
@@ -108,6 +111,9 @@ class Metadata:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}
+        if "chain_id" not in columns:  # a root made before chain IDs were recorded
+            self._db.execute("ALTER TABLE snapshots ADD COLUMN chain_id TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -179,6 +185,46 @@ class Metadata:
             snap_id = cur.lastrowid
         return Snapshot(snap_id, key, parent, kind, dict(labels), now, now)
 
+    def add_committed(
+        self,
+        key: str,
+        parent: str,
+        labels: dict[str, str],
+        layer: LayerRecord,
+        pin: str,
+        chain_id: str,
+    ) -> Snapshot:
+        """A committed snapshot made straight from a layer the store holds (no upper)."""
+        now = time.time_ns()
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
+                raise AlreadyExists(f"snapshot {key} already exists")
+            if parent:
+                row = db.execute("SELECT kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
+                if row is None:
+                    raise NotFound(f"parent snapshot {parent} does not exist")
+                if row[0] != Kind.COMMITTED.value:
+                    raise InvalidArgument(f"parent {parent} is not a committed snapshot")
+            cur = db.execute(
+                "INSERT INTO snapshots(key, parent, kind, labels, created_ns, updated_ns, layer, "
+                "pin, chain_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    parent,
+                    Kind.COMMITTED.value,
+                    json.dumps(labels),
+                    now,
+                    now,
+                    json.dumps(layer.__dict__),
+                    pin,
+                    chain_id,
+                ),
+            )
+            snap_id = cur.lastrowid
+        return Snapshot(
+            snap_id, key, parent, Kind.COMMITTED, dict(labels), now, now, layer, pin, chain_id
+        )
+
     def check_committable(self, key: str, name: str) -> Snapshot:
         """The active snapshot ``key``, if it can be committed as ``name``."""
         snap = self.get(key)
@@ -191,7 +237,13 @@ class Metadata:
         return snap
 
     def commit(
-        self, snap: Snapshot, name: str, labels: dict[str, str], layer: LayerRecord, pin: str
+        self,
+        snap: Snapshot,
+        name: str,
+        labels: dict[str, str],
+        layer: LayerRecord,
+        pin: str,
+        chain_id: str = "",
     ) -> Snapshot:
         """Record the active ``snap`` as the committed snapshot ``name`` holding ``layer``."""
         now = time.time_ns()
@@ -207,11 +259,29 @@ class Metadata:
             layer_doc = json.dumps(layer.__dict__)
             db.execute(
                 "UPDATE snapshots SET key = ?, kind = ?, labels = ?, updated_ns = ?, layer = ?, "
-                "pin = ? WHERE id = ?",
-                (name, Kind.COMMITTED.value, json.dumps(new_labels), now, layer_doc, pin, snap.id),
+                "pin = ?, chain_id = ? WHERE id = ?",
+                (
+                    name,
+                    Kind.COMMITTED.value,
+                    json.dumps(new_labels),
+                    now,
+                    layer_doc,
+                    pin,
+                    chain_id,
+                    snap.id,
+                ),
             )
         return Snapshot(
-            snap.id, name, snap.parent, Kind.COMMITTED, new_labels, snap.created_ns, now, layer, pin
+            snap.id,
+            name,
+            snap.parent,
+            Kind.COMMITTED,
+            new_labels,
+            snap.created_ns,
+            now,
+            layer,
+            pin,
+            chain_id,
         )
 
     def remove(self, key: str) -> Snapshot:

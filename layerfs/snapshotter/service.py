@@ -26,11 +26,17 @@ import logging
 import os
 import shutil
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerfs.catalog import LayerRecord
+from layerfs.errors import LayerfsError
 from layerfs.fs.mounting import kernel_mounts
+from layerfs.snapshotter.chains import SNAPSHOT_REF, store_layers, unpacked_chain_id
 from layerfs.snapshotter.metadata import (
+    AlreadyExists,
     FailedPrecondition,
     Kind,
     Metadata,
@@ -69,6 +75,8 @@ class Snapshotter:
         self.meta = Metadata(self.root / "metadata.db")
         self._store_lock = threading.Lock()  # commits, removals and chain mounts, one at a time
         self._store: ChunkStore | None = None  # opened on first use, under _store_lock
+        # mounts committed chains after their commit, one at a time
+        self._mounter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-mount")
 
     def store(self) -> ChunkStore:
         """The layerfs store (call with _store_lock held)."""
@@ -86,11 +94,77 @@ class Snapshotter:
         return self.snapshots_dir / str(snap.id)
 
     def close(self) -> None:
+        self._mounter.shutdown(wait=True)
         self.meta.close()
 
     # -- creating -------------------------------------------------------------------
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
+        target = labels.get(SNAPSHOT_REF, "")
+        if target:
+            self._provide(parent, labels, target)  # AlreadyExists if the store holds it
         return self._create(key, parent, labels, Kind.ACTIVE)
+
+    # -- layers the store already holds -----------------------------------------------
+    def _provide(self, parent: str, labels: dict[str, str], target: str) -> None:
+        """containerd's remote-snapshot protocol: a Prepare labelled
+        ``containerd.io/snapshot.ref`` = CHAINID asks for the layer of that chain ID
+        over ``parent``. If a committed snapshot already is that layer, or the store
+        holds it (a layer of one of its images, or one committed here before), it is
+        committed at once under the chain ID (pinned, no upper, nothing copied) and
+        AlreadyExists is raised: containerd then finds it by its label and parent.
+        Otherwise nothing happens and the layer is unpacked as usual."""
+        from layerfs.maintenance.pins import pin
+        from layerfs.snapshotter.layers import unpin_layer
+
+        for snap in self.meta.all():
+            if (
+                snap.kind is Kind.COMMITTED
+                and snap.parent == parent
+                and snap.labels.get(SNAPSHOT_REF) == target
+            ):
+                raise AlreadyExists(f"snapshot {target} already exists as {snap.key}")
+        parent_chain = ""
+        if parent:
+            above = self.meta.find(parent)
+            if above is None or above.kind is not Kind.COMMITTED or not above.chain_id:
+                return  # the usual path answers (or unpacks over a parent of unknown chain)
+            parent_chain = above.chain_id
+        name = target if self.meta.find(target) is None else f"{target} over {parent or '-'}"
+        if self.meta.find(name) is not None:
+            return
+        with self._store_lock:
+            store = self.store()
+            with store.backend.lock(exclusive=False):  # no gc between finding and pinning
+                layer = self._held_layer(store, target, parent_chain)
+                if layer is None:
+                    return
+                holder = f"containerd snapshot {name} (layerfs snapshotter {self.root})"
+                pin_id = pin(store.backend, layer.tree, holder).id
+            try:
+                self.meta.add_committed(name, parent, labels, layer, pin_id, target)
+            except BaseException:
+                unpin_layer(store, pin_id)
+                raise
+        log.info("snapshot %s: layer %s of the store, committed without unpacking", name, target)
+        self._mounter.submit(self._mount_committed, name)
+        raise AlreadyExists(f"snapshot {target} is held by the store: committed as {name}")
+
+    def _held_layer(self, store: ChunkStore, target: str, parent_chain: str) -> LayerRecord | None:
+        """The layer whose chain ID is ``target`` over ``parent_chain``, if held: one
+        committed here before, or a layer of one of the store's images."""
+        chains = {s.key: s.chain_id for s in self.meta.all() if s.kind is Kind.COMMITTED}
+        for snap in self.meta.all():
+            if (
+                snap.kind is Kind.COMMITTED
+                and snap.chain_id == target
+                and snap.layer is not None
+                and chains.get(snap.parent, "") == parent_chain
+            ):
+                return snap.layer
+        found = store_layers(store).get(target)
+        if found is not None and found.parent_chain_id == parent_chain:
+            return found.layer
+        return None
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
         return self._create(key, parent, labels, Kind.VIEW)
@@ -148,8 +222,9 @@ class Snapshotter:
         if view is not None:
             return view
         with self._store_lock:
+            chain = self.meta.chain(name)  # again: a removal may have come first
             layers = [s.layer for s in chain if s.layer is not None]
-            return ensure_chain_mount(self.store_url, top.key, layers, mountpoint)
+            return ensure_chain_mount(self.store_url, chain[-1].key, layers, mountpoint)
 
     # -- commit ---------------------------------------------------------------------
     def commit(self, name: str, key: str, labels: dict[str, str]) -> Snapshot:
@@ -157,6 +232,7 @@ class Snapshotter:
         from layerfs.snapshotter.layers import commit_upper, unpin_layer
 
         snap = self.meta.check_committable(key, name)
+        chain_id = unpacked_chain_id(name, key, labels)
         base = self.dir_of(snap)
         upper = base / "fs"
         lowers = []
@@ -178,19 +254,39 @@ class Snapshotter:
                 mounted = True
             try:
                 holder = f"containerd snapshot {name} (layerfs snapshotter {self.root})"
-                layer, pin_id = commit_upper(self.store(), upper, mountpoint, lowers, holder)
+                layer, pin_id = commit_upper(
+                    self.store(), upper, mountpoint, lowers, holder, chain_id
+                )
             finally:
                 if mounted:
                     umount(str(mountpoint))
                     mountpoint.rmdir()
             try:
-                done = self.meta.commit(snap, name, labels, layer, pin_id)
+                done = self.meta.commit(snap, name, labels, layer, pin_id, chain_id)
             except BaseException:
                 unpin_layer(self.store(), pin_id)
                 raise
         for part in ("fs", "work"):  # the layer is in the store now
             shutil.rmtree(base / part, ignore_errors=True)
+        self._mounter.submit(self._mount_committed, name)
         return done
+
+    def _mount_committed(self, name: str) -> None:
+        """Mount a newly committed chain (its index, metadata tree and ``ro`` mount) right
+        after its commit, in the background, so that its first container starts as fast
+        as the next ones (a Prepare over it meanwhile waits for it). A failure here only
+        leaves that work to the first use."""
+        started = time.monotonic()
+        try:
+            if self.meta.children(name):
+                return  # a chain above it is mounted instead (or was, by a Prepare over it)
+            self._chain_view(name)
+        except NotFound:
+            return  # removed meanwhile
+        except (LayerfsError, OSError) as exc:
+            log.warning("snapshot %s is mounted on first use instead: %s", name, exc)
+            return
+        log.info("snapshot %s: chain mounted in %.2f s", name, time.monotonic() - started)
 
     # -- removal --------------------------------------------------------------------
     def remove(self, key: str) -> None:

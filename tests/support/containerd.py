@@ -51,11 +51,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 class Snapshotter:
     """A `layerfs snapshotter serve` subprocess."""
 
-    store: Path
+    store: Path | str  # a directory or an s3:// URL
     root: Path
     address: Path
     log: Path
     proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)  # e.g. its own LAYERFS_CACHE_DIR
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
@@ -65,7 +66,7 @@ class Snapshotter:
                     "--store", str(self.store), "snapshotter", "serve",
                     "--address", str(self.address), "--root", str(self.root),
                 ],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             )  # fmt: skip
         wait_for(
             lambda: self.address.is_socket() and _answers(self.address),
@@ -209,16 +210,21 @@ def stop_views(base: Path) -> None:
 
 
 @contextlib.contextmanager
-def private_containerd() -> Iterator[Containerd]:
-    """A store, a snapshotter and a containerd using it; everything removed afterwards."""
+def private_containerd(store_url: str = "") -> Iterator[Containerd]:
+    """A store, a snapshotter and a containerd using it; everything removed afterwards.
+
+    With ``store_url`` (an S3 store) the snapshotter uses that store with a local
+    cache of its own (``BASE/cache``, its LAYERFS_CACHE_DIR), as another host would.
+    """
     if shutil.which("containerd") is None or shutil.which("ctr") is None:
         raise AssertionError("containerd and ctr are not installed: run scripts/setup.sh")
     base = Path(tempfile.mkdtemp(prefix="lfsctd-", dir="/tmp"))
     snapshotter = Snapshotter(
-        store=base / "store",
+        store=store_url or base / "store",
         root=base / "sn",
         address=base / "layerfs.sock",
         log=base / "snapshotter.log",
+        env={"LAYERFS_CACHE_DIR": str(base / "cache")} if store_url else {},
     )
     ctd = Containerd(base, snapshotter)
     try:
