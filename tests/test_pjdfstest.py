@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tests.support import pjdfstest
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
-LAYERFS = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "layerfs"
+LAYERFS = Path(sys.executable).with_name("layerfs")  # the layerfs beside this Python
 
 
 @pytest.fixture(scope="module")
