@@ -190,6 +190,11 @@ def test_two_backups_of_one_volume_at_once_one_runs_one_is_refused(daemon, plugi
     # A prune of every volume conflicts with it too; another volume does not.
     code, doc = plugin.call("Backup.Prune", {"KeepLast": 1})
     assert code == 500 and BUSY.match(doc["Err"]).groups() == (vol, job["ID"]), doc
+    # Nor can the volume go while its job runs (its container is stopped: no mounts).
+    code, doc = plugin.call("VolumeDriver.Remove", {"Name": vol})
+    assert code == 500 and doc["Err"].startswith("cannot remove it: "), doc
+    assert BUSY.match(doc["Err"].removeprefix("cannot remove it: ")).groups() == (vol, job["ID"])
+    assert (plugin.root / "volumes" / vol).is_dir()
     code, doc = plugin.job("Backup.Create", {"Volume": other})
     assert code == 200 and doc["Job"]["State"] == "succeeded", doc
 

@@ -45,6 +45,8 @@ class Hooks:
     on_create: list[Hook] = field(default_factory=list)
     on_first_mount: list[Hook] = field(default_factory=list)
     on_last_unmount: list[Hook] = field(default_factory=list)  # of managed volumes only
+    # Checks before a Remove changes anything: one that raises (a VolpluginError) refuses it.
+    before_remove: list[Callable[[VolumeRecord], None]] = field(default_factory=list)
     on_remove: list[Hook] = field(default_factory=list)  # before the directory goes
     status: list[Callable[[VolumeRecord], dict]] = field(default_factory=list)  # extra keys
     # Volumes (by their options) a feature manages, e.g. by swapping their directory
@@ -166,6 +168,8 @@ class VolumeService:
         path = self.path_of(name)
         with self.lock:
             record = self._record(name)
+            for check in self.hooks.before_remove:
+                check(record)
             if record.mount_ids:
                 self._refuse_if_used(record)
                 self.state.clear_mounts(name)
