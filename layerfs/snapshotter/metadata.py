@@ -24,6 +24,7 @@ from pathlib import Path
 
 from layerfs.catalog import LayerRecord
 from layerfs.errors import LayerfsError
+from layerfs.sqlitetx import immediate
 
 
 class SnapshotError(LayerfsError):
@@ -121,14 +122,8 @@ class Metadata:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, immediate(self._db) as db:
+            yield db
 
     def find(self, key: str) -> Snapshot | None:
         with self._lock:

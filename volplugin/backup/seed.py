@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from layerfs.errors import LayerfsError
+from layerfs.sqlitetx import immediate
 from layerfs.store.location import open_store
 from volplugin.backup import service
 from volplugin.backup.errors import BackupError
@@ -66,14 +67,9 @@ class SeedState:
             raise StateError(f"cannot open state database {self.db_path}: {exc}") from exc
         try:
             db.execute("PRAGMA foreign_keys=ON")
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 self._ensure(db)
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StateError(f"state database {self.db_path}: {exc}") from exc
         finally:

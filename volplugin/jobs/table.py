@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from layerfs.sqlitetx import immediate
 from volplugin.errors import StateError, VolpluginError
 
 KINDS = ("backup", "restore", "prune")
@@ -179,14 +180,8 @@ class JobTable:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, immediate(self._db) as db:
+            yield db
 
     def _select(self, where: str, args: tuple = (), tail: str = "") -> list[Job]:
         with self._lock:

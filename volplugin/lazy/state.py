@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from layerfs.sqlitetx import immediate
 from volplugin.errors import StateError
 
 PHASES = ("filling", "filled", "switching", "done")
@@ -119,13 +120,8 @@ class LazyState:
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """One transaction (the connection is in autocommit mode); call with the lock held."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._db):
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def get(self, name: str) -> LazyRecord | None:
         with self._lock:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from layerfs.sqlitetx import immediate
 from volplugin.errors import StateError
 
 DB_NAME = "state.db"
@@ -133,8 +134,7 @@ class State:
 
         if not old():
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._db):
             if old():  # another process may have rebuilt it while we waited
                 self._db.execute(_MOUNTS.format(table="mounts_rebuilt"))
                 self._db.execute(
@@ -144,10 +144,6 @@ class State:
                 self._db.execute("DROP TABLE mounts")
                 self._db.execute("ALTER TABLE mounts_rebuilt RENAME TO mounts")
                 log.info("state database %s: rebuilt its mounts table", self.path)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     @classmethod
     def under(cls, root: Path, *, create: bool = True) -> State:
@@ -159,14 +155,8 @@ class State:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, immediate(self._db) as db:
+            yield db
 
     # -- volumes -------------------------------------------------------------------------
 
