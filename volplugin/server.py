@@ -1,7 +1,7 @@
 """`volplugin serve`: the plugin app on a unix socket, served by waitress threads.
 
 The socket is /run/docker/plugins/NAME.sock with mode 0600 (root only). One server runs
-per root (an flock on ROOT/serve.lock); a stale socket of a killed server is replaced.
+per root (volplugin.rootlock); a stale socket of a killed server is replaced.
 One process serves requests (waitress threads) and runs the background work: the
 backup schedule, lazy fills, reconciliation with the daemon, and the jobs (backups,
 restores, prunes) in a small pool (volplugin/jobs). At start, jobs a dead server left
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -22,7 +21,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import waitress
@@ -47,6 +45,7 @@ from volplugin.lazy.volumes import LazyVolumes
 from volplugin.metrics.server import Metrics, parse_address
 from volplugin.pluginrecord import write_record
 from volplugin.protocol.app import create_app
+from volplugin.rootlock import serving_root
 from volplugin.sidekick.paths import SIDEKICK_DIR, check_directory
 from volplugin.sidekick.sockets import SidekickSockets
 from volplugin.volumes.containers import docker_client
@@ -63,24 +62,6 @@ log = logging.getLogger("volplugin.server")
 
 def socket_path(name: str, plugin_dir: Path = PLUGIN_DIR) -> Path:
     return Path(plugin_dir) / f"{check_name(name)}.sock"
-
-
-@contextlib.contextmanager
-def root_lock(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the root for the life of the server."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StateError(
-                f"the root {root} is in use by another `volplugin serve` or by a direct "
-                "command (`volplugin --root ...` backup, restore or prune): stop it first"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _answers(path: Path, grace: float) -> bool:
@@ -148,7 +129,7 @@ def serve(
     metrics_at = parse_address(metrics_address, metrics_allow_remote) if metrics_address else None
     check_directory(sidekick_dir)
     check_repository(store)
-    with root_lock(root):
+    with serving_root(root):
         stop = threading.Event()
         service = status.attach(VolumeService.open(root, name))
         seed.attach(service, store)

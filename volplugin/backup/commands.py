@@ -172,7 +172,7 @@ def backup_cmd(
 
         _refuse_no_wait(no_wait)
         assert where.root is not None
-        from volplugin.direct import unserved_root
+        from volplugin.rootlock import unserved_root
 
         with unserved_root(where.root, "backup"):
             opened = _open_store(where, store)
@@ -276,7 +276,7 @@ def _restore_here(
 ) -> dict:
     """Restore in-process into `to_dir`, or into `to_volume` of the root."""
     from volplugin.backup import service, volumes
-    from volplugin.direct import unserved_root
+    from volplugin.rootlock import unserved_root
 
     with contextlib.ExitStack() as stack:
         if to_dir is None:
@@ -374,7 +374,7 @@ def prune_cmd(
     if where.direct or store is not None:
         from volplugin.backup import service
         from volplugin.backup.retention import Policy
-        from volplugin.direct import unserved_root
+        from volplugin.rootlock import unserved_root
 
         _refuse_no_wait(no_wait)
         with contextlib.ExitStack() as stack:

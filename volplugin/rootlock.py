@@ -1,9 +1,9 @@
-"""Working on a root directly (`--root DIR`), in-process, instead of through the plugin.
+"""Who may change a root: one `volplugin serve`, or direct commands (`--root DIR`) while none runs.
 
-`volplugin serve` holds an exclusive flock on ROOT/serve.lock for its life. A direct
-command that changes the root takes a shared lock on the same file while it runs: it is
-refused, in one line, while a server holds the root, and no server starts meanwhile.
-Commands that only read need no lock.
+`volplugin serve` holds an exclusive flock on ROOT/serve.lock for its life
+(`serving_root`). A direct command that changes the root takes a shared lock on the same
+file while it runs (`unserved_root`): it is refused, in one line, while a server holds
+the root, and no server starts meanwhile. Commands that only read need no lock.
 """
 
 from __future__ import annotations
@@ -22,6 +22,25 @@ LOCK_NAME = "serve.lock"
 
 class RootServed(StateError):
     """A `volplugin serve` holds the root a direct command would change."""
+
+
+@contextlib.contextmanager
+def serving_root(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ROOT/serve.lock (made with the root if missing) while
+    a server uses the root; StateError if a server or a direct command holds it."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateError(
+                f"the root {root} is in use by another `volplugin serve` or by a direct "
+                "command (`volplugin --root ...` backup, restore or prune): stop it first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
