@@ -20,7 +20,13 @@ import pytest
 
 from tests.support import ceph
 from tests.support.dockerenv import BASE_IMAGE
-from tests.support.plugin import VOLPLUGIN, PluginProcess, remove_driver_objects
+from tests.support.plugin import (
+    VOLPLUGIN,
+    PluginProcess,
+    remove_driver_objects,
+    start_daemon_plugin,
+    stop_daemon_plugin,
+)
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.s3]
@@ -45,22 +51,12 @@ def store(s3_env):
 
 
 def start_plugin(daemon, base: Path, store: str, **env: str) -> PluginProcess:
-    full = dict(
-        os.environ,
-        DOCKER_HOST=daemon.host,
-        LAYERFS_STORE=store,
-        LAYERFS_CACHE_DIR=str(base / "cache"),
-        VOLPLUGIN_SCHEDULE_TICK="0.5",
-        **env,
+    return start_daemon_plugin(
+        daemon, base, uniq("drv"), store, VOLPLUGIN_SCHEDULE_TICK="0.5", **env
     )
-    return PluginProcess(base / "root", name=uniq("drv"), env=full).start()
 
 
-def stop_plugin(daemon, plugin: PluginProcess) -> None:
-    if plugin.proc is None:
-        plugin.start()
-    remove_driver_objects(daemon.env, plugin.name)
-    plugin.cleanup()
+stop_plugin = stop_daemon_plugin
 
 
 @pytest.fixture(scope="module")

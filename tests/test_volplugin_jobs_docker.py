@@ -11,7 +11,6 @@ once (one job, one refusal), and Jobs.Get/List/Cancel.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dockerenv import BASE_IMAGE
-from tests.support.plugin import PluginProcess, remove_driver_objects
+from tests.support.plugin import PluginProcess, start_daemon_plugin, stop_daemon_plugin
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.docker
@@ -41,21 +40,10 @@ def uniq(what: str) -> str:
 
 
 def start_plugin(daemon, base: Path, **env: str) -> PluginProcess:
-    full = dict(
-        os.environ,
-        DOCKER_HOST=daemon.host,
-        LAYERFS_STORE=str(base / "store"),
-        LAYERFS_CACHE_DIR=str(base / "cache"),
-        **env,
-    )
-    return PluginProcess(base / "root", name=uniq("drv"), env=full).start()
+    return start_daemon_plugin(daemon, base, uniq("drv"), **env)
 
 
-def stop_plugin(daemon, plugin: PluginProcess) -> None:
-    if plugin.proc is None:
-        plugin.start()
-    remove_driver_objects(daemon.env, plugin.name)
-    plugin.cleanup()
+stop_plugin = stop_daemon_plugin
 
 
 @pytest.fixture

@@ -236,3 +236,24 @@ def remove_driver_objects(docker_env: dict[str, str], driver: str) -> None:
     vols = listing.stdout.split()
     if vols:
         subprocess.run(["docker", "volume", "rm", "-f", *vols], env=docker_env, capture_output=True)
+
+
+def start_daemon_plugin(daemon, base: Path, name: str, store: str | None = None, **env: str):
+    """A started plugin for a (private) daemon: its docker is `daemon`, its root, local
+    cache and (unless `store` is given) store under `base`; `env` adds variables."""
+    full = dict(
+        os.environ,
+        DOCKER_HOST=daemon.host,
+        LAYERFS_STORE=store or str(base / "store"),
+        LAYERFS_CACHE_DIR=str(base / "cache"),
+        **env,
+    )
+    return PluginProcess(base / "root", name=name, env=full).start()
+
+
+def stop_daemon_plugin(daemon, plugin: PluginProcess) -> None:
+    """Remove the daemon's containers and volumes of the plugin's driver, then stop it."""
+    if plugin.proc is None:
+        plugin.start()
+    remove_driver_objects(daemon.env, plugin.name)
+    plugin.cleanup()
