@@ -25,6 +25,12 @@ SNAPSHOT_REF = "containerd.io/snapshot.ref"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
+def is_unpack_key(key: str) -> bool:
+    """Whether ``key`` is one containerd's unpackers prepare a layer under
+    (``.../extract-UNIQUE CHAINID``): a Commit follows once the layer is applied."""
+    return key.rsplit("/", 1)[-1].startswith("extract-")
+
+
 def unpacked_chain_id(name: str, key: str, labels: dict[str, str]) -> str:
     """The chain ID of the layer committed as ``name`` from ``key``, if containerd's
     unpackers committed it (else ""): the ``containerd.io/snapshot.ref`` label, or an

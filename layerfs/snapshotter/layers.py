@@ -116,31 +116,43 @@ def commit_upper(
     )
 
 
-def store_work(store_url: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Run ``request`` in a helper process (layerfs.snapshotter.storework) and return its
-    answer; its failure is raised as the error it names (a helper killed midway, or one
-    that answered nothing, as StoreWorkError). Its log goes to this process's stderr."""
-    done = subprocess.run(
+def start_store_helper(store_url: str) -> subprocess.Popen:
+    """A store helper (layerfs.snapshotter.storework), started ahead of its request:
+    it imports and opens the store meanwhile. Hand it one request with store_work."""
+    return subprocess.Popen(
         [sys.executable, "-m", "layerfs.snapshotter.storework", store_url],
-        input=json.dumps(request).encode(),
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={**os.environ},
-        check=False,
     )
-    lines = done.stdout.decode(errors="replace").strip().splitlines()
+
+
+def store_work(
+    store_url: str, request: dict[str, Any], helper: subprocess.Popen | None = None
+) -> dict[str, Any]:
+    """Run ``request`` in a store helper (``helper`` if one was started ahead, else a new
+    one) and return its answer; its failure is raised as the error it names (a helper
+    killed midway, or one that answered nothing, as StoreWorkError). Its log goes to this
+    process's stderr."""
+    started = time.monotonic()
+    proc = helper if helper is not None else start_store_helper(store_url)
+    out, _ = proc.communicate(json.dumps(request).encode())
+    lines = out.decode(errors="replace").strip().splitlines()
     try:
         answer = json.loads(lines[-1]) if lines else {}
     except ValueError:
         answer = {}
     what = f"store helper ({request['op']})"
-    if done.returncode == 0 and "error" not in answer:
+    status = proc.returncode
+    log.info("%s: %.2f s, exit status %d", what, time.monotonic() - started, status)
+    if status == 0 and lines and "error" not in answer:
         return answer
     if "error" in answer:
         raise _HELPER_ERRORS.get(answer.get("code", ""), StoreWorkError)(answer["error"])
-    if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name
+    if status < 0:
+        name = signal.Signals(-status).name
         raise StoreWorkError(f"{what} was killed by {name}: nothing was recorded, retry")
-    raise StoreWorkError(f"{what} failed with exit status {done.returncode} (see the log)")
+    raise StoreWorkError(f"{what} failed with exit status {status} and no answer (see the log)")
 
 
 def mounted_view(mountpoint: Path) -> ViewInfo | None:

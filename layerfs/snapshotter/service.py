@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from pathlib import Path
 from layerfs.catalog import LayerRecord
 from layerfs.errors import LayerfsError
 from layerfs.fs.mounting import kernel_mounts
-from layerfs.snapshotter.chains import SNAPSHOT_REF, unpacked_chain_id
+from layerfs.snapshotter.chains import SNAPSHOT_REF, is_unpack_key, unpacked_chain_id
 from layerfs.snapshotter.metadata import (
     AlreadyExists,
     FailedPrecondition,
@@ -77,6 +78,9 @@ class Snapshotter:
         self._store_lock = threading.Lock()  # commits, removals and chain mounts, one at a time
         # mounts committed chains after their commit, one at a time
         self._mounter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-mount")
+        # a store helper started when an unpack is prepared, for the commit that follows
+        self._spare_lock = threading.Lock()
+        self._spare: tuple[subprocess.Popen, float] | None = None
 
     def _holder(self, name: str) -> str:
         """The holder of the store pin that keeps the committed snapshot ``name``'s layer."""
@@ -96,14 +100,46 @@ class Snapshotter:
 
     def close(self) -> None:
         self._mounter.shutdown(wait=True)
+        spare = self._take_spare()
+        if spare is not None:
+            spare.communicate(b"")  # it exits on an empty request
         self.meta.close()
+
+    # -- store helpers started ahead ---------------------------------------------------
+    def _ready_helper(self) -> None:
+        """Start a store helper for the commit an unpack ends with, so that its imports
+        and the store's opening happen while containerd applies the layer."""
+        from layerfs.snapshotter.layers import start_store_helper
+
+        with self._spare_lock:
+            if self._spare is not None and self._spare[0].poll() is None:
+                return
+            self._spare = (start_store_helper(self.store_url), time.monotonic())
+
+    def _take_spare(self) -> subprocess.Popen | None:
+        """The helper started ahead, if it still waits (else None: start one)."""
+        from layerfs.snapshotter.storework import SPARE_WAIT
+
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        proc, since = spare
+        if proc.poll() is None and time.monotonic() - since < SPARE_WAIT - 60:
+            return proc
+        if proc.poll() is None:
+            proc.communicate(b"")
+        return None
 
     # -- creating -------------------------------------------------------------------
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
         target = labels.get(SNAPSHOT_REF, "")
         if target:
             self._provide(parent, labels, target)  # AlreadyExists if the store holds it
-        return self._create(key, parent, labels, Kind.ACTIVE)
+        mounts = self._create(key, parent, labels, Kind.ACTIVE)
+        if is_unpack_key(key):
+            self._ready_helper()
+        return mounts
 
     # -- layers the store already holds -----------------------------------------------
     def _provide(self, parent: str, labels: dict[str, str], target: str) -> None:
@@ -268,6 +304,7 @@ class Snapshotter:
                         "holder": self._holder(name),
                         "chain_id": chain_id,
                     },
+                    self._take_spare(),
                 )
             finally:
                 if mounted:

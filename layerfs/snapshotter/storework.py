@@ -14,6 +14,12 @@ on stdin, does it and writes one JSON answer line on stdout:
   ``{"layer": null}``.
 - ``{"op": "unpin", "pin": ID}``: answers ``{}``.
 
+The helper imports what it needs and opens the store (an encrypted store's
+key derivation) before it reads the request, so the server can start one
+ahead: when containerd prepares an unpack, a helper is made ready while the
+layer is applied, and the Commit that follows hands it its request (one that
+gets none within SPARE_WAIT, or sees its stdin closed, exits).
+
 Before pinning for a holder, pins left for that same holder (by a helper
 killed after pinning, before the server recorded the snapshot) are removed:
 the server asks only for names no snapshot has. Reading an upper, chunking
@@ -36,6 +42,7 @@ from typing import Any
 # A test's hook: while this file exists, a commit stops itself (SIGSTOP) after
 # pinning, before answering, so that the test can kill it at its worst moment.
 PAUSE_FILE_VARIABLE = "LAYERFS_SNAPSHOTTER_TEST_PAUSE_COMMIT"
+SPARE_WAIT = 600.0  # seconds a helper started ahead waits for its request
 
 
 def _pin_for(store: Any, tree: str, holder: str) -> str:
@@ -95,6 +102,7 @@ def _unpin(store: Any, request: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     import logging
+    import select
 
     from layerfs.errors import LayerfsError
     from layerfs.store.location import open_store
@@ -103,10 +111,22 @@ def main(argv: list[str]) -> int:
         level=logging.INFO, format="layerfs: %(levelname)s: store helper: %(message)s"
     )
     (store_url,) = argv
-    request = json.loads(sys.stdin.read())
     ops = {"check": lambda s, r: {}, "commit": _commit, "provide": _provide, "unpin": _unpin}
     try:
-        answer = ops[request["op"]](open_store(store_url), request)
+        # imports and the store's opening (its key derivation) come before the request:
+        # a helper started ahead of a commit has done them while containerd applied
+        import layerfs.changeset  # noqa: F401
+        import layerfs.maintenance.pins  # noqa: F401
+        import layerfs.snapshotter.layers  # noqa: F401
+
+        store = open_store(store_url)
+        if not select.select([sys.stdin], [], [], SPARE_WAIT)[0]:
+            return 0  # started ahead of a commit that never came
+        text = sys.stdin.read()
+        if not text:
+            return 0  # the server closed it unused
+        request = json.loads(text)
+        answer = ops[request["op"]](store, request)
     except LayerfsError as exc:
         code = type(exc).__name__
         known = ("NotFound", "AlreadyExists", "FailedPrecondition", "InvalidArgument")
