@@ -78,6 +78,8 @@ class Snapshotter:
         self._store_lock = threading.Lock()  # commits, removals and chain mounts, one at a time
         # mounts committed chains after their commit, one at a time
         self._mounter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-mount")
+        # removes committed snapshots' upper directories, after the Commit is answered
+        self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upper-removal")
         # a store helper started when an unpack is prepared, for the commit that follows
         self._spare_lock = threading.Lock()
         self._spare: tuple[subprocess.Popen, float] | None = None
@@ -100,6 +102,7 @@ class Snapshotter:
 
     def close(self) -> None:
         self._mounter.shutdown(wait=True)
+        self._remover.shutdown(wait=True)
         spare = self._take_spare()
         if spare is not None:
             spare.communicate(b"")  # it exits on an empty request
@@ -316,8 +319,9 @@ class Snapshotter:
             except BaseException:
                 self._unpin(pin_id)
                 raise
-        for part in ("fs", "work"):  # the layer is in the store now
-            shutil.rmtree(base / part, ignore_errors=True)
+        # the layer is in the store now: its upper goes after the answer (Cleanup also
+        # removes what a stop cut short)
+        self._remover.submit(_remove_upper, base)
         self._mounter.submit(self._mount_committed, name)
         return done
 
@@ -395,6 +399,12 @@ class Snapshotter:
 
         match = parse_filters(filters)
         return [s for s in self.meta.all() if match(s)]
+
+
+def _remove_upper(base: Path) -> None:
+    """Remove a committed snapshot's upper and work directories."""
+    for part in ("fs", "work"):
+        shutil.rmtree(base / part, ignore_errors=True)
 
 
 def disk_usage(path: Path) -> Usage:
