@@ -15,8 +15,10 @@ and the Debian minbase test image (tests.support.debian), saved by Docker:
 - **run**: `ctr run --rm IMAGE ID true` from the image already unpacked by each,
   `--reps` times each (alternating), median; the first layerfs run is shown too.
 - **memory**: `--containers` containers of the image (`ctr run -d ... sleep`);
-  resident memory (VmRSS) of the layerfs processes then: the snapshotter server
-  and the store's view daemon (the chain mounts' helpers have exited).
+  resident memory (RSS, and PSS: shared pages divided among their users) of
+  the layerfs processes then: the snapshotter server, its helper processes
+  alive at that moment (commits, chain mounts) and the store's view daemon(s),
+  in sum and each.
 - **second host** (`--s3`, needs the Ceph RGW of the tests): host A imports the
   image into a fresh S3 bucket with `layerfs import`; host B (another
   snapshotter root, cache and containerd) runs it via `layerfs containerd
@@ -89,6 +91,18 @@ def view_daemon_pids(base: Path) -> list[int]:
         if info is not None and info.cache_dir.startswith(f"{base}/") and info.pid:
             pids.append(info.pid)
     return pids
+
+
+def layerfs_processes(server: int, base: Path) -> list[tuple[str, int]]:
+    """The layerfs processes serving a private containerd's containers, named: the
+    snapshotter server, its helpers alive now (commits, chain mounts) and the view
+    daemon(s) of the store below ``base``."""
+    from benchmarks.common import process_tree
+
+    views = view_daemon_pids(base)
+    helpers = [p for p in process_tree(server)[1:] if p not in views] if server else []
+    procs = [("server", server)] if server else []
+    return procs + [("helper", p) for p in helpers] + [("view daemon", p) for p in views]
 
 
 def top_chain_mount(root: Path) -> Path | None:
@@ -211,16 +225,15 @@ def local_runs(archive: Path, ref: str, reps: int, containers: int) -> Figures:
         for i in range(containers):
             ctr("layerfs", "run", "-d", "--snapshotter", "layerfs", ref, f"c{i}", "sleep", "3600")
         server = ctd.snapshotter.proc.pid if ctd.snapshotter.proc else 0
-        views = view_daemon_pids(base)
-        total = rss(server) + sum(rss(p) for p in views)
-        shared = rss(server, "Pss") + sum(rss(p, "Pss") for p in views)
+        procs = layerfs_processes(server, base)
+        total = sum(rss(p) for _, p in procs)
+        shared = sum(rss(p, "Pss") for _, p in procs)
         rows.append([f"{containers} containers: resident memory of layerfs processes (RSS; PSS)",
                      f"{human_bytes(total)}; {human_bytes(shared)}", "", ""])  # fmt: skip
-        notes.append(
-            f"memory: snapshotter server {human_bytes(rss(server))}, view daemon(s) "
-            f"{', '.join(human_bytes(rss(p)) for p in views) or 'none'} (RSS with "
-            f"{containers} containers running; the chain mounts' helpers have exited)."
+        each = ", ".join(
+            f"{what} {human_bytes(rss(p))}; {human_bytes(rss(p, 'Pss'))}" for what, p in procs
         )
+        notes.append(f"memory with {containers} containers running (RSS; PSS): {each}.")
     return Figures(rows, notes)
 
 

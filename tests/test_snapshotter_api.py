@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,12 +19,14 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from layerfs.maintenance.pins import list_pins
 from layerfs.records import get_tree, read_content
 from layerfs.snapshotter.api import snapshots_pb2 as pb
 from layerfs.snapshotter.api import snapshots_pb2_grpc
-from layerfs.snapshotter.metadata import Metadata
+from layerfs.snapshotter.metadata import Kind, Metadata
 from layerfs.store.location import open_store
 from tests.support.containerd import Snapshotter, _unmount_below, stop_views
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -277,3 +280,130 @@ def test_layers_committed_before_are_given_by_chain_id(api, server):
         api.Remove(pb.RemoveSnapshotRequest(key=key))
     assert not list((server.store / "docs" / "pins").iterdir())
     meta.close()
+
+
+def _helpers_of(pid: int) -> list[int]:
+    """Store helpers (layerfs.snapshotter.storework) running as children of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and (
+            b"layerfs.snapshotter.storework" in cmdline
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def own_server():
+    """A snapshotter of its own, whose store helpers stop themselves after pinning while
+    the file ``base/pause`` exists (the hook layerfs.snapshotter.storework reads)."""
+    from layerfs.snapshotter.storework import PAUSE_FILE_VARIABLE
+
+    base = Path(tempfile.mkdtemp(prefix="lfssk-", dir="/tmp"))
+    sn = Snapshotter(base / "store", base / "sn", base / "sn.sock", base / "sn.log")
+    sn.env = {PAUSE_FILE_VARIABLE: str(base / "pause")}
+    sn.start()
+    try:
+        with grpc.insecure_channel(f"unix://{sn.address}") as channel:
+            yield sn, snapshots_pb2_grpc.SnapshotsStub(channel), base / "pause"
+    finally:
+        sn.stop()
+        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True)
+        _unmount_below(base)
+        stop_views(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_commit_helper_killed_midway_commits_nothing(own_server):
+    """The commit's store work runs in a helper process; SIGKILL of it at its worst
+    moment (chunks, tree and pin written, nothing answered) leaves the snapshot active
+    with its upper, an error for containerd, and a retry that commits it once."""
+    import threading
+
+    sn, api, pause = own_server
+    data = os.urandom(3_000_000)
+    upper = Path(_prepare(api, "victim")[0].source)
+    (upper / "data").write_bytes(data)
+    (upper / "dir").mkdir()
+    (upper / "dir/small").write_text("small\n")
+    pause.touch()
+    failed: list[grpc.RpcError] = []
+
+    def commit() -> None:
+        try:
+            api.Commit(pb.CommitSnapshotRequest(name="done", key="victim"))
+        except grpc.RpcError as exc:
+            failed.append(exc)
+
+    caller = threading.Thread(target=commit)
+    caller.start()
+    helper = wait_for(
+        lambda: [p for p in _helpers_of(sn.proc.pid) if _stopped(p)],
+        "the commit helper to stop after pinning",
+    )[0]
+    os.kill(helper, signal.SIGKILL)
+    caller.join(60)
+    assert not caller.is_alive()
+    assert failed and failed[0].code() == grpc.StatusCode.INTERNAL
+    assert "killed by SIGKILL" in failed[0].details()
+    assert "\n" not in failed[0].details()
+    # nothing committed: the snapshot is active with its upper, the name is free
+    assert api.Stat(pb.StatSnapshotRequest(key="victim")).info.kind == pb.ACTIVE
+    assert _code(api.Stat, pb.StatSnapshotRequest(key="done")) == grpc.StatusCode.NOT_FOUND
+    assert (upper / "data").read_bytes() == data
+    pins = sn.store / "docs" / "pins"
+    assert len(list(pins.iterdir())) == 1  # the killed helper's pin, recorded nowhere
+
+    pause.unlink()
+    api.Commit(pb.CommitSnapshotRequest(name="done", key="victim"))
+    assert api.Stat(pb.StatSnapshotRequest(key="done")).info.kind == pb.COMMITTED
+    assert _code(api.Stat, pb.StatSnapshotRequest(key="victim")) == grpc.StatusCode.NOT_FOUND
+    layer = Metadata(sn.root / "metadata.db").get("done")
+    assert layer.kind is Kind.COMMITTED and layer.labels == {}
+    held = list_pins(open_store(str(sn.store)).backend)
+    assert [p.id for p in held] == [layer.pin]  # the killed helper's pin is gone
+    view = Path(api.View(pb.ViewSnapshotRequest(key="look", parent="done")).mounts[0].source)
+    assert (view / "data").read_bytes() == data
+    assert (view / "dir/small").read_text() == "small\n"
+    assert not _helpers_of(sn.proc.pid)
+    api.Remove(pb.RemoveSnapshotRequest(key="look"))
+    api.Remove(pb.RemoveSnapshotRequest(key="done"))
+    assert not list(pins.iterdir())
+
+
+def test_commit_helper_errors_reach_containerd_in_one_line(own_server):
+    """A store the helper cannot write (its pins directory immutable): Commit answers
+    INTERNAL with the helper's one-line error, and the snapshot stays active."""
+    sn, api, _ = own_server
+    upper = Path(_prepare(api, "blocked")[0].source)
+    (upper / "f").write_text("f\n")
+    pins = sn.store / "docs" / "pins"
+    pins.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["chattr", "+i", str(pins)], check=True)
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            api.Commit(pb.CommitSnapshotRequest(name="blocked-done", key="blocked"))
+    finally:
+        subprocess.run(["chattr", "-i", str(pins)], check=True)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "Operation not permitted" in caught.value.details()
+    assert "\n" not in caught.value.details()
+    assert api.Stat(pb.StatSnapshotRequest(key="blocked")).info.kind == pb.ACTIVE
+    api.Commit(pb.CommitSnapshotRequest(name="blocked-done", key="blocked"))
+    assert api.Stat(pb.StatSnapshotRequest(key="blocked-done")).info.kind == pb.COMMITTED
+    api.Remove(pb.RemoveSnapshotRequest(key="blocked-done"))
+    assert not list(pins.iterdir())

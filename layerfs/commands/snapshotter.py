@@ -41,12 +41,13 @@ def serve_command(store_url: str, address: Path, root: Path) -> None:
     then `ctr image pull|import --snapshotter layerfs` unpacks layers into the
     store and `ctr run --snapshotter layerfs` runs containers on it.
     """
+    from layerfs.snapshotter.layers import store_work
     from layerfs.snapshotter.server import serve
-    from layerfs.store.location import open_store
 
-    if "://" not in store_url:  # the chain mount helper and view daemon run elsewhere
+    if "://" not in store_url:  # the helpers and the view daemon run elsewhere
         store_url = os.path.abspath(store_url)
-    open_store(store_url)  # refuse to start on a store that does not open
+    # refuse to start on a store that does not open; the server itself never opens it
+    store_work(store_url, {"op": "check"})
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     serve(address.absolute(), root.absolute(), store_url)

@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from layerfs.catalog import Catalog, LayerRecord
-from layerfs.imageconfig import chain_ids
-from layerfs.store.chunks import ChunkStore
+from layerfs.catalog import LayerRecord
+
+if TYPE_CHECKING:
+    from layerfs.store.chunks import ChunkStore
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def is_unpack_key(key: str) -> bool:
+    """Whether ``key`` is one containerd's unpackers prepare a layer under
+    (``.../extract-UNIQUE CHAINID``): a Commit follows once the layer is applied."""
+    return key.rsplit("/", 1)[-1].startswith("extract-")
 
 
 def unpacked_chain_id(name: str, key: str, labels: dict[str, str]) -> str:
@@ -53,6 +61,9 @@ class StoreLayer:
 
 def store_layers(store: ChunkStore) -> dict[str, StoreLayer]:
     """Every layer of the store's images by chain ID (computed from their DiffIDs)."""
+    from layerfs.catalog import Catalog
+    from layerfs.imageconfig import chain_ids
+
     found: dict[str, StoreLayer] = {}
     for image in Catalog(store.backend).images():
         chains = chain_ids([layer.diff_id for layer in image.layers])

@@ -15,9 +15,11 @@ Mounts containerd gets: an active snapshot without parent is a bind of its
 layers are the parent chain's metadata tree and the store's content layers
 (the same lowers as the parent's ``ro`` mount), ``fs`` its upper. A view is a
 read-only bind of its parent's ``ro`` mount (or of an empty directory).
-Commit stores the upper as a layer (layerfs.snapshotter.layers) and removes
-it. None of these mounts depends on this process: it can be killed or
-restarted while containers run.
+Commit stores the upper as a layer and removes it; the store itself is only
+opened by helper processes (layerfs.snapshotter.storework for commits, pins
+and unpins, layerfs.snapshotter.chainmount for chain mounts), so this
+long-lived process keeps metadata and mounts only. None of these mounts
+depends on this process: it can be killed or restarted while containers run.
 """
 
 from __future__ import annotations
@@ -25,16 +27,17 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from layerfs.catalog import LayerRecord
 from layerfs.errors import LayerfsError
 from layerfs.fs.mounting import kernel_mounts
-from layerfs.snapshotter.chains import SNAPSHOT_REF, store_layers, unpacked_chain_id
+from layerfs.snapshotter.chains import SNAPSHOT_REF, is_unpack_key, unpacked_chain_id
 from layerfs.snapshotter.metadata import (
     AlreadyExists,
     FailedPrecondition,
@@ -43,7 +46,6 @@ from layerfs.snapshotter.metadata import (
     NotFound,
     Snapshot,
 )
-from layerfs.store.chunks import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +76,22 @@ class Snapshotter:
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.meta = Metadata(self.root / "metadata.db")
         self._store_lock = threading.Lock()  # commits, removals and chain mounts, one at a time
-        self._store: ChunkStore | None = None  # opened on first use, under _store_lock
         # mounts committed chains after their commit, one at a time
         self._mounter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-mount")
+        # removes committed snapshots' upper directories, after the Commit is answered
+        self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upper-removal")
+        # a store helper started when an unpack is prepared, for the commit that follows
+        self._spare_lock = threading.Lock()
+        self._spare: tuple[subprocess.Popen, float] | None = None
 
-    def store(self) -> ChunkStore:
-        """The layerfs store (call with _store_lock held)."""
-        if self._store is None:
-            from layerfs.store.location import open_store
+    def _holder(self, name: str) -> str:
+        """The holder of the store pin that keeps the committed snapshot ``name``'s layer."""
+        return f"containerd snapshot {name} (layerfs snapshotter {self.root})"
 
-            self._store = open_store(self.store_url)
-        return self._store
+    def _unpin(self, pin_id: str) -> None:
+        from layerfs.snapshotter.layers import store_work
+
+        store_work(self.store_url, {"op": "unpin", "pin": pin_id})
 
     @property
     def snapshots_dir(self) -> Path:
@@ -95,14 +102,47 @@ class Snapshotter:
 
     def close(self) -> None:
         self._mounter.shutdown(wait=True)
+        self._remover.shutdown(wait=True)
+        spare = self._take_spare()
+        if spare is not None:
+            spare.communicate(b"")  # it exits on an empty request
         self.meta.close()
+
+    # -- store helpers started ahead ---------------------------------------------------
+    def _ready_helper(self) -> None:
+        """Start a store helper for the commit an unpack ends with, so that its imports
+        and the store's opening happen while containerd applies the layer."""
+        from layerfs.snapshotter.layers import start_store_helper
+
+        with self._spare_lock:
+            if self._spare is not None and self._spare[0].poll() is None:
+                return
+            self._spare = (start_store_helper(self.store_url), time.monotonic())
+
+    def _take_spare(self) -> subprocess.Popen | None:
+        """The helper started ahead, if it still waits (else None: start one)."""
+        from layerfs.snapshotter.storework import SPARE_WAIT
+
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        proc, since = spare
+        if proc.poll() is None and time.monotonic() - since < SPARE_WAIT - 60:
+            return proc
+        if proc.poll() is None:
+            proc.communicate(b"")
+        return None
 
     # -- creating -------------------------------------------------------------------
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
         target = labels.get(SNAPSHOT_REF, "")
         if target:
             self._provide(parent, labels, target)  # AlreadyExists if the store holds it
-        return self._create(key, parent, labels, Kind.ACTIVE)
+        mounts = self._create(key, parent, labels, Kind.ACTIVE)
+        if is_unpack_key(key):
+            self._ready_helper()
+        return mounts
 
     # -- layers the store already holds -----------------------------------------------
     def _provide(self, parent: str, labels: dict[str, str], target: str) -> None:
@@ -113,8 +153,7 @@ class Snapshotter:
         committed at once under the chain ID (pinned, no upper, nothing copied) and
         AlreadyExists is raised: containerd then finds it by its label and parent.
         Otherwise nothing happens and the layer is unpacked as usual."""
-        from layerfs.maintenance.pins import pin
-        from layerfs.snapshotter.layers import unpin_layer
+        from layerfs.snapshotter.layers import store_work
 
         for snap in self.meta.all():
             if (
@@ -130,28 +169,35 @@ class Snapshotter:
                 return  # the usual path answers (or unpacks over a parent of unknown chain)
             parent_chain = above.chain_id
         name = target if self.meta.find(target) is None else f"{target} over {parent or '-'}"
-        if self.meta.find(name) is not None:
-            return
         with self._store_lock:
-            store = self.store()
-            with store.backend.lock(exclusive=False):  # no gc between finding and pinning
-                layer = self._held_layer(store, target, parent_chain)
-                if layer is None:
-                    return
-                holder = f"containerd snapshot {name} (layerfs snapshotter {self.root})"
-                pin_id = pin(store.backend, layer.tree, holder).id
+            if self.meta.find(name) is not None:
+                return
+            known = self._committed_layer(target, parent_chain)
+            answer = store_work(
+                self.store_url,
+                {
+                    "op": "provide",
+                    "target": target,
+                    "parent_chain": parent_chain,
+                    "holder": self._holder(name),
+                    "layer": asdict(known) if known is not None else None,
+                },
+            )
+            if answer.get("layer") is None:
+                return
+            layer = LayerRecord(**answer["layer"])
             try:
-                self.meta.add_committed(name, parent, labels, layer, pin_id, target)
+                self.meta.add_committed(name, parent, labels, layer, answer["pin"], target)
             except BaseException:
-                unpin_layer(store, pin_id)
+                self._unpin(answer["pin"])
                 raise
         log.info("snapshot %s: layer %s of the store, committed without unpacking", name, target)
         self._mounter.submit(self._mount_committed, name)
         raise AlreadyExists(f"snapshot {target} is held by the store: committed as {name}")
 
-    def _held_layer(self, store: ChunkStore, target: str, parent_chain: str) -> LayerRecord | None:
-        """The layer whose chain ID is ``target`` over ``parent_chain``, if held: one
-        committed here before, or a layer of one of the store's images."""
+    def _committed_layer(self, target: str, parent_chain: str) -> LayerRecord | None:
+        """The layer of chain ID ``target`` over ``parent_chain``, if committed here before
+        (else the store helper looks among the store's images)."""
         chains = {s.key: s.chain_id for s in self.meta.all() if s.kind is Kind.COMMITTED}
         for snap in self.meta.all():
             if (
@@ -161,9 +207,6 @@ class Snapshotter:
                 and chains.get(snap.parent, "") == parent_chain
             ):
                 return snap.layer
-        found = store_layers(store).get(target)
-        if found is not None and found.parent_chain_id == parent_chain:
-            return found.layer
         return None
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
@@ -228,22 +271,23 @@ class Snapshotter:
 
     # -- commit ---------------------------------------------------------------------
     def commit(self, name: str, key: str, labels: dict[str, str]) -> Snapshot:
+        """Store the active snapshot ``key``'s upper as a layer (in a helper process) and
+        record it as the committed snapshot ``name``. If the helper fails or is killed,
+        nothing is recorded: ``key`` stays active with its upper, and a retry works."""
         from layerfs.fs.overlay import mount_overlay, umount
-        from layerfs.snapshotter.layers import commit_upper, unpin_layer
+        from layerfs.snapshotter.layers import ensure_chain_mount, store_work
 
-        snap = self.meta.check_committable(key, name)
         chain_id = unpacked_chain_id(name, key, labels)
-        base = self.dir_of(snap)
-        upper = base / "fs"
-        lowers = []
         with self._store_lock:
+            snap = self.meta.check_committable(key, name)
+            base = self.dir_of(snap)
+            upper = base / "fs"
+            lowers: list[LayerRecord] = []
             mountpoint = upper
             mounted = False
             if snap.parent:
                 chain = self.meta.chain(snap.parent)
                 lowers = [s.layer for s in chain if s.layer is not None]
-                from layerfs.snapshotter.layers import ensure_chain_mount
-
                 view = ensure_chain_mount(
                     self.store_url, chain[-1].key, lowers, self.dir_of(chain[-1]) / "ro"
                 )
@@ -253,21 +297,31 @@ class Snapshotter:
                 mount_overlay(mountpoint, [upper, Path(view.path)], view.data_layers)
                 mounted = True
             try:
-                holder = f"containerd snapshot {name} (layerfs snapshotter {self.root})"
-                layer, pin_id = commit_upper(
-                    self.store(), upper, mountpoint, lowers, holder, chain_id
+                answer = store_work(
+                    self.store_url,
+                    {
+                        "op": "commit",
+                        "upper": str(upper),
+                        "mountpoint": str(mountpoint),
+                        "lowers": [asdict(layer) for layer in lowers],
+                        "holder": self._holder(name),
+                        "chain_id": chain_id,
+                    },
+                    self._take_spare(),
                 )
             finally:
                 if mounted:
                     umount(str(mountpoint))
                     mountpoint.rmdir()
+            layer, pin_id = LayerRecord(**answer["layer"]), answer["pin"]
             try:
                 done = self.meta.commit(snap, name, labels, layer, pin_id, chain_id)
             except BaseException:
-                unpin_layer(self.store(), pin_id)
+                self._unpin(pin_id)
                 raise
-        for part in ("fs", "work"):  # the layer is in the store now
-            shutil.rmtree(base / part, ignore_errors=True)
+        # the layer is in the store now: its upper goes after the answer (Cleanup also
+        # removes what a stop cut short)
+        self._remover.submit(_remove_upper, base)
         self._mounter.submit(self._mount_committed, name)
         return done
 
@@ -290,7 +344,7 @@ class Snapshotter:
 
     # -- removal --------------------------------------------------------------------
     def remove(self, key: str) -> None:
-        from layerfs.snapshotter.layers import unmount_chain, unpin_layer
+        from layerfs.snapshotter.layers import unmount_chain
 
         with self._store_lock:
             snap = self.meta.remove(key)
@@ -298,7 +352,7 @@ class Snapshotter:
             if snap.kind is Kind.COMMITTED:
                 unmount_chain(base / "ro")
                 if snap.pin:
-                    unpin_layer(self.store(), snap.pin)
+                    self._unpin(snap.pin)
             self._remove_dir(base)
 
     def _remove_dir(self, path: Path) -> None:
@@ -345,6 +399,12 @@ class Snapshotter:
 
         match = parse_filters(filters)
         return [s for s in self.meta.all() if match(s)]
+
+
+def _remove_upper(base: Path) -> None:
+    """Remove a committed snapshot's upper and work directories."""
+    for part in ("fs", "work"):
+        shutil.rmtree(base / part, ignore_errors=True)
 
 
 def disk_usage(path: Path) -> Usage:
