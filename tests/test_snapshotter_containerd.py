@@ -242,3 +242,51 @@ def test_an_image_of_the_store_runs_without_its_layers_reaching_containerd(archi
         wait_for(lambda: _snapshots(ctd) == [], "containerd's gc to remove the snapshots")
         assert not list((store / "docs" / "pins").iterdir())
         assert "lfsimp/feature" in layerfs(store, "images").stdout  # the store keeps its image
+
+
+WRITES = (
+    "echo written > /feat/new; rm /feat/del/b; chmod 600 /feat/data/big; "
+    "mkdir -p /feat/made/deep; echo d > /feat/made/deep/f; ln -s new /feat/made/link; "
+    "echo appended >> /feat/hl/orig; rm -r /feat/made/deep && mkdir /feat/made/deep"
+)
+
+
+def _committed_listing(ctd, snapshotter: str, where: Path) -> str:
+    """Run WRITES in a container on `snapshotter`, commit its snapshot, and list the
+    committed tree (mounted as containerd's view of it says) from the host."""
+    import subprocess
+
+    name = f"committer-{snapshotter}"
+    ctd.ctr("run", "--snapshotter", snapshotter, REF, name, "sh", "-c", WRITES)
+    key = json.loads(ctd.ctr("containers", "info", name).stdout)["SnapshotKey"]
+    snaps = ("snapshots", "--snapshotter", snapshotter)
+    ctd.ctr(*snaps, "commit", f"{name}-commit", key)
+    ctd.ctr("containers", "rm", name)
+    (mount,) = json.loads(
+        ctd.ctr(*snaps, "view", "--mounts", f"{name}-view", f"{name}-commit").stdout
+    )
+    target = where / snapshotter
+    target.mkdir()
+    options = ",".join(mount["Options"])
+    subprocess.run(
+        ["mount", "-t", mount["Type"], mount["Source"], str(target), "-o", options], check=True
+    )
+    try:
+        listed = subprocess.run(
+            ["chroot", str(target), "/bin/sh", "-c", LISTING],
+            capture_output=True, text=True, check=True, errors="surrogateescape",
+        ).stdout  # fmt: skip
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+        ctd.ctr(*snaps, "rm", f"{name}-view")
+        ctd.ctr(*snaps, "rm", f"{name}-commit")
+    return listed
+
+
+def test_a_committed_container_is_what_overlayfs_commits(ctd, archives, tmp_path):
+    ctd.ctr("image", "import", "--snapshotter", "overlayfs", str(archives["legacy"]))
+    ours = _committed_listing(ctd, "layerfs", tmp_path)
+    reference = _committed_listing(ctd, "overlayfs", tmp_path)
+    assert ours.endswith("end-of-listing\n") and "feat/made/link" in ours
+    assert "feat/new" in ours and "feat/del/b" not in ours and "feat/made/deep/f" not in ours
+    assert ours == reference
