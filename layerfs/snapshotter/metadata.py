@@ -164,14 +164,7 @@ class Metadata:
             raise InvalidArgument("a snapshot key must not be empty")
         now = time.time_ns()
         with self._transaction() as db:
-            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
-                raise AlreadyExists(f"snapshot {key} already exists")
-            if parent:
-                row = db.execute("SELECT kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
-                if row is None:
-                    raise NotFound(f"parent snapshot {parent} does not exist")
-                if row[0] != Kind.COMMITTED.value:
-                    raise InvalidArgument(f"parent {parent} is not a committed snapshot")
+            _check_new(db, key, parent)
             cur = db.execute(
                 "INSERT INTO snapshots(key, parent, kind, labels, created_ns, updated_ns) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -192,14 +185,7 @@ class Metadata:
         """A committed snapshot made straight from a layer the store holds (no upper)."""
         now = time.time_ns()
         with self._transaction() as db:
-            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
-                raise AlreadyExists(f"snapshot {key} already exists")
-            if parent:
-                row = db.execute("SELECT kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
-                if row is None:
-                    raise NotFound(f"parent snapshot {parent} does not exist")
-                if row[0] != Kind.COMMITTED.value:
-                    raise InvalidArgument(f"parent {parent} is not a committed snapshot")
+            _check_new(db, key, parent)
             cur = db.execute(
                 "INSERT INTO snapshots(key, parent, kind, labels, created_ns, updated_ns, layer, "
                 "pin, chain_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -318,3 +304,15 @@ class Metadata:
                 (json.dumps(new), snap.updated_ns, snap.id),
             )
         return snap
+
+
+def _check_new(db: sqlite3.Connection, key: str, parent: str) -> None:
+    """Refuse a new snapshot whose key is taken or whose parent is not committed."""
+    if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
+        raise AlreadyExists(f"snapshot {key} already exists")
+    if parent:
+        row = db.execute("SELECT kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
+        if row is None:
+            raise NotFound(f"parent snapshot {parent} does not exist")
+        if row[0] != Kind.COMMITTED.value:
+            raise InvalidArgument(f"parent {parent} is not a committed snapshot")
