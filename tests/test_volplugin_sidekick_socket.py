@@ -125,6 +125,7 @@ def test_sidekick_backs_up_lists_and_restores_its_own_volume_and_nothing_else(
     code, doc = plugin.job("Backup.Create", {"Volume": other})
     assert code == 200, doc
     theirs = doc["Backup"]["id"]
+    their_job = doc["Job"]["ID"]
 
     # Sockets: one per asking volume, 0660 root:root in a 0711 directory; the plugin's
     # own socket stays root-only.
@@ -149,6 +150,9 @@ def test_sidekick_backs_up_lists_and_restores_its_own_volume_and_nothing_else(
     backup = doc["Job"]["Result"]["Backup"]
     mine = backup["id"]
     assert backup["volume"] == vol and backup["tags"] == ["sidekick"]
+    my_job = doc["Job"]["ID"]
+    code, doc = post(d, sk, "/Jobs.Get", {"ID": my_job})
+    assert code == 0 and doc["Job"]["Volume"] == vol and doc["Job"]["State"] == "succeeded", doc
     code, doc = post(d, sk, "/Backup.List", {})
     assert code == 0 and [b["id"] for b in doc["Backups"]] == [mine], doc
 
@@ -175,6 +179,7 @@ def test_sidekick_backs_up_lists_and_restores_its_own_volume_and_nothing_else(
     refused(d, sk, "/VolumeDriver.Remove", {"Name": other}, "VolumeDriver")
     refused(d, sk, "/VolumeDriver.Mount", {"Name": other, "ID": "x"}, "VolumeDriver")
     refused(d, sk, "/Jobs.Get", {"ID": "j-000000000000"}, "j-000000000000")
+    refused(d, sk, "/Jobs.Get", {"ID": their_job}, "not a job of that volume")
     refused(d, sk, "/Jobs.Cancel", {"ID": "j-000000000000"}, "j-000000000000")
 
     # ...and none of it happened.

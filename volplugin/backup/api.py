@@ -6,7 +6,7 @@ KeepHourly, KeepDaily, KeepWeekly, KeepMonthly, KeepYearly, Volume?, DryRun?, Gr
 AllHosts?, Wait?} check their request, start a job (backup/tasks.py, run by
 volplugin/jobs) and answer {"Job": JOB} at once, or with Wait once the job has ended
 (HTTP 500 with its Error as Err if it did not succeed); a volume with a queued or running
-job refuses another one. /Backup.List {Volume?}, /Backup.Diff {A, B} and /Backup.Verify
+job refuses another one. /Backup.List {Volume?, Host?}, /Backup.Diff {A, B} and /Backup.Verify
 {ReadData?, Subset?, Volume?} answer synchronously. Failures answer HTTP 500 with
 {"Err": message}; so does a verify that finds damage (with its report under "Verify").
 The views find the plugin's VolumeService at ``current_app.config["VOLPLUGIN"]``, the
@@ -111,7 +111,8 @@ def create() -> Response:
 @endpoint("/Backup.List")
 def list_(doc: dict) -> dict:
     records = service.list_backups(_store().backend, _optional_str(doc, "Volume"))
-    return {"Backups": [r.summary() for r in records]}
+    host = _optional_str(doc, "Host")
+    return {"Backups": [r.summary() for r in records if host is None or r.host == host]}
 
 
 @blueprint.route("/Backup.Restore", methods=["POST"])

@@ -205,12 +205,10 @@ def backups_cmd(
         from volplugin.backup import service
 
         records = service.list_backups(_open_store(where, store).backend, volume)
-        summaries = [r.summary() for r in records]
+        summaries = [r.summary() for r in records if host is None or r.host == host]
     else:
-        doc = {"Volume": volume} if volume else {}
+        doc = {"Volume": volume, "Host": host}
         summaries = where.client().call("Backup.List", doc, timeout=None)["Backups"]
-    if host is not None:
-        summaries = [r for r in summaries if r["host"] == host]
     if as_json:
         click.echo(json.dumps(summaries))
     else:

@@ -36,7 +36,14 @@ def reply(doc: dict, status: int = 200) -> Response:
 
 def body() -> dict:
     """The request's JSON object; an empty body or `null` is an empty object."""
-    raw = request.get_data(cache=True)
+    doc = parse_object(request.get_data(cache=True))
+    if isinstance(doc.get("Name"), str):
+        request.environ[VOLUME_KEY] = doc["Name"]
+    return doc
+
+
+def parse_object(raw: bytes) -> dict:
+    """A request body as a JSON object (empty or `null`: {}); BadRequest otherwise."""
     if not raw.strip():
         return {}
     try:
@@ -51,8 +58,6 @@ def body() -> dict:
         return {}
     if not isinstance(doc, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(doc).__name__}")
-    if isinstance(doc.get("Name"), str):
-        request.environ[VOLUME_KEY] = doc["Name"]
     return doc
 
 
