@@ -10,8 +10,9 @@ Per volume (label `volume`), from its backup information (volplugin.volumes.stat
     volplugin_backup_failures_total                   failed backups since the volume's
                                                       creation
 
-and, when the state database has a `jobs` table with `kind` and `state` columns (the
-jobs feature), `volplugin_jobs{kind, state}`: how many jobs it holds in each state.
+and, when the state database has a `jobs` table (volplugin.jobs.table; read on a
+read-only connection of its own, so a scrape waits for no writer),
+`volplugin_jobs{kind, state}`: how many jobs it holds in each state.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from volplugin.backup.status import parse_time
+from volplugin.jobs.table import ACTIVE, ENDED, KINDS
 from volplugin.volumes.service import VolumeService
 
 log = logging.getLogger("volplugin.metrics")
 
-JOB_KINDS = ("backup", "restore", "prune")
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+JOB_STATES = ACTIVE + ENDED
 
 
 class StateCollector(Collector):
@@ -93,7 +94,7 @@ class StateCollector(Collector):
             "Jobs in the state database, by kind and state.",
             labels=["kind", "state"],
         )
-        kinds = sorted(set(JOB_KINDS) | {k for k, _ in counts})
+        kinds = sorted(set(KINDS) | {k for k, _ in counts})
         states = sorted(set(JOB_STATES) | {s for _, s in counts})
         for kind in kinds:
             for state in states:
