@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from volplugin.defaults import DEFAULT_NAME, PLUGIN_DIR
+from volplugin.defaults import DEFAULT_NAME, PLUGIN_DIR, plugin_socket
 from volplugin.errors import VolpluginError
 from volplugin.text import printable
 
@@ -55,13 +55,6 @@ def _connection(path: Path, timeout: float | None) -> http.client.HTTPConnection
     return UnixConnection("localhost", timeout=timeout)
 
 
-def socket_path(name: str, plugin_dir: Path = PLUGIN_DIR) -> Path:
-    """PLUGIN_DIR/NAME.sock; a name that is no plain file name is refused."""
-    if not name or "/" in name or "\0" in name or name in (".", ".."):
-        raise PluginUnreachable(f"plugin name {name!r} is not allowed: give a plain name")
-    return Path(plugin_dir) / f"{name}.sock"
-
-
 @dataclass(frozen=True)
 class PluginClient:
     """The plugin named `name` whose socket is in `plugin_dir`."""
@@ -71,7 +64,7 @@ class PluginClient:
 
     @property
     def path(self) -> Path:
-        return socket_path(self.name, self.plugin_dir)
+        return plugin_socket(self.name, self.plugin_dir)
 
     def call(
         self, endpoint: str, doc: dict | None = None, timeout: float | None = SHORT_TIMEOUT

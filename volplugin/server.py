@@ -36,6 +36,7 @@ from volplugin.defaults import (
     DEFAULT_THREADS,
     DEFAULT_TICK,
     PLUGIN_DIR,
+    plugin_socket,
 )
 from volplugin.errors import StateError
 from volplugin.jobs import status as job_status
@@ -49,7 +50,6 @@ from volplugin.rootlock import serving_root
 from volplugin.sidekick.paths import SIDEKICK_DIR, check_directory
 from volplugin.sidekick.sockets import SidekickSockets
 from volplugin.volumes.containers import docker_client
-from volplugin.volumes.names import check_name
 from volplugin.volumes.reconcile import reconcile_in_background, try_reconcile
 from volplugin.volumes.service import VolumeService
 
@@ -58,10 +58,6 @@ RECOVERY_RETRY = 5.0  # seconds between tries to put back containers while docke
 STALE_GRACE = 2.0  # seconds a socket may go on answering before it counts as live
 
 log = logging.getLogger("volplugin.server")
-
-
-def socket_path(name: str, plugin_dir: Path = PLUGIN_DIR) -> Path:
-    return Path(plugin_dir) / f"{check_name(name)}.sock"
 
 
 def _answers(path: Path, grace: float) -> bool:
@@ -125,7 +121,7 @@ def serve(
     Prometheus metrics.
     """
     root = Path(root).absolute()
-    path = socket_path(name, plugin_dir)
+    path = plugin_socket(name, plugin_dir)
     metrics_at = parse_address(metrics_address, metrics_allow_remote) if metrics_address else None
     check_directory(sidekick_dir)
     check_repository(store)
