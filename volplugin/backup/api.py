@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
 
 from layerfs.errors import LayerfsError
 from layerfs.maintenance.gc import DEFAULT_GRACE_SECONDS
@@ -30,8 +30,7 @@ from volplugin.backup.errors import BackupError
 from volplugin.backup.retention import Policy, apply_per_volume
 from volplugin.errors import BadRequest, VolpluginError
 from volplugin.jobs import api as jobs_api
-from volplugin.protocol.accesslog import ERROR_KEY
-from volplugin.protocol.app import body, field, reply
+from volplugin.protocol.app import body, failed, field, reply
 from volplugin.volumes.service import VolumeService
 
 blueprint = Blueprint("backup", __name__)
@@ -83,9 +82,7 @@ def endpoint(path: str) -> Callable[[Callable[[dict], dict]], Callable[[], Respo
             except LayerfsError as exc:
                 raise BackupError(str(exc)) from exc
             err = doc.pop("Err", "")
-            if err:
-                request.environ[ERROR_KEY] = err  # the access log's outcome and error
-            return reply({**doc, "Err": err}, 500 if err else 200)
+            return failed(err, doc) if err else reply({**doc, "Err": ""})
 
         blueprint.add_url_rule(path, endpoint=fn.__name__, view_func=view, methods=["POST"])
         return view

@@ -9,13 +9,12 @@ the JobRunner at ``current_app.config["VOLPLUGIN_JOBS"]``.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
 
 from volplugin.errors import BadRequest, VolpluginError
 from volplugin.jobs.runner import JobRunner
 from volplugin.jobs.table import Job
-from volplugin.protocol.accesslog import ERROR_KEY
-from volplugin.protocol.app import body, field, reply
+from volplugin.protocol.app import body, failed, field, reply
 
 blueprint = Blueprint("jobs", __name__)
 
@@ -32,11 +31,10 @@ def runner() -> JobRunner:
 def answer(job: Job, status_on_error: bool = True) -> Response:
     """{"Job": JOB, "Err": ""}; with `status_on_error`, an ended job that did not succeed
     answers HTTP 500 with its Error as Err."""
-    failed = status_on_error and not job.active and job.state != "succeeded"
-    err = (job.error or f"job {job.id} {job.state}") if failed else ""
-    if err:
-        request.environ[ERROR_KEY] = err  # the access log's outcome and error
-    return reply({"Job": job.to_json(), "Err": err}, 500 if failed else 200)
+    doc = {"Job": job.to_json()}
+    if status_on_error and not job.active and job.state != "succeeded":
+        return failed(job.error or f"job {job.id} {job.state}", doc)
+    return reply({**doc, "Err": ""})
 
 
 def wait_flag(doc: dict) -> bool:

@@ -162,7 +162,8 @@ def _install_errors(app: Flask) -> None:
         return failed(f"internal error in volplugin ({type(exc).__name__}: {exc}); see its log")
 
 
-def failed(message: str) -> Response:
-    """The protocol's error answer; the access log records `message` as the outcome."""
+def failed(message: str, doc: dict | None = None) -> Response:
+    """The protocol's error answer (HTTP 500, `doc` with Err = `message`); the access log
+    records `message` as the outcome."""
     request.environ[ERROR_KEY] = message
-    return reply({"Err": message}, 500)
+    return reply({**(doc or {}), "Err": message}, 500)
