@@ -6,12 +6,11 @@ A job is what it does (`backup of d1`), its state, and its progress (`120/500 fi
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from layerfs.clitools import human_bytes
 from volplugin.client import PluginClient
 from volplugin.defaults import DEFAULT_NAME, PLUGIN_DIR
 from volplugin.text import printable
+from volplugin.times import parse_time
 
 ENDED = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 
@@ -40,15 +39,6 @@ def progress_text(job: dict) -> str:
     if total_size is not None:
         size_text += f"/{human_bytes(total_size)}"
     return f"{files_text}, {size_text}"
-
-
-def parse_time(text: object) -> datetime | None:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def duration(job: dict) -> float | None:

@@ -10,19 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from volplugin.backup.schedule import next_run
+from volplugin.times import iso, parse_time
 from volplugin.volumes.service import VolumeService
 from volplugin.volumes.state import VolumeRecord
-
-
-def parse_time(text: str | None) -> datetime | None:
-    """An ISO 8601 time of the state (`...Z`) as an aware datetime, or None."""
-    if not text:
-        return None
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def human_age(seconds: float) -> str:
@@ -64,7 +54,7 @@ def backup_status(record: VolumeRecord, now: datetime | None = None) -> dict:
         "Retention": info.retention if info else None,
         "Schedule": schedule,
         "Keep": record.options.get("backup-keep"),
-        "NextRun": upcoming.isoformat().replace("+00:00", "Z") if upcoming else None,
+        "NextRun": iso(upcoming) if upcoming else None,
     }
 
 

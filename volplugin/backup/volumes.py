@@ -8,7 +8,6 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 from volplugin.backup import status
@@ -16,6 +15,7 @@ from volplugin.backup.docs import BackupRecord
 from volplugin.backup.restore import RestoreResult
 from volplugin.backup.service import RestorePlan
 from volplugin.errors import VolpluginError
+from volplugin.times import now_iso
 from volplugin.volumes.service import VolumeService
 from volplugin.volumes.state import BackupInfo, State
 
@@ -87,7 +87,7 @@ def record_outcome(
     record ``backup`` gives its duration and bytes. A failure keeps the last success's
     time and figures and counts one more failure (what metrics report).
     """
-    now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    now = now_iso()
 
     def change(old: BackupInfo | None) -> BackupInfo:
         old = old or BackupInfo()

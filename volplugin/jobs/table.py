@@ -17,11 +17,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from layerfs.sqlitetx import immediate
 from volplugin.errors import StateError, VolpluginError
+from volplugin.times import now_iso
 
 KINDS = ("backup", "restore", "prune")
 ACTIVE = ("queued", "running")
@@ -59,10 +59,6 @@ class NoSuchJob(VolpluginError):
 
 class JobEnded(VolpluginError):
     """A job that has ended cannot be cancelled."""
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def new_id() -> str:

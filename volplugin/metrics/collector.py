@@ -25,8 +25,8 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from volplugin.backup.status import parse_time
 from volplugin.jobs.table import ACTIVE, ENDED, KINDS
+from volplugin.times import parse_time
 from volplugin.volumes.service import VolumeService
 
 log = logging.getLogger("volplugin.metrics")

@@ -16,12 +16,12 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
 
 from volplugin.errors import VolpluginError, VolumeExists, VolumeInUse, VolumeNotFound
+from volplugin.times import now_iso
 from volplugin.volumes import containers, options
 from volplugin.volumes.diskusage import SizeCache, disk_usage
 from volplugin.volumes.names import check_name
@@ -53,10 +53,6 @@ class Hooks:
     # under the service lock: their Mount waits for that lock and their last Unmount
     # runs on_last_unmount. With any on_first_mount hook, every volume is managed.
     managed: list[Callable[[dict[str, str]], bool]] = field(default_factory=list)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class VolumeService:
