@@ -38,6 +38,7 @@ from layerfs.records import get_tree
 from layerfs.store.chunks import ChunkStore
 
 FORMATS = ("docker", "oci")
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -137,43 +138,62 @@ def _docker_archive(
 def _oci_archive(
     tar: tarfile.TarFile, name: str, config: bytes, config_id: str, layers: list[LayerFile]
 ) -> None:
+    repo, tag = _split_tag(name)
+    descriptors = [(layer.diff_id, layer.size) for layer in layers]
+    files = {layer.diff_id: layer.path for layer in layers}
+    write_oci_layout(tar, f"{repo}:{tag}", tag, config, descriptors, files)
+
+
+def write_oci_layout(
+    tar: tarfile.TarFile,
+    image_name: str,
+    tag: str,
+    config: bytes,
+    layers: list[tuple[str, int]],
+    layer_files: dict[str, Path] | None = None,
+) -> str:
+    """Write an OCI image layout into ``tar`` and return its manifest's digest.
+
+    The manifest lists ``layers`` as uncompressed tars (DiffID, size), bottom first;
+    ``layer_files`` gives the blobs to include by DiffID (none: an archive of the index,
+    manifest and config only). The index names the image ``image_name``
+    (``io.containerd.image.name``) with the tag ``tag``, if any.
+    """
+    config_id = sha256_digest(config)
     _add_bytes(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
     _add_dir(tar, "blobs")
     _add_dir(tar, "blobs/sha256")
-    written: set[str] = set()
-    for layer in layers:
-        if layer.diff_id not in written:
-            written.add(layer.diff_id)
-            _add_file(tar, "blobs/sha256/" + layer.diff_id.removeprefix("sha256:"), layer.path)
+    for diff_id, path in (layer_files or {}).items():
+        _add_file(tar, "blobs/sha256/" + diff_id.removeprefix("sha256:"), path)
     _add_bytes(tar, "blobs/sha256/" + config_id.removeprefix("sha256:"), config)
     manifest = {
         "schemaVersion": 2,
         "mediaType": MT_MANIFEST,
         "config": {"mediaType": MT_CONFIG, "digest": config_id, "size": len(config)},
         "layers": [
-            {"mediaType": MT_LAYER, "digest": layer.diff_id, "size": layer.size} for layer in layers
+            {"mediaType": MT_LAYER, "digest": diff_id, "size": size} for diff_id, size in layers
         ],
     }
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
     manifest_id = sha256_digest(manifest_bytes)
     _add_bytes(tar, "blobs/sha256/" + manifest_id.removeprefix("sha256:"), manifest_bytes)
-    repo, tag = _split_tag(name)
+    annotations = {"io.containerd.image.name": image_name}
+    if tag:
+        annotations["org.opencontainers.image.ref.name"] = tag
     index = {
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "mediaType": MT_INDEX,
         "manifests": [
             {
                 "mediaType": MT_MANIFEST,
                 "digest": manifest_id,
                 "size": len(manifest_bytes),
-                "annotations": {
-                    "org.opencontainers.image.ref.name": tag,
-                    "io.containerd.image.name": f"{repo}:{tag}",
-                },
+                "annotations": annotations,
             }
         ],
     }
     _add_bytes(tar, "index.json", json.dumps(index).encode())
+    return manifest_id
 
 
 def export_image(

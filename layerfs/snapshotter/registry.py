@@ -31,8 +31,6 @@ sizes: the store keeps trees, not tars, and containerd never reads those blobs.
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import os
 import shutil
 import subprocess
@@ -45,13 +43,8 @@ from pathlib import Path
 
 from layerfs.catalog import ImageRecord
 from layerfs.errors import LayerfsError
-from layerfs.imageconfig import chain_ids, config_bytes, sha256_digest, with_diff_ids
+from layerfs.imageconfig import chain_ids, config_bytes, with_diff_ids
 from layerfs.snapshotter.chains import SNAPSHOT_REF
-
-MT_INDEX = "application/vnd.oci.image.index.v1+json"
-MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MT_CONFIG = "application/vnd.oci.image.config.v1+json"
-MT_LAYER = "application/vnd.oci.image.layer.v1.tar"
 
 
 class RegisterError(LayerfsError):
@@ -79,54 +72,16 @@ def reference(name: str) -> str:
 
 def oci_archive(image: ImageRecord, ref: str, dest: Path) -> str:
     """Write an OCI archive of ``image`` without its layers; return the manifest digest."""
+    from layerfs.exporter import write_oci_layout
+
     diff_ids = [layer.diff_id for layer in image.layers]
     config = image.config
     if config.get("rootfs", {}).get("diff_ids") != diff_ids:
         config = with_diff_ids(config, diff_ids)
-    config_data = config_bytes(config)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MT_MANIFEST,
-        "config": {
-            "mediaType": MT_CONFIG,
-            "digest": sha256_digest(config_data),
-            "size": len(config_data),
-        },
-        "layers": [
-            {"mediaType": MT_LAYER, "digest": layer.diff_id, "size": layer.apparent_size}
-            for layer in image.layers
-        ],
-    }
-    manifest_data = json.dumps(manifest, separators=(",", ":")).encode()
-    manifest_digest = sha256_digest(manifest_data)
     tag = ref.rsplit(":", 1)[-1] if "@" not in ref else ""
-    annotations = {"io.containerd.image.name": ref}
-    if tag:
-        annotations["org.opencontainers.image.ref.name"] = tag
-    index = {
-        "schemaVersion": 2,
-        "mediaType": MT_INDEX,
-        "manifests": [
-            {
-                "mediaType": MT_MANIFEST,
-                "digest": manifest_digest,
-                "size": len(manifest_data),
-                "annotations": annotations,
-            }
-        ],
-    }
-    files = {
-        "oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
-        "index.json": json.dumps(index).encode(),
-        "blobs/sha256/" + manifest_digest.removeprefix("sha256:"): manifest_data,
-        "blobs/sha256/" + sha256_digest(config_data).removeprefix("sha256:"): config_data,
-    }
+    layers = [(layer.diff_id, layer.apparent_size) for layer in image.layers]
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return manifest_digest
+        return write_oci_layout(tar, ref, tag, config_bytes(config), layers)
 
 
 def _ctr(address: Path, namespace: str, *args: str) -> str:
