@@ -46,6 +46,7 @@ from volplugin.lazy.volumes import LazyVolumes
 from volplugin.metrics.server import Metrics, parse_address
 from volplugin.pluginrecord import write_record
 from volplugin.protocol.app import create_app
+from volplugin.roaming.volumes import RoamingVolumes
 from volplugin.rootlock import serving_root
 from volplugin.sidekick.paths import SIDEKICK_DIR, check_directory
 from volplugin.sidekick.sockets import SidekickSockets
@@ -137,6 +138,7 @@ def serve(
         if not try_reconcile(service):
             reconcile_in_background(service, stop)
         lazy = LazyVolumes.attach(service, store, background=True)
+        roaming = RoamingVolumes.attach(service, store, jobs, lazy)
         app = create_app(service)
         app.config["LAYERFS_STORE"] = store
         app.config["VOLPLUGIN_JOBS"] = jobs
@@ -162,6 +164,8 @@ def serve(
             sidekicks.close()
             if metrics:
                 metrics.close()
+            if roaming:
+                roaming.close()
             lazy.close()
             sock.close()
             with contextlib.suppress(FileNotFoundError):

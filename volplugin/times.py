@@ -25,3 +25,8 @@ def parse_time(text: object) -> datetime | None:
     except ValueError:
         return None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def iso_at(seconds: float) -> str:
+    """A Unix time as `iso` shows it."""
+    return iso(datetime.fromtimestamp(seconds, UTC))

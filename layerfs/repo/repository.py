@@ -42,7 +42,7 @@ from pathlib import Path
 from layerfs.errors import CorruptObject, ObjectMissing, StoreError
 from layerfs.repo import crypto, keys
 from layerfs.repo.password import PasswordMissing, get_password
-from layerfs.store.backend import DATA, Backend, Sealer
+from layerfs.store.backend import DATA, Backend, DocVersion, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +454,18 @@ class EncryptedBackend(Backend):
 
     def delete_doc(self, name: str) -> None:
         self.inner.delete_doc(self._doc_object(name))
+
+    def get_doc_version(self, name: str) -> DocVersion:
+        try:
+            found = self.inner.get_doc_version(self._doc_object(name))
+        except ObjectMissing:
+            raise ObjectMissing(f"document {name} is missing from the store {self.url}") from None
+        data = crypto.open_(self._key, found.data, crypto.associated("doc", name))
+        return DocVersion(data, found.tag, found.age)
+
+    def swap_doc(self, name: str, data: bytes, tag: str | None) -> str | None:
+        sealed = crypto.seal(self._key, data, crypto.associated("doc", name))
+        return self.inner.swap_doc(self._doc_object(name), sealed, tag)
 
     def list_docs(self, prefix: str) -> list[str]:
         folder = prefix.split("/", 1)[0]

@@ -24,6 +24,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 from layerfs.errors import StoreError
@@ -55,6 +56,20 @@ def plain_id(data: bytes | memoryview) -> str:
     from blake3 import blake3
 
     return blake3(data).hexdigest()
+
+
+class NoConditionalWrites(StoreError):
+    """The store cannot replace a document only if it is unchanged (a local directory)."""
+
+
+@dataclass(frozen=True)
+class DocVersion:
+    """A document as read for a conditional replace: its bytes, the store's tag of this
+    version (an S3 ETag), and its age in seconds by the store's own clock."""
+
+    data: bytes
+    tag: str
+    age: float
 
 
 class Sealer:
@@ -210,6 +225,19 @@ class Backend(ABC):
     @abstractmethod
     def list_docs(self, prefix: str) -> list[str]:
         """Names of the documents under ``prefix`` (a folder such as 'images/')."""
+
+    def get_doc_version(self, name: str) -> DocVersion:
+        """A document with its version tag and age (ObjectMissing if absent), for
+        ``swap_doc``. Only stores shared between hosts (S3) have it."""
+        raise NoConditionalWrites(f"the store {self.url} cannot replace documents conditionally")
+
+    def swap_doc(self, name: str, data: bytes, tag: str | None) -> str | None:
+        """Write a document only if its current version is ``tag`` (None: only if there is
+        none); the new version's tag, or None (nothing written) if it changed meanwhile.
+
+        Atomic across hosts: of two writers that read the same version, one wins.
+        """
+        raise NoConditionalWrites(f"the store {self.url} cannot replace documents conditionally")
 
     # -- coordination and local state ---------------------------------------
     @abstractmethod

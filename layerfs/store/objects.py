@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from layerfs.store.backend import PLAIN, Sealer
+from layerfs.store.backend import PLAIN, DocVersion, NoConditionalWrites, Sealer
 
 
 @dataclass
@@ -92,6 +92,14 @@ class ObjectStore(ABC):
     @abstractmethod
     def create(self, rel: str, data: bytes, what: str) -> bool:
         """Write an object only if none has that name; False (nothing written) if one has."""
+
+    def get_version(self, rel: str, what: str) -> DocVersion:
+        """The object with its version tag and age by the store's clock (see Backend.swap_doc)."""
+        raise NoConditionalWrites(f"the store {self.url} cannot replace objects conditionally")
+
+    def swap(self, rel: str, data: bytes, tag: str | None, what: str) -> str | None:
+        """Write only if the object's version is ``tag`` (None: absent); new tag or None."""
+        raise NoConditionalWrites(f"the store {self.url} cannot replace objects conditionally")
 
     @abstractmethod
     def delete(self, rels: list[str], what: str) -> None:

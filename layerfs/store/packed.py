@@ -53,7 +53,14 @@ from pathlib import Path
 
 from layerfs.errors import ObjectMissing, StoreError
 from layerfs.store import packs, s3read
-from layerfs.store.backend import DATA, Backend, Sealer, check_digest, check_doc_name
+from layerfs.store.backend import (
+    DATA,
+    Backend,
+    DocVersion,
+    Sealer,
+    check_digest,
+    check_doc_name,
+)
 from layerfs.store.cache import BlobCache
 from layerfs.store.objects import ObjectStats, ObjectStore
 from layerfs.store.packs import BlobPlace, PackWriter
@@ -719,6 +726,12 @@ class PackedBackend(Backend):
 
     def delete_doc(self, name: str) -> None:
         self.objects.delete([f"docs/{check_doc_name(name)}"], f"document {name}")
+
+    def get_doc_version(self, name: str) -> DocVersion:
+        return self.objects.get_version(f"docs/{check_doc_name(name)}", f"document {name}")
+
+    def swap_doc(self, name: str, data: bytes, tag: str | None) -> str | None:
+        return self.objects.swap(f"docs/{check_doc_name(name)}", data, tag, f"document {name}")
 
     def list_docs(self, prefix: str) -> list[str]:
         return sorted(rel[len("docs/") :] for rel in self.objects.list(f"docs/{prefix}"))

@@ -28,6 +28,7 @@ import stat
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,7 +37,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from layerfs.errors import ObjectMissing, StoreError
-from layerfs.store.backend import Sealer
+from layerfs.store.backend import DocVersion, Sealer
 from layerfs.store.cache import BlobCache
 from layerfs.store.leases import LeaseManager, lease_timeouts, server_now
 from layerfs.store.objects import ObjectStats, ObjectStore
@@ -283,6 +284,36 @@ class S3Objects(ObjectStore):
             raise self._error(f"writing {what}", exc) from exc
         self.stats.count("bytes_up", len(data))
         return True
+
+    def get_version(self, rel: str, what: str) -> DocVersion:
+        """The object, its ETag (unquoted, as RGW wants it back in If-Match) and its age
+        by the server's clock (its Date header against the object's LastModified)."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            data = resp["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and _code(exc) in _MISSING:
+                raise ObjectMissing(f"{what} is missing from the store {self.url}") from None
+            raise self._error(f"reading {what}", exc) from exc
+        now = server_now(resp) or datetime.now(resp["LastModified"].tzinfo)
+        age = (now - resp["LastModified"]).total_seconds()
+        return DocVersion(data, str(resp["ETag"]).strip('"'), age)
+
+    def swap(self, rel: str, data: bytes, tag: str | None, what: str) -> str | None:
+        """PUT with If-Match on ``tag`` (or If-None-Match: * for None): one winner."""
+        self._ensure_bucket()
+        cond = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, **cond)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (409, 412) or (tag is not None and _code(exc) in _MISSING):
+                return None
+            raise self._error(f"writing {what}", exc) from exc
+        except BotoCoreError as exc:
+            raise self._error(f"writing {what}", exc) from exc
+        self.stats.count("bytes_up", len(data))
+        return str(resp.get("ETag", "")).strip('"')
 
     def delete(self, rels: list[str], what: str) -> None:
         for i in range(0, len(rels), 1000):

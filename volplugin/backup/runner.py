@@ -18,6 +18,7 @@ from volplugin.backup import service, volumes
 from volplugin.backup.docs import BackupRecord
 from volplugin.backup.hooks import Journal, Quiesce, hook_client
 from volplugin.backup.retention import Policy
+from volplugin.errors import VolpluginError
 from volplugin.hostid import host_id
 from volplugin.volumes.service import VolumeService
 
@@ -43,6 +44,11 @@ def run_backup(
     `check` (run between hook steps and before publishing) and `progress` (the scan's).
     """
     record = svc.get(volume)
+    if record.options.get("roaming") == "true" and not svc.hooks.before_publish:
+        raise VolpluginError(
+            f"volume {volume!r} is a roaming volume: back it up through the running plugin "
+            "(`volplugin backup --name ...`), which holds its lease"
+        )
     directory = volumes.volume_dir(svc, volume)
     quiesce = Quiesce(
         docker_factory,
@@ -63,7 +69,10 @@ def run_backup(
                 after_snapshot=quiesce.release,
                 progress=progress,
                 before_publish=check,
+                fence=lambda: _fence(svc, volume),
             )
+        for published in svc.hooks.published:
+            published(volume, backup)
     except LayerfsError as exc:
         volumes.record_outcome(
             svc, volume, None, str(exc), trigger=trigger, hooks=quiesce.summary()
@@ -91,3 +100,9 @@ def run_backup(
         backup=backup,
     )
     return backup
+
+
+def _fence(svc: VolumeService, volume: str) -> None:
+    """The features' checks right before a backup of `volume` is published."""
+    for check in svc.hooks.before_publish:
+        check(volume)

@@ -42,6 +42,7 @@ from volplugin.backup.restore import (
 from volplugin.backup.retention import Decision, Policy, apply_per_volume
 from volplugin.backup.snapshot import ParentTree, Scanner
 from volplugin.hostid import host_id
+from volplugin.roaming.registry import head_ids
 
 log = logging.getLogger("volplugin.backup")
 
@@ -69,6 +70,7 @@ def create_backup(
     after_snapshot: Callable[[], list[dict]] | None = None,
     progress: Callable[[int, int], None] | None = None,
     before_publish: Callable[[], None] | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> BackupRecord:
     """Snapshot ``path`` as a backup of ``volume``; incremental against its last backup.
 
@@ -81,7 +83,8 @@ def create_backup(
     good (see backup/publish.py), so no prune can have run meanwhile; else
     nothing is published. ``progress`` gets (files, bytes) as the scan goes (see
     Scanner); it and ``before_publish`` (run once the data is stored, before the
-    hooks' end) may raise to stop the backup with nothing published.
+    hooks' end) may raise to stop the backup with nothing published; so may ``fence``,
+    run immediately before the record is written (a roaming volume's lease).
     """
     backend = store.backend
     host = host or host_id()
@@ -129,6 +132,8 @@ def create_backup(
                 skipped=scan.skipped,
             )
             publish.check_lease(backend, volume)  # immediately before the publish
+            if fence is not None:
+                fence()
             put_backup(backend, record)
         except LeaseLapsed as exc:
             raise publish.not_published(volume, exc) from None
@@ -305,6 +310,10 @@ def prune_backups(
     with backend.lock(exclusive=True):
         backups = [b for b in list_backups(backend, volume) if mine is None or b.host == mine]
         report.decisions = apply_per_volume(backups, policy)
+        heads = head_ids(backend)
+        for decision in report.decisions:
+            if decision.backup.id in heads:
+                decision.reasons.append("roaming head")  # what the next host restores
         gone = {b.id for b in report.removed}
         if before_forget is not None:
             before_forget(len(gone))

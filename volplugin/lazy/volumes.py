@@ -79,7 +79,9 @@ class LazyError(VolpluginError):
 
 
 def is_lazy(options: dict[str, str]) -> bool:
-    return options.get("lazy") == "true"
+    """Whether a volume may be served lazily: made with lazy=true, or a roaming volume
+    (served from its head after another host wrote it; see volplugin.roaming)."""
+    return options.get("lazy") == "true" or options.get("roaming") == "true"
 
 
 @dataclass
@@ -162,8 +164,22 @@ class LazyVolumes:
 
     # -- hooks (called with the service lock held) ---------------------------------------
 
+    def replace_lazily(self, name: str, ref: str, path: Path) -> None:
+        """Serve backup ``ref`` lazily in place of volume ``name``'s directory ``path``
+        (with the service lock held): what was there goes to the trash."""
+        self._discard(name, path)
+        doomed = self.service.to_trash(name, path)
+        path.mkdir(mode=0o755)
+        try:
+            self._create(name, ref, path)
+        except BaseException:
+            self._discard(name, path)
+            raise
+        finally:
+            shutil.rmtree(doomed, ignore_errors=True)
+
     def on_create(self, record: VolumeRecord, path: Path) -> None:
-        if not is_lazy(record.options):
+        if record.options.get("lazy") != "true":
             return
         try:
             self._create(record.name, record.options["from"], path)

@@ -103,7 +103,7 @@ def _install_routes(app: Flask, svc: VolumeService) -> None:
 
     @route("/VolumeDriver.Capabilities")
     def capabilities(doc: dict) -> dict:
-        return {"Capabilities": {"Scope": "local"}}
+        return {"Capabilities": {"Scope": svc.scope}}
 
     @route("/VolumeDriver.Create")
     def create(doc: dict) -> dict:

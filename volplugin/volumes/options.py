@@ -50,6 +50,28 @@ def _parse_bool(value: str) -> str:
     raise ValueError("true or false")
 
 
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def _parse_duration(value: str) -> str:
+    """A duration such as 90, 90s, 5m or 1h, in normal form: whole seconds."""
+    found = re.fullmatch(r"([0-9]{1,6})([smh]?)", value)
+    if not found:
+        raise ValueError("a duration such as 90s, 5m or 1h")
+    return str(int(found.group(1)) * _UNITS[found.group(2)])
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(" or ".join(choices))
+        return value
+
+    return parse
+
+
+MAX_WAIT = 90  # seconds: the daemon gives up on a Mount after two minutes
+
 OPTIONS: dict[str, Option] = {
     opt.name: opt
     for opt in (
@@ -62,6 +84,26 @@ OPTIONS: dict[str, Option] = {
         Option("backup-schedule", "back the volume up at these times (cron)", schedule.parse_cron),
         Option("backup-keep", "retention after each scheduled backup", schedule.normal_keep),
         Option("lazy", "with from: usable at once, filled in the background", _parse_bool),
+        Option(
+            "roaming",
+            "the volume follows its containers between hosts sharing the store (S3)",
+            _parse_bool,
+        ),
+        Option(
+            "wait",
+            "roaming: how long a Mount waits for another host to hand the volume over",
+            _parse_duration,
+        ),
+        Option(
+            "on-lease-loss",
+            "roaming: when this host loses the volume, stop its containers or make it read-only",
+            _parse_choice("stop", "readonly"),
+        ),
+        Option(
+            "checkpoint-interval",
+            "roaming: back the mounted volume up this often, bounding what a dead host loses",
+            _parse_duration,
+        ),
         Option(
             "sidekick-socket",
             "serve a plugin socket scoped to this volume, for sidekick containers",
@@ -100,6 +142,18 @@ def normalize(opts: Mapping[str, object] | None) -> dict[str, str]:
             "option 'backup-keep' applies after scheduled backups: "
             "give 'backup-schedule' too, or prune with `volplugin prune`"
         )
+    roaming_only = sorted(
+        k for k in ("wait", "on-lease-loss", "checkpoint-interval") if k in result
+    )
+    if roaming_only and result.get("roaming") != "true":
+        raise BadOption(f"option {roaming_only[0]!r} applies to roaming volumes: give roaming=true")
+    if int(result.get("wait", "0")) > MAX_WAIT:
+        raise BadOption(
+            f"option 'wait' is at most {MAX_WAIT}s: the Docker daemon gives up on a Mount "
+            "after two minutes"
+        )
+    if result.get("checkpoint-interval") == "0":
+        raise BadOption("option 'checkpoint-interval' must be at least 1s")
     if result.get("lazy") == "true" and "from" not in result:
         raise BadOption("option 'lazy' restores lazily from a backup: give 'from' too")
     return dict(sorted(result.items()))

@@ -50,9 +50,19 @@ class Hooks:
     on_remove: list[Hook] = field(default_factory=list)  # before the directory goes
     status: list[Callable[[VolumeRecord], dict]] = field(default_factory=list)  # extra keys
     # Volumes (by their options) a feature manages, e.g. by swapping their directory
-    # under the service lock: their Mount waits for that lock and their last Unmount
-    # runs on_last_unmount. With any on_first_mount hook, every volume is managed.
+    # under the service lock: their Mount waits for that lock, their first Mount runs
+    # on_first_mount and their last Unmount runs on_last_unmount.
     managed: list[Callable[[dict[str, str]], bool]] = field(default_factory=list)
+    # Volumes known beyond this host (roaming volumes in a shared store): given a name
+    # not recorded here, the options to record it with (None: unknown). Get, Mount and
+    # Path of such a name record it here first, and so does a Create without options.
+    known_elsewhere: list[Callable[[str], dict[str, str] | None]] = field(default_factory=list)
+    # Right before a backup of the named volume is published: one that raises stops it
+    # (nothing published); and once it is, with its record (a roaming volume's head).
+    before_publish: list[Callable[[str], None]] = field(default_factory=list)
+    published: list[Callable[[str, object], None]] = field(default_factory=list)
+    # More (name, created) pairs for List: volumes known elsewhere, not recorded here.
+    listed_elsewhere: list[Callable[[], list[tuple[str, str]]]] = field(default_factory=list)
 
 
 class VolumeService:
@@ -83,6 +93,9 @@ class VolumeService:
         self.lock = threading.Lock()  # Create, Remove, Mount, Unmount: one at a time
         self._paths: dict[str, Path] = {}  # path_of's answers, by name
         self._plain: dict[str, dict[str, str]] = {}  # unmanaged volumes' options (see mount)
+        # What Capabilities reports: "global" once a feature serves volumes known beyond
+        # this host (roaming volumes), else "local".
+        self.scope = "local"
 
     @classmethod
     def open(cls, root: Path, driver: str, **kw) -> VolumeService:
@@ -123,6 +136,27 @@ class VolumeService:
             raise self._missing(name)
         return record
 
+    def _elsewhere(self, name: str) -> dict[str, str] | None:
+        """The options of a volume a feature knows beyond this host, None if none does."""
+        for known in self.hooks.known_elsewhere:
+            found = known(name)
+            if found is not None:
+                return found
+        return None
+
+    def adopt_known(self, name: str) -> bool:
+        """Record here a volume known elsewhere (see Hooks.known_elsewhere); False if unknown.
+
+        Call without the lock held: it creates the volume.
+        """
+        if not self.hooks.known_elsewhere or self.state.get(check_name(name)) is not None:
+            return False
+        found = self._elsewhere(name)
+        if found is None:
+            return False
+        self.create(name, found)
+        return True
+
     def _missing(self, name: str) -> VolumeNotFound:
         return VolumeNotFound(f"no such volume {name!r} in driver {self.driver}: create it first")
 
@@ -132,6 +166,8 @@ class VolumeService:
         """Record a volume and make its directory (``adopt``: its directory was made on
         purpose, e.g. restored, so taking it over is no surprise)."""
         path = self.path_of(name)
+        if not opts and self.hooks.known_elsewhere and self.state.get(name) is None:
+            opts = self._elsewhere(name) or opts  # `docker run -v NAME:...` on another host
         normal = options.normalize(opts)
         with self.lock:
             existing = self.state.get(name)
@@ -238,6 +274,8 @@ class VolumeService:
             self._plain.pop(name, None)
         # New to this process, a repeated ID, or the volume changed: read it.
         options = self.state.options(name)  # not the record: its IDs grow with the mounts
+        if options is None and self.adopt_known(name):
+            options = self.state.options(name)
         if options is None:
             raise self._missing(name)
         if self._managed(options):
@@ -251,14 +289,14 @@ class VolumeService:
         return path
 
     def _managed(self, options: dict[str, str]) -> bool:
-        return bool(self.hooks.on_first_mount) or any(p(options) for p in self.hooks.managed)
+        return any(p(options) for p in self.hooks.managed)
 
     def _mount_locked(self, name: str, mount_id: str, path: Path) -> Path:
         record = self._record(name)  # again: it may have changed while we waited
-        self._check_dir(name, path)
         if not record.mount_ids and self.hooks.on_first_mount:
             for hook in self.hooks.on_first_mount:
                 hook(record, path)
+        self._check_dir(name, path)
         self.state.add_mount(name, mount_id)
         return path
 
@@ -289,7 +327,12 @@ class VolumeService:
                 hook(record, path)
 
     def get(self, name: str) -> VolumeRecord:
-        return self._record(name)
+        record = self.state.get(check_name(name))
+        if record is None and self.adopt_known(name):
+            record = self.state.get(name)
+        if record is None:
+            raise self._missing(name)
+        return record
 
     def list(self) -> list[VolumeRecord]:
         return self.state.list()
@@ -302,7 +345,13 @@ class VolumeService:
 
     def listing(self) -> list[dict]:
         """Every volume as the protocol's List shows it: no Status, so no record is read."""
-        return [self._summary(name, created) for name, created in self.state.names()]
+        names = self.state.names()
+        if self.hooks.listed_elsewhere:
+            here = {name for name, _ in names}
+            for more in self.hooks.listed_elsewhere:
+                names.extend(pair for pair in more() if pair[0] not in here)
+            names.sort()
+        return [self._summary(name, created) for name, created in names]
 
     def _summary(self, name: str, created: str) -> dict:
         return {"Name": name, "Mountpoint": str(self.path_of(name)), "CreatedAt": created}
