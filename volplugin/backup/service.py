@@ -42,7 +42,6 @@ from volplugin.backup.restore import (
 from volplugin.backup.retention import Decision, Policy, apply_per_volume
 from volplugin.backup.snapshot import ParentTree, Scanner
 from volplugin.hostid import host_id
-from volplugin.roaming.registry import head_ids
 
 log = logging.getLogger("volplugin.backup")
 
@@ -310,10 +309,6 @@ def prune_backups(
     with backend.lock(exclusive=True):
         backups = [b for b in list_backups(backend, volume) if mine is None or b.host == mine]
         report.decisions = apply_per_volume(backups, policy)
-        heads = head_ids(backend)
-        for decision in report.decisions:
-            if decision.backup.id in heads:
-                decision.reasons.append("roaming head")  # what the next host restores
         gone = {b.id for b in report.removed}
         if before_forget is not None:
             before_forget(len(gone))

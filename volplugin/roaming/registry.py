@@ -182,10 +182,3 @@ class Registry:
 
     def delete(self, name: str) -> None:
         self.backend.delete_doc(self.doc_name(name))
-
-
-def head_ids(backend: Backend) -> set[str]:
-    """The backups that are some roaming volume's head (prune keeps them)."""
-    if not backend.list_docs(PREFIX):
-        return set()
-    return {f.record.head.backup for f in Registry(backend).all() if f.record.head is not None}
