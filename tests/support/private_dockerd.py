@@ -130,7 +130,7 @@ class PrivateDockerd:
     def reset(self) -> None:
         """Restart with an empty data root (every image and volume gone)."""
         self.stop()
-        _unmount_below(self.data_root)
+        unmount_below(self.data_root)
         shutil.rmtree(self.data_root, ignore_errors=True)
         self.start()
 
@@ -138,13 +138,13 @@ class PrivateDockerd:
         """Stop the daemon and delete everything it stored."""
         self.stop()
         for path in (self.work / "data", self.exec_root):
-            _unmount_below(path)
+            unmount_below(path)
         shutil.rmtree(self.work, ignore_errors=True)
         shutil.rmtree(self.exec_root, ignore_errors=True)
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
 
 
-def _unmount_below(path: Path) -> None:
+def unmount_below(path: Path) -> None:
     """Lazily unmount anything the daemon left mounted under `path`."""
     prefix = str(path) + "/"
     with open("/proc/self/mounts") as f:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerfs.errors import LayerfsError
+from layerfs.errors import LayerfsError, StoreError
 from layerfs.store.backend import Backend
 from layerfs.store.location import default_store_url, open_backend
 from layerfs.store.s3 import env_lease_ttl
@@ -159,7 +159,7 @@ class RoamingVolumes:
     def known_elsewhere(self, name: str) -> dict[str, str] | None:
         try:
             found = self.registry().get(name)
-        except LayerfsError as exc:
+        except StoreError as exc:  # unreachable: answer as if unknown (a damaged one raises)
             log.warning("cannot look roaming volume %s up in the store: %s", name, exc)
             return None
         return dict(found.record.options) if found is not None else None
@@ -181,11 +181,6 @@ class RoamingVolumes:
     def on_create(self, record: VolumeRecord, path: Path) -> None:
         if not is_roaming(record.options):
             return
-        if "from" in record.options:
-            raise BadOption(
-                "a roaming volume starts empty or from its own head: create it without "
-                "'from', then restore a backup into it with `volplugin restore`"
-            )
         new = RoamingRecord(record.name, dict(record.options), record.created, env_lease_ttl())
         registry = self.registry()
         if registry.create(new) is not None:

@@ -147,6 +147,11 @@ def normalize(opts: Mapping[str, object] | None) -> dict[str, str]:
     )
     if roaming_only and result.get("roaming") != "true":
         raise BadOption(f"option {roaming_only[0]!r} applies to roaming volumes: give roaming=true")
+    if result.get("roaming") == "true" and "from" in result:
+        raise BadOption(
+            "a roaming volume starts empty or from its own head: create it without "
+            "'from', then restore a backup into it with `volplugin restore`"
+        )
     if int(result.get("wait", "0")) > MAX_WAIT:
         raise BadOption(
             f"option 'wait' is at most {MAX_WAIT}s: the Docker daemon gives up on a Mount "

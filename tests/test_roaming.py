@@ -1,0 +1,258 @@
+"""Roaming volumes between two real plugins ("hosts" a and b) sharing one store on Ceph RGW.
+
+The plugins are driven over their sockets as the daemon would (Create, Mount, Unmount,
+Get, List); their volumes' directories are read and written from here, as a container
+would (the machine's daemon, which backups ask for the volume's users, finds none).
+The lease period is 6 s (LAYERFS_S3_LEASE_TTL), so expiry tests take seconds.
+Tests with real daemons and containers are in test_roaming_docker.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import ceph
+from tests.support.plugin import PluginProcess
+from tests.support.private_dockerd import unmount_below
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.s3
+
+TTL = "6"
+
+
+class Hosts:
+    """Plugins with their own roots and caches on one store, by host id."""
+
+    def __init__(self, store: str, base: Path) -> None:
+        self.store = store
+        self.base = base
+        self.plugins: dict[str, PluginProcess] = {}
+
+    def start(self, host: str, *, store: str | None = None) -> PluginProcess:
+        env = dict(
+            os.environ,
+            LAYERFS_STORE=store or self.store,
+            LAYERFS_CACHE_DIR=str(self.base / host / "cache"),
+            LAYERFS_S3_LEASE_TTL=TTL,
+        )
+        env.pop("DOCKER_HOST", None)  # the machine's daemon: no container uses these volumes
+        plugin = PluginProcess(
+            self.base / host / "root",
+            name=f"vp-roam-{host}-{uuid.uuid4().hex[:4]}",
+            env=env,
+            args=("--host-id", host),
+        ).start()
+        self.plugins[host] = plugin
+        return plugin
+
+    def close(self) -> None:
+        for plugin in self.plugins.values():
+            if plugin.proc is not None and plugin.proc.poll() is None:
+                os.kill(plugin.proc.pid, signal.SIGCONT)
+            plugin.cleanup()
+        unmount_below(self.base)  # lazily served volumes' mounts outlive their plugin
+
+
+@pytest.fixture
+def hosts(s3_store_url: str, tmp_path: Path) -> Iterator[Hosts]:
+    h = Hosts(s3_store_url, tmp_path)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def ok(plugin: PluginProcess, endpoint: str, body: dict) -> dict:
+    status, doc = plugin.call(endpoint, body)
+    assert status == 200 and not doc.get("Err"), (endpoint, body, doc, plugin.log()[-3000:])
+    return doc
+
+
+def mount(plugin: PluginProcess, name: str, mount_id: str) -> Path:
+    return Path(ok(plugin, "VolumeDriver.Mount", {"Name": name, "ID": mount_id})["Mountpoint"])
+
+
+def roaming_status(plugin: PluginProcess, name: str) -> dict:
+    return ok(plugin, "VolumeDriver.Get", {"Name": name})["Volume"]["Status"]["Roaming"]
+
+
+def test_a_roaming_volume_is_listed_everywhere_and_written_by_one_host_at_a_time(
+    hosts: Hosts,
+) -> None:
+    a, b = hosts.start("a"), hosts.start("b")
+    assert ok(a, "VolumeDriver.Capabilities", {})["Capabilities"]["Scope"] == "global"
+    ok(a, "VolumeDriver.Create", {"Name": "web", "Opts": {"roaming": "true"}})
+    assert [v["Name"] for v in ok(b, "VolumeDriver.List", {})["Volumes"]] == ["web"]
+
+    on_a = mount(a, "web", "a1")
+    (on_a / "page.html").write_text("written on a\n")
+    (on_a / "dir").mkdir()
+    (on_a / "dir" / "link").symlink_to("../page.html")
+
+    status, doc = b.call("VolumeDriver.Mount", {"Name": "web", "ID": "b1"})
+    assert status == 500 and "held by host a" in doc["Err"], doc
+
+    ok(a, "VolumeDriver.Unmount", {"Name": "web", "ID": "a1"})  # the handover
+    head = roaming_status(a, "web")["Head"]
+    assert head["Host"] == "a" and roaming_status(a, "web")["Holder"] is None
+
+    on_b = mount(b, "web", "b1")  # b restores a's head lazily
+    assert (on_b / "page.html").read_text() == "written on a\n"
+    assert os.readlink(on_b / "dir" / "link") == "../page.html"
+    assert roaming_status(b, "web")["Holder"] == "b"
+    (on_b / "page.html").write_text("rewritten on b\n")
+    (on_b / "new").write_bytes(os.urandom(300_000))
+    expected_new = (on_b / "new").read_bytes()
+    status, doc = a.call("VolumeDriver.Mount", {"Name": "web", "ID": "a2"})
+    assert status == 500 and "held by host b" in doc["Err"], doc
+    ok(b, "VolumeDriver.Unmount", {"Name": "web", "ID": "b1"})
+
+    on_a = mount(a, "web", "a2")  # b's writes come back to a
+    assert (on_a / "page.html").read_text() == "rewritten on b\n"
+    assert (on_a / "new").read_bytes() == expected_new
+    assert roaming_status(a, "web")["Generation"] == 3
+    ok(a, "VolumeDriver.Unmount", {"Name": "web", "ID": "a2"})
+
+
+def test_a_mount_with_wait_takes_the_volume_once_the_holder_hands_it_over(hosts: Hosts) -> None:
+    a, b = hosts.start("a"), hosts.start("b")
+    ok(a, "VolumeDriver.Create", {"Name": "db", "Opts": {"roaming": "true", "wait": "60s"}})
+    on_a = mount(a, "db", "a1")
+    (on_a / "row").write_text("1\n")
+    answer: list = []
+    waiter = threading.Thread(
+        target=lambda: answer.append(b.call("VolumeDriver.Mount", {"Name": "db", "ID": "b1"}))
+    )
+    waiter.start()
+    wait_for(lambda: "held by host a" not in b.log() and b.log(), "b's plugin to answer")
+    assert waiter.is_alive()  # b waits while a holds the volume
+    ok(a, "VolumeDriver.Unmount", {"Name": "db", "ID": "a1"})
+    waiter.join(timeout=90)
+    status, doc = answer[0]
+    assert status == 200, doc
+    assert (Path(doc["Mountpoint"]) / "row").read_text() == "1\n"
+
+
+def test_a_stopped_holder_loses_the_volume_and_publishes_nothing_after(hosts: Hosts) -> None:
+    a, b = hosts.start("a"), hosts.start("b")
+    ok(a, "VolumeDriver.Create", {"Name": "q", "Opts": {"roaming": "true"}})
+    on_a = mount(a, "q", "a1")
+    (on_a / "kept").write_text("published\n")
+    status, doc = a.job("Backup.Create", {"Volume": "q"})  # a checkpoint: the head
+    assert status == 200, doc
+    head = roaming_status(a, "q")["Head"]["Backup"]
+    (on_a / "lost").write_text("written after the head\n")
+
+    os.kill(a.proc.pid, signal.SIGSTOP)  # a host that froze while holding the volume
+    on_b = wait_for(
+        lambda: b.call("VolumeDriver.Mount", {"Name": "q", "ID": "b1"})[0] == 200 and True,
+        "b to take the volume over once a's lease expired",
+        timeout=60,
+        interval=1.0,
+    )
+    on_b = mount(b, "q", "b2")  # the same volume, a second container on b
+    assert (on_b / "kept").read_text() == "published\n"
+    assert not (on_b / "lost").exists()
+    status_b = roaming_status(b, "q")
+    assert status_b["Holder"] == "b"
+    assert any("took over from host a" in n and head in n for n in status_b["Notes"]), status_b
+
+    os.kill(a.proc.pid, signal.SIGCONT)
+    wait_for(
+        lambda: roaming_status(a, "q")["Lease"].startswith("lost"),
+        "a to notice it lost the lease",
+        timeout=30,
+        interval=0.5,
+    )
+    status, doc = a.job("Backup.Create", {"Volume": "q"})
+    assert status == 500 and "lease" in doc["Err"], doc
+    ok(a, "VolumeDriver.Unmount", {"Name": "q", "ID": "a1"})  # no handover: nothing published
+    record = roaming_status(b, "q")
+    assert record["Head"]["Backup"] == head and record["Holder"] == "b"
+    assert "lost" in a.log() and "lease" in a.log()
+    for mount_id in ("b1", "b2"):
+        ok(b, "VolumeDriver.Unmount", {"Name": "q", "ID": mount_id})
+    assert roaming_status(b, "q")["Head"]["Host"] == "b"
+
+
+def test_checkpoints_publish_heads_while_the_volume_stays_mounted(hosts: Hosts) -> None:
+    a = hosts.start("a")
+    ok(
+        a,
+        "VolumeDriver.Create",
+        {"Name": "c", "Opts": {"roaming": "true", "checkpoint-interval": "2s"}},
+    )
+    on_a = mount(a, "c", "a1")
+    (on_a / "one").write_text("1\n")
+    first = wait_for(lambda: roaming_status(a, "c")["Head"], "a first checkpoint", timeout=60)
+    (on_a / "two").write_text("2\n")
+    wait_for(
+        lambda: roaming_status(a, "c")["Head"]["Backup"] != first["Backup"],
+        "a second checkpoint",
+        timeout=60,
+    )
+    assert roaming_status(a, "c")["Holder"] == "a"  # still held: checkpoints keep the lease
+    ok(a, "VolumeDriver.Unmount", {"Name": "c", "ID": "a1"})
+
+
+def test_remove_is_refused_while_another_host_holds_the_volume(hosts: Hosts) -> None:
+    a, b = hosts.start("a"), hosts.start("b")
+    ok(a, "VolumeDriver.Create", {"Name": "r", "Opts": {"roaming": "true"}})
+    ok(b, "VolumeDriver.Create", {"Name": "r", "Opts": {}})  # b takes the store's options
+    assert ok(b, "VolumeDriver.Get", {"Name": "r"})["Volume"]["Status"]["Options"] == {
+        "roaming": "true"
+    }
+    mount(a, "r", "a1")
+    status, doc = b.call("VolumeDriver.Remove", {"Name": "r"})
+    assert status == 500 and "held by host a" in doc["Err"], doc
+    ok(a, "VolumeDriver.Unmount", {"Name": "r", "ID": "a1"})
+    ok(b, "VolumeDriver.Remove", {"Name": "r"})
+    status, doc = a.call("VolumeDriver.Mount", {"Name": "r", "ID": "a2"})
+    assert status == 500 and "not in the store any more" in doc["Err"], doc
+
+
+def test_roaming_options_are_checked(hosts: Hosts, tmp_path: Path) -> None:
+    a = hosts.start("a")
+    for opts, words in (
+        ({"wait": "10s"}, "applies to roaming volumes"),
+        ({"roaming": "true", "wait": "5m"}, "at most 90s"),
+        ({"roaming": "true", "on-lease-loss": "panic"}, "stop or readonly"),
+        ({"roaming": "true", "checkpoint-interval": "soon"}, "a duration"),
+        ({"roaming": "true", "from": "0123456789abcdef"}, "starts empty"),
+    ):
+        status, doc = a.call("VolumeDriver.Create", {"Name": "bad", "Opts": opts})
+        assert status == 500 and words in doc["Err"], (opts, doc)
+    local = hosts.start("l", store=str(tmp_path / "local-store"))
+    status, doc = local.call("VolumeDriver.Create", {"Name": "x", "Opts": {"roaming": "true"}})
+    assert status == 500 and "roaming volumes need a store that hosts share" in doc["Err"], doc
+    assert ok(local, "VolumeDriver.Capabilities", {})["Capabilities"]["Scope"] == "local"
+
+
+def test_a_tampered_record_is_refused_by_name(hosts: Hosts, s3_env: ceph.S3Env) -> None:
+    a, b = hosts.start("a"), hosts.start("b")
+    name = "tampered-volume"
+    ok(a, "VolumeDriver.Create", {"Name": name, "Opts": {"roaming": "true"}})
+    bucket = hosts.store.split("/")[2]
+    client = s3_env.client()
+    keys = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=bucket, Prefix="store/docs/roaming/")["Contents"]
+    ]
+    assert len(keys) == 1 and "tampered" not in keys[0]  # the name is not shown
+    body = bytearray(client.get_object(Bucket=bucket, Key=keys[0])["Body"].read())
+    assert b'"roaming"' not in body  # sealed
+    body[-5] ^= 0x40
+    client.put_object(Bucket=bucket, Key=keys[0], Body=bytes(body))
+    for plugin in (b, a):
+        status, doc = plugin.call("VolumeDriver.Mount", {"Name": name, "ID": "m1"})
+        assert status == 500 and f"record of roaming volume {name!r}" in doc["Err"], doc
+    assert json.dumps(ok(a, "VolumeDriver.Get", {"Name": name})).count("cannot read") == 1
