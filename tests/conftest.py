@@ -81,3 +81,17 @@ def daemon():
         pytest.skip("needs root for dockerd")
     with private_dockerd() as d:
         yield d
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    """Two "hosts" for one test module: (host-a, host-b), each a dockerd with the busybox
+    image in its own mount and network namespaces (tests/support/hosts.py)."""
+    from tests.support.hosts import two_hosts as started_hosts
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for dockerd and namespaces")
+    if shutil.which("dockerd") is None:
+        pytest.fail("dockerd is not installed: run scripts/setup.sh first")
+    with started_hosts() as hosts:
+        yield hosts

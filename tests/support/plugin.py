@@ -5,7 +5,8 @@
         # docker volume create -d plugin.name ...
 
 Each plugin gets a unique name (vp-test-XXXXXX), so its driver name never collides with
-other tests; the socket is removed whatever way the process ends.
+other tests; the socket is removed whatever way the process ends. `pause()`/`resume()`
+freeze and thaw the server and every process it started (SIGSTOP/SIGCONT).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from tests.support.waiting import wait_for
 
 PLUGIN_DIR = Path("/run/docker/plugins")
 ACCESS_MARK = "volplugin.access: "
+# set in each plugin's environment (a fresh value per start), which every process it
+# starts inherits, even the daemons that leave its session (lazy volumes' views)
+PROCESS_MARK = "VOLPLUGIN_TEST_PROCESS"
 VOLPLUGIN = str(Path(sys.executable).parent / "volplugin")
 
 
@@ -93,6 +97,27 @@ def without_docker(tmp_path: Path) -> dict[str, str]:
     return dict(os.environ, DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock")
 
 
+def marked_processes(mark: str) -> list[int]:
+    """The pids of the processes whose environment holds PROCESS_MARK=`mark`."""
+    wanted = f"{PROCESS_MARK}={mark}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        # a process gone meanwhile, or a kernel thread, is no match
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/environ", "rb") as f:
+            if wanted in f.read().split(b"\0"):
+                found.append(int(entry))
+    return found
+
+
+def signal_processes(pids: list[int], sig: int) -> None:
+    """Send `sig` to each of `pids` that still exists."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 class PluginProcess:
     """A `volplugin serve` subprocess."""
 
@@ -112,17 +137,27 @@ class PluginProcess:
         self.socket = self.plugin_dir / f"{self.name}.sock"
         self.log_path = self.root.parent / f"{self.name}.log"
         self.proc: subprocess.Popen | None = None
+        self.mark = ""  # this start's PROCESS_MARK value
+        self.paused = False
+
+    def command(self) -> list[str]:
+        """The command line that runs the server."""
+        return [
+            *[VOLPLUGIN, "serve", "--name", self.name, "--root", str(self.root)],
+            *["--plugin-dir", str(self.plugin_dir), *self.args],
+        ]
 
     def start(self, timeout: float = 30.0) -> PluginProcess:
         self.root.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.mark = uuid.uuid4().hex
+        self.paused = False
         self.proc = subprocess.Popen(
-            [VOLPLUGIN, "serve", "--name", self.name, "--root", str(self.root)]
-            + ["--plugin-dir", str(self.plugin_dir), *self.args],
+            self.command(),
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
-            env=self.env,
+            env={**(os.environ if self.env is None else self.env), PROCESS_MARK: self.mark},
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -171,18 +206,48 @@ class PluginProcess:
         )
         return records()
 
+    def processes(self) -> list[int]:
+        """The server's pid (first, while it runs) and those of every process it started."""
+        if not self.mark:
+            return []
+        pids = marked_processes(self.mark)
+        if self.proc is not None and self.proc.pid in pids:
+            pids.remove(self.proc.pid)
+            pids.insert(0, self.proc.pid)
+        return pids
+
+    def pause(self) -> None:
+        """SIGSTOP the server and everything it started, as if its host froze."""
+        stopped: set[int] = set()
+        while pids := [pid for pid in self.processes() if pid not in stopped]:
+            signal_processes(pids, signal.SIGSTOP)  # the server first: it starts no more
+            stopped.update(pids)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT what `pause` stopped."""
+        signal_processes(self.processes(), signal.SIGCONT)
+        self.paused = False
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
-        """Send `sig` (SIGKILL to simulate a crash), wait, and make sure no socket is left."""
+        """Send `sig` (SIGKILL to simulate a crash), wait, and make sure no socket is left.
+
+        A paused server (and what it started) is continued after the signal is sent.
+        """
         rc = None
+        frozen = self.processes() if self.paused else []  # before a SIGKILL orphans them
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
+            signal_processes(frozen, signal.SIGCONT)
             try:
                 rc = self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 rc = self.proc.wait()
-        elif self.proc is not None:
-            rc = self.proc.returncode
+        else:  # what a paused server that ended started
+            signal_processes(frozen, signal.SIGCONT)
+            rc = None if self.proc is None else self.proc.returncode
+        self.paused = False
         self.proc = None
         return rc
 

@@ -32,10 +32,12 @@ from tests.support.dockerenv import BASE_IMAGE, busybox_rootfs_tar
 class PrivateDockerd:
     """A dockerd subprocess; `env` points the docker CLI and SDK at it."""
 
-    def __init__(self) -> None:
+    def __init__(self, work: Path | None = None, exec_root: Path | None = None) -> None:
+        """`work` (default a new directory in /var/tmp) holds its config, log and data
+        root; `exec_root` (default a new /run/vpd-TAG) its state and API socket."""
         tag = uuid.uuid4().hex[:6]
-        self.work = Path(tempfile.mkdtemp(prefix=f"vp-dockerd-{tag}-", dir="/var/tmp"))
-        self.exec_root = Path(f"/run/vpd-{tag}")
+        self.work = work or Path(tempfile.mkdtemp(prefix=f"vp-dockerd-{tag}-", dir="/var/tmp"))
+        self.exec_root = exec_root or Path(f"/run/vpd-{tag}")
         self.host = f"unix://{self.exec_root}/docker.sock"
         self.env = dict(os.environ, DOCKER_HOST=self.host)
         self.bridge = f"vpd{tag}br"
@@ -44,23 +46,10 @@ class PrivateDockerd:
     def start(self, timeout: float = 60.0) -> PrivateDockerd:
         config = self.work / "daemon.json"
         config.write_text(json.dumps({}))
-        self.exec_root.mkdir(mode=0o700, exist_ok=True)
-        if subprocess.run(["ip", "link", "show", self.bridge], capture_output=True).returncode:
-            subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
+        self._prepare()
         log = open(self.work / "dockerd.log", "ab")  # noqa: SIM115 - handed to the daemon
         self.proc = subprocess.Popen(
-            [
-                "dockerd",
-                f"--config-file={config}",
-                f"--data-root={self.work / 'data'}",
-                f"--exec-root={self.exec_root}",
-                f"--pidfile={self.exec_root / 'docker.pid'}",
-                f"--host={self.host}",
-                f"--bridge={self.bridge}",
-                "--iptables=false",
-                "--ip-masq=false",
-                "--log-level=warn",
-            ],
+            self._command(config),
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -77,6 +66,27 @@ class PrivateDockerd:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"private dockerd did not answer within {timeout} s:\n{self.log()}")
+
+    def _prepare(self) -> None:
+        """Make what the daemon needs before it starts: its exec root and bridge."""
+        self.exec_root.mkdir(mode=0o700, exist_ok=True)
+        if subprocess.run(["ip", "link", "show", self.bridge], capture_output=True).returncode:
+            subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
+
+    def _command(self, config: Path) -> list[str]:
+        """The daemon's command line."""
+        return [
+            "dockerd",
+            f"--config-file={config}",
+            f"--data-root={self.data_root}",
+            f"--exec-root={self.exec_root}",
+            f"--pidfile={self.exec_root / 'docker.pid'}",
+            f"--host={self.host}",
+            f"--bridge={self.bridge}",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--log-level=warn",
+        ]
 
     def client(self) -> docker.DockerClient:
         return docker.DockerClient(base_url=self.host, timeout=300)
