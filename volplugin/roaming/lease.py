@@ -112,12 +112,17 @@ class Leases:
         self._tick = tick
         self._held: dict[str, _Held] = {}
         self._mutex = threading.Lock()
+        # One conditional write at a time: a renewal racing a publish would make one of
+        # them fail on the version the other just wrote, as if the lease had been lost.
+        self._writing = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set when the set of leases changes
         self._thread: threading.Thread | None = None
 
     def hold(self, name: str, taken: Taken) -> None:
         with self._mutex:
             self._held[name] = _Held(taken.found, taken.sent)
+            self._wake.set()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name="roaming-leases", daemon=True
@@ -142,16 +147,21 @@ class Leases:
     def close(self) -> None:
         """Stop renewing (the leases expire by themselves; see `release` for a handover)."""
         self._stop.set()
+        self._wake.set()
 
     # -- keeping --------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
+        while not self._stop.is_set():
             with self._mutex:
                 held = dict(self._held)
-            ttls = [h.found.record.ttl for h in held.values()] or [60.0]
-            if self._stop.wait(self._tick or min(ttls) / 4):
+            ttls = [h.found.record.ttl for h in held.values()]
+            woken = self._wake.wait(self._tick or (min(ttls) / 4 if ttls else None))
+            self._wake.clear()
+            if self._stop.is_set():
                 return
+            if woken:
+                continue  # a lease taken (just written) or given up: the period may change
             for name, h in held.items():
                 if h.lost or self._lapsed(name, h):
                     continue
@@ -161,6 +171,12 @@ class Leases:
                     log.warning("roaming volume %s: cannot renew its lease: %s", name, exc)
 
     def _renew(self, name: str, h: _Held) -> None:
+        with self._writing:
+            self._renew_locked(name, h)
+
+    def _renew_locked(self, name: str, h: _Held) -> None:
+        if h.lost:
+            return
         sent = time.monotonic()
         written = self._registry().replace(h.found, h.found.record)
         with self._mutex:
@@ -215,6 +231,10 @@ class Leases:
     # -- changing the record under the lease ---------------------------------------------
 
     def _change(self, name: str, change: Callable[[Found], Found | None]) -> Found:
+        with self._writing:
+            return self._change_locked(name, change)
+
+    def _change_locked(self, name: str, change: Callable[[Found], Found | None]) -> Found:
         self.check(name)
         with self._mutex:
             h = self._held[name]
@@ -238,11 +258,12 @@ class Leases:
     def release(self, name: str) -> None:
         """Give the lease up (after a handover): the record names no holder any more."""
         registry = self._registry()
-        self._change(
-            name, lambda found: registry.replace(found, replace(found.record, holder=None))
-        )
-        with self._mutex:
-            self._held.pop(name, None)
+        with self._writing:
+            self._change_locked(
+                name, lambda found: registry.replace(found, replace(found.record, holder=None))
+            )
+            with self._mutex:
+                self._held.pop(name, None)
 
     def forget(self, name: str) -> None:
         """Stop renewing ``name`` without touching its record (it expires by itself)."""

@@ -46,7 +46,7 @@ from volplugin.hostid import host_id
 from volplugin.jobs.runner import JobRunner
 from volplugin.jobs.table import JobBusy
 from volplugin.lazy.volumes import LazyVolumes
-from volplugin.roaming.lease import HeldElsewhere, LeaseLost, Leases, holder_text, take
+from volplugin.roaming.lease import HeldElsewhere, LeaseLost, Leases, Taken, holder_text, take
 from volplugin.roaming.registry import Found, Head, Registry, RoamingRecord
 from volplugin.roaming.state import RoamingState
 from volplugin.times import iso_at
@@ -103,6 +103,7 @@ class RoamingVolumes:
         self._pending: dict[str, float] = {}  # handovers to retry: name -> next try
         self._checkpoints: dict[str, _Checkpoint] = {}
         self._closed = threading.Event()
+        self._lost: dict[str, str] = {}  # leases this host lost, until it takes one again
 
     @classmethod
     def attach(
@@ -128,8 +129,51 @@ class RoamingVolumes:
         hooks.before_publish.append(roaming.before_publish)
         hooks.published.append(roaming.published)
         service.scope = "global"
+        threading.Thread(target=roaming._resume, name="roaming-resume", daemon=True).start()
         threading.Thread(target=roaming._watch, name="roaming-watch", daemon=True).start()
         return roaming
+
+    def _resume(self) -> None:
+        """At start: keep the leases this host still holds, act on those it lost while the
+        plugin was down (its containers still use the volume), hand over what is unmounted."""
+        for record in self.service.state.list():
+            if not is_roaming(record.options):
+                continue
+            try:
+                self._resume_one(record)
+            except (LayerfsError, OSError) as exc:
+                log.error(
+                    "roaming volume %s: cannot check its lease at start: %s", record.name, exc
+                )
+
+    def _resume_one(self, record: VolumeRecord) -> None:
+        name = record.name
+        local = self.state.get(name)
+        if local.generation is None:
+            return
+        found = self.registry().get(name)
+        live = found.live_holder if found is not None else None
+        ours = live is not None and live.host == self.host and live.generation == local.generation
+        if ours and found is not None:
+            sent = time.monotonic()
+            renewed = self.registry().replace(found, found.record)
+            if renewed is not None:
+                self.leases.hold(name, Taken(renewed, sent, None))
+                log.info(
+                    "roaming volume %s: still held here (generation %d)", name, live.generation
+                )
+                if not record.mount_ids:
+                    self._pending[name] = time.monotonic()  # hand it over now
+                else:
+                    self._checkpoints[name] = _Checkpoint(time.monotonic())
+                return
+        self.state.set_generation(name, None)
+        if record.mount_ids:
+            now = holder_text(found) if found is not None else "nobody (removed from the store)"
+            self._on_lost(
+                name,
+                f"lost while the plugin was down (generation {local.generation}); held by {now}",
+            )
 
     def close(self) -> None:
         """Stop renewing: held leases expire by themselves (a restart takes them again)."""
@@ -201,6 +245,7 @@ class RoamingVolumes:
         name = record.name
         taken = self._take(name, float(record.options.get("wait", "0")))
         self.leases.hold(name, taken)
+        self._lost.pop(name, None)
         self.state.set_generation(name, taken.found.record.generation)
         self._checkpoints[name] = _Checkpoint(time.monotonic())
         try:
@@ -265,6 +310,7 @@ class RoamingVolumes:
         try:
             self._back_up(name, "handover")
             self.leases.release(name)
+            self.state.set_generation(name, None)
         except LeaseLost as exc:
             self.leases.forget(name)
             self.state.note(name, f"{iso_at(time.time())}: handover not published: {exc}")
@@ -340,7 +386,7 @@ class RoamingVolumes:
             return {}
         name = record.name
         doc: dict = {"Host": self.host, "Notes": self.state.get(name).notes}
-        lost = self.leases.lost_reason(name)
+        lost = self.lost_reason(name)
         doc["Lease"] = (
             f"lost: {lost}" if lost else "held" if self.leases.holds(name) else "not held here"
         )
@@ -377,9 +423,13 @@ class RoamingVolumes:
         if not is_roaming(options):
             return
         if self.leases.generation(name) is None:
+            lost = self._lost.get(name)
             raise LeaseLost(
-                f"roaming volume {name!r} is not held by this host: back it up on the host "
-                "whose containers use it"
+                f"this host lost the lease of roaming volume {name!r} ({lost}): nothing of it "
+                "is published from here any more"
+                if lost
+                else f"this host does not hold the lease of roaming volume {name!r}: back it "
+                "up on the host whose containers use it"
             )
         self.leases.check(name)
 
@@ -398,7 +448,12 @@ class RoamingVolumes:
 
     # -- losing the lease -----------------------------------------------------------------
 
+    def lost_reason(self, name: str) -> str | None:
+        """Why this host lost the volume's lease, until it takes the lease again."""
+        return self.leases.lost_reason(name) or self._lost.get(name)
+
     def _on_lost(self, name: str, why: str) -> None:
+        self._lost[name] = why
         self.state.note(name, f"{iso_at(time.time())}: this host lost the lease: {why}")
         record = self.service.state.get(name)
         if record is None or not record.mount_ids:
