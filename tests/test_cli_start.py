@@ -1,9 +1,9 @@
 """`volplugin` and `layerfs` start without their heavy libraries (checked with -X importtime).
 
 --help, and the socket calls of `volplugin` (ls, inspect, backups, jobs, a backup job
-followed with plain progress lines) against a fake plugin, import no web framework,
-docker SDK, boto3, rich, store, crypto or volume-service module: the modules a start
-imports are checked, not its time.
+followed with plain progress lines, ls --all-hosts, release) against a fake plugin,
+import no web framework, docker SDK, boto3, rich, store, crypto or volume-service
+module: the modules a start imports are checked, not its time.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def test_help_imports_no_store_or_service_module() -> None:
         ["jobs"],
         ["backup", "v1"],  # a job followed to its end, plain progress lines (no terminal)
         ["restore", "abc", "--to", "v2", "--no-wait"],
+        ["ls", "--all-hosts"],
+        ["release", "v1", "--force", "--yes"],
     ],
 )
 def test_socket_calls_import_only_what_they_use(tmp_path: Path, args: list[str]) -> None:

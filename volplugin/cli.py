@@ -1,4 +1,5 @@
-"""The `volplugin` command line: serve the plugin; volumes (ls, inspect) and jobs (jobs, job).
+"""The `volplugin` command line: serve the plugin; volumes (ls, inspect), roaming volumes
+(ls --all-hosts, release) and jobs (jobs, job).
 
 Commands talk to the running plugin over its socket (volplugin.client); with --root DIR
 they work on that root directly (volplugin.where), so `ls` and `inspect` also read a
@@ -25,7 +26,7 @@ from volplugin.defaults import (
     DEFAULT_TICK,
     PLUGIN_DIR,
 )
-from volplugin.errors import BadRequest
+from volplugin.errors import BadOption, BadRequest
 from volplugin.hostid import ENV as HOST_ID_ENV
 from volplugin.hostid import check_host_id, use_host_id
 from volplugin.sidekick.paths import SIDEKICK_DIR
@@ -33,6 +34,7 @@ from volplugin.text import printable
 from volplugin.where import Where, log_here, where_options
 
 if TYPE_CHECKING:
+    from volplugin.client import PluginClient
     from volplugin.volumes.service import VolumeService
 
 
@@ -238,9 +240,18 @@ def _volume(where: Where, volume: str) -> dict:
 
 @cli.command("ls")
 @where_options
+@click.option(
+    "--all-hosts",
+    is_flag=True,
+    help="List the roaming volumes of the plugin's store instead, whatever host holds them: "
+    "the holder, since when, the lease generation, the head backup's age and host.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def ls_cmd(where: Where, as_json: bool) -> None:
-    """List volumes with their size, users and creation time."""
+def ls_cmd(where: Where, all_hosts: bool, as_json: bool) -> None:
+    """List volumes with their size, users and creation time (--all-hosts: roaming volumes)."""
+    if all_hosts:
+        _ls_roaming(where, as_json)
+        return
     docs = _described(where)
     if as_json:
         click.echo(json.dumps(docs, indent=2))
@@ -252,6 +263,87 @@ def ls_cmd(where: Where, as_json: bool) -> None:
             f"{printable(doc['Name']):<32} {printable(st['Size']):>12} "
             f"{printable(st['Containers']):>10}  {printable(st['Created'])}"
         )
+
+
+def _roaming_client(where: Where, command: str) -> PluginClient:
+    if where.direct:
+        raise BadOption(
+            f"`volplugin {command}` asks the running plugin (it reads the roaming records in "
+            "its store): drop --root and give --name NAME if the plugin is not named volplugin"
+        )
+    return where.client()
+
+
+def _ls_roaming(where: Where, as_json: bool) -> None:
+    from volplugin.roaming.text import table
+
+    volumes = _roaming_client(where, "ls --all-hosts").call("Roaming.List")["Volumes"]
+    if as_json:
+        click.echo(json.dumps(volumes, indent=2))
+        return
+    for line in table(volumes):
+        click.echo(line)
+
+
+@cli.command("release")
+@where_options
+@click.argument("volume")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Required: break the lease even though its holder may still write the volume.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def release_cmd(where: Where, volume: str, force: bool, yes: bool) -> None:
+    """Break the lease of roaming volume VOLUME, whatever host holds it (--force).
+
+    For a holder host that died, or one that must give the volume up now: the volume
+    can be mounted on any host at once, from its head backup. The holder's containers
+    lose the volume (they are stopped, or it turns read-only) and what they wrote after
+    the head backup is lost. Refused on the holder itself while its containers use it:
+    stop them, and their last Unmount hands the volume over.
+    """
+    from volplugin.text import printable as p
+
+    if not force:
+        raise BadOption(
+            f"`volplugin release` breaks the lease of roaming volume {volume!r} so that "
+            "another host can mount it at once; its holder's containers lose it and what "
+            "they wrote after the head backup is lost: add --force to do it"
+        )
+    client = _roaming_client(where, "release")
+    listed = [v for v in client.call("Roaming.List")["Volumes"] if v.get("Name") == volume]
+    if not listed:
+        raise BadOption(f"no roaming volume {volume!r} in the store of plugin {client.name}")
+    found = listed[0]
+    host = found.get("Holder") or found.get("ExpiredHolder")
+    if not host:
+        click.echo(f"roaming volume {p(volume)} has no holder: nothing to release")
+        return
+    if not yes:
+        head = found.get("Head")
+        state = "expired lease" if found.get("LeaseExpired") else "lease"
+        lost = (
+            f"Anything written there after its head backup of {p(head['Time'])} is lost"
+            if head
+            else "It has no head backup: the volume starts empty elsewhere"
+        )
+        click.confirm(
+            f"Break the {state} of host {p(host)} on roaming volume {p(volume)} (held since "
+            f"{p(found.get('HolderSince'))}, generation {p(found.get('Generation'))})? "
+            f"{lost}",
+            default=False,
+            abort=True,
+        )
+    doc = {"Name": volume, "Force": True, "Generation": found.get("Generation")}
+    broken = client.call("Roaming.Release", doc).get("Broken")
+    if broken is None:
+        click.echo(f"roaming volume {p(volume)} has no holder any more: nothing to release")
+        return
+    click.echo(
+        f"broke the lease of host {p(broken['Host'])} (generation {p(broken['Generation'])}) "
+        f"on roaming volume {p(volume)}: any host can mount it now"
+    )
 
 
 @cli.command("inspect")
@@ -289,6 +381,11 @@ def inspect_cmd(where: Where, volume: str, as_json: bool) -> None:
         from volplugin.jobtext import summary
 
         click.echo(f"Job:         {summary(st['Job'])}")
+    if st.get("Roaming"):
+        from volplugin.roaming.text import status_lines
+
+        for label, text in status_lines(st["Roaming"]):
+            click.echo(f"{label:<12} {text}")
 
 
 @cli.command("jobs")

@@ -142,6 +142,7 @@ def serve(
         app = create_app(service)
         app.config["LAYERFS_STORE"] = store
         app.config["VOLPLUGIN_JOBS"] = jobs
+        app.config["VOLPLUGIN_ROAMING"] = roaming  # None: the store cannot hold them
         metrics = Metrics.serve(service, app, metrics_at) if metrics_at else None
         sock = bind_socket(path)
         sidekicks = SidekickSockets.attach(service, app, store, sidekick_dir)

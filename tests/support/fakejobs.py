@@ -6,7 +6,8 @@
 It serves /Backup.Create, /Backup.Restore, /Backup.Prune (each starts a job, refused
 while the volume has one), /Jobs.List, /Jobs.Get (long polls), /Jobs.Cancel,
 /VolumeDriver.List and /VolumeDriver.Get (with the volume's job in Status) as the jobs
-API contract says. A job runs in a thread: `steps` steps of `step_delay` seconds, each
+API contract says, and /Roaming.List (roaming volume v1, held by host a) and
+/Roaming.Release. A job runs in a thread: `steps` steps of `step_delay` seconds, each
 adding one file and `step_bytes` bytes, then it succeeds with a result (or fails with
 `fail`). Every request is recorded in `requests` as (endpoint, body).
 """
@@ -24,6 +25,18 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 ENDED = ("succeeded", "failed", "cancelled", "interrupted")
+ROAMING = {
+    "Name": "v1",
+    "Holder": "a",
+    "HolderSince": "2026-12-03T17:00:00Z",
+    "LeaseExpired": False,
+    "ExpiredHolder": None,
+    "Generation": 3,
+    "Head": None,
+    "Local": True,
+    "HeldHere": False,
+    "LostHere": None,
+}
 
 
 def _now() -> str:
@@ -116,6 +129,11 @@ class FakePlugin:
                 return 200, {"Volumes": listed, "Err": ""}
             if endpoint == "VolumeDriver.Get":
                 return 200, {"Volume": self._volume(doc["Name"]), "Err": ""}
+            if endpoint == "Roaming.List":
+                return 200, {"Volumes": [ROAMING], "Err": ""}
+            if endpoint == "Roaming.Release":
+                broken = {"Host": "a", "Since": ROAMING["HolderSince"], "Generation": 3}
+                return 200, {"Name": doc["Name"], "Broken": {**broken, "Expired": False}}
             return 500, {"Err": f"POST /{endpoint}: Not Found"}
         except LookupError as exc:
             return 500, {"Err": str(exc.args[0])}

@@ -1,12 +1,14 @@
 """`serve --metrics-address`: Prometheus metrics over HTTP, on one address only.
 
 The registry is the plugin's own (no process-wide default): the state collector
-(volplugin.metrics.collector) and `volplugin_request_duration_seconds{endpoint, outcome,
-socket}`, a histogram of request latency fed by the access log's observers, for
-requests on the plugin socket (`socket="plugin"`) and on sidekick sockets
-(`socket="sidekick"`). Paths that are no endpoint count as `endpoint="other"`, so a
-client cannot grow the label set. A non-loopback address is refused unless allowed
-(`--metrics-allow-remote`): the metrics name every volume.
+(volplugin.metrics.collector), the roaming collector when the plugin serves roaming
+volumes (`app.config["VOLPLUGIN_ROAMING"]`), and
+`volplugin_request_duration_seconds{endpoint, outcome, socket}`, a histogram of request
+latency fed by the access log's observers, for requests on the plugin socket
+(`socket="plugin"`) and on sidekick sockets (`socket="sidekick"`). Paths that are no
+endpoint count as `endpoint="other"`, so a client cannot grow the label set. A
+non-loopback address is refused unless allowed (`--metrics-allow-remote`): the metrics
+name every volume.
 """
 
 from __future__ import annotations
@@ -66,10 +68,13 @@ class Metrics:
     def __init__(self, service: VolumeService, app: Flask) -> None:
         from prometheus_client import CollectorRegistry, Histogram
 
-        from volplugin.metrics.collector import StateCollector
+        from volplugin.metrics.collector import RoamingCollector, StateCollector
 
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(StateCollector(service))
+        roaming = app.config.get("VOLPLUGIN_ROAMING")
+        if roaming is not None:
+            self.registry.register(RoamingCollector(roaming))
         self.latency = Histogram(
             "volplugin_request_duration_seconds",
             "Time to answer a request, by endpoint, outcome (ok, error) and socket.",

@@ -4,9 +4,10 @@ Every endpoint takes a JSON POST and answers JSON; any failure is HTTP 500 with
 {"Err": "..."}, which the daemon shows to the user. Each request is logged as one JSON
 line (endpoint, volume, duration, outcome, process) by volplugin.protocol.accesslog.AccessLog,
 which wraps the app (kept at ``app.extensions[ACCESS_EXTENSION]``, where metrics add
-observers). The blueprints of the backup feature and of jobs are registered here too;
-their views find the VolumeService at `current_app.config["VOLPLUGIN"]` and the job
-runner at `current_app.config["VOLPLUGIN_JOBS"]` (set by the server).
+observers). The blueprints of the backup feature, of jobs and of roaming volumes are
+registered here too; their views find the VolumeService at `current_app.config["VOLPLUGIN"]`,
+the job runner at `current_app.config["VOLPLUGIN_JOBS"]` and the roaming volumes at
+`current_app.config["VOLPLUGIN_ROAMING"]` (set by the server).
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ def create_app(service: VolumeService) -> Flask:
     _install_routes(app, service)
     from volplugin.backup.api import blueprint
     from volplugin.jobs.api import blueprint as jobs_blueprint
+    from volplugin.roaming.api import blueprint as roaming_blueprint
 
     app.register_blueprint(blueprint)
     app.register_blueprint(jobs_blueprint)
+    app.register_blueprint(roaming_blueprint)
     return app
 
 
