@@ -213,12 +213,11 @@ def test_ten_handovers_with_random_writes_end_with_the_last_writers_files(
             (payload / name).parent.mkdir(parents=True, exist_ok=True)
             (payload / name).write_bytes(data)
             model[name] = data
-        doomed = rng.sample(
-            sorted(set(model) - {str(p.relative_to(payload)) for p in payload.rglob("*")}),
-            min(2, len(model)),
-        )
+        written = {str(p.relative_to(payload)) for p in payload.rglob("*")}
+        candidates = sorted(set(model) - written)
+        doomed = rng.sample(candidates, min(2, len(candidates)))
         for name in doomed:
-            model.pop(name, None)
+            del model[name]
         script = "cp -a /payload/. /data/" + "".join(f" && rm -f /data/{n}" for n in doomed)
         run(host, "ten", script, "-v", f"{payload}:/payload:ro")
     listing = run(a, "ten", "cd /data && find . -type f | sort | xargs -r sha256sum").stdout

@@ -20,9 +20,9 @@ store can hold them (RoamingCollector):
 
     volplugin_roaming_lease_held                      1 while this host holds the
                                                       volume's lease, else 0
-    volplugin_roaming_lease_lost                      1 while this host's lease of it is
-                                                      lost (until its last Unmount here
-                                                      or its next Mount), else 0
+    volplugin_roaming_lease_lost                      1 once this host lost the volume's
+                                                      lease (until it takes it again),
+                                                      else 0
     volplugin_roaming_head_age_seconds                age of the volume's head backup,
                                                       from the store's record (read at
                                                       most every HEAD_CACHE seconds);
@@ -173,7 +173,7 @@ class RoamingCollector(Collector):
         now = time.time()
         for name in names:
             held.add_metric([name], 1.0 if leases.holds(name) else 0.0)
-            lost.add_metric([name], 1.0 if leases.lost_reason(name) else 0.0)
+            lost.add_metric([name], 1.0 if self.roaming.lost_reason(name) else 0.0)
             when = heads.get(name)
             if when is not None:
                 age.add_metric([name], max(0.0, now - when))

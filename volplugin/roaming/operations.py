@@ -67,7 +67,7 @@ def describe(roaming: RoamingVolumes, found: Found, now: float) -> dict:
         "Head": head_doc(record.head, now),
         "Local": local,
         "HeldHere": roaming.leases.holds(name),
-        "LostHere": roaming.leases.lost_reason(name) or None,
+        "LostHere": roaming.lost_reason(name),
     }
 
 
