@@ -9,6 +9,7 @@ Tests with real daemons and containers are in test_roaming_docker.py.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -256,3 +257,37 @@ def test_a_tampered_record_is_refused_by_name(hosts: Hosts, s3_env: ceph.S3Env) 
         status, doc = plugin.call("VolumeDriver.Mount", {"Name": name, "ID": "m1"})
         assert status == 500 and f"record of roaming volume {name!r}" in doc["Err"], doc
     assert json.dumps(ok(a, "VolumeDriver.Get", {"Name": name})).count("cannot read") == 1
+
+
+def test_on_lease_loss_readonly_makes_the_lost_volume_read_only(hosts: Hosts) -> None:
+    a, b = hosts.start("a"), hosts.start("b")
+    opts = {"roaming": "true", "on-lease-loss": "readonly"}
+    ok(a, "VolumeDriver.Create", {"Name": "ro", "Opts": opts})
+    (mount(a, "ro", "a1") / "f").write_text("a\n")
+    ok(a, "VolumeDriver.Unmount", {"Name": "ro", "ID": "a1"})
+    on_b = mount(b, "ro", "b1")  # served lazily: a mount of its own
+    assert os.path.ismount(on_b)
+    (on_b / "g").write_text("b\n")
+
+    os.kill(b.proc.pid, signal.SIGSTOP)
+    wait_for(
+        lambda: a.call("VolumeDriver.Mount", {"Name": "ro", "ID": "a2"})[0] == 200,
+        "a to take the volume over once b's lease expired",
+        timeout=60,
+        interval=1.0,
+    )
+    os.kill(b.proc.pid, signal.SIGCONT)
+
+    def refused() -> bool:
+        try:
+            (on_b / "h").write_text("after the loss\n")
+        except OSError as exc:
+            return exc.errno == errno.EROFS
+        (on_b / "h").unlink()
+        return False
+
+    wait_for(refused, "b's volume to turn read-only", timeout=30, interval=0.5)
+    assert (on_b / "g").read_text() == "b\n"  # still readable
+    assert roaming_status(b, "ro")["Lease"].startswith("lost")
+    ok(b, "VolumeDriver.Unmount", {"Name": "ro", "ID": "b1"})
+    ok(a, "VolumeDriver.Unmount", {"Name": "ro", "ID": "a2"})
