@@ -41,6 +41,7 @@ class Hosts:
     def start(self, host: str, *, store: str | None = None) -> PluginProcess:
         env = dict(
             os.environ,
+            VOLPLUGIN_CRON_SECONDS="1",  # schedules may fire every few seconds
             LAYERFS_STORE=store or self.store,
             LAYERFS_CACHE_DIR=str(self.base / host / "cache"),
             LAYERFS_S3_LEASE_TTL=TTL,
@@ -291,3 +292,24 @@ def test_on_lease_loss_readonly_makes_the_lost_volume_read_only(hosts: Hosts) ->
     assert roaming_status(b, "ro")["Lease"].startswith("lost")
     ok(b, "VolumeDriver.Unmount", {"Name": "ro", "ID": "b1"})
     ok(a, "VolumeDriver.Unmount", {"Name": "ro", "ID": "a2"})
+
+
+def test_scheduled_backups_run_on_the_holder_and_are_skipped_elsewhere(hosts: Hosts) -> None:
+    a, b = hosts.start("a"), hosts.start("b")
+    opts = {"roaming": "true", "backup-schedule": "* * * * * */2"}
+    ok(a, "VolumeDriver.Create", {"Name": "s", "Opts": opts})
+    ok(b, "VolumeDriver.Create", {"Name": "s", "Opts": {}})
+    (mount(a, "s", "a1") / "f").write_text("scheduled\n")
+    heads = set()
+
+    def two_scheduled_heads() -> bool:
+        heads.add(
+            roaming_status(a, "s")["Head"]["Backup"] if roaming_status(a, "s")["Head"] else None
+        )
+        return len(heads - {None}) >= 2
+
+    wait_for(two_scheduled_heads, "two scheduled backups on a, each the head", timeout=60)
+    wait_for(lambda: "scheduled backup skipped" in b.log(), "b to skip its schedule", timeout=30)
+    status_b = ok(b, "VolumeDriver.Get", {"Name": "s"})["Volume"]["Status"]
+    assert not (status_b.get("Backup") or {}).get("failures"), status_b  # no failure counted
+    ok(a, "VolumeDriver.Unmount", {"Name": "s", "ID": "a1"})

@@ -91,6 +91,13 @@ class Scheduler:
         mine = self._mine.get(record.name)
         if mine is not None and any(j.id == mine for j in self.jobs.table.active(record.name)):
             return False  # still due because its scheduled backup is under way
+        try:  # a roaming volume is backed up by the host that holds it: not due here
+            for check in self.service.hooks.before_publish:
+                check(record.name)
+        except VolpluginError as exc:
+            log.info("volume %s: scheduled backup skipped: %s", record.name, exc)
+            self._skipped[record.name] = now
+            return False
         keep = record.options.get("backup-keep")
         body = tasks.backup_job(
             self.service,
