@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import ceph
+from tests.support.mounts import unmount_below
 from tests.support.plugin import PluginProcess
-from tests.support.private_dockerd import unmount_below
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.s3

@@ -126,6 +126,15 @@ def _running(host: Host, container: str) -> bool:
     return out.strip() == "true"
 
 
+def _start_writer(host: Host, container: str, name: str, script: str) -> None:
+    """A container that runs `script` on volume `name` at /data, then sleeps on."""
+    host.docker(
+        "run", "-d", "--name", container, "--mount", volume(name), BASE_IMAGE,
+        "sh", "-c", f"{script} && sleep 600",
+    )  # fmt: skip
+    wait_for(lambda: _running(host, container), f"the container {container}")
+
+
 def _head(roam: Roam, host: Host, name: str) -> str:
     return roaming(host, name)["Head"]["Backup"]
 
@@ -134,11 +143,7 @@ def test_a_frozen_host_loses_the_volume_to_the_next_and_publishes_nothing(roam: 
     a, b = roam.a, roam.b
     plugin_a = roam.plugin(a)
     a.docker("volume", "create", "-d", PLUGIN, "-o", "roaming=true", "q")
-    a.docker(
-        "run", "-d", "--name", "writer-q", "--mount", volume("q"), BASE_IMAGE,
-        "sh", "-c", "echo published > /data/kept && sleep 600",
-    )  # fmt: skip
-    wait_for(lambda: _running(a, "writer-q"), "the writer on a")
+    _start_writer(a, "writer-q", "q", "echo published > /data/kept")
     status, doc = plugin_a.job("Backup.Create", {"Volume": "q"})  # a checkpoint: the head
     assert status == 200, doc
     head = _head(roam, a, "q")
@@ -173,11 +178,7 @@ def test_a_killed_plugin_loses_the_volume_and_stops_its_containers_at_restart(
     a, b = roam.a, roam.b
     plugin_a = roam.plugin(a)
     a.docker("volume", "create", "-d", PLUGIN, "-o", "roaming=true", "k")
-    a.docker(
-        "run", "-d", "--name", "writer-k", "--mount", volume("k"), BASE_IMAGE,
-        "sh", "-c", "echo one > /data/one && sleep 600",
-    )  # fmt: skip
-    wait_for(lambda: _running(a, "writer-k"), "the writer on a")
+    _start_writer(a, "writer-k", "k", "echo one > /data/one")
     status, doc = plugin_a.job("Backup.Create", {"Volume": "k"})
     assert status == 200, doc
     plugin_a.kill()

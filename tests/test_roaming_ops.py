@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.plugin import PluginProcess, without_docker
+from tests.support.mounts import unmount_below
+from tests.support.plugin import PluginProcess, metrics_url, without_docker
 from tests.support.waiting import wait_for
 from volplugin.metrics.collector import HEAD_CACHE
 
@@ -31,14 +32,6 @@ VOLPLUGIN = str(Path(sys.executable).parent / "volplugin")
 LEASE_TTL = "6"  # seconds: a renewal every 1.5 s, so a broken lease is noticed at once
 
 Start = Callable[..., PluginProcess]
-
-
-def _umount_below(root: Path) -> None:
-    prefix = str(root) + "/"
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
-    for point in sorted(points, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 @pytest.fixture
@@ -67,7 +60,7 @@ def hosts(s3_store_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
     yield start
     for plugin in started:
         plugin.cleanup()
-        _umount_below(plugin.root)
+        unmount_below(plugin.root)
 
 
 def ok(plugin: PluginProcess, endpoint: str, doc: dict | None = None) -> dict:
@@ -240,17 +233,6 @@ def test_release_breaks_a_live_lease_and_fences_its_holder(hosts: Start) -> None
     ok(a, "VolumeDriver.Unmount", {"Name": "r1", "ID": "x2"})  # nothing handed over
     assert listed(a, "r1")["Holder"] == "b"
     ok(b, "VolumeDriver.Unmount", {"Name": "r1", "ID": "y1"})
-
-
-def metrics_url(plugin: PluginProcess) -> str:
-    found: list[str] = []
-
-    def logged() -> bool:
-        found[:] = re.findall(r"serving metrics on (http://\S+/metrics)", plugin.log())
-        return bool(found)
-
-    wait_for(logged, "the metrics address in the log")
-    return found[-1]
 
 
 def scrape(url: str) -> dict[tuple[str, str], float]:

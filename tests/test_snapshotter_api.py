@@ -25,7 +25,8 @@ from layerfs.snapshotter.api import snapshots_pb2 as pb
 from layerfs.snapshotter.api import snapshots_pb2_grpc
 from layerfs.snapshotter.metadata import Kind, Metadata
 from layerfs.store.location import open_store
-from tests.support.containerd import Snapshotter, _unmount_below, stop_views
+from tests.support.containerd import Snapshotter, stop_views
+from tests.support.mounts import unmount_below
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.fuse
@@ -40,7 +41,7 @@ def server():
         yield sn
     finally:
         sn.stop()
-        _unmount_below(base)
+        unmount_below(base)
         stop_views(base)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -323,7 +324,7 @@ def own_server():
     finally:
         sn.stop()
         subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True)
-        _unmount_below(base)
+        unmount_below(base)
         stop_views(base)
         shutil.rmtree(base, ignore_errors=True)
 

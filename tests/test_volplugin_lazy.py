@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from layerfs.fs.overlay import find_overlay
 from layerfs.fs.service import find_image_mount
 from tests.support.dockerenv import BASE_IMAGE
+from tests.support.mounts import unmount_below
 from tests.support.plugin import PluginProcess, remove_driver_objects
 from tests.support.s3backup import cli, fill_random
 from tests.support.waiting import wait_for
@@ -48,14 +48,6 @@ def source(s3_store_url, tmp_path: Path) -> tuple[str, Path, dict]:
         if p.is_file()
     }
     return json.loads(out.stdout)["id"], src, hashes
-
-
-def _umount_below(root: Path) -> None:
-    prefix = str(root) + "/"
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
-    for point in sorted(points, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 def _lazy(plugin: PluginProcess, vol: str) -> dict:
@@ -157,7 +149,7 @@ def test_lazy_volume_is_usable_at_once_and_survives_a_plugin_kill(
             plugin.start()
         remove_driver_objects(daemon.env, name)
         plugin.cleanup()
-        _umount_below(root)
+        unmount_below(root)
 
 
 def test_lazy_needs_an_existing_backup(daemon, s3_store_url, tmp_path: Path) -> None:
@@ -178,4 +170,4 @@ def test_lazy_needs_an_existing_backup(daemon, s3_store_url, tmp_path: Path) -> 
     finally:
         remove_driver_objects(daemon.env, name)
         plugin.cleanup()
-        _umount_below(root)
+        unmount_below(root)

@@ -26,9 +26,10 @@ from layerfs.store.location import open_store
 from layerfs.union.vocab import XATTR_METACOPY, XATTR_REDIRECT
 from tests.support.backuptree import describe, visible_links
 from tests.support.dockerenv import BASE_IMAGE
+from tests.support.mounts import unmount_below
 from tests.support.plugin import PluginProcess, remove_driver_objects
 from tests.support.waiting import wait_for
-from tests.test_volplugin_lazy import _lazy, _umount_below
+from tests.test_volplugin_lazy import _lazy
 from volplugin.backup import service
 from volplugin.lazy.state import LazyState
 
@@ -135,7 +136,7 @@ def test_renames_chmod_and_symlinks_are_merged_as_the_mount_showed(
             plugin.start()
         remove_driver_objects(daemon.env, name)
         plugin.cleanup()
-        _umount_below(root)
+        unmount_below(root)
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -191,4 +192,4 @@ def test_a_plugin_killed_during_the_merge_finishes_it_at_the_next_start(
             plugin.start()
         remove_driver_objects(daemon.env, name)
         plugin.cleanup()
-        _umount_below(root)
+        unmount_below(root)

@@ -20,10 +20,11 @@ import pytest
 from layerfs.maintenance.pins import list_pins
 from layerfs.store.location import open_store
 from tests.support.dockerenv import BASE_IMAGE
+from tests.support.mounts import unmount_below
 from tests.support.plugin import PluginProcess, remove_driver_objects
 from tests.support.s3backup import cli, fill_random
 from tests.support.waiting import wait_for
-from tests.test_volplugin_lazy import _lazy, _umount_below
+from tests.test_volplugin_lazy import _lazy
 
 pytestmark = [pytest.mark.docker, pytest.mark.s3]
 
@@ -113,4 +114,4 @@ def test_a_prune_leaves_a_lazy_volume_readable_to_the_end(
     finally:
         remove_driver_objects(daemon.env, name)
         plugin.cleanup()
-        _umount_below(root)
+        unmount_below(root)

@@ -4,7 +4,6 @@ real HTTP scrape of its Prometheus metrics (parsed with prometheus_client's pars
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -14,8 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.plugin import PluginProcess, without_docker
-from tests.support.waiting import wait_for
+from tests.support.plugin import PluginProcess, metrics_url, without_docker
 from volplugin.backup.status import parse_time
 from volplugin.volumes.state import State
 
@@ -32,18 +30,6 @@ def plugin(tmp_path):
     p.store = store
     yield p
     p.cleanup()
-
-
-def metrics_url(plugin: PluginProcess) -> str:
-    """Where this run of the plugin serves its metrics (port 0: as it logged)."""
-    found: list[str] = []
-
-    def logged() -> bool:
-        found[:] = re.findall(r"serving metrics on (http://\S+/metrics)", plugin.log())
-        return bool(found)
-
-    wait_for(logged, "the metrics address in the log")
-    return found[-1]
 
 
 def scrape(plugin: PluginProcess) -> dict[tuple[str, tuple], float]:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.mounts import unmount_below
 from tests.support.waiting import wait_for
 
 NAMESPACE = "layerfs-test"
@@ -179,18 +180,6 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _unmount_below(path: Path) -> None:
-    """Unmount everything mounted below ``path`` (deepest first, lazily)."""
-    from layerfs.fs.mounting import kernel_mounts
-    from layerfs.fs.overlay import umount
-
-    prefix = f"{os.path.realpath(path)}/"
-    for m in sorted(kernel_mounts(), key=lambda m: -len(m.mountpoint)):
-        if m.mountpoint.startswith(prefix):
-            with contextlib.suppress(Exception):
-                umount(m.mountpoint, lazy=True)
-
-
 def stop_views(base: Path) -> None:
     """Unmount the view daemons of stores below ``base`` and wait for them to exit
     (they fill the content cache in the background until then)."""
@@ -236,6 +225,6 @@ def private_containerd(store_url: str = "") -> Iterator[Containerd]:
             ctd.stop()
         finally:
             snapshotter.stop()
-            _unmount_below(base)
+            unmount_below(base)
             stop_views(base)
             shutil.rmtree(base, ignore_errors=True)

@@ -27,8 +27,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.support.mounts import unmount_below
 from tests.support.plugin import PLUGIN_DIR, PluginProcess, signal_processes
-from tests.support.private_dockerd import PrivateDockerd, unmount_below
+from tests.support.private_dockerd import PrivateDockerd
 
 WORK_BASE = Path("/var/tmp")
 
@@ -157,19 +158,11 @@ class Host(PrivateDockerd):
     def _prepare(self) -> None:
         self.exec_root.mkdir(mode=0o700, exist_ok=True)
 
+    def _network_args(self) -> list[str]:
+        return []  # its own network namespace, with its own docker0
+
     def _command(self, config: Path) -> list[str]:
-        return [
-            *self.nsenter(network=True),
-            "dockerd",
-            f"--config-file={config}",
-            f"--data-root={self.data_root}",
-            f"--exec-root={self.exec_root}",
-            f"--pidfile={self.exec_root / 'docker.pid'}",
-            f"--host={self.host}",
-            "--iptables=false",
-            "--ip-masq=false",
-            "--log-level=warn",
-        ]
+        return [*self.nsenter(network=True), *super()._command(config)]
 
     @property
     def daemon_pid(self) -> int | None:

@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -322,3 +323,15 @@ def stop_daemon_plugin(daemon, plugin: PluginProcess) -> None:
         plugin.start()
     remove_driver_objects(daemon.env, plugin.name)
     plugin.cleanup()
+
+
+def metrics_url(plugin: PluginProcess) -> str:
+    """Where this run of the plugin serves its metrics (port 0: as it logged)."""
+    found: list[str] = []
+
+    def logged() -> bool:
+        found[:] = re.findall(r"serving metrics on (http://\S+/metrics)", plugin.log())
+        return bool(found)
+
+    wait_for(logged, "the metrics address in the log")
+    return found[-1]

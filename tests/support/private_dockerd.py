@@ -27,6 +27,7 @@ from pathlib import Path
 import docker
 
 from tests.support.dockerenv import BASE_IMAGE, busybox_rootfs_tar
+from tests.support.mounts import unmount_below
 
 
 class PrivateDockerd:
@@ -73,6 +74,10 @@ class PrivateDockerd:
         if subprocess.run(["ip", "link", "show", self.bridge], capture_output=True).returncode:
             subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
 
+    def _network_args(self) -> list[str]:
+        """The daemon's network options: its own bridge."""
+        return [f"--bridge={self.bridge}"]
+
     def _command(self, config: Path) -> list[str]:
         """The daemon's command line."""
         return [
@@ -82,7 +87,7 @@ class PrivateDockerd:
             f"--exec-root={self.exec_root}",
             f"--pidfile={self.exec_root / 'docker.pid'}",
             f"--host={self.host}",
-            f"--bridge={self.bridge}",
+            *self._network_args(),
             "--iptables=false",
             "--ip-masq=false",
             "--log-level=warn",
@@ -152,15 +157,6 @@ class PrivateDockerd:
         shutil.rmtree(self.work, ignore_errors=True)
         shutil.rmtree(self.exec_root, ignore_errors=True)
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
-
-
-def unmount_below(path: Path) -> None:
-    """Lazily unmount anything the daemon left mounted under `path`."""
-    prefix = str(path) + "/"
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
-    for point in sorted(points, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 @contextlib.contextmanager
