@@ -313,3 +313,40 @@ def test_scheduled_backups_run_on_the_holder_and_are_skipped_elsewhere(hosts: Ho
     status_b = ok(b, "VolumeDriver.Get", {"Name": "s"})["Volume"]["Status"]
     assert not (status_b.get("Backup") or {}).get("failures"), status_b  # no failure counted
     ok(a, "VolumeDriver.Unmount", {"Name": "s", "ID": "a1"})
+
+
+def test_of_hosts_racing_for_a_free_volume_exactly_one_takes_it(s3_store_url: str) -> None:
+    from layerfs.store.location import open_backend
+    from volplugin.roaming.lease import HeldElsewhere, take
+    from volplugin.roaming.registry import Registry, RoamingRecord
+
+    backend = open_backend(s3_store_url)
+    try:
+        registry = Registry(backend)
+        assert registry.create(RoamingRecord("race", {"roaming": "true"}, "now", 60.0))
+        assert registry.create(RoamingRecord("race", {"roaming": "true"}, "now", 60.0)) is None
+        start = threading.Barrier(8)
+        outcomes: dict[str, object] = {}
+
+        def racer(host: str) -> None:
+            start.wait()
+            try:
+                outcomes[host] = take(Registry(backend), "race", host)
+            except HeldElsewhere as exc:
+                outcomes[host] = exc
+
+        racers = [threading.Thread(target=racer, args=(f"h{i}",)) for i in range(8)]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join()
+        winners = [h for h, o in outcomes.items() if not isinstance(o, HeldElsewhere)]
+        assert len(winners) == 1, outcomes
+        found = registry.get("race")
+        assert found is not None and found.record.holder.host == winners[0]
+        assert found.record.generation == 1
+        for host, outcome in outcomes.items():
+            if host != winners[0]:
+                assert f"held by host {winners[0]}" in str(outcome)
+    finally:
+        backend.close()
