@@ -21,6 +21,7 @@ Endpoint and credentials come from the usual AWS environment and config files
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import re
@@ -94,6 +95,15 @@ def env_lease_ttl() -> float:
     return ttl
 
 
+@functools.cache
+def _model_loader():  # noqa: ANN202 - a botocore Loader
+    """One loader of botocore's (read-only) service models per process: each new client
+    would otherwise parse them again, ~0.1 s per client."""
+    from botocore.loaders import create_loader
+
+    return create_loader()
+
+
 def make_client(
     max_connections: int = 16,
     *,
@@ -107,6 +117,7 @@ def make_client(
     manager is imported when an object is large enough for a multipart upload).
     """
     session = botocore.session.get_session()
+    session.register_component("data_loader", _model_loader())
     config = Config(
         s3={"addressing_style": "path"},
         retries={"mode": "standard", "total_max_attempts": attempts},  # the first one included
