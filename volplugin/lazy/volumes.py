@@ -49,6 +49,7 @@ from pathlib import Path
 from layerfs import confined
 from layerfs.errors import LayerfsError
 from layerfs.maintenance.pins import pin, unpin
+from layerfs.store.chunks import ChunkStore
 from layerfs.store.location import default_store_url, open_store
 from volplugin.backup.docs import get_backup
 from volplugin.errors import BadOption, VolpluginError
@@ -164,14 +165,14 @@ class LazyVolumes:
 
     # -- hooks (called with the service lock held) ---------------------------------------
 
-    def replace_lazily(self, name: str, ref: str, path: Path) -> None:
-        """Serve backup ``ref`` lazily in place of volume ``name``'s directory ``path``
-        (with the service lock held): what was there goes to the trash."""
+    def replace_lazily(self, name: str, ref: str, path: Path, store: ChunkStore) -> None:
+        """Serve backup ``ref`` of the open ``store`` lazily in place of volume ``name``'s
+        directory ``path`` (with the service lock held): what was there goes to the trash."""
         self._discard(name, path)
         doomed = self.service.to_trash(name, path)
         path.mkdir(mode=0o755)
         try:
-            self._create(name, ref, path)
+            self._create(name, ref, path, store)
         except BaseException:
             self._discard(name, path)
             raise
@@ -215,12 +216,12 @@ class LazyVolumes:
 
     # -- create, resume, remove ----------------------------------------------------------
 
-    def _create(self, name: str, ref: str, path: Path) -> None:
+    def _create(self, name: str, ref: str, path: Path, given: ChunkStore | None = None) -> None:
         if any(path.iterdir()):
             raise BadOption(
                 f"volume directory {path} is not empty: a lazy restore needs a new volume"
             )
-        store = open_store(self.store_url)
+        store = given or open_store(self.store_url)
         try:
             backend = store.backend
             with backend.lock(exclusive=False):  # no prune between the look-up and the pin
@@ -234,7 +235,8 @@ class LazyVolumes:
                 shutil.rmtree(dirs.base)  # leftovers of a create that crashed
             prepare(store, dirs, backup.tree)
         finally:
-            store.backend.close()
+            if given is None:
+                store.backend.close()
         self.state.set_progress(name, 0, totals.files_total, 0, totals.bytes_total)
         mount(self.store_url, dirs, path, name, backup.tree)
         log.info("volume %s: serving backup %s lazily; filling in the background", name, ref)

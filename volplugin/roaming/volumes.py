@@ -37,6 +37,7 @@ from pathlib import Path
 
 from layerfs.errors import LayerfsError, StoreError
 from layerfs.store.backend import Backend
+from layerfs.store.chunks import ChunkStore
 from layerfs.store.location import default_store_url, open_backend
 from layerfs.store.s3 import env_lease_ttl
 from volplugin.backup import tasks
@@ -278,7 +279,7 @@ class RoamingVolumes:
             head.host,
             iso_at(head.time),
         )
-        self.lazy.replace_lazily(name, head.backup, path)
+        self.lazy.replace_lazily(name, head.backup, path, ChunkStore(self.registry().backend))
         self.state.set_synced(name, head.backup)
 
     def _note_takeover(self, name: str, expired, head: Head | None) -> None:  # noqa: ANN001
