@@ -350,3 +350,30 @@ def test_of_hosts_racing_for_a_free_volume_exactly_one_takes_it(s3_store_url: st
                 assert f"held by host {winners[0]}" in str(outcome)
     finally:
         backend.close()
+
+
+def _last_handover(plugin: PluginProcess, name: str) -> dict:
+    jobs = ok(plugin, "Jobs.List", {"Volume": name})["Jobs"]
+    return next(j for j in jobs if j["Kind"] == "backup")["Result"]["Backup"]
+
+
+def test_a_handover_after_a_takeover_reads_only_what_changed(hosts: Hosts) -> None:
+    a, b = hosts.start("a"), hosts.start("b")
+    ok(a, "VolumeDriver.Create", {"Name": "big", "Opts": {"roaming": "true"}})
+    on_a = mount(a, "big", "a1")
+    for i in range(40):
+        (on_a / f"f{i:02d}").write_bytes(os.urandom(100_000))
+    ok(a, "VolumeDriver.Unmount", {"Name": "big", "ID": "a1"})
+    assert _last_handover(a, "big")["files_read"] == 40
+
+    on_b = mount(b, "big", "b1")  # a's head, served lazily
+    (on_b / "f07").write_bytes(b"changed on b")
+    (on_b / "new").write_bytes(b"new on b")
+    ok(b, "VolumeDriver.Unmount", {"Name": "big", "ID": "b1"})
+    handover = _last_handover(b, "big")
+    assert handover["files"] == 41 and handover["files_read"] == 2, handover
+
+    on_a = mount(a, "big", "a2")  # b's head, served lazily on a
+    assert (on_a / "f07").read_bytes() == b"changed on b"
+    ok(a, "VolumeDriver.Unmount", {"Name": "big", "ID": "a2"})
+    assert _last_handover(a, "big")["files_read"] == 0

@@ -70,6 +70,7 @@ def run_backup(
                 progress=progress,
                 before_publish=check,
                 fence=lambda: _fence(svc, volume),
+                parent_id=_parent(svc, volume),
             )
         for published in svc.hooks.published:
             published(volume, backup)
@@ -106,3 +107,12 @@ def _fence(svc: VolumeService, volume: str) -> None:
     """The features' checks right before a backup of `volume` is published."""
     for check in svc.hooks.before_publish:
         check(volume)
+
+
+def _parent(svc: VolumeService, volume: str) -> str | None:
+    """The backup a feature wants `volume`'s next backup incremental against, if any."""
+    for parent in svc.hooks.backup_parent:
+        found = parent(volume)
+        if found is not None:
+            return found
+    return None

@@ -49,11 +49,11 @@ BACKUP_LEVEL = 3  # zstd level of backed-up chunks: smaller buckets than imports
 WRITE_WORKERS = 2  # threads compressing and storing new chunks while the scan reads on
 
 
-def _parent_tree(store: ChunkStore, parent: BackupRecord | None) -> ParentTree:
+def _parent_tree(store: ChunkStore, parent: BackupRecord | None, host: str) -> ParentTree:
     if parent is None:
         return ParentTree()
     try:
-        return ParentTree.of(store, parent.tree)
+        return ParentTree.of(store, parent.tree, identity=parent.host == host)
     except (StoreError, ValueError, KeyError, TypeError) as exc:
         log.warning("parent backup %s unreadable (%s): reading every file", parent.id, exc)
         return ParentTree()
@@ -70,6 +70,7 @@ def create_backup(
     progress: Callable[[int, int], None] | None = None,
     before_publish: Callable[[], None] | None = None,
     fence: Callable[[], None] | None = None,
+    parent_id: str | None = None,
 ) -> BackupRecord:
     """Snapshot ``path`` as a backup of ``volume``; incremental against its last backup.
 
@@ -84,6 +85,8 @@ def create_backup(
     Scanner); it and ``before_publish`` (run once the data is stored, before the
     hooks' end) may raise to stop the backup with nothing published; so may ``fence``,
     run immediately before the record is written (a roaming volume's lease).
+    ``parent_id`` names the parent instead (a roaming volume's head, maybe taken on
+    another host: then files are compared without their inodes and ctimes).
     """
     backend = store.backend
     host = host or host_id()
@@ -91,10 +94,17 @@ def create_backup(
     started = time.monotonic()
     when = time.time()
     with backend.lock(exclusive=False):
-        # the parent is this host's last backup: another host's inodes say nothing here
-        previous = [b for b in list_backups(backend, volume) if b.host == host]
-        parent = previous[-1] if previous else None
-        parent_tree = _parent_tree(store, parent)
+        # by default this host's last backup: another host's inodes say nothing here
+        parent = None
+        if parent_id is not None:
+            try:
+                parent = get_backup(backend, parent_id)
+            except BackupError as exc:
+                log.warning("parent backup of %s unusable (%s): this host's last", volume, exc)
+        if parent is None:
+            previous = [b for b in list_backups(backend, volume) if b.host == host]
+            parent = previous[-1] if previous else None
+        parent_tree = _parent_tree(store, parent, host)
         try:
             with writer.background_writes(WRITE_WORKERS):
                 nodes = DirTreeWriter(writer, {"type": "backup", "volume": volume})

@@ -73,17 +73,21 @@ class ParentTree:
 
     An empty ParentTree() has no parent: every file is read. ``gone`` counts the
     unchanged files that were read again because a chunk of theirs is no longer
-    in the store.
+    in the store. Without ``identity`` the parent was taken on another host (a
+    roaming volume's head), whose inodes and ctimes say nothing here: a file is
+    unchanged if its size, mtime, mode and owner match (as restic's
+    --ignore-inode --ignore-ctime).
     """
 
     store: ChunkStore | None = None
     root_node: str | None = None
     gone: int = 0
+    identity: bool = True
 
     @classmethod
-    def of(cls, store: ChunkStore, tree: str) -> ParentTree:
+    def of(cls, store: ChunkStore, tree: str, *, identity: bool = True) -> ParentTree:
         """The parent whose root record is ``tree``; raises BadTree or StoreError."""
-        return cls(store, dir_tree_root(store, tree))
+        return cls(store, dir_tree_root(store, tree), identity=identity)
 
     def root(self) -> ParentDir:
         return self._load(self.root_node, "")
@@ -121,8 +125,7 @@ class ParentTree:
             return None
         item, ino, ctime_ns = found
         if not (
-            ino == st.st_ino
-            and ctime_ns == st.st_ctime_ns
+            (not self.identity or (ino == st.st_ino and ctime_ns == st.st_ctime_ns))
             and item.get("t", 0) == st.st_mtime_ns
             and item.get("s", 0) == st.st_size
             and item.get("m", 0) == stat.S_IMODE(st.st_mode)

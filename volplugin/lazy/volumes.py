@@ -111,6 +111,7 @@ class LazyVolumes:
         self._fills_lock = threading.Lock()
         self._closed = threading.Event()
         self._unpin_tried: dict[str, float] = {}
+        self._creating: set[str] = set()  # mounts being made: their fill starts once they serve
 
     @classmethod
     def attach(
@@ -144,7 +145,7 @@ class LazyVolumes:
                     if name not in records:  # removed through another process
                         fill.stop.set()
                 for lazy in records.values():
-                    if lazy.phase == "filling":
+                    if lazy.phase == "filling" and lazy.name not in self._creating:
                         self._start_fill(lazy.name)
                     elif lazy.phase == "done" and lazy.pin is not None:
                         self._retry_unpin(lazy.name, lazy.pin)
@@ -221,6 +222,15 @@ class LazyVolumes:
             raise BadOption(
                 f"volume directory {path} is not empty: a lazy restore needs a new volume"
             )
+        self._creating.add(name)
+        try:
+            self._create_mount(name, ref, path, given)
+        finally:
+            self._creating.discard(name)
+        log.info("volume %s: serving backup %s lazily; filling in the background", name, ref)
+        self._start_fill(name)
+
+    def _create_mount(self, name: str, ref: str, path: Path, given: ChunkStore | None) -> None:
         store = given or open_store(self.store_url)
         try:
             backend = store.backend
@@ -239,8 +249,6 @@ class LazyVolumes:
                 store.backend.close()
         self.state.set_progress(name, 0, totals.files_total, 0, totals.bytes_total)
         mount(self.store_url, dirs, path, name, backup.tree)
-        log.info("volume %s: serving backup %s lazily; filling in the background", name, ref)
-        self._start_fill(name)
 
     def _discard(self, name: str, path: Path) -> None:
         """Stop the fill, release the mount, drop the lazy parts of a volume."""

@@ -129,6 +129,7 @@ class RoamingVolumes:
         hooks.status.append(roaming.status)
         hooks.before_publish.append(roaming.before_publish)
         hooks.published.append(roaming.published)
+        hooks.backup_parent.append(roaming.backup_parent)
         service.scope = "global"
         threading.Thread(target=roaming._resume, name="roaming-resume", daemon=True).start()
         threading.Thread(target=roaming._watch, name="roaming-watch", daemon=True).start()
@@ -433,6 +434,15 @@ class RoamingVolumes:
                 "up on the host whose containers use it"
             )
         self.leases.check(name)
+
+    def backup_parent(self, name: str) -> str | None:
+        """The head: what this host started from (restored, maybe from another host)."""
+        options = self.service.state.options(name) or {}
+        if not is_roaming(options):
+            return None
+        found = self.registry().get(name)
+        head = found.record.head if found is not None else None
+        return head.backup if head is not None else None
 
     def published(self, name: str, backup) -> None:  # noqa: ANN001 - a BackupRecord
         options = self.service.state.options(name) or {}

@@ -61,6 +61,9 @@ class Hooks:
     # (nothing published); and once it is, with its record (a roaming volume's head).
     before_publish: list[Callable[[str], None]] = field(default_factory=list)
     published: list[Callable[[str, object], None]] = field(default_factory=list)
+    # The backup the named volume's next backup is incremental against, if a feature
+    # knows better than "this host's last one" (a roaming volume's head).
+    backup_parent: list[Callable[[str], str | None]] = field(default_factory=list)
     # More (name, created) pairs for List: volumes known elsewhere, not recorded here.
     listed_elsewhere: list[Callable[[], list[tuple[str, str]]]] = field(default_factory=list)
 
