@@ -3,9 +3,10 @@
 Two "hosts" on this machine (tests/support/hosts.py: a dockerd each, in mount and network
 namespaces of its own), a `volplugin serve` on each, one encrypted store in a bucket of a
 Ceph RGW (a private cluster under benchmarks/work/roaming/ceph, memstore sized for the
-run, unless --shared-ceph). Every repetition starts new plugins (new names, so empty
-roots, caches and image views) and uses new volume names, so every read on B is a first
-read: B has never seen the content.
+run, unless --shared-ceph). Each part of each repetition starts new plugins (new names,
+so empty roots, caches and image views) and uses new volume names, so every read on B is
+a first read: B has never seen the content. The content is the same in every part (A's
+handovers upload it once; B's caches never have it).
 
 1. **The next host's first read** (target <= 1 s). On A, `docker run --rm` copies the
    volume's content (--size of random files, a few hundred of sizes from 1 KiB to
@@ -30,7 +31,9 @@ read: B has never seen the content.
    the handover, with the plugin's own Unmount time from its access log; (b) a
    /Backup.Create with Wait of the plain volume. The two take turns going first.
    End to end: from the start of that `docker stop` on A to the first read on B
-   (`docker run` on B right after `docker stop` returns) of a file rewritten on A.
+   (`docker run` on B right after `docker stop` returns) of a file rewritten on A; that
+   container exits after the read, and its exit (B's handover, B's first backup of the
+   volume) is timed too.
 
 Medians over --reps. The page cache is not dropped (drop_caches is machine-wide and
 others' jobs run here): the whole-volume reads after a restore or a fill read what the
@@ -140,10 +143,11 @@ def make_payload(root: Path, total: int, seed: int) -> Payload:
     return Payload(root, files, md5, head_md5)
 
 
-def make_changes(base: Payload, root: Path, share: float, seed: int) -> Payload:
-    """New random content for files of ``base`` holding about ``share`` of its bytes
-    (files of at most half that amount, picked at random), written under ``root``."""
-    rnd = random.Random(seed)
+def make_changes(base: Payload, root: Path, share: float, pick: int, seed: int) -> Payload:
+    """New random content (from ``seed``) for files of ``base`` holding about ``share`` of
+    its bytes (files of at most half that amount, picked at random by ``pick``), written
+    under ``root``."""
+    rnd = random.Random(pick)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     target = int(base.total * share)
@@ -153,9 +157,10 @@ def make_changes(base: Payload, root: Path, share: float, seed: int) -> Payload:
     for rel in candidates:
         if sum(files.values()) >= target:
             break
-        size = base.files[rel]
-        md5[rel], head_md5[rel] = _write(root, rel, rnd.randbytes(size))
-        files[rel] = size
+        files[rel] = base.files[rel]
+    content = random.Random(seed)
+    for rel, size in sorted(files.items()):
+        md5[rel], head_md5[rel] = _write(root, rel, content.randbytes(size))
     if not files:
         raise BenchError(f"no file of the payload is small enough to change {share:.0%} of it")
     return Payload(root, files, md5, head_md5)
@@ -171,6 +176,7 @@ class Timed:
     marks: dict[str, float]  # first word of a line -> seconds after the start
     words: dict[str, str]  # first word -> the rest of its line
     wall: float  # seconds until the docker CLI exited
+    error: str = ""  # the CLI's error output when it exited non-zero (with check=False)
 
 
 def docker(host: Host, *args: str) -> str:
@@ -187,7 +193,7 @@ def mount_arg(volume: str, driver: str) -> str:
     return f"type=volume,src={volume},dst=/data,volume-driver={driver}"
 
 
-def timed_run(host: Host, volume: str, driver: str, script: str) -> Timed:
+def timed_run(host: Host, volume: str, driver: str, script: str, check: bool = True) -> Timed:
     """`docker run --rm` of ``script`` with ``volume`` at /data, timed line by line."""
     argv = ["docker", "run", "--rm", "--mount", mount_arg(volume, driver), BASE_IMAGE]
     start = time.perf_counter()
@@ -208,9 +214,9 @@ def timed_run(host: Host, volume: str, driver: str, script: str) -> Timed:
     err = proc.stderr.read()
     rc = proc.wait(TIMEOUT)
     wall = time.perf_counter() - start
-    if rc != 0:
+    if rc != 0 and check:
         raise BenchError(f"docker run on {host.name} ({volume}) failed (exit {rc}): {err[-2000:]}")
-    return Timed(marks, words, wall)
+    return Timed(marks, words, wall, err.strip()[-500:] if rc else "")
 
 
 def status(host: Host, volume: str) -> dict:
@@ -269,7 +275,8 @@ def access(plugin: HostPlugin, endpoint: str, volume: str | None) -> list[dict]:
 
 def last_ms(plugin: HostPlugin, endpoint: str, volume: str | None, timeout: float = 10.0) -> float:
     """The duration of the last ``endpoint`` request for ``volume`` (seconds), which must
-    have succeeded; waits a moment for the record (logged as the request ends)."""
+    have succeeded; waits up to ``timeout`` for the record (logged as the request ends,
+    which may be after the daemon gave up on it)."""
     deadline = time.monotonic() + timeout
     while not (found := access(plugin, endpoint, volume)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -299,6 +306,14 @@ def last_backup_job(plugin: HostPlugin, volume: str) -> dict:
     if not jobs:
         raise BenchError(f"no backup job of {volume} on {plugin.name}")
     return jobs[0]  # newest first
+
+
+def handover_read(plugin: HostPlugin, volume: str) -> int:
+    """Bytes read by the last backup of ``volume`` on the plugin (a handover's)."""
+    job = last_backup_job(plugin, volume)
+    if job["State"] != "succeeded":
+        raise BenchError(f"the handover of {volume} on {plugin.name} {job['State']}: {job}")
+    return int(job["Result"]["Backup"]["bytes_read"])
 
 
 @contextlib.contextmanager
@@ -342,7 +357,9 @@ class Plugins:
 
 
 @contextlib.contextmanager
-def plugins(a: Host, b: Host, store: str, rep: int) -> Iterator[Plugins]:
+def plugins(a: Host, b: Host, store: str, tag: str) -> Iterator[Plugins]:
+    """New plugins (new names: empty roots, caches and image views); at the end their
+    containers and volumes are removed, the plugins stopped and their logs kept."""
     started: list[tuple[Host, HostPlugin]] = []
 
     def start(host: Host, name: str, host_id: str) -> HostPlugin:
@@ -352,9 +369,9 @@ def plugins(a: Host, b: Host, store: str, rep: int) -> Iterator[Plugins]:
 
     try:
         yield Plugins(
-            start(a, f"vp-roam{rep}", "host-a"),
-            start(b, f"vp-roam{rep}", "host-b"),
-            start(b, f"vp-plain{rep}", "host-b"),
+            start(a, f"vp-roam{tag}", "host-a"),
+            start(b, f"vp-roam{tag}", "host-b"),
+            start(b, f"vp-plain{tag}", "host-b"),
         )
     finally:
         for host in (a, b):
@@ -393,6 +410,7 @@ class NextHost:
     lazy_wall: float  # that `docker run` to its exit (B's own handover included)
     b_mount: float  # B's Mount (plugin's access log): the lease, the lazy overlay
     b_unmount: float  # B's Unmount at that container's exit: B's handover
+    b_handover_read: int  # bytes B's handover read
     fill_wait: float  # from that exit until B's fill was done and switched
     filled_first: float  # after the fill: `docker run` to the first read
     filled_all: float  # and to the whole volume read
@@ -417,6 +435,10 @@ class Handover:
     plain_read: int  # bytes the plain backup read
     b_first: float  # `docker run` on B (right after `docker stop`) to the first read
     end_to_end: float  # from the start of `docker stop` on A to that read on B
+    b_wall: float  # that `docker run` on B until it exited (B's handover included)
+    b_unmount: float  # B's Unmount at its exit: B's handover (plugin's access log)
+    b_handover_read: int  # bytes B's handover read
+    b_error: str  # what the docker CLI said if that `docker run` failed
 
 
 @dataclass
@@ -457,6 +479,7 @@ def next_host(a: Host, b: Host, p: Plugins, payload: Payload, rep: int) -> NextH
     check_read(lazy, payload, big, "the roaming volume on B")
     b_mount = last_ms(p.b, "/VolumeDriver.Mount", vol)
     b_unmount = last_ms(p.b, "/VolumeDriver.Unmount", vol)
+    b_read = handover_read(p.b, vol)
     fill_wait = wait_switched(b, vol)
     filled = timed_run(b, vol, driver, READ_SCRIPT.format(file=big))
     check_read(filled, payload, big, "the roaming volume on B after the fill")
@@ -475,6 +498,7 @@ def next_host(a: Host, b: Host, p: Plugins, payload: Payload, rep: int) -> NextH
         lazy_wall=lazy.wall,
         b_mount=b_mount,
         b_unmount=b_unmount,
+        b_handover_read=b_read,
         fill_wait=fill_wait,
         filled_first=filled.marks["first"],
         filled_all=filled.marks["all"] - filled.marks["first"],
@@ -486,9 +510,11 @@ def handover(
 ) -> Handover:
     driver = p.a.name
     names = {"roaming": f"hand{rep}", "plain": f"plain{rep}"}
-    changes = {
-        kind: make_changes(payload, WORK / f"changes-{kind}", CHANGED_SHARE, seed * 1000 + i)
-        for i, kind in enumerate(("roaming", "plain"), start=rep * 2)
+    changes = {  # the same files, different new content
+        kind: make_changes(
+            payload, WORK / f"changes-{kind}", CHANGED_SHARE, seed * 1000 + rep, seed * 1000 + i
+        )
+        for i, kind in enumerate(("roaming", "plain"), start=100 + rep * 2)
     }
     # wait: B's Mount waits for A's handover if `docker stop` returns before it is done
     docker(a, "volume", "create", "-d", driver, "-o", "roaming=true", "-o", "wait=90s",
@@ -522,12 +548,14 @@ def handover(
     unmounts = len(access(p.a, "/VolumeDriver.Unmount", roam_vol))
     stop = timed(a, "stop", f"hold-{roam_vol}")
     done_at_stop = len(access(p.a, "/VolumeDriver.Unmount", roam_vol)) > unmounts
-    first = timed_run(b, roam_vol, driver, FIRST_SCRIPT.format(file=rel))
+    # B's handover at its exit may outlast the daemon's patience: recorded, not fatal
+    first = timed_run(b, roam_vol, driver, FIRST_SCRIPT.format(file=rel), check=False)
     rm = timed(a, "rm", f"hold-{roam_vol}")
     check_read(first, changes["roaming"], rel, "the rewritten file on B")
     unmount = last_ms(p.a, "/VolumeDriver.Unmount", roam_vol)
     job = last_backup_job(p.a, roam_vol)  # the handover's
     handed = (job.get("Result") or {}).get("Backup") or {}
+    b_unmount = last_ms(p.b, "/VolumeDriver.Unmount", roam_vol, timeout=TIMEOUT)
     if job["State"] != "succeeded" or handed.get("id") == before:
         raise BenchError(f"A published no handover backup of {roam_vol}: {job}")
     if roaming_first:
@@ -552,6 +580,10 @@ def handover(
         plain_read=int(plain_record.get("bytes_read", -1)),
         b_first=first.marks["first"],
         end_to_end=stop + first.marks["first"],
+        b_wall=first.wall,
+        b_error=first.error,
+        b_unmount=b_unmount,
+        b_handover_read=handover_read(p.b, roam_vol),
     )
 
 
@@ -601,6 +633,7 @@ def report(
             *col([x.lazy_wall for x in n]),
         ],
         ["… of which B's Unmount: B's handover", *col([x.b_unmount for x in n])],
+        ["… which read (MiB)", *col([x.b_handover_read / 2**20 for x in n])],
         ["… then until B's fill was done and switched", *col([x.fill_wait for x in n])],
         ["roaming, after the fill: `docker run` → first read", *col([x.filled_first for x in n])],
         ["… first read → whole volume read (filled, local)", *col([x.filled_all for x in n])],
@@ -644,6 +677,12 @@ def report(
             *col([x.b_first for x in h]),
         ],
         ["**end to end: `docker stop` on A → first read on B**", *col([x.end_to_end for x in h])],
+        [
+            "B: that `docker run` until it exited (B's handover included)",
+            *col([x.b_wall for x in h]),
+        ],
+        ["… of which B's Unmount: B's handover", *col([x.b_unmount for x in h])],
+        ["… which read (MiB)", *col([x.b_handover_read / 2**20 for x in h])],
     ]
     changed = h[0]
     done_at_stop = sum(x.unmount_done_at_stop for x in h)
@@ -658,10 +697,10 @@ def report(
         f'repetition: {each(loads, 1)}. Docker {docker_version}: two dockerd "hosts" in '
         "namespaces of their own on this one machine (tests/support/hosts.py), one "
         f"`volplugin serve` per host and driver, an encrypted store in a bucket of {source} "
-        "on 127.0.0.1 (the tests' weak KDF). Each repetition starts new plugins (empty "
-        "roots, caches and image views) and uses new volume names; the volume's content "
-        "is the same in every repetition (so A's handover only uploads it in the first). "
-        "The page cache is not dropped.",
+        "on 127.0.0.1 (the tests' weak KDF). Each part of each repetition starts new "
+        "plugins (empty roots, caches and image views) and uses new volume names; the "
+        "volumes' content is the same everywhere (so A's handover uploads it only in the "
+        "first repetition; B's caches never hold it). The page cache is not dropped.",
         "",
         f"### 1. Host B reads a volume last written on host A: {human_bytes(payload.total)} "
         f"in {len(payload.files)} files of random bytes (1 KiB to "
@@ -685,7 +724,7 @@ def report(
         "",
         f"Two volumes of A's plugin with the same {human_bytes(payload.total)} content, one "
         "roaming, one plain, each mounted by a running container; a checkpoint of each, "
-        f"then `docker exec` rewrote {changed.changed_files} files "
+        f"then `docker exec` rewrote the same {changed.changed_files} files in each "
         f"({human_bytes(changed.changed_bytes)}, {changed.changed_bytes / payload.total:.1%} "
         "of the bytes; new random content, different for the two volumes) and the page "
         "cache was synced. (a) and (b) took turns going first. The handover's backup read "
@@ -742,9 +781,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     for rep in range(args.reps):
                         loads.append(os.getloadavg()[0])
                         print(f"repetition {rep + 1}/{args.reps}", file=sys.stderr, flush=True)
-                        with plugins(a, b, f"s3://{bucket}/store", rep) as p:
+                        store = f"s3://{bucket}/store"
+                        with plugins(a, b, store, f"{rep}n") as p:
                             first = next_host(a, b, p, payload, rep)
-                            print(f"  {first}", file=sys.stderr, flush=True)
+                        print(f"  {first}", file=sys.stderr, flush=True)
+                        with plugins(a, b, store, f"{rep}h") as p:  # B's cache empty again
                             hand = handover(a, b, p, payload, rep, args.seed, rep % 2 == 0)
                         print(f"  {hand}", file=sys.stderr, flush=True)
                         reps.append(Rep(first, hand))
