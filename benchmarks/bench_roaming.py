@@ -629,10 +629,10 @@ def report(
         ["… of which B's Mount (plugin's access log)", *col([x.b_mount for x in n])],
         ["… first read → whole volume read (lazily)", *col([x.lazy_all for x in n])],
         [
-            "… that `docker run` until it exited (B's own handover included)",
+            "… that `docker run` until the CLI returned (B's Unmount is at the exit)",
             *col([x.lazy_wall for x in n]),
         ],
-        ["… of which B's Unmount: B's handover", *col([x.b_unmount for x in n])],
+        ["… B's Unmount at the exit: B's handover", *col([x.b_unmount for x in n])],
         ["… which read (MiB)", *col([x.b_handover_read / 2**20 for x in n])],
         ["… then until B's fill was done and switched", *col([x.fill_wait for x in n])],
         ["roaming, after the fill: `docker run` → first read", *col([x.filled_first for x in n])],
@@ -678,10 +678,10 @@ def report(
         ],
         ["**end to end: `docker stop` on A → first read on B**", *col([x.end_to_end for x in h])],
         [
-            "B: that `docker run` until it exited (B's handover included)",
+            "B: that `docker run` until the CLI returned (B's Unmount is at the exit)",
             *col([x.b_wall for x in h]),
         ],
-        ["… of which B's Unmount: B's handover", *col([x.b_unmount for x in h])],
+        ["… B's Unmount at the exit: B's handover", *col([x.b_unmount for x in h])],
         ["… which read (MiB)", *col([x.b_handover_read / 2**20 for x in h])],
     ]
     changed = h[0]
@@ -736,7 +736,8 @@ def report(
         "",
         f"Target: handover <= {HANDOVER_TARGET}× a plain incremental backup of the same "
         f"change: **{ratio:.2f}×, {verdict(ratio, HANDOVER_TARGET)}** (the plugin's Unmount; "
-        f"`docker stop`, which waits for it, {stop_ratio:.2f}×).",
+        f"`docker stop`{', which returned after it,' if done_at_stop == len(h) else ''} "
+        f"{stop_ratio:.2f}×).",
     ]
     return "\n".join(parts)
 
