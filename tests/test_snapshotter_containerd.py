@@ -16,7 +16,7 @@ import pytest
 from layerfs.fs.mounting import kernel_mounts
 from layerfs.imageconfig import chain_ids
 from layerfs.snapshotter.metadata import Kind, Metadata
-from tests.support.containerd import NAMESPACE, private_containerd, tail
+from tests.support.containerd import NAMESPACE, content_blobs, private_containerd, tail
 from tests.support.images import FEATURE_IMAGE, build_feature_image, docker_save, skopeo_copy
 from tests.support.lfsmount import layerfs
 from tests.support.waiting import wait_for
@@ -223,7 +223,7 @@ def test_an_image_of_the_store_runs_without_its_layers_reaching_containerd(archi
         assert sorted(row[0] for row in layers) == sorted(chain_ids(diff_ids))
         assert all(row[-1] == "Committed" for row in layers)
         # containerd's content store: the manifest and the config, no layer
-        blobs = ctd.ctr("content", "ls", "-q").stdout.split()
+        blobs = content_blobs(ctd, 2)
         config = docker_client.images.get(FEATURE_IMAGE).id
         assert len(blobs) == 2 and config in blobs
         assert not set(blobs) & set(diff_ids)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.imageconfig import chain_ids
-from tests.support.containerd import NAMESPACE, private_containerd
+from tests.support.containerd import NAMESPACE, content_blobs, private_containerd
 from tests.support.images import FEATURE_IMAGE, build_feature_image
 from tests.support.lfsmount import LAYERFS
 
@@ -61,7 +61,7 @@ def test_a_second_host_runs_an_image_of_the_shared_store_without_importing_it(
         diff_ids = docker_client.images.get(FEATURE_IMAGE).attrs["RootFS"]["Layers"]
         listed = b.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout
         assert all(chain in listed for chain in chain_ids(diff_ids))
-        assert len(b.ctr("content", "ls", "-q").stdout.split()) == 2  # manifest, config
+        assert len(content_blobs(b, 2)) == 2  # manifest, config
 
         run = b.ctr(
             "run", "--rm", "--snapshotter", "layerfs", REF, "b-first", "sh", "-c",

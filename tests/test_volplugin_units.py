@@ -85,7 +85,9 @@ def test_good_names_pass():
 def test_options_normalise_and_name_the_bad_one():
     assert options.normalize({"mode": "755", "uid": "0010"}) == {"mode": "0755", "uid": "10"}
     assert options.normalize(None) == {}
-    with pytest.raises(BadOption, match=r"unknown option 'size'.*lazy, mode, sidekick-socket, uid"):
+    with pytest.raises(
+        BadOption, match=r"unknown option 'size'.*lazy, mode, on-lease-loss, roaming, .*, wait"
+    ):
         options.normalize({"size": "1G"})
     with pytest.raises(BadOption, match=r"'mode'.*octal"):
         options.normalize({"mode": "rwx"})

@@ -228,3 +228,21 @@ def private_containerd(store_url: str = "") -> Iterator[Containerd]:
             unmount_below(base)
             stop_views(base)
             shutil.rmtree(base, ignore_errors=True)
+
+
+def content_blobs(ctd: Containerd, count: int, timeout: float = 60.0) -> list[str]:
+    """containerd's content blobs once no more than ``count`` are left: `ctr image import`
+    writes the archive's index as a blob that no image references, and containerd's
+    gc removes it a moment later (under load, after the import has returned)."""
+    from tests.support.waiting import wait_for
+
+    def blobs() -> list[str]:
+        return ctd.ctr("content", "ls", "-q").stdout.split()
+
+    wait_for(
+        lambda: len(blobs()) <= count,
+        f"containerd's content to settle to {count} blobs",
+        timeout=timeout,
+        interval=0.5,
+    )
+    return blobs()
