@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import pytest
 from tests.support.dockerenv import BASE_IMAGE
 from tests.support.plugin import PluginProcess, start_daemon_plugin, stop_daemon_plugin
 from tests.support.waiting import wait_for
+from volplugin.times import parse_time
 
 pytestmark = pytest.mark.docker
 
@@ -90,6 +92,27 @@ def gated_volume(daemon, plugin: PluginProcess, *opts: str) -> tuple[str, str, s
 
 def open_gate(plugin: PluginProcess, vol: str) -> None:
     (plugin.root / "volumes" / vol / "go").touch()
+
+
+def _release_a_job_that_missed(plugin: PluginProcess, vol: str, after: float = 3.0) -> bool:
+    """False; but a job held at the gate for `after` seconds while the writer still runs
+    started before the writer did: let it end, then close the gate again."""
+    running = [
+        j for j in ok(plugin, "Jobs.List", {"Volume": vol})["Jobs"] if j["State"] == "running"
+    ]
+    started = parse_time(running[0]["Started"]) if running else None
+    if started is None or (datetime.now(UTC) - started).total_seconds() < after:
+        return False
+    open_gate(plugin, vol)
+    wait_for(
+        lambda: (
+            plugin.call("Jobs.Get", {"ID": running[0]["ID"], "Wait": 5})[1]["Job"]["State"]
+            not in ("queued", "running")
+        ),
+        "the early job to end",
+    )
+    (plugin.root / "volumes" / vol / "go").unlink()
+    return False
 
 
 def start_held_backup(daemon, plugin: PluginProcess, vol: str, writer: str) -> dict:
@@ -263,6 +286,12 @@ def test_a_scheduled_backup_is_a_job_that_holds_its_volume(daemon, tmp_path):
         vol, writer, _gate = gated_volume(daemon, plugin, "-o", "backup-schedule=* * * * * */2")
 
         # The gate runs before the writer starts, so a job that stops the writer is held.
+        # A job that began between the two holds the gate without the writer: let it end.
+        wait_for(
+            lambda: state(daemon, writer) == "exited" or _release_a_job_that_missed(plugin, vol),
+            "a scheduled backup to stop it",
+            interval=0.5,
+        )
         wait_for(lambda: state(daemon, writer) == "exited", "a scheduled backup to stop it")
         jobs = ok(plugin, "Jobs.List", {"Volume": vol})["Jobs"]
         (job,) = [j for j in jobs if j["State"] == "running"]
