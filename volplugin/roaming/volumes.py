@@ -32,7 +32,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from layerfs.errors import LayerfsError, StoreError
@@ -48,7 +47,7 @@ from volplugin.jobs.runner import JobRunner
 from volplugin.jobs.table import JobBusy
 from volplugin.lazy.volumes import LazyVolumes
 from volplugin.roaming.lease import HeldElsewhere, LeaseLost, Leases, Taken, holder_text, take
-from volplugin.roaming.registry import Found, Head, Registry, RoamingRecord
+from volplugin.roaming.registry import Found, Head, Holder, Registry, RoamingRecord
 from volplugin.roaming.state import RoamingState
 from volplugin.times import iso_at
 from volplugin.volumes import containers
@@ -73,11 +72,6 @@ def supports_roaming(store_url: str) -> bool:
     return store_url.startswith("s3://")
 
 
-@dataclass
-class _Checkpoint:
-    last: float  # monotonic time of the last checkpoint or take
-
-
 class RoamingVolumes:
     """The roaming volumes of one VolumeService: hooks, leases, handovers, checkpoints."""
 
@@ -97,12 +91,12 @@ class RoamingVolumes:
         self.host = host_id()
         self.state = RoamingState(service.state.path)
         self._backend_factory = backend or (lambda: open_backend(store_url))
-        self._backend: Backend | None = None
+        self._registry: Registry | None = None
         self._backend_lock = threading.Lock()
         self.leases = Leases(self.registry, self._on_lost)
         self._listed: tuple[float, list[tuple[str, str]]] = (-LIST_CACHE, [])
         self._pending: dict[str, float] = {}  # handovers to retry: name -> next try
-        self._checkpoints: dict[str, _Checkpoint] = {}
+        self._checkpoints: dict[str, float] = {}  # name -> monotonic time of the last one
         self._closed = threading.Event()
         self._lost: dict[str, str] = {}  # leases this host lost, until it takes one again
 
@@ -167,7 +161,7 @@ class RoamingVolumes:
                 if not record.mount_ids:
                     self._pending[name] = time.monotonic()  # hand it over now
                 else:
-                    self._checkpoints[name] = _Checkpoint(time.monotonic())
+                    self._checkpoints[name] = time.monotonic()
                 return
         self.state.set_generation(name, None)
         if record.mount_ids:
@@ -181,15 +175,16 @@ class RoamingVolumes:
         """Stop renewing: held leases expire by themselves (a restart takes them again)."""
         self._closed.set()
         self.leases.close()
-        if self._backend is not None:
-            self._backend.close()
+        if self._registry is not None:
+            self._registry.backend.close()
         self.state.close()
 
     def registry(self) -> Registry:
+        """The store's roaming records, through one backend opened at first use."""
         with self._backend_lock:
-            if self._backend is None:
-                self._backend = self._backend_factory()
-            return Registry(self._backend)
+            if self._registry is None:
+                self._registry = Registry(self._backend_factory())
+            return self._registry
 
     def _found(self, name: str) -> Found:
         found = self.registry().get(name)
@@ -249,7 +244,7 @@ class RoamingVolumes:
         self.leases.hold(name, taken)
         self._lost.pop(name, None)
         self.state.set_generation(name, taken.found.record.generation)
-        self._checkpoints[name] = _Checkpoint(time.monotonic())
+        self._checkpoints[name] = time.monotonic()
         try:
             self._bring_up_to_head(name, path, taken.found)
         except BaseException:
@@ -258,7 +253,7 @@ class RoamingVolumes:
         if taken.expired is not None:
             self._note_takeover(name, taken.expired, taken.found.record.head)
 
-    def _take(self, name: str, wait: float):  # noqa: ANN202 - a lease.Taken
+    def _take(self, name: str, wait: float) -> Taken:
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -283,7 +278,7 @@ class RoamingVolumes:
         self.lazy.replace_lazily(name, head.backup, path, ChunkStore(self.registry().backend))
         self.state.set_synced(name, head.backup)
 
-    def _note_takeover(self, name: str, expired, head: Head | None) -> None:  # noqa: ANN001
+    def _note_takeover(self, name: str, expired: Holder, head: Head | None) -> None:
         if head is None:
             lost = "it had published no backup: the volume starts empty here"
         else:
@@ -508,14 +503,14 @@ class RoamingVolumes:
                 self._handover(name)
 
     def _checkpoint_due(self) -> None:
-        for name, mark in list(self._checkpoints.items()):
+        for name, last in list(self._checkpoints.items()):
             options = self.service.state.options(name) or {}
             interval = options.get("checkpoint-interval")
             if interval is None or not self.leases.holds(name):
                 continue
-            if time.monotonic() - mark.last < float(interval):
+            if time.monotonic() - last < float(interval):
                 continue
-            mark.last = time.monotonic()
+            self._checkpoints[name] = time.monotonic()
             body = tasks.backup_job(self.service, self.store_url, name, trigger="checkpoint")
             try:
                 self.jobs.submit("backup", name, body, {"Volume": name, "Trigger": "checkpoint"})
