@@ -374,3 +374,69 @@ def test_without_prefetch_the_view_caches_only_what_is_read(tmp_path):
                 assert not _cache_file(view, rel).exists(), rel
         finally:
             layerfs(image_store, "umount", str(m))
+
+
+def _layerfs_without_password(store: Path, *args: str):
+    import subprocess
+
+    from tests.support.lfsmount import LAYERFS
+
+    env = {k: v for k, v in os.environ.items() if k != "LAYERFS_PASSWORD_FILE"}
+    return subprocess.run(
+        [LAYERFS, "--store", str(store), *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_a_mount_while_the_view_runs_asks_it_and_needs_no_password(image_store):
+    """The running view daemon has the store open: `layerfs mount` asks it for the image's
+    view over its control socket instead of opening the store (no key derived, no
+    password needed); with no daemon running the store is opened, and must be."""
+    from layerfs.fs.views import control_socket, daemon_dir
+
+    with public_dir("kmount-") as base:
+        (base / "m2").mkdir()
+        refused = _layerfs_without_password(image_store, "mount", IMAGE, str(base / "m2"))
+        assert refused.returncode == 1 and find_overlay(base / "m2") is None
+        assert "password" in refused.stderr and len(refused.stderr.splitlines()) == 1
+        with mounted(image_store, IMAGE, base / "m") as m:
+            sock = control_socket(daemon_dir(image_store / "cache"))
+            assert sock.is_socket() and stat.S_IMODE(sock.stat().st_mode) == 0o600
+            done = _layerfs_without_password(
+                image_store, "mount", IMAGE, str(base / "m2"), "--upper", str(base / "u")
+            )
+            assert done.returncode == 0, done.stderr
+            try:
+                assert _view(base / "m2").path == _view(m).path
+                assert (base / "m2" / "data" / "small").read_bytes() == b"small\n"
+                (base / "m2" / "new").write_text("kept in the upper\n")
+                assert (base / "u" / "upper" / "new").read_text() == "kept in the upper\n"
+                unknown = _layerfs_without_password(
+                    image_store, "mount", "kmount/none:1", str(base / "m3")
+                )
+                assert unknown.returncode == 1
+                assert "no image named 'kmount/none:1'" in unknown.stderr
+            finally:
+                layerfs(image_store, "umount", str(base / "m2"))
+
+
+def test_the_view_answers_a_malformed_request_with_an_error_and_keeps_serving(image_store):
+    import json
+    import socket
+
+    from layerfs.fs.views import control_socket, daemon_dir
+
+    with public_dir("kmount-") as base, mounted(image_store, IMAGE, base / "m") as m:
+        sock_path = control_socket(daemon_dir(image_store / "cache"))
+        for request in (b"not json\n", b"[1, 2]\n", b'{"image": 7}\n'):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(30)
+                sock.connect(str(sock_path))
+                sock.sendall(request)
+                reply = json.loads(sock.makefile("rb").readline())
+            assert "error" in reply and "view" not in reply, (request, reply)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # goes mid-request
+            sock.connect(str(sock_path))
+            sock.sendall(b'{"image": "kmount')
+        assert (m / "data" / "small").read_bytes() == b"small\n"
+        with mounted(image_store, IMAGE, base / "m2") as m2:
+            assert (m2 / "etc" / "conf").read_bytes() == b"a=1\n"

@@ -377,3 +377,50 @@ def test_a_handover_after_a_takeover_reads_only_what_changed(hosts: Hosts) -> No
     assert (on_a / "f07").read_bytes() == b"changed on b"
     ok(a, "VolumeDriver.Unmount", {"Name": "big", "ID": "a2"})
     assert _last_handover(a, "big")["files_read"] == 0
+
+
+def _held_view(plugin: PluginProcess) -> int | None:
+    """The pid of the image view daemon that ``plugin`` holds, once it holds one."""
+    from layerfs.fs.views import DaemonInfo, run_dir, view_answers
+
+    assert plugin.proc is not None
+    for hold in (run_dir() / "views").glob(f"*.holds/{plugin.proc.pid}"):
+        mount_dir = hold.parent.with_name(hold.parent.name.removesuffix(".holds"))
+        info = DaemonInfo.load(mount_dir)
+        if info is not None and info.pid and view_answers(mount_dir):
+            return info.pid
+    return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie has left: its parent (our plugin's mount process) is gone already
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+
+
+def test_a_plugin_serving_roaming_volumes_keeps_its_image_view_ready_while_it_runs(
+    hosts: Hosts,
+) -> None:
+    a = hosts.start("a")
+    ok(a, "VolumeDriver.Create", {"Name": "ready", "Opts": {"roaming": "true"}})
+    (mount(a, "ready", "a1") / "f").write_text("from a\n")
+    ok(a, "VolumeDriver.Unmount", {"Name": "ready", "ID": "a1"})
+
+    b = hosts.start("b")
+    # before any Mount asks: the store's view daemon serves, held by b's plugin
+    view = wait_for(lambda: _held_view(b), timeout=60, what="b's image view")
+    on_b = mount(b, "ready", "b1")  # served lazily from a's head, over that view
+    assert (on_b / "f").read_text() == "from a\n"
+    ok(b, "VolumeDriver.Unmount", {"Name": "ready", "ID": "b1"})
+    # nothing of the store is mounted on b now: the view stays for the next Mount
+    assert roaming_status(b, "ready")["Holder"] is None
+    assert _held_view(b) == view and _running(view)
+    on_b = mount(b, "ready", "b2")
+    assert (on_b / "f").read_text() == "from a\n" and _held_view(b) == view
+    ok(b, "VolumeDriver.Unmount", {"Name": "ready", "ID": "b2"})
+
+    b.cleanup()  # SIGTERM: its hold goes; the idle daemon notices (LAYERFS_VIEW_IDLE)
+    wait_for(lambda: not _running(view), timeout=30, what="the unused view to stop")

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import click
 
-from layerfs.store import open_store
-
 
 @click.command("mount")
 @click.argument("image")
@@ -48,8 +46,9 @@ def mount_command(
     go on). `layerfs mount --lowerdir A:B [--upperdir U --workdir W] MOUNTPOINT`
     mounts plain directories the way overlayfs does instead of an image.
 
-    The first mount of an image builds its index under the store's cache
-    directory. The view logs to <store cache dir>/logs/mount.log, e.g.
+    While the store's view runs (a local store), the mount asks it for the image
+    and needs no password; else it opens the store. The first mount of an image
+    builds its index under the store's cache directory. The view logs to <store cache dir>/logs/mount.log, e.g.
     /var/lib/layerfs/cache/logs/mount.log for root's default store.
     Unmount with `layerfs umount MOUNTPOINT`.
     """
@@ -76,14 +75,11 @@ def mount_command(
             "an image mount is a kernel overlay: it needs no process of its own to stay "
             "attached to (its image view logs to the store's mount log)"
         )
-    from layerfs.catalog import Catalog
-    from layerfs.fs.service import mount_image
+    from layerfs.fs.service import mount_stored_image
 
     if "://" not in store_url:  # the view daemon runs in /, so relative paths would move
         store_url = os.path.abspath(store_url)
-    store = open_store(store_url)
-    record = Catalog(store.backend).get_image(image)
-    mount_image(store_url, store, record, Path(mountpoint), Path(upper) if upper else None)
+    mount_stored_image(store_url, image, Path(mountpoint), Path(upper) if upper else None)
     _exit_now()
 
 

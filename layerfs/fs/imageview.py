@@ -33,8 +33,10 @@ object it names and answered with EIO, never with wrong bytes.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import itertools
+import json
 import logging
 import os
 import stat
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 FOREVER = 365 * 86400.0
 SLOT_SHIFT = 40  # an image's inode numbers: slot << SLOT_SHIFT | the index's own
 SLOT_BITS = 20
+CONTROL_LIMIT = 1 << 20  # bytes of a control request, at most
 _HEX = frozenset(b"0123456789abcdef")
 
 
@@ -378,14 +381,19 @@ def serve_views(
     on_ready: Callable[[], None] | None,
     release_if_unused: Callable[[], bool],
     idle_seconds: float,
+    control: tuple[Path, Callable[[dict], dict]] | None = None,
 ) -> None:
     """Mount ``ops`` at ``mountpoint`` and answer until it is unmounted.
 
     Every ``idle_seconds`` the daemon calls ``release_if_unused`` (on a worker
     thread), which unmounts it when no mount uses any of its images any more.
+    With ``control`` (a socket path and a function) the daemon also listens there,
+    mode 0600, for requests of one JSON line each, answered by the function (on a
+    worker thread) with one JSON line.
     """
     options = set(pyfuse3.default_options)
     options |= {"fsname=layerfs", "subtype=layerfs-view", "ro", "allow_other", "dev", "suid"}
+    listener = _control_listener(control[0]) if control is not None else None
     pyfuse3.init(ops, mountpoint, options)
     if on_ready is not None:
         on_ready()
@@ -403,6 +411,10 @@ def serve_views(
                         log.warning("%s", exc)
 
             nursery.start_soon(watch)
+            if listener is not None and control is not None:
+                answer = control[1]
+                serve = functools.partial(_answer_control, answer=answer)
+                nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(listener)])
             await pyfuse3.main(1, 64)
             nursery.cancel_scope.cancel()
 
@@ -410,3 +422,45 @@ def serve_views(
         trio.run(main)
     finally:
         pyfuse3.close(unmount=False)
+        if control is not None:
+            control[0].unlink(missing_ok=True)
+
+
+def _control_listener(path: Path) -> trio.socket.SocketType:
+    """A listening unix socket at ``path`` (a stale one replaced), for root only."""
+    import socket
+
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+async def _answer_control(stream: trio.SocketStream, answer: Callable[[dict], dict]) -> None:
+    """One request on the control socket: a JSON line in, a JSON line out."""
+    try:
+        async with stream:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = await stream.receive_some(65536)
+                if not chunk or len(data) > CONTROL_LIMIT:
+                    return
+                data += chunk
+            try:
+                request = json.loads(data)
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                reply = {"error": f"malformed request: {exc}"}
+            else:
+                reply = await trio.to_thread.run_sync(answer, request)
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+    except trio.BrokenResourceError:  # the asker went away: nothing to tell it
+        pass
+    except Exception:  # one request never ends the daemon serving the mounts
+        log.exception("a request on the control socket failed")

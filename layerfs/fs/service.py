@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from layerfs.catalog import ImageRecord
 from layerfs.errors import LayerfsError
 from layerfs.fs.mounting import MountError
 from layerfs.fs.overlay import (
@@ -28,13 +29,19 @@ from layerfs.fs.overlay import (
 from layerfs.fs.views import (
     VIEW_CHUNK_CACHE,
     ViewInfo,
+    asked_view,
     daemon_dir,
+    hold_view,
     open_view,
     release_view,
     run_dir,
+    start_view,
     view_serves,
 )
-from layerfs.store.chunks import ChunkStore
+
+if TYPE_CHECKING:
+    from layerfs.catalog import ImageRecord
+    from layerfs.store.chunks import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -62,49 +69,108 @@ def mount_image(
     upper: Path | None,
     *,
     prefetch: bool = True,
+    start_view: bool = True,
 ) -> ImageMount:
     """Mount ``record`` at ``mountpoint``, read-only or writable into ``upper``.
 
     With ``prefetch`` the image's view fills the content cache with every file
     in the background; without, only with the files that are read (for a
     tree that something else copies out whole, as a lazy volume's fill does).
+    Without ``start_view`` nothing forks: if the store's view daemon does not
+    run, ViewNotRunning is raised before anything is mounted.
     """
-    from layerfs.fs.upper import image_upper
     from layerfs.index import ensure_index
-    from layerfs.store.location import open_backend
 
+    _replace_stale(mountpoint)
+    index = Path(os.path.abspath(ensure_index(store, record)))
+    log_file = mount_log_file(store.backend.cache_dir())
+    make_store = _view_store(store_url)
+    try:
+        with open_view(
+            store, record, index, make_store, log_file, prefetch=prefetch, start=start_view
+        ) as view:
+            return _mount_over(view, mountpoint, upper)
+    except MountError:
+        release_view(daemon_dir(store.backend.cache_dir()))
+        raise
+
+
+def mount_stored_image(
+    store_url: str, image: str, mountpoint: Path, upper: Path | None
+) -> ImageMount:
+    """Mount the image named ``image`` (a name or ID) of a store, as ``mount_image`` does.
+
+    When the view daemon of a local store runs, it is asked for the image's view
+    (it has the store open): nothing here opens the store or derives its key. Else
+    the store is opened here (its password needed) and the daemon started.
+    """
+    from layerfs.catalog import Catalog
+    from layerfs.store.location import local_cache_dir, local_root, open_store
+
+    root = local_root(store_url)
+    if root is not None:
+        _replace_stale(mountpoint)
+        try:
+            with asked_view(local_cache_dir(root), image) as view:
+                if view is not None:
+                    return _mount_over(view, mountpoint, upper)
+        except MountError:
+            release_view(daemon_dir(local_cache_dir(root)))
+            raise
+    store = open_store(store_url)
+    return mount_image(store_url, store, Catalog(store.backend).get_image(image), mountpoint, upper)
+
+
+def _replace_stale(mountpoint: Path) -> None:
+    """Unmount a layerfs overlay at ``mountpoint`` whose image view died."""
     stale = find_overlay(mountpoint)
     view = ViewInfo.load(stale.lowers[0]) if stale is not None and stale.lowers else None
     if stale is not None and (view is None or not view_serves(view)):
         log.warning("replacing the mount at %s, whose image view died", stale.mountpoint)
         umount(stale.mountpoint, lazy=True)
-    index = Path(os.path.abspath(ensure_index(store, record)))
-    dirs = None
-    if upper is not None:
-        dirs = image_upper(upper, record.name, record.id)
 
-    def make_store() -> ChunkStore:
-        return ChunkStore(open_backend(store_url), cache_bytes=VIEW_CHUNK_CACHE)
 
-    log_file = mount_log_file(store.backend.cache_dir())
-    try:
-        with open_view(store, record, index, make_store, log_file, prefetch=prefetch) as view:
-            mount_overlay(
-                mountpoint,
-                [Path(view.path)],
-                view.data_layers,
-                upper=dirs.tree if dirs else None,
-                work=dirs.work if dirs else None,
-            )
-    except MountError:
-        release_view(daemon_dir(store.backend.cache_dir()))
-        raise
+def _mount_over(view: ViewInfo, mountpoint: Path, upper: Path | None) -> ImageMount:
+    """The kernel overlay of an image over its ``view``: writable into ``upper`` if given."""
+    from layerfs.fs.upper import image_upper
+
+    dirs = image_upper(upper, view.image, view.image_id) if upper is not None else None
+    mount_overlay(
+        mountpoint,
+        [Path(view.path)],
+        view.data_layers,
+        upper=dirs.tree if dirs else None,
+        work=dirs.work if dirs else None,
+    )
     return ImageMount(
         os.path.realpath(mountpoint),
         view,
         Path(upper).absolute() if upper else None,
         dirs.tree if dirs else None,
     )
+
+
+def _view_store(store_url: str) -> Callable[[], ChunkStore]:
+    """How a view daemon opens the store again, in its own process."""
+
+    def make_store() -> ChunkStore:
+        from layerfs.store.chunks import ChunkStore
+        from layerfs.store.location import open_backend
+
+        return ChunkStore(open_backend(store_url), cache_bytes=VIEW_CHUNK_CACHE)
+
+    return make_store
+
+
+def ready_view(store_url: str, store: ChunkStore, holder: int | None = None) -> int:
+    """Start the store's view daemon if none runs (this forks), and with ``holder`` keep
+    it serving while that process lives; return the daemon's pid. A long-running
+    process that mounts images (volplugin) calls this through a process of its own,
+    then mounts with ``start_view=False``: without forking itself, and faster."""
+    cache_dir = store.backend.cache_dir()
+    if holder is not None:  # first: the daemon must not see itself unused and go
+        hold_view(cache_dir, holder)
+    return start_view(store, _view_store(store_url), mount_log_file(cache_dir))
 
 
 def find_image_mount(mountpoint: str | Path) -> ImageMount | None:

@@ -16,11 +16,13 @@ Records, so that commands know what a view shows without opening the store:
   the content cache's data directory, whether files redirect into it);
 * ``RUN/views/STORE.d/INDEX.json``: one image (name, id, index file), written
   before the image is first looked up: the daemon opens an image when the
-  kernel first asks for its directory.
+  kernel first asks for its directory;
+* ``RUN/views/STORE.holds/PID``: a long-running process (volplugin) that keeps
+  the daemon serving while it lives, so that its mounts find it running.
 
 The daemon runs in its own session and outlives the command that started it.
-It is unmounted when the last overlay using it goes
-(``release_view``), or found unused by the daemon itself, which checks every
+It is unmounted when the last overlay using it goes and no live process holds
+it (``release_view``), or found so by the daemon itself, which checks every
 ``idle_seconds()``. /run is emptied at boot, and a daemon that died is found
 disconnected and replaced on the next mount.
 """
@@ -35,15 +37,19 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from layerfs.catalog import ImageRecord
-from layerfs.content.cache import ContentCache
-from layerfs.fs.mounting import find_mount, mount_daemon
+from layerfs.errors import LayerfsError
+from layerfs.fs.mounting import MountError, find_mount, mount_daemon
 from layerfs.fs.overlay import data_only_layers_supported, layerfs_overlays, umount
-from layerfs.store.chunks import ChunkStore
+
+if TYPE_CHECKING:
+    from layerfs.catalog import ImageRecord
+    from layerfs.content.cache import ContentCache
+    from layerfs.store.chunks import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,8 @@ VIEW_FSTYPE = "fuse.layerfs-view"
 # Plain chunks a view daemon keeps: the kernel's page cache and the content
 # cache hold what was read, so this only covers chunks a read straddles.
 VIEW_CHUNK_CACHE = 8 << 20
+CONTROL_TIMEOUT = 300.0  # seconds a request may take (a first one builds an index)
+CONTROL_LIMIT = 1 << 20  # bytes of a request or reply, at most
 
 
 def run_dir() -> Path:
@@ -59,6 +67,8 @@ def run_dir() -> Path:
 
 def content_cache(store: ChunkStore) -> ContentCache:
     """The content cache of a store (under its cache directory)."""
+    from layerfs.content.cache import ContentCache
+
     return ContentCache(store.backend.cache_dir() / "content")
 
 
@@ -109,6 +119,51 @@ class ImageInfo:
 
 def records_dir(mount_dir: Path) -> Path:
     return mount_dir.with_name(f"{mount_dir.name}.d")
+
+
+class ViewNotRunning(MountError):
+    """No view daemon serves the store, and the caller may not start one."""
+
+
+def _holds_dir(mount_dir: Path) -> Path:
+    return mount_dir.with_name(f"{mount_dir.name}.holds")
+
+
+def hold_view(cache_dir: str | Path, pid: int) -> None:
+    """Keep the view daemon of the store with this cache directory serving, even with
+    nothing mounted, for as long as process ``pid`` lives (or until ``unhold_view``)."""
+    mount_dir = daemon_dir(cache_dir)
+    mount_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(mount_dir):
+        _holds_dir(mount_dir).mkdir(exist_ok=True)
+        (_holds_dir(mount_dir) / str(pid)).touch()
+
+
+def unhold_view(cache_dir: str | Path, pid: int) -> None:
+    """Drop ``pid``'s hold (the daemon goes at its next idle check if nothing uses it)."""
+    mount_dir = daemon_dir(cache_dir)
+    with _locked(mount_dir):
+        (_holds_dir(mount_dir) / str(pid)).unlink(missing_ok=True)
+        _held(mount_dir)  # removes the directory once empty
+
+
+def _held(mount_dir: Path) -> bool:
+    """Whether a live process holds the daemon (holds of dead processes are dropped);
+    call with the views' lock held."""
+    held = False
+    holds = _holds_dir(mount_dir)
+    for entry in holds.glob("[0-9]*"):
+        try:
+            os.kill(int(entry.name), 0)
+            held = True
+        except ProcessLookupError:
+            entry.unlink(missing_ok=True)
+        except (PermissionError, ValueError):
+            held = True
+    if not held:  # with the lock held: nobody is about to add a hold
+        with suppress(OSError):  # gone, or not empty
+            holds.rmdir()
+    return held
 
 
 @dataclass(frozen=True)
@@ -292,12 +347,15 @@ def open_view(
     log_file: Path,
     *,
     prefetch: bool = True,
+    start: bool = True,
 ) -> Iterator[ViewInfo]:
     """The view of ``record``'s index, its store's daemon started first if none runs.
 
     The daemon cannot stop while the ``with`` block runs (mount over it there).
     ``make_store`` opens the store again in the daemon's own process. Without
-    ``prefetch`` the daemon caches only the contents that are read.
+    ``prefetch`` the daemon caches only the contents that are read. Without
+    ``start`` a store whose daemon does not run raises ViewNotRunning (starting
+    one forks: a threaded process must leave that to a process of its own).
     """
     from layerfs.content.metatree import ensure_meta_tree
 
@@ -311,17 +369,110 @@ def open_view(
         meta = ensure_meta_tree(index, cache, cache_dir / "meta")
     with _locked(mount_dir) as lock:
         daemon = _running_daemon(mount_dir)
+        if daemon is None and not start:
+            raise ViewNotRunning(f"no image view serves the store cached in {cache_dir}")
         if daemon is None:
             daemon = _start_daemon(make_store, mount_dir, cache, log_file, lock)
-        name = index_name(index)
-        image = ImageInfo(record.name, record.id, str(index), prefetch)
-        _write_json(records_dir(mount_dir) / f"{name}.json", asdict(image))
-        path = mount_dir / name
-        os.stat(path)  # the daemon opens the image now and starts filling the cache
-        if meta is not None and daemon.redirects:
-            _write_json(Path(f"{meta}.json"), {**asdict(image), "daemon": str(mount_dir)})
-            path = meta
-        yield ViewInfo(str(path), **asdict(image), daemon=str(mount_dir), **asdict(daemon))
+        yield _register(
+            mount_dir, daemon, ImageInfo(record.name, record.id, str(index), prefetch), meta
+        )
+
+
+def _register(mount_dir: Path, daemon: DaemonInfo, image: ImageInfo, meta: Path | None) -> ViewInfo:
+    """Name ``image`` to its daemon and have it opened; its view."""
+    name = index_name(Path(image.index))
+    _write_json(records_dir(mount_dir) / f"{name}.json", asdict(image))
+    path = mount_dir / name
+    os.stat(path)  # the daemon opens the image now and starts filling the cache
+    if meta is not None and daemon.redirects:
+        _write_json(Path(f"{meta}.json"), {**asdict(image), "daemon": str(mount_dir)})
+        path = meta
+    return ViewInfo(str(path), **asdict(image), daemon=str(mount_dir), **asdict(daemon))
+
+
+def control_socket(mount_dir: Path) -> Path:
+    """Where a store's view daemon answers requests for views (``asked_view``)."""
+    return mount_dir.with_name(f"{mount_dir.name}.sock")
+
+
+@contextmanager
+def asked_view(cache_dir: Path, image: str, *, prefetch: bool = True) -> Iterator[ViewInfo | None]:
+    """The view of the store's image ``image`` (a name or ID) from the store's running
+    daemon, which has the store open: no store is opened and no key derived here.
+    None when no daemon serves the store (open it and use ``open_view`` instead). As in
+    ``open_view``, the daemon cannot stop while the ``with`` block runs."""
+    mount_dir = daemon_dir(cache_dir)
+    view = None
+    if control_socket(mount_dir).exists():
+        with _locked(mount_dir):
+            if _running_daemon(mount_dir) is not None:
+                view = _ask(control_socket(mount_dir), {"image": image, "prefetch": prefetch})
+            yield view
+            return
+    yield view
+
+
+def _ask(path: Path, request: dict) -> ViewInfo | None:
+    """One request to a view daemon; None if it cannot be asked (it has no socket yet)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CONTROL_TIMEOUT)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        try:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            reply = _read_line(sock)
+        except OSError as exc:
+            raise MountError(f"the image view at {path} did not answer: {exc}") from exc
+    try:
+        doc = json.loads(reply)
+        if "error" in doc:
+            raise LayerfsError(str(doc["error"]))
+        return ViewInfo(**doc["view"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise MountError(f"the image view at {path} answered nonsense: {reply[:200]!r}") from exc
+
+
+def _read_line(sock) -> bytes:  # noqa: ANN001 - a socket
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk or len(data) > CONTROL_LIMIT:
+            break
+        data += chunk
+    return data
+
+
+def _view_answerer(
+    store: ChunkStore, cache: ContentCache, mount_dir: Path, redirects: bool
+) -> Callable[[dict], dict]:
+    """In a view daemon: what it answers on its control socket (see ``asked_view``)."""
+    from layerfs.catalog import Catalog
+    from layerfs.content.metatree import ensure_meta_tree
+    from layerfs.index import ensure_index
+
+    def answer(request: dict) -> dict:
+        try:
+            record = Catalog(store.backend).get_image(str(request["image"]))
+            index = Path(os.path.abspath(ensure_index(store, record)))
+            meta = ensure_meta_tree(index, cache, cache.root.parent / "meta") if redirects else None
+            daemon = DaemonInfo.load(mount_dir)
+            if daemon is None:
+                raise LayerfsError(f"the image view at {mount_dir} lost its record")
+            image = ImageInfo(
+                record.name, record.id, str(index), bool(request.get("prefetch", True))
+            )
+            return {"view": asdict(_register(mount_dir, daemon, image, meta))}
+        except LayerfsError as exc:
+            return {"error": str(exc)}
+        except (OSError, KeyError, TypeError) as exc:
+            log.exception("cannot answer a request for a view")
+            return {"error": f"the image view failed: {exc}"}
+
+    return answer
 
 
 def _running_daemon(mount_dir: Path) -> DaemonInfo | None:
@@ -368,7 +519,12 @@ def _start_daemon(
         )
         try:
             serve_views(
-                ops, str(mount_dir), on_ready, lambda: release_view(mount_dir), idle_seconds()
+                ops,
+                str(mount_dir),
+                on_ready,
+                lambda: release_view(mount_dir),
+                idle_seconds(),
+                (control_socket(mount_dir), _view_answerer(store, cache, mount_dir, redirects)),
             )
         finally:
             ops.close()
@@ -388,20 +544,35 @@ def idle_seconds() -> float:
     return float(os.environ.get("LAYERFS_VIEW_IDLE") or 30)
 
 
+def start_view(store: ChunkStore, make_store: Callable[[], ChunkStore], log_file: Path) -> int:
+    """Start the store's view daemon if none runs (it forks); return its pid."""
+    cache_dir = store.backend.cache_dir()
+    mount_dir = daemon_dir(cache_dir)
+    mount_dir.parent.mkdir(parents=True, exist_ok=True)
+    cache = content_cache(store)
+    with _locked(mount_dir) as lock:
+        daemon = _running_daemon(mount_dir)
+        if daemon is None:
+            daemon = _start_daemon(make_store, mount_dir, cache, log_file, lock)
+        return daemon.pid
+
+
 def release_view(view: str | Path) -> bool:
     """Unmount the view daemon serving ``view`` (its mount or an image's directory in it)
-    if no layerfs overlay uses any of its images; return whether it was."""
+    if no layerfs overlay uses any of its images and no live process holds it; return
+    whether it was."""
     path = Path(os.path.realpath(view))
     mount_dir = path if DaemonInfo.load(path) is not None else path.parent
     if DaemonInfo.load(mount_dir) is None:
         return False
     with _locked(mount_dir):
-        if _mounted_images(mount_dir):
+        if _mounted_images(mount_dir) or _held(mount_dir):
             return False
         mounted = find_mount(mount_dir)
         if mounted is None or mounted.fstype != VIEW_FSTYPE:
             return False
         umount(str(mount_dir))
+        control_socket(mount_dir).unlink(missing_ok=True)
         os.rmdir(mount_dir)
         shutil.rmtree(records_dir(mount_dir), ignore_errors=True)
         Path(f"{mount_dir}.json").unlink(missing_ok=True)

@@ -42,6 +42,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from layerfs.errors import ObjectMissing, StoreError
+from layerfs.store.location import local_cache_dir
 from layerfs.store.objects import ObjectStats, ObjectStore
 from layerfs.store.packed import PackedBackend
 
@@ -460,7 +461,7 @@ class LocalObjects(ObjectStore):
         )
 
     def cache_dir(self) -> Path:
-        return self.root / "cache"
+        return local_cache_dir(self.root)
 
     def clean_tmp(self) -> int:
         """Remove temp files left by killed writers; return how many were removed.

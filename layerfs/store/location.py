@@ -57,11 +57,25 @@ def open_raw_backend(url: str | None = None) -> Backend:
         except ImportError as exc:  # pragma: no cover
             raise StoreError(f"S3 stores are not available: {exc}") from exc
         return S3Backend.from_url(url)
-    if "://" in url and not url.startswith("file://"):
+    root = local_root(url)
+    if root is None:
         raise StoreError(f"unsupported store URL {url!r}: use a path or s3://BUCKET/PREFIX")
     from layerfs.store.local import LocalBackend
 
-    return LocalBackend(Path(url.removeprefix("file://")).absolute())
+    return LocalBackend(root)
+
+
+def local_root(url: str | None = None) -> Path | None:
+    """The directory of the local store a URL names (None for an S3 store)."""
+    url = url or default_store_url()
+    if "://" in url and not url.startswith("file://"):
+        return None
+    return Path(url.removeprefix("file://")).absolute()
+
+
+def local_cache_dir(root: Path) -> Path:
+    """The cache directory of the local store in ``root`` (indexes, content cache)."""
+    return root / "cache"
 
 
 def open_store(url: str | None = None) -> ChunkStore:

@@ -12,9 +12,12 @@ DIR. The kernel keeps every change in DIR/upper in overlayfs' format
 The overlay outlives the plugin (it is the kernel's) and so does the view (its own
 daemon, in its own session): a plugin restart finds the volume still mounted
 (``is_mounted``), and only a mount whose view died is made again (the mount service
-replaces it). The mount is made by a short-lived process (``python -m
-volplugin.lazy.mount``), so that the view daemon is forked from it and not from the
-plugin's threads.
+replaces it). The plugin mounts in its own process, with its open store, when the
+store's view daemon runs; starting that daemon forks, so a short-lived process
+(``python -m volplugin.lazy.mount``) does it instead of the plugin's threads, and
+mounts. A plugin that serves roaming volumes has that process start the daemon when
+it starts and hold it for the plugin's life (``ready``), so their Mounts never wait
+for a new interpreter, a new daemon and the store opened twice more.
 
 Layout under ROOT/lazy/NAME/ (the upper DIR): ``layerfs.json``, ``upper/``, ``work/``,
 ``fill/`` (the background fill) and ``merge/`` (the merge's state, volplugin.lazy.merge).
@@ -39,7 +42,7 @@ from layerfs.fs.mounting import MountError, find_mount
 from layerfs.fs.overlay import find_overlay, umount
 from layerfs.fs.service import find_image_mount, unmount_image
 from layerfs.fs.upper import FORMAT, META_FILE, image_upper
-from layerfs.fs.views import release_view, view_serves
+from layerfs.fs.views import ViewNotRunning, release_view, view_serves
 from layerfs.index import ensure_index
 from layerfs.records import Kind, find_entry
 from layerfs.store.chunks import ChunkStore
@@ -131,27 +134,65 @@ def is_mounted(mountpoint: Path) -> bool:
     return found is not None and found.upper is not None and view_serves(found.view)
 
 
-def mount(store_url: str, dirs: LazyDirs, mountpoint: Path, name: str, tree: str) -> None:
+def mount(
+    store_url: str,
+    dirs: LazyDirs,
+    mountpoint: Path,
+    name: str,
+    tree: str,
+    store: ChunkStore | None = None,
+) -> None:
     """Mount a lazy volume and return once it serves; no-op if it does already.
 
-    A mount whose view died is replaced (by the mount service).
+    With the caller's open ``store`` and the store's view daemon running, the mount is
+    made here; else by a mount process. A mount whose view died is replaced (by the
+    mount service).
     """
+    from layerfs.fs.service import mount_image
+
     check_layout(dirs, name)
     if is_mounted(mountpoint):
         return
-    if "://" not in store_url:  # the view daemon runs in /
-        store_url = os.path.abspath(store_url)
-    cmd = [sys.executable, "-m", "volplugin.lazy.mount", "--store", store_url]
-    cmd += ["--base", str(dirs.base), "--tree", tree, "--name", name, str(mountpoint)]
+    store_url = _absolute(store_url)
+    if store is not None:
+        try:
+            mount_image(
+                store_url,
+                store,
+                backup_image(tree),
+                mountpoint,
+                dirs.base,
+                prefetch=False,
+                start_view=False,
+            )
+            return
+        except ViewNotRunning:
+            pass
+    args = ["--base", str(dirs.base), "--tree", tree, "--name", name, str(mountpoint)]
+    _run(store_url, args, f"cannot mount the lazy volume {name!r} at {mountpoint}")
+    if not is_mounted(mountpoint):
+        raise MountError(f"cannot mount the lazy volume {name!r} at {mountpoint}")
+
+
+def ready(store_url: str, holder: int) -> None:
+    """Have the store's view daemon running, held for as long as process ``holder`` lives
+    (the daemon is started by a process of its own: starting it forks)."""
+    _run(_absolute(store_url), ["--hold", str(holder)], "cannot start the image view")
+
+
+def _absolute(store_url: str) -> str:
+    # the view daemon runs in /: a relative store path would name another directory
+    return store_url if "://" in store_url else os.path.abspath(store_url)
+
+
+def _run(store_url: str, args: list[str], failure: str) -> None:
+    cmd = [sys.executable, "-m", "volplugin.lazy.mount", "--store", store_url, *args]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=MOUNT_TIMEOUT, stdin=subprocess.DEVNULL
     )
-    if proc.returncode != 0 or not is_mounted(mountpoint):
+    if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise MountError(
-            f"cannot mount the lazy volume {name!r} at {mountpoint}: "
-            f"{detail[-1] if detail else 'the mount process failed'}"
-        )
+        raise MountError(f"{failure}: {detail[-1] if detail else 'the mount process failed'}")
 
 
 def release(mountpoint: Path, attempts: int = 20) -> bool:
@@ -186,19 +227,26 @@ def force_release(mountpoint: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry of the mount process: mount the volume (the view daemon stays) and return."""
-    from layerfs.fs.service import mount_image
+    """Entry of the mount process: mount the volume (the view daemon stays) and return;
+    with ``--hold PID`` only start the view daemon and hold it for that process."""
+    from layerfs.fs.service import mount_image, ready_view
     from layerfs.store import open_store
 
     parser = argparse.ArgumentParser(prog="python -m volplugin.lazy.mount")
     parser.add_argument("--store", required=True)
-    parser.add_argument("--base", required=True, type=Path)
-    parser.add_argument("--tree", required=True)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument("--hold", type=int, metavar="PID")
+    parser.add_argument("--base", type=Path)
+    parser.add_argument("--tree")
+    parser.add_argument("--name")
+    parser.add_argument("mountpoint", type=Path, nargs="?")
     args = parser.parse_args(argv)
+    if args.hold is None and None in (args.base, args.tree, args.name, args.mountpoint):
+        parser.error("--base, --tree, --name and MOUNTPOINT are needed to mount")
     try:
         store = open_store(args.store)
+        if args.hold is not None:
+            ready_view(args.store, store, args.hold)
+            return 0
         # The volume's fill copies every file out: the view caches only what is read.
         mount_image(
             args.store, store, backup_image(args.tree), args.mountpoint, args.base, prefetch=False

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from pathlib import Path
 
 from layerfs import confined
 from layerfs.errors import LayerfsError
+from layerfs.fs.views import unhold_view
 from layerfs.maintenance.pins import pin, unpin
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.location import default_store_url, open_store
@@ -63,6 +65,7 @@ from volplugin.lazy.mount import (
     is_mounted,
     mount,
     prepare,
+    ready,
     release,
 )
 from volplugin.lazy.state import LazyRecord, LazyState
@@ -112,6 +115,7 @@ class LazyVolumes:
         self._closed = threading.Event()
         self._unpin_tried: dict[str, float] = {}
         self._creating: set[str] = set()  # mounts being made: their fill starts once they serve
+        self._held_view: Path | None = None  # the cache dir of the view this process holds
 
     @classmethod
     def attach(
@@ -152,9 +156,23 @@ class LazyVolumes:
             except Exception:  # keep watching; the next round retries
                 log.exception("cannot look for new lazy volumes")
 
+    def keep_view_ready(self, cache_dir: Path) -> None:
+        """Have the store's image view daemon serve for as long as this process lives, so
+        that lazy mounts are made here at once (volplugin.lazy.mount.ready); ``close``
+        lets it go. Failures are only logged: mounts then start the daemon themselves."""
+        try:
+            ready(self.store_url, os.getpid())
+        except (LayerfsError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("cannot start the store's image view ahead of mounts: %s", exc)
+            return
+        self._held_view = cache_dir
+        log.info("the store's image view serves ahead of lazy mounts")
+
     def close(self) -> None:
         """Stop the fills (they resume at the next start); the mounts keep serving."""
         self._closed.set()
+        if self._held_view is not None:
+            unhold_view(self._held_view, os.getpid())
         for fill in list(self._fills.values()):
             fill.stop.set()
         for fill in list(self._fills.values()):
@@ -244,11 +262,11 @@ class LazyVolumes:
             if dirs.base.exists():
                 shutil.rmtree(dirs.base)  # leftovers of a create that crashed
             prepare(store, dirs, backup.tree)
+            self.state.set_progress(name, 0, totals.files_total, 0, totals.bytes_total)
+            mount(self.store_url, dirs, path, name, backup.tree, store)
         finally:
             if given is None:
                 store.backend.close()
-        self.state.set_progress(name, 0, totals.files_total, 0, totals.bytes_total)
-        mount(self.store_url, dirs, path, name, backup.tree)
 
     def _discard(self, name: str, path: Path) -> None:
         """Stop the fill, release the mount, drop the lazy parts of a volume."""

@@ -131,7 +131,8 @@ class RoamingVolumes:
 
     def _resume(self) -> None:
         """At start: keep the leases this host still holds, act on those it lost while the
-        plugin was down (its containers still use the volume), hand over what is unmounted."""
+        plugin was down (its containers still use the volume), hand over what is unmounted;
+        then have the store open and its image view serving before the first Mount asks."""
         for record in self.service.state.list():
             if not is_roaming(record.options):
                 continue
@@ -141,6 +142,13 @@ class RoamingVolumes:
                 log.error(
                     "roaming volume %s: cannot check its lease at start: %s", record.name, exc
                 )
+        try:
+            cache_dir = self.registry().backend.cache_dir()
+        except (LayerfsError, OSError) as exc:  # opened again at first use
+            log.warning("cannot open the store ahead of requests: %s", exc)
+            return
+        if not self._closed.is_set():
+            self.lazy.keep_view_ready(cache_dir)
 
     def _resume_one(self, record: VolumeRecord) -> None:
         name = record.name
