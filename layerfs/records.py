@@ -269,14 +269,18 @@ class DirTreeWriter:
 
     def add(self, doc: dict, extra: object = None) -> None:
         path = doc["p"]
-        if path == "":
+        opaque = doc["k"] == Kind.OPAQUE.value
+        if path == "" and not opaque:
             if self._started:
                 raise ValueError("the root entry must come first")
             self._root_doc = dict(doc) if extra is None else {**doc, "z": extra}
             self._started = True
             return
         self._started = True
-        folder, _, name = path.rpartition("/")
+        if opaque:  # a directory's opaque mark is an item of its own node, named ""
+            folder, name = path, ""
+        else:
+            folder, _, name = path.rpartition("/")
         while self._open and self._open[-1][0] != folder:
             self._close()
         if not self._open:
@@ -428,8 +432,11 @@ def _take(item: object, path: str) -> tuple[dict, object, str | None]:
 
 
 def _item_path(item: object, folder: str) -> str:
-    """The full path of a node's item in ``folder``; BadTree unless it names one component."""
+    """The full path of a node's item in ``folder``; BadTree unless it names one component
+    (or is the directory's opaque mark, named "": its path is the directory's)."""
     name = item.get("p") if isinstance(item, dict) else None
+    if isinstance(item, dict) and item.get("k") == Kind.OPAQUE.value and name == "":
+        return folder
     if not isinstance(name, str) or not name or "/" in name:
         raise BadTree(f"an entry of {folder or 'the root'!r} has no single name: {name!r}")
     return f"{folder}/{name}" if folder else name
@@ -613,16 +620,23 @@ def keeps_order_as_dir_tree(docs: list[dict]) -> bool:
     """
     open_dirs = [""]
     seen: set[str] = set()
+    opaque: set[str] = set()
     for i, d in enumerate(docs):
         path = d["p"]
-        if path == "":
+        if d["k"] == Kind.OPAQUE.value:  # inside the directory it marks, once
+            parent = path
+            if path in opaque:
+                return False
+            opaque.add(path)
+        elif path == "":
             if i:
                 return False
             continue
-        if path in seen:
-            return False
-        seen.add(path)
-        parent = path.rpartition("/")[0]
+        else:
+            if path in seen:
+                return False
+            seen.add(path)
+            parent = path.rpartition("/")[0]
         while open_dirs and open_dirs[-1] != parent:
             open_dirs.pop()
         if not open_dirs:

@@ -26,6 +26,7 @@ from layerfs.records import (
     DirTreeWriter,
     Entry,
     Kind,
+    find_entry,
     get_tree,
     iter_tree,
     keeps_order_as_dir_tree,
@@ -202,13 +203,17 @@ def test_which_orders_a_directory_tree_keeps() -> None:
         _docs(("", "d"), ("a", "d"), ("a/x", "f"), ("a/y", "d"), ("a/y/z", "f"), ("b", "f"))
     )
     assert keeps_order_as_dir_tree(_docs(("a", "d"), ("a/x", "f"), ("b", "w")))
+    # an opaque mark lives in the node of the directory it marks, wherever the tar put it
+    assert keeps_order_as_dir_tree(_docs(("", "o"), ("a", "d"), ("a", "o"), ("a/x", "f")))
+    assert keeps_order_as_dir_tree(_docs(("a", "d"), ("a/x", "d"), ("a/x/y", "f"), ("a", "o")))
     for refused in (
         _docs(("a", "d"), ("b", "d"), ("a/x", "f")),  # back into a directory already left
         _docs(
             ("a/x", "f"),
         ),  # no entry for the parent
         _docs(("a", "f"), ("a/x", "f")),  # a parent that is not a directory
-        _docs(("a", "d"), ("a", "o"), ("a/x", "f")),  # a path twice (an opaque directory)
+        _docs(("a", "d"), ("b", "d"), ("a", "o")),  # an opaque mark after its directory left
+        _docs(("a", "d"), ("a", "o"), ("a", "o")),  # marked opaque twice
         _docs(("a", "d"), ("", "d")),  # the root after other entries
     ):
         assert not keeps_order_as_dir_tree(refused), refused
@@ -272,6 +277,53 @@ def test_a_layer_is_a_directory_tree_when_its_tar_order_allows(
     reimported = import_archive(again, tmp_path / "out.tar")
     assert _root_format(again, reimported.layers[0].tree) == fmt
     assert export_image(again, reimported, tmp_path / "out2.tar").rewritten == []
+
+
+def test_a_layer_with_opaque_directories_is_a_directory_tree_and_exports_exactly(
+    tmp_path: Path,
+) -> None:
+    store = open_store(str(tmp_path / "s"))
+    names = [
+        "usr/",
+        "usr/.wh..wh..opq",
+        "usr/bin/",
+        "usr/bin/a",
+        "etc/",
+        "etc/b",
+        "etc/.wh..wh..opq",
+    ]
+    image = import_archive(store, _layer_archive(tmp_path / "a.tar", "dt/opaque:1", names))
+    (layer,) = image.layers
+    assert _root_format(store, layer.tree) == 2
+    entries, _ = get_tree(store, layer.tree)
+    assert [(e.path, e.kind.value) for e in entries] == [
+        ("usr", "d"),
+        ("usr", "o"),
+        ("usr/bin", "d"),
+        ("usr/bin/a", "f"),
+        ("etc", "d"),
+        ("etc/b", "f"),
+        ("etc", "o"),
+    ]
+    # the marks are items of their directories' nodes: no path repeats in a node
+    usr = find_entry(store, layer.tree, "usr")
+    assert usr is not None and usr.kind is Kind.DIR
+    export_image(store, image, tmp_path / "out.tar")
+    again = open_store(str(tmp_path / "s2"))
+    reimported = import_archive(again, tmp_path / "out.tar")
+    assert _root_format(again, reimported.layers[0].tree) == 2
+    assert export_image(again, reimported, tmp_path / "out2.tar").rewritten == []
+
+
+def test_a_tampered_opaque_mark_in_a_node_is_refused(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "s"))
+    for bad in ({"p": "", "k": "f", "m": 420}, {"p": "", "k": "d", "m": 493}):
+        node = store.put_record(json.dumps({"format": 2, "node": [bad]}).encode())
+        root = store.put_record(
+            json.dumps({"format": 2, "meta": {}, "root": node, "self": None}).encode()
+        )
+        with pytest.raises(BadTree, match="no single name"):
+            list(iter_tree(store, root))
 
 
 def test_equal_directories_of_two_layers_are_one_node(tmp_path: Path) -> None:
