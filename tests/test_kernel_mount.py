@@ -247,6 +247,7 @@ def test_rmi_frees_the_index_and_metadata_tree_no_other_image_or_mount_uses(tmp_
     if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
         pytest.skip("needs /dev/fuse and root")
     from layerfs.catalog import Catalog
+    from layerfs.content.metatree import meta_tree_path
     from layerfs.index import index_path
 
     root = tmp_path / "store"
@@ -263,17 +264,17 @@ def test_rmi_frees_the_index_and_metadata_tree_no_other_image_or_mount_uses(tmp_
         index_b = index_path(s, catalog.get_image("rmi/b:1"))
         meta = root / "cache" / "meta"
         assert s.backend.cache_dir() / "meta" == meta
-        assert index_a.exists() and (meta / index_a.stem).is_dir()
+        assert index_a.exists() and meta_tree_path(meta, index_a).is_dir()
         # its twin has the same index: nothing is freed
         out = layerfs(root, "rmi", "rmi/a:1").stdout
         assert "freed" not in out
-        assert index_a.exists() and (meta / index_a.stem).is_dir()
+        assert index_a.exists() and meta_tree_path(meta, index_a).is_dir()
         layerfs(root, "rmi", "rmi/a:twin")
-        assert not index_a.exists() and not (meta / index_a.stem).exists()
+        assert not index_a.exists() and not meta_tree_path(meta, index_a).exists()
         # a mounted image keeps them until it is mounted no more
         with mounted(root, "rmi/b:1", base / "m"):
             layerfs(root, "rmi", "rmi/b:1")
-            assert index_b.exists() and (meta / index_b.stem).is_dir()
+            assert index_b.exists() and meta_tree_path(meta, index_b).is_dir()
             assert (base / "m" / "b").read_bytes() == b"b\n"
 
 

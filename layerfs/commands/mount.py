@@ -48,8 +48,9 @@ def mount_command(
 
     While the store's view runs (a local store), the mount asks it for the image
     and needs no password; else it opens the store. The first mount of an image
-    builds its index under the store's cache directory. The view logs to <store cache dir>/logs/mount.log, e.g.
-    /var/lib/layerfs/cache/logs/mount.log for root's default store.
+    builds its index under the store's cache directory. The view logs to
+    <store cache dir>/logs/mount.log, e.g. /var/lib/layerfs/cache/logs/mount.log
+    for root's default store.
     Unmount with `layerfs umount MOUNTPOINT`.
     """
     if lowerdir is not None:

@@ -3,21 +3,27 @@
 Layout under the cache's root directory:
 
 * ``data/XX/ID``: the plain bytes of one content, read-only (mode 0444). ID is
-  64 hex digits, XX its first two. ``data/`` is the data-only lower layer of
-  every overlay mount of an image; a file of the image view points here with
-  ``trusted.overlay.redirect`` = ``/XX/ID``.
+  20 characters of base64url (120 bits), XX its first two. ``data/`` is the
+  data-only lower layer of every overlay mount of an image; a file of the
+  image view points here with ``trusted.overlay.redirect`` = ``/XX/ID``: 24
+  bytes, short enough for ext4 to keep both overlay xattrs inside the inode
+  (a longer value costs every metacopy file an xattr block of its own, 4 KiB
+  read on its first lookup: cold ``find`` and ``rm -rf`` took 5 and 3 times
+  as long).
 * ``tmp/``: contents being written. A content appears under ``data/`` only
   whole: it is written in ``tmp/``, synced and renamed into place, so a crash
   leaves at most a temp file (named after the writer's pid), which the next
   ``clean_temp`` removes once that process is gone.
 
-A content ID is a BLAKE3 hash of what the index records for a file: its list
-of chunk IDs (themselves keyed hashes of the plain bytes) or, for a small file
-kept inline, its bytes. Equal content in different images shares one file.
+A content ID is a BLAKE3 hash (its first 120 bits) of what the index records
+for a file: its list of chunk IDs (themselves keyed hashes of the plain bytes)
+or, for a small file kept inline, its bytes. Equal content in different images
+shares one file.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -26,6 +32,7 @@ from pathlib import Path
 
 from layerfs.errors import StoreError
 
+ID_BYTES = 15  # 20 characters of base64url
 _CHUNKS_DOMAIN = b"layerfs content chunks v1\0"
 _INLINE_DOMAIN = b"layerfs content inline v1\0"
 
@@ -34,9 +41,10 @@ def content_id(packed_chunks: bytes | None, inline: bytes | None) -> str:
     """The content ID of a file from its index row (packed chunk list, or inline bytes)."""
     import blake3
 
-    if inline is not None:
-        return blake3.blake3(_INLINE_DOMAIN + inline).hexdigest()
-    return blake3.blake3(_CHUNKS_DOMAIN + (packed_chunks or b"")).hexdigest()
+    data = (
+        _INLINE_DOMAIN + inline if inline is not None else _CHUNKS_DOMAIN + (packed_chunks or b"")
+    )
+    return base64.urlsafe_b64encode(blake3.blake3(data).digest(ID_BYTES)).decode("ascii")
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,11 @@ _SPECIAL = {
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+TREE_FORMAT = 2  # 2: redirects name 20-character content IDs (layerfs.content.cache)
+
+
 def meta_tree_path(root: Path, index: Path) -> Path:
-    return root / index.stem
+    return root / f"{index.stem}.{TREE_FORMAT}"
 
 
 def ensure_meta_tree(index: Path, cache: ContentCache, root: Path) -> Path:

@@ -64,7 +64,7 @@ FOREVER = 365 * 86400.0
 SLOT_SHIFT = 40  # an image's inode numbers: slot << SLOT_SHIFT | the index's own
 SLOT_BITS = 20
 CONTROL_LIMIT = 1 << 20  # bytes of a control request, at most
-_HEX = frozenset(b"0123456789abcdef")
+_B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"  # content IDs
 
 
 @dataclass
@@ -86,9 +86,11 @@ class _Image:
 
 
 def _content_dir(name: bytes) -> int | None:
-    """The inode number of the content directory ``XX`` (2 to 257), or None."""
-    if len(name) == 2 and set(name) <= _HEX:
-        return 2 + int(name, 16)
+    """The inode number of the content directory ``XX`` (2 to 4097), or None."""
+    if len(name) == 2 and b"=" not in name:
+        high, low = _B64URL.find(name[:1]), _B64URL.find(name[1:])
+        if high >= 0 and low >= 0:
+            return 2 + 64 * high + low
     return None
 
 

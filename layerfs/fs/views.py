@@ -72,9 +72,15 @@ def content_cache(store: ChunkStore) -> ContentCache:
     return ContentCache(store.backend.cache_dir() / "content")
 
 
+# Bumped when what a daemon serves changes (2: content IDs of layerfs.content.cache's
+# current form): a new version's mounts get a daemon of their own, while an older
+# daemon goes on serving the mounts made over it.
+VIEW_FORMAT = 2
+
+
 def daemon_dir(cache_dir: str | Path) -> Path:
     """Where the view daemon of the store with this cache directory is mounted."""
-    key = hashlib.sha256(str(cache_dir).encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{cache_dir}\0{VIEW_FORMAT}".encode()).hexdigest()[:24]
     return run_dir() / "views" / key
 
 
