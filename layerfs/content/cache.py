@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +76,19 @@ class ContentCache:
     def has(self, cid: str) -> bool:
         return os.path.exists(self.path(cid))
 
-    def put(self, cid: str, size: int, parts: Iterable[bytes | memoryview]) -> Path:
+    def put(
+        self,
+        cid: str,
+        size: int,
+        parts: Iterable[bytes | memoryview],
+        on_write: Callable[[str, int], None] | None = None,
+    ) -> Path:
         """Write a content from its bytes in order and return its path.
 
         The bytes must add up to ``size``; otherwise nothing is kept and
         StoreError says so. Writing a content that is already there is harmless.
+        ``on_write(temp path, bytes written so far)`` is called as the bytes go
+        out, so that readers may read what is written before the end.
         """
         target = self.path(cid)
         tmp_dir = self.root / "tmp"
@@ -95,6 +103,8 @@ class ContentCache:
                     n = os.write(fd, view)
                     written += n
                     view = view[n:]
+                if on_write is not None:
+                    on_write(tmp, written)
             if written != size:
                 raise StoreError(f"content {cid} came out {written} bytes long, not {size}")
             os.fchmod(fd, 0o444)

@@ -4,7 +4,10 @@ One background thread walks the image's regular files in inode order and
 writes each content the cache lacks; a file someone opens before the walk
 reaches it is asked for with ``want`` and written next. Without ``walk`` only
 the files asked for are written. Until its content is
-in the cache a file's bytes are served from the store (by the image view).
+in the cache a file's bytes are served from the store (by the image view),
+except while this filler writes it: then reads wait for the bytes they ask for
+and read them from the file being written (``open_written``), so the content
+is read from the store and decoded once, not twice.
 A content that cannot be read (a missing or corrupt chunk) is logged with the
 object it names and skipped; reads of that file then fail the same way.
 """
@@ -12,10 +15,12 @@ object it names and skipped; reads of that file then fail the same way.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from layerfs.content.cache import ContentCache, content_id
 from layerfs.errors import LayerfsError
@@ -23,6 +28,16 @@ from layerfs.index.view import ImageView
 from layerfs.store.chunks import ChunkStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Writing:
+    """The content a filler is writing: its temp file and how much of it is written."""
+
+    cid: str
+    path: str = ""
+    written: int = 0
+    done: bool = False  # renamed into the cache, or given up
 
 
 class CacheFiller:
@@ -47,6 +62,8 @@ class CacheFiller:
         self._thread: threading.Thread | None = None
         self.written = 0  # contents this filler wrote
         self.failed = 0
+        self._writing: _Writing | None = None
+        self._progress = threading.Condition()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="cache-fill", daemon=True)
@@ -71,13 +88,45 @@ class CacheFiller:
             parts: object = [inline]
         else:
             parts = self.store.stream_content(self.view.content_refs(packed or b""))
+        writing = _Writing(cid)
+        with self._progress:
+            self._writing = writing
+
+        def progress(path: str, written: int) -> None:
+            with self._progress:
+                writing.path, writing.written = path, written
+                self._progress.notify_all()
+
         try:
-            self.cache.put(cid, size, parts)  # type: ignore[arg-type]
+            self.cache.put(cid, size, parts, progress)  # type: ignore[arg-type]
         except (LayerfsError, OSError) as exc:
             self.failed += 1
             log.error("cannot cache the content of inode %d (%s): %s", ino, cid, exc)
             return
+        finally:
+            with self._progress:
+                writing.done = True
+                self._writing = None
+                self._progress.notify_all()
         self.written += 1
+
+    def open_written(self, cid: str, end: int) -> int | None:
+        """While this filler writes content ``cid``: wait until its first ``end`` bytes
+        are written and return a descriptor of the file being written (the caller
+        closes it). None when it is not writing ``cid`` (any more): the content is then
+        in the cache, or to be read from the store."""
+        with self._progress:
+            writing = self._writing
+            if writing is None or writing.cid != cid:
+                return None
+            while not writing.done and (writing.written < end or not writing.path):
+                self._progress.wait()
+            if writing.done:
+                return None
+            try:
+                return os.open(writing.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # renamed into the cache that moment
+                return None
 
     def _fill_wanted(self, block: bool) -> None:
         while True:

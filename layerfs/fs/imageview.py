@@ -360,6 +360,15 @@ class ImageViewFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.fd < 0 and handle.node.size > 0:
             self._try_cached(handle)
+        if handle.fd < 0 and handle.cid:  # being written to the cache: read it there
+            end = min(off + size, handle.node.size)
+            fd = await trio.to_thread.run_sync(handle.image.filler.open_written, handle.cid, end)
+            if fd is not None:
+                try:
+                    return await trio.to_thread.run_sync(os.pread, fd, size, off)
+                finally:
+                    os.close(fd)
+            self._try_cached(handle)
         if handle.fd >= 0:
             return await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
         return await trio.to_thread.run_sync(self._read_store, handle, off, size)

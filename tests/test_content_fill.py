@@ -1,0 +1,88 @@
+"""CacheFiller.open_written: reads of a content being written wait for its bytes and
+read them from the file being written (the store and view are fakes here; the real
+path is covered by the kernel mount tests)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from layerfs.content.cache import ContentCache, content_id
+from layerfs.content.fill import CacheFiller
+from tests.support.waiting import wait_for
+
+
+class _GatedStore:
+    """Gives a content's parts one at a time, each when the test lets it through."""
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.gates = [threading.Event() for _ in parts]
+
+    def stream_content(self, refs):  # noqa: ANN001, ANN201 - a ChunkStore's signature
+        for part, gate in zip(self.parts, self.gates, strict=True):
+            assert gate.wait(30)
+            yield part
+
+
+class _View:
+    def content_refs(self, packed: bytes) -> list:
+        return []
+
+
+def test_a_read_of_the_content_being_written_gets_its_bytes_before_the_end(tmp_path: Path):
+    parts = [os.urandom(100_000), os.urandom(50_000), os.urandom(70_000)]
+    whole = b"".join(parts)
+    store = _GatedStore(parts)
+    cache = ContentCache(tmp_path / "cache")
+    filler = CacheFiller(_View(), store, cache, walk=False)  # type: ignore[arg-type]
+    packed = b"\x01" * 40
+    cid = content_id(packed, None)
+    assert filler.open_written(cid, 10) is None  # nothing being written yet
+
+    writer = threading.Thread(target=filler.fill, args=(1, len(whole), None, packed))
+    writer.start()
+    store.gates[0].set()
+    fd = wait_for(lambda: filler.open_written(cid, 100_000), "the write to start", timeout=30)
+    try:
+        assert os.pread(fd, 100_000, 0) == parts[0]
+    finally:
+        os.close(fd)
+    assert filler.open_written("another-content-id!", 1) is None
+
+    got: list[int | None] = []
+    waiting = threading.Thread(target=lambda: got.append(filler.open_written(cid, 150_001)))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()  # byte 150,000 is not written yet
+    store.gates[1].set()
+    store.gates[2].set()
+    waiting.join(30)
+    writer.join(30)
+    # the third part came: either read from the temp file, or the content is in place
+    if got[0] is not None:
+        try:
+            assert os.pread(got[0], len(whole), 0)[:150_001] == whole[:150_001]
+        finally:
+            os.close(got[0])
+    assert cache.path(cid).read_bytes() == whole
+    assert filler.open_written(cid, 1) is None  # written: read it from the cache
+
+
+def test_a_write_that_fails_lets_its_readers_go(tmp_path: Path):
+    store = _GatedStore([b"x" * 1000, b"y" * 10])  # 1,010 bytes where 5,000 are promised
+    cache = ContentCache(tmp_path / "cache")
+    filler = CacheFiller(_View(), store, cache, walk=False)  # type: ignore[arg-type]
+    packed = b"\x02" * 40
+    cid = content_id(packed, None)
+    writer = threading.Thread(target=filler.fill, args=(1, 5000, None, packed))
+    writer.start()
+    got: list[int | None] = []
+    waiting = threading.Thread(target=lambda: got.append(filler.open_written(cid, 4000)))
+    waiting.start()
+    for gate in store.gates:
+        gate.set()
+    waiting.join(30)
+    writer.join(30)
+    assert got == [None] and filler.failed == 1 and not cache.has(cid)
