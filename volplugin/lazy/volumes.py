@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -395,6 +396,10 @@ class LazyVolumes:
             except (LayerfsError, OSError) as exc:
                 log.error("volume %s: lazy fill failed (%s); retrying", name, exc)
                 self.state.set_error(name, f"{exc}; retrying every {RETRY_SECONDS:.0f} s")
+            except sqlite3.ProgrammingError:
+                if self._closed.is_set():  # closed under a step that outlived close's wait:
+                    return  # the next start redoes the step (the state says where it was)
+                raise
             stop.wait(RETRY_SECONDS)
 
     def _fill(self, lazy: LazyRecord, stop: threading.Event) -> bool:
