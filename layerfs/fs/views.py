@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -520,6 +521,8 @@ def _start_daemon(
                 os.uname().release,
             )
         store = make_store()
+        # the store's pack indexes, loaded now rather than at the first read
+        threading.Thread(target=_preload, args=(store,), name="view-preload", daemon=True).start()
         ops = ImageViewFS(
             store, records, cache, redirects, lambda: trim_cache(cache, cache_dir, limit)
         )
@@ -543,6 +546,13 @@ def _start_daemon(
     daemon = DaemonInfo(daemon.cache_dir, daemon.data_dir, redirects, pid)
     _write_json(Path(f"{mount_dir}.json"), asdict(daemon))
     return daemon
+
+
+def _preload(store: ChunkStore) -> None:
+    try:
+        store.backend.refresh()
+    except LayerfsError as exc:  # the first read tries again, and says what failed
+        log.warning("cannot read the store's indexes ahead of reads: %s", exc)
 
 
 def idle_seconds() -> float:

@@ -77,6 +77,7 @@ log = logging.getLogger("volplugin.lazy.volumes")
 
 RETRY_SECONDS = 5.0
 WATCH_SECONDS = 1.0  # how often the main process looks for fills to start
+FILL_NICE = 10  # the fill threads' scheduling priority (Linux: per thread)
 
 
 class LazyError(VolpluginError):
@@ -167,6 +168,8 @@ class LazyVolumes:
             log.warning("cannot start the store's image view ahead of mounts: %s", exc)
             return
         self._held_view = cache_dir
+        import layerfs.fs.service  # noqa: F401 - what a lazy mount runs, loaded ahead of it
+
         log.info("the store's image view serves ahead of lazy mounts")
 
     def close(self) -> None:
@@ -381,6 +384,10 @@ class LazyVolumes:
             thread.start()
 
     def _fill_loop(self, name: str, stop: threading.Event) -> None:
+        try:  # a background copy: the containers' own reads (and the view) go first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILL_NICE)
+        except OSError as exc:
+            log.debug("cannot lower the priority of the fill of %s: %s", name, exc)
         while not stop.is_set() and not self._closed.is_set():
             lazy = self.state.get(name)
             if lazy is None:
