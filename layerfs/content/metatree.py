@@ -5,7 +5,7 @@ changed: the first lower layer of every overlay mount of the image. Directories,
 symlinks, devices, fifos and sockets are made as they are, with their owner,
 mode, times and xattrs; hard links are hard links; a regular file with content
 is a sparse file of its size (no data) carrying overlayfs'
-``trusted.overlay.metacopy`` and ``trusted.overlay.redirect`` = ``/XX/ID``,
+``trusted.overlay.metacopy`` and ``trusted.overlay.redirect`` = ``/X/ID``,
 its content's place in the content cache (layerfs.content.cache): overlayfs
 looks that up in the data-only layers below, the cache first. So the kernel
 answers every lookup, stat, readdir and read from local filesystems, with no
@@ -44,7 +44,7 @@ _SPECIAL = {
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-TREE_FORMAT = 2  # 2: redirects name 20-character content IDs (layerfs.content.cache)
+TREE_FORMAT = 3  # 3: redirects name 20-character content IDs, /X/ID (layerfs.content.cache)
 
 
 def meta_tree_path(root: Path, index: Path) -> Path:

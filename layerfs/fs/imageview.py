@@ -1,7 +1,7 @@
 """ImageViewFS: the merged trees of a store's images served read-only through FUSE (pyfuse3).
 
 One mount serves every image of a store mounted on this machine. Its root
-holds two namespaces: ``XX/ID``, every file content of the images by content
+holds two namespaces: ``X/ID``, every file content of the images by content
 ID, the last data-only layer of every overlay mount (below the content cache,
 so overlayfs finds a content here only while the cache lacks it; the image's
 metadata tree, layerfs.content.metatree, points at it); and one directory per
@@ -86,11 +86,11 @@ class _Image:
 
 
 def _content_dir(name: bytes) -> int | None:
-    """The inode number of the content directory ``XX`` (2 to 4097), or None."""
-    if len(name) == 2 and b"=" not in name:
-        high, low = _B64URL.find(name[:1]), _B64URL.find(name[1:])
-        if high >= 0 and low >= 0:
-            return 2 + 64 * high + low
+    """The inode number of the content directory ``X`` (2 to 65), or None."""
+    if len(name) == 1:
+        index = _B64URL.find(name)
+        if index >= 0:
+            return 2 + index
     return None
 
 
@@ -254,7 +254,7 @@ class ImageViewFS(pyfuse3.Operations):
             root = image.view.node(ROOT_INO)
             assert root is not None
             return _attrs(root, image.slot)
-        if parent_inode < 1 << SLOT_SHIFT:  # a content directory XX: its contents
+        if parent_inode < 1 << SLOT_SHIFT:  # a content directory X: its contents
             found = self._content(os.fsdecode(name))
             if found is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)  # not cached: it may come later

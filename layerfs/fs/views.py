@@ -73,10 +73,10 @@ def content_cache(store: ChunkStore) -> ContentCache:
     return ContentCache(store.backend.cache_dir() / "content")
 
 
-# Bumped when what a daemon serves changes (2: content IDs of layerfs.content.cache's
-# current form): a new version's mounts get a daemon of their own, while an older
-# daemon goes on serving the mounts made over it.
-VIEW_FORMAT = 2
+# Bumped when what a daemon serves changes (3: content IDs and directories of
+# layerfs.content.cache's current form): a new version's mounts get a daemon of
+# their own, while an older daemon goes on serving the mounts made over it.
+VIEW_FORMAT = 3
 
 
 def daemon_dir(cache_dir: str | Path) -> Path:
