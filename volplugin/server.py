@@ -84,21 +84,16 @@ def _answers(path: Path, grace: float) -> bool:
 
 def bind_socket(path: Path) -> socket.socket:
     """Bind a listening unix socket at `path`, mode 0600, replacing a stale one."""
-    if len(os.fsencode(path)) >= 108:
+    from layerfs.unixsock import MAX_PATH_BYTES, bind_private
+
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
         raise StateError(f"socket path {path} is too long for a unix socket: use a shorter name")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         if _answers(path, STALE_GRACE):
             raise StateError(f"a server already listens on {path}: stop it or pick another --name")
         path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    return sock
+    return bind_private(path)
 
 
 def serve(

@@ -437,17 +437,17 @@ def serve_views(
             control[0].unlink(missing_ok=True)
 
 
-def _control_listener(path: Path) -> trio.socket.SocketType:
-    """A listening unix socket at ``path`` (a stale one replaced), for root only."""
-    import socket
+def _control_listener(path: Path) -> trio.socket.SocketType | None:
+    """A listening unix socket at ``path`` (a stale one replaced), for root only; None
+    (logged) if it cannot be made: mounts then open the store themselves."""
+    from layerfs.unixsock import bind_private
 
     path.unlink(missing_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
     try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
+        sock = bind_private(path)
+    except (LayerfsError, OSError) as exc:
+        log.warning("no control socket for this view (%s): mounts open the store themselves", exc)
+        return None
     sock.listen(64)
     return trio.socket.from_stdlib_socket(sock)
 
