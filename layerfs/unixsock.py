@@ -1,7 +1,9 @@
-"""Listening unix sockets for root's use only: bound with mode 0600 at a path the kernel takes."""
+"""Unix sockets for root's use only: bound with mode 0600 at a path the kernel takes, and
+asked one JSON line for one JSON line (the image views' control socket)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 from layerfs.errors import LayerfsError
 
 MAX_PATH_BYTES = 107  # sun_path holds 108 bytes, the last one a NUL
+MAX_LINE = 1 << 20  # bytes of a request or answer line, at most
 
 
 class SocketPathTooLong(LayerfsError):
@@ -33,3 +36,26 @@ def bind_private(path: Path) -> socket.socket:
         os.umask(old)
     os.chmod(path, 0o600)
     return sock
+
+
+def ask_line(path: Path, request: dict, timeout: float) -> dict | None:
+    """Send ``request`` as one JSON line to the server at ``path`` and return its answer
+    line, parsed; None if nobody listens there. OSError if the exchange fails, ValueError
+    if the answer is no JSON object."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n") and len(data) <= MAX_LINE:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer = json.loads(data)
+    if not isinstance(answer, dict):
+        raise ValueError(f"the answer is no JSON object: {data[:200]!r}")
+    return answer

@@ -40,11 +40,13 @@ def test_a_read_of_the_content_being_written_gets_its_bytes_before_the_end(tmp_p
     packed = b"\x01" * 40
     cid = content_id(packed, None)
     assert filler.open_written(cid, 10) is None  # nothing being written yet
+    assert not filler.writes(cid)
 
     writer = threading.Thread(target=filler.fill, args=(1, len(whole), None, packed))
     writer.start()
     store.gates[0].set()
     fd = wait_for(lambda: filler.open_written(cid, 100_000), "the write to start", timeout=30)
+    assert filler.writes(cid) and not filler.writes("another-content-id!")
     try:
         assert os.pread(fd, 100_000, 0) == parts[0]
     finally:
@@ -68,6 +70,7 @@ def test_a_read_of_the_content_being_written_gets_its_bytes_before_the_end(tmp_p
             os.close(got[0])
     assert cache.path(cid).read_bytes() == whole
     assert filler.open_written(cid, 1) is None  # written: read it from the cache
+    assert not filler.writes(cid)
 
 
 def test_a_write_that_fails_lets_its_readers_go(tmp_path: Path):

@@ -110,6 +110,11 @@ class CacheFiller:
                 self._progress.notify_all()
         self.written += 1
 
+    def writes(self, cid: str) -> bool:
+        """Whether this filler is writing content ``cid`` now (it does not wait)."""
+        writing = self._writing
+        return writing is not None and writing.cid == cid
+
     def open_written(self, cid: str, end: int) -> int | None:
         """While this filler writes content ``cid``: wait until its first ``end`` bytes
         are written and return a descriptor of the file being written (the caller

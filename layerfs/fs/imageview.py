@@ -55,6 +55,7 @@ from layerfs.index.view import ImageView
 from layerfs.records import Kind
 from layerfs.store.chunks import ChunkStore
 from layerfs.union.vocab import is_private_xattr
+from layerfs.unixsock import MAX_LINE
 from layerfs.view import Node
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 FOREVER = 365 * 86400.0
 SLOT_SHIFT = 40  # an image's inode numbers: slot << SLOT_SHIFT | the index's own
 SLOT_BITS = 20
-CONTROL_LIMIT = 1 << 20  # bytes of a control request, at most
 _B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"  # content IDs
 
 
@@ -360,14 +360,10 @@ class ImageViewFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if handle.fd < 0 and handle.node.size > 0:
             self._try_cached(handle)
-        if handle.fd < 0 and handle.cid:  # being written to the cache: read it there
-            end = min(off + size, handle.node.size)
-            fd = await trio.to_thread.run_sync(handle.image.filler.open_written, handle.cid, end)
-            if fd is not None:
-                try:
-                    return await trio.to_thread.run_sync(os.pread, fd, size, off)
-                finally:
-                    os.close(fd)
+        if handle.fd < 0 and handle.cid and handle.image.filler.writes(handle.cid):
+            data = await trio.to_thread.run_sync(_read_written, handle, off, size)
+            if data is not None:
+                return data
             self._try_cached(handle)
         if handle.fd >= 0:
             return await trio.to_thread.run_sync(os.pread, handle.fd, size, off)
@@ -384,6 +380,19 @@ class ImageViewFS(pyfuse3.Operations):
         handle = self._files.pop(fh, None)
         if handle is not None and handle.fd >= 0:
             os.close(handle.fd)
+
+
+def _read_written(handle: _OpenFile, off: int, size: int) -> bytes | None:
+    """The bytes of a read from the content cache's file being written by the image's
+    filler, once they are there; None if it is not writing that content (any more)."""
+    end = min(off + size, handle.node.size)
+    fd = handle.image.filler.open_written(handle.cid, end)
+    if fd is None:
+        return None
+    try:
+        return os.pread(fd, size, off)
+    finally:
+        os.close(fd)
 
 
 def serve_views(
@@ -459,7 +468,7 @@ async def _answer_control(stream: trio.SocketStream, answer: Callable[[dict], di
             data = b""
             while not data.endswith(b"\n"):
                 chunk = await stream.receive_some(65536)
-                if not chunk or len(data) > CONTROL_LIMIT:
+                if not chunk or len(data) > MAX_LINE:
                     return
                 data += chunk
             try:

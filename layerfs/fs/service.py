@@ -79,15 +79,12 @@ def mount_image(
     Without ``start_view`` nothing forks: if the store's view daemon does not
     run, ViewNotRunning is raised before anything is mounted.
     """
-    from layerfs.index import ensure_index
-
     _replace_stale(mountpoint)
-    index = Path(os.path.abspath(ensure_index(store, record)))
     log_file = mount_log_file(store.backend.cache_dir())
     make_store = _view_store(store_url)
     try:
         with open_view(
-            store, record, index, make_store, log_file, prefetch=prefetch, start=start_view
+            store, record, make_store, log_file, prefetch=prefetch, start=start_view
         ) as view:
             return _mount_over(view, mountpoint, upper)
     except MountError:

@@ -59,7 +59,6 @@ VIEW_FSTYPE = "fuse.layerfs-view"
 # cache hold what was read, so this only covers chunks a read straddles.
 VIEW_CHUNK_CACHE = 8 << 20
 CONTROL_TIMEOUT = 300.0  # seconds a request may take (a first one builds an index)
-CONTROL_LIMIT = 1 << 20  # bytes of a request or reply, at most
 
 
 def run_dir() -> Path:
@@ -349,14 +348,13 @@ def _write_json(path: Path, doc: dict) -> None:
 def open_view(
     store: ChunkStore,
     record: ImageRecord,
-    index: Path,
     make_store: Callable[[], ChunkStore],
     log_file: Path,
     *,
     prefetch: bool = True,
     start: bool = True,
 ) -> Iterator[ViewInfo]:
-    """The view of ``record``'s index, its store's daemon started first if none runs.
+    """The view of ``record``, its store's daemon started first if none runs.
 
     The daemon cannot stop while the ``with`` block runs (mount over it there).
     ``make_store`` opens the store again in the daemon's own process. Without
@@ -364,16 +362,12 @@ def open_view(
     ``start`` a store whose daemon does not run raises ViewNotRunning (starting
     one forks: a threaded process must leave that to a process of its own).
     """
-    from layerfs.content.metatree import ensure_meta_tree
-
     cache_dir = store.backend.cache_dir()
     mount_dir = daemon_dir(cache_dir)
     mount_dir.parent.mkdir(parents=True, exist_ok=True)
     cache = content_cache(store)
     cache.data_dir.mkdir(parents=True, exist_ok=True)
-    meta = None
-    if data_only_layers_supported():
-        meta = ensure_meta_tree(index, cache, cache_dir / "meta")
+    index, meta = _image_files(store, record, cache, data_only_layers_supported())
     with _locked(mount_dir) as lock:
         daemon = _running_daemon(mount_dir)
         if daemon is None and not start:
@@ -383,6 +377,19 @@ def open_view(
         yield _register(
             mount_dir, daemon, ImageInfo(record.name, record.id, str(index), prefetch), meta
         )
+
+
+def _image_files(
+    store: ChunkStore, record: ImageRecord, cache: ContentCache, redirects: bool
+) -> tuple[Path, Path | None]:
+    """The image's index and, when files redirect into the content cache, its metadata
+    tree: each built first if missing (both under the store's cache directory)."""
+    from layerfs.content.metatree import ensure_meta_tree
+    from layerfs.index import ensure_index
+
+    index = Path(os.path.abspath(ensure_index(store, record)))
+    meta = ensure_meta_tree(index, cache, cache.root.parent / "meta") if redirects else None
+    return index, meta
 
 
 def _register(mount_dir: Path, daemon: DaemonInfo, image: ImageInfo, meta: Path | None) -> ViewInfo:
@@ -421,36 +428,22 @@ def asked_view(cache_dir: Path, image: str, *, prefetch: bool = True) -> Iterato
 
 def _ask(path: Path, request: dict) -> ViewInfo | None:
     """One request to a view daemon; None if it cannot be asked (it has no socket yet)."""
-    import socket
+    from layerfs.unixsock import ask_line
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(CONTROL_TIMEOUT)
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            return None
-        try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            reply = _read_line(sock)
-        except OSError as exc:
-            raise MountError(f"the image view at {path} did not answer: {exc}") from exc
     try:
-        doc = json.loads(reply)
-        if "error" in doc:
-            raise LayerfsError(str(doc["error"]))
+        doc = ask_line(path, request, CONTROL_TIMEOUT)
+    except OSError as exc:
+        raise MountError(f"the image view at {path} did not answer: {exc}") from exc
+    except ValueError as exc:
+        raise MountError(f"the image view at {path} answered nonsense: {exc}") from exc
+    if doc is None:
+        return None
+    if "error" in doc:
+        raise LayerfsError(str(doc["error"]))
+    try:
         return ViewInfo(**doc["view"])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise MountError(f"the image view at {path} answered nonsense: {reply[:200]!r}") from exc
-
-
-def _read_line(sock) -> bytes:  # noqa: ANN001 - a socket
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(65536)
-        if not chunk or len(data) > CONTROL_LIMIT:
-            break
-        data += chunk
-    return data
+    except (TypeError, KeyError) as exc:
+        raise MountError(f"the image view at {path} answered nonsense: {doc!r:.200}") from exc
 
 
 def _view_answerer(
@@ -458,14 +451,11 @@ def _view_answerer(
 ) -> Callable[[dict], dict]:
     """In a view daemon: what it answers on its control socket (see ``asked_view``)."""
     from layerfs.catalog import Catalog
-    from layerfs.content.metatree import ensure_meta_tree
-    from layerfs.index import ensure_index
 
     def answer(request: dict) -> dict:
         try:
             record = Catalog(store.backend).get_image(str(request["image"]))
-            index = Path(os.path.abspath(ensure_index(store, record)))
-            meta = ensure_meta_tree(index, cache, cache.root.parent / "meta") if redirects else None
+            index, meta = _image_files(store, record, cache, redirects)
             daemon = DaemonInfo.load(mount_dir)
             if daemon is None:
                 raise LayerfsError(f"the image view at {mount_dir} lost its record")
