@@ -40,6 +40,7 @@ from benchmarks.common import (
     WORK_DIR,
     BenchError,
     command_line,
+    compile_bytecode,
     environment_summary,
     human_bytes,
     markdown_table,
@@ -348,6 +349,7 @@ def main() -> None:
     args = parser.parse_args()
     require_tools("restic", "tar", "gzip", "radosgw")
     load = os.getloadavg()[0]
+    compile_bytecode()
     size = (200 if args.quick else args.size) << 20
     tree = WORK / "tree"
     if args.small_files:

@@ -47,6 +47,7 @@ from benchmarks.common import (
     WORK_DIR,
     BenchError,
     command_line,
+    compile_bytecode,
     drop_caches,
     environment_summary,
     force_unmount_under,
@@ -375,6 +376,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print, do not edit RESULTS.md")
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
+    compile_bytecode()
     require_root()
     require_tools("docker", "find", "tar")
     n_mounts = args.mounts or (5 if args.quick else 50)

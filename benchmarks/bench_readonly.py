@@ -44,6 +44,7 @@ from benchmarks.common import (
     BenchError,
     Samples,
     command_line,
+    compile_bytecode,
     drop_caches,
     environment_summary,
     force_unmount_under,
@@ -853,6 +854,7 @@ def main(
     """Benchmark read-only mounts of one image with layerfs, fuse-overlayfs and overlayfs."""
     try:
         load_at_start = os.getloadavg()[0]
+        compile_bytecode()
         require_root()
         require_tools("docker", "fuse-overlayfs", "fusermount3", "tar", "find", "dd")
         spec = QUICK if quick else FULL

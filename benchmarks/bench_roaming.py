@@ -67,6 +67,7 @@ from benchmarks.common import (
     WORK_DIR,
     BenchError,
     command_line,
+    compile_bytecode,
     environment_summary,
     human_bytes,
     markdown_table,
@@ -767,6 +768,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     require_root()
     require_tools("docker", "dockerd", "nsenter", "unshare", "radosgw")
     load_start = os.getloadavg()[0]
+    compile_bytecode()
     prepare_environment()
     print(f"writing {human_bytes(args.size)} of files ...", file=sys.stderr, flush=True)
     payload = make_payload(WORK / "payload", args.size, args.seed)

@@ -18,6 +18,7 @@ import shutil
 from benchmarks.common import (
     WORK_DIR,
     command_line,
+    compile_bytecode,
     environment_summary,
     human_bytes,
     markdown_table,
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
     load = os.getloadavg()[0]
+    compile_bytecode()
     size = (64 if args.quick else args.mb) << 20
     env = ceph.ensure_rgw()
     env.export()

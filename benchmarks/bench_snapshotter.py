@@ -45,6 +45,7 @@ from benchmarks.common import (
     BenchError,
     Samples,
     command_line,
+    compile_bytecode,
     environment_summary,
     human_bytes,
     markdown_table,
@@ -311,6 +312,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print, do not edit RESULTS.md")
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
+    compile_bytecode()
     require_root()
     require_tools("docker", "containerd", "ctr", "du")
     from tests.support.debian import DEBIAN_IMAGE, ensure_debian_image

@@ -59,6 +59,7 @@ from benchmarks.common import (
     WORK_DIR,
     BenchError,
     command_line,
+    compile_bytecode,
     environment_summary,
     markdown_table,
     require_root,
@@ -512,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     require_root()
     require_tools("docker", "dockerd")
     load_avg = os.getloadavg()[0]
+    compile_bytecode()
     with docker_daemon(args.private_dockerd) as docker:
         env = plugin_env(docker.env)
         plugin = start_plugin(args.name, env)

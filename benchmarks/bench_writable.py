@@ -46,6 +46,7 @@ from benchmarks.common import (
     WORK_DIR,
     BenchError,
     command_line,
+    compile_bytecode,
     drop_caches,
     environment_summary,
     force_unmount_under,
@@ -340,6 +341,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print, do not edit RESULTS.md")
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
+    compile_bytecode()
     require_root()
     require_tools("fuse-overlayfs", "fio", "docker")
     tag = ensure_image(args.quick)

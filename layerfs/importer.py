@@ -19,7 +19,7 @@ from types import TracebackType
 
 from layerfs.catalog import Catalog, ImageRecord, LayerRecord
 from layerfs.errors import ImportRejected, LayerfsError, StoreError
-from layerfs.formats.layertar import parse_layer
+from layerfs.formats.layertar import ContentKeeper, parse_layer
 from layerfs.formats.layout import ImagePlan, LayerRef, read_plan
 from layerfs.formats.links import LinkChecker
 from layerfs.formats.source import Source, open_source
@@ -29,22 +29,35 @@ from layerfs.store.chunks import ChunkStore
 
 
 def import_archive(
-    store: ChunkStore, path: Path, tag: str | None = None, progress: bool = False
+    store: ChunkStore,
+    path: Path,
+    tag: str | None = None,
+    progress: bool = False,
+    keep: ContentKeeper | None = None,
 ) -> ImageRecord:
-    """Import `docker save` output or an OCI layout (tar or directory); return its record."""
+    """Import `docker save` output or an OCI layout (tar or directory); return its record.
+
+    ``keep`` is given the bytes of each regular file of the layers read (those the
+    store lacked), e.g. for the content cache.
+    """
     source = open_source(Path(path))
     try:
         plan = read_plan(source, tag)
         name = image_name(plan.names, tag, source.location)
-        return _import(store, plan, source, name, progress, origin=str(path))
+        return _import(store, plan, source, name, progress, str(path), keep)
     finally:
         source.close()
 
 
 def import_from_docker(
-    store: ChunkStore, image: str, tag: str | None = None, progress: bool = False
+    store: ChunkStore,
+    image: str,
+    tag: str | None = None,
+    progress: bool = False,
+    keep: ContentKeeper | None = None,
 ) -> ImageRecord:
-    """Import an image of the local Docker daemon (streamed with `docker save`)."""
+    """Import an image of the local Docker daemon (streamed with `docker save`); ``keep``
+    as for import_archive."""
     import docker
 
     try:
@@ -69,7 +82,7 @@ def import_from_docker(
             raise ImportRejected(f"the Docker daemon could not export {image!r}: {exc}") from exc
         except OSError as exc:
             raise ImportRejected(f"cannot spool {image!r} to {tmp}: {exc.strerror}") from exc
-        record = import_archive(store, spool, name, progress)
+        record = import_archive(store, spool, name, progress, keep)
     return record
 
 
@@ -101,7 +114,13 @@ def normalize_name(name: str) -> str:
 
 
 def _import(
-    store: ChunkStore, plan: ImagePlan, source: Source, name: str, progress: bool, origin: str
+    store: ChunkStore,
+    plan: ImagePlan,
+    source: Source,
+    name: str,
+    progress: bool,
+    origin: str,
+    keep: ContentKeeper | None,
 ) -> ImageRecord:
     catalog = Catalog(store.backend)
     checker = LinkChecker()
@@ -118,7 +137,7 @@ def _import(
             record = new.get(ref.diff_id) or catalog.get_layer(ref.diff_id)
             entries = seen.get(ref.diff_id) or _known_entries(store, record)
             if record is None or entries is None:
-                record, entries = _import_layer(store, source, ref, bar)
+                record, entries = _import_layer(store, source, ref, bar, keep)
                 new[ref.diff_id] = record
             seen[ref.diff_id] = entries
             checker.add_layer(entries, ref.label)
@@ -150,7 +169,7 @@ def _known_entries(store: ChunkStore, record: LayerRecord | None) -> list[Entry]
 
 
 def _import_layer(
-    store: ChunkStore, source: Source, ref: LayerRef, bar: _Progress
+    store: ChunkStore, source: Source, ref: LayerRef, bar: _Progress, keep: ContentKeeper | None
 ) -> tuple[LayerRecord, list[Entry]]:
     where = f"{source.location}: {ref.label}"
     if not source.exists(ref.member):
@@ -161,7 +180,7 @@ def _import_layer(
             f"{ref.size}; the archive is damaged or was altered"
         )
     with source.open(ref.member) as raw:
-        parsed = parse_layer(store, raw, where, bar.advance)
+        parsed = parse_layer(store, raw, where, bar.advance, keep)
     if ref.digest is not None and parsed.blob_digest != ref.digest:
         raise ImportRejected(
             f"{where}: the layer blob hashes to {parsed.blob_digest} but the manifest says "

@@ -9,6 +9,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev gcc make
   fuse3 libfuse3-dev pkg-config fuse-overlayfs attr
   docker.io docker-compose skopeo busybox-static debootstrap containerd
+  docker-registry  # the tests start their own (tests/support/registry.py), never its :5000 service
   ceph-mon ceph-osd radosgw ceph-common
   restic fio hyperfine zstd pigz curl
   autoconf automake perl
@@ -40,6 +41,10 @@ if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[
   exit 1
 fi
 rm -f "$log"
+# The project's modules compiled to bytecode, as an installed package has them:
+# where PYTHONDONTWRITEBYTECODE is set, each process of an editable install
+# would otherwise compile every module it imports, at every start.
+.venv/bin/python -m compileall -q layerfs volplugin >/dev/null
 
 modprobe fuse 2>/dev/null || true
 modprobe overlay 2>/dev/null || true

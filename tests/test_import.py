@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from layerfs.catalog import Catalog, ImageRecord
+from layerfs.content.cache import content_id
 from layerfs.importer import import_archive
+from layerfs.index.build import pack_chunks
 from layerfs.records import Entry, Kind, get_tree, read_content
 from layerfs.store import open_store
 from layerfs.store.chunks import ChunkStore
@@ -113,6 +115,39 @@ def test_docker_save_legacy(archives, tmp_path: Path) -> None:
     image = Catalog(cs.backend).get_image("lfsimp/feature:latest")
     check_feature_layers(cs, image)
     assert image.id == row["id"]
+
+
+def cached_contents(store: Path) -> dict[str, bytes]:
+    """Content ID -> bytes of every content in a local store's content cache."""
+    data = store / "cache" / "content" / "data"
+    files = [p for p in data.rglob("*") if p.is_file()] if data.exists() else []
+    assert all(p.stat().st_mode & 0o777 == 0o444 for p in files)
+    return {p.name: p.read_bytes() for p in files}
+
+
+def test_an_import_puts_every_file_into_the_content_cache(archives, tmp_path: Path) -> None:
+    """The bytes an import reads go into the content cache, each content once, named by the
+    ID the image's metadata tree points at; --no-cache leaves the cache to the first mount."""
+    store = tmp_path / "store"
+    assert layerfs(store, "import", str(archives["legacy"])).returncode == 0
+    cs = open_store(str(store))
+    image = Catalog(cs.backend).get_image("lfsimp/feature:latest")
+    wanted: dict[str, bytes] = {}
+    for layer in image.layers:
+        for e in get_tree(cs, layer.tree)[0]:
+            if e.kind is Kind.FILE and e.size:
+                packed = pack_chunks(e.chunks) if e.inline is None else None
+                wanted[content_id(packed, e.inline)] = read_content(cs, e)
+    assert len(wanted) >= 20
+    assert cached_contents(store) == wanted
+    assert not list((store / "cache" / "content" / "tmp").iterdir())
+    # a second name for the same layers reads nothing, so it writes nothing
+    assert layerfs(store, "import", str(archives["oci-zstd"])).returncode == 0
+    assert cached_contents(store) == wanted
+    bare = tmp_path / "bare"
+    proc = layerfs(bare, "import", "--no-cache", str(archives["legacy"]))
+    assert proc.returncode == 0, proc.stderr
+    assert cached_contents(bare) == {}
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from layerfs.catalog import Catalog
+from layerfs.content.cache import ContentCache, content_id
 from layerfs.importer import import_archive
-from layerfs.records import Kind, get_tree
+from layerfs.index.build import pack_chunks
+from layerfs.records import Kind, get_tree, read_content
 from layerfs.store import open_store
 from tests.support import images
-from tests.test_import import LAYERFS, layerfs, listed
+from tests.test_import import LAYERFS, cached_contents, layerfs, listed
 
 pytestmark = pytest.mark.docker
 
@@ -52,12 +54,16 @@ def assert_refused(store: Path, archive: Path, *needles: str) -> str:
     for needle in needles:
         assert needle in message
     assert_only_small(store)
+    tmp = store / "cache" / "content" / "tmp"
+    assert not tmp.exists() or not list(tmp.iterdir())  # the refused files' bytes are gone
     return message
 
 
 def assert_only_small(store: Path) -> None:
-    """Nothing but the small image is listed, and all of its objects read back verified."""
+    """Nothing but the small image is listed, all of its objects read back verified, and
+    the content cache names nothing (the small image was imported without it)."""
     assert set(listed(store)) == {"lfsimp/small:latest"}
+    assert cached_contents(store) == {}
     cs = open_store(str(store))
     for layer in Catalog(cs.backend).get_image("lfsimp/small").layers:
         for entry in get_tree(cs, layer.tree)[0]:
@@ -183,6 +189,9 @@ def test_killed_import_leaves_a_usable_store(docker_client, store, tmp_path) -> 
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the import finished before it could be killed"
     assert_only_small(store)
+    cache = ContentCache(store / "cache" / "content")
+    assert cache.clean_temp() > 0  # what it had written of files, left as temp files only
+    assert not list((store / "cache" / "content" / "tmp").iterdir())
     cs = open_store(str(store))
     for digest, _size in cs.backend.iter_blobs():
         cs.get_chunk(digest)  # raises if a stored blob is partial or corrupt
@@ -193,3 +202,7 @@ def test_killed_import_leaves_a_usable_store(docker_client, store, tmp_path) -> 
     image = Catalog(cs.backend).get_image("lfsimp/large")
     top = {e.path: e for e in get_tree(cs, image.layers[4].tree)[0]}
     assert top["large3"].kind is Kind.FILE and top["large3"].size == 48 << 20
+    cached = cached_contents(store)
+    assert cached[content_id(pack_chunks(top["large3"].chunks), None)] == read_content(
+        cs, top["large3"]
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -65,16 +66,32 @@ def _summary(image: ImageRecord, unique: int) -> dict:
 @click.argument("archive", required=False, type=click.Path(path_type=Path))
 @click.option("--from-docker", "image", metavar="IMAGE", help="Import from the local daemon.")
 @click.option("--tag", metavar="NAME", help="Name of the image in the store.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Do not put the files' bytes into this host's content cache (an import for others).",
+)
 @click.pass_obj
-def import_command(store_url: str, archive: Path | None, image: str | None, tag: str | None):
-    """Import ARCHIVE (docker save output, an OCI archive or layout) or a Docker image."""
+def import_command(
+    store_url: str, archive: Path | None, image: str | None, tag: str | None, no_cache: bool
+):
+    """Import ARCHIVE (docker save output, an OCI archive or layout) or a Docker image.
+
+    The bytes of the files read also go into this host's content cache (as
+    `docker load` writes them out), so that a first read after the import is
+    served by the kernel from there; --no-cache leaves that to the first mount.
+    """
+    from layerfs.fs.views import cache_filling
+
     if (archive is None) == (image is None):
         raise click.UsageError("give either ARCHIVE or --from-docker IMAGE")
     store = open_store(store_url)
-    if image is not None:
-        record = import_from_docker(store, image, tag, progress=True)
-    else:
-        record = import_archive(store, archive, tag, progress=True)  # type: ignore[arg-type]
+    with contextlib.ExitStack() as stack:
+        keep = None if no_cache else stack.enter_context(cache_filling(store))
+        if image is not None:
+            record = import_from_docker(store, image, tag, progress=True, keep=keep)
+        else:
+            record = import_archive(store, archive, tag, True, keep)  # type: ignore[arg-type]
     click.echo(
         f"imported {record.name} ({record.id[:19]}): {len(record.layers)} layers, "
         f"{human_bytes(record.apparent_size)} apparent, "

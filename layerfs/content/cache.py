@@ -30,6 +30,7 @@ import base64
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,33 +95,32 @@ class ContentCache:
         out, so that readers may read what is written before the end.
         """
         target = self.path(cid)
-        tmp_dir = self.root / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f"{os.getpid()}.{cid[:16]}.")
+        temp = self.temp(cid[:16])
         try:
-            written = 0
             for part in parts:
-                view = memoryview(part)
-                while view:
-                    n = os.write(fd, view)
-                    written += n
-                    view = view[n:]
+                temp.write(part)
                 if on_write is not None:
-                    on_write(tmp, written)
-            if written != size:
-                raise StoreError(f"content {cid} came out {written} bytes long, not {size}")
-            os.fchmod(fd, 0o444)
-            os.fdatasync(fd)
-            os.close(fd)
-            fd = -1
-            os.rename(tmp, target)
+                    on_write(temp.path, temp.written)
+            if temp.written != size:
+                raise StoreError(f"content {cid} came out {temp.written} bytes long, not {size}")
+            temp.seal(sync=True)
+            os.rename(temp.path, target)
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            os.unlink(tmp)
+            temp.discard()
             raise
         return target
+
+    def temp(self, label: str = "") -> TempContent:
+        """A new temp file for a content, under ``tmp/`` (named after this process)."""
+        tmp_dir = self.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=tmp_dir, prefix=f"{os.getpid()}.{label}.")
+        return TempContent(fd, path)
+
+    def batch(self) -> ContentBatch:
+        """Contents written as a stream yields them, named together at the end."""
+        return ContentBatch(self)
 
     def clean_temp(self) -> int:
         """Remove temp files left by writers that died (their name starts with the
@@ -171,3 +171,94 @@ class ContentCache:
             files += 1
             freed += used
         return CacheUsage(files, freed)
+
+
+class TempContent:
+    """A content being written to a temp file of the cache (not yet under ``data/``)."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.written = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            self.written += n
+            view = view[n:]
+
+    def seal(self, *, sync: bool) -> None:
+        """Make it read-only and close it (``sync``: its bytes on disk first)."""
+        os.fchmod(self.fd, 0o444)
+        if sync:
+            os.fdatasync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class ContentBatch:
+    """Contents written as an import reads them, named together when it ends.
+
+    Each content goes to a temp file while its bytes stream past (``begin``,
+    then ``add`` once its ID is known). ``finish`` syncs the cache's filesystem
+    once and only then renames every content into ``data/``: one sync for the
+    batch instead of one per file, and still no named content whose bytes a
+    crash could have lost (a crash leaves temp files, which ``clean_temp``
+    removes). A content the cache holds already, or that came twice, is dropped.
+    """
+
+    def __init__(self, cache: ContentCache) -> None:
+        self.cache = cache
+        self._pending: dict[str, str] = {}  # content ID -> temp path
+
+    def begin(self) -> TempContent:
+        return self.cache.temp("import")
+
+    def add(self, temp: TempContent, cid: str) -> None:
+        temp.seal(sync=False)
+        if cid in self._pending or self.cache.has(cid):
+            temp.discard()
+        else:
+            self._pending[cid] = temp.path
+
+    def finish(self) -> int:
+        """Name every content added; return how many."""
+        if not self._pending:
+            return 0
+        _syncfs(self.cache.root / "tmp")
+        for cid, path in self._pending.items():
+            target = self.cache.path(cid)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
+        named = len(self._pending)
+        self._pending.clear()
+        return named
+
+    def discard(self) -> None:
+        """Drop every content added and not named yet."""
+        for path in self._pending.values():
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+        self._pending.clear()
+
+
+def _syncfs(path: Path) -> None:
+    """syncfs(2) of the filesystem holding ``path`` (Python's os module has no syncfs)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs of {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)

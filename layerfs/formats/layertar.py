@@ -13,7 +13,7 @@ import tarfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import zstandard
 
@@ -29,6 +29,24 @@ INLINE_MAX = 1024
 WHOLE_READ_MAX = 4 << 20  # members up to this size are read into memory whole
 _XATTR_PREFIX = "SCHILY.xattr."
 _STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError)
+
+
+class ContentSink(Protocol):
+    """Where a regular file's bytes go besides the store, as they are read."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def done(self, entry: Entry) -> None:
+        """The bytes are complete; ``entry`` (its chunks or inline bytes) says what they are."""
+
+    def abort(self) -> None:
+        """The file could not be read whole: forget its bytes."""
+
+
+class ContentKeeper(Protocol):
+    """Keeps the bytes of the files a parse reads (e.g. a local cache of file contents)."""
+
+    def begin(self) -> ContentSink: ...
 
 
 @dataclass
@@ -48,8 +66,12 @@ def parse_layer(
     raw: BinaryIO,
     label: str,
     on_read: Callable[[int], None] | None = None,
+    keep: ContentKeeper | None = None,
 ) -> ParsedLayer:
-    """Parse a layer tar from ``raw``; raise ImportRejected naming ``label`` and the entry."""
+    """Parse a layer tar from ``raw``; raise ImportRejected naming ``label`` and the entry.
+
+    ``keep`` is given the bytes of every non-empty regular file as well.
+    """
     entries: list[Entry] = []
     stats = WriteStats()
     current = "(start of the layer)"
@@ -66,7 +88,7 @@ def parse_layer(
         ) as tar:
             for member in tar:
                 current = member.name
-                entry = _entry(store, tar, member, stats, label)
+                entry = _entry(store, tar, member, stats, label, keep)
                 if entry is not None:
                     entries.append(entry)
             current = "(end of the layer)"
@@ -95,7 +117,12 @@ def _reject(label: str, name: str, problem: str) -> ImportRejected:
 
 
 def _entry(
-    store: ChunkStore, tar: tarfile.TarFile, m: tarfile.TarInfo, stats: WriteStats, label: str
+    store: ChunkStore,
+    tar: tarfile.TarFile,
+    m: tarfile.TarInfo,
+    stats: WriteStats,
+    label: str,
+    keep: ContentKeeper | None,
 ) -> Entry | None:
     try:
         path = normalize(m.name)
@@ -120,7 +147,7 @@ def _entry(
         xattrs=_xattrs(m),
     )
     if m.isreg():
-        _read_content(store, tar, m, entry, stats, label)
+        _read_content(store, tar, m, entry, stats, label, keep if m.size else None)
     elif m.isdir():
         entry.kind = Kind.DIR
     elif m.issym():
@@ -149,6 +176,27 @@ def _read_content(
     entry: Entry,
     stats: WriteStats,
     label: str,
+    keep: ContentKeeper | None,
+) -> None:
+    sink = keep.begin() if keep is not None else None
+    try:
+        _read_into(store, tar, m, entry, stats, label, sink)
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    if sink is not None:
+        sink.done(entry)
+
+
+def _read_into(
+    store: ChunkStore,
+    tar: tarfile.TarFile,
+    m: tarfile.TarInfo,
+    entry: Entry,
+    stats: WriteStats,
+    label: str,
+    sink: ContentSink | None,
 ) -> None:
     entry.size = m.size
     if m.sparse is None and m.size <= WHOLE_READ_MAX:
@@ -159,6 +207,8 @@ def _read_content(
         got = len(data)
         if got != m.size:  # as extractfile would: the layer ends inside this member
             raise tarfile.ReadError("unexpected end of data")
+        if sink is not None:
+            sink.write(data)
         if m.size <= INLINE_MAX:
             entry.inline = data
         else:
@@ -167,7 +217,7 @@ def _read_content(
         f = tar.extractfile(m)
         if f is None:  # pragma: no cover - regular members always have a file object
             raise _reject(label, m.name, "its content cannot be read")
-        entry.chunks = store.write_stream(f, stats)
+        entry.chunks = store.write_stream(f, stats, sink.write if sink is not None else None)
         got = sum(c.size for c in entry.chunks)
     if got != m.size:
         raise _reject(label, m.name, f"the content ends after {got} of {m.size} bytes")

@@ -101,8 +101,7 @@ def mount_stored_image(
     (it has the store open): nothing here opens the store or derives its key. Else
     the store is opened here (its password needed) and the daemon started.
     """
-    from layerfs.catalog import Catalog
-    from layerfs.store.location import local_cache_dir, local_root, open_store
+    from layerfs.store.location import local_cache_dir, local_root
 
     root = local_root(store_url)
     if root is not None:
@@ -114,6 +113,9 @@ def mount_stored_image(
         except MountError:
             release_view(daemon_dir(local_cache_dir(root)))
             raise
+    from layerfs.catalog import Catalog
+    from layerfs.store.location import open_store
+
     store = open_store(store_url)
     return mount_image(store_url, store, Catalog(store.backend).get_image(image), mountpoint, upper)
 

@@ -50,6 +50,7 @@ from layerfs.fs.overlay import data_only_layers_supported, layerfs_overlays, umo
 if TYPE_CHECKING:
     from layerfs.catalog import ImageRecord
     from layerfs.content.cache import ContentCache
+    from layerfs.formats.layertar import ContentKeeper
     from layerfs.store.chunks import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,27 @@ def trim_cache(cache: ContentCache, cache_dir: str | Path, limit: int) -> None:
         removed.files,
         removed.bytes,
     )
+
+
+@contextmanager
+def cache_filling(store: ChunkStore) -> Iterator[ContentKeeper]:
+    """A keeper that puts the files an import reads into the store's content cache.
+
+    The contents are named in the cache when the block ends without an error
+    (dropped otherwise); then the cache is trimmed to its bound, as after any fill.
+    """
+    from layerfs.content.imported import CacheKeeper
+
+    cache = content_cache(store)
+    batch = cache.batch()
+    try:
+        yield CacheKeeper(batch)
+    except BaseException:
+        batch.discard()
+        raise
+    named = batch.finish()
+    log.info("import: %d contents put into the content cache", named)
+    trim_cache(cache, store.backend.cache_dir(), cache_limit())
 
 
 def view_answers(path: str | Path) -> bool:

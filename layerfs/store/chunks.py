@@ -274,9 +274,20 @@ class ChunkStore:
             return [self.put_chunk(data, stats)]
         return [self.put_chunk(c.data, stats) for c in self._cdc().cut_buf(data)]
 
-    def write_stream(self, stream: BinaryIO, stats: WriteStats | None = None) -> list[ChunkRef]:
-        """Cut a readable stream into chunks, store them, return the chunk list."""
-        return [self.put_chunk(c.data, stats) for c in self._cdc().cut_stream(stream)]
+    def write_stream(
+        self,
+        stream: BinaryIO,
+        stats: WriteStats | None = None,
+        tee: Callable[[bytes | memoryview], None] | None = None,
+    ) -> list[ChunkRef]:
+        """Cut a readable stream into chunks, store them, return the chunk list;
+        ``tee`` is handed each chunk's bytes in order as well."""
+        refs = []
+        for c in self._cdc().cut_stream(stream):
+            if tee is not None:
+                tee(c.data)
+            refs.append(self.put_chunk(c.data, stats))
+        return refs
 
     def put_record(self, data: bytes) -> str:
         """Store a metadata record (not chunked) and return its digest.
