@@ -16,7 +16,15 @@ import pytest
 from layerfs.fs.mounting import kernel_mounts
 from layerfs.imageconfig import chain_ids
 from layerfs.snapshotter.metadata import Kind, Metadata
-from tests.support.containerd import NAMESPACE, content_blobs, private_containerd, tail
+from tests.support.containerd import (
+    LISTING,
+    NAMESPACE,
+    content_blobs,
+    private_containerd,
+    run_script,
+    snapshot_rows,
+    tail,
+)
 from tests.support.images import FEATURE_IMAGE, build_feature_image, docker_save, skopeo_copy
 from tests.support.lfsmount import layerfs
 from tests.support.waiting import wait_for
@@ -25,17 +33,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.fuse]
 
 REF = f"docker.io/{FEATURE_IMAGE}"
 OCI_REF = "docker.io/lfsimp/feature-oci:latest"
-# every entry below the image's test tree and /bin: path, mode, owner, size, target,
-# checksum. No link counts: overlayfs shows a lower file's own count (/feat/hl/link1: 3,
-# though its other names were copied up or removed), the layerfs image view the names
-# the merged tree has (1); hardlinks are checked by name below.
-LISTING = (
-    "cd / && find feat bin | sort | while read -r p; do "
-    'stat -c "%n %f %u:%g %s" "$p"; '
-    '[ -L "$p" ] && readlink "$p"; '
-    '[ -f "$p" ] && ! [ -L "$p" ] && md5sum "$p"; '
-    "done; echo end-of-listing"
-)
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +52,8 @@ def ctd(archives):
         yield c
 
 
-def _snapshots(ctd, snapshotter: str = "layerfs") -> list[list[str]]:
-    out = ctd.ctr("snapshots", "--snapshotter", snapshotter, "ls").stdout.splitlines()[1:]
-    return sorted(line.split() for line in out if line.strip())
-
-
-def _run(ctd, snapshotter: str, ref: str, name: str, script: str) -> str:
-    done = ctd.ctr("run", "--rm", "--snapshotter", snapshotter, ref, name, "sh", "-c", script)
-    return done.stdout
-
-
 def test_import_stores_layers_and_runs_like_overlayfs(ctd, archives, docker_client):
-    layers = _snapshots(ctd)
+    layers = snapshot_rows(ctd)
     assert len(layers) == 4  # busybox, two RUN layers, an ADD layer
     assert all(row[-1] == "Committed" for row in layers)
     # the committed layers are in the layerfs store, pinned, their uppers gone
@@ -91,12 +78,12 @@ def test_import_stores_layers_and_runs_like_overlayfs(ctd, archives, docker_clie
     )
     assert {Path(m.mountpoint).name for m in kernel_mounts() if str(root) in m.mountpoint} == {"ro"}
 
-    ours = _run(ctd, "layerfs", REF, "list-layerfs", LISTING)
-    links = _run(ctd, "layerfs", REF, "links", "stat -c '%i %h' /feat/hl/orig /feat/hl/upper")
+    ours = run_script(ctd, "layerfs", REF, "list-layerfs", LISTING)
+    links = run_script(ctd, "layerfs", REF, "links", "stat -c '%i %h' /feat/hl/orig /feat/hl/upper")
     first, second = links.splitlines()
     assert first == second and first.endswith(" 2")
     ctd.ctr("image", "import", "--snapshotter", "overlayfs", str(archives["legacy"]))
-    reference = _run(ctd, "overlayfs", REF, "list-overlayfs", LISTING)
+    reference = run_script(ctd, "overlayfs", REF, "list-overlayfs", LISTING)
     assert ours.endswith("end-of-listing\n") and "feat/hl/orig" in ours
     assert ours == reference
     docker_out = docker_client.containers.run(
@@ -108,9 +95,9 @@ def test_import_stores_layers_and_runs_like_overlayfs(ctd, archives, docker_clie
 
 def test_oci_archive_imports_and_runs(ctd, archives):
     ctd.ctr("image", "import", "--snapshotter", "layerfs", str(archives["oci"]))
-    out = _run(ctd, "layerfs", OCI_REF, "oci-run", "cat /feat/hl/link1; ls /feat/opq")
+    out = run_script(ctd, "layerfs", OCI_REF, "oci-run", "cat /feat/hl/link1; ls /feat/opq")
     assert out == "hello-hardlink\nz\n"
-    assert len(_snapshots(ctd)) == 4  # the same layers: nothing unpacked twice
+    assert len(snapshot_rows(ctd)) == 4  # the same layers: nothing unpacked twice
 
 
 def test_container_writes_into_its_upper_and_commits(ctd):
@@ -145,7 +132,7 @@ def test_container_writes_into_its_upper_and_commits(ctd):
 
 
 def test_snapshotter_killed_while_a_container_runs(ctd):
-    before = _snapshots(ctd)
+    before = snapshot_rows(ctd)
     ctd.ctr(
         "run", "-d", "--snapshotter", "layerfs", REF, "survivor", "sh", "-c",
         "while true; do cat /bin/busybox /feat/data/big >/dev/null && echo x >> /tmp/f; "
@@ -180,8 +167,8 @@ def test_snapshotter_killed_while_a_container_runs(ctd):
         interval=0.5,
     )
     assert "survivor" in running
-    assert [row for row in _snapshots(ctd) if row[0] != "survivor"] == before
-    out = _run(ctd, "layerfs", REF, "second", "cat /feat/hl/orig")
+    assert [row for row in snapshot_rows(ctd) if row[0] != "survivor"] == before
+    out = run_script(ctd, "layerfs", REF, "second", "cat /feat/hl/orig")
     assert out == "hello-hardlink\n", tail(ctd.snapshotter.log)
     ctd.ctr("task", "kill", "-s", "SIGKILL", "survivor")
     wait_for(
@@ -212,14 +199,14 @@ def test_an_image_of_the_store_runs_without_its_layers_reaching_containerd(archi
         assert missing.returncode == 1, missing.stdout
         assert "does not hold layer 1 of lfsimp/feature:latest" in missing.stderr
         assert REF not in ctd.ctr("images", "ls", "-q").stdout
-        assert _snapshots(ctd) == []
+        assert snapshot_rows(ctd) == []
         assert ctd.ctr("content", "ls", "-q").stdout.split() == []
 
         layerfs(store, "import", "--from-docker", FEATURE_IMAGE)
         done = layerfs(store, "containerd", "import", FEATURE_IMAGE, *args)
         assert done.stdout.startswith(f"{REF} (sha256:")
         diff_ids = docker_client.images.get(FEATURE_IMAGE).attrs["RootFS"]["Layers"]
-        layers = _snapshots(ctd)
+        layers = snapshot_rows(ctd)
         assert sorted(row[0] for row in layers) == sorted(chain_ids(diff_ids))
         assert all(row[-1] == "Committed" for row in layers)
         # containerd's content store: the manifest and the config, no layer
@@ -230,16 +217,16 @@ def test_an_image_of_the_store_runs_without_its_layers_reaching_containerd(archi
         labels = ctd.ctr("content", "ls").stdout
         assert f"containerd.io/gc.ref.snapshot.layerfs={chain_ids(diff_ids)[-1]}" in labels
 
-        ours = _run(ctd, "layerfs", REF, "from-store", LISTING)
+        ours = run_script(ctd, "layerfs", REF, "from-store", LISTING)
         docker_out = docker_client.containers.run(
             FEATURE_IMAGE, ["sh", "-c", LISTING], remove=True
         ).decode(errors="replace")
         assert ours.encode(errors="surrogateescape").decode(errors="replace") == docker_out
         # registering again changes nothing; containerd's gc keeps what the image uses
         layerfs(store, "containerd", "import", FEATURE_IMAGE, *args)
-        assert _snapshots(ctd) == layers
+        assert snapshot_rows(ctd) == layers
         ctd.ctr("images", "rm", "--sync", REF)
-        wait_for(lambda: _snapshots(ctd) == [], "containerd's gc to remove the snapshots")
+        wait_for(lambda: snapshot_rows(ctd) == [], "containerd's gc to remove the snapshots")
         assert not list((store / "docs" / "pins").iterdir())
         assert "lfsimp/feature" in layerfs(store, "images").stdout  # the store keeps its image
 
@@ -260,11 +247,15 @@ def _committed_listing(ctd, snapshotter: str, where: Path) -> str:
     ctd.ctr("run", "--snapshotter", snapshotter, REF, name, "sh", "-c", WRITES)
     key = json.loads(ctd.ctr("containers", "info", name).stdout)["SnapshotKey"]
     snaps = ("snapshots", "--snapshotter", snapshotter)
+    # ctr makes the commit and the view outside any lease: labelled gc roots, and no
+    # deletion (which starts containerd's gc) until they are listed and removed
+    root = "containerd.io/gc.root=test"
     ctd.ctr(*snaps, "commit", f"{name}-commit", key)
-    ctd.ctr("containers", "rm", name)
+    ctd.ctr(*snaps, "label", f"{name}-commit", root)
     (mount,) = json.loads(
         ctd.ctr(*snaps, "view", "--mounts", f"{name}-view", f"{name}-commit").stdout
     )
+    ctd.ctr(*snaps, "label", f"{name}-view", root)
     target = where / snapshotter
     target.mkdir()
     options = ",".join(mount["Options"])
@@ -280,6 +271,7 @@ def _committed_listing(ctd, snapshotter: str, where: Path) -> str:
         subprocess.run(["umount", str(target)], check=True)
         ctd.ctr(*snaps, "rm", f"{name}-view")
         ctd.ctr(*snaps, "rm", f"{name}-commit")
+        ctd.ctr("containers", "rm", name)
     return listed
 
 

@@ -24,6 +24,17 @@ from tests.support.mounts import unmount_below
 from tests.support.waiting import wait_for
 
 NAMESPACE = "layerfs-test"
+# every entry below the feature image's test tree and /bin (tests.support.images): path,
+# mode, owner, size, target, checksum. No link counts: overlayfs shows a lower file's own
+# count (/feat/hl/link1: 3, though its other names were copied up or removed), the layerfs
+# image view the names the merged tree has (1); tests check hardlinks by name.
+LISTING = (
+    "cd / && find feat bin | sort | while read -r p; do "
+    'stat -c "%n %f %u:%g %s" "$p"; '
+    '[ -L "$p" ] && readlink "$p"; '
+    '[ -f "$p" ] && ! [ -L "$p" ] && md5sum "$p"; '
+    "done; echo end-of-listing"
+)
 CONFIG = """\
 version = 2
 root = "{base}/root"
@@ -171,6 +182,19 @@ class Containerd:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def snapshot_rows(ctd: Containerd, snapshotter: str = "layerfs") -> list[list[str]]:
+    """`ctr snapshots ls` of ``snapshotter`` in the namespace: sorted [key, parent, kind] rows
+    (a snapshot without parent has no parent column)."""
+    out = ctd.ctr("snapshots", "--snapshotter", snapshotter, "ls").stdout.splitlines()[1:]
+    return sorted(line.split() for line in out if line.strip())
+
+
+def run_script(ctd: Containerd, snapshotter: str, ref: str, name: str, script: str) -> str:
+    """The output of `sh -c SCRIPT` in a `ctr run --rm` container of ``ref`` on ``snapshotter``."""
+    done = ctd.ctr("run", "--rm", "--snapshotter", snapshotter, ref, name, "sh", "-c", script)
+    return done.stdout
 
 
 def tail(path: Path, lines: int = 30) -> str:
