@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import tarfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
@@ -147,7 +148,8 @@ def _entry(
         xattrs=_xattrs(m),
     )
     if m.isreg():
-        _read_content(store, tar, m, entry, stats, label, keep if m.size else None)
+        with _kept(keep if m.size else None, entry) as sink:
+            _read_content(store, tar, m, entry, stats, label, sink)
     elif m.isdir():
         entry.kind = Kind.DIR
     elif m.issym():
@@ -169,27 +171,23 @@ def _entry(
     return entry
 
 
-def _read_content(
-    store: ChunkStore,
-    tar: tarfile.TarFile,
-    m: tarfile.TarInfo,
-    entry: Entry,
-    stats: WriteStats,
-    label: str,
-    keep: ContentKeeper | None,
-) -> None:
-    sink = keep.begin() if keep is not None else None
+@contextmanager
+def _kept(keep: ContentKeeper | None, entry: Entry) -> Iterator[ContentSink | None]:
+    """The sink of ``keep`` for one file's bytes: told ``done`` when they were read whole,
+    ``abort`` when not."""
+    if keep is None:
+        yield None
+        return
+    sink = keep.begin()
     try:
-        _read_into(store, tar, m, entry, stats, label, sink)
+        yield sink
     except BaseException:
-        if sink is not None:
-            sink.abort()
+        sink.abort()
         raise
-    if sink is not None:
-        sink.done(entry)
+    sink.done(entry)
 
 
-def _read_into(
+def _read_content(
     store: ChunkStore,
     tar: tarfile.TarFile,
     m: tarfile.TarInfo,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.mounts import unmount_below
-from tests.support.waiting import wait_for
+from tests.support.waiting import stop_process, wait_for
 
 NAMESPACE = "layerfs-test"
 # every entry below the feature image's test tree and /bin (tests.support.images): path,
@@ -94,13 +94,7 @@ class Snapshotter:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def _answers(address: Path) -> bool:
@@ -176,12 +170,7 @@ class Containerd:
                 time.sleep(0.1)
         for container in self.ctr("containers", "ls", "-q", check=False).stdout.split():
             self.ctr("containers", "rm", container, check=False)
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def snapshot_rows(ctd: Containerd, snapshotter: str = "layerfs") -> list[list[str]]:

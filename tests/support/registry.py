@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.waiting import wait_for
+from tests.support.waiting import stop_process, wait_for
 
 REGISTRY = "/usr/bin/docker-registry"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -107,13 +107,7 @@ class Registry:
         )
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def free_port() -> int:

@@ -1,7 +1,8 @@
-"""Polling with a deadline, for tests that wait on real daemons and processes."""
+"""Polling with a deadline, for tests that wait on real daemons and processes (and stop them)."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -31,3 +32,15 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """SIGTERM ``proc`` if it still runs; SIGKILL it if it is not gone within ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
