@@ -11,7 +11,9 @@ stores into its own bucket of the same RGW:
   restored by ``download | gunzip | tar -x``.
 
 Figures: first backup, second backup after changing 1% of the files, a restore
-of the second backup (fresh local caches: a new host), bytes and objects in the
+of the second backup (fresh local caches: a new host; the disk synced before each
+tool's restore, and the restored trees removed only once all are done, so no tool
+pays for writing back or deleting another's files), bytes and objects in the
 bucket, peak RSS of each process tree (sum of VmHWM), and for volplugin the S3
 requests per GiB (the store's request counters). The RGW runs as a private
 cluster (memstore sized for the run) under benchmarks/work/backup/ceph unless
@@ -348,6 +350,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     require_tools("restic", "tar", "gzip", "radosgw")
+    for old in WORK.glob("restore-*"):  # left by an interrupted run
+        shutil.rmtree(old, ignore_errors=True)
     load = os.getloadavg()[0]
     compile_bytecode()
     size = (200 if args.quick else args.size) << 20
@@ -384,13 +388,14 @@ def main() -> None:
         for tool, bucket in tools:
             rows[tool.name]["stored"] = bucket_usage(client, bucket)
             out = WORK / f"restore-{tool.name}"
-            shutil.rmtree(out, ignore_errors=True)
             fresh = WORK / f"cache-restore-{tool.name}"
             shutil.rmtree(fresh, ignore_errors=True)
+            os.sync()
             print(f"{tool.name}: restore ...", flush=True)
             rows[tool.name]["restore"] = tool.restore(out, fresh)
-            shutil.rmtree(out, ignore_errors=True)
     finally:
+        for out in WORK.glob("restore-*"):
+            shutil.rmtree(out, ignore_errors=True)
         for bucket in buckets:
             ceph.remove_bucket(s3, bucket)
         stop_ceph(args.shared_ceph)

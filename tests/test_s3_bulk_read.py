@@ -1,9 +1,10 @@
-"""Bulk one-pass reads (restore's path): range planning, the worker pool, and the S3 store.
+"""Bulk one-pass reads (restore's path): range planning and the S3 store.
 
 The S3 part runs against the real Ceph RADOS Gateway: every chunk arrives once
 and verified, in far fewer GETs than chunks, without touching the local disk
-cache; a missing pack fails only its own chunks, naming the pack; chunks not yet
-uploaded come from memory.
+cache, on the caller's thread while later ranges are fetched ahead; an error from
+the caller stops the reading; a missing pack fails only its own chunks, naming the
+pack; chunks not yet uploaded come from memory.
 """
 
 from __future__ import annotations
@@ -46,27 +47,6 @@ def test_ranges_split_at_gaps_and_size_and_follow_the_callers_order() -> None:
     assert [d for d, _, _ in ranges[3].blobs] == ["a1", "a2", "a3"]
     covered = sorted(d for r in ranges for d, _, _ in r.blobs)
     assert covered == sorted(places)
-
-
-def test_run_all_raises_the_error_and_skips_tasks_not_started() -> None:
-    started: list[int] = []
-    mutex = threading.Lock()
-    never = threading.Event()
-
-    def work(i: int) -> None:
-        with mutex:
-            started.append(i)
-        if i == 1:
-            raise OSError(28, "No space left on device")
-        never.wait(0.02)  # the others take a while: most are still queued when 1 fails
-
-    with pytest.raises(OSError, match="No space left"):
-        s3read.run_all(list(range(200)), work, workers=2)
-    assert 1 in started and len(started) < 100
-
-    seen: list[int] = []
-    s3read.run_all([1, 2, 3], seen.append, workers=1)
-    assert seen == [1, 2, 3]
 
 
 # -- against the RGW ----------------------------------------------------------------
@@ -153,4 +133,37 @@ def test_pending_chunks_come_from_memory_and_wrong_sizes_fail(bucket, tmp_path) 
     assert backend.stats.requests["GetObject"] == 0
     assert set(failed) == {wrong.digest} and isinstance(failed[wrong.digest], CorruptObject)
     assert set(got) == set(wanted) - {wrong.digest}
+    backend.close()
+
+
+@pytest.mark.s3
+def test_chunks_come_on_the_callers_thread_and_its_error_stops_the_reads(bucket, tmp_path) -> None:
+    writer = ChunkStore(S3Backend(bucket, "p", cache_root=tmp_path / "w", pack_size=1 << 20))
+    refs = writer.write_bytes(os.urandom(24 << 20))
+    writer.flush()
+    wanted = {ref.digest: ref.size for ref in refs}
+
+    backend = S3Backend(bucket, "p", cache_root=tmp_path / "r")
+    threads: set[int] = set()
+    failed: list[str] = []
+    ChunkStore(backend).read_chunks(
+        wanted, lambda d, data: threads.add(threading.get_ident()), failed.append, workers=4
+    )
+    assert failed == [] and threads == {threading.get_ident()}
+    backend.close()
+
+    backend = S3Backend(bucket, "p", cache_root=tmp_path / "r2")
+    backend.refresh()  # the index reads
+    ranges = backend.stats.requests["GetObject"]
+    seen: list[str] = []
+
+    def full(digest: str, data: bytes) -> None:
+        seen.append(digest)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        ChunkStore(backend).read_chunks(wanted, full, failed.append, workers=2)
+    ranges = backend.stats.requests["GetObject"] - ranges
+    assert len(seen) == 1 and failed == []
+    assert 1 <= ranges <= 4, f"{ranges} range reads after the first chunk failed"
     backend.close()

@@ -2,7 +2,8 @@
 
 The generic way a backend serves ``read_blobs_in_order``: each blob is one
 ``get_blob`` call on a small thread pool, so waits on the disk or the network
-overlap with whatever the reader does with the blobs before them.
+overlap with whatever the reader does with the blobs before them. A packed
+store's ``read_blobs`` fetches its pack ranges the same way.
 """
 
 from __future__ import annotations
@@ -10,19 +11,26 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 READ_WORKERS = 4
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 
 def ordered_reads(
-    get: Callable[[str], bytes],
-    digests: Iterable[str],
+    get: Callable[[K], V],
+    digests: Iterable[K],
     ahead: int = 32,
     workers: int = READ_WORKERS,
-) -> Generator[bytes, None, None]:
-    """``get(digest)`` of each digest in order, up to ``ahead`` of them running ahead."""
+) -> Generator[V, None, None]:
+    """``get(digest)`` of each digest in order, up to ``ahead`` of them running ahead.
+
+    Closing the generator early cancels the reads not started and waits for the others.
+    """
     with ThreadPoolExecutor(workers, thread_name_prefix="layerfs-ordered-read") as pool:
-        queued: deque[Future[bytes]] = deque()
+        queued: deque[Future[V]] = deque()
         try:
             for digest in digests:
                 queued.append(pool.submit(get, digest))

@@ -21,7 +21,7 @@ also brings the uncached blobs that follow in the pack, up to ``readahead``,
 and index objects are copied into the cache as they never change. A local
 directory needs neither (the page cache serves it). One-pass readers (restore)
 use ``read_blobs`` instead: large range reads on a thread pool, nothing cached
-(see s3read).
+(see s3read), the blobs handed out on the caller's thread.
 
 ``delete_blobs`` repacks: a pack holding only dead blobs is deleted, a pack
 holding live and dead blobs has its live blobs copied into a new pack; the new
@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from layerfs.errors import ObjectMissing, StoreError
@@ -63,6 +63,7 @@ from layerfs.store.backend import (
 )
 from layerfs.store.cache import BlobCache
 from layerfs.store.objects import ObjectStats, ObjectStore
+from layerfs.store.ordered import ordered_reads
 from layerfs.store.packs import BlobPlace, PackWriter
 
 log = logging.getLogger(__name__)
@@ -425,12 +426,17 @@ class PackedBackend(Backend):
         fail: Callable[[str, Exception], None],
         workers: int = 1,
     ) -> None:
-        """Few large range GETs on ``workers`` threads, bypassing the local cache.
+        """Few large range GETs, bypassing the local cache.
 
-        See Backend.read_blobs and layerfs.store.s3read. ``consume`` gets
-        memoryviews into the range's bytes. Blobs still in this process's
-        memory come from there; a failed range is read again blob by blob after
-        one look at the indexes (its pack may have been repacked meanwhile).
+        See Backend.read_blobs and layerfs.store.s3read. Up to ``workers``
+        ranges are fetched ahead on a thread pool while ``consume`` gets the
+        blobs of the ranges before them on the caller's thread, in the planned
+        order: the per-blob work of a restore of many small files is Python
+        code and syscalls, which threads would only pass the GIL back and forth
+        for. ``consume`` gets memoryviews into the range's bytes. Blobs still in
+        this process's memory come from there; a failed range is read again blob
+        by blob after one look at the indexes (its pack may have been repacked
+        meanwhile).
         """
         order = list(dict.fromkeys(check_digest(d) for d in digests))
         self._ensure_loaded()
@@ -450,7 +456,10 @@ class PackedBackend(Backend):
                 continue
             consume(digest, blob)
         ranges = s3read.plan_ranges(order, located)
-        s3read.run_all(ranges, lambda r: self._read_range(r, consume, fail), workers)
+        fetched = ordered_reads(self._fetch_range, ranges, max(1, workers), max(1, workers))
+        with closing(fetched):
+            for r, data in zip(ranges, fetched, strict=True):
+                self._deliver_range(r, data, consume, fail)
 
     def _locate(self, digests: list[str]) -> tuple[dict[str, BlobPlace], list[str], list[str]]:
         """Split digests into (places of durable blobs, pending in memory, unknown)."""
@@ -467,17 +476,21 @@ class PackedBackend(Backend):
                     unknown.append(digest)
         return located, pending, unknown
 
-    def _read_range(
+    def _fetch_range(self, r: s3read.PackRange) -> bytes:
+        """The bytes of a range; short or empty if it cannot be read."""
+        rel = self._pack_rel(r.pack)
+        try:
+            return self.objects.get(rel, f"pack {rel}", r.start, r.end)
+        except StoreError:
+            return b""
+
+    def _deliver_range(
         self,
         r: s3read.PackRange,
+        data: bytes,
         consume: Callable[[str, bytes], None],
         fail: Callable[[str, Exception], None],
     ) -> None:
-        rel = self._pack_rel(r.pack)
-        try:
-            data = self.objects.get(rel, f"pack {rel}", r.start, r.end)
-        except StoreError:
-            data = b""
         if len(data) != r.end - r.start:  # missing, cut short, unreachable or repacked
             self._reread(r, consume, fail)
             return

@@ -4,23 +4,19 @@ A restore needs most blobs of the packs it touches, each once. ``plan_ranges``
 groups the wanted blobs by pack into ranges of at most ``RANGE_MAX`` bytes that
 may span up to ``RANGE_GAP`` unwanted bytes between two wanted blobs, ordered by
 when the caller first asked for one of their blobs (so files tend to complete in
-the caller's order). ``run_all`` works through such ranges on a thread pool and
-stops at the first error.
+the caller's order). The packed store fetches such ranges a few ahead of the
+caller on a thread pool (``layerfs.store.ordered``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from layerfs.store.packs import BlobPlace
 
 RANGE_MAX = 8 << 20
 RANGE_GAP = 256 << 10
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,24 +59,3 @@ def plan_ranges(
             ranked.append((first, PackRange(pack, start, end, tuple(current))))
     ranked.sort(key=lambda item: item[0])
     return [r for _, r in ranked]
-
-
-def run_all(tasks: Sequence[T], work: Callable[[T], None], workers: int) -> None:
-    """Call ``work`` on every task, on up to ``workers`` threads.
-
-    The first exception (in task order among those that failed) cancels the
-    tasks not yet started and is raised once the running ones are done.
-    """
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            work(task)
-        return
-    with ThreadPoolExecutor(min(workers, len(tasks)), thread_name_prefix="layerfs-read") as pool:
-        futures = [pool.submit(work, task) for task in tasks]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f in done and f.exception() is not None]
-        if failed:
-            for future in futures:
-                future.cancel()
-            wait(futures)
-            raise failed[0].exception()  # type: ignore[misc]

@@ -7,20 +7,20 @@ from it one component at a time without following symlinks (``DirFds``). A
 component that is not a plain directory stops the restore with a RestoreError
 naming the path; nothing is ever written outside the target.
 
-A run works in three passes. First it creates the directories and a private
-staging directory at the target's root (mode 0700, held open by descriptor),
-where every new node starts under a temp name. Then it fetches every chunk the
-files need once, on several threads, with the store's bulk read (few large range
-GETs for S3), and writes each verified chunk into every place it goes with
-``pwrite`` on the temp file, opened through the staging descriptor with
-``O_NOFOLLOW`` (created ``O_EXCL`` at its first chunk); all-zero chunks are
-left as holes, so sparse files stay sparse. Last, in entry order, each file
-whose chunks all arrived gets its size and attributes on its open descriptor and
-is renamed into place (descriptor to descriptor; a damaged or missing chunk
-never leaves wrong bytes under a file's name), and links, symlinks and device
-nodes are made the same way. Directory attributes are applied last, deepest
-first, on their descriptors. When the disk fills up, the files that were
-complete are still put in place before the error.
+A run works in three passes. First it creates the directories and a private staging
+directory at the target's root (mode 0700, held open by descriptor), where every new
+node starts under a temp name. Then it fetches every chunk the files need once with
+the store's bulk read (few large range GETs for S3, fetched ahead on several
+threads), and writes each verified chunk into every place it goes with ``pwrite`` on
+the temp file, opened through the staging descriptor with ``O_NOFOLLOW`` (created
+``O_EXCL`` at its first chunk); all-zero chunks are left as holes, so sparse files
+stay sparse. Once a file's last chunk is written, it gets its size and attributes on
+the same open descriptor, so a small file costs one open. Last, in entry order, each
+file whose chunks all arrived is renamed into place (descriptor to descriptor; a
+damaged or missing chunk never leaves wrong bytes under a file's name), and links,
+symlinks and device nodes are made the same way. Directory attributes are applied
+last, deepest first, on their descriptors. When the disk fills up, the files that
+were complete are still put in place before the error.
 
 A run does not sync; ``sync_target`` does (syncfs), once a restore is whole. A
 ``progress`` callback gets (files, bytes) restored after each entry; it may raise to
@@ -62,6 +62,7 @@ BATCH = 32768  # entries a run handles at once (their content is fetched togethe
 STAGING_PREFIX = ".bk-restore-"
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _REOPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -131,13 +132,16 @@ def _attrs(entry: Entry) -> Attributes:
 
 @dataclass(eq=False)
 class _Content:
-    """A file being filled: its entry, temp name, chunk places still to come, failure."""
+    """A file being filled: its entry, temp name, chunk places still to come, how far
+    its written bytes reach, failure."""
 
     entry: Entry
     tmp: str
     remaining: int
+    written_end: int = 0  # end of the last non-zero chunk written
     failed: str = ""
     created: bool = False  # the temp file exists
+    ready: bool = False  # its content, size and attributes are set: only the rename is left
     placed: bool = False  # renamed into place, or removed
 
 
@@ -151,10 +155,15 @@ class _WriteFailed(Exception):
 
 
 class _Fill:
-    """The content pass of one run: which chunk goes where, and the callbacks that write it."""
+    """The content pass of one run: which chunk goes where, and the callbacks that write it.
 
-    def __init__(self, staging: int) -> None:
+    ``seal`` gives a file whose content is complete its size and attributes (on its
+    open descriptor); whichever thread wrote its last chunk calls it.
+    """
+
+    def __init__(self, staging: int, seal: Callable[[_Content, int], None]) -> None:
         self.staging = staging
+        self.seal = seal
         self.sizes: dict[str, int] = {}
         self.places: dict[str, list[tuple[_Content, int]]] = {}
         self.mutex = threading.Lock()
@@ -171,13 +180,10 @@ class _Fill:
         for content, offset in self.places[digest]:
             if content.failed:
                 continue
-            if not zero:
-                try:
-                    self._pwrite_all(content, data, offset)
-                except OSError as exc:
-                    raise _WriteFailed(content.entry.path, exc) from exc
-            with self.mutex:
-                content.remaining -= 1
+            try:
+                self._write(content, None if zero else data, offset)
+            except OSError as exc:
+                raise _WriteFailed(content.entry.path, exc) from exc
 
     def fail(self, digest: str, exc: Exception) -> None:
         with self.mutex:
@@ -185,7 +191,28 @@ class _Fill:
                 if not content.failed:
                     content.failed = f"{content.entry.path} ({exc})"
 
-    def _open(self, content: _Content) -> int:
+    def _write(self, content: _Content, data: bytes | None, offset: int) -> None:
+        """One chunk at ``offset`` (None: zeros, left as a hole); the last one seals."""
+        fd = -1
+        try:
+            if data is not None:
+                fd = self.open(content)
+                _pwrite_all(fd, data, offset)
+            with self.mutex:
+                if data is not None:
+                    content.written_end = max(content.written_end, offset + len(data))
+                content.remaining -= 1
+                last = not content.remaining and not content.failed
+            if last:
+                if fd < 0:
+                    fd = self.open(content)
+                self.seal(content, fd)
+                content.ready = True
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def open(self, content: _Content) -> int:
         """The temp file, made (O_EXCL) by whichever thread brings its first chunk."""
         if not content.created:
             with self.mutex:
@@ -195,37 +222,28 @@ class _Fill:
                     return fd
         return os.open(content.tmp, _REOPEN, dir_fd=self.staging)
 
-    def _pwrite_all(self, content: _Content, data: bytes, offset: int) -> None:
-        fd = self._open(content)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view = view[n:]
-                offset += n
-        finally:
-            os.close(fd)
-
 
 class _Run:
-    """The descriptors of one run: the target, its directories, the staging directory."""
+    """The descriptors of one run: the target, its directories, the staging directory;
+    the temp names in it."""
 
     def __init__(self, target: Path) -> None:
         self.dirs = DirFds.open(target)
         self.root = self.dirs.root
         self.staging_name = f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+        self._names = itertools.count()
         try:
             os.mkdir(self.staging_name, 0o700, dir_fd=self.root)
-            self.staging = os.open(
-                self.staging_name,
-                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=self.root,
-            )
+            self.staging = os.open(self.staging_name, _DIR, dir_fd=self.root)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.rmdir(self.staging_name, dir_fd=self.root)
             self.dirs.close()
             raise
+
+    def tmp_name(self) -> str:
+        """A name not used before in this run's staging directory."""
+        return f"{next(self._names):x}"
 
     def drop_staging(self) -> None:
         """Remove the staging directory (with whatever an error left in it); idempotent."""
@@ -343,7 +361,7 @@ class Restorer:
 
     def _batch(self, entries: list[Entry], dirs: list[Entry]) -> None:
         contents: dict[str, _Content] = {}
-        fill = _Fill(self._r.staging)
+        fill = _Fill(self._r.staging, self._seal)
         current = ""
         try:
             try:
@@ -369,7 +387,7 @@ class Restorer:
                 current = exc.path
                 for entry in entries:  # keep what is complete
                     content = contents.get(entry.path)
-                    if content is not None and not content.failed and not content.remaining:
+                    if content is not None and (content.ready or not content.entry.chunks):
                         self._finish(entry, contents)
                 raise exc.error from None
         except OSError as exc:
@@ -427,7 +445,7 @@ class Restorer:
                 inline=source.inline,
                 size=source.size,
             )
-        content = _Content(entry, secrets.token_hex(8), remaining=0)
+        content = _Content(entry, self._r.tmp_name(), remaining=0)
         contents[entry.path] = content
         if entry.inline is None:
             content.remaining = len(entry.chunks)
@@ -457,7 +475,7 @@ class Restorer:
                 self.result.failed.append(f"{entry.path} (link target {entry.target} is missing)")
             return
         staging = self._r.staging
-        tmp = secrets.token_hex(8)
+        tmp = self._r.tmp_name()
         try:
             if entry.kind is Kind.SYMLINK:
                 os.symlink(entry.target, tmp, dir_fd=staging)
@@ -478,7 +496,7 @@ class Restorer:
         """A hard link to an entry already restored: made in staging, renamed into place."""
         source_parent, source_name = split(entry.target)
         source = os.dup(self._dir(source_parent))  # kept open while the next walk runs
-        tmp = secrets.token_hex(8)
+        tmp = self._r.tmp_name()
         try:
             os.link(
                 source_name,
@@ -496,31 +514,35 @@ class Restorer:
             os.close(source)
         self._done(entry.path)
 
+    def _seal(self, content: _Content, fd: int) -> None:
+        """Give a file whose content is written (``fd``, open for writing) its inline
+        bytes, size and attributes; runs on the thread that wrote its last chunk."""
+        entry = content.entry
+        if entry.inline is not None:
+            _write_all(fd, entry.inline)
+        elif content.written_end != entry.size:
+            os.ftruncate(fd, entry.size)  # trailing holes
+        apply_fd(fd, _attrs(entry), owner_required=self._is_root)
+
     def _place_file(self, content: _Content) -> None:
         entry = content.entry
         if content.placed:
             return
-        staging = self._r.staging
         if content.failed or content.remaining:
             content.placed = True
             if content.created:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(content.tmp, dir_fd=staging)
+                    os.unlink(content.tmp, dir_fd=self._r.staging)
             self.result.failed.append(content.failed or f"{entry.path} (data not read)")
             return
-        if content.created:
-            fd = os.open(content.tmp, _REOPEN, dir_fd=staging)
-        else:  # inline, empty or all zeros: nothing was written yet
-            fd = os.open(content.tmp, _NEW, 0o600, dir_fd=staging)
+        if not content.ready:  # inline or empty: no chunk to wait for
+            fd = os.open(content.tmp, _NEW, 0o600, dir_fd=self._r.staging)
             content.created = True
-        try:
-            if entry.inline is not None:
-                _write_all(fd, entry.inline)
-            else:
-                os.ftruncate(fd, entry.size)  # trailing holes
-            apply_fd(fd, _attrs(entry), owner_required=self._is_root)
-        finally:
-            os.close(fd)
+            try:
+                self._seal(content, fd)
+            finally:
+                os.close(fd)
+            content.ready = True
         self._put(content.tmp, entry.path)
         content.placed = True
         self._done(entry.path)
@@ -545,3 +567,11 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
