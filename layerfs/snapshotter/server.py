@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -71,6 +72,7 @@ def _answer(method: Callable[..., Any]) -> Callable[..., Any]:
     """Run a servicer method; turn its errors into containerd's gRPC codes."""
 
     def run(self: SnapshotsServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.monotonic()
         try:
             return method(self, request, context)
         except tuple(_CODES) as exc:
@@ -82,6 +84,8 @@ def _answer(method: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as exc:
             log.exception("%s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: {exc}")
+        finally:
+            log.debug("%s: %.1f ms", method.__name__, (time.monotonic() - started) * 1000)
 
     run.__name__ = method.__name__
     return run
