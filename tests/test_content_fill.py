@@ -89,3 +89,62 @@ def test_a_write_that_fails_lets_its_readers_go(tmp_path: Path):
     waiting.join(30)
     writer.join(30)
     assert got == [None] and filler.failed == 1 and not cache.has(cid)
+
+
+class _Index:
+    name = "image-index.sqlite"
+
+
+class _WalkedView:
+    """An image of three small files, counting the walks over it."""
+
+    index = _Index()
+
+    def __init__(self) -> None:
+        self.files = [(i, 5, f"file{i}".encode(), None) for i in (1, 2, 3)]
+        self.walks = 0
+
+    def file_contents(self):  # noqa: ANN201 - an ImageView's signature
+        self.walks += 1
+        yield from self.files
+
+    def content_refs(self, packed: bytes) -> list:
+        return []
+
+
+def _walk_once(view: _WalkedView, cache: ContentCache) -> CacheFiller:
+    filler = CacheFiller(view, None, cache)  # type: ignore[arg-type] - inline files only
+    filler.start()
+    wait_for(lambda: view.walks and filler.cache.complete(view.index.name), "the walk")
+    filler.close()
+    return filler
+
+
+def test_a_walk_that_found_every_content_is_not_made_again_until_an_eviction(tmp_path: Path):
+    cache = ContentCache(tmp_path / "cache")
+    view = _WalkedView()
+    first = _walk_once(view, cache)
+    assert first.written == 3 and view.walks == 1
+    assert cache.complete(view.index.name)
+
+    second = CacheFiller(view, None, cache)  # type: ignore[arg-type]
+    second.start()
+    second.close()
+    assert view.walks == 1 and second.written == 0  # the stamp stands: no walk
+
+    removed = cache.evict(0, keep=set())  # contents go: the stamp no longer holds
+    assert removed.files == 3 and not cache.complete(view.index.name)
+    third = _walk_once(view, cache)
+    assert view.walks == 2 and third.written == 3
+    assert sorted(p.name for p in cache.data_dir.rglob("*") if p.is_file()) == sorted(
+        content_id(None, inline) for _i, _s, inline, _p in view.files
+    )
+
+
+def test_an_eviction_during_a_walk_leaves_no_stamp(tmp_path: Path):
+    cache = ContentCache(tmp_path / "cache")
+    generation = cache.generation()
+    cache.put(content_id(None, b"x"), 1, [b"x"])
+    cache.evict(0, keep=set())  # between the walk's start and its end
+    cache.stamp_complete("image-index.sqlite", generation)
+    assert not cache.complete("image-index.sqlite")

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -167,10 +169,44 @@ class ContentCache:
         for _atime, used, path in found:
             if total - freed <= max_bytes:
                 break
+            if not files:
+                self._new_generation()  # before the first removal: no stamp outlives it
             os.unlink(path)
             files += 1
             freed += used
         return CacheUsage(files, freed)
+
+    # -- stamps: "every content of this image was here" ------------------------------
+    def generation(self) -> str:
+        """A token that changes whenever contents are removed (evicted); "" before any."""
+        try:
+            return (self.root / "generation").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def _new_generation(self) -> str:
+        token = secrets.token_hex(8)
+        _write_atomic(self.root / "generation", token)
+        return token
+
+    def stamp_complete(self, key: str, generation: str) -> None:
+        """Record that every content of ``key`` (an image's index) was in the cache at
+        ``generation`` (read before looking); nothing is recorded if contents were
+        removed since."""
+        if generation != self.generation():
+            return
+        if not generation:
+            generation = self._new_generation()
+        _write_atomic(self.root / "complete" / key, generation)
+
+    def complete(self, key: str) -> bool:
+        """Whether every content of ``key`` was found in the cache and nothing was evicted
+        since (contents are only removed by ``evict``, or with the whole cache)."""
+        try:
+            stamp = (self.root / "complete" / key).read_text()
+        except FileNotFoundError:
+            return False
+        return bool(stamp) and stamp == self.generation()
 
 
 class TempContent:
@@ -262,3 +298,11 @@ def _syncfs(path: Path) -> None:
             raise OSError(err, f"syncfs of {path}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole (a temp file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -150,23 +150,29 @@ class CacheFiller:
     def _run(self) -> None:
         started = time.monotonic()
         self.cache.clean_temp()
-        if not self.walk:
+        key = self.view.index.name
+        if not self.walk or self.cache.complete(key):
+            # a walk found every content here before, and nothing was evicted since: no
+            # look at each file (thousands of stats at every start of a view)
             while not self._stop.is_set():
                 self._fill_wanted(block=True)
             return
+        generation = self.cache.generation()
         for ino, size, inline, packed in self.view.file_contents():
             self._fill_wanted(block=False)
             if self._stop.is_set():
                 return
             self.fill(ino, size, inline, packed)
+        if not self.failed:
+            self.cache.stamp_complete(key, generation)
         log.info(
             "content cache filled for %s in %.1f s: %d written, %d failed",
-            self.view.index.name,
+            key,
             time.monotonic() - started,
             self.written,
             self.failed,
         )
-        if self.on_filled is not None:
+        if self.written and self.on_filled is not None:
             try:
                 self.on_filled()
             except (LayerfsError, OSError) as exc:
