@@ -150,6 +150,18 @@ def test_an_import_puts_every_file_into_the_content_cache(archives, tmp_path: Pa
     assert cached_contents(bare) == {}
 
 
+def test_an_import_goes_on_when_the_content_cache_cannot_be_written(archives, tmp_path: Path):
+    store = tmp_path / "store"
+    assert layerfs(store, "init").returncode == 0
+    (store / "cache").mkdir(exist_ok=True)
+    (store / "cache" / "content").write_text("a file where the cache's directory goes")
+    proc = layerfs(store, "import", str(archives["legacy"]))
+    assert proc.returncode == 0, proc.stderr
+    assert "the content cache cannot be written" in proc.stderr
+    assert proc.stderr.count("\n") == 1  # said once, not per file
+    assert "lfsimp/feature:latest" in listed(store)
+
+
 @pytest.mark.parametrize(
     ("layout", "name"),
     [

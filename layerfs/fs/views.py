@@ -321,9 +321,13 @@ def cache_filling(store: ChunkStore) -> Iterator[ContentKeeper]:
     except BaseException:
         batch.discard()
         raise
-    named = batch.finish()
-    log.info("import: %d contents put into the content cache", named)
-    trim_cache(cache, store.backend.cache_dir(), cache_limit())
+    try:  # the cache is only a cache: the import has succeeded whatever happens here
+        named = batch.finish()
+        log.info("import: %d contents put into the content cache", named)
+        trim_cache(cache, store.backend.cache_dir(), cache_limit())
+    except OSError as exc:
+        batch.discard()
+        log.warning("the imported files' contents were not put into the content cache: %s", exc)
 
 
 def view_answers(path: str | Path) -> bool:
