@@ -178,26 +178,33 @@ class ContentCache:
 
     # -- stamps: "every content of this image was here" ------------------------------
     def generation(self) -> str:
-        """A token that changes whenever contents are removed (evicted); "" before any."""
+        """A token that changes whenever contents are removed (evicted); made at first use
+        (never over one an eviction wrote)."""
+        path = self.root / "generation"
         try:
-            return (self.root / "generation").read_text()
+            return path.read_text()
         except FileNotFoundError:
-            return ""
+            pass
+        tmp = _write_temp(path, secrets.token_hex(8))
+        try:
+            os.link(tmp, path)  # only where none exists yet
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        return path.read_text()
 
-    def _new_generation(self) -> str:
-        token = secrets.token_hex(8)
-        _write_atomic(self.root / "generation", token)
-        return token
+    def _new_generation(self) -> None:
+        path = self.root / "generation"
+        os.replace(_write_temp(path, secrets.token_hex(8)), path)
 
     def stamp_complete(self, key: str, generation: str) -> None:
         """Record that every content of ``key`` (an image's index) was in the cache at
         ``generation`` (read before looking); nothing is recorded if contents were
         removed since."""
-        if generation != self.generation():
-            return
-        if not generation:
-            generation = self._new_generation()
-        _write_atomic(self.root / "complete" / key, generation)
+        if generation == self.generation():
+            path = self.root / "complete" / key
+            os.replace(_write_temp(path, generation), path)
 
     def complete(self, key: str) -> bool:
         """Whether every content of ``key`` was found in the cache and nothing was evicted
@@ -300,9 +307,9 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole (a temp file renamed over it)."""
+def _write_temp(path: Path, text: str) -> Path:
+    """A temp file beside ``path`` holding ``text`` (to be renamed or linked to ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    return tmp
