@@ -112,8 +112,9 @@ class _WalkedView:
         return []
 
 
-def _walk_once(view: _WalkedView, cache: ContentCache) -> CacheFiller:
-    filler = CacheFiller(view, None, cache)  # type: ignore[arg-type] - inline files only
+def _walk_once(view: _WalkedView, cache: ContentCache, filled: list | None = None) -> CacheFiller:
+    on_filled = filled.append if filled is not None else None
+    filler = CacheFiller(view, None, cache, on_filled)  # type: ignore[arg-type] - inline only
     filler.start()
     wait_for(lambda: view.walks and filler.cache.complete(view.index.name), "the walk")
     filler.close()
@@ -123,9 +124,12 @@ def _walk_once(view: _WalkedView, cache: ContentCache) -> CacheFiller:
 def test_a_walk_that_found_every_content_is_not_made_again_until_an_eviction(tmp_path: Path):
     cache = ContentCache(tmp_path / "cache")
     view = _WalkedView()
-    first = _walk_once(view, cache)
+    filled: list = []
+    first = _walk_once(view, cache, filled)
     assert first.written == 3 and view.walks == 1
     assert cache.complete(view.index.name)
+    wait_for(lambda: filled, "the trim after the fill")
+    assert filled == [view.index]  # the trim keeps the image just filled
 
     second = CacheFiller(view, None, cache)  # type: ignore[arg-type]
     second.start()

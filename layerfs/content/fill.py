@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from layerfs.content.cache import ContentCache, content_id
 from layerfs.errors import LayerfsError
@@ -48,13 +49,14 @@ class CacheFiller:
         view: ImageView,
         store: ChunkStore,
         cache: ContentCache,
-        on_filled: Callable[[], None] | None = None,
+        on_filled: Callable[[Path], None] | None = None,
         *,
         walk: bool = True,
     ) -> None:
         self.view = view
         self.walk = walk  # False: write only the files asked for with want()
-        self.on_filled = on_filled  # called once the walk is done (e.g. to trim the cache)
+        # called with the image's index once the walk wrote something (to trim the cache)
+        self.on_filled = on_filled
         self.store = store
         self.cache = cache
         self._wanted: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -174,7 +176,7 @@ class CacheFiller:
         )
         if self.written and self.on_filled is not None:
             try:
-                self.on_filled()
+                self.on_filled(self.view.index)
             except (LayerfsError, OSError) as exc:
                 log.error("after filling the content cache: %s", exc)
         while not self._stop.is_set():

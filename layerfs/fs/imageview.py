@@ -156,7 +156,7 @@ class ImageViewFS(pyfuse3.Operations):
         records: Path,
         cache: ContentCache,
         redirects: bool,
-        on_filled: Callable[[], None] | None = None,
+        on_filled: Callable[[Path], None] | None = None,
     ) -> None:
         super().__init__()
         self.store = store

@@ -292,11 +292,23 @@ def cache_limit() -> int:
     return parse_size(os.environ.get("LAYERFS_CACHE_MAX") or "20G")
 
 
-def trim_cache(cache: ContentCache, cache_dir: str | Path, limit: int) -> None:
-    """Evict unused contents, least recently used first, until ``limit`` bytes are used."""
+def trim_cache(
+    cache: ContentCache, cache_dir: str | Path, limit: int, filled: Path | None = None
+) -> None:
+    """Evict unused contents, least recently used first, until ``limit`` bytes are used.
+
+    Contents of mounted images stay, and so do those of ``filled``, the index of an
+    image a view has just filled: its first overlay may not be mounted yet.
+    """
+    from layerfs.content.cache import content_id
+    from layerfs.index.view import file_contents
+
     if cache.usage().bytes <= limit:
         return
-    removed = cache.evict(limit, contents_in_use(cache_dir))
+    keep = contents_in_use(cache_dir)
+    if filled is not None:
+        keep |= {content_id(packed, inline) for _i, _s, inline, packed in file_contents(filled)}
+    removed = cache.evict(limit, keep)
     log.info(
         "content cache over %d bytes: evicted %d contents (%d bytes)",
         limit,
@@ -539,9 +551,11 @@ def _start_daemon(
         store = make_store()
         # the store's pack indexes, loaded now rather than at the first read
         threading.Thread(target=_preload, args=(store,), name="view-preload", daemon=True).start()
-        ops = ImageViewFS(
-            store, records, cache, redirects, lambda: trim_cache(cache, cache_dir, limit)
-        )
+
+        def trim(filled: Path) -> None:
+            trim_cache(cache, cache_dir, limit, filled)
+
+        ops = ImageViewFS(store, records, cache, redirects, trim)
         try:
             serve_views(
                 ops,
