@@ -86,7 +86,7 @@ def bind_socket(path: Path) -> socket.socket:
     """Bind a listening unix socket at `path`, mode 0600, replacing a stale one."""
     from layerfs.unixsock import MAX_PATH_BYTES, bind_private
 
-    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:  # before anything is made or removed
         raise StateError(f"socket path {path} is too long for a unix socket: use a shorter name")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():

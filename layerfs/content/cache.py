@@ -30,13 +30,13 @@ import base64
 import os
 import secrets
 import tempfile
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from layerfs.errors import StoreError
+from layerfs.store.local import syncfs, write_atomic
 
 ID_BYTES = 15  # 20 characters of base64url
 _CHUNKS_DOMAIN = b"layerfs content chunks v1\0"
@@ -113,11 +113,14 @@ class ContentCache:
             raise
         return target
 
-    def temp(self, label: str = "") -> TempContent:
-        """A new temp file for a content, under ``tmp/`` (named after this process)."""
+    def _tmp_dir(self) -> Path:
         tmp_dir = self.root / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(dir=tmp_dir, prefix=f"{os.getpid()}.{label}.")
+        return tmp_dir
+
+    def temp(self, label: str = "") -> TempContent:
+        """A new temp file for a content, under ``tmp/`` (named after this process)."""
+        fd, path = tempfile.mkstemp(dir=self._tmp_dir(), prefix=f"{os.getpid()}.{label}.")
         return TempContent(fd, path)
 
     def batch(self) -> ContentBatch:
@@ -178,33 +181,27 @@ class ContentCache:
 
     # -- stamps: "every content of this image was here" ------------------------------
     def generation(self) -> str:
-        """A token that changes whenever contents are removed (evicted); made at first use
-        (never over one an eviction wrote)."""
+        """A token that changes whenever contents are removed (evicted); made at first
+        use, never over one an eviction wrote ("" while another process makes it)."""
         path = self.root / "generation"
-        try:
-            return path.read_text()
-        except FileNotFoundError:
-            pass
-        tmp = _write_temp(path, secrets.token_hex(8))
-        try:
-            os.link(tmp, path)  # only where none exists yet
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+        with suppress(FileExistsError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, secrets.token_hex(8).encode())
+            finally:
+                os.close(fd)
         return path.read_text()
 
     def _new_generation(self) -> None:
-        path = self.root / "generation"
-        os.replace(_write_temp(path, secrets.token_hex(8)), path)
+        write_atomic(self.root / "generation", secrets.token_hex(8).encode(), self._tmp_dir())
 
     def stamp_complete(self, key: str, generation: str) -> None:
         """Record that every content of ``key`` (an image's index) was in the cache at
         ``generation`` (read before looking); nothing is recorded if contents were
         removed since."""
-        if generation == self.generation():
-            path = self.root / "complete" / key
-            os.replace(_write_temp(path, generation), path)
+        if generation and generation == self.generation():
+            write_atomic(self.root / "complete" / key, generation.encode(), self._tmp_dir())
 
     def complete(self, key: str) -> bool:
         """Whether every content of ``key`` was found in the cache and nothing was evicted
@@ -276,7 +273,7 @@ class ContentBatch:
         """Name every content added; return how many."""
         if not self._pending:
             return 0
-        _syncfs(self.cache.root / "tmp")
+        syncfs(self.cache.root / "tmp")
         for cid, path in self._pending.items():
             target = self.cache.path(cid)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -291,25 +288,3 @@ class ContentBatch:
             with suppress(FileNotFoundError):
                 os.unlink(path)
         self._pending.clear()
-
-
-def _syncfs(path: Path) -> None:
-    """syncfs(2) of the filesystem holding ``path`` (Python's os module has no syncfs)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs of {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def _write_temp(path: Path, text: str) -> Path:
-    """A temp file beside ``path`` holding ``text`` (to be renamed or linked to ``path``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(text)
-    return tmp

@@ -233,15 +233,19 @@ def live_views(cache_dir: str | Path) -> list[ViewInfo]:
     return out
 
 
-def contents_in_use(cache_dir: str | Path) -> set[str]:
-    """Content IDs of every file of every mounted image of a store (never evicted)."""
+def image_contents(index: Path) -> set[str]:
+    """Content IDs of every file of the image whose index is ``index``."""
     from layerfs.content.cache import content_id
     from layerfs.index.view import file_contents
 
+    return {content_id(packed, inline) for _ino, _size, inline, packed in file_contents(index)}
+
+
+def contents_in_use(cache_dir: str | Path) -> set[str]:
+    """Content IDs of every file of every mounted image of a store (never evicted)."""
     used: set[str] = set()
     for info in live_views(cache_dir):
-        for _ino, _size, inline, packed in file_contents(Path(info.index)):
-            used.add(content_id(packed, inline))
+        used |= image_contents(Path(info.index))
     return used
 
 
@@ -300,14 +304,11 @@ def trim_cache(
     Contents of mounted images stay, and so do those of ``filled``, the index of an
     image a view has just filled: its first overlay may not be mounted yet.
     """
-    from layerfs.content.cache import content_id
-    from layerfs.index.view import file_contents
-
     if cache.usage().bytes <= limit:
         return
     keep = contents_in_use(cache_dir)
     if filled is not None:
-        keep |= {content_id(packed, inline) for _i, _s, inline, packed in file_contents(filled)}
+        keep |= image_contents(filled)
     removed = cache.evict(limit, keep)
     log.info(
         "content cache over %d bytes: evicted %d contents (%d bytes)",

@@ -131,9 +131,10 @@ class Backend(ABC):
 
         For one-pass readers (restore): nothing is cached. A blob that cannot be
         read goes to ``fail`` with its StoreError; an exception ``consume`` raises
-        stops the reading and propagates. ``consume`` may run on ``workers``
-        threads at once. This default reads one blob at a time in the caller's
-        thread; backends with slow round trips override it.
+        stops the reading and propagates. Both callbacks run on the caller's
+        thread; ``workers`` is how many reads a backend may have running ahead of
+        them. This default reads one blob at a time; backends with slow round
+        trips override it.
         """
         for digest in digests:
             try:

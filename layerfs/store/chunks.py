@@ -311,9 +311,9 @@ class ChunkStore:
 
         ``chunks`` maps digests to plain sizes. A chunk that is missing, damaged or
         of the wrong size goes to ``fail`` instead; an exception from ``consume``
-        stops the reading and propagates. Both callbacks may run on ``workers``
-        threads at once (see Backend.read_blobs). Nothing is cached: this is the
-        path of one-pass readers such as a restore.
+        stops the reading and propagates. Both callbacks run on the caller's
+        thread, while up to ``workers`` reads run ahead (see Backend.read_blobs).
+        Nothing is cached: this is the path of one-pass readers such as a restore.
         """
 
         def decoded(digest: str, blob: bytes) -> None:

@@ -35,7 +35,6 @@ import itertools
 import os
 import secrets
 import stat
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -158,7 +157,8 @@ class _Fill:
     """The content pass of one run: which chunk goes where, and the callbacks that write it.
 
     ``seal`` gives a file whose content is complete its size and attributes (on its
-    open descriptor); whichever thread wrote its last chunk calls it.
+    open descriptor), once its last chunk is written. The store calls ``consume``
+    and ``fail`` on the restore's own thread (Backend.read_blobs).
     """
 
     def __init__(self, staging: int, seal: Callable[[_Content, int], None]) -> None:
@@ -166,7 +166,6 @@ class _Fill:
         self.seal = seal
         self.sizes: dict[str, int] = {}
         self.places: dict[str, list[tuple[_Content, int]]] = {}
-        self.mutex = threading.Lock()
 
     def want(self, content: _Content) -> None:
         pos = 0
@@ -186,10 +185,9 @@ class _Fill:
                 raise _WriteFailed(content.entry.path, exc) from exc
 
     def fail(self, digest: str, exc: Exception) -> None:
-        with self.mutex:
-            for content, _ in self.places[digest]:
-                if not content.failed:
-                    content.failed = f"{content.entry.path} ({exc})"
+        for content, _ in self.places[digest]:
+            if not content.failed:
+                content.failed = f"{content.entry.path} ({exc})"
 
     def _write(self, content: _Content, data: bytes | None, offset: int) -> None:
         """One chunk at ``offset`` (None: zeros, left as a hole); the last one seals."""
@@ -198,12 +196,10 @@ class _Fill:
             if data is not None:
                 fd = self.open(content)
                 _pwrite_all(fd, data, offset)
-            with self.mutex:
-                if data is not None:
-                    content.written_end = max(content.written_end, offset + len(data))
-                content.remaining -= 1
-                last = not content.remaining and not content.failed
-            if last:
+            if data is not None:
+                content.written_end = max(content.written_end, offset + len(data))
+            content.remaining -= 1
+            if not content.remaining and not content.failed:
                 if fd < 0:
                     fd = self.open(content)
                 self.seal(content, fd)
@@ -213,14 +209,12 @@ class _Fill:
                 os.close(fd)
 
     def open(self, content: _Content) -> int:
-        """The temp file, made (O_EXCL) by whichever thread brings its first chunk."""
-        if not content.created:
-            with self.mutex:
-                if not content.created:
-                    fd = os.open(content.tmp, _NEW, 0o600, dir_fd=self.staging)
-                    content.created = True
-                    return fd
-        return os.open(content.tmp, _REOPEN, dir_fd=self.staging)
+        """The temp file, made (O_EXCL) when its first chunk comes."""
+        if content.created:
+            return os.open(content.tmp, _REOPEN, dir_fd=self.staging)
+        fd = os.open(content.tmp, _NEW, 0o600, dir_fd=self.staging)
+        content.created = True
+        return fd
 
 
 class _Run:
