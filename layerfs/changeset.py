@@ -40,6 +40,7 @@ what overlayfs copy-up makes Docker write for the same change.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -387,7 +388,7 @@ def _store_content(
         finally:
             os.close(fd)
     if content is None:
-        with os.fdopen(mountpoint.open_file(entry.path), "rb") as f:
+        with io.FileIO(mountpoint.open_file(entry.path)) as f:  # unbuffered: chunking reads 4 MiB
             content = _file_content(store, f, size, write_stats)
     if isinstance(content, bytes):
         entry.inline, entry.chunks, entry.size = content, [], len(content)
@@ -431,7 +432,7 @@ def _upper_content(
             if len(data) <= INLINE_MAX:
                 return data
             os.lseek(fd, 0, os.SEEK_SET)
-        with os.fdopen(fd, "rb", closefd=False) as f:
+        with io.FileIO(fd, closefd=False) as f:
             return _file_content(store, f, size, write_stats)
     origin = lower.get(path)
     if (

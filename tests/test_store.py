@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -16,7 +17,7 @@ import pytest
 
 from layerfs.errors import CorruptObject, ObjectMissing, StoreError
 from layerfs.store import open_store
-from layerfs.store.chunks import MAX_CHUNK, chunk_offsets
+from layerfs.store.chunks import MAX_CHUNK, MIN_CHUNK, READ_BUFFER, chunk_offsets
 from layerfs.store.local import LocalBackend
 from tests.support.blobs import corrupt_blob
 
@@ -31,6 +32,40 @@ def test_roundtrip_and_ranges(tmp_path: Path) -> None:
     offsets = chunk_offsets(refs)
     for off, size in [(0, 1), (1, 70000), (len(data) - 5, 100), (123456, 1 << 20), (len(data), 9)]:
         assert store.read(refs, offsets, off, size) == data[off : off + size]
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that hands out at most ``step`` bytes per read (as a pipe may)."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.pos, self.step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # noqa: ANN001
+        n = min(len(b), self.step, len(self.data) - self.pos)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, MIN_CHUNK + 1, READ_BUFFER, 3 * READ_BUFFER + 12345])
+@pytest.mark.parametrize("step", [1 << 30, 100_003])
+def test_a_stream_is_cut_where_its_whole_bytes_are(tmp_path: Path, size: int, step: int) -> None:
+    """write_stream reads into a buffer of its own and cuts again across the buffer's seams:
+    the chunks are those of the whole bytes at once, and those of pyfastcdc's stream chunker."""
+    store = open_store(str(tmp_path / "s"))
+    data = random.Random(size).randbytes(size)
+    whole = [(r.digest, r.size) for r in store.write_bytes(data)] if size else []
+    streamed = [(r.digest, r.size) for r in store.write_stream(_Trickle(data, step))]
+    assert streamed == whole
+    assert [r.size for r in store.write_stream(io.BytesIO(data))] == [
+        c.length for c in store._cdc().cut_stream(io.BytesIO(data))
+    ]
+    store.flush()
+    refs = store.write_stream(io.BytesIO(data))
+    assert store.read(refs, chunk_offsets(refs), 0, size) == data
 
 
 def test_identical_chunks_stored_once(tmp_path: Path) -> None:

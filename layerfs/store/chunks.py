@@ -34,6 +34,7 @@ AVG_CHUNK = 64 << 10
 MIN_CHUNK = 16 << 10
 MAX_CHUNK = 256 << 10
 DEFAULT_LEVEL = 1  # fast enough for image imports; backups ask for more (see ChunkStore)
+READ_BUFFER = 4 << 20  # bytes read from a stream at a time to cut (at least 2 * MAX_CHUNK)
 MAX_DECODED = 1 << 30  # the most a stored blob of unknown plain size may decode to
 _PLAIN = b"\x00"
 _ZSTD = b"\x01"
@@ -283,11 +284,49 @@ class ChunkStore:
         """Cut a readable stream into chunks, store them, return the chunk list;
         ``tee`` is handed each chunk's bytes in order as well."""
         refs = []
-        for c in self._cdc().cut_stream(stream):
+        for data in self._cut_stream(stream):
             if tee is not None:
-                tee(c.data)
-            refs.append(self.put_chunk(c.data, stats))
+                tee(data)
+            refs.append(self.put_chunk(data, stats))
         return refs
+
+    def _cut_stream(self, stream: BinaryIO) -> Iterator[memoryview]:
+        """The chunks of ``stream`` as views into this thread's read buffer, each valid
+        until the next is asked for; the same cuts as FastCDC.cut_stream.
+
+        pyfastcdc's stream chunker allocates a buffer of twice MAX_CHUNK for every
+        stream, which for many small files costs more than cutting them; this one
+        reads into a buffer kept per thread. Every chunk but the buffer's last was cut
+        where its content says; the last may only be where the buffer ended, so
+        unless the stream has ended it is moved to the front and cut again with
+        what follows.
+        """
+        buf: bytearray | None = getattr(self._local, "read_buffer", None)
+        if buf is None:
+            buf = self._local.read_buffer = bytearray(READ_BUFFER)
+        view = memoryview(buf)
+        cdc = self._cdc()
+        filled = 0
+        while True:
+            ended = False
+            while filled < READ_BUFFER:
+                got = stream.readinto(view[filled:])
+                if not got:
+                    ended = True
+                    break
+                filled += got
+            if not filled:
+                return
+            start = 0
+            for chunk in cdc.cut_buf(view[:filled]):
+                if not ended and chunk.offset + chunk.length == filled:
+                    break  # cut where the buffer ended: cut again with more
+                yield chunk.data
+                start = chunk.offset + chunk.length
+            if ended:
+                return
+            view[: filled - start] = bytes(view[start:filled])  # the uncut tail
+            filled -= start
 
     def put_record(self, data: bytes) -> str:
         """Store a metadata record (not chunked) and return its digest.
