@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from layerfs.fs.imageview import READ_AHEAD_KIB
+from layerfs.fs.mounting import kernel_mounts
 from layerfs.fs.overlay import find_overlay
 from layerfs.fs.views import ViewInfo
 from layerfs.store.location import open_store
@@ -102,6 +104,10 @@ def test_reads_are_served_by_the_view_while_the_cache_cannot_be_written(image_st
             assert (m / "tree/sub/leaf").read_bytes() == b"leaf\n"
             view = _view(m)
             assert not _cache_file(view, "data/big").exists()
+            # such reads come in requests of up to READ_AHEAD_KIB, not the kernel's 128 KiB
+            (device,) = [k.device for k in kernel_mounts() if k.mountpoint == view.daemon]
+            ahead = Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text()
+            assert int(ahead) == READ_AHEAD_KIB > 128
     finally:
         import shutil
 

@@ -212,6 +212,41 @@ def test_blobs_come_in_order_and_early_stop_closes_them(store: ChunkStore, reade
     assert _open_fds() == before
 
 
+def test_blobs_that_follow_each_other_in_a_pack_come_with_one_read(store: ChunkStore) -> None:
+    backend = store.backend
+    refs = _blobs(store, 150)  # about 160 KB, written one after the other
+    store.flush()
+    reads: list[tuple[int, int]] = []
+    real_get = backend.objects.get
+
+    def counting_get(rel, label, start=0, end=None):  # noqa: ANN001, ANN202
+        reads.append((start, end))
+        return real_get(rel, label, start, end)
+
+    backend.objects.get = counting_get
+    blobs = list(backend.read_blobs_in_order(r.digest for r in refs))
+    assert len(reads) == 1
+    assert [store.decode(r.digest, b) for r, b in zip(refs, blobs, strict=True)] == [
+        store.get_chunk(r.digest) for r in refs
+    ]
+
+
+def test_a_blob_lost_from_a_range_fails_at_its_turn(store: ChunkStore) -> None:
+    """The range read comes back short (the pack was repacked without the blob): the
+    blobs are read one by one, each where the indexes now say, and the lost one raises
+    when its turn comes, naming it."""
+    refs = _blobs(store, 40)
+    store.flush()
+    lost = refs[17].digest
+    lose_blob(store.backend, lost)
+    got = store.backend.read_blobs_in_order(r.digest for r in refs)
+    for ref in refs[:17]:
+        assert store.decode(ref.digest, next(got)) == store.get_chunk(ref.digest)
+    with pytest.raises(ObjectMissing, match=lost):
+        next(got)
+    got.close()
+
+
 def _generic(backend: Backend):
     return lambda digests: Backend.read_blobs_in_order(backend, digests)
 

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfs.content.cache import ContentCache, content_id
@@ -39,6 +39,7 @@ class _Writing:
     path: str = ""
     written: int = 0
     done: bool = False  # renamed into the cache, or given up
+    awaited: list[int] = field(default_factory=list)  # the ends readers wait for
 
 
 class CacheFiller:
@@ -97,7 +98,8 @@ class CacheFiller:
         def progress(path: str, written: int) -> None:
             with self._progress:
                 writing.path, writing.written = path, written
-                self._progress.notify_all()
+                if writing.awaited and written >= min(writing.awaited):  # wake only to answer
+                    self._progress.notify_all()
 
         try:
             self.cache.put(cid, size, parts, progress)  # type: ignore[arg-type]
@@ -126,8 +128,12 @@ class CacheFiller:
             writing = self._writing
             if writing is None or writing.cid != cid:
                 return None
-            while not writing.done and (writing.written < end or not writing.path):
-                self._progress.wait()
+            writing.awaited.append(end)
+            try:
+                while not writing.done and (writing.written < end or not writing.path):
+                    self._progress.wait()
+            finally:
+                writing.awaited.remove(end)
             if writing.done:
                 return None
             try:

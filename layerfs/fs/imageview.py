@@ -50,6 +50,7 @@ import trio
 from layerfs.content.cache import ContentCache, content_id
 from layerfs.content.fill import CacheFiller
 from layerfs.errors import LayerfsError
+from layerfs.fs.mounting import set_read_ahead
 from layerfs.index.build import ROOT_INO, fs_bytes
 from layerfs.index.view import ImageView
 from layerfs.records import Kind
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 
 # The trees never change: let the kernel keep what it learned (seconds).
 FOREVER = 365 * 86400.0
+# Read-ahead of the view's files: sequential reads of a content not cached yet come in
+# requests this large (libfuse 3 allows up to 1 MiB) instead of the kernel's 128 KiB.
+READ_AHEAD_KIB = 1024
 SLOT_SHIFT = 40  # an image's inode numbers: slot << SLOT_SHIFT | the index's own
 SLOT_BITS = 20
 _B64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"  # content IDs
@@ -415,11 +419,24 @@ def serve_views(
     options |= {"fsname=layerfs", "subtype=layerfs-view", "ro", "allow_other", "dev", "suid"}
     listener = _control_listener(control[0]) if control is not None else None
     pyfuse3.init(ops, mountpoint, options)
-    if on_ready is not None:
-        on_ready()
+
+    async def ready() -> None:
+        # The kernel takes the read-ahead libfuse offers (128 KiB) when it gets the
+        # answer to its INIT, so the larger window is set after that: once a stat of
+        # the root has been answered. Mounts over the view are made after on_ready.
+        try:
+            await trio.to_thread.run_sync(os.stat, mountpoint)
+            tuned = set_read_ahead(mountpoint, READ_AHEAD_KIB)
+        except OSError:
+            tuned = False
+        if not tuned:
+            log.info("cannot set the read-ahead of %s: reads come in smaller requests", mountpoint)
+        if on_ready is not None:
+            on_ready()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(ready)
 
             async def watch() -> None:
                 while True:

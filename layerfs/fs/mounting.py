@@ -37,6 +37,7 @@ class KernelMount:
     fstype: str
     source: str
     options: str = ""  # the filesystem's own options (e.g. overlay's lowerdir=...)
+    device: str = ""  # its st_dev as "major:minor"
 
 
 def _unescape(field: str) -> str:
@@ -55,7 +56,8 @@ def kernel_mounts() -> list[KernelMount]:
             fields = left.split()
             fstype, source, *rest = right.split()
             options = rest[0] if rest else ""
-            out.append(KernelMount(_unescape(fields[4]), fstype, _unescape(source), options))
+            mountpoint, device = _unescape(fields[4]), fields[2]
+            out.append(KernelMount(mountpoint, fstype, _unescape(source), options, device))
     return out
 
 
@@ -67,6 +69,24 @@ def find_mount(mountpoint: str | Path) -> KernelMount | None:
         if mount.mountpoint == target:
             found = mount
     return found
+
+
+def set_read_ahead(mountpoint: str | Path, kib: int) -> bool:
+    """Set the kernel's read-ahead window for the filesystem mounted at ``mountpoint``
+    (its backing device's ``read_ahead_kb`` in /sys/class/bdi), found in the mount
+    table without touching the mount (a FUSE server calls this before it answers;
+    ``mountpoint`` must then be a path without symlinks).
+    False if that cannot be done (no such mount, no sysfs, not root)."""
+    target = os.path.abspath(mountpoint)  # not realpath: that would stat the mount
+    found = [m for m in kernel_mounts() if m.mountpoint == target]
+    if not found or not found[-1].device:
+        return False
+    mount = found[-1]
+    try:
+        Path(f"/sys/class/bdi/{mount.device}/read_ahead_kb").write_text(f"{kib}\n")
+    except OSError:
+        return False
+    return True
 
 
 def _setup_daemon_logging(log_file: Path) -> None:

@@ -46,7 +46,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 _INDEX_EVERY = 8  # write an index after this many written packs even without flush
 _COMPACT_AT = 32  # delete_blobs under the exclusive lock merges this many indexes into one
+ORDERED_RANGE = 1 << 20  # the most read_blobs_in_order reads at once from one pack
 UNINDEXED_GRACE = 3600.0  # packs no index names are kept this long (a writer may index them yet)
 
 
@@ -376,6 +377,67 @@ class PackedBackend(Backend):
         if self.cache is not None:
             self.cache.put(digest, data)
         return data
+
+    def read_blobs_in_order(
+        self, digests: Iterable[str], ahead: int = 32
+    ) -> Generator[bytes | memoryview, None, None]:
+        """Like Backend.read_blobs_in_order, but blobs that follow each other in one pack
+        (a file's chunks, as they were written) come with one range read of up to
+        ORDERED_RANGE bytes, as memoryviews into it; a few ranges are read ahead on
+        threads. A blob not in a durable pack, or a range that comes back short
+        (repacked meanwhile, or damaged), is read blob by blob with get_blob, which
+        says what is wrong."""
+        self._ensure_loaded()
+
+        def runs() -> Iterator[list[tuple[str, BlobPlace | None]]]:
+            run: list[tuple[str, BlobPlace | None]] = []
+            start = end = 0
+            pack = ""
+            for digest in digests:
+                check_digest(digest)
+                with self._mutex:
+                    place = None if digest in self._pending else self._places.get(digest)
+                if run and (
+                    place is None
+                    or place.pack != pack
+                    or place.offset != end
+                    or place.offset + place.length - start > ORDERED_RANGE
+                ):
+                    yield run
+                    run = []
+                if place is None:
+                    yield [(digest, None)]
+                    continue
+                if not run:
+                    pack, start = place.pack, place.offset
+                run.append((digest, place))
+                end = place.offset + place.length
+            if run:
+                yield run
+
+        def fetch(run: list[tuple[str, BlobPlace | None]]) -> list[bytes | memoryview]:
+            first, last = run[0][1], run[-1][1]
+            if first is None or last is None or len(run) == 1:
+                return [self.get_blob(digest) for digest, _ in run]
+            rel = self._pack_rel(first.pack)
+            stop = last.offset + last.length
+            try:
+                data = self.objects.get(rel, f"pack {rel}", first.offset, stop)
+            except StoreError:
+                data = b""
+            if len(data) != stop - first.offset:
+                return [self.get_blob(digest) for digest, _ in run]
+            view = memoryview(data)
+            return [
+                view[p.offset - first.offset : p.offset - first.offset + p.length]
+                for _, p in run
+                if p is not None
+            ]
+
+        fetched = ordered_reads(fetch, runs(), ahead=max(1, ahead // 8))
+        with closing(fetched):
+            for blobs in fetched:
+                yield from blobs
 
     def _extent(self, place: BlobPlace) -> list[tuple[str, int, int]]:
         """The blob at ``place`` and the uncached blobs right after it, up to readahead."""
