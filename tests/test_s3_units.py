@@ -25,6 +25,8 @@ def test_pack_trailer_lists_every_blob() -> None:
     assert entries == [(f"{i:032x}", p.offset, p.length) for i, p in enumerate(places)]
     for place in places:
         assert writer.read(place) == sealed[place.offset : place.offset + place.length]
+    again = bytes(sealed)
+    assert writer.seal() is sealed and sealed == again  # in place, once: a retry sends the same
     writer.release()
     assert writer.read(places[0]) is None
 

@@ -167,7 +167,7 @@ class PackedBackend(Backend):
         plain = self.sealer.open("index", index_id, data)
         return packs.decode_index(f"index {index_id}", plain)
 
-    def _seal_pack(self, writer: PackWriter) -> bytes:
+    def _seal_pack(self, writer: PackWriter) -> bytearray:
         return writer.seal(lambda trailer: self.sealer.seal("trailer", writer.pack_id, trailer))
 
     def refresh(self) -> None:

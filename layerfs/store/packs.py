@@ -49,14 +49,16 @@ class BlobPlace:
 
 @dataclass
 class PackWriter:
-    """A pack being filled in memory; ``seal`` returns the finished bytes."""
+    """A pack being filled in memory; ``seal`` finishes it and returns its bytes."""
 
     pack_id: str = field(default_factory=new_id)
     buf: bytearray = field(default_factory=lambda: bytearray(PACK_MAGIC))
     blobs: list[tuple[str, int, int]] = field(default_factory=list)
     uploaded: float = 0.0  # time.monotonic() when its upload ended (0: not uploaded)
+    sealed: bool = False  # the trailer and footer are in ``buf``
 
     def add(self, digest: str, data: bytes) -> BlobPlace:
+        assert not self.sealed, "a blob added to a sealed pack"
         offset = len(self.buf)
         self.buf += data
         self.blobs.append((digest, offset, len(data)))
@@ -76,10 +78,19 @@ class PackWriter:
     def size(self) -> int:
         return len(self.buf)
 
-    def seal(self, protect: Callable[[bytes], bytes] = bytes) -> bytes:
-        """The pack's bytes; ``protect`` turns the trailer into what is stored (encryption)."""
-        trailer = protect(_pack_json({"version": _VERSION, "blobs": self.blobs}))
-        return bytes(self.buf) + trailer + struct.pack("<Q", len(trailer)) + PACK_END
+    def seal(self, protect: Callable[[bytes], bytes] = bytes) -> bytearray:
+        """The pack's bytes; ``protect`` turns the trailer into what is stored (encryption).
+
+        The trailer and footer are added to the buffer itself, the first time only (an
+        upload tried again sends the same bytes), so a pack on its way out is in memory
+        once, not twice; its blobs stay where they were for ``read``. Nothing may be
+        added once it is sealed.
+        """
+        if not self.sealed:
+            trailer = protect(_pack_json({"version": _VERSION, "blobs": self.blobs}))
+            self.buf += trailer + struct.pack("<Q", len(trailer)) + PACK_END
+            self.sealed = True
+        return self.buf
 
 
 def parse_footer(name: str, footer: bytes) -> int:
