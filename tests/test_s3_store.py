@@ -99,6 +99,13 @@ def test_chunk_store_ranges_and_cache(bucket, tmp_path) -> None:
     assert b"".join(reader.iter_content(refs)) == data
     assert reader_backend.stats.requests["GetObject"] == gets
     assert reader_backend.cache.hits >= len(refs)
+    # one pass in order (a layer tar, the content cache's fill): cached chunks need no GET
+    assert b"".join(reader.stream_content(refs)) == data
+    assert reader_backend.stats.requests["GetObject"] == gets
+    # and chunks not cached come with range GETs, not one per chunk
+    fresh = backend(bucket, tmp_path, "f")
+    assert b"".join(ChunkStore(fresh, cache_bytes=0).stream_content(refs)) == data
+    assert 0 < fresh.stats.requests["GetObject"] < len(refs) // 3
 
 
 def test_packs_are_large_and_few(s3_env, bucket, tmp_path) -> None:
@@ -125,6 +132,7 @@ _WRITER = """
 import os, sys
 from pathlib import Path
 from layerfs.store.chunks import ChunkStore
+from layerfs.store.packed import ORDERED_RANGE
 from layerfs.store.s3 import S3Backend
 bucket, seed, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 be = S3Backend(bucket, "store", cache_root=out.parent / ("cache-" + seed), pack_size=1 << 20)

@@ -384,9 +384,9 @@ class PackedBackend(Backend):
         """Like Backend.read_blobs_in_order, but blobs that follow each other in one pack
         (a file's chunks, as they were written) come with one range read of up to
         ORDERED_RANGE bytes, as memoryviews into it; a few ranges are read ahead on
-        threads. A blob not in a durable pack, or a range that comes back short
-        (repacked meanwhile, or damaged), is read blob by blob with get_blob, which
-        says what is wrong."""
+        threads. A blob in the local cache or not in a durable pack, and the blobs of a
+        range that comes back short (repacked meanwhile, or damaged), are read one by
+        one with get_blob, which says what is wrong."""
         self._ensure_loaded()
 
         def runs() -> Iterator[list[tuple[str, BlobPlace | None]]]:
@@ -397,6 +397,8 @@ class PackedBackend(Backend):
                 check_digest(digest)
                 with self._mutex:
                     place = None if digest in self._pending else self._places.get(digest)
+                if place is not None and self.cache is not None and self.cache.contains(digest):
+                    place = None  # get_blob takes it from the local cache
                 if run and (
                     place is None
                     or place.pack != pack
