@@ -206,7 +206,9 @@ import json, sys
 from pathlib import Path
 from layerfs.store.chunks import ChunkStore
 from layerfs.store.location import open_backend
+from layerfs.memory import return_large_buffers
 from volplugin.backup import service
+return_large_buffers()  # as the `volplugin` command does first
 op, url = sys.argv[1], sys.argv[2]
 backend = open_backend(url)  # the encrypted repository (LAYERFS_PASSWORD_FILE)
 store = ChunkStore(backend)

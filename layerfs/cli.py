@@ -12,6 +12,7 @@ import logging
 import click
 
 from layerfs.clitools import OneLineErrors, password_option, store_option
+from layerfs.memory import return_large_buffers
 from layerfs.store.location import default_store_url
 
 
@@ -62,4 +63,5 @@ def cli(ctx: click.Context, store: str | None, verbose: bool) -> None:
 
 
 def main() -> None:
+    return_large_buffers()
     cli()

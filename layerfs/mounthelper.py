@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerfs.errors import LayerfsError
+from layerfs.memory import return_large_buffers
 
 USAGE = "usage: mount.fuse.layerfs SOURCE MOUNTPOINT [-o lowerdir=A:B,upperdir=U,workdir=W]"
 EXIT_USAGE = 1
@@ -102,6 +103,7 @@ def run(args: HelperArgs) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    return_large_buffers()
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import click
 
 from layerfs.clitools import OneLineErrors, password_option, store_option
+from layerfs.memory import return_large_buffers
 from volplugin.defaults import (
     DEFAULT_NAME,
     DEFAULT_ROOT,
@@ -473,6 +474,7 @@ def _show_job(job: dict) -> None:
 
 
 def main() -> None:
+    return_large_buffers()
     cli()
 
 

@@ -14,8 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+from layerfs.memory import return_large_buffers
+
 
 def main(argv: list[str]) -> int:
+    return_large_buffers()
     from layerfs.catalog import LayerRecord
     from layerfs.errors import LayerfsError
     from layerfs.fs.service import mount_image

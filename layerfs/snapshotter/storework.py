@@ -39,6 +39,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from layerfs.memory import return_large_buffers
+
 # A test's hook: while this file exists, a commit stops itself (SIGSTOP) after
 # pinning, before answering, so that the test can kill it at its worst moment.
 PAUSE_FILE_VARIABLE = "LAYERFS_SNAPSHOTTER_TEST_PAUSE_COMMIT"
@@ -101,6 +103,7 @@ def _unpin(store: Any, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    return_large_buffers()
     import logging
     import select
 

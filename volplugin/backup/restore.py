@@ -56,7 +56,9 @@ from layerfs.store.chunks import ChunkStore
 from volplugin.backup.errors import RestoreError
 
 _NODE_TYPES = {Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.SOCKET: stat.S_IFSOCK}
-WORKERS = 8
+# pack ranges fetched ahead of the restore's writing: from Ceph RGW on this machine 2, 3, 4
+# and 8 restored 2 GiB equally fast (8.7-9.6 s); each adds a range (up to 8 MiB) in memory
+WORKERS = 4
 BATCH = 32768  # entries a run handles at once (their content is fetched together)
 STAGING_PREFIX = ".bk-restore-"
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -44,6 +44,7 @@ from layerfs.fs.service import find_image_mount, unmount_image
 from layerfs.fs.upper import FORMAT, META_FILE, image_upper
 from layerfs.fs.views import ViewNotRunning, release_view, view_serves
 from layerfs.index import ensure_index
+from layerfs.memory import return_large_buffers
 from layerfs.records import Kind, find_entry
 from layerfs.store.chunks import ChunkStore
 
@@ -229,6 +230,7 @@ def force_release(mountpoint: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry of the mount process: mount the volume (the view daemon stays) and return;
     with ``--hold PID`` only start the view daemon and hold it for that process."""
+    return_large_buffers()
     from layerfs.fs.service import mount_image, ready_view
     from layerfs.store import open_store
 
