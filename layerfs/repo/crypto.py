@@ -53,8 +53,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from blake3 import blake3
-
 from layerfs.errors import CorruptObject
 
 if TYPE_CHECKING:
@@ -179,6 +177,8 @@ def open_raw(enc_key: bytes, data: bytes, aad: bytes) -> bytes:
 
 def content_id(key: Key, data: bytes | memoryview) -> str:
     """The ID of a plaintext: keyed BLAKE3 under ``key.id_key``, 64 lowercase hex digits."""
+    from blake3 import blake3
+
     return blake3(data, key=key.id_key).hexdigest()
 
 
@@ -188,6 +188,8 @@ def chunker_seed(key: Key) -> int:
     BLAKE3's key-derivation mode with its own context string, so the seed is
     independent of every content ID (no plaintext hashes to it).
     """
+    from blake3 import blake3
+
     raw = blake3(key.id_key, derive_key_context=_CHUNKER_CONTEXT).digest(8)
     return (int.from_bytes(raw, "big") & (2**63 - 1)) or 1
 
@@ -210,6 +212,7 @@ class NameCipher:
     """
 
     def __init__(self, key: Key) -> None:
+        from blake3 import blake3
         from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
         self._siv = AESSIV(blake3(key.enc_key, derive_key_context=_NAMES_CONTEXT).digest(64))

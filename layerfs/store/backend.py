@@ -27,8 +27,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from blake3 import blake3
-
 from layerfs.errors import StoreError
 
 DATA = "data"  # a blob of file content
@@ -55,6 +53,8 @@ def check_doc_name(name: str) -> str:
 
 def plain_id(data: bytes | memoryview) -> str:
     """The ID of content in an unencrypted repository: BLAKE3 of it, 64 hex digits."""
+    from blake3 import blake3
+
     return blake3(data).hexdigest()
 
 
