@@ -61,9 +61,11 @@ def kernel_mounts() -> list[KernelMount]:
     return out
 
 
-def find_mount(mountpoint: str | Path) -> KernelMount | None:
-    """The topmost mount at ``mountpoint`` (a real path), or None."""
-    target = os.path.realpath(mountpoint)
+def find_mount(mountpoint: str | Path, *, resolve: bool = True) -> KernelMount | None:
+    """The topmost mount at ``mountpoint``, or None. ``resolve``: follow symlinks in the
+    path first; without it the path is taken as it is and nothing at it is touched (a
+    FUSE server may look up its own mount before it answers)."""
+    target = os.path.realpath(mountpoint) if resolve else os.path.abspath(mountpoint)
     found = None
     for mount in kernel_mounts():
         if mount.mountpoint == target:
@@ -74,14 +76,11 @@ def find_mount(mountpoint: str | Path) -> KernelMount | None:
 def set_read_ahead(mountpoint: str | Path, kib: int) -> bool:
     """Set the kernel's read-ahead window for the filesystem mounted at ``mountpoint``
     (its backing device's ``read_ahead_kb`` in /sys/class/bdi), found in the mount
-    table without touching the mount (a FUSE server calls this before it answers;
-    ``mountpoint`` must then be a path without symlinks).
+    table without touching the mount (``mountpoint`` as it is, no symlink in it).
     False if that cannot be done (no such mount, no sysfs, not root)."""
-    target = os.path.abspath(mountpoint)  # not realpath: that would stat the mount
-    found = [m for m in kernel_mounts() if m.mountpoint == target]
-    if not found or not found[-1].device:
+    mount = find_mount(mountpoint, resolve=False)
+    if mount is None or not mount.device:
         return False
-    mount = found[-1]
     try:
         Path(f"/sys/class/bdi/{mount.device}/read_ahead_kb").write_text(f"{kib}\n")
     except OSError:
