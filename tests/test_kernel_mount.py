@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.fs.imageview import READ_AHEAD_KIB
-from layerfs.fs.mounting import kernel_mounts
+from layerfs.fs.mounting import find_mount
 from layerfs.fs.overlay import find_overlay
 from layerfs.fs.views import ViewInfo
 from layerfs.store.location import open_store
@@ -105,8 +105,9 @@ def test_reads_are_served_by_the_view_while_the_cache_cannot_be_written(image_st
             view = _view(m)
             assert not _cache_file(view, "data/big").exists()
             # such reads come in requests of up to READ_AHEAD_KIB, not the kernel's 128 KiB
-            (device,) = [k.device for k in kernel_mounts() if k.mountpoint == view.daemon]
-            ahead = Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text()
+            mount = find_mount(view.daemon)
+            assert mount is not None
+            ahead = Path(f"/sys/class/bdi/{mount.device}/read_ahead_kb").read_text()
             assert int(ahead) == READ_AHEAD_KIB > 128
     finally:
         import shutil

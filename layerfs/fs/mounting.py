@@ -1,4 +1,5 @@
-"""Run a FUSE mount's server in the foreground or as a daemon; list the kernel's mounts.
+"""Run a FUSE mount's server in the foreground or as a daemon; list the kernel's mounts
+and set a mount's read-ahead.
 
 ``mount_daemon`` takes a serving function rather than a filesystem object so that
 everything the filesystem opens (database connections, threads) is created in
