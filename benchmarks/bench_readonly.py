@@ -20,7 +20,9 @@ cache's disk use beside Docker's overlay2 directories.
 
 "Cold" means a fresh mount and dropped kernel caches before each sample, so FUSE
 daemons start without their userspace caches too. Every timing is the median of a
-few samples. Results go to the ``<!-- readonly -->`` section of benchmarks/RESULTS.md.
+few samples, taken in rounds: each round samples one figure on every system in turn,
+so that a change in the machine's speed during the run moves all systems alike.
+Results go to the ``<!-- readonly -->`` section of benchmarks/RESULTS.md.
 
 Run from the repository root as root:
     .venv/bin/python -m benchmarks.bench_readonly          # full run
@@ -338,73 +340,104 @@ def measure_empty_cache(system: System, mnt: Path, big: str, reps: int, fig: Fig
     system.umount(mnt)
 
 
-def measure(system: System, mnt: Path, big: str, reps: int) -> Figures:
-    """All figures of one system; leaves nothing mounted.
+def measure_all(systems: list[System], mnt_root: Path, big: str, reps: int) -> dict[str, Figures]:
+    """All figures of every system, their samples interleaved; leaves nothing mounted.
 
-    For layerfs, every figure but the empty-cache ones is taken with the content
-    cache full (measure_empty_cache fills it and checks that every file is in it).
+    Each repeated figure is sampled system after system within one round, so that a
+    change in the machine's speed during the run (other load on the host) moves every
+    system's samples alike, not only those of whichever system was measured then.
+    For layerfs, every figure but the first mount's and the empty-cache ones is taken
+    with the content cache full (measure_empty_cache fills it and checks that every
+    file is in it).
     """
-    fig = Figures()
-    mnt.mkdir(parents=True, exist_ok=True)
-    mnt2 = mnt.with_name(mnt.name + "-second")
-    mnt2.mkdir(exist_ok=True)
+    figs = {s.name: Figures() for s in systems}
+    mnts = {}
+    for i, system in enumerate(systems):
+        mnt = mnt_root.with_name(f"{mnt_root.name}-{i}")
+        mnt.mkdir(parents=True, exist_ok=True)
+        mnt.with_name(mnt.name + "-second").mkdir(exist_ok=True)
+        mnts[system.name] = mnt
     try:
-        fig.first_mount = system.mount(mnt)  # layerfs: the store as its import left it
-        drop_caches()
-        fig.first_read = time_call(lambda: read_file(mnt / big))
-        fig.entries = count_entries(mnt)
-        if system.store is not None:
-            fig.layers = mount_layers(mnt, system.store)
-        system.umount(mnt)
-        if system.store is not None:
-            measure_empty_cache(system, mnt, big, reps, fig)
-        for _ in range(reps):
+        for system in systems:
+            fig, mnt = figs[system.name], mnts[system.name]
+            fig.first_mount = system.mount(mnt)  # layerfs: the store as its import left it
+            drop_caches()
+            fig.first_read = time_call(lambda m=mnt: read_file(m / big))
+            fig.entries = count_entries(mnt)
+            if system.store is not None:
+                fig.layers = mount_layers(mnt, system.store)
+            system.umount(mnt)
+            if system.store is not None:
+                measure_empty_cache(system, mnt, big, reps, fig)
+
+        def rounds(sample: Callable[[System, Figures, Path], None]) -> None:
+            for _ in range(reps):
+                for system in systems:
+                    sample(system, figs[system.name], mnts[system.name])
+
+        def mount_sample(system: System, fig: Figures, mnt: Path) -> None:
             fig.mount.add(system.mount(mnt))
             system.umount(mnt)
-        for _ in range(reps):
+
+        def second_sample(system: System, fig: Figures, mnt: Path) -> None:
+            mnt2 = mnt.with_name(mnt.name + "-second")
             system.mount(mnt)
             fig.second_mount.add(system.mount(mnt2))
             system.umount(mnt2, last=system.store is None)
             system.umount(mnt)
 
-        def cold(samples: Samples, action: Callable[[], object]) -> None:
-            for _ in range(reps):
+        def cold(samples: Callable[[Figures], Samples], action: Callable[[Path], object]):
+            def sample(system: System, fig: Figures, mnt: Path) -> None:
                 system.mount(mnt)
                 drop_caches()
-                samples.add(time_call(action))
+                samples(fig).add(time_call(lambda: action(mnt)))
                 system.umount(mnt)
 
-        cold(fig.cold_find, lambda: find_tree(mnt))
-        cold(fig.cold_tar, lambda: tar_bytes(mnt))
-        cold(fig.cold_read, lambda: read_file(mnt / big))
+            return sample
 
-        # One mount for the warm figures; its daemon's peak RSS covers all of them.
-        system.mount(mnt)
-        find_tree(mnt)
-        fig.tar_bytes = tar_bytes(mnt)
+        rounds(mount_sample)
+        rounds(second_sample)
+        rounds(cold(lambda f: f.cold_find, find_tree))
+        rounds(cold(lambda f: f.cold_tar, tar_bytes))
+        rounds(cold(lambda f: f.cold_read, lambda m: read_file(m / big)))
+
+        # Every system mounted once for the warm figures, their samples interleaved;
+        # each daemon's peak RSS covers all of them.
+        for system in systems:
+            mnt = mnts[system.name]
+            system.mount(mnt)
+            find_tree(mnt)
+            figs[system.name].tar_bytes = tar_bytes(mnt)
         for samples, action in (
-            (fig.warm_tar, lambda: tar_bytes(mnt)),
-            (fig.warm_read, lambda: read_file(mnt / big)),
+            (lambda f: f.warm_tar, tar_bytes),
+            (lambda f: f.warm_read, lambda m: read_file(m / big)),
         ):
-            action()
-            for _ in range(reps):
-                seconds, lost = time_warm(action)
-                samples.add(seconds)
+            for system in systems:
+                action(mnts[system.name])
+
+            def warm(system: System, fig: Figures, mnt: Path, action=action, samples=samples):
+                seconds, lost = time_warm(lambda: action(mnt))
+                samples(fig).add(seconds)
                 fig.warm_lost += lost
-        if system.fuse:
-            pids = system.daemons(mnt)
-            fig.peak_rss = peak_rss_bytes(pids)
-            by_arg = pids_by_mountpoint([mnt])
-            fig.daemon_pids = f"{len(pids)} process(es)" + (
-                ", the same found by the mountpoint argument"
-                if by_arg == pids
-                else f"; by the mountpoint argument: {len(by_arg)} ({by_arg} vs {pids})"
-            )
-        system.umount(mnt)
+
+            rounds(warm)
+        for system in systems:
+            fig, mnt = figs[system.name], mnts[system.name]
+            if system.fuse:
+                pids = system.daemons(mnt)
+                fig.peak_rss = peak_rss_bytes(pids)
+                by_arg = pids_by_mountpoint([mnt])
+                fig.daemon_pids = f"{len(pids)} process(es)" + (
+                    ", the same found by the mountpoint argument"
+                    if by_arg == pids
+                    else f"; by the mountpoint argument: {len(by_arg)} ({by_arg} vs {pids})"
+                )
+            system.umount(mnt)
     finally:
-        force_unmount_under(mnt)
-        force_unmount_under(mnt2)
-    return fig
+        for mnt in mnts.values():
+            force_unmount_under(mnt)
+            force_unmount_under(mnt.with_name(mnt.name + "-second"))
+    return figs
 
 
 @dataclass
@@ -746,7 +779,9 @@ def report(
         f"- Image `{spec.tag}`: {base} plus 3 layers (deletions and an opaque dir; replaced"
         f" content and modes; a {spec.big_mb} MiB random file and small files).",
         f"- Entries seen through each mount: {entries}.",
-        f"- Median of {reps} sample(s) per timing. Cold = fresh mount and"
+        f"- Median of {reps} sample(s) per timing, taken in rounds: each round samples one"
+        " figure on every system in turn (in the order of the table's columns), and all stay"
+        " mounted together for the warm figures. Cold = fresh mount and"
         " `echo 3 > /proc/sys/vm/drop_caches` before each sample. Peak RSS = VmHWM of the"
         " process tree serving the mount (layerfs: the view daemon, by the pid its record"
         " keeps) after find, tar and reads on one mount.",
@@ -815,23 +850,24 @@ def measure_encryption(
     """
     password = work / "password"
     password.write_text("bench-readonly-password\n")
-    figs: dict[str, Figures] = {}
-    for name, pw in (("unencrypted", None), ("encrypted", password)):
-        store = work / f"store-{name}"
-        system = _layerfs_with(store, tag, name, pw)
-        shutil.rmtree(store, ignore_errors=True)
-        env = {k: v for k, v in os.environ.items() if k not in _PASSWORD_VARS}
-        env.pop("LAYERFS_TESTONLY_WEAKEN_KDF", None)
-        if pw is not None:
-            env["LAYERFS_PASSWORD_FILE"] = str(pw)
-        run([*LAYERFS, "--store", str(store), "import", str(archive), "--tag", tag], env=env)
-        say(f"measuring layerfs, {name} store")
-        try:
-            figs[name] = measure(system, work / "mnt", spec.big_path, reps)
-        finally:
-            stop_views(store)
+    systems = []
+    try:
+        for name, pw in (("unencrypted", None), ("encrypted", password)):
+            store = work / f"store-{name}"
+            systems.append(_layerfs_with(store, tag, name, pw))
             shutil.rmtree(store, ignore_errors=True)
-    return figs
+            env = {k: v for k, v in os.environ.items() if k not in _PASSWORD_VARS}
+            env.pop("LAYERFS_TESTONLY_WEAKEN_KDF", None)
+            if pw is not None:
+                env["LAYERFS_PASSWORD_FILE"] = str(pw)
+            run([*LAYERFS, "--store", str(store), "import", str(archive), "--tag", tag], env=env)
+        say("measuring layerfs on the unencrypted and the encrypted store, samples interleaved")
+        return measure_all(systems, work / "mnt", spec.big_path, reps)
+    finally:
+        for system in systems:
+            assert system.store is not None
+            stop_views(system.store)
+            shutil.rmtree(system.store, ignore_errors=True)
 
 
 def encryption_report(spec: ImageSpec, figs: dict[str, Figures], reps: int, load: float) -> str:
@@ -851,7 +887,8 @@ def encryption_report(spec: ImageSpec, figs: dict[str, Figures], reps: int, load
             f"Command: `{command_line()}` (as root, from the repository root).\n"
             f"Machine: {environment_summary(load)}.",
             f"- Image `{spec.tag}`, imported into each store; layerfs mounts of each, measured "
-            f"one after the other in this run; median of {reps} sample(s); cold = fresh mount "
+            f"in this run, their samples interleaved (each round takes one sample of a figure "
+            f"from each store); median of {reps} sample(s); cold = fresh mount "
             "and dropped caches. The encrypted store's key file has the default KDF "
             "parameters: every mount process derives the key once.",
             table,
@@ -903,12 +940,11 @@ def main(
         systems = [fuse_overlayfs(lowerdirs), kernel_overlay(lowerdirs)]
         if with_layerfs:
             systems.insert(0, layerfs(store, tag))
-        figs: dict[str, Figures] = {}
         disk = None
         try:
+            say("measuring " + ", ".join(s.name for s in systems) + ", samples interleaved")
+            figs = measure_all(systems, work / "mnt", spec.big_path, reps)
             for system in systems:
-                say(f"measuring {system.name}")
-                figs[system.name] = measure(system, work / "mnt", spec.big_path, reps)
                 if system.store is not None:
                     disk = disk_use(system.store, tag)
                     figs[system.name].mount_log = mount_log_summary(

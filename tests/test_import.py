@@ -141,6 +141,15 @@ def test_an_import_puts_every_file_into_the_content_cache(archives, tmp_path: Pa
     assert len(wanted) >= 20
     assert cached_contents(store) == wanted
     assert not list((store / "cache" / "content" / "tmp").iterdir())
+    # the image's index and metadata tree are built too: its first mount finds them
+    assert [p.suffix for p in (store / "cache" / "index").iterdir()] == [".sqlite"]
+    (meta,) = (store / "cache" / "meta").iterdir()
+    redirects = {
+        os.getxattr(p, "trusted.overlay.redirect").decode().rsplit("/", 1)[-1]
+        for p in meta.rglob("*")
+        if p.is_file() and not p.is_symlink() and p.stat().st_size
+    }
+    assert len(redirects) >= 15 and redirects <= set(wanted)  # the merged tree's files
     # a second name for the same layers reads nothing, so it writes nothing
     assert layerfs(store, "import", str(archives["oci-zstd"])).returncode == 0
     assert cached_contents(store) == wanted
@@ -148,6 +157,7 @@ def test_an_import_puts_every_file_into_the_content_cache(archives, tmp_path: Pa
     proc = layerfs(bare, "import", "--no-cache", str(archives["legacy"]))
     assert proc.returncode == 0, proc.stderr
     assert cached_contents(bare) == {}
+    assert not (bare / "cache" / "meta").exists()
 
 
 def test_an_import_goes_on_when_the_content_cache_cannot_be_written(archives, tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -78,10 +79,11 @@ def import_command(
     """Import ARCHIVE (docker save output, an OCI archive or layout) or a Docker image.
 
     The bytes of the files read also go into this host's content cache (as
-    `docker load` writes them out), so that a first read after the import is
-    served by the kernel from there; --no-cache leaves that to the first mount.
+    `docker load` writes them out), and the image's index and metadata tree are
+    built, so that a first mount finds the image ready and its first read is served
+    by the kernel from there; --no-cache leaves that to the first mount.
     """
-    from layerfs.fs.views import cache_filling
+    from layerfs.fs.views import cache_filling, prepare_view
 
     if (archive is None) == (image is None):
         raise click.UsageError("give either ARCHIVE or --from-docker IMAGE")
@@ -92,6 +94,13 @@ def import_command(
             record = import_from_docker(store, image, tag, progress=True, keep=keep)
         else:
             record = import_archive(store, archive, tag, True, keep)  # type: ignore[arg-type]
+    if not no_cache:
+        try:
+            prepare_view(store, record)
+        except (OSError, LayerfsError) as exc:  # the import stands; a mount builds them
+            logging.getLogger(__name__).warning(
+                "the image's index is built at its first mount, not now: %s", exc
+            )
     click.echo(
         f"imported {record.name} ({record.id[:19]}): {len(record.layers)} layers, "
         f"{human_bytes(record.apparent_size)} apparent, "

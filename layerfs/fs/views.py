@@ -343,6 +343,13 @@ def cache_filling(store: ChunkStore) -> Iterator[ContentKeeper]:
         log.warning("the imported files' contents were not put into the content cache: %s", exc)
 
 
+def prepare_view(store: ChunkStore, record: ImageRecord) -> None:
+    """Build the image's index and metadata tree now, not at its first mount: an import
+    that filled the content cache does, so that its first mount finds the image ready,
+    as a first `docker run` finds the layers `docker load` extracted."""
+    _image_files(store, record, content_cache(store), data_only_layers_supported())
+
+
 def view_answers(path: str | Path) -> bool:
     """Whether the view mounted at ``path`` (or a directory of it) still has its daemon
     (opening asks it; a stat may be answered from cached attributes)."""
