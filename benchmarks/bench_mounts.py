@@ -171,9 +171,8 @@ class Mounts:
 
 
 def prepare(store: Path, images: list[str], root: Path) -> float:
-    """Mount each image once to build its index and fill the content cache; unmount.
-
-    Returns the longest first mount (the one that builds an index)."""
+    """Mount each image once (its index built, if its import did not) and fill the
+    content cache; unmount. Returns the longest first mount."""
     mounts = Mounts(store, root)
     try:
         for image in images:
@@ -287,7 +286,7 @@ def memory_table(cases: list[Case]) -> str:
 
 
 def mount_table(cases: list[Case], index_mount: float) -> str:
-    rows = [["first mount after import (builds the image's index)", secs([index_mount])]]
+    rows = [["first mount after import (the import built the image's index)", secs([index_mount])]]
     for case in cases:
         label = f"{case.mounts} mounts of {case.images} image(s)"
         for kind in KINDS:

@@ -551,7 +551,7 @@ def overlay_table(figs: dict[str, Figures], spec: ImageSpec) -> str:
             fmt_ratio(ratio(kov, fov)),
         ]
 
-    for label, get, fmt in figure_getters(spec, "first mount (layerfs: builds its index)"):
+    for label, get, fmt in figure_getters(spec, "first mount after import"):
         rows.append(row(label, [get(f) if f else None for f in cols], fmt))
     lfs = cols[0]
     if lfs is not None:
@@ -873,7 +873,7 @@ def measure_encryption(
 def encryption_report(spec: ImageSpec, figs: dict[str, Figures], reps: int, load: float) -> str:
     plain, enc = figs["unencrypted"], figs["encrypted"]
     rows = []
-    for label, get, fmt in figure_getters(spec, "first mount (builds the index)"):
+    for label, get, fmt in figure_getters(spec, "first mount after import"):
         a, b = get(plain), get(enc)
         r = ratio(b, a)
         verdict = "" if r is None else ("within 10%" if r <= 1.10 else "**over 10%**")
