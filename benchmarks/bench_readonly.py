@@ -340,6 +340,11 @@ def measure_empty_cache(system: System, mnt: Path, big: str, reps: int, fig: Fig
     system.umount(mnt)
 
 
+def _second(mnt: Path) -> Path:
+    """Where a system's second mount goes, beside its first at ``mnt``."""
+    return mnt.with_name(mnt.name + "-second")
+
+
 def measure_all(systems: list[System], mnt_root: Path, big: str, reps: int) -> dict[str, Figures]:
     """All figures of every system, their samples interleaved; leaves nothing mounted.
 
@@ -355,7 +360,7 @@ def measure_all(systems: list[System], mnt_root: Path, big: str, reps: int) -> d
     for i, system in enumerate(systems):
         mnt = mnt_root.with_name(f"{mnt_root.name}-{i}")
         mnt.mkdir(parents=True, exist_ok=True)
-        mnt.with_name(mnt.name + "-second").mkdir(exist_ok=True)
+        _second(mnt).mkdir(exist_ok=True)
         mnts[system.name] = mnt
     try:
         for system in systems:
@@ -380,7 +385,7 @@ def measure_all(systems: list[System], mnt_root: Path, big: str, reps: int) -> d
             system.umount(mnt)
 
         def second_sample(system: System, fig: Figures, mnt: Path) -> None:
-            mnt2 = mnt.with_name(mnt.name + "-second")
+            mnt2 = _second(mnt)
             system.mount(mnt)
             fig.second_mount.add(system.mount(mnt2))
             system.umount(mnt2, last=system.store is None)
@@ -436,7 +441,7 @@ def measure_all(systems: list[System], mnt_root: Path, big: str, reps: int) -> d
     finally:
         for mnt in mnts.values():
             force_unmount_under(mnt)
-            force_unmount_under(mnt.with_name(mnt.name + "-second"))
+            force_unmount_under(_second(mnt))
     return figs
 
 
