@@ -344,8 +344,8 @@ def _mean(runs: list[Measure]) -> Measure:
     )
 
 
-def _fmt_ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}×" if b else "-"
+def _fmt_ratio(a: float, b: float, digits: int = 2) -> str:
+    return f"{a / b:.{digits}f}×" if b else "-"
 
 
 def main() -> None:
@@ -505,8 +505,8 @@ def report(args, load, size, apparent, nfiles, changed, rows) -> None:  # noqa: 
                 table,
             ),
             f"volplugin / restic time: {ratios} (target ≤ 1.0×); CPU time: {cpu_ratios}. "
-            "Stored bytes "
-            f"{_fmt_ratio(vp['stored'][0], rs['stored'][0])}, objects "
+            f"Stored bytes {_fmt_ratio(vp['stored'][0], rs['stored'][0], 3)} "
+            f"({vp['stored'][0]:,} against {rs['stored'][0]:,}), objects "
             f"{_fmt_ratio(vp['stored'][1], rs['stored'][1])} of restic's (target ≤ 1.0×).",
             "Restores (seconds, in the order they ran; the table shows the mean): "
             + "; ".join(
