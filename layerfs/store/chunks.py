@@ -272,8 +272,8 @@ class ChunkStore:
     def write_bytes(
         self, data: bytes | memoryview, stats: WriteStats | None = None
     ) -> list[ChunkRef]:
-        """Cut ``data`` into chunks (none if it is at most WHOLE bytes), store them, return
-        the chunk list."""
+        """Cut ``data`` into chunks (it is one if at most WHOLE bytes long), store them,
+        return the chunk list."""
         if not data:
             return []
         if len(data) <= WHOLE:  # stored whole
