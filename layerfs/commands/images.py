@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 from collections import Counter
 from pathlib import Path
 
@@ -95,12 +94,7 @@ def import_command(
         else:
             record = import_archive(store, archive, tag, True, keep)  # type: ignore[arg-type]
     if not no_cache:
-        try:
-            prepare_view(store, record)
-        except (OSError, LayerfsError) as exc:  # the import stands; a mount builds them
-            logging.getLogger(__name__).warning(
-                "the image's index is built at its first mount, not now: %s", exc
-            )
+        prepare_view(store, record)
     click.echo(
         f"imported {record.name} ({record.id[:19]}): {len(record.layers)} layers, "
         f"{human_bytes(record.apparent_size)} apparent, "

@@ -346,8 +346,12 @@ def cache_filling(store: ChunkStore) -> Iterator[ContentKeeper]:
 def prepare_view(store: ChunkStore, record: ImageRecord) -> None:
     """Build the image's index and metadata tree now, not at its first mount: an import
     that filled the content cache does, so that its first mount finds the image ready,
-    as a first `docker run` finds the layers `docker load` extracted."""
-    _image_files(store, record, content_cache(store), data_only_layers_supported())
+    as a first `docker run` finds the layers `docker load` extracted. A failure is only
+    logged: the import stands, and the first mount builds them."""
+    try:
+        _image_files(store, record, content_cache(store), data_only_layers_supported())
+    except (OSError, LayerfsError) as exc:
+        log.warning("the image's index is built at its first mount, not now: %s", exc)
 
 
 def view_answers(path: str | Path) -> bool:
