@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.dockerenv import BASE_IMAGE
 from tests.support.hosts import Host, namespace_id, namespace_members, running
-from tests.support.plugin import post
+from tests.support.plugin import post, proc_state
 
 pytestmark = pytest.mark.docker
 
@@ -65,11 +65,6 @@ def _names(plugin) -> list[str]:
     status, doc = plugin.call("VolumeDriver.List", {})
     assert status == 200 and doc["Err"] == "", doc
     return [v["Name"] for v in doc["Volumes"]]
-
-
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_both_daemons_run_containers_at_once(hosts: tuple[Host, Host]) -> None:
@@ -152,7 +147,7 @@ def test_pause_resume_and_kill_reach_the_plugin_and_spare_the_daemon(
         assert plugin.processes()[0] == pid
 
         plugin.pause()
-        assert {_state(p) for p in plugin.processes()} == {"T"}
+        assert {proc_state(p) for p in plugin.processes()} == {"T"}
         answer: list[tuple[int, dict]] = []
         caller = threading.Thread(target=lambda: answer.append(plugin.call("Plugin.Activate")))
         caller.start()
@@ -161,7 +156,7 @@ def test_pause_resume_and_kill_reach_the_plugin_and_spare_the_daemon(
         plugin.resume()
         caller.join()
         assert answer[0][0] == 200
-        assert _state(pid) != "T"
+        assert proc_state(pid) != "T"
 
         plugin.kill()
         assert not running(pid)
@@ -179,7 +174,7 @@ def test_pause_resume_and_kill_reach_the_plugin_and_spare_the_daemon(
         pid = plugin.proc.pid
         plugin.pause()
         a.pause()  # the host's plugins; a paused one stays paused
-        assert _state(pid) == "T"
+        assert proc_state(pid) == "T"
         assert plugin.stop() == 0  # continued after SIGTERM: a clean exit
         assert not plugin.socket.exists()
         assert a.daemon_pid == daemon

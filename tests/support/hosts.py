@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.support.mounts import unmount_below
-from tests.support.plugin import PLUGIN_DIR, PluginProcess, signal_processes
+from tests.support.plugin import PLUGIN_DIR, PluginProcess, proc_state, signal_processes
 from tests.support.private_dockerd import PrivateDockerd
 
 WORK_BASE = Path("/var/tmp")
@@ -52,11 +52,7 @@ def namespace_members(ns: str, kind: str = "mnt") -> list[int]:
 
 def running(pid: int) -> bool:
     """Whether `pid` is a process that has not ended (zombies have)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return proc_state(pid) not in ("Z", None)
 
 
 class HostPlugin(PluginProcess):

@@ -112,6 +112,15 @@ def marked_processes(mark: str) -> list[int]:
     return found
 
 
+def proc_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (R, S, T, Z, ...); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
 def signal_processes(pids: list[int], sig: int) -> None:
     """Send `sig` to each of `pids` that still exists."""
     for pid in pids:
@@ -223,6 +232,12 @@ class PluginProcess:
         while pids := [pid for pid in self.processes() if pid not in stopped]:
             signal_processes(pids, signal.SIGSTOP)  # the server first: it starts no more
             stopped.update(pids)
+        # the signal takes effect when each process is next scheduled: wait for that
+        wait_for(
+            lambda: all(proc_state(pid) in ("T", "Z", None) for pid in stopped),
+            "the plugin's processes to stop",
+            timeout=10,
+        )
         self.paused = True
 
     def resume(self) -> None:
