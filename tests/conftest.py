@@ -28,6 +28,19 @@ def repository_password(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def default_store(tmp_path_factory) -> str:
+    """The store of every command and plugin that names none: one of the run's own.
+
+    Set as LAYERFS_STORE, so that the suite never reads or writes the machine's
+    embedded default (/var/lib/layerfs): an operator's store, or the one the demo
+    made, unencrypted. Tests of what a command does without a store remove it.
+    """
+    path = tmp_path_factory.mktemp("default-store") / "store"
+    os.environ["LAYERFS_STORE"] = str(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def docker_client():
     if os.geteuid() != 0:
