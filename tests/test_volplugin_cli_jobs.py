@@ -32,6 +32,13 @@ from volplugin.cli import cli
 JOB_ID = re.compile(r"j-[0-9a-f]{12}")
 
 
+@pytest.fixture(autouse=True)
+def no_store_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands here name no store, so they go through the plugin (with a store named,
+    backups, restores and prunes run on it directly)."""
+    monkeypatch.delenv("LAYERFS_STORE", raising=False)
+
+
 @pytest.fixture
 def fast_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain progress lines every 0.1 s instead of every few seconds."""
