@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -284,3 +286,60 @@ def test_restore_streams_the_tree_in_batches(store_dir: Path, tmp_path: Path, mo
     # big.bin's other name lies outside the subpath: the same file, now with one name
     assert part.pop(b"big.bin")[:-1] == whole.pop(b"big.bin")[:-1]
     assert part == whole
+
+
+def test_restore_syncs_as_it_writes_and_once_after(
+    store_dir: Path, volume: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The kernel writes a restore back while it runs (syncfs on a thread), and one more
+    syncfs, after the last entry, makes the rest durable before the restore returns."""
+    from volplugin.backup import restore
+
+    calls: list[tuple[int, bool]] = []  # (entries restored so far, on the restore's thread)
+    done = [0]
+    real = restore.syncfs
+
+    def counted(fd: int) -> None:
+        calls.append((done[0], threading.current_thread() is threading.main_thread()))
+        real(fd)
+
+    def slowly(files: int, size: int) -> None:
+        done[0] += 1
+        time.sleep(0.02)
+
+    monkeypatch.setattr(restore, "syncfs", counted)
+    monkeypatch.setattr(restore, "WRITEBACK_EVERY", 0.01)
+    store = open_store(str(store_dir))
+    record = service.create_backup(store, "bk-sync", volume)
+    target = tmp_path / "restored"
+    with service.open_restore(store, record.id) as plan:
+        plan.run(target, progress=slowly)
+    assert describe(target) == describe(volume)
+    during = [n for n, main in calls if not main]
+    assert len(during) >= 3 and min(during) < done[0]  # while entries were still coming
+    assert calls[-1] == (done[0], True)  # the last one after every entry, before returning
+
+
+def test_restore_fails_when_writing_back_fails(
+    store_dir: Path, volume: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A writeback error (EIO from syncfs) fails the restore with one line naming the
+    target; a restore that fails by itself is not synced afterwards."""
+    from volplugin.backup import restore
+
+    store = open_store(str(store_dir))
+    record = service.create_backup(store, "bk-eio", volume)
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(restore, "syncfs", eio)
+    target = tmp_path / "restored"
+    with pytest.raises(RestoreError, match=f"to the disk of {target} failed: .*Input/output"):
+        service.restore_backup(store, record.id, target)
+
+    calls: list[int] = []
+    monkeypatch.setattr(restore, "syncfs", calls.append)
+    with pytest.raises(ValueError), restore.synced(tmp_path / "other"):
+        raise ValueError("the restore itself failed")
+    assert calls == []

@@ -22,9 +22,10 @@ symlinks and device nodes are made the same way. Directory attributes are applie
 last, deepest first, on their descriptors. When the disk fills up, the files that
 were complete are still put in place before the error.
 
-A run does not sync; ``sync_target`` does (syncfs), once a restore is whole. A
-``progress`` callback gets (files, bytes) restored after each entry; it may raise to
-stop the restore between entries (a cancelled job).
+A run does not sync; a restore runs inside ``synced``, which has the kernel write the
+restored files back while later ones are still being written, and returns once
+everything is on disk. A ``progress`` callback gets (files, bytes) restored after each
+entry; it may raise to stop the restore between entries (a cancelled job).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ import itertools
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -60,6 +63,9 @@ _NODE_TYPES = {Kind.CHAR: stat.S_IFCHR, Kind.BLOCK: stat.S_IFBLK, Kind.SOCKET: s
 # and 8 restored 2 GiB equally fast (8.7-9.6 s); each adds a range (up to 8 MiB) in memory
 WORKERS = 4
 BATCH = 32768  # entries a run handles at once (their content is fetched together)
+# seconds between the syncfs calls of a restore (``synced``): on ext4 here a 2 GiB restore
+# from RGW ending in one syncfs took 8.7-10.0 s, syncing every 0.5 s as well 8.4-9.1 s
+WRITEBACK_EVERY = 0.5
 STAGING_PREFIX = ".bk-restore-"
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _REOPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -113,18 +119,56 @@ def check_target(target: Path, force: bool) -> bool:
     return empty
 
 
-def sync_target(target: Path) -> None:
-    """Make everything restored under ``target`` durable (syncfs of its filesystem)."""
+@contextmanager
+def synced(target: Path) -> Iterator[None]:
+    """Make what the ``with`` block restores under ``target`` durable, paying for it as
+    the block runs: a thread calls syncfs(2) on the target's filesystem every
+    WRITEBACK_EVERY seconds meanwhile, so the kernel writes files back while later ones
+    are still being written rather than all at the end; after the block, one more
+    syncfs waits for the rest. syncfs flushes the whole filesystem, what other writers
+    left dirty there too, as one final sync always did, only sooner.
+
+    The target (made if missing: the host's side) is opened before the block runs, and
+    syncfs reports a writeback error that happened since then (Linux 5.8): it raises
+    RestoreError, as does an error from the block's own syncs. Nothing is synced after
+    a block that raised.
+    """
     try:
+        target.mkdir(parents=True, exist_ok=True)
         fd = open_root(target)
     except OSError as exc:
-        raise RestoreError(f"cannot sync the restore target {target}: {exc}") from exc
+        raise RestoreError(f"cannot open the restore target {target}: {exc}") from exc
+    stop = threading.Event()
+    failed: list[OSError] = []
+    every = WRITEBACK_EVERY
+
+    def write_back() -> None:
+        while not stop.wait(every):
+            try:
+                syncfs(fd)
+            except OSError as exc:
+                failed.append(exc)
+                return
+
+    thread = threading.Thread(target=write_back, name="restore-writeback", daemon=True)
+    thread.start()
     try:
-        syncfs(fd)
-    except OSError as exc:
-        raise RestoreError(f"syncing the restore target {target} failed: {exc}") from exc
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+        if not failed:
+            try:
+                syncfs(fd)
+            except OSError as exc:
+                failed.append(exc)
     finally:
         os.close(fd)
+    if failed:
+        raise RestoreError(
+            f"writing the restored files to the disk of {target} failed: {failed[0]}"
+        ) from failed[0]
 
 
 def _attrs(entry: Entry) -> Attributes:

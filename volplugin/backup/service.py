@@ -37,7 +37,7 @@ from volplugin.backup.restore import (
     RestoreResult,
     check_target,
     select_entries,
-    sync_target,
+    synced,
 )
 from volplugin.backup.retention import Decision, Policy, apply_per_volume
 from volplugin.backup.snapshot import ParentTree, Scanner
@@ -172,12 +172,12 @@ class RestorePlan:
         """Restore into ``target``; returns once the restored files are synced to disk."""
         fresh = check_target(target, force)
         try:
-            result = Restorer(
-                self.store, target, self.link_sources, fresh=fresh, progress=progress
-            ).run(self.entries())
+            with synced(target):
+                result = Restorer(
+                    self.store, target, self.link_sources, fresh=fresh, progress=progress
+                ).run(self.entries())
         except BadTree as exc:  # checked before; changed in the store since
             raise RestoreError(f"backup {self.record.id} cannot be restored: {exc}") from None
-        sync_target(target)
         return self.record, result
 
 
