@@ -11,14 +11,16 @@ stores into its own bucket of the same RGW:
   restored by ``download | gunzip | tar -x``.
 
 Figures: first backup, second backup after changing 1% of the files, a restore
-of the second backup (fresh local caches: a new host; the disk synced before each
-tool's restore, and the restored trees removed only once all are done, so no tool
-pays for writing back or deleting another's files; restic and volplugin restore
-twice, the second time in the other order, and the mean counts), bytes and objects in the
-bucket, peak RSS of each process tree (sum of VmHWM), and for volplugin the S3
-requests per GiB (the store's request counters). The RGW runs as a private
-cluster (memstore sized for the run) under benchmarks/work/backup/ceph unless
-``--shared-ceph``. Writes the `backup` section of benchmarks/RESULTS.md.
+of the second backup (fresh local caches: a new host; before each tool's restore
+the disk synced and the kernel's page cache dropped, so no restore pays for writing
+back another's files or for reclaiming the memory the backups left cached, and the
+restored trees removed only once all are done, so none pays for deleting another's;
+restic and volplugin restore twice, the second time in the other order, and the
+mean counts), bytes and objects in the bucket, peak RSS of each process tree (sum of
+VmHWM), and for volplugin the S3 requests per GiB (the store's request counters).
+The RGW runs as a private cluster (memstore sized for the run) under
+benchmarks/work/backup/ceph unless ``--shared-ceph``. Writes the `backup` section of
+benchmarks/RESULTS.md.
 
     .venv/bin/python -m benchmarks.bench_backup [--quick] [--size MIB] [--no-write]
 """
@@ -44,6 +46,7 @@ from benchmarks.common import (
     BenchError,
     command_line,
     compile_bytecode,
+    drop_caches,
     environment_summary,
     human_bytes,
     markdown_table,
@@ -410,7 +413,7 @@ def main() -> None:
             out = WORK / f"restore-{tool.name}-{i}"
             fresh = WORK / f"cache-restore-{tool.name}"
             shutil.rmtree(fresh, ignore_errors=True)
-            os.sync()
+            drop_caches()
             print(f"{tool.name}: restore ...", flush=True)
             samples.setdefault(tool.name, []).append(tool.restore(out, fresh))
         for name, runs in samples.items():
@@ -484,8 +487,9 @@ def report(args, load, size, apparent, nfiles, changed, rows) -> None:  # noqa: 
                 f"{args.seed}); the second backup follows a change to {changed} files (1%). "
             )
             + "Both tools encrypt (volplugin: an encrypted repository with the default KDF "
-            "parameters). Restores start with "
-            "empty local caches; restic and volplugin restore twice, in both orders. "
+            "parameters). Restores start with empty local caches, after the disk was synced "
+            "and the kernel's caches dropped; restic and volplugin restore twice, in both "
+            "orders. "
             "Times in seconds (wall clock; the CPU column is user + "
             "system time of each backup's process tree, less sensitive to other load); RSS "
             "is the sum of VmHWM over each process tree; stored bytes and objects are the "
