@@ -68,6 +68,8 @@ S_IFMT_OF: dict[str, int] = {
 
 
 _KIND_OF = {k.value: k for k in Kind}  # Kind by its JSON value, without Enum's lookup
+# JSON values of the kinds a tree walk tests for each entry (an Enum's .value is a lookup)
+_DIR, _HARDLINK, _OPAQUE = Kind.DIR.value, Kind.HARDLINK.value, Kind.OPAQUE.value
 
 
 def kind_from_mode(mode: int) -> Kind:
@@ -230,15 +232,23 @@ def check_doc(d: object) -> bool:
     (an entry that cannot have entries below it)."""
     if not isinstance(d, dict):
         raise BadTree(f"tree entry {d!r} is not an object")
-    path, kind = d.get("p"), d.get("k")
     try:
-        check_stored(path)  # type: ignore[arg-type]
-        if kind == Kind.HARDLINK.value:
-            check_stored(d.get("l"))  # type: ignore[arg-type]
+        check_stored(d.get("p"))  # type: ignore[arg-type]
     except BadPath as exc:
         raise BadTree(f"tree entry refused: {exc}") from None
+    return _check_kind(d)
+
+
+def _check_kind(d: dict) -> bool:
+    """check_doc for an entry whose path is known to be a stored path."""
+    kind = d.get("k")
+    if kind == _HARDLINK:
+        try:
+            check_stored(d.get("l"))  # type: ignore[arg-type]
+        except BadPath as exc:
+            raise BadTree(f"tree entry refused: {exc}") from None
     if kind not in _KINDS:
-        raise BadTree(f"tree entry {path!r} has an unknown kind {kind!r}")
+        raise BadTree(f"tree entry {d.get('p')!r} has an unknown kind {kind!r}")
     return kind in _LEAF_KINDS
 
 
@@ -426,19 +436,24 @@ def _take(item: object, path: str) -> tuple[dict, object, str | None]:
     node = doc.pop("n", None)
     extra = doc.pop("z", None)
     doc["p"] = path
-    if node is not None and (not isinstance(node, str) or doc.get("k") != Kind.DIR.value):
+    if node is not None and (not isinstance(node, str) or doc.get("k") != _DIR):
         raise BadTree(f"entry {path!r} names a node but is not a directory")
     return doc, extra, node
 
 
 def _item_path(item: object, folder: str) -> str:
-    """The full path of a node's item in ``folder``; BadTree unless it names one component
-    (or is the directory's opaque mark, named "": its path is the directory's)."""
+    """The full path of a node's item in ``folder``, a stored path; BadTree unless it
+    names one component that a stored path may hold (or is the directory's opaque
+    mark, named "": its path is the directory's)."""
     name = item.get("p") if isinstance(item, dict) else None
-    if isinstance(item, dict) and item.get("k") == Kind.OPAQUE.value and name == "":
+    if isinstance(item, dict) and item.get("k") == _OPAQUE and name == "":
         return folder
     if not isinstance(name, str) or not name or "/" in name:
         raise BadTree(f"an entry of {folder or 'the root'!r} has no single name: {name!r}")
+    try:
+        check_stored(name)
+    except BadPath as exc:
+        raise BadTree(f"tree entry refused: {exc}") from None
     return f"{folder}/{name}" if folder else name
 
 
@@ -470,6 +485,7 @@ def _walk_dir_tree(
     below directory ``folder`` starts from a head of just its node (``root``).
     """
     root, self_doc = _head_root(head), head.get("self")
+    _check_folder(folder)
 
     def items_of(node_id: str, folder: str, level: int) -> Iterator[_Item]:
         if level > MAX_DEPTH:
@@ -536,8 +552,19 @@ def _checked(walk: Iterator[tuple[dict, object]], what: str) -> Iterator[Entry]:
             yield _entry(doc)
 
 
+def _check_folder(folder: str) -> None:
+    """Refuse a folder to walk below that is not a stored path: the paths of the
+    entries below it are the folder and names ``_item_path`` checked."""
+    try:
+        check_stored(folder)
+    except BadPath as exc:
+        raise BadTree(f"cannot read below {folder!r}: {exc}") from None
+
+
 def _entry(doc: dict) -> Entry:
-    check_doc(doc)
+    """The Entry of a document from a directory tree's walk: its path is a stored path
+    already (a checked folder and names), so what is left to check is its kind."""
+    _check_kind(doc)
     return Entry.from_json(doc)
 
 
@@ -545,6 +572,7 @@ def node_entries(store: ChunkStore, node_id: str, folder: str) -> list[tuple[Ent
     """The entries of one directory node (full paths, checked) with the node each
     subdirectory names (None for other entries); BadTree names the node."""
     with _naming(f"node {node_id}"):
+        _check_folder(folder)
         return [(_entry(doc), child) for doc, _extra, child in _node_items(store, node_id, folder)]
 
 

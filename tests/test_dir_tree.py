@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from layerfs.records import (
     Kind,
     find_entry,
     get_tree,
+    iter_below,
     iter_tree,
     keeps_order_as_dir_tree,
+    node_entries,
     put_dir_tree,
     read_tree,
 )
@@ -81,15 +84,41 @@ def _root(store, node: str) -> str:
         ([{"p": "a/b", "k": "f"}], "single name"),
         ([{"p": "", "k": "f"}], "single name"),
         ([{"p": "..", "k": "d"}], "climbs out"),
+        ([{"p": ".", "k": "d"}], "not normalised"),
+        ([{"p": "a\0b", "k": "f"}], "NUL"),
+        ([{"p": "é" * 128, "k": "f"}], "longer than 255 bytes"),
+        ([{"p": 7, "k": "f"}], "single name"),
+        ([{"p": "h", "k": "h", "l": "../etc/shadow"}], "climbs out"),
         ([{"p": "f", "k": "f", "n": "0" * 64}], "not a directory"),
         ([{"p": "x", "k": "q"}], "unknown kind"),
     ],
 )
 def test_crafted_nodes_are_refused(tmp_path: Path, items: list[dict], why: str) -> None:
+    """Every reader refuses them: the whole tree, the walk, one node, the walk below one."""
     store = open_store(str(tmp_path / "s"))
-    tree = _root(store, _node(store, items))
+    node = _node(store, items)
+    tree = _root(store, node)
     with pytest.raises(BadTree, match=why):
         read_tree(store, tree)
+    with pytest.raises(BadTree, match=why):
+        list(iter_tree(store, tree))
+    with pytest.raises(BadTree, match=why):
+        node_entries(store, node, "")
+    with pytest.raises(BadTree, match=why):
+        list(iter_below(store, node, "d"))
+
+
+@pytest.mark.parametrize("folder", ["..", "a/../..", "/etc", "a//b", "a\0"])
+def test_a_walk_below_a_folder_that_is_not_a_stored_path_is_refused(
+    tmp_path: Path, folder: str
+) -> None:
+    """The paths of a walk below a folder start with it: it is checked as entries are."""
+    store = open_store(str(tmp_path / "s"))
+    node = _node(store, [{"p": "x", "k": "f"}])
+    with pytest.raises(BadTree, match=re.escape(f"cannot read below {folder!r}")):
+        list(iter_below(store, node, folder))
+    with pytest.raises(BadTree, match=re.escape(f"cannot read below {folder!r}")):
+        node_entries(store, node, folder)
 
 
 def test_endless_nesting_is_refused(tmp_path: Path) -> None:
