@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from layerfs import confined
 from layerfs.errors import ObjectMissing, StoreError
 from layerfs.store.location import local_cache_dir
 from layerfs.store.objects import ObjectStats, ObjectStore
@@ -65,12 +66,12 @@ class StoreLocked(StoreError):
 
 
 def syncfs(path: Path) -> None:
-    """Flush every dirty page of the filesystem holding ``path`` (one syscall)."""
+    """Flush every dirty page of the filesystem holding the directory ``path``."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
+        confined.syncfs(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
     finally:
         os.close(fd)
 
