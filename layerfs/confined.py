@@ -282,6 +282,17 @@ def syncfs(fd: int) -> None:
         raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
+def syncfs_dir(path: str | os.PathLike) -> None:
+    """syncfs on the filesystem of the directory ``path`` (opened as ``open_root`` does)."""
+    fd = open_root(path)
+    try:
+        syncfs(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"syncfs of {os.fspath(path)}: {os.strerror(exc.errno)}") from None
+    finally:
+        os.close(fd)
+
+
 def open_file_at(
     dirfd: int, name: str, *, same_as: os.stat_result | None = None, noatime: bool = False
 ) -> int:

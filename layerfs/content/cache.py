@@ -35,8 +35,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerfs.confined import syncfs_dir
 from layerfs.errors import StoreError
-from layerfs.store.local import syncfs, write_atomic
+from layerfs.store.local import write_atomic
 
 ID_BYTES = 15  # 20 characters of base64url
 _CHUNKS_DOMAIN = b"layerfs content chunks v1\0"
@@ -273,7 +274,7 @@ class ContentBatch:
         """Name every content added; return how many."""
         if not self._pending:
             return 0
-        syncfs(self.cache.root / "tmp")
+        syncfs_dir(self.cache.root / "tmp")
         for cid, path in self._pending.items():
             target = self.cache.path(cid)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from layerfs import confined
 from layerfs.errors import ObjectMissing, StoreError
 from layerfs.store.location import local_cache_dir
 from layerfs.store.objects import ObjectStats, ObjectStore
@@ -63,17 +62,6 @@ _SUBDIRS = ("packs", "index", "docs", "tmp", "cache", "locks")
 
 class StoreLocked(StoreError):
     """The store's lock was not free within the timeout; the message names its holders."""
-
-
-def syncfs(path: Path) -> None:
-    """Flush every dirty page of the filesystem holding the directory ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        confined.syncfs(fd)
-    except OSError as exc:
-        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

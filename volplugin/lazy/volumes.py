@@ -475,7 +475,8 @@ class LazyVolumes:
             if path.exists():
                 os.rename(path, old)
             os.rename(dirs.fill, path)
-        _sync(path)  # the renames (maybe of a run that was stopped), before the upper tree goes
+        # the renames (maybe of a run that was stopped), before the upper tree goes
+        confined.syncfs_dir(path)
         shutil.rmtree(dirs.base, ignore_errors=True)
         if self.service.sizes:
             self.service.sizes.forget(str(path))
@@ -490,12 +491,3 @@ class LazyVolumes:
     def _merge(self, name: str, dirs: LazyDirs) -> None:
         applied = merge_upper(dirs.upper, dirs.fill, dirs.stage)
         log.info("volume %s: merged %d changed entries made during the lazy phase", name, applied)
-
-
-def _sync(path: Path) -> None:
-    """syncfs on the filesystem of the directory ``path``."""
-    fd = confined.open_root(path)
-    try:
-        confined.syncfs(fd)
-    finally:
-        os.close(fd)
