@@ -140,10 +140,9 @@ def synced(target: Path) -> Iterator[None]:
         raise RestoreError(f"cannot open the restore target {target}: {exc}") from exc
     stop = threading.Event()
     failed: list[OSError] = []
-    every = WRITEBACK_EVERY
 
     def write_back() -> None:
-        while not stop.wait(every):
+        while not stop.wait(WRITEBACK_EVERY):
             try:
                 syncfs(fd)
             except OSError as exc:
